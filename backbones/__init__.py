@@ -1,0 +1,1 @@
+"""Built-in LLM backbones (installed as ``mmhub.backbones``)."""

@@ -1,0 +1,1 @@
+"""Built-in modality encoders (installed as ``mmhub.encoders``)."""

@@ -1,0 +1,197 @@
+"""Saving and loading assembled models: resolved spec + safetensors, written atomically.
+
+A model folder holds ``mmhub_spec.json`` (the resolved spec, loadable as a spec,
+with package versions and weight-file hashes under ``resolved``) and
+``model.safetensors``. By default only tensors that cannot be recovered from the
+spec's weight sources are written: every tensor of a component built from a
+config (random init), and the trainable parameters of components whose weights
+come from a source. Folders are written to a temporary sibling and renamed into
+place, so a crash mid-save never leaves a half checkpoint under the final name.
+No pickle is involved anywhere.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata as md
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mmhub.errors import CheckpointError
+from mmhub.weights import sha256_path
+
+SPEC_FILE = "mmhub_spec.json"
+WEIGHTS_FILE = "model.safetensors"
+PACKAGES = ("mmhub", "torch", "transformers", "timm", "open_clip_torch", "peft", "safetensors", "pluggy", "diffusers")
+
+
+@contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside `final`; on success it replaces `final` in one rename."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a file through a temporary sibling and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _components(model: Any) -> Iterator[tuple[str, torch.nn.Module]]:
+    for m, mod in model.encoders.items():
+        yield f"encoders.{m}", mod
+    for m, mod in model.projectors.items():
+        yield f"projectors.{m}", mod
+    yield "backbone", model.backbone
+
+
+def tensors_to_save(model: Any, full: bool) -> dict[str, torch.Tensor]:
+    """The state to write: everything with `full`, else what the weight sources cannot restore."""
+    state: dict[str, torch.Tensor] = {}
+    for prefix, mod in _components(model):
+        everything = full or not mod.has_weight_source()
+        if everything:
+            for k, v in mod.state_dict(keep_vars=True).items():
+                state[f"{prefix}.{k}"] = v.detach()
+        else:
+            for k, p in mod.named_parameters():
+                if p.requires_grad:
+                    state[f"{prefix}.{k}"] = p.detach()
+    return state
+
+
+def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """safetensors refuses shared storage (tied embeddings): keep one copy, record the aliases."""
+    seen: dict[tuple[int, int, tuple[int, ...], tuple[int, ...]], str] = {}
+    unique, aliases = {}, {}
+    for k, v in state.items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()))
+        if key in seen:
+            aliases[k] = seen[key]
+        else:
+            seen[key] = k
+            unique[k] = v.contiguous().cpu()
+    return unique, aliases
+
+
+def resolved_spec(model: Any, saved: str, n_tensors: int) -> dict[str, Any]:
+    data = model.plan.resolved_dict()
+    data["resolved"] = {
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "packages": package_versions(),
+        "weights": {uri: {"path": str(p), "sha256": sha256_path(p)} for uri, p in model.plan.ctx.weight_files.items()},
+        "saved": saved,
+        "tensors": n_tensors,
+    }
+    return data
+
+
+def save_model(model: Any, path: Path, full: bool = False) -> Path:
+    """Write `model` to `path` atomically; returns the path."""
+    state, aliases = _dedupe(tensors_to_save(model, full))
+    spec = resolved_spec(model, "full" if full else "not-recoverable", len(state) + len(aliases))
+    with atomic_dir(path) as tmp:
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "aliases": json.dumps(aliases)})
+        (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=2))
+    return path
+
+
+def _check_folder(path: Path) -> None:
+    if not path.exists():
+        leftovers = sorted(path.parent.glob(f".{path.name}.old-*")) if path.parent.exists() else []
+        if leftovers:
+            raise CheckpointError(f"{path} is missing but {leftovers[0]} holds an interrupted save's previous copy; "
+                                  f"rename it back to {path.name} to use it.")
+        raise CheckpointError(f"model folder {path} does not exist; pass a folder written by save_pretrained.")
+    for name in (SPEC_FILE, WEIGHTS_FILE):
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path} is not an mmhub model folder: {name} is missing "
+                                  f"(expected {SPEC_FILE} and {WEIGHTS_FILE}, written by save_pretrained).")
+
+
+def load_model(path: Path, registry: Any = None, verify_weights: bool = True) -> Any:
+    """Rebuild a model saved by `save_model`, checking weight hashes and tensor coverage."""
+    from mmhub.assembly import build_from_plan
+    from mmhub.spec import spec_from_dict
+    from mmhub.validation import plan_spec
+
+    _check_folder(path)
+    try:
+        data = json.loads((path / SPEC_FILE).read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path / SPEC_FILE} is not valid JSON (line {exc.lineno}): {exc.msg}; "
+                              f"the folder is damaged, save the model again.") from None
+    recorded = (data.get("resolved") or {}).get("weights", {})
+    plan = plan_spec(spec_from_dict(data, str(path / SPEC_FILE)), registry, source=str(path / SPEC_FILE))
+    model = build_from_plan(plan)
+    if verify_weights:
+        for uri, p in plan.ctx.weight_files.items():
+            want = recorded.get(uri, {}).get("sha256")
+            if want and sha256_path(p) != want:
+                raise CheckpointError(f"weights {uri} ({p}) changed since this model was saved: sha256 "
+                                      f"{sha256_path(p)[:12]}... != recorded {want[:12]}...; restore the original file "
+                                      f"or pass verify_weights=False to accept the difference.")
+    try:
+        state = load_file(str(path / WEIGHTS_FILE))
+        from safetensors import safe_open
+
+        with safe_open(str(path / WEIGHTS_FILE), "pt") as fh:
+            aliases = json.loads((fh.metadata() or {}).get("aliases", "{}"))
+    except Exception as exc:
+        raise CheckpointError(f"{path / WEIGHTS_FILE} cannot be read ({type(exc).__name__}: {exc}); "
+                              f"the file is damaged, save the model again.") from None
+    for alias, canonical in aliases.items():
+        state[alias] = state[canonical]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise CheckpointError(f"{path / WEIGHTS_FILE} has {len(unexpected)} tensor(s) the spec's model does not, e.g. "
+                              f"{unexpected[:3]}; the spec and weights do not belong together.")
+    need = dict(tensors_to_save(model, full=False))
+    lacking = [k for k in missing if k in need]
+    if lacking:
+        raise CheckpointError(f"{path / WEIGHTS_FILE} lacks {len(lacking)} tensor(s) that no weight source provides, "
+                              f"e.g. {lacking[:3]}; save the model again (with full=True if in doubt).")
+    model.eval()
+    return model

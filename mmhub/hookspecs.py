@@ -1,0 +1,49 @@
+"""The plugin contract: one hookspec per thing a plugin can add to mmhub.
+
+Every hook receives a `register` callback; a plugin calls it once per component.
+Built-in components use exactly these hooks, through the same `mmhub` entry-point
+group as third-party packages. Results of the hooks are ignored: registration
+happens through the callback, so the registry can validate each entry as it arrives.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("mmhub")
+hookimpl = pluggy.HookimplMarker("mmhub")
+
+
+@hookspec
+def register_encoders(register):
+    """Register modality encoders: ``register(EncoderClass)`` (media -> feature tokens)."""
+
+
+@hookspec
+def register_projectors(register):
+    """Register input projectors: ``register(ProjectorClass)`` (features -> LLM embedding space)."""
+
+
+@hookspec
+def register_backbones(register):
+    """Register LLM backbones: ``register(BackboneClass)`` (embeddings -> logits, generation)."""
+
+
+@hookspec
+def register_output_projectors(register):
+    """Register output projectors: ``register(OutputProjectorClass)`` (signal-token states -> generator conditioning)."""
+
+
+@hookspec
+def register_generators(register):
+    """Register modality generators: ``register(GeneratorClass)`` (conditioning -> media)."""
+
+
+@hookspec
+def register_weight_sources(register):
+    """Register weight-source schemes: ``register(scheme, resolver)``; resolver(rest_of_uri) -> Path."""
+
+
+@hookspec
+def register_presets(register):
+    """Register shipped specs: ``register(name, size, spec_dict, io=..., description=...)``."""

@@ -1,0 +1,216 @@
+"""One abstract interface per component kind, declaring what assembly needs to know.
+
+Assembly (`mmhub.assembly`) and validation (`mmhub.validation`) only ever talk to
+these interfaces, never to concrete classes. A component is a `torch.nn.Module`
+subclass with:
+
+* ``name``: the registered name a spec's ``type:`` refers to;
+* ``Config``: a pydantic model of its settings (unknown settings are errors);
+* class-level metadata (modalities consumed/produced, how its output width and
+  token count are determined) shown by ``mmhub plugins``;
+* a ``describe`` classmethod that states output width / token counts from the
+  settings alone, *before any weights load*, so a spec can be checked cheaply.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+Kind = Literal["encoder", "projector", "backbone", "output_projector", "generator"]
+KINDS: tuple[Kind, ...] = ("encoder", "projector", "backbone", "output_projector", "generator")
+
+
+class ComponentConfig(BaseModel):
+    """Base of every component's settings: typed, defaults filled, unknown keys rejected."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+@dataclass
+class BuildContext:
+    """What a component may use while it is described or built.
+
+    ``resolve`` turns a weight-source URI into a local path (raising
+    `WeightsNotFoundError` with a fix when it is missing); ``attention`` is the
+    spec's attention backend choice; ``weight_files`` collects every file a
+    component read, so the resolved spec can record their hashes.
+    """
+
+    resolve: Any  # Callable[[str], Path]; typed loosely to avoid an import cycle
+    attention: str = "auto"
+    weight_files: dict[str, Path] = field(default_factory=dict)
+
+    def weights(self, uri: str) -> Path:
+        """Resolve `uri` to a local path and remember it for the resolved spec's hashes."""
+        path = self.resolve(uri)
+        self.weight_files[uri] = path
+        return path
+
+
+class Component(nn.Module, ABC):
+    """Behaviour shared by all component kinds."""
+
+    kind: ClassVar[Kind]
+    name: ClassVar[str]
+    Config: ClassVar[type[ComponentConfig]] = ComponentConfig
+    modalities_in: ClassVar[tuple[str, ...]] = ()
+    modalities_out: ClassVar[tuple[str, ...]] = ()
+    out_dim_doc: ClassVar[str] = ""
+    tokens_doc: ClassVar[str] = ""
+
+    def __init__(self, config: ComponentConfig, ctx: BuildContext):
+        super().__init__()
+        self.config = config
+
+    @classmethod
+    def summary(cls) -> str:
+        """First line of the class docstring: the one-line description shown in listings."""
+        doc = (cls.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+    def has_weight_source(self) -> bool:
+        """True when this component's weights come from a weight source (so they need not be saved)."""
+        return False
+
+
+@dataclass(frozen=True)
+class EncoderFacts:
+    """What an encoder emits per media item, known without loading weights."""
+
+    out_dim: int
+    tokens_per_item: int
+
+
+class Encoder(Component):
+    """Media items of one or more modalities -> a sequence of feature vectors per item."""
+
+    kind: ClassVar[Kind] = "encoder"
+
+    @classmethod
+    @abstractmethod
+    def describe(cls, config: ComponentConfig, ctx: BuildContext) -> EncoderFacts:
+        """Output width and tokens per item for these settings, without loading weights."""
+
+    @abstractmethod
+    def preprocess(self, item: Any, modality: str) -> torch.Tensor:
+        """One raw media item (PIL image, array, path) -> the tensor `forward` takes (no batch dim)."""
+
+    @abstractmethod
+    def forward(self, pixels: torch.Tensor, modality: str) -> torch.Tensor:
+        """(N, ...) preprocessed items -> (N, T, out_dim) features."""
+
+    @property
+    @abstractmethod
+    def out_dim(self) -> int:
+        """Width of each output feature vector."""
+
+
+@dataclass(frozen=True)
+class ProjectorFacts:
+    """What a projector emits, given its input."""
+
+    in_dim: int
+    out_dim: int
+    out_tokens: int
+
+
+class ProjectorConfig(ComponentConfig):
+    """Settings every input projector has: widths, inferred from its neighbours when omitted."""
+
+    in_dim: int | None = None
+    out_dim: int | None = None
+
+
+class Projector(Component):
+    """Encoder features (N, T, in_dim) -> LLM input embeddings (N, T', out_dim)."""
+
+    kind: ClassVar[Kind] = "projector"
+    Config: ClassVar[type[ComponentConfig]] = ProjectorConfig
+
+    @classmethod
+    @abstractmethod
+    def num_tokens(cls, config: ComponentConfig, in_tokens: int) -> int:
+        """Number of output tokens for `in_tokens` input tokens (the projector's token count)."""
+
+    @abstractmethod
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, T, in_dim) -> (N, T', out_dim)."""
+
+
+@dataclass(frozen=True)
+class BackboneFacts:
+    """What assembly needs from an LLM backbone, known without loading weights."""
+
+    hidden_size: int
+    context_length: int
+    vocab_size: int
+    is_encoder_decoder: bool = False
+
+
+class Backbone(Component):
+    """The language model: input embeddings -> hidden states -> logits; owns the tokenizer and generation."""
+
+    kind: ClassVar[Kind] = "backbone"
+    modalities_in: ClassVar[tuple[str, ...]] = ("text",)
+    modalities_out: ClassVar[tuple[str, ...]] = ("text",)
+
+    @classmethod
+    @abstractmethod
+    def describe(cls, config: ComponentConfig, ctx: BuildContext) -> BackboneFacts:
+        """Hidden size, context length and vocabulary for these settings, without loading weights."""
+
+    @classmethod
+    @abstractmethod
+    def load_tokenizer(cls, config: ComponentConfig, ctx: BuildContext) -> Any:
+        """The tokenizer these settings use (a transformers tokenizer), without model weights."""
+
+    @property
+    @abstractmethod
+    def tokenizer(self) -> Any:
+        """The tokenizer, with mmhub's placeholder tokens added."""
+
+    @property
+    @abstractmethod
+    def hidden_size(self) -> int:
+        """Width of the input embeddings."""
+
+    @abstractmethod
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) token ids -> (B, L, hidden_size) input embeddings."""
+
+    @abstractmethod
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, L, H) input embeddings -> (B, L, H) final hidden states (before the LM head)."""
+
+    @abstractmethod
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., H) final hidden states -> (..., vocab) logits; applied only where logits are needed."""
+
+    @abstractmethod
+    def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """Left-padded (B, L, H) prompt embeddings -> (B, new_tokens) generated ids, with a KV cache."""
+
+
+class OutputProjector(Component):
+    """Signal-token hidden states (N, k, in_dim) -> generator conditioning (N, cond_len, cond_dim)."""
+
+    kind: ClassVar[Kind] = "output_projector"
+
+
+class Generator(Component):
+    """Generator conditioning -> media (images, video frames, audio)."""
+
+    kind: ClassVar[Kind] = "generator"
+

@@ -1,0 +1,1 @@
+"""Shipped specs (presets) as data files, registered through the `register_presets` hook."""

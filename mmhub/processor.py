@@ -1,0 +1,91 @@
+"""Turning conversations + media into model inputs: template, tokens, labels, media tensors.
+
+`MMProcessor.encode` handles one sample (checking its placeholders against its
+media); `MMProcessor.collate` pads a list of samples into a batch. Labels are
+-100 everywhere except assistant replies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from mmhub.errors import InputError
+from mmhub.splice import IGNORE
+
+Messages = Sequence[Mapping[str, str]]
+
+
+@dataclass
+class Encoded:
+    """One tokenized sample."""
+
+    input_ids: list[int]
+    labels: list[int]
+    media: dict[str, list[torch.Tensor]]
+
+
+class MMProcessor:
+    """Tokenizer + chat template + per-modality preprocessing for one assembled model."""
+
+    def __init__(self, tokenizer: Any, template: Any, placeholders: dict[str, str],
+                 preprocess: dict[str, Callable[[Any], torch.Tensor]]):
+        self.tokenizer = tokenizer
+        self.template = template
+        self.placeholders = placeholders
+        self.preprocess = preprocess
+        self.placeholder_ids = {m: tokenizer.convert_tokens_to_ids(p) for m, p in placeholders.items()}
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+    @staticmethod
+    def as_messages(prompt: str | Messages) -> list[dict[str, str]]:
+        if isinstance(prompt, str):
+            return [{"role": "user", "content": prompt}]
+        return [dict(m) for m in prompt]
+
+    def encode(self, messages: str | Messages, media: Mapping[str, Sequence[Any]] | None = None,
+               add_generation_prompt: bool = False, index: int | None = None) -> Encoded:
+        """One conversation (or a bare user prompt) and its media items -> token ids, labels, tensors."""
+        messages = self.as_messages(messages)
+        media = dict(media or {})
+        where = f"sample {index}" if index is not None else "the sample"
+        for m in media:
+            if m not in self.placeholders:
+                raise InputError(f"{where} has {m} items, but this model takes {', '.join(self.placeholders) or 'text only'}.")
+        for m, mark in self.placeholders.items():
+            n_ph = sum(msg["content"].count(mark) for msg in messages)
+            n_items = len(media.get(m, []))
+            if n_ph != n_items:
+                raise InputError(f"{where} has {n_ph} {mark} placeholder(s) but {n_items} {m} item(s); "
+                                 f"put one {mark} in the text per {m} given.")
+        ids: list[int] = []
+        labels: list[int] = []
+        for text, target in self.template.render(messages, self.tokenizer, add_generation_prompt=add_generation_prompt):
+            piece = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids += piece
+            labels += piece if target else [IGNORE] * len(piece)
+        tensors = {m: [self.preprocess[m](item) for item in items] for m, items in media.items() if items}
+        return Encoded(ids, labels, tensors)
+
+    def collate(self, samples: Sequence[Encoded], padding_side: str = "right") -> dict[str, Any]:
+        """Pad samples into a batch dict: input_ids, attention_mask, labels (B, L) and media {m: (N, ...)}."""
+        if not samples:
+            raise InputError("cannot collate an empty list of samples")
+        longest = max(len(s.input_ids) for s in samples)
+        ids = torch.full((len(samples), longest), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(samples), longest), dtype=torch.long)
+        labels = torch.full((len(samples), longest), IGNORE, dtype=torch.long)
+        for i, s in enumerate(samples):
+            n = len(s.input_ids)
+            sl = slice(longest - n, longest) if padding_side == "left" else slice(0, n)
+            ids[i, sl] = torch.tensor(s.input_ids, dtype=torch.long)
+            mask[i, sl] = 1
+            labels[i, sl] = torch.tensor(s.labels, dtype=torch.long)
+        media: dict[str, torch.Tensor] = {}
+        for m in self.placeholders:
+            items = [t for s in samples for t in s.media.get(m, [])]
+            if items:
+                media[m] = torch.stack(items)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "media": media, "padding_side": padding_side}

@@ -1,0 +1,192 @@
+"""The declarative spec: YAML/JSON -> typed objects, with every structural problem reported.
+
+A spec has one ``{type: <registered name>, ...settings}`` slot per component:
+encoders and their projectors keyed by modality (``image``, ``audio``, ...), one
+backbone, optional output projectors and generators, the chat template, the
+attention backend and the training stages. This module checks the *shape* of
+the document; `mmhub.validation` checks it against the registry and across
+components before any weights load.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from mmhub.errors import Problem, SpecError, close_matches
+
+
+class ComponentSpec(BaseModel):
+    """One component slot: the registered ``type`` and its settings (checked by the component)."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+
+    def settings(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class LoraSpec(BaseModel):
+    """LoRA settings (peft): rank, scaling, dropout and which modules get adapters."""
+
+    model_config = ConfigDict(extra="forbid")
+    r: int = Field(8, gt=0)
+    alpha: float = 16.0
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: Union[list[str], str] = "all-linear"
+
+
+class LoraRegime(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+
+
+Regime = Union[Literal["frozen", "full"], LoraRegime]
+PART_KEYS = ("encoders", "projectors", "backbone", "output_projectors", "generators")
+
+
+class StageSpec(BaseModel):
+    """One training stage: which parts train (frozen / full / LoRA) and its optimisation settings."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    data: Any = None
+    train: dict[str, Regime] = Field(default_factory=dict)
+    lr: float = Field(1e-4, gt=0)
+    backbone_lr: float | None = Field(None, gt=0)
+    batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    warmup_ratio: float = Field(0.03, ge=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+
+    @field_validator("train")
+    @classmethod
+    def _known_parts(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key in value:
+            head = key.split(".")[0]
+            if head not in PART_KEYS:
+                hint = close_matches(head, PART_KEYS, n=1)
+                raise ValueError(f"unknown part {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                                 + f"; parts are {', '.join(PART_KEYS)}, optionally with a slot: encoders.image")
+        return value
+
+
+class Spec(BaseModel):
+    """A whole MM-LLM: components, template, attention backend, token budget and stages."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    description: str = ""
+    encoders: dict[str, ComponentSpec] = Field(default_factory=dict)
+    projectors: dict[str, ComponentSpec] = Field(default_factory=dict)
+    backbone: ComponentSpec
+    output_projectors: dict[str, ComponentSpec] = Field(default_factory=dict)
+    generators: dict[str, ComponentSpec] = Field(default_factory=dict)
+    template: str = "auto"
+    attention: Literal["auto", "xformers", "sdpa", "eager"] = "auto"
+    placeholders: dict[str, str] = Field(default_factory=dict)
+    max_items: dict[str, int] = Field(default_factory=dict)
+    min_text_tokens: int = Field(32, ge=0)
+    stages: list[StageSpec] = Field(default_factory=list)
+    seed: int = 0
+    resolved: dict[str, Any] | None = Field(
+        None, description="written by mmhub next to saved models: package versions and weight hashes (informational)")
+
+    def placeholder(self, modality: str) -> str:
+        """The text marker where items of `modality` go (default ``<modality>``)."""
+        return self.placeholders.get(modality, f"<{modality}>")
+
+    def modalities(self) -> list[str]:
+        return list(self.encoders)
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    parts = []
+    for p in loc:
+        if isinstance(p, int):
+            parts.append(f"[{p}]")
+        elif p in ("function-after[_known_parts(), dict[str,union[literal['frozen','full'],LoraRegime]]]",):
+            continue
+        else:
+            parts.append(("." if parts else "") + str(p))
+    return "".join(parts)
+
+
+def problems_from_validation(exc: ValidationError, prefix: str = "", fields: Any = None) -> list[Problem]:
+    """Turn pydantic errors into `Problem`s with dotted spec paths and a fix."""
+    problems = []
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in ("literal['frozen','full']", "LoraRegime"))))
+        path = ".".join(filter(None, [prefix, _loc(loc)]))
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            name = str(loc[-1]) if loc else "?"
+            known = list(fields) if fields is not None else []
+            hint = close_matches(name, known, n=1)
+            fix = f"did you mean {hint[0]!r}?" if hint else (f"known settings: {', '.join(sorted(known))}" if known else "remove it")
+            problems.append(Problem(path, f"unknown setting {name!r}", fix))
+        elif kind == "missing":
+            problems.append(Problem(path, "is required but missing", "add it"))
+        else:
+            given = err.get("input")
+            shown = "" if isinstance(given, (dict, list)) else f" (got {given!r})"
+            problems.append(Problem(path, f"{err['msg']}{shown}", "correct the value"))
+    return problems
+
+
+def parse_text(text: str, source: str) -> dict[str, Any]:
+    """Parse YAML or JSON text; a syntax error becomes a SpecError naming line and column."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = getattr(exc, "problem", None) or str(exc)
+        raise SpecError([Problem("", f"not valid YAML/JSON{where}: {what}", "fix the syntax at that position")], source) from None
+    if not isinstance(data, dict):
+        raise SpecError([Problem("", f"a spec must be a mapping at the top level, got {type(data).__name__}",
+                                 "start the file with keys such as name:, encoders:, backbone:")], source)
+    return data
+
+
+def spec_from_dict(data: dict[str, Any], source: str | None = None) -> Spec:
+    """Validate a plain dict into a `Spec` (all structural problems at once)."""
+    try:
+        return Spec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(problems_from_validation(exc, fields=Spec.model_fields), source) from None
+
+
+def load_spec(source: str | Path | dict[str, Any] | Spec, registry: Any = None) -> Spec:
+    """A spec from a file path (YAML/JSON), a preset name (``llava-1.5:tiny``), a dict or a Spec."""
+    if isinstance(source, Spec):
+        return source
+    if isinstance(source, dict):
+        return spec_from_dict(source)
+    path = Path(str(source)).expanduser()
+    if path.is_file():
+        return spec_from_dict(parse_text(path.read_text(), str(path)), str(path))
+    if path.is_dir() and (path / "mmhub_spec.json").is_file():
+        return spec_from_dict(json.loads((path / "mmhub_spec.json").read_text()), str(path))
+    if registry is None:
+        from mmhub.registry import get_registry
+
+        registry = get_registry()
+    key = str(source) if ":" in str(source) else f"{source}:tiny"
+    if key in registry.presets:
+        return spec_from_dict(registry.presets[key].spec, f"preset {key}")
+    candidates = list(registry.presets) + [k.split(":")[0] for k in registry.presets]
+    hint = close_matches(str(source), candidates, n=3)
+    raise SpecError([Problem("", f"{str(source)!r} is neither a spec file, a saved model folder nor a preset",
+                             (f"did you mean {', '.join(hint)}? " if hint else "") + "see `mmhub presets`")], str(source))
+
+
+def dump_spec(data: dict[str, Any]) -> str:
+    """YAML text of a spec dict, keys in the order written."""
+    return yaml.safe_dump(data, sort_keys=False)

@@ -1,0 +1,156 @@
+"""Chat templates: a conversation -> text segments marked as trained-on or not.
+
+Each template renders ``messages`` ([{"role": "system"|"user"|"assistant", "content": str}])
+into segments ``(text, is_target)``; only assistant replies (and their end-of-turn
+marker) are targets, so the loss never sees prompts or placeholders. ``tokenizer``
+uses the tokenizer's own Jinja chat template (targets found by rendering growing
+prefixes of the conversation); ``auto`` picks the tokenizer's own when it has one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from mmhub.errors import MMHubError, Problem, close_matches
+
+Segment = tuple[str, bool]
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+
+
+@dataclass(frozen=True)
+class Template:
+    """A format-string chat template. ``{eos}``/``{bos}`` expand to the tokenizer's tokens."""
+
+    name: str
+    system: str = ""
+    system_fmt: str = "{system}"
+    user_fmt: str = "{content}"
+    assistant_prefix: str = ""
+    assistant_fmt: str = "{content}{eos}"
+    add_bos: bool = True
+    system_in_first_user: bool = False  # llama-2 puts <<SYS>> inside the first [INST]
+    required_tokens: tuple[str, ...] = ()  # must each be one token in the tokenizer
+    stop: tuple[str, ...] = ("{eos}",)
+    needs: tuple[str, ...] = ("eos",)  # tokenizer attributes that must be set (bos/eos)
+
+    def render(self, messages: Sequence[dict[str, str]], tokenizer: Any, add_generation_prompt: bool = False) -> list[Segment]:
+        """Conversation -> [(text, is_target)]; with `add_generation_prompt` ends ready for the reply."""
+        fill = {"eos": tokenizer.eos_token or "", "bos": tokenizer.bos_token or ""}
+        segs: list[Segment] = []
+        if self.add_bos and tokenizer.bos_token:
+            segs.append((tokenizer.bos_token, False))
+        system = next((m["content"] for m in messages if m["role"] == "system"), self.system)
+        sys_text = self.system_fmt.format(system=system, **fill) if system else ""
+        if sys_text and not self.system_in_first_user:
+            segs.append((sys_text, False))
+            sys_text = ""
+        for m in messages:
+            role = m["role"]
+            if role == "system":
+                continue
+            if role == "user":
+                content, sys_text = sys_text + m["content"], ""
+                segs.append((self.user_fmt.format(content=content, **fill) + self.assistant_prefix.format(**fill), False))
+            elif role == "assistant":
+                segs.append((self.assistant_fmt.format(content=m["content"], **fill), True))
+            else:
+                raise MMHubError(f"message role {role!r} is not one of system/user/assistant (template {self.name}).")
+        if not add_generation_prompt and messages and messages[-1]["role"] == "user":
+            # a trailing user turn without a reply: keep only the user text
+            text, _ = segs[-1]
+            segs[-1] = (text[: len(text) - len(self.assistant_prefix.format(**fill))] if self.assistant_prefix else text, False)
+        return segs
+
+    def stop_strings(self, tokenizer: Any) -> list[str]:
+        fill = {"eos": tokenizer.eos_token or "", "bos": tokenizer.bos_token or ""}
+        return [s.format(**fill) for s in self.stop if s.format(**fill)]
+
+
+@dataclass(frozen=True)
+class TokenizerTemplate:
+    """The tokenizer's own Jinja chat template; targets found by diffing rendered prefixes."""
+
+    name: str = "tokenizer"
+    required_tokens: tuple[str, ...] = ()
+    needs: tuple[str, ...] = ("chat_template",)
+    extra_stop: tuple[str, ...] = field(default=())
+
+    def _apply(self, tokenizer: Any, messages: Sequence[dict[str, str]], gen: bool) -> str:
+        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=gen)
+
+    def render(self, messages: Sequence[dict[str, str]], tokenizer: Any, add_generation_prompt: bool = False) -> list[Segment]:
+        segs: list[Segment] = []
+        done = ""
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            prompt = self._apply(tokenizer, messages[:i], gen=True)
+            full = self._apply(tokenizer, messages[: i + 1], gen=False)
+            if not (prompt.startswith(done) and full.startswith(prompt)):
+                raise MMHubError(
+                    "the tokenizer's chat template is not prefix-consistent, so assistant turns cannot be located "
+                    "for the loss; set `template:` to a named template (chatml, vicuna_v1, llama-2, plain).")
+            segs += [(prompt[len(done):], False), (full[len(prompt):], True)]
+            done = full
+        tail = self._apply(tokenizer, messages, gen=add_generation_prompt) if messages else ""
+        if not tail.startswith(done):
+            raise MMHubError("the tokenizer's chat template rewrites earlier turns; use a named template instead.")
+        if tail[len(done):]:
+            segs.append((tail[len(done):], False))
+        return segs
+
+    def stop_strings(self, tokenizer: Any) -> list[str]:
+        stops = [tokenizer.eos_token] if tokenizer.eos_token else []
+        template = tokenizer.chat_template or ""
+        stops += [t for t in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>") if t in template]
+        return stops
+
+
+TEMPLATES: dict[str, Any] = {
+    "plain": Template(name="plain", add_bos=False, user_fmt="{content}", assistant_fmt="{content}{eos}"),
+    "vicuna_v1": Template(name="vicuna_v1", system=VICUNA_SYSTEM, system_fmt="{system} ", user_fmt="USER: {content} ",
+                          assistant_prefix="ASSISTANT:", assistant_fmt=" {content}{eos}", needs=("eos",)),
+    "llama-2": Template(name="llama-2", system="", system_fmt="<<SYS>>\n{system}\n<</SYS>>\n\n", system_in_first_user=True,
+                        user_fmt="[INST] {content} [/INST]", assistant_fmt=" {content} {eos}", needs=("bos", "eos")),
+    "chatml": Template(name="chatml", add_bos=False, system="You are a helpful assistant.",
+                       system_fmt="<|im_start|>system\n{system}<|im_end|>\n",
+                       user_fmt="<|im_start|>user\n{content}<|im_end|>\n", assistant_prefix="<|im_start|>assistant\n",
+                       assistant_fmt="{content}<|im_end|>\n", required_tokens=("<|im_start|>", "<|im_end|>"),
+                       stop=("<|im_end|>", "{eos}"), needs=()),
+    "tokenizer": TokenizerTemplate(),
+}
+
+
+def resolve_template(name: str, tokenizer: Any) -> Any:
+    """The template object for `name` (``auto``: the tokenizer's own, else chatml, else vicuna_v1)."""
+    if name == "auto":
+        if getattr(tokenizer, "chat_template", None):
+            return TEMPLATES["tokenizer"]
+        return TEMPLATES["chatml"] if not template_problems(TEMPLATES["chatml"], tokenizer) else TEMPLATES["vicuna_v1"]
+    if name not in TEMPLATES:
+        hint = close_matches(name, TEMPLATES)
+        raise MMHubError(f"unknown chat template {name!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
+                         + f" Known templates: {', '.join(sorted(TEMPLATES))}, auto.")
+    return TEMPLATES[name]
+
+
+def template_problems(template: Any, tokenizer: Any, path: str = "template") -> list[Problem]:
+    """Checks that `tokenizer` has what `template` needs (special tokens, bos/eos, a chat template)."""
+    problems = []
+    for attr in template.needs:
+        if attr == "chat_template":
+            if not getattr(tokenizer, "chat_template", None):
+                problems.append(Problem(path, "template 'tokenizer' needs the tokenizer's own chat template, "
+                                              "but this tokenizer has none", "name a template: chatml, vicuna_v1, llama-2 or plain"))
+        elif getattr(tokenizer, f"{attr}_token", None) is None:
+            problems.append(Problem(path, f"template {template.name!r} needs a {attr} token, but the tokenizer has none",
+                                    "pick a template that does not need it (e.g. chatml) or use a tokenizer that defines it"))
+    vocab = tokenizer.get_vocab()
+    for tok in template.required_tokens:
+        if tok not in vocab:
+            problems.append(Problem(path, f"template {template.name!r} needs the special token {tok!r}, which the "
+                                          f"tokenizer does not have as a single token",
+                                    "use a template made for this tokenizer (`auto` picks its own), or vicuna_v1"))
+    return problems

@@ -1,0 +1,234 @@
+"""Cross-component validation: a `Spec` -> a `Plan` of typed configs and known shapes.
+
+Runs before any weights load. Each component slot is resolved through the
+registry and its settings validated by the component's own ``Config``; then
+widths, token budget, template and stages are checked across components. Every
+problem found is collected, each naming the spec path, both numbers and the fix,
+and raised together as one `SpecError`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from mmhub import weights as weight_sources
+from mmhub.errors import Problem, SpecError, UnknownComponentError, WeightsNotFoundError, close_matches
+from mmhub.interfaces import BackboneFacts, BuildContext, ComponentConfig, EncoderFacts, ProjectorFacts
+from mmhub.registry import ComponentInfo, Registry, get_registry
+from mmhub.spec import PART_KEYS, LoraRegime, Spec, problems_from_validation
+from mmhub.templates import resolve_template, template_problems
+
+
+@dataclass
+class Slot:
+    """A resolved component slot: where it is in the spec, what it is, and its typed settings."""
+
+    path: str
+    info: ComponentInfo
+    config: ComponentConfig
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"type": self.info.name, **self.config.model_dump(mode="json")}
+
+
+@dataclass
+class Plan:
+    """A validated spec: typed slots plus the facts each check used (widths, tokens, template)."""
+
+    spec: Spec
+    ctx: BuildContext
+    encoders: dict[str, Slot] = field(default_factory=dict)
+    projectors: dict[str, Slot] = field(default_factory=dict)
+    backbone: Slot | None = None
+    encoder_facts: dict[str, EncoderFacts] = field(default_factory=dict)
+    projector_facts: dict[str, ProjectorFacts] = field(default_factory=dict)
+    backbone_facts: BackboneFacts | None = None
+    tokenizer: Any = None
+    template: Any = None
+
+    def resolved_dict(self) -> dict[str, Any]:
+        """The spec with every default filled in and inferred widths written out."""
+        data = self.spec.model_dump(mode="json", exclude={"resolved"})
+        data["encoders"] = {m: s.as_dict() for m, s in self.encoders.items()}
+        data["projectors"] = {m: s.as_dict() for m, s in self.projectors.items()}
+        data["backbone"] = self.backbone.as_dict() if self.backbone else data["backbone"]
+        data["template"] = self.template.name if self.template is not None else self.spec.template
+        data["placeholders"] = {m: self.spec.placeholder(m) for m in self.spec.encoders}
+        data["max_items"] = {m: self.spec.max_items.get(m, 1) for m in self.spec.encoders}
+        return data
+
+    def tokens_per_item(self, modality: str) -> int:
+        return self.projector_facts[modality].out_tokens
+
+
+def _slot(kind: str, path: str, cs: Any, registry: Registry, problems: list[Problem]) -> Slot | None:
+    try:
+        info = registry.get(kind, cs.type)  # type: ignore[arg-type]
+    except UnknownComponentError as exc:
+        problems.append(Problem(f"{path}.type", str(exc).split(" Install")[0], "use a registered name (`mmhub plugins`) "
+                                                                                 "or install the plugin that provides it"))
+        return None
+    try:
+        config = info.cls.Config.model_validate(cs.settings())
+    except ValidationError as exc:
+        problems.extend(problems_from_validation(exc, prefix=path, fields=info.cls.Config.model_fields))
+        return None
+    return Slot(path, info, config)
+
+
+def _describe(slot: Slot, ctx: BuildContext, problems: list[Problem]) -> Any:
+    try:
+        return slot.info.cls.describe(slot.config, ctx)  # type: ignore[attr-defined]
+    except WeightsNotFoundError as exc:
+        problems.append(Problem(slot.path, str(exc)))
+    except Exception as exc:  # a component that cannot even describe itself is a spec problem
+        problems.append(Problem(slot.path, f"{slot.info.name} could not be set up from these settings: "
+                                           f"{type(exc).__name__}: {exc}", "check the settings against `mmhub plugins`"))
+    return None
+
+
+def plan_spec(spec: Spec, registry: Registry | None = None, source: str | None = None) -> Plan:
+    """Validate `spec` against the registry and across components; raise `SpecError` with every problem."""
+    registry = registry or get_registry()
+    ctx = BuildContext(resolve=lambda uri: weight_sources.resolve(uri, registry), attention=spec.attention)
+    plan = Plan(spec=spec, ctx=ctx)
+    problems: list[Problem] = []
+
+    for m, cs in spec.encoders.items():
+        if (s := _slot("encoder", f"encoders.{m}", cs, registry, problems)) is not None:
+            plan.encoders[m] = s
+            if m not in s.info.cls.modalities_in:
+                problems.append(Problem(f"encoders.{m}.type", f"{s.info.name} accepts {', '.join(s.info.cls.modalities_in)}, "
+                                                             f"not {m!r}", f"use an encoder for {m}, or key it by a modality it accepts"))
+    for m, cs in spec.projectors.items():
+        if (s := _slot("projector", f"projectors.{m}", cs, registry, problems)) is not None:
+            plan.projectors[m] = s
+    plan.backbone = _slot("backbone", "backbone", spec.backbone, registry, problems)
+
+    for m in spec.encoders.keys() - spec.projectors.keys():
+        problems.append(Problem(f"projectors.{m}", f"encoder {m!r} has no projector", f"add projectors.{m}: {{type: mlp}}"))
+    for m in spec.projectors.keys() - spec.encoders.keys():
+        problems.append(Problem(f"projectors.{m}", f"projector {m!r} has no encoder",
+                                f"add encoders.{m} or remove projectors.{m}" + _hint(m, spec.encoders)))
+    for key in ("output_projectors", "generators"):
+        if getattr(spec, key):
+            problems.append(Problem(key, "the output side (output projectors + generators) is not implemented in this "
+                                         "version of mmhub, so it cannot be assembled", f"remove {key} for now"))
+    for key in ("placeholders", "max_items"):
+        for m in getattr(spec, key).keys() - spec.encoders.keys():
+            problems.append(Problem(f"{key}.{m}", f"names modality {m!r}, which has no encoder", f"remove it{_hint(m, spec.encoders)}"))
+    marks = [spec.placeholder(m) for m in spec.encoders]
+    if len(set(marks)) != len(marks):
+        problems.append(Problem("placeholders", f"two modalities share a placeholder: {marks}", "give each modality its own marker"))
+
+    for m, slot in plan.encoders.items():
+        if (facts := _describe(slot, ctx, problems)) is not None:
+            plan.encoder_facts[m] = facts
+    if plan.backbone is not None:
+        plan.backbone_facts = _describe(plan.backbone, ctx, problems)
+        if plan.backbone_facts is not None:
+            try:
+                plan.tokenizer = plan.backbone.info.cls.load_tokenizer(plan.backbone.config, ctx)  # type: ignore[attr-defined]
+            except Exception as exc:
+                problems.append(Problem("backbone", f"the tokenizer could not be loaded: {type(exc).__name__}: {exc}",
+                                        "check backbone.tokenizer / backbone.source"))
+
+    _check_projectors(plan, problems)
+    _check_budget(plan, problems)
+    _check_template(plan, problems)
+    _check_stages(plan, problems)
+    if problems:
+        raise SpecError(problems, source or f"spec {spec.name!r}")
+    return plan
+
+
+def _hint(name: str, options: Any) -> str:
+    h = close_matches(name, list(options), n=1)
+    return f" (did you mean {h[0]!r}?)" if h else ""
+
+
+def _check_projectors(plan: Plan, problems: list[Problem]) -> None:
+    hidden = plan.backbone_facts.hidden_size if plan.backbone_facts else None
+    for m, slot in plan.projectors.items():
+        enc = plan.encoder_facts.get(m)
+        cfg = slot.config
+        update = {}
+        if enc is not None:
+            if cfg.in_dim is not None and cfg.in_dim != enc.out_dim:
+                problems.append(Problem(f"projectors.{m}.in_dim", f"{cfg.in_dim} != encoders.{m} output width {enc.out_dim}",
+                                        f"set projectors.{m}.in_dim: {enc.out_dim} or leave it out to infer it"))
+                continue
+            update["in_dim"] = enc.out_dim
+        if hidden is not None:
+            if cfg.out_dim is not None and cfg.out_dim != hidden:
+                problems.append(Problem(f"projectors.{m}.out_dim", f"{cfg.out_dim} != backbone hidden size {hidden}",
+                                        f"set projectors.{m}.out_dim: {hidden} or leave it out to infer it"))
+                continue
+            update["out_dim"] = hidden
+        if enc is None or hidden is None:
+            continue
+        slot.config = cfg.model_copy(update=update)
+        try:
+            out_tokens = slot.info.cls.num_tokens(slot.config, enc.tokens_per_item)  # type: ignore[attr-defined]
+        except ValueError as exc:
+            problems.append(Problem(f"projectors.{m}", str(exc), "adjust the projector settings to the encoder's token count"))
+            continue
+        plan.projector_facts[m] = ProjectorFacts(enc.out_dim, hidden, out_tokens)
+
+
+def _check_budget(plan: Plan, problems: list[Problem]) -> None:
+    if plan.backbone_facts is None or len(plan.projector_facts) != len(plan.spec.encoders):
+        return
+    spec = plan.spec
+    parts = [(m, spec.max_items.get(m, 1), f.out_tokens) for m, f in plan.projector_facts.items()]
+    total = sum(n * t for _, n, t in parts) + spec.min_text_tokens
+    ctx_len = plan.backbone_facts.context_length
+    if total > ctx_len:
+        detail = " + ".join(f"{m}: {n} x {t}" for m, n, t in parts) + f" + text: {spec.min_text_tokens}"
+        problems.append(Problem("max_items", f"token budget {total} ({detail}) > backbone context length {ctx_len}",
+                                "lower max_items or the projector's token count, or extend the context (backbone rope_scaling)"))
+
+
+def _check_template(plan: Plan, problems: list[Problem]) -> None:
+    if plan.tokenizer is None:
+        return
+    try:
+        plan.template = resolve_template(plan.spec.template, plan.tokenizer)
+    except Exception as exc:
+        problems.append(Problem("template", str(exc), "use one of the named templates"))
+        return
+    problems.extend(template_problems(plan.template, plan.tokenizer))
+    vocab = plan.tokenizer.get_vocab()
+    for m in plan.spec.encoders:
+        mark = plan.spec.placeholder(m)
+        if mark in vocab and mark not in getattr(plan.tokenizer, "all_special_tokens", []):
+            problems.append(Problem(f"placeholders.{m}", f"placeholder {mark!r} is an ordinary token of this tokenizer, "
+                                                         "so plain text could be mistaken for media", "pick a marker the tokenizer does not know"))
+    if plan.backbone_facts is not None and len(plan.tokenizer) > plan.backbone_facts.vocab_size:
+        problems.append(Problem("backbone", f"tokenizer has {len(plan.tokenizer)} tokens > the model's vocabulary "
+                                            f"size {plan.backbone_facts.vocab_size}", "raise the backbone's vocab_size to at least the tokenizer size"))
+
+
+def _check_stages(plan: Plan, problems: list[Problem]) -> None:
+    spec = plan.spec
+    names = [s.name for s in spec.stages]
+    for dup in {n for n in names if names.count(n) > 1}:
+        problems.append(Problem("stages", f"stage name {dup!r} is used {names.count(dup)} times", "give each stage its own name"))
+    slots = {"encoders": spec.encoders, "projectors": spec.projectors, "backbone": {}, "output_projectors": spec.output_projectors,
+             "generators": spec.generators}
+    for i, st in enumerate(spec.stages):
+        for key, regime in st.train.items():
+            head, _, slot = key.partition(".")
+            if slot and slot not in slots[head]:
+                problems.append(Problem(f"stages[{i}].train.{key}", f"there is no {head} slot {slot!r}",
+                                        f"slots: {', '.join(slots[head]) or '(none)'}"))
+            if isinstance(regime, LoraRegime) and head not in ("backbone", "encoders"):
+                problems.append(Problem(f"stages[{i}].train.{key}", "LoRA is for the backbone or encoders",
+                                        "train projectors with `full`"))
+        if not any(r != "frozen" for r in st.train.values()):
+            problems.append(Problem(f"stages[{i}].train", f"stage {st.name!r} trains nothing",
+                                    "set e.g. train: {projectors: full} or backbone: {lora: {r: 8}}"))
+    assert set(slots) == set(PART_KEYS)

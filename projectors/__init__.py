@@ -1,0 +1,1 @@
+"""Built-in input projectors (installed as ``mmhub.projectors``)."""

@@ -1,0 +1,38 @@
+"""Linear input projector (LLaVA, PandaGPT, Shikra, VILA): one matrix from encoder width to LLM width."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from mmhub.interfaces import ComponentConfig, Projector, ProjectorConfig, BuildContext
+
+
+class LinearConfig(ProjectorConfig):
+    """Settings of `LinearProjector` (widths are inferred from the neighbours)."""
+
+    bias: bool = True
+
+
+class LinearProjector(Projector):
+    """A single linear map, token count unchanged."""
+
+    name: ClassVar[str] = "linear"
+    Config: ClassVar[type[ComponentConfig]] = LinearConfig
+    modalities_in: ClassVar[tuple[str, ...]] = ("features",)
+    modalities_out: ClassVar[tuple[str, ...]] = ("embeddings",)
+    out_dim_doc: ClassVar[str] = "the backbone's hidden size"
+    tokens_doc: ClassVar[str] = "same as its input"
+
+    @classmethod
+    def num_tokens(cls, config: LinearConfig, in_tokens: int) -> int:
+        return in_tokens
+
+    def __init__(self, config: LinearConfig, ctx: BuildContext):
+        super().__init__(config, ctx)
+        self.proj = nn.Linear(config.in_dim, config.out_dim, bias=config.bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.proj(features)  # (N, T, in) -> (N, T, out)

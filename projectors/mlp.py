@@ -1,0 +1,50 @@
+"""MLP input projector (LLaVA-1.5's 2-layer GELU ``mlp2x_gelu``, CoDi-2, CogVLM): depth and activation are settings."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from mmhub.interfaces import BuildContext, ComponentConfig, Projector, ProjectorConfig
+
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
+
+
+class MLPConfig(ProjectorConfig):
+    """Settings of `MLPProjector`; ``hidden_dim`` defaults to the output width, as in LLaVA-1.5."""
+
+    depth: int = Field(2, ge=1)
+    activation: Literal["gelu", "relu", "silu", "tanh"] = "gelu"
+    hidden_dim: int | None = None
+
+
+class MLPProjector(Projector):
+    """A stack of `depth` linear layers with an activation between them, token count unchanged."""
+
+    name: ClassVar[str] = "mlp"
+    Config: ClassVar[type[ComponentConfig]] = MLPConfig
+    modalities_in: ClassVar[tuple[str, ...]] = ("features",)
+    modalities_out: ClassVar[tuple[str, ...]] = ("embeddings",)
+    out_dim_doc: ClassVar[str] = "the backbone's hidden size"
+    tokens_doc: ClassVar[str] = "same as its input"
+
+    @classmethod
+    def num_tokens(cls, config: MLPConfig, in_tokens: int) -> int:
+        return in_tokens
+
+    def __init__(self, config: MLPConfig, ctx: BuildContext):
+        super().__init__(config, ctx)
+        hidden = config.hidden_dim or config.out_dim
+        widths = [config.in_dim] + [hidden] * (config.depth - 1) + [config.out_dim]
+        layers: list[nn.Module] = []
+        for i in range(config.depth):
+            if i:
+                layers.append(ACTIVATIONS[config.activation]())
+            layers.append(nn.Linear(widths[i], widths[i + 1]))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features)  # (N, T, in) -> (N, T, out)
