@@ -101,6 +101,7 @@ class OpenClipEncoder(Encoder):
     modalities_in: ClassVar[tuple[str, ...]] = ("image",)
     out_dim_doc: ClassVar[str] = "the tower's width"
     tokens_doc: ClassVar[str] = "(image_size / patch_size)^2, +1 with the CLS token"
+    example_settings: ClassVar[dict[str, Any]] = {"arch": None, "vision_cfg": {"image_size": 32, "patch_size": 8, "layers": 2, "width": 32, "head_width": 16}, "embed_dim": 32}
 
     @classmethod
     def describe(cls, config: OpenClipEncoderConfig, ctx: BuildContext) -> EncoderFacts:

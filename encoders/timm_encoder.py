@@ -78,6 +78,7 @@ class TimmEncoder(Encoder):
     modalities_in: ClassVar[tuple[str, ...]] = ("image",)
     out_dim_doc: ClassVar[str] = "the model's feature width at the chosen layer"
     tokens_doc: ClassVar[str] = "h*w of the feature map (pool*pool when pooled), or the ViT patch count"
+    example_settings: ClassVar[dict[str, Any]] = {"model": "resnet10t", "image_size": 64}
 
     @classmethod
     def describe(cls, config: TimmEncoderConfig, ctx: BuildContext) -> EncoderFacts:

@@ -64,6 +64,9 @@ class Component(nn.Module, ABC):
     modalities_out: ClassVar[tuple[str, ...]] = ()
     out_dim_doc: ClassVar[str] = ""
     tokens_doc: ClassVar[str] = ""
+    # settings for a tiny instance (seconds on a CPU, random weights): used by the shared
+    # component tests (`mmhub.testing`) and shown as an example in the docs
+    example_settings: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, config: ComponentConfig, ctx: BuildContext):
         super().__init__()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -25,6 +25,7 @@ class LinearProjector(Projector):
     modalities_out: ClassVar[tuple[str, ...]] = ("embeddings",)
     out_dim_doc: ClassVar[str] = "the backbone's hidden size"
     tokens_doc: ClassVar[str] = "same as its input"
+    example_settings: ClassVar[dict[str, Any]] = {}
 
     @classmethod
     def num_tokens(cls, config: LinearConfig, in_tokens: int) -> int:

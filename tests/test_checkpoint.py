@@ -1,0 +1,114 @@
+"""Save / load: bit-exact round trips, partial saves, atomic writes, damaged folders, weight hashes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from mmhub import MMModel, build
+from mmhub.errors import CheckpointError
+
+
+def conv(q: str, a: str) -> list[dict]:
+    return [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+
+
+def test_round_trip_is_bit_exact(tiny_spec, images, tmp_path) -> None:
+    model = build(tiny_spec)
+    with torch.no_grad():  # make the weights differ from the spec's seeded init
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    b = model.batch([conv("<image> what", "thing")], [{"image": [images[0]]}])
+    before = model(**b)
+    gen = model.generate(["<image> say"], [{"image": [images[1]]}], max_new_tokens=5)
+    model.save_pretrained(tmp_path / "m")
+    again = MMModel.from_pretrained(tmp_path / "m")
+    after = again(**b)
+    assert torch.equal(before.logits, after.logits) and torch.equal(before.loss, after.loss)
+    assert again.generate(["<image> say"], [{"image": [images[1]]}], max_new_tokens=5) == gen
+    spec = json.loads((tmp_path / "m" / "mmhub_spec.json").read_text())
+    assert spec["projectors"]["image"]["in_dim"] == 32 and torch.__version__.startswith(spec["resolved"]["packages"]["torch"])
+    assert not list(tmp_path.glob(".m.*"))  # no temp folders left behind
+
+
+def test_weight_sourced_frozen_parts_are_not_saved(tiny_spec, images, tmp_path) -> None:
+    net = timm.create_model("resnet10t", pretrained=False, num_classes=0)
+    weights = tmp_path / "resnet10t.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(weights))
+    tiny_spec["encoders"]["image"] = {"type": "timm", "model": "resnet10t", "pretrained": str(weights), "image_size": 64}
+    model = build(tiny_spec)
+    model.save_pretrained(tmp_path / "m")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as fh:
+        keys = list(fh.keys())
+    assert keys and not any(k.startswith("encoders.") for k in keys)  # recoverable from the weights file
+    spec = json.loads((tmp_path / "m" / "mmhub_spec.json").read_text())
+    assert spec["resolved"]["weights"][str(weights)]["sha256"]
+    b = model.batch([conv("<image>", "x")], [{"image": [images[0]]}])
+    assert torch.equal(model(**b).logits, MMModel.from_pretrained(tmp_path / "m")(**b).logits)
+    # a changed weights file is caught by its recorded hash
+    save_file({k: v.contiguous() + 1 for k, v in net.state_dict().items()}, str(weights))
+    with pytest.raises(CheckpointError, match="changed since this model was saved"):
+        MMModel.from_pretrained(tmp_path / "m")
+
+
+def test_full_save_includes_everything(tiny_spec, tmp_path) -> None:
+    model = build(tiny_spec)
+    model.save_pretrained(tmp_path / "full", full=True)
+    spec = json.loads((tmp_path / "full" / "mmhub_spec.json").read_text())
+    assert spec["resolved"]["saved"] == "full" and spec["resolved"]["tensors"] == len(model.state_dict())
+
+
+def test_crash_mid_save_keeps_the_previous_checkpoint(tiny_spec, tmp_path, monkeypatch) -> None:
+    model = build(tiny_spec)
+    model.save_pretrained(tmp_path / "m")
+    first = (tmp_path / "m" / "model.safetensors").read_bytes()
+    import mmhub.checkpoint as ck
+
+    def explode(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ck, "save_file", explode)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    with pytest.raises(OSError, match="disk full"):
+        model.save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no half-written folder anywhere
+    MMModel.from_pretrained(tmp_path / "m")
+
+
+def test_damaged_or_foreign_folders_get_clear_errors(tiny_spec, tmp_path) -> None:
+    with pytest.raises(CheckpointError, match="does not exist"):
+        MMModel.from_pretrained(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="mmhub_spec.json is missing"):
+        MMModel.from_pretrained(tmp_path / "empty")
+    model = build(tiny_spec)
+    model.save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        MMModel.from_pretrained(tmp_path / "m")
+    model.save_pretrained(tmp_path / "m2")
+    other = dict(tiny_spec, projectors={"image": {"type": "linear"}})
+    build(other).save_pretrained(tmp_path / "m3")
+    (tmp_path / "m2" / "model.safetensors").replace(tmp_path / "m3" / "model.safetensors")
+    with pytest.raises(CheckpointError, match="do not belong together"):
+        MMModel.from_pretrained(tmp_path / "m3")
+
+
+def test_no_pickle_loading_anywhere() -> None:
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for path in list((root / "mmhub").rglob("*.py")) + [p for d in ("encoders", "projectors", "backbones") for p in (root / d).rglob("*.py")]:
+        text = path.read_text()
+        for line in text.splitlines():
+            if "torch.load(" in line:
+                assert "weights_only=True" in line, f"{path}: {line.strip()}"
+            assert "pickle.load" not in line and "trust_remote_code=True" not in line, f"{path}: {line.strip()}"
