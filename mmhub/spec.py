@@ -65,16 +65,31 @@ class StageSpec(BaseModel):
     warmup_ratio: float = Field(0.03, ge=0, le=1)
     weight_decay: float = Field(0.0, ge=0)
 
-    @field_validator("train")
+    @field_validator("train", mode="before")
     @classmethod
-    def _known_parts(cls, value: dict[str, Any]) -> dict[str, Any]:
-        for key in value:
-            head = key.split(".")[0]
+    def _known_parts(cls, value: Any) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise ValueError("train must map parts to regimes, e.g. {projectors: full, backbone: {lora: {r: 8}}}")
+        problems, out = [], {}
+        for key, regime in value.items():
+            head = str(key).split(".")[0]
             if head not in PART_KEYS:
                 hint = close_matches(head, PART_KEYS, n=1)
-                raise ValueError(f"unknown part {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
-                                 + f"; parts are {', '.join(PART_KEYS)}, optionally with a slot: encoders.image")
-        return value
+                problems.append(f"unknown part {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                                + f"; parts are {', '.join(PART_KEYS)}, optionally with a slot: encoders.image")
+            elif regime in ("frozen", "full"):
+                out[key] = regime
+            elif isinstance(regime, dict) and set(regime) == {"lora"}:
+                try:
+                    out[key] = LoraRegime.model_validate(regime)
+                except ValidationError as exc:
+                    problems += [f"{key}.{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})"
+                                 for e in exc.errors()]
+            else:
+                problems.append(f"{key}: regime {regime!r} is not one of frozen, full or {{lora: {{r: 8, ...}}}}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return out
 
 
 class Spec(BaseModel):
@@ -111,8 +126,6 @@ def _loc(loc: tuple[Any, ...]) -> str:
     for p in loc:
         if isinstance(p, int):
             parts.append(f"[{p}]")
-        elif p in ("function-after[_known_parts(), dict[str,union[literal['frozen','full'],LoraRegime]]]",):
-            continue
         else:
             parts.append(("." if parts else "") + str(p))
     return "".join(parts)
@@ -136,7 +149,7 @@ def problems_from_validation(exc: ValidationError, prefix: str = "", fields: Any
         else:
             given = err.get("input")
             shown = "" if isinstance(given, (dict, list)) else f" (got {given!r})"
-            problems.append(Problem(path, f"{err['msg']}{shown}", "correct the value"))
+            problems.append(Problem(path, f"{err['msg'].removeprefix('Value error, ')}{shown}", "correct the value"))
     return problems
 
 
