@@ -17,8 +17,8 @@ import torch
 from open_clip.model import CLIPVisionCfg, _build_vision_tower
 from pydantic import model_validator
 
-from mmhub.interfaces import BuildContext, ComponentConfig, Encoder, EncoderFacts
-from mmhub.media import load_image
+from mmhub.encoders.image_base import ImageEncoder
+from mmhub.interfaces import BuildContext, ComponentConfig, EncoderFacts
 from mmhub.probe import output_shape
 from mmhub.weights import load_into, read_state_dict
 
@@ -93,12 +93,11 @@ def _image_size(tower: torch.nn.Module, config: OpenClipEncoderConfig) -> int:
     return size if isinstance(size, int) else size[0]
 
 
-class OpenClipEncoder(Encoder):
+class OpenClipEncoder(ImageEncoder):
     """open_clip vision tower (CLIP, EVA-CLIP, SigLIP-style ViTs) tokens from a chosen block."""
 
     name: ClassVar[str] = "open_clip"
     Config: ClassVar[type[ComponentConfig]] = OpenClipEncoderConfig
-    modalities_in: ClassVar[tuple[str, ...]] = ("image",)
     out_dim_doc: ClassVar[str] = "the tower's width"
     tokens_doc: ClassVar[str] = "(image_size / patch_size)^2, +1 with the CLS token"
     example_settings: ClassVar[dict[str, Any]] = {"arch": None, "vision_cfg": {"image_size": 32, "patch_size": 8, "layers": 2, "width": 32, "head_width": 16}, "embed_dim": 32}
@@ -124,16 +123,5 @@ class OpenClipEncoder(Encoder):
         with torch.no_grad():
             self._out_dim = _tokens(self.tower.eval(), config, torch.zeros(1, 3, size, size)).shape[-1]
 
-    def has_weight_source(self) -> bool:
-        return self.config.pretrained is not None
-
-    @property
-    def out_dim(self) -> int:
-        return self._out_dim
-
-    def preprocess(self, item: Any, modality: str) -> torch.Tensor:
-        return self.transform(load_image(item))  # (3, H, W)
-
-    def forward(self, pixels: torch.Tensor, modality: str) -> torch.Tensor:
-        dtype = next(self.tower.parameters()).dtype
-        return _tokens(self.tower, self.config, pixels.to(dtype))  # (N, T, width)
+    def tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        return _tokens(self.tower, self.config, pixels)  # (N, T, width)

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from timm.data import create_transform, resolve_data_config
 
-from mmhub.interfaces import BuildContext, ComponentConfig, Encoder, EncoderFacts
-from mmhub.media import load_image
+from mmhub.encoders.image_base import ImageEncoder
+from mmhub.interfaces import BuildContext, ComponentConfig, EncoderFacts
 from mmhub.probe import output_shape
 from mmhub.weights import load_into, read_state_dict
 
@@ -70,12 +70,11 @@ def _input_size(model: torch.nn.Module, config: TimmEncoderConfig) -> tuple[int,
     return tuple(size)
 
 
-class TimmEncoder(Encoder):
+class TimmEncoder(ImageEncoder):
     """Any timm image model as an encoder (CNNs incl. NFNet and EfficientNet, ViTs, EVA)."""
 
     name: ClassVar[str] = "timm"
     Config: ClassVar[type[ComponentConfig]] = TimmEncoderConfig
-    modalities_in: ClassVar[tuple[str, ...]] = ("image",)
     out_dim_doc: ClassVar[str] = "the model's feature width at the chosen layer"
     tokens_doc: ClassVar[str] = "h*w of the feature map (pool*pool when pooled), or the ViT patch count"
     example_settings: ClassVar[dict[str, Any]] = {"model": "resnet10t", "image_size": 64}
@@ -101,19 +100,8 @@ class TimmEncoder(Encoder):
         self.transform = create_transform(**data, is_training=False)
         self._out_dim = _tokens_probe_dim(self.model, config, data["input_size"])
 
-    def has_weight_source(self) -> bool:
-        return self.config.pretrained is not None
-
-    @property
-    def out_dim(self) -> int:
-        return self._out_dim
-
-    def preprocess(self, item: Any, modality: str) -> torch.Tensor:
-        return self.transform(load_image(item))  # (3, H, W)
-
-    def forward(self, pixels: torch.Tensor, modality: str) -> torch.Tensor:
-        dtype = next(self.model.parameters()).dtype
-        return _tokens(self.model, self.config, pixels.to(dtype))  # (N, T, C)
+    def tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        return _tokens(self.model, self.config, pixels)  # (N, T, C)
 
 
 def _tokens_probe_dim(model: torch.nn.Module, config: TimmEncoderConfig, size: tuple[int, ...]) -> int:
