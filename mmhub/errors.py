@@ -29,7 +29,7 @@ class UnknownComponentError(MMHubError, KeyError):
         parts = [f"no {kind} named {name!r} is registered."]
         if hint:
             parts.append(f"Did you mean {', '.join(repr(h) for h in hint)}?")
-        parts.append(f"Registered {kind}: {', '.join(sorted(registered)) or '(none)'}.")
+        parts.append(f"Registered {kind}s: {', '.join(sorted(registered)) or '(none)'}.")
         parts.append("Install the plugin that provides it, or run `mmhub plugins` to see what loaded.")
         super().__init__(" ".join(parts))
 

@@ -137,7 +137,7 @@ class Registry:
         """The component registered as `name` for `kind`; raises with close matches when unknown."""
         table = self.components[kind]
         if name not in table:
-            raise UnknownComponentError(PLURAL[kind], name, list(table))
+            raise UnknownComponentError(kind.replace("_", " "), name, list(table))
         return table[name]
 
     def names(self, kind: Kind) -> list[str]:
@@ -148,7 +148,7 @@ class Registry:
         if ":" not in key:
             key = f"{key}:tiny"
         if key not in self.presets:
-            raise UnknownComponentError("presets", key, list(self.presets))
+            raise UnknownComponentError("preset", key, list(self.presets))
         return self.presets[key]
 
     @property
