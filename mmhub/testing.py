@@ -19,6 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from mmhub import weights as weight_sources
+from mmhub.checkpoint import _dedupe
 from mmhub.interfaces import BuildContext, Component
 from mmhub.registry import Registry, get_registry
 
@@ -33,14 +34,8 @@ def _instance(cls: type[Component], config: Any, ctx: BuildContext, seed: int) -
 def _roundtrip(module: Component, make: Any, run: Any) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "c.safetensors"
-        state = {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
-        # tied weights share storage; keep one copy of each (safetensors refuses shared tensors)
-        seen, unique = {}, {}
-        for k, v in module.state_dict().items():
-            key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
-            if key not in seen:
-                seen[key] = k
-                unique[k] = state[k]
+        # tied weights share storage: the checkpoint module's dedupe keeps one copy of each
+        unique, _ = _dedupe({k: v.detach() for k, v in module.state_dict().items()})
         save_file(unique, str(path))
         fresh = make(seed=1234)
         loaded = load_file(str(path))
