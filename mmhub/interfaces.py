@@ -23,8 +23,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-Kind = Literal["encoder", "projector", "backbone", "output_projector", "generator"]
-KINDS: tuple[Kind, ...] = ("encoder", "projector", "backbone", "output_projector", "generator")
+Kind = Literal["encoder", "projector", "backbone", "injector", "output_projector", "generator"]
+KINDS: tuple[Kind, ...] = ("encoder", "projector", "backbone", "injector", "output_projector", "generator")
 
 
 class ComponentConfig(BaseModel):
@@ -85,10 +85,20 @@ class Component(nn.Module, ABC):
 
 @dataclass(frozen=True)
 class EncoderFacts:
-    """What an encoder emits per media item, known without loading weights."""
+    """What an encoder emits per media item, known without loading weights.
+
+    An encoder that accepts several modalities (an ImageBind-like one) may emit a
+    different number of tokens for each: ``tokens_by_modality`` overrides
+    ``tokens_per_item`` for those modalities.
+    """
 
     out_dim: int
     tokens_per_item: int
+    tokens_by_modality: dict[str, int] = field(default_factory=dict)
+
+    def tokens_for(self, modality: str) -> int:
+        """Tokens per item of `modality`."""
+        return self.tokens_by_modality.get(modality, self.tokens_per_item)
 
 
 class Encoder(Component):
@@ -131,11 +141,36 @@ class ProjectorConfig(ComponentConfig):
     out_dim: int | None = None
 
 
+@dataclass
+class TextContext:
+    """The text around each media item, for projectors that read it (``uses_text = True``).
+
+    One row per media item (the item's sample's text), as backbone input embeddings
+    (already width ``out_dim`` of the projector) with masks:
+
+    * ``instruction``: the prompt side of the sample (user/system turns, no media, no
+      answers): InstructBLIP's instruction-aware Q-Former reads it;
+    * ``target``: the answer side (tokens with labels), present only when training
+      with labels: DLP's P-Former aligns the Q-Former output with it.
+    """
+
+    instruction: torch.Tensor  # (N, Li, H)
+    instruction_mask: torch.Tensor  # (N, Li) bool
+    target: torch.Tensor | None = None  # (N, Lt, H)
+    target_mask: torch.Tensor | None = None  # (N, Lt) bool
+
+
 class Projector(Component):
-    """Encoder features (N, T, in_dim) -> LLM input embeddings (N, T', out_dim)."""
+    """Encoder features (N, T, in_dim) -> LLM input embeddings (N, T', out_dim).
+
+    A projector that reads the surrounding text sets ``uses_text = True`` and gets a
+    `TextContext` as ``text``. A projector may set ``self.aux_loss`` (a scalar tensor)
+    during a training forward; `MMModel` adds it to the language-model loss.
+    """
 
     kind: ClassVar[Kind] = "projector"
     Config: ClassVar[type[ComponentConfig]] = ProjectorConfig
+    uses_text: ClassVar[bool] = False
 
     @classmethod
     @abstractmethod
@@ -143,8 +178,8 @@ class Projector(Component):
         """Number of output tokens for `in_tokens` input tokens (the projector's token count)."""
 
     @abstractmethod
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """(N, T, in_dim) -> (N, T', out_dim)."""
+    def forward(self, features: torch.Tensor, text: TextContext | None = None) -> torch.Tensor:
+        """(N, T, in_dim) -> (N, T', out_dim); `text` is given only to projectors with ``uses_text``."""
 
 
 @dataclass(frozen=True)
@@ -204,6 +239,58 @@ class Backbone(Component):
     @abstractmethod
     def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """Left-padded (B, L, H) prompt embeddings -> (B, new_tokens) generated ids, with a KV cache."""
+
+
+@dataclass
+class InjectionContext:
+    """What injectors see during one backbone call (set by `MMModel`, cleared afterwards).
+
+    * ``media``: per injected modality, (B, M, T, H) projected tokens of each sample's
+      items (M = most items in any sample; ``media_valid`` (B, M) marks real ones);
+    * ``media_index``: (B, L) for each sequence position, the index of the latest item
+      at or before it (-1 before the first), as Flamingo's masking needs;
+    * ``media_positions``: (B, L) True where the sequence holds spliced media tokens
+      (CogVLM's visual experts route these).
+    """
+
+    media: dict[str, torch.Tensor]
+    media_valid: dict[str, torch.Tensor]
+    media_index: dict[str, torch.Tensor]
+    media_positions: torch.Tensor
+
+
+@dataclass(frozen=True)
+class InjectorFacts:
+    """How an injector uses the media: modalities it consumes as cross-attention context
+    (their placeholders stay one token long instead of expanding into the projected tokens)."""
+
+    context_modalities: tuple[str, ...] = ()
+
+
+class Injector(Component):
+    """Changes the backbone's layers instead of (or besides) prepending media tokens.
+
+    The hook point for Flamingo's gated cross-attention, CogVLM's visual experts and any
+    plugin's own variant. `attach` registers forward hooks on backbone submodules (it must
+    not replace them, so the backbone's own state dict and LoRA targets stay unchanged);
+    the injector's own parameters live in the injector and are saved with it. Before each
+    backbone call `MMModel` sets `context` (an `InjectionContext`) and clears it after.
+    """
+
+    kind: ClassVar[Kind] = "injector"
+
+    def __init__(self, config: ComponentConfig, ctx: BuildContext):
+        super().__init__(config, ctx)
+        self.context: InjectionContext | None = None
+
+    @classmethod
+    @abstractmethod
+    def describe(cls, config: ComponentConfig, ctx: BuildContext, backbone: BackboneFacts) -> InjectorFacts:
+        """Which modalities this injector takes as context, checked against the backbone facts."""
+
+    @abstractmethod
+    def attach(self, backbone: Backbone) -> None:
+        """Register hooks on the backbone's layers (called once, after both are built)."""
 
 
 class OutputProjector(Component):

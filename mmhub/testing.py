@@ -20,10 +20,39 @@ from safetensors.torch import load_file, save_file
 
 from mmhub import weights as weight_sources
 from mmhub.checkpoint import _dedupe
-from mmhub.interfaces import BuildContext, Component
+from mmhub.interfaces import BuildContext, Component, TextContext
 from mmhub.registry import Registry, get_registry
 
-PROJ_IN, PROJ_OUT, PROJ_TOKENS = 24, 40, 9
+PROJ_IN, PROJ_OUT, PROJ_TOKENS = 24, 40, 16
+
+
+def sample_item(modality: str, seed: int = 0) -> Any:
+    """A small raw media item of `modality`, as a user would pass it to `preprocess`.
+
+    image: a 48x40 RGB PIL image; video: 4 such frames; audio: 1 s of 16 kHz mono
+    float32 (a tone plus noise); points: 512 xyz points on a noisy sphere.
+    """
+    rng = np.random.default_rng(seed)
+    if modality == "image":
+        return Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8))
+    if modality == "video":
+        return [Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)) for _ in range(4)]
+    if modality == "audio":
+        t = np.arange(16000, dtype=np.float32) / 16000
+        return (0.5 * np.sin(2 * np.pi * 440 * t) + 0.05 * rng.standard_normal(16000)).astype(np.float32)
+    if modality == "points":
+        p = rng.standard_normal((512, 3)).astype(np.float32)
+        return p / np.linalg.norm(p, axis=1, keepdims=True) + 0.01 * rng.standard_normal((512, 3)).astype(np.float32)
+    raise AssertionError(f"no sample item for modality {modality!r}; known: image, video, audio, points")
+
+
+def sample_text(n: int, width: int, seed: int = 0) -> TextContext:
+    """A `TextContext` of random embeddings for `n` items (instruction 5 tokens, target 3, some padding)."""
+    g = torch.Generator().manual_seed(seed)
+    imask = torch.ones(n, 5, dtype=torch.bool)
+    imask[0, 3:] = False
+    return TextContext(torch.randn(n, 5, width, generator=g), imask, torch.randn(n, 3, width, generator=g),
+                       torch.ones(n, 3, dtype=torch.bool))
 
 
 def _instance(cls: type[Component], config: Any, ctx: BuildContext, seed: int) -> Component:
@@ -60,21 +89,24 @@ def check_component(kind: str, name: str, settings: dict[str, Any] | None = None
         facts = cls.describe(config, ctx)
         make = lambda seed=0: _instance(cls, config, ctx, seed)
         enc = make()
-        rng = np.random.default_rng(0)
+        assert cls.modalities_in, f"{name}: modalities_in is empty"
+        batches = {m: torch.stack([enc.preprocess(sample_item(m, seed=i), m) for i in range(2)]) for m in cls.modalities_in}
+        for modality, items in batches.items():
+            out = enc(items, modality).detach()
+            want = (2, facts.tokens_for(modality), facts.out_dim)
+            assert out.shape == want, f"{name} ({modality}): described {want} but emitted {tuple(out.shape)}"
+            assert torch.isfinite(out).all(), f"{name} ({modality}): non-finite outputs"
         modality = cls.modalities_in[0]
-        items = torch.stack([enc.preprocess(Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)), modality)
-                             for _ in range(2)])
-        run = lambda m: m(items, modality).detach()
+        run = lambda m: m(batches[modality], modality).detach()
         out = run(enc)
-        assert out.shape == (2, facts.tokens_per_item, facts.out_dim), \
-            f"{name}: described (2, {facts.tokens_per_item}, {facts.out_dim}) but emitted {tuple(out.shape)}"
         assert enc.out_dim == facts.out_dim
     elif kind == "projector":
         config = config.model_copy(update={"in_dim": PROJ_IN, "out_dim": PROJ_OUT})
         make = lambda seed=0: _instance(cls, config, ctx, seed)
         proj = make()
         x = torch.randn(2, PROJ_TOKENS, PROJ_IN, generator=torch.Generator().manual_seed(0))
-        run = lambda m: m(x).detach()
+        text = sample_text(2, PROJ_OUT) if cls.uses_text else None
+        run = lambda m: m(x, text).detach()
         out = run(proj)
         want = cls.num_tokens(config, PROJ_TOKENS)
         assert out.shape == (2, want, PROJ_OUT), f"{name}: num_tokens says {want}, emitted {tuple(out.shape)}"

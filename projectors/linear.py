@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from mmhub.interfaces import ComponentConfig, Projector, ProjectorConfig, BuildContext
+from mmhub.interfaces import BuildContext, ComponentConfig, Projector, ProjectorConfig, TextContext
 
 
 class LinearConfig(ProjectorConfig):
@@ -35,5 +35,5 @@ class LinearProjector(Projector):
         super().__init__(config, ctx)
         self.proj = nn.Linear(config.in_dim, config.out_dim, bias=config.bias)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, text: TextContext | None = None) -> torch.Tensor:
         return self.proj(features)  # (N, T, in) -> (N, T, out)

@@ -8,7 +8,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from mmhub.interfaces import BuildContext, ComponentConfig, Projector, ProjectorConfig
+from mmhub.interfaces import BuildContext, ComponentConfig, Projector, ProjectorConfig, TextContext
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
@@ -47,5 +47,5 @@ class MLPProjector(Projector):
             layers.append(nn.Linear(widths[i], widths[i + 1]))
         self.net = nn.Sequential(*layers)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, text: TextContext | None = None) -> torch.Tensor:
         return self.net(features)  # (N, T, in) -> (N, T, out)

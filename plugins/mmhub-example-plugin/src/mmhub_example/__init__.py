@@ -17,7 +17,7 @@ from pydantic import Field
 from torch import nn
 
 from mmhub import hookimpl
-from mmhub.interfaces import BuildContext, ComponentConfig, Encoder, EncoderFacts, Projector, ProjectorConfig
+from mmhub.interfaces import BuildContext, ComponentConfig, Encoder, EncoderFacts, Projector, ProjectorConfig, TextContext
 from mmhub.media import load_image
 
 
@@ -90,7 +90,7 @@ class PoolLinearProjector(Projector):
         super().__init__(config, ctx)
         self.proj = nn.Linear(config.in_dim, config.out_dim)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, text: TextContext | None = None) -> torch.Tensor:
         x = F.avg_pool1d(features.transpose(1, 2), self.config.k, ceil_mode=True)  # (N, C, ceil(T/k))
         return self.proj(x.transpose(1, 2))  # (N, ceil(T/k), out)
 

@@ -1,0 +1,169 @@
+"""The one attention function behind every attention mmhub itself implements.
+
+Q-Former, perceiver resampler, cross-attention resampler and gated cross-attention
+all call `attention(q, k, v, mask, backend)`. The backend is chosen per spec
+(``attention: auto|xformers|sdpa|eager``):
+
+* ``xformers``: ``xformers.ops.memory_efficient_attention``; its kernels exist only
+  for CUDA tensors, so asking for it elsewhere is an error that says so;
+* ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention``;
+* ``eager``: the plain softmax(QK^T/sqrt(d))V, for debugging and as the reference;
+* ``auto``: xformers where it runs (CUDA tensors and an importable xformers), SDPA
+  otherwise; the fallback is logged once.
+
+All backends take the same layout, ``(B, heads, L, head_dim)``, and the same mask
+(boolean, True = attend; broadcastable to ``(B, heads, Lq, Lk)``), and agree
+numerically (tested).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from functools import lru_cache
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from mmhub.errors import MMHubError
+
+Backend = Literal["auto", "xformers", "sdpa", "eager"]
+BACKENDS: tuple[str, ...] = ("auto", "xformers", "sdpa", "eager")
+log = logging.getLogger(__name__)
+
+
+class AttentionBackendError(MMHubError):
+    """The requested attention backend cannot run on these tensors."""
+
+
+@lru_cache(maxsize=1)
+def xformers_importable() -> bool:
+    """True when ``xformers.ops`` imports (it is imported lazily: importing it is slow and noisy)."""
+    try:
+        import xformers.ops  # noqa: F401
+    except Exception:  # ImportError, or a build for another torch failing at import
+        return False
+    return True
+
+
+def xformers_runs(device: torch.device) -> bool:
+    """True when xformers' memory-efficient kernels run on `device` (CUDA only; no CPU kernels)."""
+    return device.type == "cuda" and xformers_importable()
+
+
+_warned: set[str] = set()
+
+
+def select_backend(requested: str, device: torch.device) -> str:
+    """The backend that runs for `requested` on `device`; raises when an explicit choice cannot run."""
+    if requested not in BACKENDS:
+        raise AttentionBackendError(f"unknown attention backend {requested!r}; use one of {', '.join(BACKENDS)}")
+    if requested == "auto":
+        if xformers_runs(device):
+            return "xformers"
+        key = device.type
+        if key not in _warned:
+            _warned.add(key)
+            why = "xformers is not importable" if not xformers_importable() else f"xformers has no {device.type} kernels"
+            log.info("attention: auto -> sdpa on %s (%s)", device.type, why)
+        return "sdpa"
+    if requested == "xformers" and not xformers_runs(device):
+        why = ("xformers is not installed or fails to import" if not xformers_importable()
+               else f"xformers' memory_efficient_attention has kernels for CUDA only and these tensors are on {device.type}")
+        raise AttentionBackendError(f"attention backend 'xformers' cannot run here: {why}. "
+                                    "Set `attention: auto` (uses xformers where it runs, SDPA otherwise) or `attention: sdpa`.")
+    return requested
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+              backend: str = "auto", dropout_p: float = 0.0) -> torch.Tensor:
+    """Scaled dot-product attention. q: (B, h, Lq, d); k, v: (B, h, Lk, d); mask: bool, True = attend.
+
+    Returns (B, h, Lq, d). A query row whose mask is all False returns zeros (not NaN)
+    on every backend.
+    """
+    chosen = select_backend(backend, q.device)
+    empty_rows = None
+    if mask is not None:
+        mask = mask.to(torch.bool)
+        empty_rows = ~mask.any(-1, keepdim=True)  # (B|1, h|1, Lq, 1)
+        if bool(empty_rows.any()):
+            mask = mask | empty_rows  # avoid softmax over nothing; the rows are zeroed below
+        else:
+            empty_rows = None
+    if chosen == "xformers":
+        out = _xformers(q, k, v, mask, dropout_p)
+    elif chosen == "sdpa":
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    else:
+        out = _eager(q, k, v, mask, dropout_p)
+    if empty_rows is not None:
+        out = out.masked_fill(empty_rows, 0.0)
+    return out
+
+
+def _eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout_p: float) -> torch.Tensor:
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (B, h, Lq, Lk)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = scores.softmax(-1)
+    if dropout_p:
+        probs = F.dropout(probs, dropout_p)
+    return probs @ v
+
+
+def _xformers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout_p: float) -> torch.Tensor:
+    import xformers.ops as xops
+
+    B, h, Lq, d = q.shape
+    Lk = k.shape[2]
+    bias = None
+    if mask is not None:
+        # xformers wants an additive bias whose storage is aligned to 8 in the last dim
+        pad = (8 - Lk % 8) % 8
+        full = torch.zeros(B, h, Lq, Lk + pad, dtype=q.dtype, device=q.device)[..., :Lk]
+        bias = full.masked_fill(~mask.expand(B, h, Lq, Lk), float("-inf"))
+    # xformers layout is (B, L, h, d)
+    out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias,
+                                          p=dropout_p)
+    return out.transpose(1, 2)
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, L, h*d) -> (B, h, L, d)."""
+    B, L, D = x.shape
+    if D % heads:
+        raise ValueError(f"width {D} is not divisible by {heads} heads")
+    return x.view(B, L, heads, D // heads).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, h, L, d) -> (B, L, h*d)."""
+    B, h, L, d = x.shape
+    return x.transpose(1, 2).reshape(B, L, h * d)
+
+
+class MultiheadAttention(torch.nn.Module):
+    """Multi-head (cross-)attention through `attention`: q/k/v/out projections, any key width."""
+
+    def __init__(self, dim: int, heads: int, kv_dim: int | None = None, backend: str = "auto", bias: bool = True,
+                 dropout: float = 0.0):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"attention width {dim} is not divisible by {heads} heads")
+        kv_dim = kv_dim or dim
+        self.heads, self.backend, self.dropout = heads, backend, dropout
+        self.q = torch.nn.Linear(dim, dim, bias=bias)
+        self.k = torch.nn.Linear(kv_dim, dim, bias=bias)
+        self.v = torch.nn.Linear(kv_dim, dim, bias=bias)
+        self.out = torch.nn.Linear(dim, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, Lq, dim); context: (B, Lk, kv_dim) (self-attention when None); mask (B, Lk) or (B, Lq, Lk), True = attend."""
+        context = x if context is None else context
+        if mask is not None:
+            mask = mask[:, None, None, :] if mask.ndim == 2 else mask[:, None]
+        q, k, v = (split_heads(f(t), self.heads) for f, t in ((self.q, x), (self.k, context), (self.v, context)))
+        out = attention(q, k, v, mask, self.backend, self.dropout if self.training else 0.0)
+        return self.out(merge_heads(out))
