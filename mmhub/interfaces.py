@@ -39,13 +39,25 @@ class BuildContext:
 
     ``resolve`` turns a weight-source URI into a local path (raising
     `WeightsNotFoundError` with a fix when it is missing); ``attention`` is the
-    spec's attention backend choice; ``weight_files`` collects every file a
-    component read, so the resolved spec can record their hashes.
+    spec's attention backend choice (pass it to `mmhub.attention`); ``weight_files``
+    collects every file a component read, so the resolved spec can record their
+    hashes; ``component`` resolves nested component settings through the registry.
     """
 
     resolve: Any  # Callable[[str], Path]; typed loosely to avoid an import cycle
     attention: str = "auto"
     weight_files: dict[str, Path] = field(default_factory=dict)
+    registry: Any = None  # the Registry, for components that build nested components (video over an image encoder)
+
+    def component(self, kind: str, spec: dict[str, Any]) -> tuple[type["Component"], "ComponentConfig"]:
+        """Resolve a nested ``{type: NAME, ...settings}`` of `kind` to (class, validated settings)."""
+        from mmhub.registry import get_registry
+
+        settings = dict(spec)
+        if "type" not in settings:
+            raise ValueError(f"a nested {kind} needs a `type:` (a registered {kind} name)")
+        info = (self.registry or get_registry()).get(kind, settings.pop("type"))
+        return info.cls, info.cls.Config.model_validate(settings)
 
     def weights(self, uri: str) -> Path:
         """Resolve `uri` to a local path and remember it for the resolved spec's hashes."""

@@ -84,7 +84,7 @@ def check_component(kind: str, name: str, settings: dict[str, Any] | None = None
     cls = info.cls
     assert cls.summary(), f"{name}: the class needs a docstring (its first line is shown by `mmhub plugins`)"
     config = cls.Config.model_validate(settings if settings is not None else cls.example_settings)
-    ctx = BuildContext(resolve=lambda uri: weight_sources.resolve(uri, registry))
+    ctx = BuildContext(resolve=lambda uri: weight_sources.resolve(uri, registry), registry=registry)
     if kind == "encoder":
         facts = cls.describe(config, ctx)
         make = lambda seed=0: _instance(cls, config, ctx, seed)

@@ -93,7 +93,7 @@ def _describe(slot: Slot, ctx: BuildContext, problems: list[Problem]) -> Any:
 def plan_spec(spec: Spec, registry: Registry | None = None, source: str | None = None) -> Plan:
     """Validate `spec` against the registry and across components; raise `SpecError` with every problem."""
     registry = registry or get_registry()
-    ctx = BuildContext(resolve=lambda uri: weight_sources.resolve(uri, registry), attention=spec.attention)
+    ctx = BuildContext(resolve=lambda uri: weight_sources.resolve(uri, registry), attention=spec.attention, registry=registry)
     plan = Plan(spec=spec, ctx=ctx)
     problems: list[Problem] = []
 
