@@ -35,14 +35,18 @@ def build_from_plan(plan: Plan) -> MMModel:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(plan.spec.seed)
         backbone = plan.backbone.info.cls(plan.backbone.config, ctx)
-        encoders = {m: s.info.cls(s.config, ctx) for m, s in plan.encoders.items()}
+        encoders = {m: s.info.cls(s.config, ctx) for m, s in plan.encoders.items() if m not in plan.shared}
         projectors = {m: s.info.cls(s.config, ctx) for m, s in plan.projectors.items()}
+        injectors = {n: s.info.cls(s.config, ctx) for n, s in plan.injectors.items()}
+    for m, owner in plan.shared.items():  # one instance serves several modalities (ImageBind-like)
+        encoders[m] = encoders[owner]
+    encoders = {m: encoders[m] for m in plan.encoders}  # spec order
     for m, enc in encoders.items():
         want = plan.encoder_facts[m].out_dim
         if enc.out_dim != want:  # a component whose describe() disagrees with itself is a plugin bug
             raise RuntimeError(f"encoder {plan.encoders[m].info.name} described width {want} but built {enc.out_dim}; "
                                f"fix its describe() (plugin {plan.encoders[m].info.plugin})")
-    model = MMModel(plan, encoders, projectors, backbone)
+    model = MMModel(plan, encoders, projectors, backbone, injectors)
     model.requires_grad_(False)  # frozen until a training stage says which parts learn
     model.eval()
     return model

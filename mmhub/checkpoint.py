@@ -79,18 +79,12 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def _components(model: Any) -> Iterator[tuple[str, torch.nn.Module]]:
-    for m, mod in model.encoders.items():
-        yield f"encoders.{m}", mod
-    for m, mod in model.projectors.items():
-        yield f"projectors.{m}", mod
-    yield "backbone", model.backbone
-
-
 def tensors_to_save(model: Any, full: bool) -> dict[str, torch.Tensor]:
     """The state to write: everything with `full`, else what the weight sources cannot restore."""
     state: dict[str, torch.Tensor] = {}
-    for prefix, mod in _components(model):
+    from mmhub.stages import slots
+
+    for prefix, mod in slots(model):
         everything = full or not mod.has_weight_source()
         if everything:
             for k, v in mod.state_dict(keep_vars=True).items():

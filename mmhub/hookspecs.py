@@ -30,6 +30,11 @@ def register_backbones(register):
 
 
 @hookspec
+def register_injectors(register):
+    """Register backbone injectors: ``register(InjectorClass)`` (hooks inside the LM's layers, e.g. gated cross-attention)."""
+
+
+@hookspec
 def register_output_projectors(register):
     """Register output projectors: ``register(OutputProjectorClass)`` (signal-token states -> generator conditioning)."""
 

@@ -7,18 +7,19 @@ into inputs. Nothing here knows a concrete component class.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mmhub.errors import InputError
-from mmhub.interfaces import Backbone
+from mmhub.interfaces import Backbone, InjectionContext, Injector, TextContext
 from mmhub.processor import Messages, MMProcessor
-from mmhub.splice import IGNORE, Spliced, splice
+from mmhub.splice import IGNORE, Spliced, compact, splice
 
 
 @dataclass
@@ -27,20 +28,34 @@ class MMOutput:
 
     loss: torch.Tensor | None
     logits: torch.Tensor | None  # (B, L', vocab) over the spliced sequence
-    labels: torch.Tensor | None  # (B, L') spliced labels (-100 where ignored)
+    labels: torch.Tensor | None  # (B, L') spliced labels (-100 where ignored); decoder targets for enc-dec
     num_target_tokens: int = 0
+    aux_loss: torch.Tensor | None = None  # sum of the projectors' auxiliary losses (included in `loss`)
+
+
+@dataclass
+class Prepared:
+    """Backbone-ready inputs plus what injectors and the loss need."""
+
+    spliced: Spliced
+    injection: InjectionContext | None
+    aux_loss: torch.Tensor | None
 
 
 class MMModel(nn.Module):
     """An assembled multimodal LLM. Build it with `mmhub.build(spec)` or `MMModel.from_pretrained(dir)`."""
 
-    def __init__(self, plan: Any, encoders: Mapping[str, nn.Module], projectors: Mapping[str, nn.Module], backbone: Backbone):
+    def __init__(self, plan: Any, encoders: Mapping[str, nn.Module], projectors: Mapping[str, nn.Module], backbone: Backbone,
+                 injectors: Mapping[str, Injector] | None = None):
         super().__init__()
         self.plan = plan
         self.spec = plan.spec
-        self.encoders = nn.ModuleDict(dict(encoders))
+        self.encoders = nn.ModuleDict(dict(encoders))  # a shared encoder appears under each of its modalities
         self.projectors = nn.ModuleDict(dict(projectors))
         self.backbone = backbone
+        self.injectors = nn.ModuleDict(dict(injectors or {}))
+        for inj in self.injectors.values():
+            inj.attach(backbone)
         placeholders = {m: self.spec.placeholder(m) for m in self.encoders}
         # each marker must be one token that text never splits; ids past the embedding table are fine
         # because prepare_inputs replaces them before the lookup
@@ -65,35 +80,113 @@ class MMModel(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def encode_media(self, media: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """{modality: (N, ...) preprocessed items} -> {modality: (N, T, hidden)} projected tokens."""
-        out = {}
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return bool(self.plan.backbone_facts.is_encoder_decoder)
+
+    def encode_media(self, media: Mapping[str, torch.Tensor], text: Mapping[str, TextContext] | None = None
+                     ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """{modality: (N, ...) preprocessed items} -> ({modality: (N, T, hidden)} projected tokens, auxiliary loss).
+
+        `text` gives text-reading projectors (``uses_text``) the text around each item.
+        """
+        out, aux = {}, []
         for m, items in media.items():
             if m not in self.encoders:
                 raise InputError(f"got {m!r} items, but this model accepts {', '.join(self.encoders) or 'text only'}")
             feats = self.encoders[m](items.to(self.device), m)  # (N, T, enc_dim)
-            out[m] = self.projectors[m](feats)  # (N, T', hidden)
-        return out
+            proj = self.projectors[m]
+            proj.aux_loss = None
+            out[m] = proj(feats, (text or {}).get(m))  # (N, T', hidden)
+            if getattr(proj, "aux_loss", None) is not None:
+                aux.append(proj.aux_loss)
+        return out, (torch.stack(aux).sum() if aux else None)
+
+    def _text_context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None,
+                      text_embeds: torch.Tensor, modality: str) -> TextContext:
+        """Per item of `modality`: its sample's prompt-side text (and answer side when labelled)."""
+        ph = torch.zeros_like(input_ids, dtype=torch.bool)
+        for pid in self.processor.placeholder_ids.values():
+            ph |= input_ids == pid
+        valid = attention_mask.bool() & ~ph
+        prompt = valid if labels is None else valid & (labels == IGNORE)
+        inst, inst_mask = compact(text_embeds, prompt)
+        rows = (input_ids == self.processor.placeholder_ids[modality]).nonzero(as_tuple=True)[0]
+        ctx = TextContext(inst[rows], inst_mask[rows])
+        if labels is not None:
+            tgt, tgt_mask = compact(text_embeds, valid & (labels != IGNORE))
+            ctx.target, ctx.target_mask = tgt[rows], tgt_mask[rows]
+        return ctx
 
     def prepare_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                        labels: torch.Tensor | None = None, media: Mapping[str, torch.Tensor] | None = None,
                        padding_side: str = "right") -> Spliced:
         """Token ids (with one placeholder per media item) + media -> backbone-ready embeddings."""
+        return self._prepare(input_ids, attention_mask, labels, media, padding_side).spliced
+
+    def _prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor | None,
+                 media: Mapping[str, torch.Tensor] | None, padding_side: str) -> Prepared:
         input_ids = input_ids.to(self.device)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.to(self.device)
         labels = labels.to(self.device) if labels is not None else None
-        tokens = self.encode_media(media or {})
+        media = media or {}
         ph_ids = self.processor.placeholder_ids
         for m in self.encoders:
-            if m not in tokens and bool((input_ids == ph_ids[m]).any()):
+            if m not in media and bool((input_ids == ph_ids[m]).any()):
                 n = int((input_ids == ph_ids[m]).sum())
                 raise InputError(f"the text has {n} {self._names[ph_ids[m]]} placeholder(s) but 0 {m} items were given")
         safe_ids = input_ids.masked_fill(input_ids >= self.backbone_vocab_size, 0)  # placeholder ids may lie past the table
         text_embeds = self.backbone.embed(safe_ids)  # (B, L, H)
-        return splice(input_ids, text_embeds, attention_mask, labels,
-                      {ph_ids[m]: t for m, t in tokens.items()}, padding_side, self._names)
+        text = {m: self._text_context(input_ids, attention_mask, labels, text_embeds, m)
+                for m in media if m in self.projectors and getattr(self.projectors[m], "uses_text", False)}
+        tokens, aux = self.encode_media(media, text)
+        context = self.plan.context_modalities
+        spliced_media = {}
+        for m, t in tokens.items():
+            if m in context:  # the injector cross-attends to the tokens; the text keeps one marker token per item
+                t = self.injectors[context[m]].marker(m).to(t.dtype).expand(t.shape[0], 1, -1)
+            spliced_media[ph_ids[m]] = t
+        sp = splice(input_ids, text_embeds, attention_mask, labels, spliced_media, padding_side, self._names)
+        injection = self._injection_context(input_ids, sp, tokens) if len(self.injectors) else None
+        return Prepared(sp, injection, aux)
+
+    def _injection_context(self, input_ids: torch.Tensor, sp: Spliced, tokens: Mapping[str, torch.Tensor]) -> InjectionContext:
+        B = input_ids.shape[0]
+        H = sp.inputs_embeds.shape[-1]
+        origin = sp.origin.clamp(min=0)
+        ph_ids = self.processor.placeholder_ids
+        context = self.plan.context_modalities
+        is_marker = torch.zeros_like(input_ids, dtype=torch.bool)
+        media, valid, index = {}, {}, {}
+        for m in context:
+            hit = input_ids == ph_ids[m]  # (B, L)
+            is_marker |= hit
+            nth = hit.long().cumsum(1) - 1  # latest item at or before each input position (-1 before the first)
+            index[m] = nth.gather(1, origin).masked_fill(sp.origin < 0, -1)  # (B, L')
+            M = max(int(hit.sum(1).max()), 1)
+            t = tokens.get(m)
+            T = t.shape[1] if t is not None else 1
+            media[m] = sp.inputs_embeds.new_zeros(B, M, T, H)
+            valid[m] = torch.zeros(B, M, dtype=torch.bool, device=input_ids.device)
+            if t is not None:
+                b, _ = hit.nonzero(as_tuple=True)
+                slot = nth[hit]
+                media[m][b, slot] = t.to(media[m].dtype)
+                valid[m][b, slot] = True
+        positions = sp.media_positions & ~is_marker.gather(1, origin)
+        return InjectionContext(media, valid, index, positions)
+
+    @contextmanager
+    def _injected(self, context: InjectionContext | None) -> Iterator[None]:
+        for inj in self.injectors.values():
+            inj.context = context
+        try:
+            yield
+        finally:
+            for inj in self.injectors.values():
+                inj.context = None
 
     @property
     def backbone_vocab_size(self) -> int:
@@ -105,20 +198,50 @@ class MMModel(nn.Module):
                 padding_side: str = "right", return_logits: bool = True) -> MMOutput:
         """Loss (mean over target tokens) and logits. Logits are computed for every position only
         when `return_logits`; the loss itself only ever projects the positions that have labels."""
-        sp = self.prepare_inputs(input_ids, attention_mask, labels, media, padding_side)
-        hidden = self.backbone(sp.inputs_embeds, sp.attention_mask, sp.position_ids)  # (B, L', H)
+        prep = self._prepare(input_ids, attention_mask, labels, media, padding_side)
+        sp = prep.spliced
+        if self.is_encoder_decoder:
+            hidden, target, keep = self._seq2seq_hidden(sp)
+        else:
+            with self._injected(prep.injection):
+                hidden = self.backbone(sp.inputs_embeds, sp.attention_mask, sp.position_ids)  # (B, L', H)
+            if sp.labels is not None:
+                target = sp.labels[:, 1:]  # token t predicts t+1
+                keep = target != IGNORE
         loss, n_target = None, 0
         if sp.labels is not None:
-            target = sp.labels[:, 1:]  # token t predicts t+1
-            keep = target != IGNORE
             n_target = int(keep.sum())
             if n_target == 0:
                 loss = hidden.sum() * 0.0  # keeps the graph; a batch with no targets contributes nothing
             else:
-                logits_t = self.backbone.logits(hidden[:, :-1][keep])  # (n_target, vocab)
-                loss = F.cross_entropy(logits_t.float(), target[keep])
+                h = hidden[keep] if self.is_encoder_decoder else hidden[:, :-1][keep]
+                loss = F.cross_entropy(self.backbone.logits(h).float(), target[keep])  # only labelled positions
+            if prep.aux_loss is not None:
+                loss = loss + prep.aux_loss
         logits = self.backbone.logits(hidden) if return_logits else None
-        return MMOutput(loss=loss, logits=logits, labels=sp.labels, num_target_tokens=n_target)
+        labels_out = target if (self.is_encoder_decoder and sp.labels is not None) else sp.labels
+        return MMOutput(loss=loss, logits=logits, labels=labels_out, num_target_tokens=n_target, aux_loss=prep.aux_loss)
+
+    def _seq2seq_hidden(self, sp: Spliced) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Encoder-decoder backbones: prompt side (incl. media tokens) -> encoder, labelled tokens -> decoder.
+
+        Returns decoder hidden states (B, Lt, H), the targets (B, Lt) and where they are real.
+        Without labels the whole sequence goes to the encoder and the decoder sees only its start token.
+        """
+        real = sp.attention_mask.bool()
+        if sp.labels is None:
+            enc, enc_mask = sp.inputs_embeds, sp.attention_mask
+            target = keep = None
+            dec_in = torch.full((enc.shape[0], 1), self.backbone.decoder_start_token_id, device=enc.device)
+            dec_mask = torch.ones_like(dec_in)
+        else:
+            enc, enc_mask = compact(sp.inputs_embeds, real & (sp.labels == IGNORE))
+            target, keep = compact(sp.labels, real & (sp.labels != IGNORE), fill=IGNORE)
+            start = torch.full_like(target[:, :1], self.backbone.decoder_start_token_id)
+            dec_in = torch.cat([start, target[:, :-1].masked_fill(~keep[:, :-1], self.processor.pad_id)], 1)
+            dec_mask = torch.cat([torch.ones_like(keep[:, :1]), keep[:, :-1]], 1).long()
+        hidden = self.backbone(enc, enc_mask.long(), decoder_input_ids=dec_in, decoder_attention_mask=dec_mask)
+        return hidden, target, keep
 
     # -- generation -------------------------------------------------------------------
     def batch(self, conversations: Sequence[str | Messages], media: Sequence[Mapping[str, Sequence[Any]]] | None = None,
@@ -153,14 +276,16 @@ class MMModel(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            sp = self.prepare_inputs(input_ids, attention_mask, None, media, padding_side="left")
+            prep = self._prepare(input_ids, attention_mask, None, media, padding_side="left")
+            sp = prep.spliced
             stop_ids = self.stop_token_ids()
             if seed is not None:
                 torch.manual_seed(seed)
             # the model must never "write" a media placeholder; ids past the LM head cannot be sampled anyway
             suppress = [i for i in self.processor.placeholder_ids.values() if i < self.backbone_vocab_size]
-            out = self.backbone.generate(sp.inputs_embeds, sp.attention_mask, eos_token_id=stop_ids,
-                                         pad_token_id=self.processor.pad_id, suppress_tokens=suppress or None, **kwargs)
+            with self._injected(prep.injection):
+                out = self.backbone.generate(sp.inputs_embeds, sp.attention_mask, eos_token_id=stop_ids,
+                                             pad_token_id=self.processor.pad_id, suppress_tokens=suppress or None, **kwargs)
         finally:
             self.train(was_training)
         rows = []
@@ -194,12 +319,9 @@ class MMModel(nn.Module):
 
     def parameter_table(self) -> list[dict[str, Any]]:
         """Per component: slot, type, plugin, parameter count and trainable count."""
-        rows = []
-        for part, modules in (("encoders", self.encoders), ("projectors", self.projectors)):
-            for m, mod in modules.items():
-                rows.append(_row(f"{part}.{m}", mod))
-        rows.append(_row("backbone", self.backbone))
-        return rows
+        from mmhub.stages import slots
+
+        return [_row(path, mod) for path, mod in slots(self)]
 
 
 def _row(path: str, mod: nn.Module) -> dict[str, Any]:

@@ -22,6 +22,7 @@ HOOK_OF_KIND: dict[str, str] = {
     "encoder": "register_encoders",
     "projector": "register_projectors",
     "backbone": "register_backbones",
+    "injector": "register_injectors",
     "output_projector": "register_output_projectors",
     "generator": "register_generators",
 }
@@ -29,6 +30,7 @@ PLURAL: dict[str, str] = {
     "encoder": "encoders",
     "projector": "projectors",
     "backbone": "backbones",
+    "injector": "injectors",
     "output_projector": "output_projectors",
     "generator": "generators",
 }

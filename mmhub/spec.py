@@ -46,7 +46,7 @@ class LoraRegime(BaseModel):
 
 
 Regime = Union[Literal["frozen", "full"], LoraRegime]
-PART_KEYS = ("encoders", "projectors", "backbone", "output_projectors", "generators")
+PART_KEYS = ("encoders", "projectors", "backbone", "injectors", "output_projectors", "generators")
 
 
 class StageSpec(BaseModel):
@@ -98,9 +98,14 @@ class Spec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
     description: str = ""
-    encoders: dict[str, ComponentSpec] = Field(default_factory=dict)
+    encoders: dict[str, Union[ComponentSpec, str]] = Field(
+        default_factory=dict, description="per modality a component, or the name of another modality whose encoder "
+                                          "instance it shares (ImageBind-like: `audio: image`)")
     projectors: dict[str, ComponentSpec] = Field(default_factory=dict)
     backbone: ComponentSpec
+    injectors: dict[str, ComponentSpec] = Field(
+        default_factory=dict, description="components that hook into the backbone's layers (Flamingo's gated "
+                                          "cross-attention, CogVLM's visual experts)")
     output_projectors: dict[str, ComponentSpec] = Field(default_factory=dict)
     generators: dict[str, ComponentSpec] = Field(default_factory=dict)
     template: str = "auto"
@@ -119,6 +124,11 @@ class Spec(BaseModel):
 
     def modalities(self) -> list[str]:
         return list(self.encoders)
+
+    def encoder_owner(self, modality: str) -> str:
+        """The modality whose encoder slot `modality` uses (itself unless it shares another's instance)."""
+        ref = self.encoders[modality]
+        return ref if isinstance(ref, str) else modality
 
 
 def _loc(loc: tuple[Any, ...]) -> str:

@@ -26,6 +26,8 @@ class Spliced:
     attention_mask: torch.Tensor  # (B, L')
     position_ids: torch.Tensor  # (B, L')
     labels: torch.Tensor | None  # (B, L') or None
+    origin: torch.Tensor | None = None  # (B, L') index of the input token each position came from (-1 = padding)
+    media_positions: torch.Tensor | None = None  # (B, L') True where a media item's tokens were spliced in
 
 
 def splice(
@@ -66,11 +68,14 @@ def splice(
     out = text_embeds.new_zeros(B, total, H)
     out_mask = attention_mask.new_zeros(B, total)
     out_labels = None if labels is None else labels.new_full((B, total), IGNORE)
+    origin = input_ids.new_full((B, total), -1)
+    media_positions = torch.zeros(B, total, dtype=torch.bool, device=input_ids.device)
 
     b, t = (~is_media).nonzero(as_tuple=True)
     pos = starts[b, t]
     out[b, pos] = text_embeds[b, t]
     out_mask[b, pos] = attention_mask[b, t]
+    origin[b, pos] = t
     if out_labels is not None:
         out_labels[b, pos] = labels[b, t]
 
@@ -82,6 +87,26 @@ def splice(
         pos = starts[b, t][:, None] + torch.arange(T, device=pos.device)  # (N, T)
         out[b[:, None].expand(-1, T), pos] = feats.to(out.dtype)
         out_mask[b[:, None].expand(-1, T), pos] = attention_mask[b, t][:, None].expand(-1, T)
+        origin[b[:, None].expand(-1, T), pos] = t[:, None].expand(-1, T)
+        media_positions[b[:, None].expand(-1, T), pos] = True
 
     position_ids = (out_mask.long().cumsum(1) - 1).clamp(min=0)
-    return Spliced(out, out_mask, position_ids, out_labels)
+    return Spliced(out, out_mask, position_ids, out_labels, origin, media_positions)
+
+
+def compact(x: torch.Tensor, keep: torch.Tensor, fill: float | int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather the `keep` positions of each row to the front: (B, L, ...) -> (B, L_kept_max, ...), mask (B, L_kept_max).
+
+    Order within a row is preserved; rows shorter than the longest are padded with `fill`
+    (mask False). Used to split a spliced sequence into an encoder-decoder model's encoder
+    and decoder sides, and to gather a sample's instruction text for text-reading projectors.
+    """
+    B = keep.shape[0]
+    n_max = max(int(keep.sum(1).max()) if keep.numel() else 0, 1)
+    pos = keep.long().cumsum(1) - 1  # (B, L)
+    out = x.new_full((B, n_max, *x.shape[2:]), fill)
+    mask = torch.zeros(B, n_max, dtype=torch.bool, device=keep.device)
+    b, t = keep.nonzero(as_tuple=True)
+    out[b, pos[b, t]] = x[b, t]
+    mask[b, pos[b, t]] = True
+    return out, mask

@@ -18,12 +18,16 @@ from mmhub.spec import LoraSpec, Regime, StageSpec
 
 
 def slots(model: Any) -> Iterator[tuple[str, nn.Module]]:
-    """(slot path, module) for every component of an assembled model."""
-    for m, mod in model.encoders.items():
-        yield f"encoders.{m}", mod
-    for m, mod in model.projectors.items():
-        yield f"projectors.{m}", mod
-    yield "backbone", model.backbone
+    """(slot path, module) for every component of an assembled model; a shared encoder is listed once."""
+    seen: set[int] = set()
+    parts = [("encoders", model.encoders), ("projectors", model.projectors), ("backbone", {"": model.backbone}),
+             ("injectors", getattr(model, "injectors", {}))]
+    for part, modules in parts:
+        for m, mod in modules.items():
+            if id(mod) in seen:
+                continue
+            seen.add(id(mod))
+            yield (f"{part}.{m}" if m else part), mod
 
 
 def regime_of(stage: StageSpec, slot: str) -> Regime:

@@ -16,7 +16,8 @@ from pydantic import ValidationError
 
 from mmhub import weights as weight_sources
 from mmhub.errors import Problem, SpecError, UnknownComponentError, WeightsNotFoundError, close_matches
-from mmhub.interfaces import BackboneFacts, BuildContext, ComponentConfig, EncoderFacts, ProjectorFacts
+from mmhub.attention import xformers_importable
+from mmhub.interfaces import BackboneFacts, BuildContext, ComponentConfig, EncoderFacts, InjectorFacts, ProjectorFacts
 from mmhub.registry import ComponentInfo, Registry, get_registry
 from mmhub.spec import PART_KEYS, LoraRegime, Spec, problems_from_validation
 from mmhub.templates import resolve_template, template_problems
@@ -43,24 +44,36 @@ class Plan:
     encoders: dict[str, Slot] = field(default_factory=dict)
     projectors: dict[str, Slot] = field(default_factory=dict)
     backbone: Slot | None = None
+    injectors: dict[str, Slot] = field(default_factory=dict)
+    shared: dict[str, str] = field(default_factory=dict)  # modality -> modality whose encoder instance it uses
     encoder_facts: dict[str, EncoderFacts] = field(default_factory=dict)
     projector_facts: dict[str, ProjectorFacts] = field(default_factory=dict)
     backbone_facts: BackboneFacts | None = None
+    injector_facts: dict[str, InjectorFacts] = field(default_factory=dict)
     tokenizer: Any = None
     template: Any = None
 
     def resolved_dict(self) -> dict[str, Any]:
         """The spec with every default filled in and inferred widths written out."""
         data = self.spec.model_dump(mode="json", exclude={"resolved"})
-        data["encoders"] = {m: s.as_dict() for m, s in self.encoders.items()}
+        data["encoders"] = {m: self.shared.get(m) or s.as_dict() for m, s in self.encoders.items()}
         data["projectors"] = {m: s.as_dict() for m, s in self.projectors.items()}
         data["backbone"] = self.backbone.as_dict() if self.backbone else data["backbone"]
+        data["injectors"] = {n: s.as_dict() for n, s in self.injectors.items()}
         data["template"] = self.template.name if self.template is not None else self.spec.template
         data["placeholders"] = {m: self.spec.placeholder(m) for m in self.spec.encoders}
         data["max_items"] = {m: self.spec.max_items.get(m, 1) for m in self.spec.encoders}
         return data
 
+    @property
+    def context_modalities(self) -> dict[str, str]:
+        """Modality -> the injector that takes it as cross-attention context (not spliced into the text)."""
+        return {m: name for name, f in self.injector_facts.items() for m in f.context_modalities}
+
     def tokens_per_item(self, modality: str) -> int:
+        """Sequence tokens one item of `modality` occupies (1 when an injector takes it as context)."""
+        if modality in self.context_modalities:
+            return 1
         return self.projector_facts[modality].out_tokens
 
 
@@ -97,16 +110,39 @@ def plan_spec(spec: Spec, registry: Registry | None = None, source: str | None =
     plan = Plan(spec=spec, ctx=ctx)
     problems: list[Problem] = []
 
+    if spec.attention == "xformers" and not xformers_importable():
+        problems.append(Problem("attention", "xformers is requested but not importable here",
+                                "install xformers (CUDA machines) or set attention: auto"))
     for m, cs in spec.encoders.items():
+        if isinstance(cs, str):
+            continue
         if (s := _slot("encoder", f"encoders.{m}", cs, registry, problems)) is not None:
             plan.encoders[m] = s
             if m not in s.info.cls.modalities_in:
                 problems.append(Problem(f"encoders.{m}.type", f"{s.info.name} accepts {', '.join(s.info.cls.modalities_in)}, "
                                                              f"not {m!r}", f"use an encoder for {m}, or key it by a modality it accepts"))
+    for m, ref in spec.encoders.items():
+        if not isinstance(ref, str):
+            continue
+        owner = plan.encoders.get(ref)
+        if ref not in spec.encoders or isinstance(spec.encoders[ref], str):
+            problems.append(Problem(f"encoders.{m}", f"shares the encoder of {ref!r}, which is not an encoder slot of its own",
+                                    f"name a modality with a `type:`{_hint(ref, [k for k, v in spec.encoders.items() if not isinstance(v, str)])}"))
+        elif owner is not None:
+            if m not in owner.info.cls.modalities_in:
+                problems.append(Problem(f"encoders.{m}", f"shares the {owner.info.name} encoder of {ref!r}, which accepts "
+                                                         f"{', '.join(owner.info.cls.modalities_in)}, not {m!r}",
+                                        "give this modality its own encoder"))
+            else:
+                plan.encoders[m] = owner
+                plan.shared[m] = ref
     for m, cs in spec.projectors.items():
         if (s := _slot("projector", f"projectors.{m}", cs, registry, problems)) is not None:
             plan.projectors[m] = s
     plan.backbone = _slot("backbone", "backbone", spec.backbone, registry, problems)
+    for name, cs in spec.injectors.items():
+        if (s := _slot("injector", f"injectors.{name}", cs, registry, problems)) is not None:
+            plan.injectors[name] = s
 
     for m in spec.encoders.keys() - spec.projectors.keys():
         problems.append(Problem(f"projectors.{m}", f"encoder {m!r} has no projector", f"add projectors.{m}: {{type: mlp}}"))
@@ -125,8 +161,13 @@ def plan_spec(spec: Spec, registry: Registry | None = None, source: str | None =
         problems.append(Problem("placeholders", f"two modalities share a placeholder: {marks}", "give each modality its own marker"))
 
     for m, slot in plan.encoders.items():
+        if m in plan.shared:
+            continue
         if (facts := _describe(slot, ctx, problems)) is not None:
             plan.encoder_facts[m] = facts
+    for m, owner in plan.shared.items():
+        if owner in plan.encoder_facts:
+            plan.encoder_facts[m] = plan.encoder_facts[owner]
     if plan.backbone is not None:
         plan.backbone_facts = _describe(plan.backbone, ctx, problems)
         if plan.backbone_facts is not None:
@@ -136,6 +177,7 @@ def plan_spec(spec: Spec, registry: Registry | None = None, source: str | None =
                 problems.append(Problem("backbone", f"the tokenizer could not be loaded: {type(exc).__name__}: {exc}",
                                         "check backbone.tokenizer / backbone.source"))
 
+    _check_injectors(plan, problems)
     _check_projectors(plan, problems)
     _check_budget(plan, problems)
     _check_template(plan, problems)
@@ -148,6 +190,27 @@ def plan_spec(spec: Spec, registry: Registry | None = None, source: str | None =
 def _hint(name: str, options: Any) -> str:
     h = close_matches(name, list(options), n=1)
     return f" (did you mean {h[0]!r}?)" if h else ""
+
+
+def _check_injectors(plan: Plan, problems: list[Problem]) -> None:
+    if plan.backbone_facts is None:
+        return
+    taken: dict[str, str] = {}
+    for name, slot in plan.injectors.items():
+        try:
+            facts = slot.info.cls.describe(slot.config, plan.ctx, plan.backbone_facts)  # type: ignore[attr-defined]
+        except (ValueError, WeightsNotFoundError) as exc:
+            problems.append(Problem(slot.path, str(exc), "adjust the injector's settings to the backbone"))
+            continue
+        for m in facts.context_modalities:
+            if m not in plan.spec.encoders:
+                problems.append(Problem(f"{slot.path}.modalities", f"names modality {m!r}, which has no encoder",
+                                        f"use one of {', '.join(plan.spec.encoders) or '(none)'}{_hint(m, plan.spec.encoders)}"))
+            elif m in taken:
+                problems.append(Problem(f"{slot.path}.modalities", f"modality {m!r} is already taken as context by "
+                                                                   f"injectors.{taken[m]}", "give each modality to one injector"))
+            taken[m] = name
+        plan.injector_facts[name] = facts
 
 
 def _check_projectors(plan: Plan, problems: list[Problem]) -> None:
@@ -172,7 +235,7 @@ def _check_projectors(plan: Plan, problems: list[Problem]) -> None:
             continue
         slot.config = cfg.model_copy(update=update)
         try:
-            out_tokens = slot.info.cls.num_tokens(slot.config, enc.tokens_per_item)  # type: ignore[attr-defined]
+            out_tokens = slot.info.cls.num_tokens(slot.config, enc.tokens_for(m))  # type: ignore[attr-defined]
         except ValueError as exc:
             problems.append(Problem(f"projectors.{m}", str(exc), "adjust the projector settings to the encoder's token count"))
             continue
@@ -183,7 +246,7 @@ def _check_budget(plan: Plan, problems: list[Problem]) -> None:
     if plan.backbone_facts is None or len(plan.projector_facts) != len(plan.spec.encoders):
         return
     spec = plan.spec
-    parts = [(m, spec.max_items.get(m, 1), f.out_tokens) for m, f in plan.projector_facts.items()]
+    parts = [(m, spec.max_items.get(m, 1), plan.tokens_per_item(m)) for m in plan.projector_facts]
     total = sum(n * t for _, n, t in parts) + spec.min_text_tokens
     ctx_len = plan.backbone_facts.context_length
     if total > ctx_len:
@@ -217,8 +280,8 @@ def _check_stages(plan: Plan, problems: list[Problem]) -> None:
     names = [s.name for s in spec.stages]
     for dup in {n for n in names if names.count(n) > 1}:
         problems.append(Problem("stages", f"stage name {dup!r} is used {names.count(dup)} times", "give each stage its own name"))
-    slots = {"encoders": spec.encoders, "projectors": spec.projectors, "backbone": {}, "output_projectors": spec.output_projectors,
-             "generators": spec.generators}
+    slots = {"encoders": spec.encoders, "projectors": spec.projectors, "backbone": {}, "injectors": spec.injectors,
+             "output_projectors": spec.output_projectors, "generators": spec.generators}
     for i, st in enumerate(spec.stages):
         for key, regime in st.train.items():
             head, _, slot = key.partition(".")
