@@ -9,7 +9,8 @@ all call `attention(q, k, v, mask, backend)`. The backend is chosen per spec
 * ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention``;
 * ``eager``: the plain softmax(QK^T/sqrt(d))V, for debugging and as the reference;
 * ``auto``: xformers where it runs (CUDA tensors and an importable xformers), SDPA
-  otherwise; the fallback is logged once.
+  otherwise, and SDPA also for inputs this xformers build has no kernel for (a build
+  for another torch imports without its C++ kernels); each fallback is logged once.
 
 All backends take the same layout, ``(B, heads, L, head_dim)``, and the same mask
 (boolean, True = attend; broadcastable to ``(B, heads, Lq, Lk)``), and agree
@@ -53,6 +54,14 @@ def xformers_runs(device: torch.device) -> bool:
 
 
 _warned: set[str] = set()
+# (device type, dtype, head dim, masked) combinations xformers has no operator for: `auto` uses SDPA for them
+_xformers_unsupported: set[tuple[str, torch.dtype, int, bool]] = set()
+
+
+def _log_once(key: str, msg: str, *args: object) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        log.info(msg, *args)
 
 
 def select_backend(requested: str, device: torch.device) -> str:
@@ -62,15 +71,16 @@ def select_backend(requested: str, device: torch.device) -> str:
     if requested == "auto":
         if xformers_runs(device):
             return "xformers"
-        key = device.type
-        if key not in _warned:
-            _warned.add(key)
-            why = "xformers is not importable" if not xformers_importable() else f"xformers has no {device.type} kernels"
-            log.info("attention: auto -> sdpa on %s (%s)", device.type, why)
+        # only a CUDA device needs xformers imported to explain the fallback (importing it is slow and noisy)
+        why = f"xformers has no {device.type} kernels" if device.type != "cuda" else "xformers is not importable"
+        _log_once(device.type, "attention: auto -> sdpa on %s (%s)", device.type, why)
         return "sdpa"
     if requested == "xformers" and not xformers_runs(device):
-        why = ("xformers is not installed or fails to import" if not xformers_importable()
-               else f"xformers' memory_efficient_attention has kernels for CUDA only and these tensors are on {device.type}")
+        if device.type != "cuda":
+            why = (f"xformers' memory_efficient_attention has kernels for CUDA only and these tensors are on "
+                   f"{device.type}")
+        else:
+            why = "xformers is not installed or fails to import (a build for another torch/CUDA)"
         raise AttentionBackendError(f"attention backend 'xformers' cannot run here: {why}. "
                                     "Set `attention: auto` (uses xformers where it runs, SDPA otherwise) or `attention: sdpa`.")
     return requested
@@ -92,15 +102,40 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
             mask = mask | empty_rows  # avoid softmax over nothing; the rows are zeroed below
         else:
             empty_rows = None
-    if chosen == "xformers":
-        out = _xformers(q, k, v, mask, dropout_p)
-    elif chosen == "sdpa":
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
-    else:
-        out = _eager(q, k, v, mask, dropout_p)
+    out = _xformers_or_none(q, k, v, mask, dropout_p, backend) if chosen == "xformers" else None
+    if out is None:
+        if chosen == "eager":
+            out = _eager(q, k, v, mask, dropout_p)
+        else:  # sdpa, or auto where this xformers build has no kernel for these inputs
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     if empty_rows is not None:
         out = out.masked_fill(empty_rows, 0.0)
     return out
+
+
+def _xformers_or_none(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout_p: float,
+                      backend: str) -> torch.Tensor | None:
+    """xformers' output, or None under ``auto`` when this build has no kernel for these inputs (then SDPA runs).
+
+    An importable xformers can still lack kernels (a build for another torch/CUDA loads without its
+    C++ extensions; some dtypes/head dims have no operator): it raises NotImplementedError
+    ("No operator found"). ``auto`` remembers the combination and uses SDPA; an explicit
+    ``xformers`` turns it into an `AttentionBackendError` with the fix.
+    """
+    key = (q.device.type, q.dtype, q.shape[-1], mask is not None)
+    if backend == "auto" and key in _xformers_unsupported:
+        return None
+    try:
+        return _xformers(q, k, v, mask, dropout_p)
+    except NotImplementedError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if backend != "auto":
+            raise AttentionBackendError(
+                f"attention backend 'xformers' has no kernel for these inputs ({q.dtype}, head dim {q.shape[-1]}): "
+                f"{first}. Set `attention: auto` (falls back to SDPA) or `attention: sdpa`.") from exc
+        _xformers_unsupported.add(key)
+        log.info("attention: auto -> sdpa for %s (xformers has no kernel for these inputs: %s)", key, first)
+        return None
 
 
 def _eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout_p: float) -> torch.Tensor:
@@ -122,8 +157,9 @@ def _xformers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     if mask is not None:
         # xformers wants an additive bias whose storage is aligned to 8 in the last dim
         pad = (8 - Lk % 8) % 8
-        full = torch.zeros(B, h, Lq, Lk + pad, dtype=q.dtype, device=q.device)[..., :Lk]
-        bias = full.masked_fill(~mask.expand(B, h, Lq, Lk), float("-inf"))
+        # (fill in place: an out-of-place masked_fill would return a fresh, unaligned tensor)
+        bias = torch.zeros(B, h, Lq, Lk + pad, dtype=q.dtype, device=q.device)[..., :Lk]
+        bias.masked_fill_(~mask.expand(B, h, Lq, Lk), float("-inf"))
     # xformers layout is (B, L, h, d)
     out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias,
                                           p=dropout_p)
@@ -135,7 +171,7 @@ def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     B, L, D = x.shape
     if D % heads:
         raise ValueError(f"width {D} is not divisible by {heads} heads")
-    return x.view(B, L, heads, D // heads).transpose(1, 2)
+    return x.reshape(B, L, heads, D // heads).transpose(1, 2)
 
 
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
@@ -159,11 +195,17 @@ class MultiheadAttention(torch.nn.Module):
         self.v = torch.nn.Linear(kv_dim, dim, bias=bias)
         self.out = torch.nn.Linear(dim, dim, bias=bias)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, Lq, dim); context: (B, Lk, kv_dim) (self-attention when None); mask (B, Lk) or (B, Lq, Lk), True = attend."""
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                value: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, Lq, dim); context: (B, Lk, kv_dim) (self-attention when None); mask (B, Lk) or (B, Lq, Lk), True = attend.
+
+        `value` (B, Lk, kv_dim), when given, feeds the values instead of `context` (which then
+        feeds only the keys): Qwen-VL's resampler adds positional embeddings to the keys only.
+        """
         context = x if context is None else context
+        value = context if value is None else value
         if mask is not None:
             mask = mask[:, None, None, :] if mask.ndim == 2 else mask[:, None]
-        q, k, v = (split_heads(f(t), self.heads) for f, t in ((self.q, x), (self.k, context), (self.v, context)))
+        q, k, v = (split_heads(f(t), self.heads) for f, t in ((self.q, x), (self.k, context), (self.v, value)))
         out = attention(q, k, v, mask, self.backend, self.dropout if self.training else 0.0)
         return self.out(merge_heads(out))

@@ -1,11 +1,25 @@
 """Registers mmhub's built-in input projectors (through the same hook a third-party plugin uses)."""
 
 from mmhub.hookspecs import hookimpl
+from mmhub.projectors.c_abstractor import CAbstractorProjector
+from mmhub.projectors.cross_attn_resampler import CrossAttnResamplerProjector
+from mmhub.projectors.ldp import LDPProjector
 from mmhub.projectors.linear import LinearProjector
 from mmhub.projectors.mlp import MLPProjector
+from mmhub.projectors.perceiver import PerceiverProjector
+from mmhub.projectors.pformer import PFormerProjector
+from mmhub.projectors.qformer import QFormerProjector
+from mmhub.projectors.token_merge import TokenMergeProjector
 
 
 @hookimpl
 def register_projectors(register):
     register(LinearProjector)
     register(MLPProjector)
+    register(QFormerProjector)
+    register(PerceiverProjector)
+    register(CrossAttnResamplerProjector)
+    register(TokenMergeProjector)
+    register(PFormerProjector)
+    register(CAbstractorProjector)
+    register(LDPProjector)

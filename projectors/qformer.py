@@ -1,0 +1,209 @@
+"""Q-Former input projector: a fixed set of learned queries that read the encoder features.
+
+BLIP-2's Querying Transformer: ``num_queries`` learned query tokens go through ``layers``
+transformer blocks; every block lets the queries attend to each other, every
+``cross_attention_every``-th block (BLIP-2's ``cross_attention_freq=2``) also lets them
+cross-attend to the encoder features, and a linear maps them to the LLM width. The LLM
+sees exactly ``num_queries`` tokens whatever the encoder emits.
+
+With ``instruction_aware: true`` it is InstructBLIP's instruction-aware Q-Former: the
+instruction's tokens join the queries in self-attention (queries read the instruction,
+the instruction never reads the image directly) and only the query positions are output.
+
+Used by BLIP-2, InstructBLIP, MiniGPT-4, X-LLM (C-Former), VideoChat, Video-LLaMA, BuboGPT,
+X-InstructBLIP and MiniGPT-5; mPLUG-Owl's visual abstractor has the same shape (a Q-Former
+with ``cross_attention_every: 1``).
+
+Differences from the BERT-initialised originals, all deliberate: blocks are pre-LN (a final
+LayerNorm closes the stack) instead of BERT's post-LN; the instruction arrives as LLM input
+embeddings (width ``out_dim``, what `TextContext` carries) rather than BERT token ids, so it
+is mapped to the Q-Former width by a linear layer plus parameter-free sinusoidal positions
+(counted over the real tokens only, so left or right padding gives the same positions) and
+a LayerNorm; and query and text positions share one FFN per block (InstructBLIP keeps a
+separate text FFN from its BERT initialisation).
+
+The building blocks (`QFormerBlock`, `QueryTransformer`, `TextIn`) are reused by the
+P-Former of `mmhub.projectors.pformer`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from mmhub.attention import MultiheadAttention
+from mmhub.interfaces import BuildContext, ComponentConfig, Projector, ProjectorConfig, TextContext
+
+
+def sinusoid(positions: torch.Tensor, width: int) -> torch.Tensor:
+    """(N, L) integer positions -> (N, L, width) sin/cos encodings (the Transformer paper's, zero-padded to odd widths)."""
+    half = width // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=positions.device, dtype=torch.float32) / max(half, 1))
+    angles = positions.to(torch.float32)[..., None] * freqs  # (N, L, half)
+    enc = torch.cat([angles.sin(), angles.cos()], -1)
+    if width % 2:
+        enc = nn.functional.pad(enc, (0, 1))
+    return enc
+
+
+class TextIn(nn.Module):
+    """LLM-space text embeddings (N, L, text_dim) -> (N, L, width): linear, sinusoidal positions of the real tokens, LayerNorm."""
+
+    def __init__(self, text_dim: int, width: int):
+        super().__init__()
+        self.proj = nn.Linear(text_dim, width)
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        positions = (mask.long().cumsum(1) - 1).clamp(min=0)  # padding-side independent
+        h = self.proj(text)
+        return self.norm(h + sinusoid(positions, h.shape[-1]).to(h.dtype))
+
+
+class QFormerBlock(nn.Module):
+    """One pre-LN Q-Former layer: self-attention over [queries; text], cross-attention of the queries to the features
+    (only when built with ``cross_dim``), then an FFN."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, backend: str, cross_dim: int | None = None):
+        super().__init__()
+        self.ln_self = nn.LayerNorm(width)
+        self.self_attn = MultiheadAttention(width, heads, backend=backend)
+        self.ln_cross = nn.LayerNorm(width) if cross_dim else None
+        self.cross_attn = MultiheadAttention(width, heads, kv_dim=cross_dim, backend=backend) if cross_dim else None
+        hidden = max(1, round(width * mlp_ratio))
+        self.ln_ffn = nn.LayerNorm(width)
+        self.ffn = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+
+    @property
+    def has_cross_attention(self) -> bool:
+        return self.cross_attn is not None
+
+    def forward(self, h: torch.Tensor, n_queries: int, mask: torch.Tensor | None = None,
+                features: torch.Tensor | None = None) -> torch.Tensor:
+        """h: (N, Q + L, width), queries first; mask: (N, Q + L) True = real token; features: (N, T, cross_dim)."""
+        h = h + self.self_attn(self.ln_self(h), mask=mask)
+        if self.cross_attn is not None and self.ln_cross is not None:
+            if features is None:
+                raise ValueError("this Q-Former block cross-attends to encoder features, but none were given")
+            queries = h[:, :n_queries]
+            queries = queries + self.cross_attn(self.ln_cross(queries), features)
+            h = torch.cat([queries, h[:, n_queries:]], 1)
+        return h + self.ffn(self.ln_ffn(h))
+
+
+class QueryTransformer(nn.Module):
+    """Learned queries through a stack of `QFormerBlock`s; optional text tokens join the self-attention.
+
+    Returns the (final-LayerNorm'd) query positions only: (N, num_queries, width). Block ``i``
+    cross-attends to the features when ``feature_dim`` is set and ``i % cross_every == 0``
+    (BLIP-2's rule: layers 0, k, 2k, ...). With ``text_dim`` set, `forward` takes text
+    embeddings of that width (BLIP-2-style text tokens, here LLM embeddings).
+    """
+
+    def __init__(self, num_queries: int, width: int, layers: int, heads: int, mlp_ratio: float, backend: str,
+                 feature_dim: int | None = None, cross_every: int = 1, text_dim: int | None = None):
+        super().__init__()
+        self.num_queries = num_queries
+        self.queries = nn.Parameter(torch.empty(num_queries, width))
+        nn.init.trunc_normal_(self.queries, std=0.02)
+        self.blocks = nn.ModuleList(
+            QFormerBlock(width, heads, mlp_ratio, backend, cross_dim=feature_dim if i % cross_every == 0 else None)
+            for i in range(layers))
+        self.text_in = TextIn(text_dim, width) if text_dim else None
+        self.ln_out = nn.LayerNorm(width)
+
+    def forward(self, features: torch.Tensor | None = None, text: torch.Tensor | None = None,
+                text_mask: torch.Tensor | None = None) -> torch.Tensor:
+        ref = features if features is not None else text
+        if ref is None:
+            raise ValueError("a QueryTransformer needs features, text or both")
+        N, Q = ref.shape[0], self.num_queries
+        h = self.queries.to(ref.dtype).expand(N, -1, -1)
+        mask = None
+        if text is not None and self.text_in is not None:
+            if text_mask is None:
+                text_mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
+            h = torch.cat([h, self.text_in(text, text_mask.to(torch.bool))], 1)
+            mask = torch.cat([torch.ones(N, Q, dtype=torch.bool, device=h.device), text_mask.to(torch.bool)], 1)
+        for block in self.blocks:
+            h = block(h, Q, mask, features)
+        return self.ln_out(h[:, :Q])
+
+
+class QFormerConfig(ProjectorConfig):
+    """Settings of `QFormerProjector`; defaults are BLIP-2's (32 queries, 12 layers of width 768, cross-attention every 2nd)."""
+
+    num_queries: int = Field(32, ge=1)
+    layers: int = Field(12, ge=1)
+    width: int = Field(768, ge=1)
+    heads: int = Field(12, ge=1)
+    cross_attention_every: int = Field(2, ge=1)
+    mlp_ratio: float = Field(4.0, gt=0)
+    instruction_aware: bool = False
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "QFormerConfig":
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}; fix: pick heads that divide "
+                             f"the width (e.g. heads: {math.gcd(self.width, self.heads)})")
+        return self
+
+
+class QFormerProjector(Projector):
+    """Learned queries that cross-attend to the features (BLIP-2 Q-Former); optionally instruction-aware (InstructBLIP).
+
+    ``uses_text``: the *class* says True (a Q-Former can read the instruction, so class-level
+    checks such as the shared component test hand it a `TextContext`); each *instance* sets
+    ``self.uses_text`` to its ``instruction_aware`` setting, so a model that asks the
+    instance builds the text context only when it is read. An instance with
+    ``instruction_aware: false`` ignores ``text`` entirely.
+    """
+
+    name: ClassVar[str] = "qformer"
+    Config: ClassVar[type[ComponentConfig]] = QFormerConfig
+    modalities_in: ClassVar[tuple[str, ...]] = ("features",)
+    modalities_out: ClassVar[tuple[str, ...]] = ("embeddings",)
+    out_dim_doc: ClassVar[str] = "the backbone's hidden size"
+    tokens_doc: ClassVar[str] = "num_queries (32 by default), whatever the input token count"
+    example_settings: ClassVar[dict[str, Any]] = {"num_queries": 4, "layers": 2, "width": 16, "heads": 2,
+                                                  "cross_attention_every": 2, "instruction_aware": True}
+    uses_text: ClassVar[bool] = True
+
+    @classmethod
+    def num_tokens(cls, config: QFormerConfig, in_tokens: int) -> int:
+        if in_tokens < 1:
+            raise ValueError(f"{cls.name} needs at least 1 input token to attend to, got {in_tokens}; "
+                             "fix: check the encoder's token count")
+        return config.num_queries
+
+    def __init__(self, config: QFormerConfig, ctx: BuildContext):
+        super().__init__(config, ctx)
+        assert config.in_dim is not None and config.out_dim is not None, "in_dim/out_dim are filled in by validation"
+        self.uses_text = config.instruction_aware  # type: ignore[misc]  # per instance, see the class docstring
+        self.ln_features = nn.LayerNorm(config.in_dim)  # BLIP-2's ln_vision
+        self.qformer = QueryTransformer(config.num_queries, config.width, config.layers, config.heads, config.mlp_ratio,
+                                        ctx.attention, feature_dim=config.in_dim, cross_every=config.cross_attention_every,
+                                        text_dim=config.out_dim if config.instruction_aware else None)
+        self.proj = nn.Linear(config.width, config.out_dim)  # BLIP-2's llm_proj
+
+    def query_states(self, features: torch.Tensor, text: TextContext | None = None) -> torch.Tensor:
+        """(N, T, in_dim) features (+ the instruction when instruction-aware) -> (N, num_queries, width)."""
+        config: QFormerConfig = self.config  # type: ignore[assignment]
+        instruction = mask = None
+        if config.instruction_aware:
+            if text is None:
+                raise ValueError(f"{self.name} has instruction_aware: true, so it reads the instruction, but no text "
+                                 "context was given; fix: pass `text` (MMModel does this for projectors whose "
+                                 "uses_text is True) or set instruction_aware: false")
+            instruction, mask = text.instruction, text.instruction_mask
+            if instruction.shape[-1] != config.out_dim or instruction.shape[0] != features.shape[0]:
+                raise ValueError(f"{self.name}: instruction embeddings {tuple(instruction.shape)} do not match "
+                                 f"{features.shape[0]} items of LLM width {config.out_dim}")
+        return self.qformer(self.ln_features(features), instruction, mask)
+
+    def forward(self, features: torch.Tensor, text: TextContext | None = None) -> torch.Tensor:
+        return self.proj(self.query_states(features, text))  # (N, T, in) -> (N, num_queries, out)
