@@ -34,6 +34,7 @@ weights: install
 	$(VENV)/bin/mmhub weights fetch $(SMOLLM2)
 	$(VENV)/bin/mmhub weights fetch $(WHISPER_CT2)
 	$(VENV)/bin/mmhub weights fetch $(EFFNET_LITE0)
+	sh scripts/fetch_alsa_sounds.sh
 
 test: install weights
 	MMHUB_REQUIRE_REAL_WEIGHTS=1 $(PY) -m pytest -n 2 -q

@@ -32,6 +32,7 @@ class OpenClipEncoderConfig(ComponentConfig):
     pretrained: str | None = None
     select_layer: int = -2
     drop_cls: bool = True
+    image_size: int | None = None  # input resolution override (Qwen-VL: 448); pretrained position embeddings are resampled
 
     @model_validator(mode="after")
     def _arch_or_cfg(self) -> "OpenClipEncoderConfig":
@@ -50,9 +51,31 @@ class OpenClipEncoderConfig(ComponentConfig):
 
 def _vision_cfg(config: OpenClipEncoderConfig) -> tuple[int, dict[str, Any]]:
     if config.vision_cfg is not None:
-        return config.embed_dim, dict(config.vision_cfg)
-    full = open_clip.get_model_config(config.arch)
-    return full["embed_dim"], dict(full["vision_cfg"])
+        embed_dim, vcfg = config.embed_dim, dict(config.vision_cfg)
+    else:
+        full = open_clip.get_model_config(config.arch)
+        embed_dim, vcfg = full["embed_dim"], dict(full["vision_cfg"])
+    if config.image_size is not None:
+        vcfg["image_size"] = config.image_size
+    return embed_dim, vcfg
+
+
+def _resample_positions(tower: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Pretrained position embeddings for another resolution -> this tower's grid (bicubic, as open_clip/timm do)."""
+    from timm.layers import resample_abs_pos_embed
+
+    own = tower.state_dict()
+    for key in ("positional_embedding", "trunk.pos_embed"):
+        if key in state and key in own and state[key].shape != own[key].shape:
+            pe = state[key]
+            squeeze = pe.ndim == 2
+            pe = pe[None] if squeeze else pe
+            n_prefix = pe.shape[1] - int((pe.shape[1]) ** 0.5) ** 2  # CLS/register tokens kept as they are
+            new_tokens = own[key].shape[-2] - n_prefix
+            side = int(new_tokens ** 0.5)
+            pe = resample_abs_pos_embed(pe, [side, side], num_prefix_tokens=n_prefix)
+            state[key] = pe[0] if squeeze else pe
+    return state
 
 
 def _build(config: OpenClipEncoderConfig) -> torch.nn.Module:
@@ -117,7 +140,7 @@ class OpenClipEncoder(ImageEncoder):
             state = read_state_dict(ctx.weights(config.pretrained))
             if any(k.startswith("visual.") for k in state):
                 state = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
-            load_into(self.tower, state, what=f"open_clip weights {config.pretrained}")
+            load_into(self.tower, _resample_positions(self.tower, state), what=f"open_clip weights {config.pretrained}")
         size = _image_size(self.tower, config)
         self.transform = open_clip.image_transform(size, is_train=False)
         with torch.no_grad():

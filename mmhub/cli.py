@@ -57,20 +57,25 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def preset_components(spec: dict[str, Any]) -> dict[str, str]:
+    """Slot -> component type of a spec dict (a shared encoder shows as ``=image``)."""
+    comps = {}
+    for m, c in spec.get("encoders", {}).items():
+        comps[f"encoders.{m}"] = f"={c}" if isinstance(c, str) else c.get("type")
+    for key in ("projectors", "injectors", "output_projectors", "generators"):
+        comps.update({f"{key}.{m}": c.get("type") for m, c in spec.get(key, {}).items()})
+    comps["backbone"] = spec.get("backbone", {}).get("type")
+    return comps
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     from mmhub.registry import get_registry
 
     reg = get_registry()
     rows = []
     for key, p in sorted(reg.presets.items()):
-        spec = p.spec
-        comps = {f"encoders.{m}": c.get("type") for m, c in spec.get("encoders", {}).items()}
-        comps.update({f"projectors.{m}": c.get("type") for m, c in spec.get("projectors", {}).items()})
-        comps["backbone"] = spec.get("backbone", {}).get("type")
-        missing = [f"{k}.{m}" for k in ("output_projectors", "generators") for m in spec.get(k, {})]
-        status = "complete" if not missing else f"partial: {', '.join(missing)} not implemented"
-        rows.append({"name": key, "io": p.io, "components": comps, "status": status, "description": p.description,
-                     "plugin": p.plugin})
+        rows.append({"name": key, "io": p.io, "components": preset_components(p.spec), "status": p.status,
+                     "description": p.description, "plugin": p.plugin})
     if args.json:
         _print_json(rows)
         return 0

@@ -51,4 +51,4 @@ def register_weight_sources(register):
 
 @hookspec
 def register_presets(register):
-    """Register shipped specs: ``register(name, size, spec_dict, io=..., description=...)``."""
+    """Register shipped specs: ``register(name, size, spec_dict, io=..., description=..., missing=...)``."""

@@ -82,6 +82,11 @@ class PresetInfo:
     plugin: str
     io: str = ""
     description: str = ""
+    missing: str = ""  # what the spec cannot express yet (status "partial: ..."); empty when complete
+
+    @property
+    def status(self) -> str:
+        return f"partial: {self.missing}" if self.missing else "complete"
 
     @property
     def key(self) -> str:
@@ -126,9 +131,9 @@ class Registry:
         self.weight_sources[scheme] = WeightSourceInfo(scheme, resolver, plugin, doc[0] if doc else "")
 
     def add_preset(self, name: str, size: str, spec: dict[str, Any], plugin: str, io: str = "",
-                   description: str = "", override: bool = False) -> None:
-        """Register a shipped spec as ``name:size``."""
-        info = PresetInfo(name=name, size=size, spec=spec, plugin=plugin, io=io, description=description)
+                   description: str = "", override: bool = False, missing: str = "") -> None:
+        """Register a shipped spec as ``name:size`` (`missing`: what it lacks, making its status partial)."""
+        info = PresetInfo(name=name, size=size, spec=spec, plugin=plugin, io=io, description=description, missing=missing)
         if info.key in self.presets and not override:
             raise DuplicateComponentError(
                 f"preset {info.key!r} is registered twice: by {self.presets[info.key].plugin!r} and by {plugin!r}.")
@@ -172,8 +177,8 @@ def _run_hooks(reg: Registry, ps: PluginSet) -> None:
         _call(impl, register_ws, bad)
     for impl in ps.pm.hook.register_presets.get_hookimpls():
         def register_preset(name: str, size: str, spec: dict[str, Any], io: str = "", description: str = "",
-                            override: bool = False, _p: str = impl.plugin_name) -> None:
-            reg.add_preset(name, size, spec, _p, io=io, description=description, override=override)
+                            override: bool = False, missing: str = "", _p: str = impl.plugin_name) -> None:
+            reg.add_preset(name, size, spec, _p, io=io, description=description, override=override, missing=missing)
         _call(impl, register_preset, bad)
     for plugin_name, error in bad.items():
         dist = next((p.dist for p in ps.loaded if p.name == plugin_name), "?")

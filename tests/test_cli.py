@@ -39,7 +39,7 @@ def test_validate_ok_and_every_problem(tmp_path, tiny_spec) -> None:
 
 
 def test_assemble_json_reports_params_stages_tokens() -> None:
-    r = run("assemble", "llava:tiny", "--json")
+    r = run("assemble", "shikra:tiny", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     rows = {c["slot"]: c for c in out["components"]}

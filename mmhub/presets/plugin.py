@@ -1,6 +1,10 @@
-"""Registers the presets shipped as YAML files beside this module (one file per system and size).
+"""Registers the presets shipped as YAML files beside this module: one file per zoo system, both sizes.
 
-Each file holds ``preset: {name, size, io, description}`` and ``spec: {...}``.
+Each file holds ``preset: {name, io, description, missing?}`` and one spec per size
+(``tiny:`` built from configs with random weights, seconds on a CPU; ``full:`` the
+published component sizes with weight references that build where the weights
+are local). ``missing`` says what the system has that mmhub cannot express yet
+(its status is then ``partial``).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import yaml
 from mmhub.hookspecs import hookimpl
 
 HERE = Path(__file__).parent
+SIZES = ("tiny", "full")
 
 
 @hookimpl
@@ -19,4 +24,7 @@ def register_presets(register):
     for path in sorted(HERE.glob("*.yaml")):
         doc = yaml.safe_load(path.read_text())
         meta = doc["preset"]
-        register(meta["name"], meta["size"], doc["spec"], io=meta.get("io", ""), description=meta.get("description", ""))
+        for size in SIZES:
+            if size in doc:
+                register(meta["name"], size, doc[size], io=meta.get("io", ""), description=meta.get("description", ""),
+                         missing=meta.get("missing", ""))
