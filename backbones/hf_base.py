@@ -43,6 +43,8 @@ class HFBackboneConfig(ComponentConfig):
     tokenizer: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     rope_scaling: RopeScaling | None = None
+    quantize: Literal["nf4", "fp4"] | None = Field(
+        None, description="load the blocks' linears in 4 bits (bitsandbytes): the frozen base of QLoRA; needs `source`")
     trust_remote_code: bool = Field(False, description="run model code shipped in the weights folder (off unless asked)")
 
     @model_validator(mode="after")
@@ -51,6 +53,13 @@ class HFBackboneConfig(ComponentConfig):
             raise ValueError("give `config` (a transformers config dict with model_type) or `source` (weights)")
         if self.source is None and "model_type" not in (self.config or {}):
             raise ValueError("`config` needs a model_type (e.g. llama, qwen2, opt, mistral, phi, t5) when there is no source")
+        if self.quantize is not None:
+            if self.source is None:
+                raise ValueError("quantize needs pretrained weights (`source`): a randomly initialised model has nothing "
+                                 "worth keeping in 4 bits")
+            from mmhub.backbones.quantize import bitsandbytes_or_raise
+
+            bitsandbytes_or_raise()
         return self
 
 
@@ -148,10 +157,20 @@ class HFBackboneBase(Backbone):
                     del self.model.config.quantization_config
         else:
             self.model = self.auto_class.from_config(cfg, dtype=dtype, attn_implementation=attn_implementation(ctx))
+        if config.quantize is not None:
+            from mmhub.backbones.quantize import quantize_linears
+
+            head = self.model.get_output_embeddings()
+            quantize_linears(self.model, config.quantize, dtype, keep=(head,) if head is not None else ())
         self._tokenizer = self.load_tokenizer(config, ctx)
 
     def has_weight_source(self) -> bool:
         return self.config.source is not None
+
+    @property
+    def quantized(self) -> bool:
+        """True when the blocks hold 4-bit weights (QLoRA base): they can be adapted with LoRA, not trained in full."""
+        return self.config.quantize is not None
 
     @property
     def tokenizer(self) -> Any:

@@ -294,6 +294,11 @@ def _check_stages(plan: Plan, problems: list[Problem]) -> None:
             if isinstance(regime, LoraRegime) and head not in ("backbone", "encoders"):
                 problems.append(Problem(f"stages[{i}].train.{key}", "LoRA is for the backbone or encoders",
                                         "train projectors with `full`"))
+            if head == "backbone" and regime == "full" and getattr(plan.backbone.config if plan.backbone else None,
+                                                                   "quantize", None):
+                problems.append(Problem(f"stages[{i}].train.{key}", f"the backbone is quantized "
+                                        f"({plan.backbone.config.quantize}); 4-bit weights cannot be trained in full",
+                                        "use backbone: {lora: {r: 16}} (QLoRA), or remove backbone.quantize"))
         if not any(r != "frozen" for r in st.train.values()):
             problems.append(Problem(f"stages[{i}].train", f"stage {st.name!r} trains nothing",
                                     "set e.g. train: {projectors: full} or backbone: {lora: {r: 8}}"))

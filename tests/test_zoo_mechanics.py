@@ -236,3 +236,43 @@ def test_shared_encoder_errors(tiny_spec):
     spec["encoders"]["video"] = "imag"
     with pytest.raises(SpecError, match=r"not an encoder slot of its own.*did you mean 'image'"):
         build(spec)
+
+
+def test_qlora_quantizes_the_loaded_backbone_and_lora_trains_on_it(tiny_spec, images, tmp_path):
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from mmhub.backbones.quantize import is_quantized
+
+    tiny_spec["backbone"]["config"] = {**TINY_LLAMA, "initializer_range": 0.02}  # trained-like scale, not a peaky toy
+    plain = build(tiny_spec)
+    plain.backbone.model.save_pretrained(tmp_path / "llm")
+    spec = copy.deepcopy(tiny_spec)
+    spec["backbone"] = {"type": "hf_causal_lm", "source": f"file:{tmp_path / 'llm'}", "tokenizer": "byte", "quantize": "nf4"}
+    model = build(spec)
+    assert is_quantized(model.backbone.model) and model.backbone.quantized
+    head = model.backbone.model.get_output_embeddings()
+    assert type(head) is torch.nn.Linear  # the LM head stays in full precision
+    prompt = "<image>\nWhat is it?"
+    q, ref = _logits(model, "Hello there", None), _logits(plain, "Hello there", None)  # the encoders' seeds differ
+    err = float((q - ref).abs().max() / ref.abs().max())
+    assert 0 < err < 0.1, err  # 4-bit weights: close to the original, not equal
+    inject_adapter_in_model(LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), model.backbone.model)
+    for n, p in model.backbone.named_parameters():
+        p.requires_grad_("lora_" in n)
+    conv = [[{"role": "user", "content": prompt}, {"role": "assistant", "content": "A cat."}]]
+    b = model.batch(conv, [{"image": images[:1]}])
+    model(b["input_ids"], b["attention_mask"], b["labels"], b["media"]).loss.backward()
+    grads = {n: p.grad for n, p in model.backbone.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None for g in grads.values())
+
+
+def test_qlora_spec_errors(tiny_spec, tmp_path):
+    spec = copy.deepcopy(tiny_spec)
+    spec["backbone"]["quantize"] = "nf4"
+    with pytest.raises(SpecError, match="quantize needs pretrained weights"):
+        build(spec)
+    build(tiny_spec).backbone.model.save_pretrained(tmp_path / "llm")
+    spec["backbone"] = {"type": "hf_causal_lm", "source": f"file:{tmp_path / 'llm'}", "tokenizer": "byte", "quantize": "nf4"}
+    spec["stages"] = [{"name": "sft", "train": {"backbone": "full"}}]
+    with pytest.raises(SpecError, match=r"stages\[0\]\.train\.backbone.*cannot be trained in full.*QLoRA"):
+        build(spec)
