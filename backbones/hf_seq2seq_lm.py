@@ -32,6 +32,7 @@ class HFSeq2SeqLM(HFBackboneBase):
     name: ClassVar[str] = "hf_seq2seq_lm"
     Config: ClassVar[type[ComponentConfig]] = HFSeq2SeqLMConfig
     auto_class: ClassVar[Any] = AutoModelForSeq2SeqLM
+    library: ClassVar[str] = "transformers"
     out_dim_doc: ClassVar[str] = "the model's d_model"
     tokens_doc: ClassVar[str] = "encoder tokens up to context_length (or the config's max positions)"
     example_settings: ClassVar[dict[str, Any]] = {"config": {"model_type": "t5", "d_model": 32, "d_ff": 64, "d_kv": 8, "num_layers": 2, "num_decoder_layers": 2, "num_heads": 4, "vocab_size": 300}}

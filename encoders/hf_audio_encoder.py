@@ -122,6 +122,7 @@ class HFAudioEncoder(Encoder):
     name: ClassVar[str] = "hf_audio"
     Config: ClassVar[type[ComponentConfig]] = HFAudioEncoderConfig
     modalities_in: ClassVar[tuple[str, ...]] = ("audio",)
+    library: ClassVar[str] = "transformers"
     out_dim_doc: ClassVar[str] = "the model's hidden_size (768 base, 1024 large)"
     tokens_doc: ClassVar[str] = ("conv frames of round(seconds*rate) samples (each conv: (L-kernel)//stride+1; "
                                  "49 per second for the standard stack) // pool")

@@ -121,6 +121,7 @@ class OpenClipEncoder(ImageEncoder):
 
     name: ClassVar[str] = "open_clip"
     Config: ClassVar[type[ComponentConfig]] = OpenClipEncoderConfig
+    library: ClassVar[str] = "open_clip"
     out_dim_doc: ClassVar[str] = "the tower's width"
     tokens_doc: ClassVar[str] = "(image_size / patch_size)^2, +1 with the CLS token"
     example_settings: ClassVar[dict[str, Any]] = {"arch": None, "vision_cfg": {"image_size": 32, "patch_size": 8, "layers": 2, "width": 32, "head_width": 16}, "embed_dim": 32}

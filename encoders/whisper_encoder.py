@@ -150,6 +150,7 @@ class WhisperAudioEncoder(Encoder):
     name: ClassVar[str] = "whisper"
     Config: ClassVar[type[ComponentConfig]] = WhisperEncoderConfig
     modalities_in: ClassVar[tuple[str, ...]] = ("audio",)
+    library: ClassVar[str] = "transformers (+ CTranslate2 files)"
     out_dim_doc: ClassVar[str] = "the model's d_model (384 for tiny, 1280 for large)"
     tokens_doc: ClassVar[str] = "max_source_positions // pool (1500 // pool for real Whisper's 30 s window)"
     example_settings: ClassVar[dict[str, Any]] = {"config": {"d_model": 32, "encoder_layers": 2,

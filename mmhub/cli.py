@@ -38,6 +38,9 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(out)
         return 0
+    if args.markdown:
+        print(components_table(reg))
+        return 0
     for kind, plural in PLURAL.items():
         entries = out[plural]
         print(f"{plural} ({len(entries)})")
@@ -55,6 +58,36 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         for f in out["failed"]:
             print(f"  {f['name']} ({f['dist']}): {f['error']}")
     return 0
+
+
+def _types_in(obj: Any) -> set[str]:
+    """Every component `type` named anywhere in a spec dict (nested frame encoders included)."""
+    found = set()
+    if isinstance(obj, dict):
+        if isinstance(obj.get("type"), str):
+            found.add(obj["type"])
+        for v in obj.values():
+            found |= _types_in(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            found |= _types_in(v)
+    return found
+
+
+def components_table(reg: Any) -> str:
+    """Markdown table of every registered component: kind, modalities, library and the zoo presets that use it."""
+    users: dict[str, set[str]] = {}
+    for p in reg.presets.values():
+        for t in _types_in({k: v for k, v in p.spec.items() if k != "stages"}):
+            users.setdefault(t, set()).add(p.name)
+    lines = ["| name | kind | modalities | library | zoo presets using it |", "|---|---|---|---|---|"]
+    for kind, table in reg.components.items():
+        for name, info in sorted(table.items()):
+            cls = info.cls
+            mods = " -> ".join(filter(None, [", ".join(cls.modalities_in), ", ".join(cls.modalities_out)]))
+            used = ", ".join(sorted(users.get(name, set()))) or "-"
+            lines.append(f"| `{name}` | {kind} | {mods} | {cls.library} | {used} |")
+    return "\n".join(lines)
 
 
 def preset_components(spec: dict[str, Any]) -> dict[str, str]:
@@ -148,6 +181,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("plugins", help="list registered components, their plugins, and plugins that failed")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--markdown", action="store_true", help="the components table (name, kind, modalities, library, zoo rows)")
     s.set_defaults(func=cmd_plugins)
     s = sub.add_parser("presets", help="list shipped specs (NAME:tiny / NAME:full)")
     s.add_argument("--json", action="store_true")

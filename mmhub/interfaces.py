@@ -76,6 +76,7 @@ class Component(nn.Module, ABC):
     modalities_out: ClassVar[tuple[str, ...]] = ()
     out_dim_doc: ClassVar[str] = ""
     tokens_doc: ClassVar[str] = ""
+    library: ClassVar[str] = "torch (mmhub)"  # the library it is built on, shown in the components table
     # settings for a tiny instance (seconds on a CPU, random weights): used by the shared
     # component tests (`mmhub.testing`) and shown as an example in the docs
     example_settings: ClassVar[dict[str, Any]] = {}

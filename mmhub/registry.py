@@ -57,6 +57,7 @@ class ComponentInfo:
             "out_dim": cls.out_dim_doc,
             "tokens": cls.tokens_doc,
             "doc": cls.summary(),
+            "library": cls.library,
             "settings": sorted(cls.Config.model_fields),
             "class": f"{cls.__module__}.{cls.__qualname__}",
         }
