@@ -1,8 +1,12 @@
 """Registers mmhub's built-in encoders (through the same hook a third-party plugin uses)."""
 
 from mmhub.encoders.hf_audio_encoder import HFAudioEncoder
+from mmhub.encoders.hf_vision_encoder import HFVisionEncoder
+from mmhub.encoders.imagebind_like import ImageBindLike
 from mmhub.encoders.open_clip_encoder import OpenClipEncoder
+from mmhub.encoders.point_encoder import PointEncoder
 from mmhub.encoders.timm_encoder import TimmEncoder
+from mmhub.encoders.video_encoder import VideoEncoder
 from mmhub.encoders.whisper_encoder import WhisperAudioEncoder
 from mmhub.hookspecs import hookimpl
 
@@ -13,3 +17,7 @@ def register_encoders(register):
     register(OpenClipEncoder)
     register(WhisperAudioEncoder)
     register(HFAudioEncoder)
+    register(HFVisionEncoder)
+    register(VideoEncoder)
+    register(PointEncoder)
+    register(ImageBindLike)

@@ -35,11 +35,26 @@ class TimmEncoderConfig(ComponentConfig):
     drop_prefix_tokens: bool = True
 
 
-def _create(config: TimmEncoderConfig) -> torch.nn.Module:
+def _create(config: TimmEncoderConfig, headless: bool = True) -> torch.nn.Module:
     kwargs = dict(config.model_kwargs)
     if config.image_size is not None and "img_size" not in kwargs and _is_vit_like(config.model):
         kwargs["img_size"] = config.image_size
-    return timm.create_model(config.model, pretrained=False, num_classes=0, **kwargs)
+    if headless:
+        kwargs["num_classes"] = 0
+    return timm.create_model(config.model, pretrained=False, **kwargs)
+
+
+def _load_pretrained(model: torch.nn.Module, config: TimmEncoderConfig, state: dict, what: str) -> torch.nn.Module:
+    """Load `state` into `model`; a checkpoint that still carries the classifier head (as released ImageNet
+    checkpoints do) loads into the model with its head, which is then dropped."""
+    if len(state) != len(model.state_dict()):
+        headed = _create(config, headless=False)
+        if len(headed.state_dict()) == len(state):
+            load_into(headed, state, config.match_keys, what=what)
+            headed.reset_classifier(0)
+            return headed
+    load_into(model, state, config.match_keys, what=what)
+    return model
 
 
 def _is_vit_like(name: str) -> bool:
@@ -91,8 +106,8 @@ class TimmEncoder(ImageEncoder):
         super().__init__(config, ctx)
         self.model = _create(config)
         if config.pretrained is not None:
-            load_into(self.model, read_state_dict(ctx.weights(config.pretrained)), config.match_keys,
-                      what=f"timm {config.model} weights {config.pretrained}")
+            self.model = _load_pretrained(self.model, config, read_state_dict(ctx.weights(config.pretrained)),
+                                          what=f"timm {config.model} weights {config.pretrained}")
         data = resolve_data_config({}, model=self.model)
         if config.image_size is not None:
             data["input_size"] = (3, config.image_size, config.image_size)
