@@ -81,8 +81,18 @@ def _resample_positions(tower: torch.nn.Module, state: dict[str, torch.Tensor]) 
 def _build(config: OpenClipEncoderConfig) -> torch.nn.Module:
     embed_dim, vcfg = _vision_cfg(config)
     vcfg.pop("timm_model_pretrained", None)
-    return _build_vision_tower(embed_dim, CLIPVisionCfg(**vcfg, timm_model_pretrained=False) if "timm_model_name" in vcfg
-                               else CLIPVisionCfg(**vcfg))
+    if "timm_model_name" not in vcfg:
+        return _build_vision_tower(embed_dim, CLIPVisionCfg(**vcfg))
+    tower = _build_vision_tower(embed_dim, CLIPVisionCfg(**vcfg, timm_model_pretrained=False))
+    # open_clip builds timm trunks (EVA) at their native size; resize them to the requested resolution
+    size = vcfg.get("image_size", 224)
+    if tuple(getattr(tower, "image_size", ())) != (size, size) or getattr(tower.trunk, "patch_embed", None) is not None \
+            and tuple(tower.trunk.patch_embed.img_size) != (size, size):
+        if not hasattr(tower.trunk, "set_input_size"):
+            raise ValueError(f"the timm trunk {vcfg['timm_model_name']} cannot change its input size to {size}; "
+                             "use its native image_size")
+        tower.set_input_size(size)
+    return tower
 
 
 def _n_blocks(tower: torch.nn.Module) -> int:

@@ -90,6 +90,7 @@ class TimmEncoder(ImageEncoder):
 
     name: ClassVar[str] = "timm"
     Config: ClassVar[type[ComponentConfig]] = TimmEncoderConfig
+    library: ClassVar[str] = "timm"
     out_dim_doc: ClassVar[str] = "the model's feature width at the chosen layer"
     tokens_doc: ClassVar[str] = "h*w of the feature map (pool*pool when pooled), or the ViT patch count"
     example_settings: ClassVar[dict[str, Any]] = {"model": "resnet10t", "image_size": 64}
