@@ -74,7 +74,7 @@ def _types_in(obj: Any) -> set[str]:
     return found
 
 
-def components_table(reg: Any) -> str:
+def components_table(reg: Any, builtin_only: bool = False) -> str:
     """Markdown table of every registered component: kind, modalities, library and the zoo presets that use it."""
     users: dict[str, set[str]] = {}
     for p in reg.presets.values():
@@ -83,6 +83,8 @@ def components_table(reg: Any) -> str:
     lines = ["| name | kind | modalities | library | zoo presets using it |", "|---|---|---|---|---|"]
     for kind, table in reg.components.items():
         for name, info in sorted(table.items()):
+            if builtin_only and not info.plugin.startswith("mmhub."):
+                continue
             cls = info.cls
             mods = " -> ".join(filter(None, [", ".join(cls.modalities_in), ", ".join(cls.modalities_out)]))
             used = ", ".join(sorted(users.get(name, set()))) or "-"
