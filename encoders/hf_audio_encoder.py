@@ -31,12 +31,12 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pydantic import Field, model_validator
 from transformers import AutoConfig, AutoModel, PretrainedConfig
 
 from mmhub.encoders.audio_io import fit_to_window, load_audio
 from mmhub.errors import InputError, WeightsNotFoundError
+from mmhub.encoders.frames import block_index, pool_time
 from mmhub.interfaces import BuildContext, ComponentConfig, Encoder, EncoderFacts
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -109,12 +109,6 @@ def _preprocessing(folder: Path | None) -> dict[str, Any]:
     return {}
 
 
-def _block_index(select_layer: int, n: int) -> int:
-    k = n + 1 + select_layer if select_layer < 0 else select_layer
-    if not 1 <= k <= n:
-        raise ValueError(f"select_layer {select_layer} is outside the model's {n} blocks (use 1..{n} or -{n}..-1)")
-    return k
-
 
 class HFAudioEncoder(Encoder):
     """HuBERT / wav2vec 2.0 / WavLM / data2vec-audio encoders (transformers): 16 kHz waveform -> 20 ms frame features."""
@@ -135,7 +129,7 @@ class HFAudioEncoder(Encoder):
     @classmethod
     def describe(cls, config: HFAudioEncoderConfig, ctx: BuildContext) -> EncoderFacts:
         cfg, folder = _hf_config(config, ctx)
-        _block_index(config.select_layer, cfg.num_hidden_layers)
+        block_index(config.select_layer, cfg.num_hidden_layers)
         rate = int(_preprocessing(folder).get("sampling_rate", 16000))
         samples = round(config.seconds * rate)
         frames = conv_frames(samples, cfg.conv_kernel, cfg.conv_stride)
@@ -147,7 +141,7 @@ class HFAudioEncoder(Encoder):
     def __init__(self, config: HFAudioEncoderConfig, ctx: BuildContext):
         super().__init__(config, ctx)
         cfg, folder = _hf_config(config, ctx)
-        self.blocks = _block_index(config.select_layer, cfg.num_hidden_layers)
+        self.blocks = block_index(config.select_layer, cfg.num_hidden_layers)
         kw: dict[str, Any] = {"attn_implementation": "eager"} if ctx.attention == "eager" else {}
         if folder is None:
             self.model = AutoModel.from_config(cfg, **kw)
@@ -182,6 +176,5 @@ class HFAudioEncoder(Encoder):
             h = self.model(x).last_hidden_state
         else:
             h = self.model(x, output_hidden_states=True).hidden_states[self.blocks]
-        if self.config.pool > 1:
-            h = F.avg_pool1d(h.transpose(1, 2), self.config.pool, self.config.pool).transpose(1, 2)
+        h = pool_time(h, self.config.pool)
         return h  # (N, frames // pool, hidden_size)

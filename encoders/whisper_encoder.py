@@ -40,6 +40,7 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder as HFWhi
 
 from mmhub.encoders.audio_io import fit_to_window, load_audio
 from mmhub.errors import InputError, WeightsNotFoundError
+from mmhub.encoders.frames import block_index, pool_time
 from mmhub.interfaces import BuildContext, ComponentConfig, Encoder, EncoderFacts
 from mmhub.weights import load_into, read_state_dict
 from mmhub.weights.ct2 import ct2_whisper_config, is_ct2_model, load_ct2_whisper
@@ -93,13 +94,6 @@ def _hf_config(config: WhisperEncoderConfig, ctx: BuildContext) -> tuple[Whisper
         setattr(cfg, k, v)
     return cfg, folder, kind
 
-
-def _block_index(select_layer: int, n: int) -> int:
-    """select_layer -> number of blocks to run (1..n); raises when outside the encoder."""
-    k = n + 1 + select_layer if select_layer < 0 else select_layer
-    if not 1 <= k <= n:
-        raise ValueError(f"select_layer {select_layer} is outside the encoder's {n} blocks (use 1..{n} or -{n}..-1)")
-    return k
 
 
 def _hf_encoder_state(folder: Path) -> dict[str, torch.Tensor]:
@@ -160,7 +154,7 @@ class WhisperAudioEncoder(Encoder):
     @classmethod
     def describe(cls, config: WhisperEncoderConfig, ctx: BuildContext) -> EncoderFacts:
         cfg, _, _ = _hf_config(config, ctx)
-        _block_index(config.select_layer, cfg.encoder_layers)
+        block_index(config.select_layer, cfg.encoder_layers)
         tokens = cfg.max_source_positions // config.pool
         if tokens < 1:
             raise ValueError(f"pool {config.pool} is larger than the encoder's {cfg.max_source_positions} frames")
@@ -170,7 +164,7 @@ class WhisperAudioEncoder(Encoder):
         super().__init__(config, ctx)
         cfg, folder, kind = _hf_config(config, ctx)
         cfg._attn_implementation = "eager" if ctx.attention == "eager" else "sdpa"
-        self.blocks = _block_index(config.select_layer, cfg.encoder_layers)
+        self.blocks = block_index(config.select_layer, cfg.encoder_layers)
         self.encoder = HFWhisperEncoder(cfg)
         if kind == "ct2":
             _, state = load_ct2_whisper(folder, parts=("encoder",))
@@ -210,6 +204,5 @@ class WhisperAudioEncoder(Encoder):
             x = x[0] if isinstance(x, tuple) else x
         if self.blocks == len(enc.layers) and self.config.select_layer == -1:
             x = enc.layer_norm(x)
-        if self.config.pool > 1:
-            x = F.avg_pool1d(x.transpose(1, 2), self.config.pool, self.config.pool).transpose(1, 2)
+        x = pool_time(x, self.config.pool)
         return x  # (N, max_source_positions // pool, d_model)
