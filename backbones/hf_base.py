@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
 from mmhub.backbones.byte_tokenizer import byte_tokenizer
+from mmhub.attention import hf_attn_implementation
 from mmhub.interfaces import Backbone, BackboneFacts, BuildContext, ComponentConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -76,12 +77,6 @@ def where(path: Path) -> tuple[str, dict[str, Any]]:
 def _tokenizer_from(folder: str, gguf_file: str | None, stamp: float, trust: bool) -> Any:
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust, **kwargs)
-
-
-def attn_implementation(ctx: BuildContext) -> str:
-    """transformers' attention for the spec's backend: it has no xformers kernel of its own, and SDPA
-    dispatches to fused kernels there; ``eager`` stays eager."""
-    return "eager" if ctx.attention == "eager" else "sdpa"
 
 
 def _apply_rope(cfg: PretrainedConfig, rope: RopeScaling) -> None:
@@ -149,14 +144,14 @@ class HFBackboneBase(Backbone):
         if config.source is not None:
             folder, kw = where(ctx.weights(config.source))
             self.model = self.auto_class.from_pretrained(folder, config=cfg, dtype=dtype, local_files_only=True,
-                                                         attn_implementation=attn_implementation(ctx),
+                                                         attn_implementation=hf_attn_implementation(ctx.attention),
                                                          trust_remote_code=config.trust_remote_code, **kw)
             if getattr(self.model, "hf_quantizer", None) is not None:  # GGUF weights are dequantised on load
                 self.model.hf_quantizer = None
                 if hasattr(self.model.config, "quantization_config"):
                     del self.model.config.quantization_config
         else:
-            self.model = self.auto_class.from_config(cfg, dtype=dtype, attn_implementation=attn_implementation(ctx))
+            self.model = self.auto_class.from_config(cfg, dtype=dtype, attn_implementation=hf_attn_implementation(ctx.attention))
         if config.quantize is not None:
             from mmhub.backbones.quantize import quantize_linears
 

@@ -142,6 +142,7 @@ class HFAudioEncoder(Encoder):
         super().__init__(config, ctx)
         cfg, folder = _hf_config(config, ctx)
         self.blocks = block_index(config.select_layer, cfg.num_hidden_layers)
+        # transformers picks SDPA where the family supports it (WavLM does not); eager only when asked
         kw: dict[str, Any] = {"attn_implementation": "eager"} if ctx.attention == "eager" else {}
         if folder is None:
             self.model = AutoModel.from_config(cfg, **kw)

@@ -46,6 +46,7 @@ from torchvision import transforms as T
 from transformers import AutoConfig, AutoModel, PretrainedConfig
 
 from mmhub.encoders.image_base import ImageEncoder
+from mmhub.attention import hf_attn_implementation
 from mmhub.interfaces import BuildContext, ComponentConfig, EncoderFacts
 from mmhub.probe import output_shape
 from mmhub.weights import load_into
@@ -160,11 +161,6 @@ def _tokens(model: torch.nn.Module, config: HFVisionEncoderConfig, cfg: Pretrain
     return h
 
 
-def _attn(ctx: BuildContext) -> str:
-    # transformers has no xformers kernel of its own; SDPA dispatches to the fused kernels
-    return "eager" if ctx.attention == "eager" else "sdpa"
-
-
 def _preprocessor(folder: Path | None) -> dict[str, Any]:
     """Preprocessing defaults from a folder's preprocessor_config.json (image_size, mean, std, resize, crop_pct,
     interpolation)."""
@@ -261,7 +257,7 @@ class HFVisionEncoder(ImageEncoder):
     def __init__(self, config: HFVisionEncoderConfig, ctx: BuildContext):
         super().__init__(config, ctx)
         self.hf_config = vision_config(config, ctx)
-        self.model = _build(self.hf_config, DTYPES[config.dtype], _attn(ctx))
+        self.model = _build(self.hf_config, DTYPES[config.dtype], hf_attn_implementation(ctx.attention))
         folder = _folder(config, ctx) if config.source is not None else None
         if folder is not None:
             load_vision_weights(self.model, folder, what=f"hf_vision weights {config.source}")

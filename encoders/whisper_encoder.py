@@ -41,6 +41,7 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder as HFWhi
 from mmhub.encoders.audio_io import fit_to_window, load_audio
 from mmhub.errors import InputError, WeightsNotFoundError
 from mmhub.encoders.frames import block_index, pool_time
+from mmhub.attention import hf_attn_implementation
 from mmhub.interfaces import BuildContext, ComponentConfig, Encoder, EncoderFacts
 from mmhub.weights import load_into, read_state_dict
 from mmhub.weights.ct2 import ct2_whisper_config, is_ct2_model, load_ct2_whisper
@@ -163,7 +164,7 @@ class WhisperAudioEncoder(Encoder):
     def __init__(self, config: WhisperEncoderConfig, ctx: BuildContext):
         super().__init__(config, ctx)
         cfg, folder, kind = _hf_config(config, ctx)
-        cfg._attn_implementation = "eager" if ctx.attention == "eager" else "sdpa"
+        cfg._attn_implementation = hf_attn_implementation(ctx.attention)
         self.blocks = block_index(config.select_layer, cfg.encoder_layers)
         self.encoder = HFWhisperEncoder(cfg)
         if kind == "ct2":

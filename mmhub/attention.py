@@ -209,3 +209,9 @@ class MultiheadAttention(torch.nn.Module):
         q, k, v = (split_heads(f(t), self.heads) for f, t in ((self.q, x), (self.k, context), (self.v, value)))
         out = attention(q, k, v, mask, self.backend, self.dropout if self.training else 0.0)
         return self.out(merge_heads(out))
+
+
+def hf_attn_implementation(backend: str) -> str:
+    """The transformers ``attn_implementation`` matching a spec's backend: transformers has no xformers
+    kernel of its own and its SDPA path dispatches to fused kernels, so everything but ``eager`` maps to ``sdpa``."""
+    return "eager" if backend == "eager" else "sdpa"
