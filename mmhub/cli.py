@@ -103,6 +103,14 @@ def preset_components(spec: dict[str, Any]) -> dict[str, str]:
     return comps
 
 
+def preset_summary(comps: dict[str, str]) -> str:
+    """One line per spec: ``image: open_clip>qformer, audio: =image>linear | hf_causal_lm + gated_xattn``."""
+    mods = [k.split(".", 1)[1] for k in comps if k.startswith("encoders.")]
+    parts = [f"{m}: {comps[f'encoders.{m}']}>{comps.get(f'projectors.{m}', '?')}" for m in mods]
+    extra = [v for k, v in comps.items() if k.startswith(("injectors.", "output_projectors.", "generators."))]
+    return ", ".join(parts) + f" | {comps.get('backbone')}" + "".join(f" + {e}" for e in extra)
+
+
 def cmd_presets(args: argparse.Namespace) -> int:
     from mmhub.registry import get_registry
 
@@ -115,8 +123,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
         _print_json(rows)
         return 0
     for r in rows:
-        comps = " -> ".join(f"{v}" for v in r["components"].values())
-        print(f"{r['name']:<20} {r['io']:<22} {comps:<40} {r['status']}")
+        print(f"{r['name']:<20} {r['io']:<20} {preset_summary(r['components']):<60} {r['status']}")
     return 0
 
 
