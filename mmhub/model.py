@@ -84,17 +84,30 @@ class MMModel(nn.Module):
     def is_encoder_decoder(self) -> bool:
         return bool(self.plan.backbone_facts.is_encoder_decoder)
 
-    def encode_media(self, media: Mapping[str, torch.Tensor], text: Mapping[str, TextContext] | None = None
-                     ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-        """{modality: (N, ...) preprocessed items} -> ({modality: (N, T, hidden)} projected tokens, auxiliary loss).
-
-        `text` gives text-reading projectors (``uses_text``) the text around each item.
-        """
-        out, aux = {}, []
+    def encode_features(self, media: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """{modality: (N, ...) preprocessed items} -> {modality: (N, T, enc_dim)} encoder features (what a feature
+        cache stores for a frozen encoder)."""
+        out = {}
         for m, items in media.items():
             if m not in self.encoders:
                 raise InputError(f"got {m!r} items, but this model accepts {', '.join(self.encoders) or 'text only'}")
-            feats = self.encoders[m](items.to(self.device), m)  # (N, T, enc_dim)
+            out[m] = self.encoders[m](items.to(self.device), m)
+        return out
+
+    def encode_media(self, media: Mapping[str, torch.Tensor], text: Mapping[str, TextContext] | None = None,
+                     features: Mapping[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """{modality: (N, ...) preprocessed items} -> ({modality: (N, T, hidden)} projected tokens, auxiliary loss).
+
+        `text` gives text-reading projectors (``uses_text``) the text around each item; `features`
+        holds precomputed encoder outputs (N, T, enc_dim) for modalities whose encoder is skipped.
+        """
+        out, aux = {}, []
+        features = dict(features or {})
+        feats_all = {**self.encode_features({m: t for m, t in media.items() if m not in features}),
+                     **{m: f.to(self.device) for m, f in features.items()}}
+        for m, feats in feats_all.items():
+            if m not in self.projectors:
+                raise InputError(f"got {m!r} features, but this model accepts {', '.join(self.encoders) or 'text only'}")
             proj = self.projectors[m]
             proj.aux_loss = None
             out[m] = proj(feats, (text or {}).get(m))  # (N, T', hidden)
@@ -120,28 +133,31 @@ class MMModel(nn.Module):
 
     def prepare_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                        labels: torch.Tensor | None = None, media: Mapping[str, torch.Tensor] | None = None,
-                       padding_side: str = "right") -> Spliced:
-        """Token ids (with one placeholder per media item) + media -> backbone-ready embeddings."""
-        return self._prepare(input_ids, attention_mask, labels, media, padding_side).spliced
+                       padding_side: str = "right", features: Mapping[str, torch.Tensor] | None = None) -> Spliced:
+        """Token ids (with one placeholder per media item) + media (or cached encoder features) -> backbone-ready embeddings."""
+        return self._prepare(input_ids, attention_mask, labels, media, padding_side, features).spliced
 
     def _prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor | None,
-                 media: Mapping[str, torch.Tensor] | None, padding_side: str) -> Prepared:
+                 media: Mapping[str, torch.Tensor] | None, padding_side: str,
+                 features: Mapping[str, torch.Tensor] | None = None) -> Prepared:
         input_ids = input_ids.to(self.device)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.to(self.device)
         labels = labels.to(self.device) if labels is not None else None
         media = media or {}
+        features = features or {}
+        given = set(media) | set(features)
         ph_ids = self.processor.placeholder_ids
         for m in self.encoders:
-            if m not in media and bool((input_ids == ph_ids[m]).any()):
+            if m not in given and bool((input_ids == ph_ids[m]).any()):
                 n = int((input_ids == ph_ids[m]).sum())
                 raise InputError(f"the text has {n} {self._names[ph_ids[m]]} placeholder(s) but 0 {m} items were given")
         safe_ids = input_ids.masked_fill(input_ids >= self.backbone_vocab_size, 0)  # placeholder ids may lie past the table
         text_embeds = self.backbone.embed(safe_ids)  # (B, L, H)
         text = {m: self._text_context(input_ids, attention_mask, labels, text_embeds, m)
-                for m in media if m in self.projectors and getattr(self.projectors[m], "uses_text", False)}
-        tokens, aux = self.encode_media(media, text)
+                for m in given if m in self.projectors and getattr(self.projectors[m], "uses_text", False)}
+        tokens, aux = self.encode_media(media, text, features)
         context = self.plan.context_modalities
         spliced_media = {}
         for m, t in tokens.items():
@@ -195,10 +211,12 @@ class MMModel(nn.Module):
     # -- training forward -------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, media: Mapping[str, torch.Tensor] | None = None,
-                padding_side: str = "right", return_logits: bool = True) -> MMOutput:
+                padding_side: str = "right", return_logits: bool = True,
+                features: Mapping[str, torch.Tensor] | None = None) -> MMOutput:
         """Loss (mean over target tokens) and logits. Logits are computed for every position only
-        when `return_logits`; the loss itself only ever projects the positions that have labels."""
-        prep = self._prepare(input_ids, attention_mask, labels, media, padding_side)
+        when `return_logits`; the loss itself only ever projects the positions that have labels.
+        `features` replaces `media` for modalities whose (frozen) encoder output is cached."""
+        prep = self._prepare(input_ids, attention_mask, labels, media, padding_side, features)
         sp = prep.spliced
         if self.is_encoder_decoder:
             hidden, target, keep = self._seq2seq_hidden(sp)

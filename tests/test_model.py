@@ -120,3 +120,15 @@ def test_timm_encoder_spec_with_pooling(tiny_spec, images) -> None:
     assert model.plan.tokens_per_item("image") == 4
     out = model(**model.batch([conv("<image>", "x")], [{"image": [images[0]]}]))
     assert torch.isfinite(out.loss)
+
+
+def test_cached_encoder_features_give_the_same_loss_as_media(tiny_spec, images):
+    from mmhub import build
+
+    model = build(tiny_spec)
+    conv = [[{"role": "user", "content": "<image>\nWhat?"}, {"role": "assistant", "content": "A cat."}]]
+    b = model.batch(conv, [{"image": images[:1]}])
+    a = model(b["input_ids"], b["attention_mask"], b["labels"], b["media"])
+    feats = model.encode_features(b["media"])
+    c = model(b["input_ids"], b["attention_mask"], b["labels"], features=feats)
+    assert torch.equal(a.loss, c.loss) and torch.equal(a.logits, c.logits)
