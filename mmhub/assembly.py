@@ -47,6 +47,11 @@ def build_from_plan(plan: Plan) -> MMModel:
             raise RuntimeError(f"encoder {plan.encoders[m].info.name} described width {want} but built {enc.out_dim}; "
                                f"fix its describe() (plugin {plan.encoders[m].info.plugin})")
     model = MMModel(plan, encoders, projectors, backbone, injectors)
+    if plan.spec.adapters:  # a saved model that carries LoRA adapters: re-inject them before any weights load
+        from mmhub.adapters import inject_adapter
+
+        for slot, lora in plan.spec.adapters.items():
+            inject_adapter(model, slot, lora)
     model.requires_grad_(False)  # frozen until a training stage says which parts learn
     model.eval()
     return model

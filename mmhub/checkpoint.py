@@ -4,8 +4,8 @@ A model folder holds ``mmhub_spec.json`` (the resolved spec, loadable as a spec,
 with package versions and weight-file hashes under ``resolved``) and
 ``model.safetensors``. By default only tensors that cannot be recovered from the
 spec's weight sources are written: every tensor of a component built from a
-config (random init), and the trainable parameters of components whose weights
-come from a source. Folders are written to a temporary sibling and renamed into
+config (random init) or changed by training (``spec.trained``), and the adapter
+and trainable parameters of components whose weights come from a source. Folders are written to a temporary sibling and renamed into
 place, so a crash mid-save never leaves a half checkpoint under the final name.
 No pickle is involved anywhere.
 """
@@ -84,14 +84,15 @@ def tensors_to_save(model: Any, full: bool) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     from mmhub.stages import slots
 
+    trained = set(model.spec.trained)
     for prefix, mod in slots(model):
-        everything = full or not mod.has_weight_source()
+        everything = full or not mod.has_weight_source() or prefix in trained
         if everything:
             for k, v in mod.state_dict(keep_vars=True).items():
                 state[f"{prefix}.{k}"] = v.detach()
-        else:
+        else:  # weights from a source: only what training added (adapters) or is training now
             for k, p in mod.named_parameters():
-                if p.requires_grad:
+                if p.requires_grad or "lora_" in k:
                     state[f"{prefix}.{k}"] = p.detach()
     return state
 

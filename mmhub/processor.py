@@ -25,6 +25,7 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
     media: dict[str, list[torch.Tensor]]
+    index: int | None = None  # the sample's index in its dataset, for error messages
 
 
 class MMProcessor:
@@ -46,8 +47,11 @@ class MMProcessor:
         return [dict(m) for m in prompt]
 
     def encode(self, messages: str | Messages, media: Mapping[str, Sequence[Any]] | None = None,
-               add_generation_prompt: bool = False, index: int | None = None) -> Encoded:
-        """One conversation (or a bare user prompt) and its media items -> token ids, labels, tensors."""
+               add_generation_prompt: bool = False, index: int | None = None, preprocess: bool = True) -> Encoded:
+        """One conversation (or a bare user prompt) and its media items -> token ids, labels, tensors.
+
+        With ``preprocess=False`` the media items are passed through raw (the trainer then looks
+        them up in a feature cache before preprocessing only the missing ones)."""
         messages = self.as_messages(messages)
         media = dict(media or {})
         where = f"sample {index}" if index is not None else "the sample"
@@ -66,6 +70,8 @@ class MMProcessor:
             piece = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             ids += piece
             labels += piece if target else [IGNORE] * len(piece)
+        if not preprocess:
+            return Encoded(ids, labels, {m: list(items) for m, items in media.items() if items})
         tensors = {m: [self.preprocess[m](item) for item in items] for m, items in media.items() if items}
         return Encoded(ids, labels, tensors)
 

@@ -64,6 +64,18 @@ class StageSpec(BaseModel):
     epochs: float = Field(1.0, gt=0)
     warmup_ratio: float = Field(0.03, ge=0, le=1)
     weight_decay: float = Field(0.0, ge=0)
+    objective: Literal["sft", "dpo"] = Field("sft", description="sft: next-token loss on assistant turns; dpo: "
+                                                               "preference pairs against the model as the stage began")
+    beta: float = Field(0.1, gt=0, description="DPO temperature")
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    save_every: int | None = Field(None, gt=0, description="checkpoint every N optimizer steps (and at the stage end)")
+    keep_last: int = Field(2, ge=1, description="checkpoints kept per stage")
+    group_by_length: bool = False
+    pack: int | None = Field(None, gt=0, description="pack samples into rows of this many tokens")
+    cache_features: bool = Field(True, description="cache frozen encoders' outputs on disk")
+    max_bad_fraction: float = Field(0.01, ge=0, le=1, description="share of bad samples skipped before the run stops")
+    log_every: int = Field(10, gt=0)
 
     @field_validator("train", mode="before")
     @classmethod
@@ -115,6 +127,11 @@ class Spec(BaseModel):
     min_text_tokens: int = Field(32, ge=0)
     stages: list[StageSpec] = Field(default_factory=list)
     seed: int = 0
+    adapters: dict[str, LoraSpec] = Field(
+        default_factory=dict, description="LoRA adapters this model carries, by slot (`backbone`, `encoders.image`); "
+                                          "written by training, re-injected when the model is loaded")
+    trained: list[str] = Field(default_factory=list, description="slots whose own weights training changed (saved in "
+                                                                   "full even when their weights come from a source)")
     resolved: dict[str, Any] | None = Field(
         None, description="written by mmhub next to saved models: package versions and weight hashes (informational)")
 

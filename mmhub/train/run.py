@@ -1,0 +1,79 @@
+"""`mmhub train`: build a spec, train its stages into a run folder, resume a stopped run.
+
+A run folder holds ``run_spec.json`` (the spec as given, written atomically at the
+start), one folder per stage with its ``checkpoints/step-N``, ``metrics.jsonl`` and,
+once the stage is done, ``model/`` (loadable with `MMModel.from_pretrained`).
+``--resume DIR`` rebuilds the model from ``DIR/run_spec.json``, skips finished
+stages and continues the current one from its newest checkpoint. Launch several
+processes with ``accelerate launch`` or ``torchrun`` for DDP; FSDP and DeepSpeed
+come from accelerate's config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from mmhub.checkpoint import write_text_atomic
+from mmhub.errors import MMHubError
+
+RUN_SPEC = "run_spec.json"
+
+
+def train(spec: Any = None, out: str | Path | None = None, stage: str | None = None, resume: str | Path | None = None,
+          max_steps: int | None = None, progress_bar: bool = True, datasets: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train `spec` (a file, preset, dict or Spec) into `out`, or continue the run in `resume`."""
+    import torch
+    from accelerate import Accelerator
+
+    from mmhub.assembly import build
+    from mmhub.spec import load_spec
+    from mmhub.train.trainer import Trainer
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    main = accelerator.is_main_process
+
+    if resume is not None:
+        run_dir = Path(resume)
+        if not (run_dir / RUN_SPEC).is_file():
+            raise MMHubError(f"{run_dir} is not an mmhub run folder ({RUN_SPEC} is missing); pass the --out folder of "
+                             "an earlier `mmhub train`")
+        data = json.loads((run_dir / RUN_SPEC).read_text())
+        if spec is not None and load_spec(spec).model_dump(mode="json", exclude={"resolved"}) != data:
+            raise MMHubError(f"--resume {run_dir}: the spec given differs from the one the run started with "
+                             f"({run_dir / RUN_SPEC}); resume without a spec, or start a new run with --out")
+        model = build(data)
+    else:
+        if spec is None:
+            raise MMHubError("give a spec (file or preset) to train, or --resume RUN_DIR")
+        sp = load_spec(spec)
+        run_dir = Path(out) if out is not None else Path("runs") / sp.name
+        if main:
+            if (run_dir / RUN_SPEC).exists():
+                raise MMHubError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, or choose another --out")
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(run_dir / RUN_SPEC, json.dumps(sp.model_dump(mode="json", exclude={"resolved"}), indent=2))
+        accelerator.wait_for_everyone()
+        model = build(sp)
+    trainer = Trainer(model, run_dir, datasets=datasets, accelerator=accelerator, progress_bar=progress_bar)
+    return trainer.run(stage=stage, resume=resume is not None, max_steps=max_steps)
+
+
+def add_parser(sub: Any) -> None:
+    s = sub.add_parser("train", help="train a spec's stages (accelerate; resumable)")
+    s.add_argument("spec", nargs="?", help="spec file or preset (omit with --resume)")
+    s.add_argument("--out", help="run folder (default runs/<spec name>)")
+    s.add_argument("--stage", help="run only this stage (earlier stages must be finished in the run folder)")
+    s.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its newest checkpoint")
+    s.add_argument("--max-steps", type=int, help="override every stage's step count (smoke runs)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)")
+    s.set_defaults(func=_cmd)
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    summary = train(args.spec, out=args.out, stage=args.stage, resume=args.resume, max_steps=args.max_steps,
+                    progress_bar=not args.no_progress)
+    print(json.dumps(summary))
+    return 0

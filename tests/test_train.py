@@ -1,0 +1,152 @@
+"""The stage trainer: exact resume after SIGKILL, two-process DDP equals one process, checkpoints, metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mmhub import MMModel, build
+from mmhub.errors import MMHubError
+
+HERE = Path(__file__).parent
+SCRIPT = HERE / "helpers" / "train_script.py"
+sys.path.insert(0, str(HERE / "helpers"))
+import train_script  # noqa: E402
+
+
+def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    e = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=e, timeout=600)
+
+
+def _params(run: Path, stage: str) -> dict[str, torch.Tensor]:
+    return load_file(str(run / stage / "model" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """An uninterrupted single-process run (batch 8)."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    r = _run(str(SCRIPT), str(out), "8")
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+def test_resume_after_sigkill_gives_the_same_parameters(reference: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(out), "8"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    target = out / "tune" / "checkpoints" / "step-0000002" / "progress.json"
+    deadline = time.time() + 300
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert target.exists(), "the run never wrote the mid-stage checkpoint"
+    proc.send_signal(signal.SIGKILL)  # a real kill: no cleanup handlers run
+    proc.wait()
+    assert not (out / "tune" / "model").exists(), "the kill came too late to test resuming mid-stage"
+    r = _run(str(SCRIPT), str(out), "8", "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed stage 'tune'" in r.stdout and "stage 'align' already complete" in r.stdout
+    for stage in ("align", "tune"):
+        a, b = _params(reference, stage), _params(out, stage)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{stage}: {k} differs after resume"
+    lines = [json.loads(x) for x in (out / "tune" / "metrics.jsonl").read_text().splitlines()]
+    assert any("summary" in x for x in lines)
+
+
+def test_two_processes_match_one_with_the_same_global_batch(reference: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    r = _run("-m", "torch.distributed.run", "--nproc_per_node", "2", str(SCRIPT), str(out), "4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for stage, tol in (("align", 1e-5), ("tune", 1e-3)):
+        a, b = _params(reference, stage), _params(out, stage)
+        diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a if "projectors" in k or "lora_" in k)
+        assert diff < tol, f"{stage}: max |2-process - 1-process| = {diff}"
+
+
+def test_gradient_accumulation_matches_a_larger_batch(reference: Path, tmp_path: Path) -> None:
+    out = tmp_path / "accum"
+    r = _run(str(SCRIPT), str(out), "4", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = _params(reference, "align"), _params(out, "align")
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a if "projectors" in k)
+    assert diff < 1e-5, diff
+
+
+def test_stage_output_loads_and_keeps_the_adapter(reference: Path) -> None:
+    model = MMModel.from_pretrained(reference / "tune" / "model")
+    assert "backbone" in model.spec.adapters
+    assert any("lora_A" in n for n, _ in model.backbone.named_parameters())
+    data = train_script.dataset(4)
+    out = model.generate([s.messages[:1] for s in data], [s.media for s in data], max_new_tokens=4)
+    assert len(out) == 4
+    kept = sorted(p.name for p in (reference / "tune" / "checkpoints").iterdir())
+    assert kept == ["step-0000002", "step-0000004"]
+    metrics = [json.loads(x) for x in (reference / "align" / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in metrics if "loss" in m]
+    assert [m["step"] for m in steps] == list(range(1, 7)) and all("samples_per_s" in m and "lr" in m for m in steps)
+    assert steps[-1]["loss"] < steps[0]["loss"]
+
+
+def test_merge_adapters_folds_lora_into_the_backbone(reference: Path, tmp_path: Path) -> None:
+    from mmhub.adapters import merge_adapters
+
+    model = MMModel.from_pretrained(reference / "tune" / "model")
+    data = train_script.dataset(2)
+    b = model.batch([s.messages for s in data], [s.media for s in data])
+    before = model(b["input_ids"], b["attention_mask"], b["labels"], b["media"]).logits
+    assert merge_adapters(model) == ["backbone"]
+    assert not any("lora_" in n for n, _ in model.named_parameters())
+    after = model(b["input_ids"], b["attention_mask"], b["labels"], b["media"]).logits
+    assert torch.allclose(before, after, atol=1e-4, rtol=1e-4), float((before - after).abs().max())
+    model.save_pretrained(tmp_path / "merged")
+    again = MMModel.from_pretrained(tmp_path / "merged")
+    assert not again.spec.adapters and "backbone" in again.spec.trained or not again.backbone.has_weight_source()
+    assert torch.allclose(again(b["input_ids"], b["attention_mask"], b["labels"], b["media"]).logits, after, atol=1e-6)
+
+
+def test_run_folder_errors(tmp_path: Path) -> None:
+    from mmhub.train.run import train
+
+    spec = train_script.spec(4)
+    data = train_script.dataset(8)
+    spec["stages"] = spec["stages"][:1]
+    spec["stages"][0]["max_steps"] = 1
+    train(spec, out=tmp_path / "r", datasets={"align": data}, progress_bar=False)
+    with pytest.raises(MMHubError, match="already holds a run; continue it with --resume"):
+        train(spec, out=tmp_path / "r", datasets={"align": data}, progress_bar=False)
+    with pytest.raises(MMHubError, match="not an mmhub run folder"):
+        train(resume=tmp_path / "nothing", datasets={"align": data})
+    bad = train_script.spec(4)
+    bad["stages"][0]["train"] = {"projectors": "frozen"}
+    with pytest.raises(Exception, match="trains nothing"):
+        train(bad, out=tmp_path / "b", datasets={"align": data})
+
+
+def test_bad_samples_are_skipped_and_counted_then_the_run_stops(tmp_path: Path) -> None:
+    from mmhub.errors import InputError
+    from mmhub.train.run import train
+
+    data = train_script.dataset(40)
+    data[3].media = {"image": [str(tmp_path / "missing.png")]}  # a missing file
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    data[5].media = {"image": [str(tmp_path / "broken.png")]}  # a corrupt image
+    spec = train_script.spec(8)
+    spec["stages"] = spec["stages"][:1]
+    spec["stages"][0].update(max_steps=5, max_bad_fraction=0.1)
+    summary = train(spec, out=tmp_path / "ok", datasets={"align": data}, progress_bar=False)
+    assert summary["align"]["skipped"] == 2 and summary["align"]["samples"] == 38
+    spec["stages"][0]["max_bad_fraction"] = 0.01
+    with pytest.raises(InputError, match=r"2 of \d+ samples so far could not be used.*missing.png"):
+        train(spec, out=tmp_path / "stop", datasets={"align": data}, progress_bar=False)
