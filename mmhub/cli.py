@@ -32,6 +32,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     out: dict[str, Any] = {PLURAL[k]: [i.metadata() for _, i in sorted(t.items())] for k, t in reg.components.items()}
     out["weight_sources"] = [{"name": s.scheme, "plugin": s.plugin, "doc": s.doc} for s in reg.weight_sources.values()]
     out["presets"] = [{"name": p.key, "plugin": p.plugin} for p in reg.presets.values()]
+    out["datasets"] = [i.metadata() for _, i in sorted(reg.datasets.items())]
+    out["eval_tasks"] = [i.metadata() for _, i in sorted(reg.eval_tasks.items())]
     out["plugins"] = [vars(p) for p in reg.plugins.loaded] if reg.plugins else []
     out["failed"] = [vars(f) for f in reg.failed]
     out["disabled"] = list(reg.plugins.disabled) if reg.plugins else []
@@ -50,6 +52,10 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             print(f"  {'':<16} {e['doc']}")
     print(f"weight sources: {', '.join(s['name'] + ':' for s in out['weight_sources'])}")
     print(f"presets ({len(out['presets'])}): {', '.join(p['name'] for p in out['presets'])}")
+    for key, title in (("datasets", "datasets"), ("eval_tasks", "eval tasks")):
+        print(f"{title} ({len(out[key])})")
+        for e in out[key]:
+            print(f"  {e['name']:<16} [{e['plugin']}] {e['doc']} (settings: {', '.join(e['settings'])})")
     print("plugins loaded: " + ", ".join(f"{p['name']} ({p['dist']} {p['version']})".replace(" )", ")") for p in out["plugins"]))
     if out["disabled"]:
         print("plugins not in MMHUB_PLUGINS: " + ", ".join(out["disabled"]))
@@ -185,6 +191,17 @@ def cmd_weights(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from mmhub.evaluation import get_task, load_model
+
+    task = get_task(args.task)  # an unknown task fails before any model loads
+    model = load_model(args.model)
+    result = task.run(model, split=args.split, limit=args.limit, blind=args.blind, batch_size=args.batch_size,
+                      max_new_tokens=args.max_new_tokens, on_result=lambda r: print(json.dumps(r), flush=True))
+    print(json.dumps({**result, "model": args.model}), flush=True)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmhub", description="Assemble, train and demo multimodal LLMs from specs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -206,6 +223,15 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("action", choices=["resolve", "fetch"])
     s.add_argument("uri")
     s.set_defaults(func=cmd_weights)
+    s = sub.add_parser("eval", help="evaluate a model on a task; JSON lines, the last one the scores")
+    s.add_argument("model", help="a saved model folder, a spec file, a preset, or `default` (the demo model)")
+    s.add_argument("--task", required=True, help="a registered eval task, e.g. easy-vqa")
+    s.add_argument("--split", default="test")
+    s.add_argument("--blind", action="store_true", help="replace every image by a blank (mid-grey) one")
+    s.add_argument("--limit", type=int, default=None, help="only the first N items")
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--max-new-tokens", type=int, default=8)
+    s.set_defaults(func=cmd_eval)
     return p
 
 

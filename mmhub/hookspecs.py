@@ -52,3 +52,13 @@ def register_weight_sources(register):
 @hookspec
 def register_presets(register):
     """Register shipped specs: ``register(name, size, spec_dict, io=..., description=..., missing=...)``."""
+
+
+@hookspec
+def register_datasets(register):
+    """Register dataset formats: ``register(DatasetClass)`` (a `mmhub.data.Dataset` subclass; records -> `Sample`s)."""
+
+
+@hookspec
+def register_eval_tasks(register):
+    """Register evaluation tasks: ``register(EvalTaskClass)`` (a `mmhub.evaluation.EvalTask` subclass; model -> scores)."""

@@ -94,6 +94,22 @@ class PresetInfo:
         return f"{self.name}:{self.size}"
 
 
+@dataclass(frozen=True)
+class PluginClassInfo:
+    """A registered dataset format or evaluation task: its class and the plugin it came from."""
+
+    name: str
+    cls: type
+    plugin: str
+
+    def metadata(self) -> dict[str, Any]:
+        cls = self.cls
+        doc = (cls.__doc__ or "").strip().splitlines()
+        return {"name": self.name, "plugin": self.plugin, "doc": doc[0] if doc else "",
+                "modalities": list(getattr(cls, "modalities", ())), "streaming": bool(getattr(cls, "streaming", False)),
+                "settings": sorted(cls.Config.model_fields), "class": f"{cls.__module__}.{cls.__qualname__}"}
+
+
 @dataclass
 class Registry:
     """Everything plugins registered, plus the plugins that failed to load."""
@@ -101,6 +117,8 @@ class Registry:
     components: dict[str, dict[str, ComponentInfo]] = field(default_factory=lambda: {k: {} for k in KINDS})
     weight_sources: dict[str, WeightSourceInfo] = field(default_factory=dict)
     presets: dict[str, PresetInfo] = field(default_factory=dict)
+    datasets: dict[str, PluginClassInfo] = field(default_factory=dict)
+    eval_tasks: dict[str, PluginClassInfo] = field(default_factory=dict)
     plugins: PluginSet | None = None
 
     # -- registration -------------------------------------------------------------
@@ -140,6 +158,25 @@ class Registry:
                 f"preset {info.key!r} is registered twice: by {self.presets[info.key].plugin!r} and by {plugin!r}.")
         self.presets[info.key] = info
 
+    def add_named(self, table: str, cls: type, plugin: str, override: bool = False) -> None:
+        """Register a dataset format (`table` "datasets") or an evaluation task ("eval_tasks") under its ``name``."""
+        if table == "datasets":
+            from mmhub.data.base import Dataset as base
+            what, base_name = "dataset", "mmhub.data.Dataset"
+        else:
+            from mmhub.evaluation.base import EvalTask as base
+            what, base_name = "eval task", "mmhub.evaluation.EvalTask"
+        if not isinstance(cls, type) or not issubclass(cls, base):
+            raise MMHubError(f"plugin {plugin!r} registered {cls!r} as a {what}, but it is not a subclass of {base_name}.")
+        name = getattr(cls, "name", None)
+        if not isinstance(name, str) or not name:
+            raise MMHubError(f"plugin {plugin!r}: {cls.__name__} has no `name` class attribute; set name = '...'.")
+        entries = getattr(self, table)
+        if name in entries and not override:
+            raise DuplicateComponentError(f"{what} {name!r} is registered twice: by plugin {entries[name].plugin!r} and "
+                                          f"by {plugin!r}. Rename one, or pass override=True from {plugin!r}.")
+        entries[name] = PluginClassInfo(name=name, cls=cls, plugin=plugin)
+
     # -- lookup -------------------------------------------------------------------
     def get(self, kind: Kind, name: str) -> ComponentInfo:
         """The component registered as `name` for `kind`; raises with close matches when unknown."""
@@ -159,9 +196,24 @@ class Registry:
             raise UnknownComponentError("preset", key, list(self.presets))
         return self.presets[key]
 
+    def dataset(self, name: str) -> PluginClassInfo:
+        """The dataset format registered as `name` (``-`` and ``_`` are interchangeable); close matches when unknown."""
+        return _named(self.datasets, "dataset", name)
+
+    def eval_task(self, name: str) -> PluginClassInfo:
+        """The evaluation task registered as `name` (``easy-vqa`` finds ``easy_vqa``); close matches when unknown."""
+        return _named(self.eval_tasks, "eval task", name)
+
     @property
     def failed(self) -> list[FailedPlugin]:
         return list(self.plugins.failed) if self.plugins else []
+
+
+def _named(table: dict[str, PluginClassInfo], kind: str, name: str) -> PluginClassInfo:
+    for key in (name, name.replace("-", "_")):
+        if key in table:
+            return table[key]
+    raise UnknownComponentError(kind, name, list(table))
 
 
 def _run_hooks(reg: Registry, ps: PluginSet) -> None:
@@ -181,6 +233,11 @@ def _run_hooks(reg: Registry, ps: PluginSet) -> None:
                             override: bool = False, missing: str = "", _p: str = impl.plugin_name) -> None:
             reg.add_preset(name, size, spec, _p, io=io, description=description, override=override, missing=missing)
         _call(impl, register_preset, bad)
+    for table, hook_name in (("datasets", "register_datasets"), ("eval_tasks", "register_eval_tasks")):
+        for impl in getattr(ps.pm.hook, hook_name).get_hookimpls():
+            def register_named(cls: type, override: bool = False, _t: str = table, _p: str = impl.plugin_name) -> None:
+                reg.add_named(_t, cls, _p, override=override)
+            _call(impl, register_named, bad)
     for plugin_name, error in bad.items():
         dist = next((p.dist for p in ps.loaded if p.name == plugin_name), "?")
         ps.failed.append(FailedPlugin(name=plugin_name, dist=dist, error=error))

@@ -211,7 +211,7 @@ HOOKS = hook_names()
 def test_hook_list_is_what_the_design_names() -> None:
     assert HOOKS == sorted(["register_encoders", "register_projectors", "register_backbones", "register_injectors",
                             "register_output_projectors", "register_generators", "register_weight_sources",
-                            "register_presets"])
+                            "register_presets", "register_datasets", "register_eval_tasks"])
 
 
 @pytest.mark.parametrize("hook", HOOKS)
@@ -237,5 +237,6 @@ def test_every_hook_is_exercised_by_a_test_or_a_builtin(hook: str) -> None:
         "register_backbones": bool(reg.components["backbone"]), "register_injectors": bool(reg.components["injector"]),
         "register_weight_sources": bool(reg.weight_sources),
         "register_presets": bool(reg.presets),
+        "register_datasets": bool(reg.datasets), "register_eval_tasks": bool(reg.eval_tasks),
     }.get(hook, False)
     assert used_by_test or used_by_builtin, f"no test implements {hook}"

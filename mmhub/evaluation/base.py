@@ -1,0 +1,88 @@
+"""Evaluation tasks (a plugin kind, ``register_eval_tasks``) and the shared answer scoring.
+
+An `EvalTask` has a ``name``, a pydantic ``Config`` (extra settings are errors) and
+``run(model, *, split, limit, blind, batch_size, max_new_tokens, on_result) -> dict`` returning
+at least ``task``, ``split``, ``n``, ``accuracy`` (a fraction in [0, 1]), ``per_type``,
+``blind`` and ``seconds``. ``on_result`` (optional) receives one dict per scored item.
+
+Answer normalisation (`normalize_answer`), exactly:
+
+1. lowercase;
+2. every ASCII punctuation character becomes a space;
+3. split on whitespace and drop the articles ``a``, ``an``, ``the``;
+4. with ``one_word=True``, keep only the first remaining word (so "Circle." -> "circle",
+   "Yes, it is." -> "yes", "a red one" -> "red"); else join the words with single spaces.
+
+`exact_match(prediction, answer)` normalises both, using ``one_word`` when the normalised
+answer is a single word, and compares them for equality; an empty prediction never matches.
+"""
+
+from __future__ import annotations
+
+import string
+from abc import ABC, abstractmethod
+from typing import Any, Callable, ClassVar, Iterable
+
+from pydantic import BaseModel, ConfigDict
+
+ARTICLES = frozenset({"a", "an", "the"})
+_PUNCT = str.maketrans({c: " " for c in string.punctuation})
+
+
+def normalize_answer(text: str, one_word: bool = False) -> str:
+    """Normalise a free-form answer for exact match (see the module docstring for the exact steps)."""
+    words = [w for w in text.lower().translate(_PUNCT).split() if w not in ARTICLES]
+    if one_word:
+        return words[0] if words else ""
+    return " ".join(words)
+
+
+def exact_match(prediction: str, answer: str) -> bool:
+    """Whether `prediction` matches the reference `answer` after normalisation."""
+    ref = normalize_answer(answer)
+    pred = normalize_answer(prediction, one_word=len(ref.split()) == 1)
+    return bool(pred) and pred == ref
+
+
+def score(items: Iterable[tuple[str, str, str]]) -> dict[str, Any]:
+    """(prediction, answer, type) triples -> ``{n, correct, accuracy, per_type: {type: {n, correct, accuracy}}}``."""
+    n = correct = 0
+    per: dict[str, dict[str, Any]] = {}
+    for prediction, answer, kind in items:
+        ok = exact_match(prediction, answer)
+        n += 1
+        correct += ok
+        bucket = per.setdefault(kind, {"n": 0, "correct": 0})
+        bucket["n"] += 1
+        bucket["correct"] += ok
+    for bucket in per.values():
+        bucket["accuracy"] = bucket["correct"] / bucket["n"]
+    return {"n": n, "correct": correct, "accuracy": correct / n if n else 0.0,
+            "per_type": {k: per[k] for k in sorted(per)}}
+
+
+class EvalConfig(BaseModel):
+    """Settings of an evaluation task (subclass it; unknown settings are errors)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class EvalTask(ABC):
+    """An evaluation: runs a model on a benchmark split and returns its scores (see the module docstring)."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[EvalConfig]] = EvalConfig
+    modalities: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config: EvalConfig | None = None):
+        self.config = config if config is not None else self.Config()
+
+    @abstractmethod
+    def run(self, model: Any, *, split: str = "test", limit: int | None = None, blind: bool = False,
+            batch_size: int = 16, max_new_tokens: int = 8,
+            on_result: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]: ...
+
+    @classmethod
+    def summary(cls) -> str:
+        doc = (cls.__doc__ or "").strip().splitlines()
+        return doc[0] if doc else cls.__name__

@@ -1,0 +1,12 @@
+"""The built-in evaluation tasks, registered through the same hook as any plugin's."""
+
+from __future__ import annotations
+
+from mmhub.hookspecs import hookimpl
+
+
+@hookimpl
+def register_eval_tasks(register):
+    from mmhub.evaluation.easy_vqa import EasyVQATask
+
+    register(EasyVQATask)

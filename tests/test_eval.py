@@ -1,0 +1,177 @@
+"""mmhub.evaluation: answer normalisation and scoring, the easy-VQA task (blind included), ``mmhub eval``."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import mmhub
+from conftest import TINY_LLAMA
+from mmhub import weights
+from mmhub.cli import main
+from mmhub.data import load_dataset
+from mmhub.data.easy_vqa import SOURCE
+from mmhub.evaluation import evaluate, exact_match, get_task, normalize_answer, score
+from mmhub.errors import WeightsNotFoundError
+from mmhub.evaluation.easy_vqa import BLANK_RGB
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = {
+    "name": "eval-tiny",
+    "encoders": {"image": {"type": "open_clip", "arch": None, "embed_dim": 32,
+                           "vision_cfg": {"image_size": 32, "patch_size": 8, "layers": 2, "width": 32, "head_width": 16}}},
+    "projectors": {"image": {"type": "mlp", "depth": 2}},
+    "backbone": {"type": "hf_causal_lm", "config": TINY_LLAMA, "tokenizer": "byte"},
+    "template": "chatml",
+}
+def _easy_vqa_here() -> bool:
+    try:
+        return weights.resolve(SOURCE).is_dir()
+    except WeightsNotFoundError:
+        return False
+
+
+need_easy_vqa = pytest.mark.skipif(not _easy_vqa_here() and not os.environ.get("MMHUB_REQUIRE_REAL_WEIGHTS"),
+                                   reason=f"easy-VQA is not here; `mmhub weights fetch {SOURCE}` gets it")
+KEYS = {"task", "split", "n", "correct", "accuracy", "per_type", "blind", "seconds"}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return mmhub.build(SPEC)
+
+
+# -- scoring -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("text, one_word, expected", [
+    ("  The Circle. ", False, "circle"),
+    ("Yes, it is!", True, "yes"),
+    ("Yes, it is!", False, "yes it is"),
+    ("a red one", True, "red"),
+    ("An apple", False, "apple"),
+    ("It's blue", False, "it s blue"),
+    ("...", True, ""),
+    ("", False, ""),
+])
+def test_normalize_answer(text: str, one_word: bool, expected: str) -> None:
+    assert normalize_answer(text, one_word=one_word) == expected
+
+
+@pytest.mark.parametrize("prediction, answer, ok", [
+    ("Circle.", "circle", True),
+    ("yes, there is one", "yes", True),
+    ("The triangle", "triangle", True),
+    ("RED", "red", True),
+    ("no", "yes", False),
+    ("", "yes", False),
+    ("the answer is red", "red", False),  # first word only: "answer"
+    ("grey", "gray", False),  # no synonyms
+    ("new york city", "New York", False),  # several-word answers compare whole
+    ("the new-york", "new york", True),
+])
+def test_exact_match(prediction: str, answer: str, ok: bool) -> None:
+    assert exact_match(prediction, answer) is ok
+
+
+def test_score_overall_and_per_type() -> None:
+    triples = [("circle", "circle", "shape"), ("Square", "rectangle", "shape"), ("Red.", "red", "color"),
+               ("yes", "no", "yes_no"), ("No, it is not.", "no", "yes_no"), ("no", "no", "yes_no")]
+    out = score(triples)
+    assert out["n"] == 6 and out["correct"] == 4 and out["accuracy"] == pytest.approx(4 / 6)
+    assert out["per_type"] == {"color": {"n": 1, "correct": 1, "accuracy": 1.0},
+                               "shape": {"n": 2, "correct": 1, "accuracy": 0.5},
+                               "yes_no": {"n": 3, "correct": 2, "accuracy": pytest.approx(2 / 3)}}
+    assert score([])["accuracy"] == 0.0 and score([])["n"] == 0
+
+
+# -- the easy-VQA task ---------------------------------------------------------------------------
+@need_easy_vqa
+def test_easy_vqa_task_on_a_tiny_model(model) -> None:
+    rows = []
+    out = evaluate(model, "easy-vqa", split="test", limit=8, batch_size=3, max_new_tokens=3, on_result=rows.append)
+    assert KEYS <= set(out) and out["task"] == "easy_vqa" and out["split"] == "test" and out["n"] == 8
+    assert 0.0 <= out["accuracy"] <= 1.0 and out["blind"] is False
+    assert sum(v["n"] for v in out["per_type"].values()) == 8 and set(out["per_type"]) <= {"shape", "color", "yes_no"}
+    assert len(rows) == 8 and all(isinstance(r["prediction"], str) for r in rows)
+    assert sum(r["correct"] for r in rows) == out["correct"]
+    assert [r["answer"] for r in rows] == [a for _, a, _ in load_dataset({"type": "easy_vqa", "split": "test"}).questions[:8]]
+    assert rows[0]["answer"] == "triangle" and rows[0]["question"] == "what is the red shape?"
+
+
+@need_easy_vqa
+def test_blind_feeds_blank_images_to_the_encoder(model) -> None:
+    seen: list[torch.Tensor] = []
+    handle = model.encoders["image"].register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()))
+    try:
+        get_task("easy_vqa").run(model, split="test", limit=4, blind=True, batch_size=2, max_new_tokens=1)
+        blind = torch.cat(seen)
+        seen.clear()
+        get_task("easy_vqa").run(model, split="test", limit=4, blind=False, batch_size=2, max_new_tokens=1)
+        seeing = torch.cat(seen)
+    finally:
+        handle.remove()
+    grey = model.processor.preprocess["image"](Image.new("RGB", (64, 64), BLANK_RGB))
+    assert blind.shape[0] == 4 and seeing.shape[0] == 4
+    assert all(torch.allclose(x, grey) for x in blind)
+    assert not any(torch.allclose(x, grey) for x in seeing)
+
+
+# -- the CLI -------------------------------------------------------------------------------------
+@need_easy_vqa
+def test_cli_eval_in_process(model, tmp_path: Path, capsys) -> None:
+    folder = model.save_pretrained(tmp_path / "saved")
+    code = main(["eval", str(folder), "--task", "easy-vqa", "--limit", "8", "--batch-size", "4",
+                 "--max-new-tokens", "2", "--blind"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert code == 0 and len(lines) == 9
+    last = json.loads(lines[-1])
+    assert KEYS <= set(last) and last["n"] == 8 and last["blind"] is True and last["model"] == str(folder)
+    assert 0.0 <= last["accuracy"] <= 1.0 and all("prediction" in json.loads(x) for x in lines[:-1])
+
+
+@need_easy_vqa
+def test_cli_eval_subprocess_with_a_spec_file(tmp_path: Path) -> None:
+    spec = tmp_path / "tiny.json"
+    spec.write_text(json.dumps(SPEC))
+    proc = subprocess.run([sys.executable, "-m", "mmhub.cli", "eval", str(spec), "--task", "easy_vqa", "--limit", "2",
+                           "--max-new-tokens", "2"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    last = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert last["n"] == 2 and last["split"] == "test" and last["task"] == "easy_vqa"
+
+
+def test_cli_eval_errors(tmp_path: Path, capsys) -> None:
+    assert main(["eval", str(tmp_path / "no-such-model"), "--task", "easy-vqa"]) == 2
+    err = capsys.readouterr().err
+    assert "no such folder or spec file" in err and "no-such-model" in err
+    assert main(["eval", str(tmp_path), "--task", "easy-vq"]) == 2
+    err = capsys.readouterr().err
+    assert "no eval task named 'easy-vq'" in err and "Did you mean 'easy_vqa'" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["eval", str(empty), "--task", "easy-vqa"]) == 2
+    assert "error:" in capsys.readouterr().err
+    if importlib.util.find_spec("mmhub.demo_model") is None:
+        assert main(["eval", "default", "--task", "easy-vqa"]) == 2
+        err = capsys.readouterr().err
+        assert "does not exist yet" in err and "mmhub train" in err
+
+
+def test_plugins_lists_datasets_and_eval_tasks(capsys) -> None:
+    assert main(["plugins", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    names = {d["name"]: d for d in out["datasets"]}
+    assert {"llava_json", "sharegpt", "captions", "preference", "webdataset", "easy_vqa"} <= set(names)
+    assert names["easy_vqa"]["settings"] == ["caption_prompt", "data_dir", "limit", "split", "task"]
+    assert names["webdataset"]["streaming"] is True and names["easy_vqa"]["plugin"] == "mmhub.datasets"
+    assert [t["name"] for t in out["eval_tasks"]] == ["easy_vqa"]
+    assert main(["plugins"]) == 0
+    text = capsys.readouterr().out
+    assert "datasets (" in text and "eval tasks (1)" in text and "easy_vqa" in text
