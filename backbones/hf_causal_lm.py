@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
+from mmhub.attention import HF_XFORMERS
 from mmhub.backbones.hf_base import HFBackboneBase, HFBackboneConfig
 from mmhub.interfaces import BuildContext, ComponentConfig
 
@@ -38,6 +39,7 @@ class HFCausalLM(HFBackboneBase):
     auto_class: ClassVar[Any] = AutoModelForCausalLM
     library: ClassVar[str] = "transformers"
     out_dim_doc: ClassVar[str] = "the model's hidden_size"
+    supports_packing: ClassVar[bool] = True  # forward takes a (B, 1, L, L) mask: packed rows (mmhub.packing)
     tokens_doc: ClassVar[str] = "text tokens; context = max_position_embeddings (x rope_scaling.factor)"
     example_settings: ClassVar[dict[str, Any]] = {"config": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300, "max_position_embeddings": 256}}
 
@@ -47,6 +49,12 @@ class HFCausalLM(HFBackboneBase):
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """`attention_mask`: (B, L) padding mask, or (B, 1, L, L) with True = attend (packed rows), which transformers
+        uses as is: SDPA (and mmhub_xformers) take it boolean, every other implementation additive."""
+        if attention_mask.ndim == 4 and attention_mask.dtype == torch.bool \
+                and self.model.config._attn_implementation not in ("sdpa", HF_XFORMERS):
+            additive = torch.zeros(attention_mask.shape, dtype=inputs_embeds.dtype, device=inputs_embeds.device)
+            attention_mask = additive.masked_fill_(~attention_mask, torch.finfo(inputs_embeds.dtype).min)
         out = self.model.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                     position_ids=position_ids, use_cache=False)
         return out.last_hidden_state  # (B, L, H)

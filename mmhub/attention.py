@@ -12,6 +12,11 @@ all call `attention(q, k, v, mask, backend)`. The backend is chosen per spec
   otherwise, and SDPA also for inputs this xformers build has no kernel for (a build
   for another torch imports without its C++ kernels); each fallback is logged once.
 
+Inside transformers backbones and towers the same choice goes through `hf_attn_implementation`:
+``xformers`` (and ``auto`` on a CUDA machine with xformers) registers `hf_xformers_attention` as
+transformers' ``mmhub_xformers`` attention; packed rows (`packed_sequences`) run there as one
+``BlockDiagonalCausalMask`` sequence.
+
 All backends take the same layout, ``(B, heads, L, head_dim)``, and the same mask
 (boolean, True = attend; broadcastable to ``(B, heads, Lq, Lk)``), and agree
 numerically (tested).
@@ -21,8 +26,10 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import lru_cache
-from typing import Literal
+from typing import Any, Iterator, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -211,7 +218,90 @@ class MultiheadAttention(torch.nn.Module):
         return self.out(merge_heads(out))
 
 
+HF_XFORMERS = "mmhub_xformers"  # the name mmhub registers its xformers attention under in transformers
+_packed_seqlens: ContextVar[tuple[int, ...] | None] = ContextVar("mmhub_packed_seqlens", default=None)
+
+
 def hf_attn_implementation(backend: str) -> str:
-    """The transformers ``attn_implementation`` matching a spec's backend: transformers has no xformers
-    kernel of its own and its SDPA path dispatches to fused kernels, so everything but ``eager`` maps to ``sdpa``."""
-    return "eager" if backend == "eager" else "sdpa"
+    """The transformers ``attn_implementation`` matching a spec's backend.
+
+    ``eager`` -> ``eager``; ``xformers``, and ``auto`` where CUDA and xformers are there, ->
+    ``mmhub_xformers`` (`hf_xformers_attention`, registered on first use: xformers kernels on CUDA
+    tensors, transformers' SDPA elsewhere); everything else -> ``sdpa``.
+    """
+    if backend == "eager":
+        return "eager"
+    if backend == "xformers" or (backend == "auto" and torch.cuda.is_available() and xformers_importable()):
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        AttentionInterface.register(HF_XFORMERS, hf_xformers_attention)
+        AttentionMaskInterface.register(HF_XFORMERS, sdpa_mask)  # the masks transformers builds are SDPA's
+        return HF_XFORMERS
+    return "sdpa"
+
+
+@contextmanager
+def packed_sequences(seqlens: Sequence[int]) -> Iterator[None]:
+    """While active, `hf_xformers_attention` treats a (B, L) batch with sum(seqlens) == B*L as one packed
+    sequence of these segments (xformers' ``BlockDiagonalCausalMask``) instead of reading the 4D mask."""
+    token = _packed_seqlens.set(tuple(int(n) for n in seqlens))
+    try:
+        yield
+    finally:
+        _packed_seqlens.reset(token)
+
+
+def hf_xformers_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                          is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers attention function (query (B, h, Lq, d), key/value (B, h_kv, Lk, d) -> (B, Lq, h, d)) over
+    xformers' memory-efficient kernels; transformers' SDPA where xformers cannot run (not CUDA, no kernel for
+    these inputs, position biases, logit soft-capping, attention sinks)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    special = [k for k in ("position_bias", "softcap", "s_aux", "sinks", "cache", "output_attentions")
+               if kwargs.get(k) is not None and kwargs.get(k) is not False]
+    key_ = (query.device.type, query.dtype, query.shape[-1], attention_mask is not None)
+    if special or not xformers_runs(query.device):
+        why = f"xformers takes no {', '.join(special)}" if special else f"xformers has no {query.device.type} kernels"
+        _log_once(f"hf: {why}", "attention: mmhub_xformers -> sdpa (%s)", why)
+    elif key_ not in _xformers_unsupported:
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        try:
+            return _hf_xformers(query, key, value, attention_mask, dropout, scaling, causal), None
+        except NotImplementedError as exc:
+            _xformers_unsupported.add(key_)
+            log.info("attention: mmhub_xformers -> sdpa for %s (xformers has no kernel for these inputs: %s)", key_,
+                     str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  is_causal=is_causal, **kwargs)
+
+
+def _hf_xformers(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                 dropout: float, scaling: float | None, causal: bool) -> torch.Tensor:
+    import xformers.ops as xops
+    from xformers.ops.fmha import attn_bias as xbias
+
+    B, h, Lq, d = query.shape
+    Lk, rep = key.shape[2], h // key.shape[1]
+    # xformers layout (B, L, heads, d); grouped-query heads are repeated like transformers' SDPA path does
+    q = query.transpose(1, 2)
+    k, v = (t.repeat_interleave(rep, dim=1).transpose(1, 2) if rep > 1 else t.transpose(1, 2) for t in (key, value))
+    seqlens = _packed_seqlens.get()
+    if seqlens is not None and Lq == Lk and sum(seqlens) == B * Lq:  # packed rows: one block per sample
+        bias = xbias.BlockDiagonalCausalMask.from_seqlens(list(seqlens), device=query.device)
+        out = xops.memory_efficient_attention(q.reshape(1, B * Lq, h, d), k.reshape(1, B * Lk, h, d),
+                                              v.reshape(1, B * Lk, h, d), attn_bias=bias, p=dropout, scale=scaling)
+        return out.reshape(B, Lq, h, d)
+    if mask is None:
+        bias = None if not causal or Lq == 1 else (xbias.LowerTriangularMask() if Lq == Lk
+                                                   else xbias.LowerTriangularFromBottomRightMask())
+    else:  # an additive bias whose storage is aligned to 8 in the last dim; rows with nothing to attend attend all
+        pad = (8 - Lk % 8) % 8
+        bias = torch.zeros(B, h, Lq, Lk + pad, dtype=q.dtype, device=q.device)[..., :Lk]
+        if mask.dtype == torch.bool:
+            bias.masked_fill_(~(mask | ~mask.any(-1, keepdim=True)).expand(B, h, Lq, Lk), float("-inf"))
+        else:
+            bias.add_(mask.to(q.dtype).expand(B, h, Lq, Lk))
+    return xops.memory_efficient_attention(q, k, v, attn_bias=bias, p=dropout, scale=scaling)

@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmhub.attention import packed_sequences
 from mmhub.errors import InputError
 from mmhub.interfaces import Backbone, InjectionContext, Injector, TextContext
+from mmhub.packing import block_causal_mask, segment_lengths
 from mmhub.processor import Messages, MMProcessor
 from mmhub.splice import IGNORE, Spliced, compact, splice
 
@@ -116,13 +118,20 @@ class MMModel(nn.Module):
         return out, (torch.stack(aux).sum() if aux else None)
 
     def _text_context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None,
-                      text_embeds: torch.Tensor, modality: str) -> TextContext:
+                      text_embeds: torch.Tensor, modality: str, segment_ids: torch.Tensor | None = None) -> TextContext:
         """Per item of `modality`: its sample's prompt-side text (and answer side when labelled)."""
         ph = torch.zeros_like(input_ids, dtype=torch.bool)
         for pid in self.processor.placeholder_ids.values():
             ph |= input_ids == pid
         valid = attention_mask.bool() & ~ph
         prompt = valid if labels is None else valid & (labels == IGNORE)
+        if segment_ids is not None:  # packed rows: each item reads only its own sample's text
+            rows, cols = (input_ids == self.processor.placeholder_ids[modality]).nonzero(as_tuple=True)
+            own = segment_ids[rows] == segment_ids[rows, cols][:, None]  # (N, L)
+            ctx = TextContext(*compact(text_embeds[rows], prompt[rows] & own))
+            if labels is not None:
+                ctx.target, ctx.target_mask = compact(text_embeds[rows], valid[rows] & (labels[rows] != IGNORE) & own)
+            return ctx
         inst, inst_mask = compact(text_embeds, prompt)
         rows = (input_ids == self.processor.placeholder_ids[modality]).nonzero(as_tuple=True)[0]
         ctx = TextContext(inst[rows], inst_mask[rows])
@@ -133,13 +142,18 @@ class MMModel(nn.Module):
 
     def prepare_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                        labels: torch.Tensor | None = None, media: Mapping[str, torch.Tensor] | None = None,
-                       padding_side: str = "right", features: Mapping[str, torch.Tensor] | None = None) -> Spliced:
-        """Token ids (with one placeholder per media item) + media (or cached encoder features) -> backbone-ready embeddings."""
-        return self._prepare(input_ids, attention_mask, labels, media, padding_side, features).spliced
+                       padding_side: str = "right", features: Mapping[str, torch.Tensor] | None = None,
+                       segment_ids: torch.Tensor | None = None) -> Spliced:
+        """Token ids (with one placeholder per media item) + media (or cached encoder features) -> backbone-ready embeddings.
+        With `segment_ids` (packed rows) the result carries per-position segment ids and per-segment position ids."""
+        return self._prepare(input_ids, attention_mask, labels, media, padding_side, features, segment_ids).spliced
 
     def _prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor | None,
                  media: Mapping[str, torch.Tensor] | None, padding_side: str,
-                 features: Mapping[str, torch.Tensor] | None = None) -> Prepared:
+                 features: Mapping[str, torch.Tensor] | None = None, segment_ids: torch.Tensor | None = None) -> Prepared:
+        if segment_ids is not None:
+            self._check_packing()
+            segment_ids = segment_ids.to(self.device)
         input_ids = input_ids.to(self.device)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -155,7 +169,7 @@ class MMModel(nn.Module):
                 raise InputError(f"the text has {n} {self._names[ph_ids[m]]} placeholder(s) but 0 {m} items were given")
         safe_ids = input_ids.masked_fill(input_ids >= self.backbone_vocab_size, 0)  # placeholder ids may lie past the table
         text_embeds = self.backbone.embed(safe_ids)  # (B, L, H)
-        text = {m: self._text_context(input_ids, attention_mask, labels, text_embeds, m)
+        text = {m: self._text_context(input_ids, attention_mask, labels, text_embeds, m, segment_ids)
                 for m in given if m in self.projectors and getattr(self.projectors[m], "uses_text", False)}
         tokens, aux = self.encode_media(media, text, features)
         context = self.plan.context_modalities
@@ -164,9 +178,21 @@ class MMModel(nn.Module):
             if m in context:  # the injector cross-attends to the tokens; the text keeps one marker token per item
                 t = self.injectors[context[m]].marker(m).to(t.dtype).expand(t.shape[0], 1, -1)
             spliced_media[ph_ids[m]] = t
-        sp = splice(input_ids, text_embeds, attention_mask, labels, spliced_media, padding_side, self._names)
+        sp = splice(input_ids, text_embeds, attention_mask, labels, spliced_media, padding_side, self._names, segment_ids)
         injection = self._injection_context(input_ids, sp, tokens) if len(self.injectors) else None
         return Prepared(sp, injection, aux)
+
+    def _check_packing(self) -> None:
+        why = None
+        if self.is_encoder_decoder:
+            why = "an encoder-decoder backbone (its encoder and decoder sides are split per row)"
+        elif len(self.injectors):
+            why = f"injectors ({', '.join(self.injectors)}: they index media per row, not per packed sample)"
+        elif not getattr(self.backbone, "supports_packing", False):
+            why = f"the {getattr(self.backbone, 'name', type(self.backbone).__name__)} backbone (it takes no 4D attention mask)"
+        if why:
+            raise InputError(f"sequence packing (segment_ids) is not supported with {why}; "
+                             "collate these samples unpacked (MMProcessor.collate) instead")
 
     def _injection_context(self, input_ids: torch.Tensor, sp: Spliced, tokens: Mapping[str, torch.Tensor]) -> InjectionContext:
         B = input_ids.shape[0]
@@ -212,17 +238,25 @@ class MMModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, media: Mapping[str, torch.Tensor] | None = None,
                 padding_side: str = "right", return_logits: bool = True,
-                features: Mapping[str, torch.Tensor] | None = None) -> MMOutput:
+                features: Mapping[str, torch.Tensor] | None = None, segment_ids: torch.Tensor | None = None) -> MMOutput:
         """Loss (mean over target tokens) and logits. Logits are computed for every position only
         when `return_logits`; the loss itself only ever projects the positions that have labels.
-        `features` replaces `media` for modalities whose (frozen) encoder output is cached."""
-        prep = self._prepare(input_ids, attention_mask, labels, media, padding_side, features)
+        `features` replaces `media` for modalities whose (frozen) encoder output is cached.
+        `segment_ids` (B, L) marks packed rows (`mmhub.packing.collate_packed`): attention stays causal
+        within each sample, positions restart per sample, and no sample's first token is a target."""
+        prep = self._prepare(input_ids, attention_mask, labels, media, padding_side, features, segment_ids)
         sp = prep.spliced
         if self.is_encoder_decoder:
             hidden, target, keep = self._seq2seq_hidden(sp)
         else:
-            with self._injected(prep.injection):
-                hidden = self.backbone(sp.inputs_embeds, sp.attention_mask, sp.position_ids)  # (B, L', H)
+            if sp.segment_ids is not None:  # packed rows: a block-diagonal causal mask, one block per sample
+                if sp.labels is not None:  # the last token of sample k never predicts the first token of sample k+1
+                    sp.labels = sp.labels.masked_fill(sp.position_ids == 0, IGNORE)
+                with packed_sequences(segment_lengths(sp.segment_ids)):
+                    hidden = self.backbone(sp.inputs_embeds, block_causal_mask(sp.segment_ids), sp.position_ids)
+            else:
+                with self._injected(prep.injection):
+                    hidden = self.backbone(sp.inputs_embeds, sp.attention_mask, sp.position_ids)  # (B, L', H)
             if sp.labels is not None:
                 target = sp.labels[:, 1:]  # token t predicts t+1
                 keep = target != IGNORE

@@ -28,6 +28,7 @@ class Spliced:
     labels: torch.Tensor | None  # (B, L') or None
     origin: torch.Tensor | None = None  # (B, L') index of the input token each position came from (-1 = padding)
     media_positions: torch.Tensor | None = None  # (B, L') True where a media item's tokens were spliced in
+    segment_ids: torch.Tensor | None = None  # (B, L') packed rows: the sample each position belongs to (-1 = padding)
 
 
 def splice(
@@ -38,12 +39,22 @@ def splice(
     media: dict[int, torch.Tensor],
     padding_side: str = "right",
     names: dict[int, str] | None = None,
+    segment_ids: torch.Tensor | None = None,
 ) -> Spliced:
     """Expand every placeholder id in `input_ids` into the rows of ``media[id]`` (N, T, H), in order.
 
     Items are consumed in row-major order of their placeholders: the n-th placeholder
-    of a modality in the batch takes item n of that modality.
+    of a modality in the batch takes item n of that modality. With `segment_ids` (B, L)
+    (packed rows, right padded: the sample of each token, -1 on padding), every spliced
+    position takes its token's segment (media tokens their placeholder's) and position ids
+    restart at 0 for each segment.
     """
+    if segment_ids is not None:
+        prev, nxt = segment_ids[:, :-1], segment_ids[:, 1:]
+        backwards = ((prev >= 0) & (nxt >= 0) & (nxt < prev)) | ((prev < 0) & (nxt >= 0))
+        if padding_side != "right" or bool(backwards.any()):
+            raise InputError("packed rows (segment_ids) must be right padded, each sample one run of its id in "
+                             "increasing order (0, 1, 2..) and -1 only on the padding at the end")
     B, L, H = text_embeds.shape  # (B, L, H)
     lens = torch.ones_like(input_ids)
     is_media = torch.zeros_like(input_ids, dtype=torch.bool)
@@ -90,8 +101,22 @@ def splice(
         origin[b[:, None].expand(-1, T), pos] = t[:, None].expand(-1, T)
         media_positions[b[:, None].expand(-1, T), pos] = True
 
-    position_ids = (out_mask.long().cumsum(1) - 1).clamp(min=0)
-    return Spliced(out, out_mask, position_ids, out_labels, origin, media_positions)
+    seg = None
+    if segment_ids is None:
+        position_ids = (out_mask.long().cumsum(1) - 1).clamp(min=0)
+    else:
+        seg = segment_ids.to(origin.device).gather(1, origin.clamp(min=0)).masked_fill(origin < 0, -1)
+        position_ids = segment_positions(seg)
+    return Spliced(out, out_mask, position_ids, out_labels, origin, media_positions, seg)
+
+
+def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
+    """(B, L) segment ids (each segment one contiguous run) -> position ids restarting at 0 at every run start."""
+    B, L = segment_ids.shape
+    idx = torch.arange(L, device=segment_ids.device).expand(B, L)
+    start = torch.ones_like(segment_ids, dtype=torch.bool)
+    start[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return idx - torch.where(start, idx, torch.zeros_like(idx)).cummax(1).values
 
 
 def compact(x: torch.Tensor, keep: torch.Tensor, fill: float | int = 0) -> tuple[torch.Tensor, torch.Tensor]:
