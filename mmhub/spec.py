@@ -218,6 +218,9 @@ def load_spec(source: str | Path | dict[str, Any] | Spec, registry: Any = None) 
         from mmhub.registry import get_registry
 
         registry = get_registry()
+    recipe = Path(__file__).parent / "recipes" / f"{source}.yaml"
+    if ":" not in str(source) and "/" not in str(source) and recipe.is_file():  # a shipped training recipe
+        return spec_from_dict(parse_text(recipe.read_text(), str(recipe)), f"recipe {source}")
     key = str(source) if ":" in str(source) else f"{source}:tiny"
     if key in registry.presets:
         return spec_from_dict(registry.presets[key].spec, f"preset {key}")

@@ -1,0 +1,1 @@
+"""Shipped training recipes: specs with stages and data (`mmhub train NAME`)."""
