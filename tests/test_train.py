@@ -147,6 +147,24 @@ def test_bad_samples_are_skipped_and_counted_then_the_run_stops(tmp_path: Path) 
     spec["stages"][0].update(max_steps=5, max_bad_fraction=0.1)
     summary = train(spec, out=tmp_path / "ok", datasets={"align": data}, progress_bar=False)
     assert summary["align"]["skipped"] == 2 and summary["align"]["samples"] == 38
-    spec["stages"][0]["max_bad_fraction"] = 0.01
-    with pytest.raises(InputError, match=r"2 of \d+ samples so far could not be used.*missing.png"):
+    spec["stages"][0]["max_bad_fraction"] = 0.01  # the pre-flight check stops it before the first step
+    with pytest.raises(InputError, match=r"missing.png"):
         train(spec, out=tmp_path / "stop", datasets={"align": data}, progress_bar=False)
+    assert not (tmp_path / "stop" / "align" / "checkpoints").exists()
+
+
+def test_packed_training_matches_unpacked_and_group_by_length_runs(tmp_path: Path) -> None:
+    from mmhub.train.run import train
+
+    data = train_script.dataset(32)
+    results = {}
+    for name, extra in (("plain", {}), ("packed", {"pack": 256}), ("grouped", {"group_by_length": True})):
+        spec = train_script.spec(8)
+        spec["stages"] = spec["stages"][:1]
+        spec["stages"][0].update(max_steps=3, save_every=None, **extra)
+        train(spec, out=tmp_path / name, datasets={"align": data}, progress_bar=False)
+        results[name] = _params(tmp_path / name, "align")
+    a, b = results["plain"], results["packed"]
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a if "projectors" in k)
+    assert diff < 1e-4, diff
+    assert all(torch.isfinite(v).all() for v in results["grouped"].values())

@@ -111,7 +111,8 @@ class Trainer:
     """Runs the stages of an assembled model's spec; `run()` trains, `resume=True` continues a stopped run."""
 
     def __init__(self, model: Any, out_dir: str | Path, datasets: dict[str, Any] | None = None,
-                 accelerator: Any = None, progress_bar: bool = True, log: Callable[[str], None] = print):
+                 accelerator: Any = None, progress_bar: bool = True, log: Callable[[str], None] = print,
+                 preflight: bool = True):
         from accelerate import Accelerator
 
         self.model = model
@@ -119,6 +120,7 @@ class Trainer:
         self.datasets = datasets or {}
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         self.progress_bar = progress_bar and self.accelerator.is_main_process
+        self.preflight = preflight
         self.log = log if self.accelerator.is_main_process else (lambda *_: None)
 
     # -- public --------------------------------------------------------------------
@@ -176,6 +178,11 @@ class Trainer:
         n = len(data)
         if n == 0:
             raise InputError(f"stage {st.name!r}: the dataset is empty ({st.data!r})")
+        if self.preflight and acc.is_main_process and st.objective == "sft":
+            from mmhub.data.preflight import preflight
+
+            report = preflight(model, data, n=min(256, n), max_bad_fraction=st.max_bad_fraction, seed=model.spec.seed)
+            self.log(f"preflight {st.name!r}: {report.checked} samples checked, {sum(report.problems.values())} with problems")
         world = acc.num_processes
         per_step = st.batch_size * st.grad_accum * world
         steps_per_epoch = max(1, n // per_step)
@@ -330,9 +337,12 @@ class Trainer:
                 with torch.no_grad():
                     return model.encode_features({_m: batch})[_m]
 
-            feats[m] = cache.get(keys, compute)
+            stacked = cache.get(keys, compute)
+            at = 0
             for enc in keep:
-                enc.media.pop(m, None)
+                k = len(enc.media.pop(m, []))
+                enc.features = {**getattr(enc, "features", {}), m: stacked[at:at + k]}
+                at += k
         return keep, feats
 
     def _step(self, wrapped: Any, optimizer: Any, step_ids: list[int], st: StageSpec, caches: dict[str, FeatureCache],
@@ -346,18 +356,27 @@ class Trainer:
         for ids in micro:
             mine = ids[rank * st.batch_size:(rank + 1) * st.batch_size]
             encs = self._encode(mine, data, bad, caches)
-            encs, feats = self._features(encs, caches, bad)
+            encs, _ = self._features(encs, caches, bad)
             if not encs:
                 continue
-            batch = self.model.processor.collate(encs)
-            batch["features"] = feats
+            if st.pack:
+                from mmhub.packing import collate_packed, pack, spliced_length
+
+                rows = pack(encs, st.pack, spliced_length(self.model))
+                batch = collate_packed(self.model.processor, encs, rows)
+                ordered = [encs[i] for row in rows for i in row]
+            else:
+                batch = self.model.processor.collate(encs)
+                ordered = encs
+            batch["features"] = {m: torch.cat([e.features[m] for e in ordered if m in getattr(e, "features", {})])
+                                 for m in caches if any(m in getattr(e, "features", {}) for e in ordered)}
             batches.append(batch)
             used += len(encs)
         for k, batch in enumerate(batches):
             ctx = acc.no_sync(wrapped) if k < len(batches) - 1 else _nullcontext()
             with ctx, acc.autocast():
                 out = wrapped(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["media"],
-                              return_logits=False, features=batch["features"])
+                              return_logits=False, features=batch["features"], segment_ids=batch.get("segment_ids"))
                 loss_sum = out.loss.float() * out.num_target_tokens
             acc.backward(loss_sum)
             loss_total += float(loss_sum.detach())

@@ -8,7 +8,6 @@ colour dataset that is the same in every process, and trains it with mmhub's tra
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,16 +16,10 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import TINY_LLAMA  # noqa: E402
 
+from mmhub.data import Sample  # noqa: E402
 from mmhub.train.run import train  # noqa: E402
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 40)}
-
-
-@dataclass
-class Sample:
-    id: str
-    messages: list
-    media: dict = field(default_factory=dict)
 
 
 def dataset(n: int = 64) -> list[Sample]:
