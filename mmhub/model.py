@@ -33,6 +33,7 @@ class MMOutput:
     labels: torch.Tensor | None  # (B, L') spliced labels (-100 where ignored); decoder targets for enc-dec
     num_target_tokens: int = 0
     aux_loss: torch.Tensor | None = None  # sum of the projectors' auxiliary losses (included in `loss`)
+    sequence_logprobs: torch.Tensor | None = None  # (B,) summed log-probability of each row's labelled tokens (DPO)
 
 
 @dataclass
@@ -260,19 +261,23 @@ class MMModel(nn.Module):
             if sp.labels is not None:
                 target = sp.labels[:, 1:]  # token t predicts t+1
                 keep = target != IGNORE
-        loss, n_target = None, 0
+        loss, n_target, seq_logp = None, 0, None
         if sp.labels is not None:
             n_target = int(keep.sum())
+            seq_logp = hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
             if n_target == 0:
                 loss = hidden.sum() * 0.0  # keeps the graph; a batch with no targets contributes nothing
             else:
                 h = hidden[keep] if self.is_encoder_decoder else hidden[:, :-1][keep]
-                loss = F.cross_entropy(self.backbone.logits(h).float(), target[keep])  # only labelled positions
+                ce = F.cross_entropy(self.backbone.logits(h).float(), target[keep], reduction="none")  # labelled positions only
+                loss = ce.mean()
+                seq_logp = seq_logp.index_add(0, keep.nonzero(as_tuple=True)[0], -ce)
             if prep.aux_loss is not None:
                 loss = loss + prep.aux_loss
         logits = self.backbone.logits(hidden) if return_logits else None
         labels_out = target if (self.is_encoder_decoder and sp.labels is not None) else sp.labels
-        return MMOutput(loss=loss, logits=logits, labels=labels_out, num_target_tokens=n_target, aux_loss=prep.aux_loss)
+        return MMOutput(loss=loss, logits=logits, labels=labels_out, num_target_tokens=n_target, aux_loss=prep.aux_loss,
+                        sequence_logprobs=seq_logp)
 
     def _seq2seq_hidden(self, sp: Spliced) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Encoder-decoder backbones: prompt side (incl. media tokens) -> encoder, labelled tokens -> decoder.

@@ -168,3 +168,34 @@ def test_packed_training_matches_unpacked_and_group_by_length_runs(tmp_path: Pat
     diff = max(float((a[k] - b[k]).abs().max()) for k in a if "projectors" in k)
     assert diff < 1e-4, diff
     assert all(torch.isfinite(v).all() for v in results["grouped"].values())
+
+
+def _logps(model, data):
+    chosen = model.batch([s.conversation(s.chosen) for s in data], [s.media for s in data])
+    rejected = model.batch([s.conversation(s.rejected) for s in data], [s.media for s in data])
+    with torch.no_grad():
+        c = model(chosen["input_ids"], chosen["attention_mask"], chosen["labels"], chosen["media"]).sequence_logprobs
+        r = model(rejected["input_ids"], rejected["attention_mask"], rejected["labels"], rejected["media"]).sequence_logprobs
+    return c, r
+
+
+def test_dpo_grows_the_chosen_over_rejected_margin(tmp_path: Path) -> None:
+    from mmhub.data import Sample
+    from mmhub.train.run import train
+
+    prefs = []
+    for s in train_script.dataset(32):
+        colour = s.messages[1]["content"].split()[-1].rstrip(".")
+        prefs.append(Sample(s.id, s.messages[:1], s.media, chosen=f"It is {colour}.", rejected=f"Ti si {colour}."))
+    spec = train_script.spec(8)
+    spec["stages"] = [{"name": "prefer", "objective": "dpo", "beta": 0.5, "lr": 5e-3, "batch_size": 8, "max_steps": 8,
+                       "log_every": 1, "train": {"projectors": "full", "backbone": {"lora": {"r": 4}}}}]
+    before = build(spec)
+    c0, r0 = _logps(before, prefs)
+    train(spec, out=tmp_path / "dpo", datasets={"prefer": prefs}, progress_bar=False)
+    after = MMModel.from_pretrained(tmp_path / "dpo" / "prefer" / "model")
+    c1, r1 = _logps(after, prefs)
+    assert float(((c1 - r1) - (c0 - r0)).mean()) > 1.0  # the implicit reward margin grew
+    assert float((c1 > r1).float().mean()) >= 0.9, "the chosen reply should out-rank the rejected one"
+    steps = [json.loads(x) for x in (tmp_path / "dpo" / "prefer" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert steps[-1]["reward_accuracy"] >= steps[0]["reward_accuracy"] and "reward_margin" in steps[-1]

@@ -187,6 +187,15 @@ class Trainer:
         per_step = st.batch_size * st.grad_accum * world
         steps_per_epoch = max(1, n // per_step)
         total = max_steps or st.max_steps or max(1, int(steps_per_epoch * st.epochs))
+        self._reference = None
+        if st.objective == "dpo":
+            if len(model.injectors):
+                raise MMHubError(f"stage {st.name!r}: DPO with injectors ({', '.join(model.injectors)}) is not supported yet")
+            from mmhub.assembly import build_from_plan
+
+            reference = build_from_plan(model.plan)  # same components and adapters; then the weights as the stage begins
+            reference.load_state_dict(model.state_dict())
+            self._reference = reference.eval().requires_grad_(False)
         optimizer = torch.optim.AdamW(param_groups(model, st), lr=st.lr, weight_decay=st.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total, int(st.warmup_ratio * total)))
         if acc.mixed_precision != _precision(st.precision) and st.precision != "fp32":
@@ -233,7 +242,8 @@ class Trainer:
                 lr = scheduler.get_last_lr()[0]
                 scheduler.step()
                 last = {"stage": st.name, "step": gstep, "epoch": progress["epoch"], "loss": loss_sum / max(n_tok, 1),
-                        "lr": lr, "target_tokens": n_tok, "skipped": bad.total}
+                        "lr": lr, ("pairs" if st.objective == "dpo" else "target_tokens"): n_tok, "skipped": bad.total,
+                        **(getattr(self, "_dpo_stats", {}) if st.objective == "dpo" else {})}
                 if gstep % st.log_every == 0 or gstep == total:
                     dt = time.perf_counter() - t0
                     last["samples_per_s"] = window_samples / dt if dt > 0 else 0.0
@@ -265,6 +275,18 @@ class Trainer:
         metrics.log({"stage": st.name, "step": progress["global_step"], "summary": summary})
         return summary
 
+    def _dpo_loss(self, out: Any, batch: dict[str, Any], st: StageSpec) -> tuple[torch.Tensor, int]:
+        """Sigmoid DPO: -log sigmoid(beta * ((log pi(c) - log ref(c)) - (log pi(r) - log ref(r)))), summed over pairs."""
+        with torch.no_grad():
+            ref = self._reference(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["media"],
+                                  return_logits=False, features=batch["features"]).sequence_logprobs
+        pc, pr = _pairs(out.sequence_logprobs)
+        rc, rr = _pairs(ref)
+        margin = st.beta * ((pc - rc) - (pr - rr))
+        self._dpo_stats = {"reward_margin": float(margin.mean().detach()) / st.beta,
+                           "reward_accuracy": float((margin > 0).float().mean())}
+        return -torch.nn.functional.logsigmoid(margin).sum(), int(margin.numel())
+
     def _checkpoint(self, stage_dir: Path, optimizer: Any, scheduler: Any, progress: dict[str, Any], st: StageSpec) -> None:
         acc = self.accelerator
         if acc.is_main_process:
@@ -291,23 +313,34 @@ class Trainer:
                                     seed=self.model.spec.seed + epoch)
         return [order[i] for i in perm]
 
-    def _encode(self, ids: Sequence[int], data: Any, bad: BadSamples, caches: dict[str, FeatureCache]) -> list[Any]:
+    def _encode(self, ids: Sequence[int], data: Any, bad: BadSamples, caches: dict[str, FeatureCache],
+                dpo: bool = False) -> list[Any]:
+        """Tokenize samples (DPO: chosen then rejected conversation per sample); bad samples are skipped and counted."""
         proc = self.model.processor
         out = []
         for i in ids:
             bad.seen += 1
             try:
                 sample = data[i]
-                enc = proc.encode(sample.messages, sample.media, index=i, preprocess=False)
-                for m, items in enc.media.items():
-                    if m in caches:
-                        enc.media[m] = [("key", item_key(x), x) for x in items]
-                    else:
-                        enc.media[m] = [proc.preprocess[m](x) for x in items]
-                if all(label == IGNORE for label in enc.labels):
-                    raise InputError("every label is masked (no assistant tokens to learn)")
-                enc.index = i
-                out.append(enc)
+                if dpo:
+                    if sample.chosen is None or sample.rejected is None:
+                        raise InputError("a DPO stage needs preference samples (prompt + chosen + rejected)")
+                    convs = [sample.conversation(sample.chosen), sample.conversation(sample.rejected)]
+                else:
+                    convs = [sample.messages]
+                pair = []
+                for conv in convs:
+                    enc = proc.encode(conv, sample.media, index=i, preprocess=False)
+                    for m, items in enc.media.items():
+                        if m in caches:
+                            enc.media[m] = [("key", item_key(x), x) for x in items]
+                        else:
+                            enc.media[m] = [proc.preprocess[m](x) for x in items]
+                    if all(label == IGNORE for label in enc.labels):
+                        raise InputError("every label is masked (no assistant tokens to learn)")
+                    enc.index = i
+                    pair.append(enc)
+                out.extend(pair)
             except (InputError, OSError, ValueError, KeyError, IndexError) as exc:
                 bad.add(f"sample {i}", exc)
         return out
@@ -355,11 +388,14 @@ class Trainer:
         batches = []
         for ids in micro:
             mine = ids[rank * st.batch_size:(rank + 1) * st.batch_size]
-            encs = self._encode(mine, data, bad, caches)
+            encs = self._encode(mine, data, bad, caches, dpo=st.objective == "dpo")
             encs, _ = self._features(encs, caches, bad)
+            if st.objective == "dpo":  # a pair whose other half was dropped is dropped too
+                idx = [e.index for e in encs]
+                encs = [e for e in encs if idx.count(e.index) == 2]
             if not encs:
                 continue
-            if st.pack:
+            if st.pack and st.objective != "dpo":
                 from mmhub.packing import collate_packed, pack, spliced_length
 
                 rows = pack(encs, st.pack, spliced_length(self.model))
@@ -377,10 +413,13 @@ class Trainer:
             with ctx, acc.autocast():
                 out = wrapped(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["media"],
                               return_logits=False, features=batch["features"], segment_ids=batch.get("segment_ids"))
-                loss_sum = out.loss.float() * out.num_target_tokens
+                if st.objective == "dpo":
+                    loss_sum, count = self._dpo_loss(out, batch, st)
+                else:
+                    loss_sum, count = out.loss.float() * out.num_target_tokens, out.num_target_tokens
             acc.backward(loss_sum)
             loss_total += float(loss_sum.detach())
-            tok_local += out.num_target_tokens
+            tok_local += count
         tokens = torch.tensor([tok_local, loss_total], dtype=torch.float64, device=acc.device)
         tokens = acc.reduce(tokens, reduction="sum") if world > 1 else tokens
         n_global, loss_global = int(tokens[0]), float(tokens[1])
@@ -397,6 +436,10 @@ class Trainer:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss_global, n_global, used
+
+
+def _pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x[0::2], x[1::2]  # rows alternate chosen, rejected
 
 
 class _NullOptimizer:
