@@ -133,6 +133,10 @@ class HFBackboneBase(Backbone):
         name = config.tokenizer or config.source or "byte"
         if name == "byte":
             return byte_tokenizer()
+        if name.startswith("words:"):  # a closed-vocabulary word tokenizer built from a word list
+            from mmhub.backbones.word_tokenizer import word_tokenizer
+
+            return word_tokenizer(ctx.weights(name[len("words:"):]))
         path = ctx.weights(name)
         folder, kw = where(path)
         return copy.deepcopy(_tokenizer_from(folder, kw.get("gguf_file"), path.stat().st_mtime, config.trust_remote_code))

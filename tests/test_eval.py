@@ -175,3 +175,11 @@ def test_plugins_lists_datasets_and_eval_tasks(capsys) -> None:
     assert main(["plugins"]) == 0
     text = capsys.readouterr().out
     assert "datasets (" in text and "eval tasks (1)" in text and "easy_vqa" in text
+
+
+def test_the_reference_answer_never_reaches_the_model() -> None:
+    from mmhub.evaluation.easy_vqa import _prompt
+
+    msgs = [{"role": "user", "content": "<image>\nwhat is the red shape?"}, {"role": "assistant", "content": "triangle"}]
+    assert _prompt(msgs) == msgs[:1]
+    assert all("triangle" not in m["content"] for m in _prompt(msgs))

@@ -61,7 +61,8 @@ class EasyVQATask(EvalTask):
             for s in batch:
                 images = [load_image(x) for x in s.media["image"]]
                 media.append({"image": [blank_like(im) for im in images] if blind else images})
-            replies = model.generate([s.messages for s in batch], media, max_new_tokens=max_new_tokens, do_sample=False)
+            prompts = [_prompt(s.messages) for s in batch]  # the question only: never the reference answer
+            replies = model.generate(prompts, media, max_new_tokens=max_new_tokens, do_sample=False)
             for s, reply in zip(batch, replies):
                 kind, answer = s.meta["question_type"], s.meta["answer"]
                 triples.append((reply, answer, kind))
@@ -73,3 +74,11 @@ class EasyVQATask(EvalTask):
                 "accuracy": result["accuracy"], "per_type": result["per_type"], "blind": blind,
                 "max_new_tokens": max_new_tokens, "batch_size": batch_size,
                 "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _prompt(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The conversation up to (not including) the final assistant turn, which holds the reference answer."""
+    end = len(messages)
+    while end and messages[end - 1]["role"] == "assistant":
+        end -= 1
+    return [dict(m) for m in messages[:end]]

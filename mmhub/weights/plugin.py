@@ -121,8 +121,19 @@ def resolve_hf(rest: str) -> Path:
     return path
 
 
+def resolve_mmhub(rest: str) -> Path:
+    """A file shipped inside the mmhub package itself (``mmhub:recipes/easyvqa-words.txt``)."""
+    import mmhub
+
+    path = Path(mmhub.__file__).parent / rest
+    if not path.exists():
+        raise WeightsNotFoundError(f"mmhub ships no file {rest!r} (looked for {path}); check the name under mmhub/")
+    return path
+
+
 @hookimpl
 def register_weight_sources(register):
+    register("mmhub", resolve_mmhub)
     register("file", resolve_file)
     register("pypi", resolve_pypi)
     register("hf", resolve_hf)
