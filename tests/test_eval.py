@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -158,10 +157,16 @@ def test_cli_eval_errors(tmp_path: Path, capsys) -> None:
     empty.mkdir()
     assert main(["eval", str(empty), "--task", "easy-vqa"]) == 2
     assert "error:" in capsys.readouterr().err
-    if importlib.util.find_spec("mmhub.demo_model") is None:
-        assert main(["eval", "default", "--task", "easy-vqa"]) == 2
-        err = capsys.readouterr().err
-        assert "does not exist yet" in err and "mmhub train" in err
+
+def test_default_model_is_found_or_the_error_says_how_to_train_one(tmp_path: Path, monkeypatch, capsys) -> None:
+    import mmhub.demo_model as demo
+
+    found = demo.find_default()
+    assert (found.path / "mmhub_spec.json").is_file() and found.name in dict(demo.CHOICES)
+    monkeypatch.setattr(demo, "HERE", tmp_path)
+    assert main(["eval", "default", "--task", "easy-vqa"]) == 2
+    err = capsys.readouterr().err
+    assert "no trained default model" in err and "mmhub train easyvqa-tiny" in err
 
 
 def test_plugins_lists_datasets_and_eval_tasks(capsys) -> None:

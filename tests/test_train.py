@@ -199,3 +199,31 @@ def test_dpo_grows_the_chosen_over_rejected_margin(tmp_path: Path) -> None:
     assert float((c1 > r1).float().mean()) >= 0.9, "the chosen reply should out-rank the rejected one"
     steps = [json.loads(x) for x in (tmp_path / "dpo" / "prefer" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     assert steps[-1]["reward_accuracy"] >= steps[0]["reward_accuracy"] and "reward_margin" in steps[-1]
+
+
+def test_out_of_memory_and_precision_errors_name_the_fix(tmp_path: Path, monkeypatch) -> None:
+    from mmhub.train.run import train
+    from mmhub.train.trainer import Trainer
+
+    data = train_script.dataset(16)
+    spec = train_script.spec(8)
+    spec["stages"] = spec["stages"][:1]
+
+    def oom(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried "
+                           "to allocate 123456789 bytes")
+
+    monkeypatch.setattr(Trainer, "_step", oom)
+    with pytest.raises(MMHubError, match=r"ran out of memory at step 1 \(batch_size 8.*Lower batch_size and raise grad_accum"):
+        train(spec, out=tmp_path / "oom", datasets={"align": data}, progress_bar=False)
+    monkeypatch.undo()
+    mixed = train_script.spec(8)
+    mixed["stages"][1]["precision"] = "bf16"
+    with pytest.raises(MMHubError, match="different precisions"):
+        train(mixed, out=tmp_path / "mixed", datasets={"align": data, "tune": data})
+    if not torch.cuda.is_available():
+        half = train_script.spec(8)
+        for st in half["stages"]:
+            st["precision"] = "fp16"
+        with pytest.raises(MMHubError, match="fp16 needs a CUDA GPU"):
+            train(half, out=tmp_path / "half", datasets={"align": data, "tune": data})

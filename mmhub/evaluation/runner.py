@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 from pathlib import Path
 from typing import Any
@@ -11,24 +10,12 @@ from pydantic import ValidationError
 
 from mmhub.errors import MMHubError, SpecError
 
-NO_DEFAULT = ("the hub's default demo model (`default`) does not exist yet: it is the model the easy-VQA training "
-              "recipe produces, and it will load through mmhub.demo_model.load_default() once that is added. Until "
-              "then, train one (`mmhub train SPEC`, then pass its output folder), or pass a saved model folder "
-              "(MMModel.save_pretrained), a spec file, or a preset such as llava-1.5:tiny (random weights).")
-
-
 def load_model(name: str, registry: Any = None) -> Any:
     """A model from a saved folder, a spec file, a preset (``llava-1.5:tiny``) or ``default`` (the demo model)."""
-    if name == "default":
-        try:
-            module = importlib.import_module("mmhub.demo_model")
-        except ModuleNotFoundError as exc:
-            if exc.name != "mmhub.demo_model":
-                raise
-            raise MMHubError(NO_DEFAULT) from None
-        if not hasattr(module, "load_default"):
-            raise MMHubError("mmhub.demo_model has no load_default(); " + NO_DEFAULT)
-        return module.load_default()
+    if name == "default":  # the hub's demo model (or its documented fallback)
+        from mmhub.demo_model import load_default
+
+        return load_default()
     path = Path(name).expanduser()
     from mmhub.assembly import build
     from mmhub.model import MMModel

@@ -32,7 +32,7 @@ def train(spec: Any = None, out: str | Path | None = None, stage: str | None = N
     from mmhub.spec import load_spec
     from mmhub.train.trainer import Trainer
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_precision(spec, resume))
     main = accelerator.is_main_process
 
     if resume is not None:
@@ -77,3 +77,24 @@ def _cmd(args: argparse.Namespace) -> int:
                     progress_bar=not args.no_progress)
     print(json.dumps(summary))
     return 0
+
+
+def _precision(spec: Any, resume: Any) -> str:
+    """accelerate's mixed precision is per process: every stage of a run must ask for the same one."""
+    from mmhub.spec import load_spec
+
+    if resume is not None:
+        stages = json.loads((Path(resume) / RUN_SPEC).read_text()).get("stages", []) \
+            if (Path(resume) / RUN_SPEC).is_file() else []
+        wanted = {s.get("precision", "fp32") for s in stages}
+    else:
+        wanted = {st.precision for st in load_spec(spec).stages} if spec is not None else set()
+    if len(wanted) > 1:
+        raise MMHubError(f"the stages ask for different precisions {sorted(wanted)}; accelerate runs one per process: "
+                         "give every stage the same precision (or train the stages in separate runs with --stage)")
+    import torch
+
+    p = next(iter(wanted), "fp32")
+    if p == "fp16" and not torch.cuda.is_available():
+        raise MMHubError("precision fp16 needs a CUDA GPU (loss scaling); use bf16 or fp32 on CPU")
+    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[p]

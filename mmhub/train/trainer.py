@@ -224,7 +224,17 @@ class Trainer:
                 if progress["global_step"] >= total:
                     break
                 step_ids = order[start:start + per_step]
-                loss_sum, n_tok, used = self._step(wrapped, optimizer, step_ids, st, caches, bad, data)
+                try:
+                    loss_sum, n_tok, used = self._step(wrapped, optimizer, step_ids, st, caches, bad, data)
+                except (torch.OutOfMemoryError, RuntimeError) as exc:
+                    if "out of memory" not in str(exc).lower() and "can't allocate" not in str(exc).lower() \
+                            and not isinstance(exc, torch.OutOfMemoryError):
+                        raise
+                    done = checkpoints(stage_dir)
+                    raise MMHubError(f"stage {st.name!r} ran out of memory at step {progress['global_step'] + 1} "
+                                     f"(batch_size {st.batch_size}, {type(exc).__name__}). Lower batch_size and raise "
+                                     f"grad_accum (same effective batch), or set pack / a smaller max length. "
+                                     + (f"Resume from {done[-1]} with --resume." if done else "No checkpoint was lost.")) from None
                 progress["batch_in_epoch"] += 1
                 progress["samples_seen"] += used
                 window_samples += used

