@@ -318,7 +318,10 @@ class Trainer:
     def _length_grouped(self, data: Any, order: list[int], st: StageSpec, epoch: int) -> list[int]:
         from mmhub.packing import length_grouped_order
 
-        lengths = [_text_length(data[i]) for i in range(len(data))]
+        cached = getattr(self, "_lengths", None)
+        if cached is None or cached[0] is not data:  # measured once per dataset, not every epoch
+            self._lengths = (data, [_text_length(data[i]) for i in range(len(data))])
+        lengths = self._lengths[1]
         perm = length_grouped_order([lengths[i] for i in order], st.batch_size * self.accelerator.num_processes,
                                     seed=self.model.spec.seed + epoch)
         return [order[i] for i in perm]
