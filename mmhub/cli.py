@@ -1,4 +1,4 @@
-"""The ``mmhub`` command: plugins, presets, validate, assemble, weights.
+"""The ``mmhub`` command: plugins, presets, validate, assemble, weights, train, eval, demo.
 
 Exit codes: 0 success, 2 invalid input (spec problems, unknown names, missing
 weights), 1 anything unexpected. Errors print as one clear message, not a traceback.
@@ -235,7 +235,18 @@ def parser() -> argparse.ArgumentParser:
     from mmhub.train.run import add_parser as add_train_parser
 
     add_train_parser(sub)
+    s = sub.add_parser("demo", help="serve the Gradio demo (chat, assemble, plugins) on 127.0.0.1")
+    from mmhub.apps.demo import add_arguments as add_demo_arguments
+
+    add_demo_arguments(s)
+    s.set_defaults(func=cmd_demo)
     return p
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from mmhub.apps.demo import run
+
+    return run(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -326,6 +326,13 @@ class MMModel(nn.Module):
                                 do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed)
         return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
 
+    def stream(self, prompt: str | Messages, media: Mapping[str, Sequence[Any]] | None = None,
+               **settings: Any) -> Iterator[str]:
+        """The reply to one prompt as it grows (see `mmhub.streaming`); settings as for `generate`."""
+        from mmhub.streaming import stream_reply
+
+        return stream_reply(self, prompt, media, **settings)
+
     @torch.no_grad()
     def generate_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      media: Mapping[str, torch.Tensor] | None = None, seed: int | None = None, **kwargs: Any) -> list[list[int]]:

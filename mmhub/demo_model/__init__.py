@@ -23,7 +23,7 @@ from mmhub.errors import MMHubError
 HERE = Path(__file__).parent
 CHOICES = (
     ("easyvqa-smollm2", "EfficientNet-Lite0 + MLP + SmolLM2-135M-Instruct (LoRA), trained on easy-VQA"),
-    ("easyvqa-tiny", "the CI-sized easy-VQA model trained from scratch (the real-weights demo model is not trained yet)"),
+    ("easyvqa-tiny", "the CI-sized easy-VQA model (ResNet + MLP + 2-layer Llama) trained from scratch in minutes"),
 )
 
 

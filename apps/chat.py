@@ -1,0 +1,120 @@
+"""The demo's conversation: turns with their media, what the model is given, and how the chat shows it.
+
+A conversation is a list of `Turn`s kept per browser session. A user turn holds the
+text typed, the uploaded files (for display) and the decoded media (for the model);
+an assistant turn holds the reply as it streams in. `prompt_for` turns the whole
+conversation into the messages + media the model takes, one placeholder per item,
+so a follow-up question still sees the earlier images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from mmhub.apps.models import LoadedModel
+from mmhub.apps.uploads import Limits, check_prompt, read_upload
+from mmhub.errors import InputError
+
+
+@dataclass
+class Turn:
+    role: str  # "user" or "assistant"
+    text: str
+    files: list[str] = field(default_factory=list)  # uploaded paths, shown in the chat
+    media: dict[str, list[Any]] = field(default_factory=dict)  # decoded items, given to the model
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Generation settings from the UI; temperature 0 means greedy."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        if not 1 <= self.max_new_tokens <= 2048:
+            raise InputError(f"max new tokens must be within 1..2048, got {self.max_new_tokens}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise InputError(f"temperature must be >= 0 and top-p within (0, 1]; got {self.temperature} and {self.top_p}")
+        if self.temperature == 0:
+            return {"max_new_tokens": int(self.max_new_tokens)}
+        return {"max_new_tokens": int(self.max_new_tokens), "do_sample": True,
+                "temperature": float(self.temperature), "top_p": float(self.top_p)}
+
+
+def _paths(files: list[Any] | None) -> list[str]:
+    out = []
+    for f in files or []:
+        path = f.get("path") if isinstance(f, dict) else getattr(f, "path", f)
+        out.append(str(path))
+    return out
+
+
+def user_turn(text: str, files: list[Any] | None, loaded: LoadedModel, limits: Limits) -> Turn:
+    """Check and decode one message from the input box; every problem is an InputError for the UI."""
+    text = check_prompt(text, limits)
+    paths = _paths(files)
+    if not text and not paths:
+        raise InputError("the message is empty; type a question or attach a file")
+    if len(paths) > limits.max_files:
+        raise InputError(f"{len(paths)} files attached; this demo takes at most {limits.max_files} per message")
+    marks = set(loaded.model.processor.placeholders.values())
+    for mark in marks:  # placeholders are the demo's to place, one per attached item
+        text = text.replace(mark, "").strip()
+    media: dict[str, list[Any]] = {}
+    for p in paths:
+        modality, item = read_upload(p, loaded.modalities, limits)
+        media.setdefault(modality, []).append(item)
+    return Turn("user", text, paths, media)
+
+
+def prompt_for(turns: list[Turn], loaded: LoadedModel) -> tuple[list[dict[str, str]], dict[str, list[Any]]]:
+    """The conversation as the model's messages (placeholders first in each user turn) and its media in order."""
+    marks = loaded.model.processor.placeholders
+    messages, media = [], {}
+    for t in turns:
+        if t.role == "user":
+            head = "".join(f"{marks[m]}\n" * len(items) for m, items in t.media.items())
+            messages.append({"role": "user", "content": head + t.text})
+            for m, items in t.media.items():
+                media.setdefault(m, []).extend(items)
+        elif t.text:
+            messages.append({"role": "assistant", "content": t.text})
+    return messages, media
+
+
+def reply(turns: list[Turn], loaded: LoadedModel, settings: Settings) -> Iterator[str]:
+    """Stream the model's answer to the conversation (which must end with a user turn)."""
+    if not turns or turns[-1].role != "user":
+        raise InputError("nothing to answer: send a message first")
+    messages, media = prompt_for(turns, loaded)
+    kwargs = settings.generate_kwargs()
+    with loaded.lock:  # one generation at a time per model; the queue keeps the others waiting
+        yield from loaded.model.stream(messages, media, **kwargs)
+
+
+def render(turns: list[Turn]) -> list[dict[str, Any]]:
+    """Turns -> the Chatbot's messages: uploaded files shown inline, then the text."""
+    out = []
+    for t in turns:
+        if t.role == "user":
+            content: list[Any] = [{"path": p, "alt_text": Path(p).name} for p in t.files]
+            if t.text:
+                content.append(t.text)
+            out.append({"role": "user", "content": content})
+        else:
+            out.append({"role": "assistant", "content": t.text or "…"})
+    return out
+
+
+def undo(turns: list[Turn]) -> list[Turn]:
+    """The conversation without its last exchange (the last user turn and any reply to it)."""
+    turns = list(turns)
+    while turns and turns[-1].role == "assistant":
+        turns.pop()
+    if turns:
+        turns.pop()
+    return turns

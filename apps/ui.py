@@ -1,0 +1,220 @@
+"""The Gradio app: Chat, Assemble and Plugins tabs wired to the handlers in this package.
+
+Only layout and event wiring live here; what each event does is in `chat`, `models`,
+`assemble` and `catalog`, which are tested without a browser. Every handler turns an
+`MMHubError` into a message in the page (a status line and a toast) and returns, so a
+bad upload or spec never stops the server.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import gradio as gr
+
+from mmhub.apps import assemble, catalog, chat
+from mmhub.apps.models import DEFAULT, LoadedModel, ModelPool, model_choices
+from mmhub.apps.uploads import AUDIO_SUFFIXES, Limits
+from mmhub.errors import MMHubError
+
+TEMPLATES = ["auto", "plain", "vicuna_v1", "llama-2", "chatml", "tokenizer"]
+
+
+def _file_types(loaded: LoadedModel) -> list[str]:
+    types = []
+    if "image" in loaded.modalities:
+        types.append("image")
+    if "audio" in loaded.modalities:
+        types += sorted(AUDIO_SUFFIXES)
+    return types
+
+
+def _input_box(loaded: LoadedModel | None) -> dict[str, Any]:
+    """MultimodalTextbox settings for a model: upload only the modalities it reads."""
+    types = _file_types(loaded) if loaded else []
+    takes = ", ".join(types) if types else "text only"
+    return dict(file_types=types or None, interactive=True,
+                placeholder=f"Ask something (attach: {takes}); Enter sends" if types else "Ask something; Enter sends")
+
+
+def build_app(pool: ModelPool, limits: Limits = Limits(), folders: list[str] | None = None,
+              initial: str = DEFAULT) -> gr.Blocks:
+    """The demo's Blocks; `pool` serves the models, `initial` is each new session's model key."""
+    choices = model_choices(folders)
+    keys = [k for _, k in choices]
+    if initial not in keys:
+        choices.insert(0, (initial, initial))
+
+    def current(key: str) -> LoadedModel:
+        return pool.get(key)
+
+    with gr.Blocks(title="mmhub demo", analytics_enabled=False) as app:
+        key = gr.State(initial)
+        turns = gr.State([])
+        gr.Markdown("# mmhub\nChat with a trained multimodal model, assemble a spec from the registered "
+                    "components, and browse the plugins that provide them.")
+        with gr.Tabs():
+            with gr.Tab("Chat", id="chat"):
+                with gr.Row():
+                    model_dd = gr.Dropdown(choices=choices, value=initial, label="Model", scale=3, elem_id="model-select")
+                    folder = gr.Textbox(label="…or a local model folder", placeholder="runs/NAME/STAGE/model", scale=3)
+                    folder_btn = gr.Button("Load folder", scale=1)
+                note = gr.Markdown(elem_id="model-note")
+                bot = gr.Chatbot(label="Conversation", height=420, elem_id="chatbot")
+                box = gr.MultimodalTextbox(file_count="multiple", sources=["upload"], elem_id="chat-input",
+                                           show_label=False, placeholder="Ask something; Enter sends")
+                status = gr.Markdown(elem_id="chat-status")
+                with gr.Row():
+                    undo_btn = gr.Button("Undo last exchange")
+                    clear_btn = gr.Button("Clear")
+                with gr.Accordion("Generation settings", open=False):
+                    max_new = gr.Slider(1, 512, value=64, step=1, label="max new tokens")
+                    temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="temperature (0 = greedy)")
+                    top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="top-p")
+            with gr.Tab("Assemble", id="assemble"):
+                _assemble_tab()
+            with gr.Tab("Plugins", id="plugins"):
+                gr.Markdown(catalog.summary(), elem_id="plugins-summary")
+                gr.Dataframe(value=catalog.component_rows(), headers=catalog.COMPONENT_COLUMNS, wrap=True,
+                             interactive=False, label="Registered components", elem_id="components-table")
+                gr.Dataframe(value=catalog.plugin_rows(), headers=catalog.PLUGIN_COLUMNS, interactive=False,
+                             label="Plugins loaded")
+                failed = catalog.failed_rows()
+                gr.Dataframe(value=failed or [["-", "-", "none failed"]], headers=catalog.FAILED_COLUMNS,
+                             interactive=False, label="Plugins that failed to load", elem_id="failed-table")
+
+        def show_model(k: str) -> tuple[Any, ...]:
+            try:
+                loaded = current(k)
+            except MMHubError as exc:
+                gr.Warning(str(exc))
+                return k, f"**Could not load {k}**: {exc}", gr.update(), [], [], ""
+            return k, loaded.note, gr.update(**_input_box(loaded)), [], [], ""
+
+        def switch(k: str) -> tuple[Any, ...]:
+            return show_model(k)
+
+        def load_folder(path: str) -> tuple[Any, ...]:
+            path = (path or "").strip()
+            if not path:
+                return (gr.update(), gr.update(), gr.update(), gr.update(), gr.update(),
+                        "type the path of a model folder first")
+            return show_model(f"folder:{path}")
+
+        outs = [key, note, box, bot, turns, status]
+        app.load(show_model, [key], outs)
+        model_dd.change(switch, [model_dd], outs)
+        folder_btn.click(load_folder, [folder], outs)
+
+        def submit(message: dict[str, Any], k: str, history: list[chat.Turn]) -> tuple[Any, ...]:
+            message = message or {}
+            try:
+                turn = chat.user_turn(message.get("text", ""), message.get("files"), current(k), limits)
+            except MMHubError as exc:
+                gr.Warning(str(exc))
+                return gr.update(), history, chat.render(history), f"⚠️ {exc}"
+            history = history + [turn]
+            return gr.update(value=None), history, chat.render(history), ""
+
+        def respond(k: str, history: list[chat.Turn], n: float, t: float, p: float) -> Iterator[tuple[Any, ...]]:
+            if not history or history[-1].role != "user":  # the message was refused in `submit`: leave all as is
+                yield gr.update(), gr.update(), gr.update()
+                return
+            answer = chat.Turn("assistant", "")
+            history = history + [answer]
+            yield history, chat.render(history), "_generating…_"
+            try:
+                for text in chat.reply(history[:-1], current(k), chat.Settings(int(n), float(t), float(p))):
+                    answer.text = text
+                    yield history, chat.render(history), "_generating…_"
+            except MMHubError as exc:
+                history = history[:-1]
+                gr.Warning(str(exc))
+                yield history, chat.render(history), f"⚠️ {exc}"
+                return
+            yield history, chat.render(history), ""
+
+        box.submit(submit, [box, key, turns], [box, turns, bot, status], concurrency_limit=None).then(
+            respond, [key, turns, max_new, temperature, top_p], [turns, bot, status], concurrency_id="generate",
+            concurrency_limit=1)
+        undo_btn.click(lambda h: (chat.undo(h), chat.render(chat.undo(h)), ""), [turns], [turns, bot, status])
+        clear_btn.click(lambda: ([], [], ""), None, [turns, bot, status])
+        bot.clear(lambda: ([], ""), None, [turns, status])  # the chat's own trash button
+    return app
+
+
+def _assemble_tab() -> None:
+    enc_names = assemble.names("encoder", "image")
+    proj_names = assemble.names("projector")
+    bb_names = assemble.names("backbone")
+    outp_names = [assemble.NONE] + assemble.names("output_projector")
+    gen_names = [assemble.NONE] + assemble.names("generator")
+    presets = sorted(k for k in _preset_keys())
+    with gr.Row():
+        preset = gr.Dropdown(choices=presets, value="llava-1.5:tiny" if "llava-1.5:tiny" in presets else None, label="Shipped preset", scale=3)
+        preset_btn = gr.Button("Load preset into the spec", scale=1)
+    with gr.Row():
+        name = gr.Textbox(value="my-model", label="name")
+        modality = gr.Dropdown(choices=list(assemble.MODALITIES), value="image", label="input modality")
+        template = gr.Dropdown(choices=TEMPLATES, value="auto", label="chat template")
+    with gr.Row():
+        with gr.Column():
+            enc = gr.Dropdown(choices=enc_names, value="open_clip" if "open_clip" in enc_names else enc_names[0],
+                              label="encoder", elem_id="encoder-select")
+            enc_set = gr.Code(assemble.example_yaml("encoder", enc.value), language="yaml", label="encoder settings")
+        with gr.Column():
+            proj = gr.Dropdown(choices=proj_names, value="mlp", label="input projector", elem_id="projector-select")
+            proj_set = gr.Code(assemble.example_yaml("projector", "mlp"), language="yaml", label="projector settings")
+        with gr.Column():
+            bb = gr.Dropdown(choices=bb_names, value="hf_causal_lm", label="backbone", elem_id="backbone-select")
+            bb_set = gr.Code(assemble.example_yaml("backbone", "hf_causal_lm"), language="yaml", label="backbone settings")
+    with gr.Row():
+        outp = gr.Dropdown(choices=outp_names, value=assemble.NONE, label="output projector",
+                           info="none registered yet" if len(outp_names) == 1 else None)
+        gen = gr.Dropdown(choices=gen_names, value=assemble.NONE, label="generator",
+                          info="none registered yet" if len(gen_names) == 1 else None)
+    to_yaml = gr.Button("Write the spec from the form", elem_id="form-to-yaml")
+    spec = gr.Code(language="yaml", label="spec (YAML; edit freely)", elem_id="spec-yaml", interactive=True, lines=14)
+    with gr.Row():
+        validate_btn = gr.Button("Validate", variant="primary", elem_id="validate")
+        build_btn = gr.Button("Build", elem_id="build")
+        save_btn = gr.Button("Save spec for download")
+    result = gr.Markdown(elem_id="assemble-result")
+    table = gr.Dataframe(headers=["slot", "type", "parameters", "trainable"], interactive=False, label="parameters")
+    spec_file = gr.File(label="spec file", interactive=False)
+
+    def write(*form: Any) -> tuple[str, str]:
+        try:
+            return assemble.form_to_yaml(*form), ""
+        except MMHubError as exc:
+            return gr.update(), f"**Invalid settings**: {exc}"
+
+    def save(text: str) -> tuple[Any, str]:
+        try:
+            return assemble.save(text), ""
+        except MMHubError as exc:
+            return None, f"**Cannot save**: {exc}"
+
+    def load_preset(k: str) -> tuple[Any, str]:
+        try:
+            return assemble.preset_yaml(k), f"Loaded preset {k}; validate or build it."
+        except MMHubError as exc:
+            return gr.update(), str(exc)
+
+    form = [name, modality, enc, enc_set, proj, proj_set, bb, bb_set, template, outp, gr.State(""), gen, gr.State("")]
+    modality.change(lambda m: gr.update(choices=assemble.names("encoder", m),
+                                        value=(assemble.names("encoder", m) or [None])[0]), [modality], [enc])
+    enc.change(lambda n: assemble.example_yaml("encoder", n), [enc], [enc_set])
+    proj.change(lambda n: assemble.example_yaml("projector", n), [proj], [proj_set])
+    bb.change(lambda n: assemble.example_yaml("backbone", n), [bb], [bb_set])
+    to_yaml.click(write, form, [spec, result])
+    preset_btn.click(load_preset, [preset], [spec, result])
+    validate_btn.click(lambda text: assemble.validate(text)[1], [spec], [result])
+    build_btn.click(assemble.build, [spec], [table, result], concurrency_id="build", concurrency_limit=1)
+    save_btn.click(save, [spec], [spec_file, result])
+
+
+def _preset_keys() -> list[str]:
+    from mmhub.registry import get_registry
+
+    return [p.key for p in get_registry().presets.values()]

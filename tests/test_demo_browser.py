@@ -1,0 +1,208 @@
+"""End to end in a real browser: `mmhub demo` served, driven by Playwright in headless Chromium.
+
+The browser is Debian's ``chromium`` at /usr/bin/chromium (never a downloaded one);
+`.ci/run` installs it and Playwright. Screenshots are written to ``artifacts/browser/``
+(or ``$MMHUB_ARTIFACTS/browser``). Without Chromium or Playwright the test is skipped,
+unless MMHUB_REQUIRE_REAL_WEIGHTS=1 (CI), where their absence is a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+REQUIRE = os.environ.get("MMHUB_REQUIRE_REAL_WEIGHTS") == "1"
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = Path(os.environ.get("MMHUB_ARTIFACTS", ROOT / "artifacts")) / "browser"
+
+pytestmark = pytest.mark.slow
+
+
+def _missing() -> str | None:
+    if not Path(CHROMIUM).is_file():
+        return f"{CHROMIUM} is not installed (apt-get install chromium)"
+    try:
+        import playwright  # noqa: F401
+    except ImportError:
+        return "playwright is not installed (pip install playwright)"
+    from mmhub.data.easy_vqa import SOURCE
+    from mmhub.errors import WeightsNotFoundError
+    from mmhub.weights import resolve
+
+    try:
+        resolve(SOURCE)
+    except WeightsNotFoundError:
+        return f"easy-VQA is not here (`mmhub weights fetch {SOURCE}`)"
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    missing = _missing()
+    if missing:
+        if REQUIRE:
+            pytest.fail(f"the browser test needs {missing}; `.ci/run` installs it")
+        pytest.skip(missing)
+    port = _free_port()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    log = open(ARTIFACTS / "demo-server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "mmhub.cli", "demo", "--port", str(port)], stdout=log,
+                            stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}/"
+    t0 = time.perf_counter()
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"`mmhub demo` exited with {proc.returncode}; see {log.name}")
+            try:
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.perf_counter() - t0 > 300:
+                pytest.fail(f"`mmhub demo` did not answer on {url} within 300 s; see {log.name}")
+            time.sleep(1)
+        (ARTIFACTS / "startup.json").write_text(json.dumps({"seconds_to_http_200": round(time.perf_counter() - t0, 1)}))
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+def _question(kind: str = "color") -> tuple[Path, str, str]:
+    """The first easy-VQA test question of a kind: (image path, question, expected answer)."""
+    from mmhub.data.easy_vqa import SOURCE, question_type, read_questions
+    from mmhub.weights import resolve
+
+    root = resolve(SOURCE) / "test"
+    q, a, image = next(x for x in read_questions(root / "questions.json") if question_type(x[1]) == kind)
+    return root / "images" / f"{image}.png", q, a
+
+
+def _open(browser, url):
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.goto(url, wait_until="load", timeout=120_000)
+    page.wait_for_selector("#model-note p", timeout=180_000)
+    return page
+
+
+def _send(page, text: str, files: list[Path] = ()) -> None:
+    if files:
+        page.locator("#chat-input input[type=file]").set_input_files([str(f) for f in files])
+        page.wait_for_selector("#chat-input img, #chat-input .thumbnail-item", timeout=30_000)
+    page.locator("#chat-input textarea").fill(text)
+    page.locator("#chat-input textarea").press("Enter")
+
+
+def _answers(page) -> list[str]:
+    return [t.strip() for t in page.locator("#chatbot .bot").all_inner_texts()]
+
+
+def _wait_answer(page, n: int, timeout_s: float = 180) -> str:
+    """The n-th (1-based) assistant message once the status line has cleared."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        answers = _answers(page)
+        busy = "generating" in page.locator("#chat-status").inner_text()
+        if len(answers) >= n and not busy and answers[n - 1] not in ("", "…", "Loading content"):
+            return answers[n - 1]
+        time.sleep(0.25)
+    raise AssertionError(f"no answer #{n} within {timeout_s} s; answers so far {_answers(page)}")
+
+
+def _status(page, contains: str, timeout_s: float = 60) -> str:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        text = page.locator("#chat-status").inner_text()
+        if contains in text:
+            return text
+        time.sleep(0.25)
+    raise AssertionError(f"status never showed {contains!r}; it shows {page.locator('#chat-status').inner_text()!r}")
+
+
+def test_chat_answers_an_easy_vqa_question(server, browser, tmp_path):
+    image, question, answer = _question("color")
+    page = _open(browser, server)
+    page.screenshot(path=str(ARTIFACTS / "01-first-page.png"), full_page=True)
+    # bad input first: each gets a message and the app keeps serving
+    fake = tmp_path / "not-an-image.png"
+    fake.write_text("plain text renamed to .png\n" * 20)
+    _send(page, question, [fake])
+    _status(page, "not a readable image")
+    page.screenshot(path=str(ARTIFACTS / "02-bad-upload.png"), full_page=True)
+    _send(page, "x" * 10_000)  # the refused file is still attached: the prompt is checked first
+    _status(page, "10,000 characters")
+    page.reload(wait_until="load")
+    page.wait_for_selector("#model-note p", timeout=120_000)
+    # the real question
+    _send(page, question, [image])
+    shown = _wait_answer(page, 1)
+    page.screenshot(path=str(ARTIFACTS / "03-answer.png"), full_page=True)
+    assert shown.lower().strip(" .") == answer, f"asked {question!r} about {image.name}: shown {shown!r}, expected {answer!r}"
+
+
+def test_two_users_at_once(server, browser):
+    image, question, answer = _question("color")
+    shape_image, shape_q, shape_a = _question("shape")
+    a, b = _open(browser, server), _open(browser, server)
+    _send(a, question, [image])
+    _send(b, shape_q, [shape_image])
+    assert _wait_answer(a, 1).lower().strip(" .") == answer
+    assert _wait_answer(b, 1).lower().strip(" .") == shape_a
+    b.screenshot(path=str(ARTIFACTS / "04-second-user.png"), full_page=True)
+
+
+def test_plugins_tab_lists_builtins(server, browser):
+    page = _open(browser, server)
+    page.get_by_role("tab", name="Plugins").click()
+    table = page.locator("#components-table")
+    table.wait_for(timeout=30_000)
+    text = table.inner_text()
+    for name in ("timm", "open_clip", "qformer", "perceiver", "hf_causal_lm", "hf_seq2seq_lm", "easy_vqa"):
+        assert name in text, f"{name} is not listed on the Plugins tab"
+    assert "failed to load" in page.locator("#plugins-summary").inner_text()
+    page.screenshot(path=str(ARTIFACTS / "05-plugins.png"), full_page=True)
+
+
+def test_assemble_tab_validates_a_spec(server, browser):
+    page = _open(browser, server)
+    page.get_by_role("tab", name="Assemble").click()
+    page.locator("#form-to-yaml").click()
+    page.wait_for_function("document.querySelector('#spec-yaml').innerText.includes('hf_causal_lm')", timeout=30_000)
+    page.locator("#validate").click()
+    page.wait_for_function("document.querySelector('#assemble-result').innerText.includes('Valid')", timeout=60_000)
+    result = page.locator("#assemble-result").inner_text()
+    assert result.startswith("Valid: my-model: image: open_clip -> mlp"), result
+    page.locator("#build").click()
+    page.wait_for_function("document.querySelector('#assemble-result').innerText.includes('Built')", timeout=120_000)
+    page.screenshot(path=str(ARTIFACTS / "06-assemble.png"), full_page=True)
