@@ -459,3 +459,28 @@ def test_easy_vqa_pixel_reading_agrees_with_the_answers() -> None:
             assert facts_from_pixels(ds.image_path(image_id)) == (shape, color), image_id
             checked += 1
     assert checked == 888  # the other 112 test images are left open by their questions
+
+
+@need_easy_vqa
+def test_easy_vqa_balanced_yes_no_questions() -> None:
+    from mmhub.data.easy_vqa import yes_no_templates
+
+    plain = EasyVQADataset(EasyVQAConfig(split="test", task="qa"))
+    ds = EasyVQADataset(EasyVQAConfig(split="test", task="qa", balanced_yes_no=4))
+    assert len(ds) == len(plain) + 4 * 1000 and ds.original == len(plain)
+    assert ds[0].messages == plain[0].messages and ds[0].meta["synthetic"] is False
+    templates = yes_no_templates(plain.questions)
+    assert ("is there not a {color} shape?", "color", True) in templates and len(templates) == 16
+    extra = [ds[i] for i in range(ds.original, len(ds))]
+    assert all(s.meta["synthetic"] and s.meta["question_type"] == "yes_no" for s in extra)
+    present = 0
+    for s in extra:  # every answer follows from the image's shape and colour
+        shape, color = ds.full_facts(s.meta["image_id"])
+        q = s.meta["question"]
+        asked_true = f" {color} " in f" {q} " or f" {shape}" in f" {q}"
+        negated = " not " in f" {q} " or " no " in f" {q} "
+        assert s.meta["answer"] == ("yes" if asked_true != negated else "no"), q
+        present += asked_true
+    assert 0.45 < present / len(extra) < 0.55  # the asked value is true half of the time
+    again = EasyVQADataset(EasyVQAConfig(split="test", task="qa", balanced_yes_no=4))
+    assert [again[i].messages for i in range(ds.original, ds.original + 20)] == [s.messages for s in extra[:20]]

@@ -206,3 +206,19 @@ def test_assemble_tab_validates_a_spec(server, browser):
     page.locator("#build").click()
     page.wait_for_function("document.querySelector('#assemble-result').innerText.includes('Built')", timeout=120_000)
     page.screenshot(path=str(ARTIFACTS / "06-assemble.png"), full_page=True)
+
+
+def test_switching_models_without_restarting(server, browser):
+    page = _open(browser, server)
+    default_note = page.locator("#model-note").inner_text()
+    page.locator("#model-select input").click()
+    page.get_by_role("option", name="preset: llava-1.5:tiny", exact=False).first.click()
+    page.wait_for_function("document.querySelector('#model-note').innerText.includes('llava-1.5:tiny')", timeout=120_000)
+    assert "random weights" in page.locator("#model-note").inner_text()
+    _send(page, "hello")
+    _wait_answer(page, 1)  # an untrained preset answers noise, but it answers
+    page.locator("#model-select input").click()
+    page.get_by_role("option", name="default:", exact=False).first.click()
+    page.wait_for_function("document.querySelector('#model-note').innerText.includes('easyvqa')", timeout=120_000)
+    assert page.locator("#model-note").inner_text() == default_note
+    page.screenshot(path=str(ARTIFACTS / "07-switched-back.png"), full_page=True)

@@ -169,12 +169,28 @@ def test_default_model_is_found_or_the_error_says_how_to_train_one(tmp_path: Pat
     assert "no trained default model" in err and "mmhub train easyvqa-tiny" in err
 
 
+@need_easy_vqa
+@pytest.mark.parametrize("name, floor", [("easyvqa-tiny", 0.90), ("easyvqa-smollm2", 0.97)])
+def test_shipped_models_score_on_a_fixed_subset(name: str, floor: float) -> None:
+    """Each trained model committed in mmhub/demo_model, on the first 400 test questions (all three kinds)."""
+    import mmhub.demo_model as demo
+    from mmhub.model import MMModel
+
+    path = demo.HERE / name
+    if not (path / "mmhub_spec.json").is_file():
+        pytest.skip(f"{name} is not shipped in this checkout yet")
+    result = evaluate(MMModel.from_pretrained(path), "easy_vqa", limit=400, batch_size=50)
+    assert set(result["per_type"]) == {"color", "shape", "yes_no"}
+    assert result["accuracy"] >= floor, result
+
+
 def test_plugins_lists_datasets_and_eval_tasks(capsys) -> None:
     assert main(["plugins", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     names = {d["name"]: d for d in out["datasets"]}
     assert {"llava_json", "sharegpt", "captions", "preference", "webdataset", "easy_vqa"} <= set(names)
-    assert names["easy_vqa"]["settings"] == ["caption_prompt", "data_dir", "limit", "split", "task"]
+    assert names["easy_vqa"]["settings"] == ["balanced_yes_no", "caption_prompt", "data_dir", "limit", "seed", "split",
+                                             "task"]
     assert names["webdataset"]["streaming"] is True and names["easy_vqa"]["plugin"] == "mmhub.datasets"
     assert [t["name"] for t in out["eval_tasks"]] == ["easy_vqa"]
     assert main(["plugins"]) == 0

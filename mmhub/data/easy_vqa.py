@@ -13,6 +13,12 @@ Settings: ``split`` (``train``: 38,575 questions over 4,000 images; ``test``: 9,
   ``assistant: answer``; ``meta`` = ``{answer, question, question_type, image_id}`` where
   ``question_type`` is ``yes_no`` (answer yes/no), ``shape`` (answer circle/rectangle/triangle)
   or ``color`` (answer one of the 8 colours).
+* ``balanced_yes_no: N`` (``task: qa`` only): N extra yes/no questions per image, appended after
+  the split's own, drawn from the split's own yes/no question wordings ("is there a {color}
+  shape?", "does the image not contain a {shape}?", ...) with the asked value true half the time.
+  The split's questions are lopsided (about 83 % of its yes/no answers follow from the question
+  alone), so a model can score well on them without looking; on the balanced ones it cannot.
+  Deterministic (seeded by ``seed``); ``meta.synthetic`` marks them.
 * ``task: caption``: one sample per image, by image id: ``user: "<image>"`` (plus
   ``"\\n" + caption_prompt`` when set), ``assistant: "a {color} {shape}"`` (e.g. "a red triangle").
   Colour and shape come from the image's questions and answers: shape/colour answers ("what is
@@ -36,6 +42,7 @@ from typing import Literal
 
 import numpy as np
 from PIL import Image
+from pydantic import Field
 
 from mmhub.data.base import Dataset, DatasetConfig, SampleError
 from mmhub.data.sample import Sample
@@ -124,6 +131,41 @@ def facts_from_pixels(path: str | Path) -> tuple[str, str]:
     return shape, list(PALETTE)[k]
 
 
+def yes_no_templates(questions: list[list]) -> list[tuple[str, str, bool]]:
+    """The split's yes/no wordings as ``(template, slot, negated)``; the template holds ``{color}`` or ``{shape}``."""
+    found = set()
+    for q, a, _ in questions:
+        if a not in YES_NO:
+            continue
+        words = _WORD.findall(q)
+        colors = [w for w in words if w in COLORS]
+        shapes = [w for w in words if w in SHAPES]
+        if len(colors) + len(shapes) != 1:
+            continue
+        slot, word = ("color", colors[0]) if colors else ("shape", shapes[0])
+        template = re.sub(rf"\b{word}\b", "{" + slot + "}", q, count=1)
+        found.add((template, slot, "not" in words or "no" in words))
+    return sorted(found)
+
+
+def balanced_yes_no(facts: dict[int, tuple[str, str]], templates: list[tuple[str, str, bool]], per_image: int,
+                    seed: int = 0) -> list[list]:
+    """``[[question, answer, image_id], ...]``: `per_image` questions per image, the asked value true half the time."""
+    if not templates:
+        raise InputError("the split has no yes/no questions to take wordings from; set balanced_yes_no: 0")
+    rng = np.random.default_rng(seed)
+    out = []
+    for image_id in sorted(facts):
+        shape, color = facts[image_id]
+        for _ in range(per_image):
+            template, slot, negated = templates[rng.integers(len(templates))]
+            truth, universe = (color, COLORS) if slot == "color" else (shape, SHAPES)
+            value = truth if rng.random() < 0.5 else rng.choice([v for v in universe if v != truth])
+            present = value == truth
+            out.append([template.format(**{slot: value}), "yes" if present != negated else "no", image_id])
+    return out
+
+
 def read_questions(path: Path) -> list[list]:
     """The split's ``[[question, answer, image_id], ...]`` (one json.load; about 30 ms for the train split)."""
     if not path.is_file():
@@ -140,6 +182,8 @@ class EasyVQAConfig(DatasetConfig):
     task: Literal["qa", "caption"] = "qa"
     limit: int | None = None
     caption_prompt: str = ""
+    balanced_yes_no: int = Field(0, ge=0)  # extra yes/no questions per image, half of them true (task qa)
+    seed: int = 0
     data_dir: str = SOURCE  # a weight-source URI or a folder
 
 
@@ -159,10 +203,15 @@ class EasyVQADataset(Dataset):
         self.root = self.resolve(rest) if scheme == "file" else Path(weights.resolve(c.data_dir, registry))
         self.folder = self.root / c.split
         self.questions = read_questions(self.folder / "questions.json")
+        self.facts = facts_from_questions(self.questions)
+        self.original = len(self.questions)
         if c.task == "qa":
+            if c.balanced_yes_no:
+                full = {i: self.full_facts(i) for i in self.facts}
+                self.questions = self.questions + balanced_yes_no(full, yes_no_templates(self.questions),
+                                                                  c.balanced_yes_no, c.seed)
             self.size = len(self.questions)
         else:
-            self.facts = facts_from_questions(self.questions)
             self.image_ids = sorted(self.facts)
             self.size = len(self.image_ids)
         if c.limit is not None:
@@ -178,11 +227,16 @@ class EasyVQADataset(Dataset):
     def __len__(self) -> int:
         return self.size
 
-    def caption(self, image_id: int) -> str:
+    def full_facts(self, image_id: int) -> tuple[str, str]:
+        """(shape, colour) of an image: from its questions, the rest read from its pixels."""
         shape, color = self.facts[image_id]
         if shape is None or color is None:
             seen_shape, seen_color = facts_from_pixels(self.image_path(image_id))
             shape, color = shape or seen_shape, color or seen_color
+        return shape, color
+
+    def caption(self, image_id: int) -> str:
+        shape, color = self.full_facts(image_id)
         return f"a {color} {shape}"
 
     def __getitem__(self, index: int) -> Sample:
@@ -196,7 +250,8 @@ class EasyVQADataset(Dataset):
             return Sample(id=f"easy_vqa/{split}/{index}",
                           messages=[{"role": "user", "content": f"<image>\n{q}"}, {"role": "assistant", "content": a}],
                           media={"image": [self.image_path(image_id)]},
-                          meta={"answer": a, "question": q, "question_type": question_type(a), "image_id": image_id})
+                          meta={"answer": a, "question": q, "question_type": question_type(a), "image_id": image_id,
+                                "synthetic": index >= self.original})
         image_id = self.image_ids[index]
         prompt = "<image>" + (f"\n{self.config.caption_prompt}" if self.config.caption_prompt else "")
         return Sample(id=f"easy_vqa/{split}/image/{image_id}",
