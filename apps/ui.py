@@ -33,8 +33,9 @@ def _input_box(loaded: LoadedModel | None) -> dict[str, Any]:
     """MultimodalTextbox settings for a model: upload only the modalities it reads."""
     types = _file_types(loaded) if loaded else []
     takes = ", ".join(types) if types else "text only"
-    return dict(file_types=types or None, interactive=True,
-                placeholder=f"Ask something (attach: {takes}); Enter sends" if types else "Ask something; Enter sends")
+    return dict(file_types=types or None, sources=["upload"] if types else [], interactive=True,
+                placeholder=f"Ask something (attach: {takes}); Enter sends" if types else
+                "Ask something (this model reads text only); Enter sends")
 
 
 def build_app(pool: ModelPool, limits: Limits = Limits(), folders: list[str] | None = None,

@@ -252,3 +252,19 @@ def test_app_builds(loaded):
     pool = ModelPool(loader=lambda key: loaded)
     app = build_app(pool)
     assert app.title == "mmhub demo"
+
+
+@pytest.mark.parametrize("modalities, types, sources", [
+    (["image"], ["image"], ["upload"]),
+    (["image", "audio"], ["image", ".wav", ".wave"], ["upload"]),
+    (["audio"], [".wav", ".wave"], ["upload"]),
+    ([], None, []),
+])
+def test_uploads_offered_only_for_what_the_model_reads(modalities, types, sources):
+    from types import SimpleNamespace
+
+    from mmhub.apps.ui import _input_box
+
+    box = _input_box(LoadedModel("k", "k", "", model=SimpleNamespace(modalities=modalities)))
+    assert box["file_types"] == types and box["sources"] == sources
+    assert ("text only" in box["placeholder"]) == (not modalities)
