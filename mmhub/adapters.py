@@ -8,7 +8,8 @@ backbone the target is the transformers model (peft's ``all-linear`` rule
 excludes its LM head); for other slots the targets are matched by mmhub's
 `mmhub.stages.lora_targets`, which follows peft's rules. `merge_adapters` folds
 the adapters into the base weights (for export), after which the slot counts
-as trained and is saved in full.
+as trained and is saved in full; `merged_copy` does so on a copy, leaving the
+model as it was.
 """
 
 from __future__ import annotations
@@ -104,3 +105,13 @@ def merge_adapters(model: Any) -> list[str]:
             model.spec.trained.append(slot)
         merged.append(slot)
     return merged
+
+
+def merged_copy(model: Any) -> Any:
+    """A copy of `model` with every LoRA adapter merged (`merge_adapters`); `model` keeps its adapters. The copy shares
+    the build context (it holds the registry, which cannot be copied) and doubles the parameter memory meanwhile."""
+    import copy
+
+    twin = copy.deepcopy(model, memo={id(model.plan.ctx): model.plan.ctx})
+    merge_adapters(twin)
+    return twin

@@ -1,4 +1,4 @@
-"""The ``mmhub`` command: plugins, presets, validate, assemble, weights, train, eval, demo.
+"""The ``mmhub`` command: plugins, presets, validate, assemble, weights, train, eval, export, import, demo.
 
 Exit codes: 0 success, 2 invalid input (spec problems, unknown names, missing
 weights), 1 anything unexpected. Errors print as one clear message, not a traceback.
@@ -202,6 +202,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+EXPORT_FORMATS = ("hf-llava",)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from mmhub.evaluation import load_model
+    from mmhub.export import export_hf_llava
+
+    model = load_model(args.model)
+    out = export_hf_llava(model, args.out, dtype=args.dtype)
+    cfg = json.loads((out / "config.json").read_text())
+    print(f"wrote {out}: transformers LLaVA ({cfg['vision_config']['model_type']} -> projector "
+          f"{cfg['projector_hidden_act']} -> {cfg['text_config']['model_type']}), image token id "
+          f"{cfg['image_token_index']} x {cfg['image_seq_length']} per image, dtype {cfg.get('dtype')}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from mmhub.export import import_hf_llava
+
+    model = import_hf_llava(args.folder, template=args.template, dtype=args.dtype)
+    model.save_pretrained(args.out)
+    print(f"wrote {args.out}: mmhub model {model.spec.name!r} ({preset_summary(preset_components(model.plan.resolved_dict()))}; "
+          f"template {model.plan.template.name}); it reads its vision tower and tokenizer from {args.folder}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmhub", description="Assemble, train and demo multimodal LLMs from specs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -232,6 +258,22 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--max-new-tokens", type=int, default=8)
     s.set_defaults(func=cmd_eval)
+    s = sub.add_parser("export", help="write a model in another library's format (hf-llava: transformers' LLaVA folder)")
+    s.add_argument("model", help="a saved model folder, a spec file, a preset, or `default` (the demo model)")
+    s.add_argument("out", help="the folder to write (replaced atomically)")
+    s.add_argument("--format", required=True, choices=EXPORT_FORMATS)
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="cast every tensor to this dtype (needed when components differ in dtype)")
+    s.set_defaults(func=cmd_export)
+    s = sub.add_parser("import", help="turn another library's model folder into an mmhub model folder (hf-llava)")
+    s.add_argument("folder", help="a local transformers LLaVA folder (config.json, safetensors, tokenizer, processor)")
+    s.add_argument("out", help="the mmhub model folder to write")
+    s.add_argument("--format", required=True, choices=EXPORT_FORMATS)
+    s.add_argument("--template", default=None, help="the mmhub chat template when the folder's is not recognised "
+                                                    "(plain, vicuna_v1, llama-2, chatml, tokenizer)")
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="the backbone's dtype (the vision tower and projector run in float32)")
+    s.set_defaults(func=cmd_import)
     from mmhub.train.run import add_parser as add_train_parser
 
     add_train_parser(sub)

@@ -80,3 +80,7 @@ class InputError(MMHubError, ValueError):
 
 class CheckpointError(MMHubError):
     """A saved model folder is missing, incomplete or inconsistent with its spec."""
+
+
+class ExportError(MMHubError):
+    """A model cannot be written in (or read from) another library's format; the message names the component and why."""
