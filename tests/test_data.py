@@ -427,7 +427,7 @@ def test_easy_vqa_sizes_and_question_types() -> None:
     assert len(qa) == 3 and s.messages == [{"role": "user", "content": "<image>\nwhat is the blue shape?"},
                                            {"role": "assistant", "content": "rectangle"}]
     assert s.meta == {"answer": "rectangle", "question": "what is the blue shape?", "question_type": "shape",
-                      "image_id": 0}
+                      "image_id": 0, "synthetic": False}
     assert Path(s.media["image"][0]).name == "0.png" and load_image(s.media["image"][0]).size == (64, 64)
     assert qa[1].meta["question_type"] == "color" and qa[2].meta["question_type"] == "yes_no"
     with pytest.raises(SpecError, match="split"):
