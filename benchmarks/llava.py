@@ -39,6 +39,7 @@ from benchmarks.llava_models import SIZES, Pair, build_pair, hf_batch, load_side
 from benchmarks.llava_steps import (FLOPS_FORMULA, full_logits_target, hf_generate, hf_step, mmhub_batch,
                                     mmhub_generate, mmhub_step, optimizer, parameter_counts, set_trainable_hf,
                                     set_trainable_mmhub, useful_flops)
+from mmhub.processor import Encoded
 
 ROOT = Path(__file__).resolve().parents[1]  # the children run `-m benchmarks.llava` from here
 RATIO_NOTES = ("every ratio is mmhub / transformers of the raw value: for *_samples_per_s and *_tokens_per_s higher is "
@@ -144,7 +145,9 @@ def run_rounds(pair: Pair, args: argparse.Namespace) -> dict[str, Any]:
 def child(args: argparse.Namespace) -> None:
     """Peak-memory child: one side alone runs 2 steps of each stage and one batch-8 generation; prints JSON."""
     workdir = Path(args.workdir)
-    inputs = torch.load(workdir / f"memory_{args.child}.pt", weights_only=False)
+    # the restricted (weights-only) unpickler, allowing only mmhub's Encoded record besides tensors and containers
+    with torch.serialization.safe_globals([Encoded]):
+        inputs = torch.load(workdir / f"memory_{args.child}.pt", weights_only=True)
     model = load_side(args.child, workdir)
     for stage in (1, 2):
         if args.child == "mmhub":
