@@ -92,9 +92,6 @@ def build_app(pool: ModelPool, limits: Limits = Limits(), folders: list[str] | N
                 return k, f"**Could not load {k}**: {exc}", gr.update(), [], [], ""
             return k, loaded.note, gr.update(**_input_box(loaded)), [], [], ""
 
-        def switch(k: str) -> tuple[Any, ...]:
-            return show_model(k)
-
         def load_folder(path: str) -> tuple[Any, ...]:
             path = (path or "").strip()
             if not path:
@@ -104,7 +101,7 @@ def build_app(pool: ModelPool, limits: Limits = Limits(), folders: list[str] | N
 
         outs = [key, note, box, bot, turns, status]
         app.load(show_model, [key], outs)
-        model_dd.change(switch, [model_dd], outs)
+        model_dd.change(show_model, [model_dd], outs)
         folder_btn.click(load_folder, [folder], outs)
 
         def submit(message: dict[str, Any], k: str, history: list[chat.Turn]) -> tuple[Any, ...]:
