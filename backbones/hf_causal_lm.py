@@ -59,6 +59,20 @@ class HFCausalLM(HFBackboneBase):
                                     position_ids=position_ids, use_cache=False)
         return out.last_hidden_state  # (B, L, H)
 
+    def step(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+             cache: Any = None) -> tuple[torch.Tensor, Any]:
+        """One incremental forward with a KV cache (mmhub's own decode loop, `mmhub.decoding`).
+
+        `attention_mask` (B, past + L) covers the cached and the new positions; returns the new
+        positions' hidden states (B, L, H) and the cache to pass next time (created when None)."""
+        if cache is None:
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=self.model.config)
+        out = self.model.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                    position_ids=position_ids, past_key_values=cache, use_cache=True)
+        return out.last_hidden_state, out.past_key_values
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.model.get_output_embeddings()(hidden)
         if self._softcap:

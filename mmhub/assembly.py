@@ -38,6 +38,8 @@ def build_from_plan(plan: Plan) -> MMModel:
         encoders = {m: s.info.cls(s.config, ctx) for m, s in plan.encoders.items() if m not in plan.shared}
         projectors = {m: s.info.cls(s.config, ctx) for m, s in plan.projectors.items()}
         injectors = {n: s.info.cls(s.config, ctx) for n, s in plan.injectors.items()}
+        output_projectors = {m: s.info.cls(s.config, ctx) for m, s in plan.output_projectors.items()}
+        generators = {m: s.info.cls(s.config, ctx) for m, s in plan.generators.items()}
     for m, owner in plan.shared.items():  # one instance serves several modalities (ImageBind-like)
         encoders[m] = encoders[owner]
     encoders = {m: encoders[m] for m in plan.encoders}  # spec order
@@ -46,7 +48,7 @@ def build_from_plan(plan: Plan) -> MMModel:
         if enc.out_dim != want:  # a component whose describe() disagrees with itself is a plugin bug
             raise RuntimeError(f"encoder {plan.encoders[m].info.name} described width {want} but built {enc.out_dim}; "
                                f"fix its describe() (plugin {plan.encoders[m].info.plugin})")
-    model = MMModel(plan, encoders, projectors, backbone, injectors)
+    model = MMModel(plan, encoders, projectors, backbone, injectors, output_projectors, generators)
     if plan.spec.adapters:  # a saved model that carries LoRA adapters: re-inject them before any weights load
         from mmhub.adapters import inject_adapter
 

@@ -17,10 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmhub.attention import packed_sequences
+from mmhub.decoding import Decoded, Reply, decode
 from mmhub.errors import InputError
 from mmhub.interfaces import Backbone, InjectionContext, Injector, TextContext
 from mmhub.packing import block_causal_mask, segment_lengths
 from mmhub.processor import Messages, MMProcessor
+from mmhub.signals import SignalTokens, token_names
 from mmhub.splice import IGNORE, Spliced, compact, splice
 
 
@@ -34,6 +36,7 @@ class MMOutput:
     num_target_tokens: int = 0
     aux_loss: torch.Tensor | None = None  # sum of the projectors' auxiliary losses (included in `loss`)
     sequence_logprobs: torch.Tensor | None = None  # (B,) summed log-probability of each row's labelled tokens (DPO)
+    output_loss: torch.Tensor | None = None  # decoding-side alignment: MSE of projected signal states vs captions' features (in `loss`)
 
 
 @dataclass
@@ -49,7 +52,8 @@ class MMModel(nn.Module):
     """An assembled multimodal LLM. Build it with `mmhub.build(spec)` or `MMModel.from_pretrained(dir)`."""
 
     def __init__(self, plan: Any, encoders: Mapping[str, nn.Module], projectors: Mapping[str, nn.Module], backbone: Backbone,
-                 injectors: Mapping[str, Injector] | None = None):
+                 injectors: Mapping[str, Injector] | None = None, output_projectors: Mapping[str, nn.Module] | None = None,
+                 generators: Mapping[str, nn.Module] | None = None):
         super().__init__()
         self.plan = plan
         self.spec = plan.spec
@@ -57,6 +61,8 @@ class MMModel(nn.Module):
         self.projectors = nn.ModuleDict(dict(projectors))
         self.backbone = backbone
         self.injectors = nn.ModuleDict(dict(injectors or {}))
+        self.output_projectors = nn.ModuleDict(dict(output_projectors or {}))
+        self.generators = nn.ModuleDict(dict(generators or {}))
         for inj in self.injectors.values():
             inj.attach(backbone)
         placeholders = {m: self.spec.placeholder(m) for m in self.encoders}
@@ -64,9 +70,14 @@ class MMModel(nn.Module):
         # because prepare_inputs replaces them before the lookup
         backbone.tokenizer.add_tokens([p for p in placeholders.values() if p not in backbone.tokenizer.get_vocab()],
                                       special_tokens=True)
+        # the output side: k signal tokens per generated modality, with their own embedding/head rows
+        self.signal_tokens = SignalTokens({m: self.spec.signal_count(m) for m in self.generators}, backbone.tokenizer,
+                                          backbone.hidden_size, self.plan.backbone_facts.vocab_size) \
+            if len(self.generators) else None
         self.processor = MMProcessor(
             backbone.tokenizer, plan.template, placeholders,
-            {m: (lambda item, _e=enc, _m=m: _e.preprocess(item, _m)) for m, enc in self.encoders.items()})
+            {m: (lambda item, _e=enc, _m=m: _e.preprocess(item, _m)) for m, enc in self.encoders.items()},
+            signal_groups={m: "".join(token_names(m, self.spec.signal_count(m))) for m in self.generators})
         self._names = {self.processor.placeholder_ids[m]: p for m, p in placeholders.items()}
 
     # -- inputs ---------------------------------------------------------------------
@@ -170,6 +181,8 @@ class MMModel(nn.Module):
                 raise InputError(f"the text has {n} {self._names[ph_ids[m]]} placeholder(s) but 0 {m} items were given")
         safe_ids = input_ids.masked_fill(input_ids >= self.backbone_vocab_size, 0)  # placeholder ids may lie past the table
         text_embeds = self.backbone.embed(safe_ids)  # (B, L, H)
+        if self.signal_tokens is not None:
+            text_embeds = self.signal_tokens.embed_into(input_ids, text_embeds)
         text = {m: self._text_context(input_ids, attention_mask, labels, text_embeds, m, segment_ids)
                 for m in given if m in self.projectors and getattr(self.projectors[m], "uses_text", False)}
         tokens, aux = self.encode_media(media, text, features)
@@ -239,12 +252,16 @@ class MMModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, media: Mapping[str, torch.Tensor] | None = None,
                 padding_side: str = "right", return_logits: bool = True,
-                features: Mapping[str, torch.Tensor] | None = None, segment_ids: torch.Tensor | None = None) -> MMOutput:
+                features: Mapping[str, torch.Tensor] | None = None, segment_ids: torch.Tensor | None = None,
+                outputs: Mapping[str, Sequence[str]] | None = None) -> MMOutput:
         """Loss (mean over target tokens) and logits. Logits are computed for every position only
         when `return_logits`; the loss itself only ever projects the positions that have labels.
         `features` replaces `media` for modalities whose (frozen) encoder output is cached.
         `segment_ids` (B, L) marks packed rows (`mmhub.packing.collate_packed`): attention stays causal
-        within each sample, positions restart per sample, and no sample's first token is a target."""
+        within each sample, positions restart per sample, and no sample's first token is a target.
+        `outputs` ({modality: captions}, one per signal group in the batch, row-major) adds the
+        decoding-side alignment loss: the output projector's reading of each group's hidden states
+        against the generator's own text features of the caption (MSE), as NExT-GPT trains it."""
         prep = self._prepare(input_ids, attention_mask, labels, media, padding_side, features, segment_ids)
         sp = prep.spliced
         if self.is_encoder_decoder:
@@ -269,15 +286,76 @@ class MMModel(nn.Module):
                 loss = hidden.sum() * 0.0  # keeps the graph; a batch with no targets contributes nothing
             else:
                 h = hidden[keep] if self.is_encoder_decoder else hidden[:, :-1][keep]
-                ce = F.cross_entropy(self.backbone.logits(h).float(), target[keep], reduction="none")  # labelled positions only
+                tgt = target[keep] if self.signal_tokens is None else self.signal_tokens.columns(target[keep])
+                ce = F.cross_entropy(self.head(h).float(), tgt, reduction="none")  # labelled positions only
                 loss = ce.mean()
                 seq_logp = seq_logp.index_add(0, keep.nonzero(as_tuple=True)[0], -ce)
             if prep.aux_loss is not None:
                 loss = loss + prep.aux_loss
-        logits = self.backbone.logits(hidden) if return_logits else None
+        output_loss = None
+        if outputs and any(outputs.values()) and not self.is_encoder_decoder:
+            output_loss = self._output_loss(input_ids.to(self.device), sp, hidden, outputs)
+            loss = output_loss if loss is None else loss + output_loss
+        logits = self.head(hidden) if return_logits else None
         labels_out = target if (self.is_encoder_decoder and sp.labels is not None) else sp.labels
         return MMOutput(loss=loss, logits=logits, labels=labels_out, num_target_tokens=n_target, aux_loss=prep.aux_loss,
-                        sequence_logprobs=seq_logp)
+                        sequence_logprobs=seq_logp, output_loss=output_loss)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., H) -> logits over the backbone's vocabulary, plus one column per signal token when there are any."""
+        base = self.backbone.logits(hidden)
+        return base if self.signal_tokens is None else self.signal_tokens.logits(hidden, base)
+
+    def signal_states(self, token_ids: torch.Tensor, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Hidden states at signal-token positions, grouped per item: {modality: (N, k, H)} in row-major order.
+
+        `token_ids` (B, L') holds the token id at each position of `hidden` (B, L', H) (-1 where none)."""
+        if self.signal_tokens is None:
+            return {}
+        out = {}
+        for m in self.signal_tokens.modalities:
+            ids = torch.tensor(self.signal_tokens.ids_of(m), device=token_ids.device)
+            hit = (token_ids[..., None] == ids).any(-1)
+            n, k = int(hit.sum()), len(ids)
+            if n == 0:
+                continue
+            if n % k:
+                raise InputError(f"the text holds {n} {m} signal tokens, not a whole number of groups of {k}; "
+                                 f"write one {self.processor.signal_groups[m][0]} marker per {m} to generate")
+            out[m] = hidden[hit].reshape(n // k, k, -1)
+        return out
+
+    def caption_features(self, modality: str, captions: Sequence[str]) -> torch.Tensor:
+        """The generator's own text features of `captions` (N, cond_len, cond_dim), cached per caption."""
+        cache = self.__dict__.setdefault("_caption_cache", {})
+        missing = [c for c in dict.fromkeys(captions) if (modality, c) not in cache]
+        if missing:
+            with torch.no_grad():
+                feats = self.generators[modality].encode_text(list(missing))
+            for c, f in zip(missing, feats):
+                cache[(modality, c)] = f.detach()
+        return torch.stack([cache[(modality, c)] for c in captions]).to(self.device)
+
+    def _output_loss(self, input_ids: torch.Tensor, sp: Spliced, hidden: torch.Tensor,
+                     outputs: Mapping[str, Sequence[str]]) -> torch.Tensor:
+        token_ids = input_ids.gather(1, sp.origin.clamp(min=0)).masked_fill(sp.origin < 0, -1)
+        token_ids = token_ids.masked_fill(sp.media_positions, -1)
+        states = self.signal_states(token_ids, hidden)
+        total = hidden.new_zeros(())
+        for m, captions in outputs.items():
+            if not captions:
+                continue
+            if m not in self.output_projectors:
+                raise InputError(f"the batch has {m} output captions, but this model generates "
+                                 f"{', '.join(self.output_projectors) or 'nothing'}")
+            got = states.get(m)
+            n = 0 if got is None else got.shape[0]
+            if n != len(captions):
+                raise InputError(f"{len(captions)} {m} output caption(s) but {n} signal group(s) in the text; write one "
+                                 f"{self.processor.signal_groups[m][0]} marker per caption")
+            pred = self.output_projectors[m](got)
+            total = total + F.mse_loss(pred.float(), self.caption_features(m, captions).float())
+        return total
 
     def _seq2seq_hidden(self, sp: Spliced) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Encoder-decoder backbones: prompt side (incl. media tokens) -> encoder, labelled tokens -> decoder.
@@ -314,17 +392,54 @@ class MMModel(nn.Module):
     @torch.no_grad()
     def generate(self, prompts: Sequence[str | Messages], media: Sequence[Mapping[str, Sequence[Any]]] | None = None,
                  max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                 seed: int | None = None) -> list[str]:
+                 seed: int | None = None, generate_media: bool = True, media_steps: int | None = None,
+                 guidance_scale: float | None = None) -> list[Reply]:
         """Generate a reply per prompt (a user message or a conversation), with the backbone's KV cache.
 
         `media` holds one ``{modality: [items]}`` per prompt; items are PIL images, arrays or paths.
+        Each reply is a `Reply`: the text (a ``str``, signal tokens stripped) with ``reply.media``
+        holding what the model's generators drew for each signal group it emitted ({} for models
+        without an output side; `generate_media=False` skips the generators). `media_steps` and
+        `guidance_scale` override the generators' own sampling settings; `seed` seeds them too.
         """
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         b = self.batch(prompts, media, add_generation_prompt=True, padding_side="left")
-        ids = self.generate_ids(b["input_ids"], b["attention_mask"], b["media"], max_new_tokens=max_new_tokens,
-                                do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed)
-        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
+        settings = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed)
+        if self.signal_tokens is None:
+            ids = self.generate_ids(b["input_ids"], b["attention_mask"], b["media"], **settings)
+            return [Reply(self.tokenizer.decode(row, skip_special_tokens=True).strip()) for row in ids]
+        decoded = self._decode(b["input_ids"], b["attention_mask"], b["media"], **settings)
+        replies = []
+        for row, states in zip(decoded.tokens, decoded.signals):
+            drawn = self.draw(states, seed=seed, steps=media_steps, guidance_scale=guidance_scale) if generate_media else {}
+            replies.append(Reply(self.tokenizer.decode(row, skip_special_tokens=True).strip(), drawn))
+        return replies
+
+    @torch.no_grad()
+    def draw(self, states: Mapping[str, Sequence[torch.Tensor]], seed: int | None = None, steps: int | None = None,
+             guidance_scale: float | None = None) -> dict[str, list[Any]]:
+        """Signal-group states {modality: [(k, H)]} -> media {modality: [items]} via output projector + generator."""
+        out = {}
+        for m, groups in states.items():
+            if not groups:
+                continue
+            cond = self.output_projectors[m](torch.stack(list(groups)).to(self.device))
+            out[m] = self.generators[m].generate(cond, seed=seed, steps=steps, guidance_scale=guidance_scale)
+        return out
+
+    def _decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, media: Mapping[str, torch.Tensor] | None,
+                seed: int | None = None, **kwargs: Any) -> Decoded:
+        """mmhub's own decode loop (`mmhub.decoding`), for models whose vocabulary has signal tokens."""
+        was_training = self.training
+        self.eval()
+        try:
+            sp = self._prepare(input_ids, attention_mask, None, media, padding_side="left").spliced
+            suppress = [i for i in self.processor.placeholder_ids.values()]
+            return decode(self, sp.inputs_embeds, sp.attention_mask, sp.position_ids, stop_ids=self.stop_token_ids(),
+                          suppress_ids=suppress, seed=seed, **kwargs)
+        finally:
+            self.train(was_training)
 
     def stream(self, prompt: str | Messages, media: Mapping[str, Sequence[Any]] | None = None,
                **settings: Any) -> Iterator[str]:
@@ -337,6 +452,8 @@ class MMModel(nn.Module):
     def generate_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      media: Mapping[str, torch.Tensor] | None = None, seed: int | None = None, **kwargs: Any) -> list[list[int]]:
         """Left-padded ids + media -> generated token ids per row (stop tokens removed)."""
+        if self.signal_tokens is not None:
+            return self._decode(input_ids, attention_mask, media, seed=seed, **kwargs).tokens
         was_training = self.training
         self.eval()
         try:

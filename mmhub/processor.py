@@ -2,7 +2,10 @@
 
 `MMProcessor.encode` handles one sample (checking its placeholders against its
 media); `MMProcessor.collate` pads a list of samples into a batch. Labels are
--100 everywhere except assistant replies.
+-100 everywhere except assistant replies. For models with an output side, a group
+marker (``<img_out>``) in the text expands into that modality's signal tokens, and
+each sample's output captions (the media its assistant turns generate) are carried
+into the batch as ``outputs``.
 """
 
 from __future__ import annotations
@@ -26,14 +29,19 @@ class Encoded:
     labels: list[int]
     media: dict[str, list[torch.Tensor]]
     index: int | None = None  # the sample's index in its dataset, for error messages
+    outputs: dict[str, list[str]] | None = None  # captions of the media its assistant turns generate, per modality
 
 
 class MMProcessor:
     """Tokenizer + chat template + per-modality preprocessing for one assembled model."""
 
     def __init__(self, tokenizer: Any, template: Any, placeholders: dict[str, str],
-                 preprocess: dict[str, Callable[[Any], torch.Tensor]]):
+                 preprocess: dict[str, Callable[[Any], torch.Tensor]], signal_groups: Mapping[str, str] | None = None):
+        from mmhub.signals import group_marker
+
         self.tokenizer = tokenizer
+        # output modality -> (group marker in data, the signal tokens it expands into)
+        self.signal_groups = {m: (group_marker(m), toks) for m, toks in (signal_groups or {}).items()}
         self.template = template
         self.placeholders = placeholders
         self.preprocess = preprocess
@@ -64,6 +72,9 @@ class MMProcessor:
             if n_ph != n_items:
                 raise InputError(f"{where} has {n_ph} {mark} placeholder(s) but {n_items} {m} item(s); "
                                  f"put one {mark} in the text per {m} given.")
+        for m, (marker, tokens) in self.signal_groups.items():
+            if any(marker in msg["content"] for msg in messages):
+                messages = [{**msg, "content": msg["content"].replace(marker, tokens)} for msg in messages]
         ids: list[int] = []
         labels: list[int] = []
         for text, target in self.template.render(messages, self.tokenizer, add_generation_prompt=add_generation_prompt):
@@ -94,4 +105,7 @@ class MMProcessor:
             items = [t for s in samples for t in s.media.get(m, [])]
             if items:
                 media[m] = torch.stack(items)
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "media": media, "padding_side": padding_side}
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "media": media, "padding_side": padding_side}
+        if self.signal_groups:
+            batch["outputs"] = {m: [c for s in samples for c in (s.outputs or {}).get(m, [])] for m in self.signal_groups}
+        return batch

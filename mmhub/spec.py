@@ -46,7 +46,7 @@ class LoraRegime(BaseModel):
 
 
 Regime = Union[Literal["frozen", "full"], LoraRegime]
-PART_KEYS = ("encoders", "projectors", "backbone", "injectors", "output_projectors", "generators")
+PART_KEYS = ("encoders", "projectors", "backbone", "injectors", "signal_tokens", "output_projectors", "generators")
 
 
 class StageSpec(BaseModel):
@@ -118,8 +118,13 @@ class Spec(BaseModel):
     injectors: dict[str, ComponentSpec] = Field(
         default_factory=dict, description="components that hook into the backbone's layers (Flamingo's gated "
                                           "cross-attention, CogVLM's visual experts)")
-    output_projectors: dict[str, ComponentSpec] = Field(default_factory=dict)
-    generators: dict[str, ComponentSpec] = Field(default_factory=dict)
+    output_projectors: dict[str, ComponentSpec] = Field(
+        default_factory=dict, description="per output modality, signal-token states -> the generator's conditioning")
+    generators: dict[str, ComponentSpec] = Field(
+        default_factory=dict, description="per output modality, conditioning -> media (diffusers pipelines)")
+    signal_tokens: dict[str, int] = Field(
+        default_factory=dict, description="per output modality, how many signal tokens (<img_0>..<img_{k-1}>) the "
+                                          "backbone learns to emit for one item (default 4)")
     template: str = "auto"
     attention: Literal["auto", "xformers", "sdpa", "eager"] = "auto"
     placeholders: dict[str, str] = Field(default_factory=dict)
@@ -141,6 +146,12 @@ class Spec(BaseModel):
 
     def modalities(self) -> list[str]:
         return list(self.encoders)
+
+    def signal_count(self, modality: str) -> int:
+        """Signal tokens per generated item of `modality` (``signal_tokens``, default 4)."""
+        from mmhub.signals import DEFAULT_COUNT
+
+        return self.signal_tokens.get(modality, DEFAULT_COUNT)
 
     def encoder_owner(self, modality: str) -> str:
         """The modality whose encoder slot `modality` uses (itself unless it shares another's instance)."""

@@ -20,8 +20,10 @@ from mmhub.spec import LoraSpec, Regime, StageSpec
 def slots(model: Any) -> Iterator[tuple[str, nn.Module]]:
     """(slot path, module) for every component of an assembled model; a shared encoder is listed once."""
     seen: set[int] = set()
+    signals = getattr(model, "signal_tokens", None)
     parts = [("encoders", model.encoders), ("projectors", model.projectors), ("backbone", {"": model.backbone}),
-             ("injectors", getattr(model, "injectors", {}))]
+             ("injectors", getattr(model, "injectors", {})), ("signal_tokens", {"": signals} if signals is not None else {}),
+             ("output_projectors", getattr(model, "output_projectors", {})), ("generators", getattr(model, "generators", {}))]
     for part, modules in parts:
         for m, mod in modules.items():
             if id(mod) in seen:
@@ -31,9 +33,14 @@ def slots(model: Any) -> Iterator[tuple[str, nn.Module]]:
 
 
 def regime_of(stage: StageSpec, slot: str) -> Regime:
-    """The regime `stage` gives `slot` (``encoders.image`` beats ``encoders``; default frozen)."""
+    """The regime `stage` gives `slot` (``encoders.image`` beats ``encoders``; default frozen).
+
+    The signal tokens' rows, unless named, train (in full) whenever the backbone trains in any
+    way: a stage that tunes the LLM also tunes the tokens it emits."""
     if slot in stage.train:
         return stage.train[slot]
+    if slot == "signal_tokens" and "signal_tokens" not in stage.train:
+        return "full" if stage.train.get("backbone", "frozen") != "frozen" else "frozen"
     return stage.train.get(slot.split(".")[0], "frozen")
 
 

@@ -128,6 +128,16 @@ def check_component(kind: str, name: str, settings: dict[str, Any] | None = None
         assert gen.shape[0] == 1 and 1 <= gen.shape[1] <= 3
     elif kind == "injector":
         make, run, out = _injector_case(cls, config, ctx, registry)
+    elif kind == "output_projector":  # k = 3 signal states of width 24 -> a 7 x 40 conditioning
+        config = config.model_copy(update={k: v for k, v in (("in_dim", PROJ_IN), ("in_len", 3), ("out_len", 7),
+                                                             ("out_dim", PROJ_OUT)) if getattr(config, k) is None})
+        facts = cls.describe(config, ctx)
+        make = lambda seed=0: _instance(cls, config, ctx, seed)
+        x = torch.randn(2, config.in_len, config.in_dim, generator=torch.Generator().manual_seed(0))
+        run = lambda m: m(x).detach()
+        out = run(make())
+        assert out.shape == (2, facts.out_len, facts.out_dim), f"{name}: describe says {facts.out_len} x {facts.out_dim}, " \
+                                                               f"emitted {tuple(out.shape[1:])}"
     else:
         raise AssertionError(f"no shared checks for kind {kind!r} yet")
     assert torch.isfinite(out).all(), f"{name}: non-finite outputs"

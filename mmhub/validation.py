@@ -17,7 +17,8 @@ from pydantic import ValidationError
 from mmhub import weights as weight_sources
 from mmhub.errors import Problem, SpecError, UnknownComponentError, WeightsNotFoundError, close_matches
 from mmhub.attention import xformers_importable
-from mmhub.interfaces import BackboneFacts, BuildContext, ComponentConfig, EncoderFacts, InjectorFacts, ProjectorFacts
+from mmhub.interfaces import (BackboneFacts, BuildContext, ComponentConfig, EncoderFacts, GeneratorFacts, InjectorFacts,
+                              OutputProjectorFacts, ProjectorFacts)
 from mmhub.registry import ComponentInfo, Registry, get_registry
 from mmhub.spec import PART_KEYS, LoraRegime, Spec, problems_from_validation
 from mmhub.templates import resolve_template, template_problems
@@ -50,6 +51,10 @@ class Plan:
     projector_facts: dict[str, ProjectorFacts] = field(default_factory=dict)
     backbone_facts: BackboneFacts | None = None
     injector_facts: dict[str, InjectorFacts] = field(default_factory=dict)
+    output_projectors: dict[str, Slot] = field(default_factory=dict)
+    generators: dict[str, Slot] = field(default_factory=dict)
+    generator_facts: dict[str, GeneratorFacts] = field(default_factory=dict)
+    output_facts: dict[str, OutputProjectorFacts] = field(default_factory=dict)
     tokenizer: Any = None
     template: Any = None
 
@@ -60,6 +65,9 @@ class Plan:
         data["projectors"] = {m: s.as_dict() for m, s in self.projectors.items()}
         data["backbone"] = self.backbone.as_dict() if self.backbone else data["backbone"]
         data["injectors"] = {n: s.as_dict() for n, s in self.injectors.items()}
+        data["output_projectors"] = {m: s.as_dict() for m, s in self.output_projectors.items()}
+        data["generators"] = {m: s.as_dict() for m, s in self.generators.items()}
+        data["signal_tokens"] = {m: self.spec.signal_count(m) for m in self.spec.generators}
         data["template"] = self.template.name if self.template is not None else self.spec.template
         data["placeholders"] = {m: self.spec.placeholder(m) for m in self.spec.encoders}
         data["max_items"] = {m: self.spec.max_items.get(m, 1) for m in self.spec.encoders}
@@ -149,10 +157,12 @@ def plan_spec(spec: Spec, registry: Registry | None = None, source: str | None =
     for m in spec.projectors.keys() - spec.encoders.keys():
         problems.append(Problem(f"projectors.{m}", f"projector {m!r} has no encoder",
                                 f"add encoders.{m} or remove projectors.{m}" + _hint(m, spec.encoders)))
-    for key in ("output_projectors", "generators"):
-        if getattr(spec, key):
-            problems.append(Problem(key, "the output side (output projectors + generators) is not implemented in this "
-                                         "version of mmhub, so it cannot be assembled", f"remove {key} for now"))
+    for m, cs in spec.output_projectors.items():
+        if (s := _slot("output_projector", f"output_projectors.{m}", cs, registry, problems)) is not None:
+            plan.output_projectors[m] = s
+    for m, cs in spec.generators.items():
+        if (s := _slot("generator", f"generators.{m}", cs, registry, problems)) is not None:
+            plan.generators[m] = s
     for key in ("placeholders", "max_items"):
         for m in getattr(spec, key).keys() - spec.encoders.keys():
             problems.append(Problem(f"{key}.{m}", f"names modality {m!r}, which has no encoder", f"remove it{_hint(m, spec.encoders)}"))
@@ -179,6 +189,7 @@ def plan_spec(spec: Spec, registry: Registry | None = None, source: str | None =
 
     _check_injectors(plan, problems)
     _check_projectors(plan, problems)
+    _check_output_side(plan, problems)
     _check_budget(plan, problems)
     _check_template(plan, problems)
     _check_stages(plan, problems)
@@ -245,6 +256,80 @@ def _check_projectors(plan: Plan, problems: list[Problem]) -> None:
         plan.projector_facts[m] = ProjectorFacts(enc.out_dim, hidden, out_tokens)
 
 
+def _check_output_side(plan: Plan, problems: list[Problem]) -> None:
+    """Pairs of output projector + generator per output modality, their shapes, and the signal tokens."""
+    spec = plan.spec
+    for m in spec.generators.keys() - spec.output_projectors.keys():
+        problems.append(Problem(f"output_projectors.{m}", f"generator {m!r} has no output projector",
+                                f"add output_projectors.{m}: {{type: output_transformer}}"))
+    for m in spec.output_projectors.keys() - spec.generators.keys():
+        problems.append(Problem(f"output_projectors.{m}", f"output projector {m!r} has no generator",
+                                f"add generators.{m} or remove output_projectors.{m}" + _hint(m, spec.generators)))
+    for m, k in spec.signal_tokens.items():
+        if m not in spec.generators:
+            problems.append(Problem(f"signal_tokens.{m}", f"names output modality {m!r}, which has no generator",
+                                    f"remove it{_hint(m, spec.generators)}"))
+        elif k < 1:
+            problems.append(Problem(f"signal_tokens.{m}", f"{k} signal tokens cannot carry anything", "use at least 1 (4 is usual)"))
+    if not spec.generators:
+        return
+    facts = plan.backbone_facts
+    if facts is not None and facts.is_encoder_decoder:
+        problems.append(Problem("generators", "signal tokens need a decoder-only (causal LM) backbone in this version of "
+                                              "mmhub; this backbone is encoder-decoder", "use an hf_causal_lm backbone"))
+    if plan.injectors:
+        problems.append(Problem("generators", "an output side together with injectors is not supported yet (generation "
+                                              "decodes step by step, which injectors do not follow)",
+                                "remove the injectors or the output side"))
+    if plan.tokenizer is not None:
+        from mmhub.signals import group_marker, token_names
+
+        vocab = plan.tokenizer.get_vocab()
+        special = set(getattr(plan.tokenizer, "all_special_tokens", []))
+        for m in spec.generators:
+            for name in token_names(m, spec.signal_count(m)) + [group_marker(m)]:
+                if name in vocab and name not in special:
+                    problems.append(Problem(f"signal_tokens.{m}", f"{name!r} is an ordinary token of this tokenizer, so "
+                                                                  "plain text could trigger generation",
+                                            "use a tokenizer without it (signal token names are fixed)"))
+    for m, slot in plan.generators.items():
+        gen = _describe(slot, plan.ctx, problems)
+        if gen is None:
+            continue
+        if gen.modality != m:
+            problems.append(Problem(f"generators.{m}.type", f"{slot.info.name} produces {gen.modality}, not {m}",
+                                    f"key it as generators.{gen.modality}, or use a {m} generator"))
+            continue
+        plan.generator_facts[m] = gen
+        op = plan.output_projectors.get(m)
+        if op is None or facts is None:
+            continue
+        cfg, fill, bad = op.config, {}, False
+        for key, want, what in (("in_dim", facts.hidden_size, "the backbone hidden size"),
+                                ("in_len", spec.signal_count(m), f"signal_tokens.{m}"),
+                                ("out_len", gen.cond_len, f"generators.{m} ({slot.info.name}) conditioning length"),
+                                ("out_dim", gen.cond_dim, f"generators.{m} ({slot.info.name}) conditioning width")):
+            have = getattr(cfg, key)
+            if have is not None and have != want:
+                problems.append(Problem(f"output_projectors.{m}.{key}", f"{have} != {what} {want}",
+                                        f"set output_projectors.{m}.{key}: {want} or leave it out to infer it"))
+                bad = True
+            fill[key] = want
+        if bad:
+            continue
+        op.config = cfg.model_copy(update=fill)
+        out = _describe(op, plan.ctx, problems)
+        if out is None:
+            continue
+        if (out.out_len, out.out_dim) != (gen.cond_len, gen.cond_dim):
+            problems.append(Problem(f"output_projectors.{m}", f"{op.info.name} produces {out.out_len} x {out.out_dim} "
+                                                              f"per item but generators.{m} ({slot.info.name}) takes "
+                                                              f"{gen.cond_len} x {gen.cond_dim}",
+                                    "use an output projector that can produce the generator's conditioning shape"))
+            continue
+        plan.output_facts[m] = out
+
+
 def _check_budget(plan: Plan, problems: list[Problem]) -> None:
     if plan.backbone_facts is None or len(plan.projector_facts) != len(plan.spec.encoders):
         return
@@ -284,10 +369,16 @@ def _check_stages(plan: Plan, problems: list[Problem]) -> None:
     for dup in {n for n in names if names.count(n) > 1}:
         problems.append(Problem("stages", f"stage name {dup!r} is used {names.count(dup)} times", "give each stage its own name"))
     slots = {"encoders": spec.encoders, "projectors": spec.projectors, "backbone": {}, "injectors": spec.injectors,
-             "output_projectors": spec.output_projectors, "generators": spec.generators}
+             "signal_tokens": {}, "output_projectors": spec.output_projectors, "generators": spec.generators}
     for i, st in enumerate(spec.stages):
         for key, regime in st.train.items():
             head, _, slot = key.partition(".")
+            if head == "signal_tokens" and not spec.generators:
+                problems.append(Problem(f"stages[{i}].train.{key}", "this model has no signal tokens (no generators)",
+                                        "remove it, or add output_projectors and generators"))
+            if head == "signal_tokens" and isinstance(regime, LoraRegime):
+                problems.append(Problem(f"stages[{i}].train.{key}", "signal tokens are embedding rows, not layers",
+                                        "use signal_tokens: full"))
             if slot and slot not in slots[head]:
                 problems.append(Problem(f"stages[{i}].train.{key}", f"there is no {head} slot {slot!r}",
                                         f"slots: {', '.join(slots[head]) or '(none)'}"))

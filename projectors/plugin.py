@@ -1,4 +1,4 @@
-"""Registers mmhub's built-in input projectors (through the same hook a third-party plugin uses)."""
+"""Registers mmhub's built-in input and output projectors (through the same hook a third-party plugin uses)."""
 
 from mmhub.hookspecs import hookimpl
 from mmhub.projectors.c_abstractor import CAbstractorProjector
@@ -6,6 +6,7 @@ from mmhub.projectors.cross_attn_resampler import CrossAttnResamplerProjector
 from mmhub.projectors.ldp import LDPProjector
 from mmhub.projectors.linear import LinearProjector
 from mmhub.projectors.mlp import MLPProjector
+from mmhub.projectors.output import OUTPUT_PROJECTORS
 from mmhub.projectors.perceiver import PerceiverProjector
 from mmhub.projectors.pformer import PFormerProjector
 from mmhub.projectors.qformer import QFormerProjector
@@ -23,3 +24,9 @@ def register_projectors(register):
     register(PFormerProjector)
     register(CAbstractorProjector)
     register(LDPProjector)
+
+
+@hookimpl
+def register_output_projectors(register):
+    for cls in OUTPUT_PROJECTORS:
+        register(cls)

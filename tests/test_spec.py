@@ -116,7 +116,8 @@ def test_encoder_without_projector_and_output_side(tiny_spec) -> None:
     tiny_spec["generators"] = {"image": {"type": "sd"}}
     found = problems(tiny_spec)
     assert any("encoder 'image' has no projector" in p for p in found)
-    assert any(p.startswith("generators:") and "not implemented" in p for p in found)
+    assert any(p.startswith("generators.image.type:") and "'sd'" in p for p in found)
+    assert any(p.startswith("output_projectors.image:") and "has no output projector" in p for p in found)
 
 
 def test_preset_and_json_spec_load(tmp_path, tiny_spec) -> None:

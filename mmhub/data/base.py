@@ -71,7 +71,10 @@ class Dataset(torch.utils.data.Dataset, ABC):
         self.base_dir = Path(base_dir).expanduser() if base_dir is not None else Path.cwd()
 
     def resolve(self, path: str | Path) -> Path:
-        """A setting's path: ``~`` expanded, relative paths taken from ``base_dir``."""
+        """A setting's path: ``mmhub:REL`` inside the installed mmhub package (data shipped with recipes),
+        ``~`` expanded, other relative paths taken from ``base_dir``."""
+        if str(path).startswith("mmhub:"):
+            return Path(__file__).resolve().parents[1] / str(path)[len("mmhub:"):]
         p = Path(path).expanduser()
         return p if p.is_absolute() else self.base_dir / p
 

@@ -37,6 +37,9 @@ class Sample:
     chosen: str | None = None
     rejected: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    # generation tasks: per output modality, the captions of the items the assistant turns generate (one
+    # ``<img_out>``-style marker each, in text order); decoding-side alignment trains towards their features
+    outputs: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def is_preference(self) -> bool:

@@ -352,6 +352,7 @@ class Trainer:
                     if all(label == IGNORE for label in enc.labels):
                         raise InputError("every label is masked (no assistant tokens to learn)")
                     enc.index = i
+                    enc.outputs = sample.outputs or None
                     pair.append(enc)
                 out.extend(pair)
             except (InputError, OSError, ValueError, KeyError, IndexError) as exc:
@@ -419,13 +420,17 @@ class Trainer:
                 ordered = encs
             batch["features"] = {m: torch.cat([e.features[m] for e in ordered if m in getattr(e, "features", {})])
                                  for m in caches if any(m in getattr(e, "features", {}) for e in ordered)}
+            if len(self.model.output_projectors):  # captions of the media to generate, in the batch's sample order
+                batch["outputs"] = {m: [c for e in ordered for c in (e.outputs or {}).get(m, [])]
+                                    for m in self.model.output_projectors}
             batches.append(batch)
             used += len(encs)
         for k, batch in enumerate(batches):
             ctx = acc.no_sync(wrapped) if k < len(batches) - 1 else _nullcontext()
             with ctx, acc.autocast():
                 out = wrapped(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["media"],
-                              return_logits=False, features=batch["features"], segment_ids=batch.get("segment_ids"))
+                              return_logits=False, features=batch["features"], segment_ids=batch.get("segment_ids"),
+                              outputs=batch.get("outputs"))
                 if st.objective == "dpo":
                     loss_sum, count = self._dpo_loss(out, batch, st)
                 else:

@@ -1,0 +1,128 @@
+"""mmhub's own decode loop: KV-cached, step by step, over the vocabulary extended with signal tokens.
+
+transformers' ``generate`` cannot emit tokens past the backbone's LM head nor hand back the
+hidden states of particular tokens, and an any-to-any model needs both: it emits signal
+tokens (``<img_0>`` ...; `mmhub.signals`) whose last-layer states become a generator's
+conditioning. This loop samples from `MMModel.head` (backbone columns + one per signal
+token), forces the rest of a group once its first token is emitted (a group begun before
+the token limit is completed past it), and records the state at each signal position —
+the state the model computes when that token is its input, exactly as in training.
+
+`Reply` is the text `MMModel.generate` returns: a ``str`` (signal tokens stripped) that also
+carries the generated media in ``reply.media``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+class Reply(str):
+    """A generated reply: the text itself, plus ``media`` = {modality: [PIL image | frames | Audio]}."""
+
+    media: dict[str, list[Any]]
+
+    def __new__(cls, text: str, media: dict[str, list[Any]] | None = None) -> "Reply":
+        obj = super().__new__(cls, text)
+        obj.media = dict(media or {})
+        return obj
+
+
+@dataclass
+class Decoded:
+    """Per row: generated tokenizer ids (stop token excluded) and the states of completed signal groups."""
+
+    tokens: list[list[int]]
+    signals: list[dict[str, list[torch.Tensor]]] = field(default_factory=list)  # modality -> [(k, H) per item]
+
+
+def pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
+         generator: torch.Generator | None) -> torch.Tensor:
+    """(B, V) logits -> (B,) chosen columns: greedy, or temperature + nucleus (top-p) sampling."""
+    if not do_sample:
+        return logits.argmax(-1)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    probs = torch.softmax(logits / temperature, -1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix reaching top_p (always the first)
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def decode(model: Any, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+           max_new_tokens: int, stop_ids: list[int], suppress_ids: list[int] | None = None, do_sample: bool = False,
+           temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None) -> Decoded:
+    """Generate from left-padded prompt embeddings (B, L, H) with `model`'s backbone `step` and `head`."""
+    backbone, sig = model.backbone, model.signal_tokens
+    B = inputs_embeds.shape[0]
+    device = inputs_embeds.device
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    pad = model.processor.pad_id
+    first = {}  # first token id of each group -> (modality, the group's ids)
+    if sig is not None:
+        for m in sig.modalities:
+            ids = sig.ids_of(m)
+            first[ids[0]] = (m, ids)
+    suppress = torch.tensor(sorted(set(suppress_ids or [])), dtype=torch.long, device=device)
+    if sig is not None and suppress.numel():
+        suppress = sig.columns(suppress)
+
+    mask = attention_mask.clone()
+    hidden, cache = backbone.step(inputs_embeds, mask, position_ids, None)
+    last = hidden[:, -1]
+    next_pos = position_ids[:, -1:] + 1
+    out = Decoded([[] for _ in range(B)], [{} for _ in range(B)])
+    done = [False] * B
+    forced: list[list[int]] = [[] for _ in range(B)]
+    pending: list[tuple[str, list[torch.Tensor], int] | None] = [None] * B  # (modality, states so far, k)
+    steps = 0
+    while True:
+        logits = model.head(last).float()
+        if suppress.numel():
+            logits[:, suppress] = torch.finfo(logits.dtype).min
+        cols = pick(logits, do_sample, temperature, top_p, generator)
+        ids = (sig.token_ids(cols) if sig is not None else cols).tolist()
+        for b in range(B):
+            if done[b]:
+                ids[b] = pad
+            elif forced[b]:
+                ids[b] = forced[b].pop(0)
+                out.tokens[b].append(ids[b])
+            elif ids[b] in stop_ids:
+                done[b] = True
+                ids[b] = pad
+            else:
+                out.tokens[b].append(ids[b])
+                if ids[b] in first:  # a group begins: its other tokens follow whatever the model would pick
+                    m, group = first[ids[b]]
+                    forced[b] = list(group[1:])
+                    pending[b] = (m, [], len(group))
+        if all(done):
+            break
+        step_ids = torch.tensor(ids, device=device)[:, None]
+        emb = backbone.embed(step_ids.masked_fill(step_ids >= model.backbone_vocab_size, 0))
+        if sig is not None:
+            emb = sig.embed_into(step_ids, emb)
+        alive = torch.tensor([0 if d and not p else 1 for d, p in zip(done, pending)], device=device)
+        mask = torch.cat([mask, alive[:, None].to(mask.dtype)], 1)
+        hidden, cache = backbone.step(emb, mask, next_pos, cache)
+        last = hidden[:, -1]
+        next_pos = next_pos + 1
+        for b in range(B):
+            if pending[b] is not None:  # the token just fed belongs to a group: its state is the group's
+                m, states, k = pending[b]
+                states.append(last[b])
+                if len(states) == k:
+                    out.signals[b].setdefault(m, []).append(torch.stack(states))
+                    pending[b] = None
+        steps += 1
+        if steps >= max_new_tokens and not any(forced) and not any(p is not None for p in pending):
+            break
+    return out

@@ -1,0 +1,180 @@
+"""The output side: signal tokens, output projectors, validation of conditioning shapes, the decoding-side
+alignment loss, mmhub's decode loop handing signal states to a generator, training and saving.
+
+The generator here is a small test double (`Palette`: conditioning -> a flat-colour image, text features
+from a character embedding), so these tests isolate mmhub's own mechanics; the diffusers generators have
+their own tests (tests/test_generators.py) and the zoo presets run end to end in tests/test_presets_output.py.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from mmhub import MMModel
+from mmhub.assembly import build
+from mmhub.data.base import InMemoryDataset
+from mmhub.data.sample import Sample
+from mmhub.decoding import Reply, pick
+from mmhub.errors import InputError, SpecError
+from mmhub.interfaces import Generator, GeneratorFacts
+from mmhub.registry import get_registry
+from mmhub.signals import group_marker, token_names
+from mmhub.testing import check_component
+from mmhub.train.run import train
+
+COND_LEN, COND_DIM = 5, 12
+
+
+class Palette(Generator):
+    """Test double: a flat image whose colour is read from the conditioning."""
+
+    name = "test_palette"
+    example_settings = {}
+
+    @classmethod
+    def describe(cls, config, ctx) -> GeneratorFacts:
+        return GeneratorFacts("image", COND_LEN, COND_DIM)
+
+    def __init__(self, config, ctx):
+        super().__init__(config, ctx)
+        self.chars = nn.Embedding(128, COND_DIM)
+
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        ids = torch.tensor([[ord(c) % 128 for c in (cap + " " * COND_LEN)[:COND_LEN]] for cap in captions])
+        return self.chars(ids)
+
+    def generate(self, cond, seed=None, steps=None, guidance_scale=None) -> list[Image.Image]:
+        if cond.shape[1:] != (COND_LEN, COND_DIM):
+            raise ValueError(f"conditioning {tuple(cond.shape)} != (N, {COND_LEN}, {COND_DIM})")
+        return [Image.new("RGB", (8, 8), tuple(int(v) for v in c.mean(0)[:3].sigmoid() * 255)) for c in cond]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def palette_registered():
+    reg = get_registry()
+    reg.add("generator", Palette, "tests")
+    yield
+    del reg.components["generator"][Palette.name]
+
+
+@pytest.fixture
+def out_spec(tiny_spec):
+    spec = copy.deepcopy(tiny_spec)
+    spec.update({"output_projectors": {"image": {"type": "output_transformer", "width": 16, "heads": 2}},
+                 "generators": {"image": {"type": "test_palette"}}, "signal_tokens": {"image": 3}})
+    spec["stages"] = [{"name": "decode_align", "train": {"output_projectors": "full", "signal_tokens": "full"},
+                       "lr": 1e-2, "batch_size": 8, "max_steps": 60, "warmup_ratio": 0.0, "log_every": 10}]
+    return spec
+
+
+def draw_samples(n: int = 8) -> list[Sample]:
+    colours = ["red", "blue", "green", "black"]
+    out = []
+    for i in range(n):
+        c = colours[i % 4]
+        out.append(Sample(id=str(i), messages=[{"role": "user", "content": f"draw a {c} circle"},
+                                               {"role": "assistant", "content": f"Here is a {c} circle. {group_marker('image')}"}],
+                          outputs={"image": [f"a {c} circle"]}))
+    return out
+
+
+@pytest.mark.parametrize("name", ["output_mlp", "output_transformer", "output_qformer"])
+def test_output_projectors_map_signal_states_to_the_conditioning_shape(name: str) -> None:
+    check_component("output_projector", name)
+
+
+def test_signal_tokens_are_added_with_their_own_rows(out_spec) -> None:
+    model = build(out_spec)
+    names = token_names("image", 3)
+    assert names == ["<img_0>", "<img_1>", "<img_2>"]
+    ids = [model.tokenizer.convert_tokens_to_ids(n) for n in names]
+    assert model.signal_tokens.ids.tolist() == ids
+    assert model.signal_tokens.embed.shape == (3, 48) and model.signal_tokens.head.shape == (3, 48)
+    enc = model.processor.encode([{"role": "user", "content": "draw"}, {"role": "assistant", "content": "ok <img_out>"}])
+    assert enc.input_ids[-len(ids) - 1:-1] == ids or all(i in enc.input_ids for i in ids)
+    # the text the model returns never shows them
+    assert model.tokenizer.decode(ids + [ord("a")], skip_special_tokens=True).strip() in ("a", "")
+    hidden = torch.randn(2, 48)
+    logits = model.head(hidden)
+    assert logits.shape == (2, 300 + 3)
+    inside = [i for i in ids if i < 300]  # byte tokenizer: the ids fall inside the table and are masked there
+    assert bool((logits[:, inside] < -1e30).all())
+
+
+def test_validation_fills_and_checks_the_conditioning_shape(out_spec) -> None:
+    model = build(out_spec)
+    cfg = model.plan.output_projectors["image"].config
+    assert (cfg.in_dim, cfg.in_len, cfg.out_len, cfg.out_dim) == (48, 3, COND_LEN, COND_DIM)
+    bad = copy.deepcopy(out_spec)
+    bad["output_projectors"]["image"]["out_dim"] = 1024
+    with pytest.raises(SpecError) as exc:
+        build(bad)
+    text = str(exc.value)
+    assert "output_projectors.image.out_dim" in text and "1024" in text and str(COND_DIM) in text
+    bad = copy.deepcopy(out_spec)
+    del bad["output_projectors"]
+    bad["signal_tokens"] = {"audio": 2}
+    with pytest.raises(SpecError) as exc:
+        build(bad)
+    assert "has no output projector" in str(exc.value) and "signal_tokens.audio" in str(exc.value)
+    bad = copy.deepcopy(out_spec)
+    bad["stages"][0]["train"] = {"signal_tokens": {"lora": {"r": 4}}}
+    with pytest.raises(SpecError, match="signal tokens are embedding rows"):
+        build(bad)
+
+
+def test_alignment_loss_reaches_projector_and_signal_rows(out_spec) -> None:
+    model = build(out_spec)
+    encs = []
+    for s in draw_samples(2):
+        e = model.processor.encode(s.messages)
+        e.outputs = s.outputs
+        encs.append(e)
+    b = model.processor.collate(encs)
+    assert b["outputs"] == {"image": ["a red circle", "a blue circle"]}
+    model.train()
+    model.requires_grad_(True)
+    out = model(b["input_ids"], b["attention_mask"], b["labels"], outputs=b["outputs"])
+    assert out.output_loss is not None and float(out.output_loss.detach()) > 0
+    out.loss.backward()
+    assert model.signal_tokens.embed.grad.abs().sum() > 0 and model.signal_tokens.head.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in model.output_projectors["image"].parameters())
+    with pytest.raises(InputError, match=r"2 image output caption\(s\) but 1 signal group\(s\)"):
+        model(b["input_ids"][:1], b["attention_mask"][:1], b["labels"][:1], outputs={"image": ["a red circle", "x"]})
+
+
+def test_trained_model_emits_signals_and_draws(out_spec, tmp_path) -> None:
+    spec = copy.deepcopy(out_spec)
+    spec["stages"][0]["train"]["backbone"] = "full"
+    summary = train(spec, out=tmp_path / "run", datasets={"decode_align": InMemoryDataset(draw_samples())},
+                    progress_bar=False)
+    assert summary["decode_align"]["final_loss"] < 1.0
+    model = MMModel.from_pretrained(tmp_path / "run" / "decode_align" / "model")
+    replies = model.generate(["draw a red circle", "draw a blue circle"], max_new_tokens=24)
+    for r in replies:
+        assert isinstance(r, Reply) and isinstance(r, str)
+        assert "<img_" not in r and "circle" in r
+        assert len(r.media["image"]) == 1 and r.media["image"][0].size == (8, 8)
+    no_media = model.generate(["draw a red circle"], max_new_tokens=24, generate_media=False)[0]
+    assert no_media == replies[0] and no_media.media == {}
+    # the decode loop is deterministic and agrees with teacher forcing on the text
+    assert model.generate(["draw a red circle"], max_new_tokens=24)[0] == replies[0]
+
+
+def test_models_without_an_output_side_return_plain_replies(tiny_spec) -> None:
+    model = build(tiny_spec)
+    r = model.generate(["hello"], max_new_tokens=4)[0]
+    assert isinstance(r, Reply) and r.media == {} and model.signal_tokens is None
+
+
+def test_nucleus_sampling_keeps_the_top_mass() -> None:
+    logits = torch.tensor([[5.0, 4.9, -10.0, -10.0]])
+    g = torch.Generator().manual_seed(0)
+    picks = {int(pick(logits, True, 1.0, 0.9, g)) for _ in range(50)}
+    assert picks <= {0, 1} and len(picks) == 2
+    assert int(pick(logits, False, 1.0, 1.0, None)) == 0
