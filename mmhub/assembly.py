@@ -54,6 +54,10 @@ def build_from_plan(plan: Plan) -> MMModel:
 
         for slot, lora in plan.spec.adapters.items():
             inject_adapter(model, slot, lora)
+    if plan.spec.init_from:  # start from a trained model's weights (e.g. a new output side on a trained MM-LLM)
+        from mmhub.checkpoint import init_from_model
+
+        init_from_model(model, plan.spec.init_from)
     model.requires_grad_(False)  # frozen until a training stage says which parts learn
     model.eval()
     return model

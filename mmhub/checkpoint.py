@@ -190,3 +190,42 @@ def load_model(path: Path, registry: Any = None, verify_weights: bool = True) ->
                               f"e.g. {lacking[:3]}; save the model again (with full=True if in doubt).")
     model.eval()
     return model
+
+
+def package_path(path: str) -> Path:
+    """``mmhub:REL`` -> REL inside the installed mmhub package; anything else -> the path, ``~`` expanded."""
+    if path.startswith("mmhub:"):
+        return Path(__file__).resolve().parent / path[len("mmhub:"):]
+    return Path(path).expanduser()
+
+
+def init_from_model(model: Any, source: str) -> None:
+    """Load a saved model's weights (and its LoRA adapters) into the matching slots of `model` (spec ``init_from``).
+
+    Every tensor of the source must find a parameter of the same shape (the new spec may add slots,
+    not drop or reshape them); slots the source lacks keep their fresh weights."""
+    from mmhub.adapters import inject_adapter
+    from mmhub.spec import LoraSpec
+
+    folder = package_path(source)
+    try:
+        _check_folder(folder)
+    except CheckpointError as exc:
+        raise CheckpointError(f"init_from: {exc}") from None
+    data = json.loads((folder / SPEC_FILE).read_text())
+    for slot, lora in (data.get("adapters") or {}).items():
+        inject_adapter(model, slot, LoraSpec.model_validate(lora))
+    state = load_file(str(folder / WEIGHTS_FILE))
+    own = model.state_dict()
+    unknown = [k for k in state if k not in own]
+    if unknown:
+        raise CheckpointError(f"init_from {folder}: {len(unknown)} of its tensors have no place in this spec's model, e.g. "
+                              f"{unknown[:3]}; the spec must keep the source model's components (it may add new ones)")
+    wrong = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if v.shape != own[k].shape]
+    if wrong:
+        raise CheckpointError(f"init_from {folder}: {len(wrong)} tensor(s) differ in shape (source vs this spec), e.g. "
+                              f"{wrong[:3]}; keep the source model's component settings")
+    model.load_state_dict(state, strict=False)
+    for slot in data.get("trained") or []:
+        if slot not in model.spec.trained:
+            model.spec.trained.append(slot)

@@ -142,8 +142,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     mods = ", ".join(f"{m}: {plan.encoders[m].info.name} -> {plan.projectors[m].info.name} "
                      f"({plan.tokens_per_item(m)} tokens/item)" for m in plan.encoders) or "text only"
     bf = plan.backbone_facts
+    outs = "".join(f"; {m} out: {spec.signal_count(m)} signal tokens -> {plan.output_projectors[m].info.name} -> "
+                   f"{plan.generators[m].info.name} ({plan.generator_facts[m].cond_len} x {plan.generator_facts[m].cond_dim})"
+                   for m in plan.generators)
     print(f"OK {spec.name}: {mods}; backbone {plan.backbone.info.name} (hidden {bf.hidden_size}, context "
-          f"{bf.context_length}); template {plan.template.name}; {len(spec.stages)} stage(s)")
+          f"{bf.context_length}){outs}; template {plan.template.name}; {len(spec.stages)} stage(s)")
     return 0
 
 
@@ -155,8 +158,11 @@ def cmd_assemble(args: argparse.Namespace) -> int:
     rows = model.parameter_table()
     for r in rows:
         slot = r["slot"]
-        r["plugin"] = model.plan.backbone.info.plugin if slot == "backbone" else \
-            getattr(model.plan, slot.split(".")[0])[slot.split(".")[1]].info.plugin
+        if slot == "signal_tokens":  # the output side's embedding/head rows: part of mmhub itself
+            r["plugin"] = "mmhub"
+        else:
+            r["plugin"] = model.plan.backbone.info.plugin if slot == "backbone" else \
+                getattr(model.plan, slot.split(".")[0])[slot.split(".")[1]].info.plugin
         if slot.startswith("encoders."):
             m = slot.split(".")[1]
             r["tokens_per_item"] = model.plan.tokens_per_item(m)

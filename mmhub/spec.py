@@ -132,6 +132,10 @@ class Spec(BaseModel):
     min_text_tokens: int = Field(32, ge=0)
     stages: list[StageSpec] = Field(default_factory=list)
     seed: int = 0
+    init_from: str | None = Field(
+        None, description="an mmhub model folder (a path, or mmhub:REL inside the package) whose weights and LoRA "
+                          "adapters initialise the matching slots before training; slots it lacks (a new output side) "
+                          "keep fresh weights. Saved models drop it: their own weights supersede it")
     adapters: dict[str, LoraSpec] = Field(
         default_factory=dict, description="LoRA adapters this model carries, by slot (`backbone`, `encoders.image`); "
                                           "written by training, re-injected when the model is loaded")

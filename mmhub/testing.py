@@ -10,8 +10,9 @@ outputs exactly.
 from __future__ import annotations
 
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -138,6 +139,8 @@ def check_component(kind: str, name: str, settings: dict[str, Any] | None = None
         out = run(make())
         assert out.shape == (2, facts.out_len, facts.out_dim), f"{name}: describe says {facts.out_len} x {facts.out_dim}, " \
                                                                f"emitted {tuple(out.shape[1:])}"
+    elif kind == "generator":
+        make, run, out = _generator_case(cls, config, ctx)
     else:
         raise AssertionError(f"no shared checks for kind {kind!r} yet")
     assert torch.isfinite(out).all(), f"{name}: non-finite outputs"
@@ -201,4 +204,75 @@ def _injector_case(cls: type[Component], config: Any, ctx: BuildContext, registr
     plain = rig.backbone(rig.backbone.embed(ids), torch.ones_like(ids)).detach()  # context cleared: hooks are inert
     assert torch.equal(plain, base(base.embed(ids), torch.ones_like(ids)).detach()), \
         f"{cls.name}: with no context set, the backbone must compute exactly what it did without the injector"
+    return make, run, out
+
+
+CAPTIONS = ["a red circle", "two small blue squares"]
+
+
+@contextmanager
+def torch_threads(n: int = 1) -> Iterator[None]:
+    """Run with `n` torch threads, then restore: tiny diffusion models are bound by per-op overhead, which
+    several threads on a busy, few-core CPU multiply (spin-waits) instead of dividing."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _media_array(item: Any, modality: str) -> np.ndarray:
+    """One generated item as an array (for equality checks), after checking its type."""
+    if modality == "image":
+        assert isinstance(item, Image.Image), f"an image generator returned {type(item).__name__}, not a PIL image"
+        return np.asarray(item)
+    if modality == "video":
+        assert isinstance(item, list) and item and all(isinstance(f, Image.Image) for f in item), \
+            "a video generator must return each video as a non-empty list of PIL frames"
+        assert len({f.size for f in item}) == 1, "video frames differ in size"
+        return np.stack([np.asarray(f) for f in item])
+    if modality == "audio":
+        from mmhub.interfaces import Audio
+
+        assert isinstance(item, Audio), f"an audio generator returned {type(item).__name__}, not mmhub.interfaces.Audio"
+        samples = np.asarray(item.samples)
+        assert samples.dtype == np.float32 and samples.ndim == 1 and samples.size, \
+            f"Audio.samples must be non-empty mono float32; got {samples.dtype} {samples.shape}"
+        assert isinstance(item.sample_rate, int) and item.sample_rate > 0, f"bad sample_rate {item.sample_rate!r}"
+        return samples
+    raise AssertionError(f"no generated-item check for modality {modality!r}; known: image, video, audio")
+
+
+def _declared_size(gen: Component) -> tuple[int, int] | None:
+    """(width, height) a generator says its images/frames have: its ``output_size`` attribute or setting."""
+    size = getattr(gen, "output_size", None)
+    if size is None:
+        size = getattr(gen.config, "output_size", None)
+    if isinstance(size, int):
+        return (size, size)
+    return tuple(size) if size is not None else None
+
+
+def _generator_case(cls: type[Component], config: Any, ctx: BuildContext) -> tuple[Any, Any, torch.Tensor]:
+    """encode_text matches the described conditioning shape; generate (2 steps) on it returns one item of the
+    declared modality (and size) per row, the same for the same seed."""
+    facts = cls.describe(config, ctx)
+    assert facts.modality in cls.modalities_out, \
+        f"{cls.name}: describes {facts.modality} but declares modalities_out {cls.modalities_out}"
+    make = lambda seed=0: _instance(cls, config, ctx, seed)
+    gen = make()
+    run = lambda m: m.encode_text(CAPTIONS).detach()
+    out = run(gen)
+    want = (len(CAPTIONS), facts.cond_len, facts.cond_dim)
+    assert tuple(out.shape) == want, f"{cls.name}: described conditioning {want}, encode_text gave {tuple(out.shape)}"
+    items = gen.generate(out, seed=0, steps=2)
+    assert len(items) == len(CAPTIONS), f"{cls.name}: {len(CAPTIONS)} conditionings gave {len(items)} items"
+    arrays = [_media_array(item, facts.modality) for item in items]
+    size = _declared_size(gen)
+    if facts.modality in ("image", "video") and size is not None:
+        got = {(a.shape[-2], a.shape[-3]) for a in arrays}
+        assert got == {size}, f"{cls.name}: declared (width, height) {size} but generated {sorted(got)}"
+    again = [_media_array(item, facts.modality) for item in gen.generate(out, seed=0, steps=2)]
+    assert all(np.array_equal(a, b) for a, b in zip(arrays, again)), f"{cls.name}: the same seed gave different output"
     return make, run, out

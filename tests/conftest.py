@@ -7,9 +7,15 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from mmhub.registry import get_registry
+
+# `make test` runs two pytest workers on this 2-core CPU: one torch thread each. Two threads per worker
+# oversubscribe the cores, and the many tiny ops of these models then spin-wait instead of computing
+# (a tiny preset's training step measured ~1.8 s with two threads under load, a fraction of that with one).
+torch.set_num_threads(1)
 
 TINY_LLAMA = {"model_type": "llama", "hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300, "max_position_embeddings": 512,

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import pytest
 
 from mmhub.registry import get_registry
-from mmhub.testing import check_component
+from mmhub.testing import check_component, torch_threads
 
 REG = get_registry()
-CASES = [(kind, name) for kind in ("encoder", "projector", "backbone", "injector") for name in REG.names(kind)]
+CASES = [(kind, name) for kind in ("encoder", "projector", "backbone", "injector", "generator") for name in REG.names(kind)]
 
 
 @pytest.mark.parametrize("kind,name", CASES, ids=[f"{k}:{n}" for k, n in CASES])
 def test_component_contract(kind: str, name: str) -> None:
-    check_component(kind, name)
+    with torch_threads(1) if kind == "generator" else nullcontext():  # many tiny ops: one thread is faster
+        check_component(kind, name)
 
 
 def test_every_component_has_metadata() -> None:

@@ -19,6 +19,11 @@ Settings: ``split`` (``train``: 38,575 questions over 4,000 images; ``test``: 9,
   The split's questions are lopsided (about 83 % of its yes/no answers follow from the question
   alone), so a model can score well on them without looking; on the balanced ones it cannot.
   Deterministic (seeded by ``seed``); ``meta.synthetic`` marks them.
+* ``task: draw`` (generation requests, for models with an image generator): one sample per
+  image, by image id: ``user: "draw a red triangle"`` (one of `DRAW_PROMPTS`' wordings, chosen
+  by ``seed`` and the image id), ``assistant: "Here is a red triangle. <img_out>"`` with the
+  caption as the sample's output (``outputs = {"image": ["a red triangle"]}``), so
+  decoding-side alignment trains towards the generator's features of the caption.
 * ``task: caption``: one sample per image, by image id: ``user: "<image>"`` (plus
   ``"\\n" + caption_prompt`` when set), ``assistant: "a {color} {shape}"`` (e.g. "a red triangle").
   Colour and shape come from the image's questions and answers: shape/colour answers ("what is
@@ -177,9 +182,18 @@ def read_questions(path: Path) -> list[list]:
     return data
 
 
+DRAW_PROMPTS = ("draw {c}", "Draw {c}.", "Can you draw {c}?", "Please draw {c}.", "Show me a picture of {c}.",
+                "Make an image of {c}.", "Generate a picture of {c}.", "I would like a drawing of {c}.")
+
+
+def draw_prompt(caption: str, k: int) -> str:
+    """The k-th wording (mod the number of wordings) of a request to draw `caption` ("a red circle")."""
+    return DRAW_PROMPTS[k % len(DRAW_PROMPTS)].format(c=caption)
+
+
 class EasyVQAConfig(DatasetConfig):
     split: Literal["train", "test"] = "train"
-    task: Literal["qa", "caption"] = "qa"
+    task: Literal["qa", "caption", "draw"] = "qa"
     limit: int | None = None
     caption_prompt: str = ""
     balanced_yes_no: int = Field(0, ge=0)  # extra yes/no questions per image, half of them true (task qa)
@@ -253,6 +267,15 @@ class EasyVQADataset(Dataset):
                           meta={"answer": a, "question": q, "question_type": question_type(a), "image_id": image_id,
                                 "synthetic": index >= self.original})
         image_id = self.image_ids[index]
+        if self.config.task == "draw":
+            from mmhub.signals import group_marker
+
+            caption = self.caption(image_id)
+            request = draw_prompt(caption, (image_id * 7919 + self.config.seed) % len(DRAW_PROMPTS))
+            return Sample(id=f"easy_vqa/{split}/draw/{image_id}",
+                          messages=[{"role": "user", "content": request},
+                                    {"role": "assistant", "content": f"Here is {caption}. {group_marker('image')}"}],
+                          outputs={"image": [caption]}, meta={"image_id": image_id, "caption": caption})
         prompt = "<image>" + (f"\n{self.config.caption_prompt}" if self.config.caption_prompt else "")
         return Sample(id=f"easy_vqa/{split}/image/{image_id}",
                       messages=[{"role": "user", "content": prompt},
