@@ -96,17 +96,51 @@ def reply(turns: list[Turn], loaded: LoadedModel, settings: Settings) -> Iterato
         yield from loaded.model.stream(messages, media, **kwargs)
 
 
+def save_media(media: dict[str, list[Any]], folder: str | Path | None = None) -> list[str]:
+    """Generated media -> files the chat can show: images as PNG, videos as animated GIF, audio as WAV."""
+    import tempfile
+    import wave
+
+    import numpy as np
+
+    if not media:
+        return []
+    out_dir = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="mmhub-demo-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for m, items in media.items():
+        for i, item in enumerate(items):
+            if m == "image":
+                path = out_dir / f"image-{i}.png"
+                item.save(path)
+            elif m == "video":
+                path = out_dir / f"video-{i}.gif"
+                item[0].save(path, save_all=True, append_images=list(item[1:]), duration=125, loop=0)
+            elif m == "audio":
+                path = out_dir / f"audio-{i}.wav"
+                pcm = (np.clip(np.asarray(item.samples, dtype=np.float32), -1, 1) * 32767).astype("<i2")
+                with wave.open(str(path), "wb") as fh:
+                    fh.setnchannels(1)
+                    fh.setsampwidth(2)
+                    fh.setframerate(int(item.sample_rate))
+                    fh.writeframes(pcm.tobytes())
+            else:
+                continue
+            paths.append(str(path))
+    return paths
+
+
 def render(turns: list[Turn]) -> list[dict[str, Any]]:
-    """Turns -> the Chatbot's messages: uploaded files shown inline, then the text."""
+    """Turns -> the Chatbot's messages: uploaded (user) or generated (assistant) files shown inline, and the text."""
     out = []
     for t in turns:
+        content: list[Any] = [{"path": p, "alt_text": Path(p).name} for p in t.files]
         if t.role == "user":
-            content: list[Any] = [{"path": p, "alt_text": Path(p).name} for p in t.files]
             if t.text:
                 content.append(t.text)
             out.append({"role": "user", "content": content})
         else:
-            out.append({"role": "assistant", "content": t.text or "…"})
+            out.append({"role": "assistant", "content": [*([t.text] if t.text else []), *content] if content else (t.text or "…")})
     return out
 
 

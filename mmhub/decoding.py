@@ -58,8 +58,24 @@ def pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float
 @torch.no_grad()
 def decode(model: Any, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
            max_new_tokens: int, stop_ids: list[int], suppress_ids: list[int] | None = None, do_sample: bool = False,
-           temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None) -> Decoded:
-    """Generate from left-padded prompt embeddings (B, L, H) with `model`'s backbone `step` and `head`."""
+           temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None, streamer: Any = None) -> Decoded:
+    """Generate from left-padded prompt embeddings (B, L, H) with `model`'s backbone `step` and `head`.
+
+    `streamer` (transformers' streamer protocol: ``put`` the prompt first, then each step's new ids
+    (B,), then ``end``) sees every token as it is chosen, stop tokens included."""
+    if streamer is not None:
+        streamer.put(torch.zeros(inputs_embeds.shape[0], 0, dtype=torch.long))  # the protocol's prompt call
+    try:
+        return _decode(model, inputs_embeds, attention_mask, position_ids, max_new_tokens, stop_ids, suppress_ids,
+                       do_sample, temperature, top_p, seed, streamer)
+    finally:
+        if streamer is not None:
+            streamer.end()
+
+
+def _decode(model: Any, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+            max_new_tokens: int, stop_ids: list[int], suppress_ids: list[int] | None, do_sample: bool,
+            temperature: float, top_p: float, seed: int | None, streamer: Any) -> Decoded:
     backbone, sig = model.backbone, model.signal_tokens
     B = inputs_embeds.shape[0]
     device = inputs_embeds.device
@@ -104,6 +120,9 @@ def decode(model: Any, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor
                     m, group = first[ids[b]]
                     forced[b] = list(group[1:])
                     pending[b] = (m, [], len(group))
+        if streamer is not None:
+            streamer.put(torch.tensor([i if not d or i != pad else stop_ids[0] if stop_ids else pad
+                                       for i, d in zip(ids, done)]))
         if all(done):
             break
         step_ids = torch.tensor(ids, device=device)[:, None]

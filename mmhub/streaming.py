@@ -5,6 +5,9 @@ suppression and KV cache) in a worker thread with a transformers streamer that h
 each new token to this thread through a queue. It yields the decoded reply so far
 after every token that changes it; the last value equals what `MMModel.generate`
 returns for the same prompt and settings. An error in the worker is re-raised here.
+
+For a model with an output side the last value is a `Reply` whose ``media`` holds what its
+generators drew (they run once the text is complete).
 """
 
 from __future__ import annotations
@@ -47,10 +50,17 @@ def stream_reply(model: Any, prompt: Any, media: Mapping[str, Sequence[Any]] | N
     streamer = _TokenQueue()
     failure: list[BaseException] = []
 
+    decoded: list[Any] = []
+    drawing = getattr(model, "signal_tokens", None) is not None
+
     def work() -> None:
         try:
-            model.generate_ids(b["input_ids"], b["attention_mask"], b["media"], max_new_tokens=max_new_tokens,
-                               do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed, streamer=streamer)
+            settings = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
+                            seed=seed, streamer=streamer)
+            if drawing:  # mmhub's decode loop, which also hands back the signal states
+                decoded.append(model._decode(b["input_ids"], b["attention_mask"], b["media"], **settings))
+            else:
+                model.generate_ids(b["input_ids"], b["attention_mask"], b["media"], **settings)
         except BaseException as exc:  # handed to the consumer, never lost in the thread
             failure.append(exc)
             streamer.end()
@@ -80,3 +90,7 @@ def stream_reply(model: Any, prompt: Any, media: Mapping[str, Sequence[Any]] | N
         worker.join(timeout=timeout)
     if failure:
         raise failure[0]
+    if drawing and decoded and decoded[0].signals[0]:
+        from mmhub.decoding import Reply
+
+        yield Reply(shown, model.draw(decoded[0].signals[0], seed=seed))

@@ -9,6 +9,7 @@ their own tests (tests/test_generators.py) and the zoo presets run end to end in
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -162,8 +163,19 @@ def test_trained_model_emits_signals_and_draws(out_spec, tmp_path) -> None:
         assert len(r.media["image"]) == 1 and r.media["image"][0].size == (8, 8)
     no_media = model.generate(["draw a red circle"], max_new_tokens=24, generate_media=False)[0]
     assert no_media == replies[0] and no_media.media == {}
-    # the decode loop is deterministic and agrees with teacher forcing on the text
+    # the decode loop is deterministic
     assert model.generate(["draw a red circle"], max_new_tokens=24)[0] == replies[0]
+    # streaming: the text grows, and the last value carries the drawing, as generate's reply does
+    parts = list(model.stream("draw a red circle", max_new_tokens=24))
+    assert parts[-1] == replies[0] and isinstance(parts[-1], Reply) and len(parts[-1].media["image"]) == 1
+    assert len(parts) > 2 and all(replies[0].startswith(p) for p in parts)
+    # the demo shows it: saved to files, rendered after the reply's text
+    from mmhub.apps import chat
+
+    files = chat.save_media(parts[-1].media, tmp_path / "shown")
+    assert [Path(f).suffix for f in files] == [".png"] and Image.open(files[0]).size == (8, 8)
+    rendered = chat.render([chat.Turn("user", "draw a red circle"), chat.Turn("assistant", str(parts[-1]), files)])
+    assert rendered[1]["content"][0] == str(parts[-1]) and rendered[1]["content"][1]["path"] == files[0]
 
 
 def test_models_without_an_output_side_return_plain_replies(tiny_spec) -> None:
@@ -178,3 +190,20 @@ def test_nucleus_sampling_keeps_the_top_mass() -> None:
     picks = {int(pick(logits, True, 1.0, 0.9, g)) for _ in range(50)}
     assert picks <= {0, 1} and len(picks) == 2
     assert int(pick(logits, False, 1.0, 1.0, None)) == 0
+
+
+def test_demo_saves_video_and_audio_media(tmp_path) -> None:
+    import wave
+
+    import numpy as np
+
+    from mmhub.apps import chat
+    from mmhub.interfaces import Audio
+
+    frames = [Image.new("RGB", (8, 8), (i * 60, 0, 0)) for i in range(3)]
+    tone = Audio(np.sin(np.linspace(0, 100, 1600)).astype(np.float32), 16000)
+    files = chat.save_media({"video": [frames], "audio": [tone]}, tmp_path)
+    assert [Path(f).suffix for f in files] == [".gif", ".wav"]
+    assert Image.open(files[0]).n_frames == 3
+    with wave.open(files[1]) as fh:
+        assert fh.getframerate() == 16000 and fh.getnframes() == 1600

@@ -197,6 +197,10 @@ class EasyVQAConfig(DatasetConfig):
     limit: int | None = None
     caption_prompt: str = ""
     balanced_yes_no: int = Field(0, ge=0)  # extra yes/no questions per image, half of them true (task qa)
+    # task draw: the assistant's reply; {caption} and {marker} (the <img_out> group marker) are filled in. A model
+    # whose backbone stays frozen while it learns to draw cannot learn new text before the signal tokens: use
+    # "{marker}" first for those
+    draw_reply: str = "Here is {caption}. {marker}"
     seed: int = 0
     data_dir: str = SOURCE  # a weight-source URI or a folder
 
@@ -274,7 +278,8 @@ class EasyVQADataset(Dataset):
             request = draw_prompt(caption, (image_id * 7919 + self.config.seed) % len(DRAW_PROMPTS))
             return Sample(id=f"easy_vqa/{split}/draw/{image_id}",
                           messages=[{"role": "user", "content": request},
-                                    {"role": "assistant", "content": f"Here is {caption}. {group_marker('image')}"}],
+                                    {"role": "assistant", "content": self.config.draw_reply.format(
+                                        caption=caption, marker=group_marker("image"))}],
                           outputs={"image": [caption]}, meta={"image_id": image_id, "caption": caption})
         prompt = "<image>" + (f"\n{self.config.caption_prompt}" if self.config.caption_prompt else "")
         return Sample(id=f"easy_vqa/{split}/image/{image_id}",

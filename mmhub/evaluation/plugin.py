@@ -8,5 +8,7 @@ from mmhub.hookspecs import hookimpl
 @hookimpl
 def register_eval_tasks(register):
     from mmhub.evaluation.easy_vqa import EasyVQATask
+    from mmhub.evaluation.easy_vqa_draw import EasyVQADrawTask
 
     register(EasyVQATask)
+    register(EasyVQADrawTask)
