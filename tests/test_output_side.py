@@ -207,3 +207,39 @@ def test_demo_saves_video_and_audio_media(tmp_path) -> None:
     assert Image.open(files[0]).n_frames == 3
     with wave.open(files[1]) as fh:
         assert fh.getframerate() == 16000 and fh.getnframes() == 1600
+
+
+def test_init_from_adds_an_output_side_to_a_trained_model(tiny_spec, out_spec, tmp_path) -> None:
+    base = build(tiny_spec)
+    with torch.no_grad():
+        base.projectors["image"].net[0].weight.add_(1.0)  # "trained" weights that a fresh build would not have
+    base.save_pretrained(tmp_path / "base")
+    spec = copy.deepcopy(out_spec)
+    spec["init_from"] = str(tmp_path / "base")
+    grown = build(spec)
+    assert torch.equal(grown.projectors["image"].net[0].weight, base.projectors["image"].net[0].weight)
+    grown.save_pretrained(tmp_path / "grown")  # a saved model no longer needs the folder it started from
+    assert "init_from" not in (tmp_path / "grown" / "mmhub_spec.json").read_text()
+    again = MMModel.from_pretrained(tmp_path / "grown")
+    assert torch.equal(again.projectors["image"].net[0].weight, base.projectors["image"].net[0].weight)
+    bad = copy.deepcopy(spec)
+    bad["projectors"]["image"]["depth"] = 1  # the source's projector tensors no longer fit
+    with pytest.raises(Exception, match="init_from"):
+        build(bad)
+    bad["init_from"] = str(tmp_path / "nowhere")
+    with pytest.raises(Exception, match="init_from: model folder .*nowhere does not exist"):
+        build(bad)
+
+
+def test_easy_vqa_draw_samples_and_task_guard(tiny_spec) -> None:
+    from mmhub.data import load_dataset
+    from mmhub.evaluation.runner import get_task
+
+    data = load_dataset({"type": "easy_vqa", "task": "draw", "limit": 3})
+    s = data[0]
+    caption = s.outputs["image"][0]
+    assert s.messages[1]["content"] == f"Here is {caption}. <img_out>" and caption in s.messages[0]["content"]
+    first = load_dataset({"type": "easy_vqa", "task": "draw", "limit": 1, "draw_reply": "{marker} {caption}"})[0]
+    assert first.messages[1]["content"] == f"<img_out> {caption}"
+    with pytest.raises(InputError, match="needs a model with an image generator"):
+        get_task("easy_vqa_draw").run(build(tiny_spec))
