@@ -12,8 +12,10 @@ ship its weights with the repo (``mmhub/demo_model/easyvqa-draw/``).
 * its own text encoder: a transformers ``CLIPTextModel`` built from config (``cond_dim`` wide,
   ``text_layers`` deep) over a word-level tokenizer (``vocab``: a word list, one per line),
   captions padded/cut to ``cond_len`` tokens; its last hidden states are the conditioning;
-* DDPM noise schedule for training (`loss`), DPM-Solver++ (``sampler: dpm``) or DDIM for
-  sampling, classifier-free guidance against ``encode_text([""])``;
+* DDPM noise schedule for training (`loss`; ``prediction_type`` epsilon or v_prediction: with the
+  cosine schedule, whose last step keeps almost no signal, v-prediction samples far better in
+  few steps), DPM-Solver++ (``sampler: dpm``) or DDIM for sampling with the x0 estimates clipped
+  to the pixel range, classifier-free guidance against ``encode_text([""])``;
 * images come out as PIL, upscaled to ``output_size`` (``upscale``: nearest or bicubic).
 
 ``pretrained`` is a safetensors file (weight-source URI or path) holding the whole state dict
@@ -107,8 +109,12 @@ def _scheduler(c: PixelDiffusionConfig, kind: str):
     if kind == "ddpm":
         return DDPMScheduler(clip_sample=False, **common)
     if kind == "ddim":
-        return DDIMScheduler(clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing", **common)
-    return DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, **common)
+        return DDIMScheduler(clip_sample=True, clip_sample_range=1.0, set_alpha_to_one=True,
+                             timestep_spacing="trailing", **common)
+    # the x0 predictions are clipped to the pixel range: at t = T the cosine schedule leaves almost no signal, so
+    # an epsilon model's x0 estimate there is divided by ~sqrt(alpha_bar) ~ 1e-4 and would blow up unclipped
+    return DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, thresholding=True,
+                                       dynamic_thresholding_ratio=0.995, sample_max_value=1.0, **common)
 
 
 class PixelDiffusionGenerator(Generator):

@@ -13,6 +13,17 @@ from mmhub.interfaces import BuildContext, ComponentConfig, Projector, Projector
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
 
+def mlp_stack(in_dim: int, hidden: int, out_dim: int, depth: int, activation: str) -> nn.Sequential:
+    """`depth` linear layers in_dim -> hidden -> ... -> out_dim with `activation` between them."""
+    widths = [in_dim] + [hidden] * (depth - 1) + [out_dim]
+    layers: list[nn.Module] = []
+    for i in range(depth):
+        if i:
+            layers.append(ACTIVATIONS[activation]())
+        layers.append(nn.Linear(widths[i], widths[i + 1]))
+    return nn.Sequential(*layers)
+
+
 class MLPConfig(ProjectorConfig):
     """Settings of `MLPProjector`; ``hidden_dim`` defaults to the output width, as in LLaVA-1.5."""
 
@@ -38,14 +49,8 @@ class MLPProjector(Projector):
 
     def __init__(self, config: MLPConfig, ctx: BuildContext):
         super().__init__(config, ctx)
-        hidden = config.hidden_dim or config.out_dim
-        widths = [config.in_dim] + [hidden] * (config.depth - 1) + [config.out_dim]
-        layers: list[nn.Module] = []
-        for i in range(config.depth):
-            if i:
-                layers.append(ACTIVATIONS[config.activation]())
-            layers.append(nn.Linear(widths[i], widths[i + 1]))
-        self.net = nn.Sequential(*layers)
+        self.net = mlp_stack(config.in_dim, config.hidden_dim or config.out_dim, config.out_dim, config.depth,
+                             config.activation)
 
     def forward(self, features: torch.Tensor, text: TextContext | None = None) -> torch.Tensor:
         return self.net(features)  # (N, T, in) -> (N, T, out)

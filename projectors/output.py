@@ -26,7 +26,7 @@ from pydantic import Field
 from torch import nn
 
 from mmhub.interfaces import BuildContext, ComponentConfig, OutputProjector, OutputProjectorConfig
-from mmhub.projectors.mlp import ACTIVATIONS
+from mmhub.projectors.mlp import mlp_stack
 from mmhub.projectors.qformer import QFormerBlock, QueryTransformer, sinusoid
 
 
@@ -61,14 +61,7 @@ class OutputMLPProjector(_Meta, OutputProjector):
     def __init__(self, config: OutputMLPConfig, ctx: BuildContext):
         super().__init__(config, ctx)
         in_dim, out_len, out_dim = _filled(config, self.name)
-        hidden = config.hidden_dim or out_dim
-        widths = [in_dim] + [hidden] * (config.depth - 1) + [out_dim]
-        layers: list[nn.Module] = []
-        for i in range(config.depth):
-            if i:
-                layers.append(ACTIVATIONS[config.activation]())
-            layers.append(nn.Linear(widths[i], widths[i + 1]))
-        self.net = nn.Sequential(*layers)
+        self.net = mlp_stack(in_dim, config.hidden_dim or out_dim, out_dim, config.depth, config.activation)
         self.num_signals = config.in_len or 1
         # rows of the conditioning as learned mixtures of the k signal states (identity when k == out_len)
         self.token_map = nn.Linear(self.num_signals, out_len) if self.num_signals != out_len else None
