@@ -1,0 +1,435 @@
+"""Recipe: train the `pixel_diffusion` generator on easy-VQA's images and captions, export it, measure it.
+
+    python -m mmhub.recipes.easyvqa_draw train --out runs/easyvqa-draw [--steps N] [--resume]
+    python -m mmhub.recipes.easyvqa_draw export --out runs/easyvqa-draw [--dest mmhub/demo_model/easyvqa-draw]
+    python -m mmhub.recipes.easyvqa_draw eval [--model DIR]
+
+* data: the train split's 4,000 images (64x64, area-downsampled to the UNet's 32x32, random
+  horizontal flips) with their captions ("a red circle", from `mmhub.data.easy_vqa`'s caption task);
+  10 % of the captions are replaced by "" so classifier-free guidance has an unconditional model;
+* AdamW with warm-up and cosine decay, an EMA of the weights (what is exported), a checkpoint
+  (weights, EMA, optimizer state, step) written atomically every ``--checkpoint-minutes`` and at
+  the end; every step's randomness (batch order, flips, dropped captions, noise, timesteps) is
+  seeded by (seed, step), so ``--resume`` continues exactly where the checkpoint stopped;
+* export: the EMA weights as fp16 safetensors (``model.safetensors``) plus the settings as
+  ``generator.json`` (a generator block: ``type: pixel_diffusion`` and its settings);
+* eval: a FIXED prompt set (all 24 colour x shape captions x 4 seeds = 96 images): the dominant
+  colour (the nearest palette colour of the non-background pixels, by majority) must be the asked
+  one, and the shape classifier (`mmhub.evaluation.shape_classifier`) must name the asked shape.
+  Prints JSON with both rates and per-colour / per-shape breakdowns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmhub.checkpoint import atomic_dir, write_text_atomic
+
+HERE = Path(__file__).resolve().parent
+DEMO = HERE.parent / "demo_model" / "easyvqa-draw"
+WEIGHTS = "model.safetensors"
+SETTINGS_FILE = "generator.json"
+# the generator the recipe trains: ~1.5 M parameters, sized for a contended 2-core CPU
+SETTINGS: dict[str, Any] = {
+    "image_size": 32, "output_size": 64, "upscale": "bicubic", "block_out_channels": [32, 64, 64],
+    "layers_per_block": 1, "attention_levels": 1, "attention_head_dim": 32, "norm_num_groups": 32,
+    "pooled_text": True, "cond_len": 6, "cond_dim": 64, "text_layers": 2, "text_heads": 2,
+    "vocab": "mmhub:recipes/easyvqa-words.txt", "prediction_type": "v_prediction", "beta_schedule": "squaredcos_cap_v2",
+    "sampler": "dpm", "steps": 20, "guidance_scale": 3.0,
+}
+TRAIN: dict[str, Any] = {"steps": 3000, "batch": 32, "lr": 7e-4, "warmup": 100, "min_lr_ratio": 0.1,
+                         "weight_decay": 0.01, "ema": 0.995, "uncond_p": 0.1, "flip": True, "seed": 0,
+                         "grad_clip": 1.0}
+EVAL_SEEDS = (0, 1, 2, 3)
+
+
+def _ctx():
+    from mmhub import weights
+    from mmhub.interfaces import BuildContext
+    from mmhub.registry import get_registry
+
+    reg = get_registry()
+    return BuildContext(resolve=lambda uri: weights.resolve(uri, reg), registry=reg)
+
+
+def build_generator(settings: dict[str, Any]):
+    """A `PixelDiffusionGenerator` from settings (through its registered class)."""
+    from mmhub.generators.pixel_diffusion import PixelDiffusionGenerator as G
+
+    return G(G.Config.model_validate(settings), _ctx())
+
+
+def load_draw_model(folder: str | Path = DEMO):
+    """The exported generator in `folder` (``generator.json`` + ``model.safetensors``), in eval mode."""
+    folder = Path(folder)
+    spec_file = folder / SETTINGS_FILE
+    if not spec_file.is_file():
+        from mmhub.errors import WeightsNotFoundError
+
+        raise WeightsNotFoundError(f"{folder} holds no exported drawing model ({SETTINGS_FILE} is missing); train and "
+                                   f"export one with `python -m mmhub.recipes.easyvqa_draw train` then `... export`")
+    settings = json.loads(spec_file.read_text())
+    settings.pop("type", None)
+    settings["pretrained"] = str(folder / WEIGHTS)
+    return build_generator(settings).eval()
+
+
+# ---- data ------------------------------------------------------------------------------------------------
+def load_split(split: str = "train", size: int = 32, limit: int | None = None) -> tuple[torch.Tensor, list[str]]:
+    """(N, 3, size, size) pixels in [-1, 1] (area-downsampled) and the N captions of an easy-VQA split."""
+    from PIL import Image
+
+    from mmhub.data.easy_vqa import EasyVQAConfig, EasyVQADataset
+
+    ds = EasyVQADataset(EasyVQAConfig(split=split, task="caption", limit=limit))
+    pix = np.empty((len(ds), size, size, 3), dtype=np.uint8)
+    captions = []
+    for i in range(len(ds)):
+        s = ds[i]
+        im = Image.open(s.media["image"][0]).convert("RGB")
+        pix[i] = np.asarray(im if im.size == (size, size) else im.resize((size, size), Image.BOX))
+        captions.append(s.messages[-1]["content"])
+    x = torch.from_numpy(pix).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    return x.contiguous(), captions
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------------
+def _optim_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out = {}
+    for idx, st in opt.state_dict()["state"].items():
+        for k, v in st.items():
+            out[f"{idx}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    return out
+
+
+def _load_optim(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    sd = opt.state_dict()
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, v in tensors.items():
+        idx, k = key.split(".", 1)
+        state.setdefault(int(idx), {})[k] = v
+    sd["state"] = state
+    opt.load_state_dict(sd)
+
+
+def save_checkpoint(folder: Path, model, ema: dict[str, torch.Tensor], opt, info: dict[str, Any]) -> None:
+    """Weights, EMA, optimizer state and progress, replaced atomically in one rename."""
+    from safetensors.torch import save_file
+
+    with atomic_dir(folder) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+        save_file({k: v.contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
+        save_file({k: v.contiguous() for k, v in _optim_tensors(opt).items()}, str(tmp / "optim.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(info, indent=1))
+
+
+def _lr(step: int, cfg: dict[str, Any]) -> float:
+    if step < cfg["warmup"]:
+        return cfg["lr"] * (step + 1) / cfg["warmup"]
+    p = min(1.0, (step - cfg["warmup"]) / max(1, cfg["steps"] - cfg["warmup"]))
+    lo = cfg["min_lr_ratio"]
+    return cfg["lr"] * (lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def _batch(step: int, n: int, cfg: dict[str, Any]) -> tuple[torch.Tensor, torch.Generator]:
+    """Indices of `step`'s batch (epoch-wise permutations) and the step's own generator, both from (seed, step)."""
+    per_epoch = n // cfg["batch"]
+    epoch, k = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg["seed"] * 100_003 + epoch))
+    idx = perm[k * cfg["batch"]:(k + 1) * cfg["batch"]]
+    return idx, torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + 7919 * step + 1)
+
+
+def train(out: Path, steps: int | None = None, resume: bool = False, settings: dict[str, Any] | None = None,
+          overrides: dict[str, Any] | None = None, checkpoint_minutes: float = 3.0, data=None,
+          log_every: int = 10, threads: int | None = None, stop_after: int | None = None,
+          init: str | None = None) -> dict[str, Any]:
+    """Train (or resume) into `out`; returns the final state info. `data` = (pixels, captions) skips loading;
+    `stop_after` stops (with a checkpoint) at that step, as an interrupted run would; `init` (a fresh run only)
+    starts from another run's weights (its checkpoint folder's EMA, or a safetensors file) instead of random ones."""
+    from safetensors.torch import load_file
+
+    out = Path(out)
+    ckpt = out / "checkpoint"
+    if threads:
+        torch.set_num_threads(threads)
+    if resume and (ckpt / "state.json").is_file():
+        info = json.loads((ckpt / "state.json").read_text())
+        settings, cfg = info["settings"], info["train"]
+        if steps is not None and steps != cfg["steps"]:
+            print(f"[draw] resuming with --steps {steps} instead of {cfg['steps']} (the lr schedule stretches)", flush=True)
+            cfg["steps"] = steps
+    else:
+        if resume:
+            print(f"[draw] no checkpoint in {ckpt}; starting fresh", flush=True)
+        if (ckpt / "state.json").is_file():
+            raise SystemExit(f"{ckpt} already holds a checkpoint; pass --resume to continue it or use another --out")
+        settings = dict(settings or SETTINGS)
+        cfg = {**TRAIN, **(overrides or {})}
+        if steps is not None:
+            cfg["steps"] = steps
+        info = {"settings": settings, "train": cfg, "step": 0, "elapsed_s": 0.0, "losses": [], "init": init}
+    torch.manual_seed(cfg["seed"])  # the initial weights (a resumed run overwrites them)
+    model = build_generator(settings).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg["lr"], betas=(0.9, 0.99))
+    names = [k for k, p in model.named_parameters() if p.requires_grad]
+    ema = {k: p.detach().clone().float() for k, p in model.named_parameters() if p.requires_grad}
+    step = int(info["step"])
+    if init is not None and not step:
+        from mmhub.weights import load_into
+
+        src = Path(init)
+        if src.is_dir():
+            src = (src / "checkpoint" if (src / "checkpoint").is_dir() else src) / "ema.safetensors"
+        state = model.state_dict()
+        state.update(load_file(str(src)))
+        load_into(model, state, what=f"initial weights {src}")
+        ema = {k: p.detach().clone().float() for k, p in model.named_parameters() if p.requires_grad}
+        print(f"[draw] initialised from {src}", flush=True)
+    if step:
+        from mmhub.weights import load_into
+
+        load_into(model, load_file(str(ckpt / "model.safetensors")), what="draw checkpoint")
+        ema = load_file(str(ckpt / "ema.safetensors"))
+        _load_optim(opt, load_file(str(ckpt / "optim.safetensors")))
+        print(f"[draw] resumed at step {step}/{cfg['steps']}", flush=True)
+    pixels, captions = data if data is not None else load_split("train", settings["image_size"])
+    all_ids = model.token_ids(captions)
+    empty = model.token_ids([""])[0]
+    n = pixels.shape[0]
+    n_params = sum(p.numel() for p in params)
+    print(f"[draw] {n_params / 1e6:.2f} M parameters, {n} images, batch {cfg['batch']}, {cfg['steps']} steps, "
+          f"threads {torch.get_num_threads()}", flush=True)
+    last_save = time.time()
+    t_start = time.time() - float(info["elapsed_s"])
+    window, t_window = [], time.time()
+    end = cfg["steps"] if stop_after is None else min(cfg["steps"], stop_after)
+    while step < end:
+        idx, g = _batch(step, n, cfg)
+        x = pixels[idx]
+        ids = all_ids[idx].clone()
+        if cfg["flip"]:
+            flip = torch.rand(len(idx), generator=g) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        drop = torch.rand(len(idx), generator=g) < cfg["uncond_p"]
+        ids[drop] = empty
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, cfg)
+        loss = model.loss(x, ids, generator=g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg["grad_clip"]:
+            torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
+        opt.step()
+        step += 1
+        d = min(cfg["ema"], (1 + step) / (10 + step))
+        with torch.no_grad():
+            for k, p in zip(names, params):
+                ema[k].mul_(d).add_(p.detach().float(), alpha=1 - d)
+        window.append(loss.item())
+        if step % log_every == 0 or step == cfg["steps"]:
+            dt = (time.time() - t_window) / len(window)
+            mean = sum(window) / len(window)
+            info["losses"].append([step, round(mean, 5)])
+            eta = dt * (cfg["steps"] - step) / 60
+            print(f"[draw] step {step}/{cfg['steps']} loss {mean:.4f} lr {_lr(step - 1, cfg):.2e} "
+                  f"{dt:.2f} s/step elapsed {(time.time() - t_start) / 60:.1f} min eta {eta:.1f} min", flush=True)
+            window, t_window = [], time.time()
+        if time.time() - last_save > checkpoint_minutes * 60 or step == end:
+            info.update(step=step, elapsed_s=time.time() - t_start)
+            save_checkpoint(ckpt, model, ema, opt, info)
+            last_save = time.time()
+            print(f"[draw] checkpoint at step {step} -> {ckpt}", flush=True)
+    return info
+
+
+# ---- export ----------------------------------------------------------------------------------------------
+def export(out: Path, dest: Path = DEMO, fp16: bool = True) -> Path:
+    """Write the checkpoint's EMA weights (fp16) and settings to `dest` (its other files are kept)."""
+    from safetensors.torch import load_file, save_file
+
+    ckpt = Path(out) / "checkpoint"
+    info = json.loads((ckpt / "state.json").read_text())
+    model = build_generator(info["settings"])
+    state = model.state_dict()
+    ema = load_file(str(ckpt / "ema.safetensors"))
+    state.update(ema)
+    dtype = torch.float16 if fp16 else torch.float32
+    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    meta = {"recipe": "mmhub.recipes.easyvqa_draw", "step": str(info["step"]),
+            "final_loss": str(info["losses"][-1][1] if info["losses"] else "")}
+    tmp = dest / f".{WEIGHTS}.tmp"
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(dest / WEIGHTS)
+    settings = {"type": "pixel_diffusion", **info["settings"],
+                "pretrained": f"mmhub:demo_model/{dest.name}/{WEIGHTS}"}
+    write_text_atomic(dest / SETTINGS_FILE, json.dumps(settings, indent=1) + "\n")
+    print(f"[draw] exported step {info['step']} ({(dest / WEIGHTS).stat().st_size / 1e6:.2f} MB) to {dest}", flush=True)
+    return dest
+
+
+# ---- eval ------------------------------------------------------------------------------------------------
+def dominant_color(image) -> str | None:
+    """The palette colour most non-background pixels are nearest to (None for an empty image).
+
+    Every pixel goes to its nearest colour among white and the 8 palette colours; the pixels that
+    go to white are background."""
+    from mmhub.data.easy_vqa import PALETTE
+
+    names = ["white", *PALETTE]
+    pal = np.array([(255, 255, 255), *PALETTE.values()], dtype=np.float32)
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32).reshape(-1, 3)
+    nearest = ((rgb[:, None, :] - pal[None]) ** 2).sum(-1).argmin(1)
+    counts = np.bincount(nearest, minlength=len(names))[1:]
+    return names[1 + int(counts.argmax())] if counts.max() > 0 else None
+
+
+def prompts() -> list[tuple[str, str, str]]:
+    """The fixed prompt set: (caption, colour, shape) for all 24 combinations."""
+    from mmhub.data.easy_vqa import COLORS, SHAPES
+
+    return [(f"a {c} {s}", c, s) for c in COLORS for s in SHAPES]
+
+
+def evaluate(model, seeds=EVAL_SEEDS, steps: int | None = None, guidance_scale: float | None = None,
+             classifier=None, save_grid: Path | None = None) -> dict[str, Any]:
+    """Colour-match and shape-recognition rates on the fixed prompt set (len(seeds) images per prompt)."""
+    from mmhub.evaluation.shape_classifier import load_classifier
+
+    classifier = classifier or load_classifier()
+    ps = prompts()
+    caps = [p[0] for p in ps]
+    cond = model.encode_text(caps)
+    rows = []
+    images_by_seed = []
+    for seed in seeds:
+        ims = model.generate(cond, seed=seed, steps=steps, guidance_scale=guidance_scale)
+        images_by_seed.append(ims)
+        shapes = classifier.classify(ims)
+        for (cap, color, shape), im, got_shape in zip(ps, ims, shapes):
+            rows.append({"prompt": cap, "seed": seed, "color": color, "shape": shape,
+                         "got_color": dominant_color(im), "got_shape": got_shape})
+    if save_grid is not None:
+        _grid(images_by_seed, save_grid)
+
+    def rate(sel, key):
+        return round(100.0 * sum(r[f"got_{key}"] == r[key] for r in sel) / max(1, len(sel)), 2)
+
+    from mmhub.data.easy_vqa import COLORS, SHAPES
+
+    return {
+        "images": len(rows), "prompts": len(ps), "seeds": list(seeds),
+        "steps": steps or model.config.steps,
+        "guidance_scale": model.config.guidance_scale if guidance_scale is None else guidance_scale,
+        "color_match_pct": rate(rows, "color"), "shape_recognised_pct": rate(rows, "shape"),
+        "both_pct": round(100.0 * sum(r["got_color"] == r["color"] and r["got_shape"] == r["shape"] for r in rows)
+                          / len(rows), 2),
+        "per_color": {c: {"color_match_pct": rate([r for r in rows if r["color"] == c], "color"),
+                          "shape_recognised_pct": rate([r for r in rows if r["color"] == c], "shape")} for c in COLORS},
+        "per_shape": {s: {"color_match_pct": rate([r for r in rows if r["shape"] == s], "color"),
+                          "shape_recognised_pct": rate([r for r in rows if r["shape"] == s], "shape")} for s in SHAPES},
+        "misses": [r for r in rows if r["got_color"] != r["color"] or r["got_shape"] != r["shape"]],
+    }
+
+
+def _grid(images_by_seed: list[list], path: Path) -> None:
+    from PIL import Image
+
+    rows, cols = len(images_by_seed), len(images_by_seed[0])
+    w, h = images_by_seed[0][0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for r, ims in enumerate(images_by_seed):
+        for c, im in enumerate(ims):
+            grid.paste(im, (c * w, r * h))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+
+
+def _load_for_eval(path: Path):
+    """An exported folder (generator.json) or a training run / checkpoint folder (its EMA weights)."""
+    from safetensors.torch import load_file
+
+    from mmhub.weights import load_into
+
+    path = Path(path)
+    if (path / SETTINGS_FILE).is_file():
+        return load_draw_model(path)
+    ckpt = path / "checkpoint" if (path / "checkpoint").is_dir() else path
+    info = json.loads((ckpt / "state.json").read_text())
+    model = build_generator(info["settings"])
+    state = model.state_dict()
+    state.update(load_file(str(ckpt / "ema.safetensors")))
+    load_into(model, state, what=f"draw checkpoint {ckpt} (EMA)")
+    return model.eval()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mmhub.recipes.easyvqa_draw", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train (or --resume) the generator")
+    t.add_argument("--out", default="runs/easyvqa-draw")
+    t.add_argument("--steps", type=int, default=None)
+    t.add_argument("--resume", action="store_true")
+    t.add_argument("--batch", type=int, default=None)
+    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--checkpoint-minutes", type=float, default=3.0)
+    t.add_argument("--threads", type=int, default=None, help="torch threads (1 is faster on a CPU shared with another job)")
+    t.add_argument("--init", default=None, help="start a fresh run from another run's EMA weights (folder or .safetensors)")
+    t.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None)
+    t.add_argument("--warmup", type=int, default=None)
+    t.add_argument("--stop-after", type=int, default=None, help="stop (with a checkpoint) at this step")
+    e = sub.add_parser("export", help="write the trained generator (fp16 EMA weights + settings)")
+    e.add_argument("--out", default="runs/easyvqa-draw")
+    e.add_argument("--dest", default=str(DEMO))
+    e.add_argument("--fp32", action="store_true")
+    v = sub.add_parser("eval", help="colour-match and shape-recognition rates on the fixed prompt set")
+    v.add_argument("--model", default=str(DEMO), help="an exported folder, or a training run's --out")
+    v.add_argument("--steps", type=int, default=None)
+    v.add_argument("--guidance-scale", type=float, default=None)
+    v.add_argument("--seeds", type=int, default=len(EVAL_SEEDS))
+    v.add_argument("--grid", default=None, help="save all images as one PNG (rows = seeds)")
+    v.add_argument("--json-out", default=None)
+    v.add_argument("--threads", type=int, default=None)
+    a = ap.parse_args(argv)
+    if a.cmd == "train":
+        over = {k: v for k, v in (("batch", a.batch), ("lr", a.lr), ("warmup", a.warmup)) if v is not None}
+        settings = dict(SETTINGS)
+        if a.prediction_type:
+            settings["prediction_type"] = a.prediction_type
+        train(Path(a.out), a.steps, a.resume, settings=settings, overrides=over, checkpoint_minutes=a.checkpoint_minutes,
+              threads=a.threads, stop_after=a.stop_after, init=a.init)
+    elif a.cmd == "export":
+        export(Path(a.out), Path(a.dest), fp16=not a.fp32)
+    else:
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        model = _load_for_eval(Path(a.model))
+        t0 = time.time()
+        res = evaluate(model, seeds=tuple(range(a.seeds)), steps=a.steps, guidance_scale=a.guidance_scale,
+                       save_grid=Path(a.grid) if a.grid else None)
+        res["model"] = str(a.model)
+        res["seconds"] = round(time.time() - t0, 1)
+        text = json.dumps({k: v for k, v in res.items() if k != "misses"} | {"misses": len(res["misses"])}, indent=1)
+        print(text)
+        if a.json_out:
+            write_text_atomic(Path(a.json_out), json.dumps(res, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
