@@ -122,8 +122,12 @@ def test_empty_and_too_many_files_are_refused(loaded, red_circle):
         chat.user_turn("hi", [str(red_circle)] * 5, loaded, LIMITS)
 
 
-def test_streamed_reply_ends_with_what_generate_returns(loaded, red_circle):
-    turn = chat.user_turn("what color is the shape?", [str(red_circle)], loaded, LIMITS)
+def test_streamed_reply_ends_with_what_generate_returns(loaded):
+    # easy-VQA test image 0 (a red triangle); the real-weights default calls the hand-drawn circle above brown
+    from mmhub.data.easy_vqa import EasyVQAConfig, EasyVQADataset
+
+    image = EasyVQADataset(EasyVQAConfig(split="test", task="qa")).image_path(0)
+    turn = chat.user_turn("what color is the shape?", [image], loaded, LIMITS)
     parts = list(chat.reply([turn], loaded, chat.Settings(max_new_tokens=8)))
     expected = loaded.model.generate(["<image>\nwhat color is the shape?"], [{"image": [turn.media["image"][0]]}],
                                      max_new_tokens=8)[0]
