@@ -35,7 +35,7 @@ def teach(model, modalities) -> tuple[float, float, float]:
     model.requires_grad_(True)
     opt = torch.optim.Adam([p for n, p in model.named_parameters() if not n.startswith(("generators.", "encoders."))], 3e-3)
     first = None
-    for _ in range(60):
+    for _ in range(100):
         out = model(b["input_ids"], b["attention_mask"], b["labels"], outputs=b["outputs"])
         first = float(out.output_loss.detach()) if first is None else first
         opt.zero_grad()
