@@ -189,13 +189,13 @@ def test_plugins_lists_datasets_and_eval_tasks(capsys) -> None:
     out = json.loads(capsys.readouterr().out)
     names = {d["name"]: d for d in out["datasets"]}
     assert {"llava_json", "sharegpt", "captions", "preference", "webdataset", "easy_vqa"} <= set(names)
-    assert names["easy_vqa"]["settings"] == ["balanced_yes_no", "caption_prompt", "data_dir", "limit", "seed", "split",
-                                             "task"]
+    assert names["easy_vqa"]["settings"] == ["balanced_yes_no", "caption_prompt", "data_dir", "draw_reply", "limit",
+                                             "seed", "split", "task"]
     assert names["webdataset"]["streaming"] is True and names["easy_vqa"]["plugin"] == "mmhub.datasets"
-    assert [t["name"] for t in out["eval_tasks"]] == ["easy_vqa"]
+    assert [t["name"] for t in out["eval_tasks"]] == ["easy_vqa", "easy_vqa_draw"]
     assert main(["plugins"]) == 0
     text = capsys.readouterr().out
-    assert "datasets (" in text and "eval tasks (1)" in text and "easy_vqa" in text
+    assert "datasets (" in text and "eval tasks (2)" in text and "easy_vqa" in text
 
 
 def test_the_reference_answer_never_reaches_the_model() -> None:
