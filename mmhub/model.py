@@ -74,6 +74,10 @@ class MMModel(nn.Module):
         self.signal_tokens = SignalTokens({m: self.spec.signal_count(m) for m in self.generators}, backbone.tokenizer,
                                           backbone.hidden_size, self.plan.backbone_facts.vocab_size) \
             if len(self.generators) else None
+        if self.signal_tokens is not None:
+            lm = getattr(backbone, "model", None)
+            if lm is not None and hasattr(lm, "get_input_embeddings") and lm.get_output_embeddings() is not None:
+                self.signal_tokens.init_from_tables(lm.get_input_embeddings().weight, lm.get_output_embeddings().weight)
         self.processor = MMProcessor(
             backbone.tokenizer, plan.template, placeholders,
             {m: (lambda item, _e=enc, _m=m: _e.preprocess(item, _m)) for m, enc in self.encoders.items()},

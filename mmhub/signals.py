@@ -61,6 +61,15 @@ class SignalTokens(nn.Module):
             at += counts[m]
         self.starts = starts
 
+    @torch.no_grad()
+    def init_from_tables(self, input_embeddings: torch.Tensor, output_embeddings: torch.Tensor, noise: float = 0.02) -> None:
+        """Start every row at the mean of the backbone's rows (plus a little noise), as new-token practice goes:
+        near-zero head rows give logits far below a trained model's (measured: ~0 against ~34 on SmolLM2), so
+        a frozen backbone's signal tokens never win within a short stage."""
+        for param, table in ((self.embed, input_embeddings), (self.head, output_embeddings)):
+            mean, std = table.float().mean(0), table.float().std(0).mean()
+            param.copy_(mean + noise * std * torch.randn_like(param))
+
     def has_weight_source(self) -> bool:
         """Signal rows are always trained here, so they are always saved."""
         return False
