@@ -88,7 +88,10 @@ def _decode(model: Any, inputs_embeds: torch.Tensor, attention_mask: torch.Tenso
             first[ids[0]] = (m, ids)
     suppress = torch.tensor(sorted(set(suppress_ids or [])), dtype=torch.long, device=device)
     if sig is not None and suppress.numel():
-        suppress = sig.columns(suppress)
+        # ids past the backbone's table that are not signal tokens (a placeholder added after the vocabulary, say)
+        # have no column of their own: mapped as they are they would land on a signal column and mask it out
+        keep = (suppress < sig.base_vocab) | (sig.row(suppress) >= 0)
+        suppress = sig.columns(suppress[keep])
 
     mask = attention_mask.clone()
     hidden, cache = backbone.step(inputs_embeds, mask, position_ids, None)

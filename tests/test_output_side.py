@@ -243,3 +243,24 @@ def test_easy_vqa_draw_samples_and_task_guard(tiny_spec) -> None:
     assert first.messages[1]["content"] == f"<img_out> {caption}"
     with pytest.raises(InputError, match="needs a model with an image generator"):
         get_task("easy_vqa_draw").run(build(tiny_spec))
+
+
+def test_a_placeholder_past_the_vocabulary_never_masks_a_signal_token(out_spec) -> None:
+    """Regression (the SmolLM2 draw model drew 0% because of it): when the tokenizer fills the backbone's table,
+    ``<image>`` gets the id just past it, the same number as the first signal column; suppressing the placeholder
+    must not mask ``<img_0>``."""
+    probe = build(out_spec)
+    n_tok = len(probe.tokenizer) - 1 - len(probe.signal_tokens)  # the tokenizer's size before <image> and <img_*>
+    spec = copy.deepcopy(out_spec)
+    spec["backbone"]["config"] = dict(spec["backbone"]["config"], vocab_size=n_tok)
+    model = build(spec)
+    sig = model.signal_tokens
+    image_id = model.processor.placeholder_ids["image"]
+    assert image_id == sig.base_vocab  # the colliding layout
+    plain = sig.logits
+    bonus = torch.zeros(sig.base_vocab + len(sig))
+    bonus[sig.base_vocab] = 1e4  # make <img_0> the model's certain choice
+    sig.logits = lambda hidden, base: plain(hidden, base) + bonus.to(hidden.dtype)
+    assert int(model.head(torch.randn(1, sig.head.shape[1])).argmax(-1)) == sig.base_vocab  # column V = <img_0>
+    reply = model.generate(["draw"], max_new_tokens=4)[0]
+    assert len(reply.media.get("image", [])) >= 1, f"no image drawn; reply {str(reply)!r}"
