@@ -126,6 +126,20 @@ def test_run_folder_errors(tmp_path: Path) -> None:
     train(spec, out=tmp_path / "r", datasets={"align": data}, progress_bar=False)
     with pytest.raises(MMHubError, match="already holds a run; continue it with --resume"):
         train(spec, out=tmp_path / "r", datasets={"align": data}, progress_bar=False)
+    # a finished run goes on with stages appended to its spec (the finished one is not retrained) ...
+    longer = train_script.spec(4)
+    longer["stages"] = [spec["stages"][0], {**spec["stages"][0], "name": "more"}]
+    before = _params(tmp_path / "r", "align")
+    summary = train(longer, resume=tmp_path / "r", datasets={"align": data, "more": data}, progress_bar=False)
+    assert list(summary) == ["more"] and (tmp_path / "r" / "more" / "model").is_dir()
+    assert all(torch.equal(v, _params(tmp_path / "r", "align")[k]) for k, v in before.items())
+    assert [s["name"] for s in json.loads((tmp_path / "r" / "run_spec.json").read_text())["stages"]] == ["align", "more"]
+    # ... but not with any other change
+    other = train_script.spec(4)
+    other["stages"] = longer["stages"] + [{**spec["stages"][0], "name": "third"}]
+    other["seed"] = 123
+    with pytest.raises(MMHubError, match="in more than new stages at the end"):
+        train(other, resume=tmp_path / "r", datasets={"align": data}, progress_bar=False)
     with pytest.raises(MMHubError, match="not an mmhub run folder"):
         train(resume=tmp_path / "nothing", datasets={"align": data})
     bad = train_script.spec(4)

@@ -4,7 +4,8 @@ A run folder holds ``run_spec.json`` (the spec as given, written atomically at t
 start), one folder per stage with its ``checkpoints/step-N``, ``metrics.jsonl`` and,
 once the stage is done, ``model/`` (loadable with `MMModel.from_pretrained`).
 ``--resume DIR`` rebuilds the model from ``DIR/run_spec.json``, skips finished
-stages and continues the current one from its newest checkpoint. Launch several
+stages and continues the current one from its newest checkpoint; ``--resume DIR SPEC``
+with SPEC = the run's spec plus stages appended at the end runs those too. Launch several
 processes with ``accelerate launch`` or ``torchrun`` for DDP; FSDP and DeepSpeed
 come from accelerate's config.
 """
@@ -41,9 +42,16 @@ def train(spec: Any = None, out: str | Path | None = None, stage: str | None = N
             raise MMHubError(f"{run_dir} is not an mmhub run folder ({RUN_SPEC} is missing); pass the --out folder of "
                              "an earlier `mmhub train`")
         data = json.loads((run_dir / RUN_SPEC).read_text())
-        if spec is not None and load_spec(spec).model_dump(mode="json", exclude={"resolved"}) != data:
-            raise MMHubError(f"--resume {run_dir}: the spec given differs from the one the run started with "
-                             f"({run_dir / RUN_SPEC}); resume without a spec, or start a new run with --out")
+        if spec is not None:
+            given = load_spec(spec).model_dump(mode="json", exclude={"resolved"})
+            if given != data:
+                if not extends(data, given):
+                    raise MMHubError(f"--resume {run_dir}: the spec given differs from the one the run started with "
+                                     f"({run_dir / RUN_SPEC}) in more than new stages at the end; resume without a "
+                                     "spec, or start a new run with --out")
+                if main:  # the run goes on with the new stages appended; its finished stages stay as they are
+                    write_text_atomic(run_dir / RUN_SPEC, json.dumps(given, indent=2))
+                data = given
         model = build(data)
     else:
         if spec is None:
@@ -61,12 +69,19 @@ def train(spec: Any = None, out: str | Path | None = None, stage: str | None = N
     return trainer.run(stage=stage, resume=resume is not None, max_steps=max_steps)
 
 
+def extends(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether spec `new` is spec `old` with stages appended: everything else equal, old's stages its first ones."""
+    rest = lambda d: {k: v for k, v in d.items() if k != "stages"}  # noqa: E731
+    o, n = old.get("stages") or [], new.get("stages") or []
+    return rest(old) == rest(new) and len(n) > len(o) and n[:len(o)] == o
+
+
 def add_parser(sub: Any) -> None:
     s = sub.add_parser("train", help="train a spec's stages (accelerate; resumable)")
     s.add_argument("spec", nargs="?", help="spec file or preset (omit with --resume)")
     s.add_argument("--out", help="run folder (default runs/<spec name>)")
     s.add_argument("--stage", help="run only this stage (earlier stages must be finished in the run folder)")
-    s.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its newest checkpoint")
+    s.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its newest checkpoint (with SPEC: the run's spec plus new stages at the end)")
     s.add_argument("--max-steps", type=int, help="override every stage's step count (smoke runs)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)")
     s.set_defaults(func=_cmd)
