@@ -8,6 +8,8 @@ rope_scaling).
 
 from __future__ import annotations
 
+import inspect
+
 from typing import Any, ClassVar
 
 import torch
@@ -69,9 +71,12 @@ class HFCausalLM(HFBackboneBase):
             from transformers import DynamicCache
 
             cache = DynamicCache(config=self.model.config)
-        out = self.model.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                    position_ids=position_ids, past_key_values=cache, use_cache=True)
-        return out.last_hidden_state, out.past_key_values
+        base = self.model.base_model
+        # transformers 5 renamed `past_key_values` to `cache` (the old name warns); older ones know only the old
+        name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+        out = base(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                   use_cache=True, **{name: cache})
+        return out.last_hidden_state, getattr(out, name)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.model.get_output_embeddings()(hidden)

@@ -20,6 +20,10 @@ from typing import Any
 import torch
 
 
+# the generation settings `decode` takes (anything else goes to transformers' generate)
+OWN_LOOP_SETTINGS = frozenset({"max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_p", "streamer"})
+
+
 class Reply(str):
     """A generated reply: the text itself, plus ``media`` = {modality: [PIL image | frames | Audio]}."""
 
@@ -58,16 +62,18 @@ def pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float
 @torch.no_grad()
 def decode(model: Any, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
            max_new_tokens: int, stop_ids: list[int], suppress_ids: list[int] | None = None, do_sample: bool = False,
-           temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None, streamer: Any = None) -> Decoded:
+           temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None, streamer: Any = None,
+           min_new_tokens: int = 0) -> Decoded:
     """Generate from left-padded prompt embeddings (B, L, H) with `model`'s backbone `step` and `head`.
 
     `streamer` (transformers' streamer protocol: ``put`` the prompt first, then each step's new ids
-    (B,), then ``end``) sees every token as it is chosen, stop tokens included."""
+    (B,), then ``end``) sees every token as it is chosen, stop tokens included. Stop tokens cannot be chosen
+    before `min_new_tokens` tokens."""
     if streamer is not None:
         streamer.put(torch.zeros(inputs_embeds.shape[0], 0, dtype=torch.long))  # the protocol's prompt call
     try:
         return _decode(model, inputs_embeds, attention_mask, position_ids, max_new_tokens, stop_ids, suppress_ids,
-                       do_sample, temperature, top_p, seed, streamer)
+                       do_sample, temperature, top_p, seed, streamer, min_new_tokens)
     finally:
         if streamer is not None:
             streamer.end()
@@ -75,7 +81,7 @@ def decode(model: Any, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor
 
 def _decode(model: Any, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
             max_new_tokens: int, stop_ids: list[int], suppress_ids: list[int] | None, do_sample: bool,
-            temperature: float, top_p: float, seed: int | None, streamer: Any) -> Decoded:
+            temperature: float, top_p: float, seed: int | None, streamer: Any, min_new_tokens: int = 0) -> Decoded:
     backbone, sig = model.backbone, model.signal_tokens
     B = inputs_embeds.shape[0]
     device = inputs_embeds.device
@@ -92,6 +98,9 @@ def _decode(model: Any, inputs_embeds: torch.Tensor, attention_mask: torch.Tenso
         # have no column of their own: mapped as they are they would land on a signal column and mask it out
         keep = (suppress < sig.base_vocab) | (sig.row(suppress) >= 0)
         suppress = sig.columns(suppress[keep])
+    stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    if sig is not None and stops.numel():
+        stops = sig.columns(stops)
 
     mask = attention_mask.clone()
     hidden, cache = backbone.step(inputs_embeds, mask, position_ids, None)
@@ -106,6 +115,8 @@ def _decode(model: Any, inputs_embeds: torch.Tensor, attention_mask: torch.Tenso
         logits = model.head(last).float()
         if suppress.numel():
             logits[:, suppress] = torch.finfo(logits.dtype).min
+        if steps < min_new_tokens and stops.numel():
+            logits[:, stops[stops < logits.shape[-1]]] = torch.finfo(logits.dtype).min
         cols = pick(logits, do_sample, temperature, top_p, generator)
         ids = (sig.token_ids(cols) if sig is not None else cols).tolist()
         for b in range(B):

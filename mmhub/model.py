@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmhub.attention import packed_sequences
-from mmhub.decoding import Decoded, Reply, decode
+from mmhub.decoding import OWN_LOOP_SETTINGS, Decoded, Reply, decode
 from mmhub.errors import InputError
 from mmhub.interfaces import Backbone, InjectionContext, Injector, TextContext
 from mmhub.packing import block_causal_mask, segment_lengths
@@ -432,14 +432,20 @@ class MMModel(nn.Module):
             out[m] = self.generators[m].generate(cond, seed=seed, steps=steps, guidance_scale=guidance_scale)
         return out
 
+    def _own_loop(self, settings: Mapping[str, Any]) -> bool:
+        """Whether `generate_ids` may use mmhub's decode loop for these settings (see there)."""
+        return (not self.is_encoder_decoder and not len(self.injectors) and hasattr(self.backbone, "step")
+                and set(settings) <= OWN_LOOP_SETTINGS)
+
     def _decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, media: Mapping[str, torch.Tensor] | None,
                 seed: int | None = None, **kwargs: Any) -> Decoded:
-        """mmhub's own decode loop (`mmhub.decoding`), for models whose vocabulary has signal tokens."""
+        """mmhub's own decode loop (`mmhub.decoding`): models with signal tokens, and plain decoder-only ones."""
         was_training = self.training
         self.eval()
         try:
             sp = self._prepare(input_ids, attention_mask, None, media, padding_side="left").spliced
-            suppress = [i for i in self.processor.placeholder_ids.values()]
+            suppress = [i for i in self.processor.placeholder_ids.values()
+                        if self.signal_tokens is not None or i < self.backbone_vocab_size]
             return decode(self, sp.inputs_embeds, sp.attention_mask, sp.position_ids, stop_ids=self.stop_token_ids(),
                           suppress_ids=suppress, seed=seed, **kwargs)
         finally:
@@ -455,8 +461,13 @@ class MMModel(nn.Module):
     @torch.no_grad()
     def generate_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      media: Mapping[str, torch.Tensor] | None = None, seed: int | None = None, **kwargs: Any) -> list[list[int]]:
-        """Left-padded ids + media -> generated token ids per row (stop tokens removed)."""
-        if self.signal_tokens is not None:
+        """Left-padded ids + media -> generated token ids per row (stop tokens removed).
+
+        Decoder-only models without injectors decode with mmhub's own KV-cached loop (`mmhub.decoding`:
+        greedy or temperature/top-p sampling, ``min_new_tokens``, a streamer), which skips the per-token
+        bookkeeping of transformers' ``generate`` and gives the same greedy tokens; any other setting
+        (beams, repetition penalty, ...) and the other models go through the backbone's ``generate``."""
+        if self.signal_tokens is not None or self._own_loop(kwargs):
             return self._decode(input_ids, attention_mask, media, seed=seed, **kwargs).tokens
         was_training = self.training
         self.eval()

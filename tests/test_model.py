@@ -105,6 +105,27 @@ def test_batched_generation_equals_one_by_one(tiny_spec, images) -> None:
     assert len(set(batched)) > 1  # the prompts really lead to different outputs
 
 
+def test_own_decode_loop_equals_transformers_generate(tiny_spec, images) -> None:
+    """Greedy tokens from mmhub's decode loop equal the backbone's `generate` (the path other settings take),
+    batched and left-padded, and ``min_new_tokens`` holds the stop tokens back."""
+    model = build(tiny_spec)
+    b = model.batch(["<image>\nWhat?", "hello there, how are you doing today?"], [{"image": [images[0]]}, {}],
+                    add_generation_prompt=True, padding_side="left")
+    args = (b["input_ids"], b["attention_mask"], b["media"])
+    assert model._own_loop({"max_new_tokens": 8})
+    own = model.generate_ids(*args, max_new_tokens=8)
+    hf = model.generate_ids(*args, max_new_tokens=8, repetition_penalty=1.0)  # not a loop setting: generate()
+    assert not model._own_loop({"max_new_tokens": 8, "repetition_penalty": 1.0})
+    assert own == hf and all(len(r) > 0 for r in own)
+    stop = model.stop_token_ids()
+    with torch.no_grad():  # make a stop token the certain choice: only min_new_tokens keeps the reply going
+        bias = model.backbone.model.get_output_embeddings()
+        bias.bias = torch.nn.Parameter(torch.zeros(bias.weight.shape[0]))
+        bias.bias[stop[0]] = 1e4
+    assert model.generate_ids(*args, max_new_tokens=8) == [[], []]
+    assert [len(r) for r in model.generate_ids(*args, max_new_tokens=8, min_new_tokens=5)] == [5, 5]
+
+
 def test_sampling_is_seeded_and_differs_from_greedy(tiny_spec, images) -> None:
     model = build(tiny_spec)
     args = (["<image> tell"], [{"image": [images[0]]}])
