@@ -5,7 +5,8 @@ with package versions and weight-file hashes under ``resolved``) and
 ``model.safetensors``. By default only tensors that cannot be recovered from the
 spec's weight sources are written: every tensor of a component built from a
 config (random init) or changed by training (``spec.trained``), and the adapter
-and trainable parameters of components whose weights come from a source. Folders are written to a temporary sibling and renamed into
+and trainable parameters of components whose weights come from a source. A model grown
+from a shipped model folder (``init_from: mmhub:...``) stores only what it changed. Folders are written to a temporary sibling and renamed into
 place, so a crash mid-save never leaves a half checkpoint under the final name.
 No pickle is involved anywhere.
 """
@@ -30,6 +31,7 @@ from mmhub.errors import CheckpointError
 from mmhub.weights import sha256_path
 
 SPEC_FILE = "mmhub_spec.json"
+PACKAGE_ROOT = Path(__file__).resolve().parent  # where ``mmhub:`` model folders live
 WEIGHTS_FILE = "model.safetensors"
 PACKAGES = ("mmhub", "torch", "transformers", "timm", "open_clip_torch", "peft", "safetensors", "pluggy", "diffusers")
 
@@ -123,10 +125,34 @@ def resolved_spec(model: Any, saved: str, n_tensors: int) -> dict[str, Any]:
     return data
 
 
+def layered_base(model: Any, full: bool) -> Path | None:
+    """The model folder a save may lean on: the spec's ``init_from`` when it is a shipped one (``mmhub:``).
+
+    Such a folder travels with the package, so a model grown from it (say a demo model taught to draw)
+    stores only the tensors it changed or added and names the folder in its spec; loading applies the
+    folder first, then these tensors. Other ``init_from`` paths (run folders) can move or vanish, so
+    models grown from them are saved self-contained."""
+    source = getattr(model.spec, "init_from", None)
+    if full or not source or not source.startswith("mmhub:"):
+        return None
+    folder = package_path(source)
+    return folder if (folder / WEIGHTS_FILE).is_file() else None
+
+
 def save_model(model: Any, path: Path, full: bool = False) -> Path:
-    """Write `model` to `path` atomically; returns the path."""
-    state, aliases = _dedupe(tensors_to_save(model, full))
+    """Write `model` to `path` atomically (only what neither the weight sources nor a shipped ``init_from``
+    folder restores, unless `full`); returns the path."""
+    state = tensors_to_save(model, full)
+    base = layered_base(model, full)
+    if base is not None:
+        inherited = load_file(str(base / WEIGHTS_FILE))
+        state = {k: v for k, v in state.items()
+                 if not (k in inherited and inherited[k].shape == v.shape and torch.equal(inherited[k], v.detach().cpu()))}
+    state, aliases = _dedupe(state)
     spec = resolved_spec(model, "full" if full else "not-recoverable", len(state) + len(aliases))
+    if base is not None:
+        spec["init_from"] = model.spec.init_from
+        spec["resolved"]["init_from"] = {"path": str(base), "sha256": sha256_path(base / WEIGHTS_FILE)}
     with atomic_dir(path) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "aliases": json.dumps(aliases)})
         (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=2))
@@ -159,6 +185,16 @@ def load_model(path: Path, registry: Any = None, verify_weights: bool = True) ->
         raise CheckpointError(f"{path / SPEC_FILE} is not valid JSON (line {exc.lineno}): {exc.msg}; "
                               f"the folder is damaged, save the model again.") from None
     recorded = (data.get("resolved") or {}).get("weights", {})
+    base = (data.get("resolved") or {}).get("init_from")
+    if verify_weights and base and data.get("init_from"):
+        folder = package_path(data["init_from"])
+        if not (folder / WEIGHTS_FILE).is_file():
+            raise CheckpointError(f"{path} is saved on top of {data['init_from']} ({folder}), which is missing; "
+                                  "restore that model folder (it ships with mmhub) or load a self-contained save")
+        if sha256_path(folder / WEIGHTS_FILE) != base["sha256"]:
+            raise CheckpointError(f"{path} is saved on top of {data['init_from']}, whose weights changed since "
+                                  f"(sha256 {sha256_path(folder / WEIGHTS_FILE)[:12]}... != recorded "
+                                  f"{base['sha256'][:12]}...); restore that folder or pass verify_weights=False")
     plan = plan_spec(spec_from_dict(data, str(path / SPEC_FILE)), registry, source=str(path / SPEC_FILE))
     model = build_from_plan(plan)
     if verify_weights:
@@ -184,6 +220,8 @@ def load_model(path: Path, registry: Any = None, verify_weights: bool = True) ->
         raise CheckpointError(f"{path / WEIGHTS_FILE} has {len(unexpected)} tensor(s) the spec's model does not, e.g. "
                               f"{unexpected[:3]}; the spec and weights do not belong together.")
     need = dict(tensors_to_save(model, full=False))
+    if data.get("init_from"):  # what the init_from folder provided is covered too
+        need = {k: v for k, v in need.items() if k not in set(load_file_keys(package_path(data["init_from"])))}
     lacking = [k for k in missing if k in need]
     if lacking:
         raise CheckpointError(f"{path / WEIGHTS_FILE} lacks {len(lacking)} tensor(s) that no weight source provides, "
@@ -192,10 +230,18 @@ def load_model(path: Path, registry: Any = None, verify_weights: bool = True) ->
     return model
 
 
+def load_file_keys(folder: Path) -> list[str]:
+    """The tensor names in a model folder's weights file (without reading the tensors)."""
+    from safetensors import safe_open
+
+    with safe_open(str(folder / WEIGHTS_FILE), "pt") as fh:
+        return list(fh.keys())
+
+
 def package_path(path: str) -> Path:
     """``mmhub:REL`` -> REL inside the installed mmhub package; anything else -> the path, ``~`` expanded."""
     if path.startswith("mmhub:"):
-        return Path(__file__).resolve().parent / path[len("mmhub:"):]
+        return PACKAGE_ROOT / path[len("mmhub:"):]
     return Path(path).expanduser()
 
 

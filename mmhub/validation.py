@@ -68,7 +68,8 @@ class Plan:
         data["output_projectors"] = {m: s.as_dict() for m, s in self.output_projectors.items()}
         data["generators"] = {m: s.as_dict() for m, s in self.generators.items()}
         data["signal_tokens"] = {m: self.spec.signal_count(m) for m in self.spec.generators}
-        data.pop("init_from", None)  # a saved model's own weights supersede the folder it started from
+        data.pop("init_from", None)  # a saved model's own weights supersede the folder it started from (unless
+        # that folder ships with mmhub: checkpoint.save_model then writes it back and stores only the difference)
         data["template"] = self.template.name if self.template is not None else self.spec.template
         data["placeholders"] = {m: self.spec.placeholder(m) for m in self.spec.encoders}
         data["max_items"] = {m: self.spec.max_items.get(m, 1) for m in self.spec.encoders}

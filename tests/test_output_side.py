@@ -231,6 +231,38 @@ def test_init_from_adds_an_output_side_to_a_trained_model(tiny_spec, out_spec, t
         build(bad)
 
 
+def test_a_model_grown_from_a_shipped_folder_stores_only_what_it_changed(tiny_spec, out_spec, tmp_path, monkeypatch) -> None:
+    import mmhub.checkpoint as ckpt
+    from safetensors.torch import load_file
+
+    monkeypatch.setattr(ckpt, "PACKAGE_ROOT", tmp_path)  # stands in for the installed package's folder
+    base = build(tiny_spec)
+    with torch.no_grad():
+        base.projectors["image"].net[0].weight.add_(1.0)
+    base.save_pretrained(tmp_path / "demo_model" / "base")
+    spec = copy.deepcopy(out_spec)
+    spec["init_from"] = "mmhub:demo_model/base"
+    grown = build(spec)  # its output side and signal rows are new (random), the rest comes from the base
+    grown.save_pretrained(tmp_path / "grown")
+    saved = load_file(str(tmp_path / "grown" / "model.safetensors"))
+    assert not any(k.startswith("projectors.") for k in saved)  # the shipped folder restores these
+    assert any(k.startswith("output_projectors.") for k in saved) and any(k.startswith("signal_tokens.") for k in saved)
+    again = MMModel.from_pretrained(tmp_path / "grown")
+    for k, v in grown.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k]), k
+    # the folder it leans on must stay as it was
+    with torch.no_grad():
+        base.projectors["image"].net[0].weight.add_(1.0)
+    base.save_pretrained(tmp_path / "demo_model" / "base")
+    with pytest.raises(Exception, match="whose weights changed since"):
+        MMModel.from_pretrained(tmp_path / "grown")
+    import shutil
+
+    shutil.rmtree(tmp_path / "demo_model" / "base")
+    with pytest.raises(Exception, match="which is missing"):
+        MMModel.from_pretrained(tmp_path / "grown")
+
+
 def test_easy_vqa_draw_samples_and_task_guard(tiny_spec) -> None:
     from mmhub.data import load_dataset
     from mmhub.evaluation.runner import get_task
