@@ -151,6 +151,10 @@ class PixelDiffusionGenerator(Generator):
             path = Path(ctx.weights(c.pretrained))
             self.load_weights(path, what=f"pixel_diffusion weights {c.pretrained}")
 
+    def has_weight_source(self) -> bool:
+        """`pretrained` restores every tensor, so a saved model need not store them (unless a stage trains them)."""
+        return self.config.pretrained is not None or super().has_weight_source()
+
     def load_weights(self, path: Path, what: str = "pixel_diffusion weights") -> None:
         """Load a safetensors state dict (any float dtype) strictly into this model."""
         from safetensors import SafetensorError

