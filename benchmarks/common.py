@@ -53,7 +53,7 @@ def paired(ours: list[float], theirs: list[float], higher_is_better: bool) -> di
     return {"median": statistics.median(per_round), "best": best, "per_round": per_round}
 
 
-def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> dict[str, Any]:
+def matmul_peak_flops(n: int = 4096, repeats: int = 5) -> dict[str, Any]:
     """This machine's fp32 matmul throughput: best of `repeats` (n x n) @ (n x n) products, in FLOP/s."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b  # warm-up

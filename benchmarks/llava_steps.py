@@ -13,12 +13,14 @@ from mmhub.packing import collate_packed, pack, spliced_length
 from mmhub.processor import Encoded
 from mmhub.splice import IGNORE
 
-FLOPS_FORMULA = ("useful training FLOPs per step = 6 * N_projector * image_tokens + K * N_llm * real_tokens, with K = 4 "
-                 "in stage 1 (frozen LLM: forward + input-gradient backward) and K = 6 in stage 2 (LLM trained); "
-                 "N_llm = LLM parameters without the input embedding table (a lookup), lm_head included; real_tokens "
-                 "= non-padding tokens after image splicing (text + image tokens); the frozen vision tower is not "
-                 "counted (its output is cacheable); attention score FLOPs ignored. The same count is used for both "
-                 "sides, so the MFU ratio equals the throughput ratio. MFU = FLOPs / step time / fp32 matmul peak.")
+FLOPS_FORMULA = ("useful training FLOPs per step = 6 * N_projector * image_tokens + K * N_body * real_tokens + "
+                 "K * N_head * label_tokens, with K = 4 in stage 1 (frozen LLM: forward + input-gradient backward) and "
+                 "K = 6 in stage 2 (LLM trained); N_body = LLM parameters without the input embedding table (a lookup) "
+                 "and without the LM head; N_head = the LM head (its logits are useful only where a label is); "
+                 "real_tokens = non-padding tokens after image splicing (text + image tokens); label_tokens = tokens "
+                 "with a loss; the frozen vision tower is not counted (its output is cacheable); attention score FLOPs "
+                 "ignored. The same count is used for both sides, so the MFU ratio equals the throughput ratio. "
+                 "MFU = FLOPs / step time / fp32 matmul peak.")
 
 
 def set_trainable_mmhub(model: MMModel, stage: int) -> list[torch.nn.Parameter]:
@@ -123,13 +125,16 @@ def parameter_counts(model: MMModel) -> dict[str, int]:
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     llm = count(model.backbone)
     emb = model.backbone.model.get_input_embeddings().weight.numel()
+    head = model.backbone.model.get_output_embeddings().weight.numel()
     return {"vision_tower": count(model.encoders), "projector": count(model.projectors), "llm": llm,
-            "llm_without_input_embedding": llm - emb, "total": count(model)}
+            "llm_without_input_embedding": llm - emb, "lm_head": head, "total": count(model)}
 
 
 def useful_flops(params: dict[str, int], encs: Sequence[Encoded], image_tokens: int, placeholder: int, stage: int) -> float:
     """FLOPS_FORMULA for one batch."""
     images = sum(s.input_ids.count(placeholder) for s in encs)
     real = sum(len(s.input_ids) for s in encs) + images * (image_tokens - 1)
+    labelled = sum(sum(1 for t in s.labels if t != IGNORE) for s in encs)
     k = 4 if stage == 1 else 6
-    return 6.0 * params["projector"] * images * image_tokens + k * params["llm_without_input_embedding"] * real
+    body = params["llm_without_input_embedding"] - params["lm_head"]
+    return 6.0 * params["projector"] * images * image_tokens + k * body * real + k * params["lm_head"] * labelled

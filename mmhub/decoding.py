@@ -134,11 +134,14 @@ def _decode(model: Any, inputs_embeds: torch.Tensor, attention_mask: torch.Tenso
                     m, group = first[ids[b]]
                     forced[b] = list(group[1:])
                     pending[b] = (m, [], len(group))
+        steps += 1  # tokens chosen so far
         if streamer is not None:
             streamer.put(torch.tensor([i if not d or i != pad else stop_ids[0] if stop_ids else pad
                                        for i, d in zip(ids, done)]))
         if all(done):
             break
+        if steps >= max_new_tokens and not any(forced) and not any(p is not None for p in pending):
+            break  # the last token's own state is not needed: no step for it (a token of a group still needs one)
         step_ids = torch.tensor(ids, device=device)[:, None]
         emb = backbone.embed(step_ids.masked_fill(step_ids >= model.backbone_vocab_size, 0))
         if sig is not None:
@@ -155,7 +158,6 @@ def _decode(model: Any, inputs_embeds: torch.Tensor, attention_mask: torch.Tenso
                 if len(states) == k:
                     out.signals[b].setdefault(m, []).append(torch.stack(states))
                     pending[b] = None
-        steps += 1
         if steps >= max_new_tokens and not any(forced) and not any(p is not None for p in pending):
             break
     return out

@@ -291,7 +291,7 @@ class MMModel(nn.Module):
             else:
                 h = hidden[keep] if self.is_encoder_decoder else hidden[:, :-1][keep]
                 tgt = target[keep] if self.signal_tokens is None else self.signal_tokens.columns(target[keep])
-                ce = F.cross_entropy(self.head(h).float(), tgt, reduction="none")  # labelled positions only
+                ce = self.label_cross_entropy(h, tgt)  # labelled positions only
                 loss = ce.mean()
                 seq_logp = seq_logp.index_add(0, keep.nonzero(as_tuple=True)[0], -ce)
             if prep.aux_loss is not None:
@@ -304,6 +304,22 @@ class MMModel(nn.Module):
         labels_out = target if (self.is_encoder_decoder and sp.labels is not None) else sp.labels
         return MMOutput(loss=loss, logits=logits, labels=labels_out, num_target_tokens=n_target, aux_loss=prep.aux_loss,
                         sequence_logprobs=seq_logp, output_loss=output_loss)
+
+    def label_cross_entropy(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-position cross-entropy of the head's logits at `hidden` (N, H) against `target` (N,) columns.
+
+        With the spec's ``loss_chunk`` set and gradients on, the head and the loss run over chunks of that many
+        positions under activation checkpointing: no chunk's logits outlive its own forward or backward, so peak
+        memory holds one chunk's (chunk x vocabulary) logits instead of all N; the head's matmul runs once more
+        in the backward pass. The loss and gradients equal the unchunked ones (up to float summation order)."""
+        chunk = self.spec.loss_chunk
+        ce = lambda h, t: F.cross_entropy(self.head(h).float(), t, reduction="none")  # noqa: E731
+        if not chunk or hidden.shape[0] <= chunk or not torch.is_grad_enabled():
+            return ce(hidden, target)
+        from torch.utils.checkpoint import checkpoint
+
+        return torch.cat([checkpoint(ce, hidden[i:i + chunk], target[i:i + chunk], use_reentrant=False)
+                          for i in range(0, hidden.shape[0], chunk)])
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., H) -> logits over the backbone's vocabulary, plus one column per signal token when there are any."""

@@ -127,6 +127,10 @@ class Spec(BaseModel):
                                           "backbone learns to emit for one item (default 4)")
     template: str = "auto"
     attention: Literal["auto", "xformers", "sdpa", "eager"] = "auto"
+    loss_chunk: int = Field(
+        0, ge=0, description="chunked cross-entropy: labelled positions per chunk (0 = all at once). The LM head "
+                             "and the loss run chunk by chunk and each chunk's logits are recomputed in the backward "
+                             "pass, so at most one chunk's logits (chunk x vocabulary floats) is ever held")
     placeholders: dict[str, str] = Field(default_factory=dict)
     max_items: dict[str, int] = Field(default_factory=dict)
     min_text_tokens: int = Field(32, ge=0)

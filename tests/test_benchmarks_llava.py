@@ -40,9 +40,9 @@ def test_llava_benchmark_tiny(tmp_path: Path) -> None:
         for side in ("mmhub", "transformers"):
             assert 0 < rep["mfu"][stage][side]["median"] < 1, (stage, side)
     assert positive(rep["matmul_peak"]["flops_per_s"])
-    assert rep["ablations"]["chunked_cross_entropy"].startswith("absent")
+    assert rep["ablations"]["chunked_ce"].startswith("loss_chunk")
     assert {"no_feature_cache", "eager_attention"} <= set(rep["ablations"]["stage1"])
-    assert {"no_feature_cache", "eager_attention", "no_packing", "full_logits"} <= set(rep["ablations"]["stage2"])
+    assert {"no_feature_cache", "eager_attention", "no_packing", "full_logits", "chunked_ce"} <= set(rep["ablations"]["stage2"])
     for stage in ("stage1", "stage2"):
         for name, v in rep["ablations"][stage].items():
             if name != "default_step_s":

@@ -126,6 +126,27 @@ def test_own_decode_loop_equals_transformers_generate(tiny_spec, images) -> None
     assert [len(r) for r in model.generate_ids(*args, max_new_tokens=8, min_new_tokens=5)] == [5, 5]
 
 
+def test_chunked_cross_entropy_equals_the_whole_loss_and_gradients(tiny_spec, images) -> None:
+    tiny_spec["stages"] = []
+    whole = build(tiny_spec)
+    chunked = build({**tiny_spec, "loss_chunk": 7})
+    chunked.load_state_dict(whole.state_dict())
+    batch = whole.batch([conv("<image>\nDescribe the picture in a few words.", "A random pattern of colours."),
+                         conv("hello there", "hi, how can I help you today?")], [{"image": [images[0]]}, {}])
+    results = []
+    for model in (whole, chunked):
+        model.train()
+        model.requires_grad_(True)
+        out = model(**batch)
+        assert out.num_target_tokens > 7  # more than one chunk
+        out.loss.backward()
+        results.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (l0, g0), (l1, g1) = results
+    assert torch.allclose(l0, l1, atol=1e-6) and g0.keys() == g1.keys() and len(g0) > 0
+    for n in g0:
+        assert torch.allclose(g0[n], g1[n], atol=1e-6, rtol=1e-4), n
+
+
 def test_sampling_is_seeded_and_differs_from_greedy(tiny_spec, images) -> None:
     model = build(tiny_spec)
     args = (["<image> tell"], [{"image": [images[0]]}])
