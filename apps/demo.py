@@ -17,17 +17,14 @@ from mmhub.errors import InputError
 
 def model_key(arg: str | None, registry: Any = None) -> str:
     """The CLI's model argument -> a model key of `mmhub.apps.models`."""
-    from mmhub.apps.models import DEFAULT
+    from mmhub.apps.models import DEFAULT, check_model_folder
     from mmhub.registry import get_registry
 
     if arg in (None, "", DEFAULT):
         return DEFAULT
     path = Path(arg).expanduser()
     if path.is_dir():
-        if not (path / "mmhub_spec.json").is_file():
-            raise InputError(f"{path} is a folder but not an mmhub model (no mmhub_spec.json); give a folder written by "
-                             "save_pretrained, such as runs/NAME/STAGE/model")
-        return f"folder:{path.resolve()}"
+        return f"folder:{check_model_folder(path).resolve()}"
     reg = registry or get_registry()
     key = arg if ":" in arg else f"{arg}:tiny"
     if key in reg.presets:

@@ -59,6 +59,14 @@ def model_choices(folders: list[str] | None = None, registry: Any = None) -> lis
     return out
 
 
+def check_model_folder(path: Path) -> Path:
+    """`path` if it is a model folder written by `save_pretrained`, else an InputError naming the fix."""
+    if not (path / "mmhub_spec.json").is_file():
+        raise InputError(f"{path} is not an mmhub model folder (no mmhub_spec.json); give a folder written by "
+                         "save_pretrained, such as runs/NAME/STAGE/model")
+    return path
+
+
 def load(key: str, registry: Any = None) -> LoadedModel:
     """Load the model a key names (see the module docstring); bad keys and folders are InputErrors."""
     from mmhub.model import MMModel
@@ -70,8 +78,10 @@ def load(key: str, registry: Any = None) -> LoadedModel:
         info = model.default_info
         note = f"**{info.name}**: {info.description}."
         if info.fallback:
-            note += (" The real-weights demo model (EfficientNet-Lite0 + SmolLM2-135M-Instruct with LoRA) is not "
-                     "in this checkout yet, so this is the fallback: the best trained model that is.")
+            from mmhub.demo_model import CHOICES
+
+            note += (f" The hub's first-choice default model ({CHOICES[0][0]}: {CHOICES[0][1]}) is not in this "
+                     "checkout, so this is the fallback: the best trained model that is.")
         return LoadedModel(key, f"default: {info.name}", note, model)
     if key.startswith("preset:"):
         from mmhub.assembly import build
@@ -82,10 +92,7 @@ def load(key: str, registry: Any = None) -> LoadedModel:
                 "(encoders, projectors, backbone, parameter counts) but its answers are noise.")
         return LoadedModel(key, f"preset: {name}", note, model)
     if key.startswith("folder:"):
-        path = Path(key.removeprefix("folder:")).expanduser()
-        if not (path / "mmhub_spec.json").is_file():
-            raise InputError(f"{path} is not an mmhub model folder (no mmhub_spec.json); give a folder written by "
-                             "save_pretrained, such as runs/NAME/STAGE/model")
+        path = check_model_folder(Path(key.removeprefix("folder:")).expanduser())
         model = MMModel.from_pretrained(path)
         return LoadedModel(key, f"folder: {path}", f"**{path.name}**: loaded from `{path}`.", model)
     raise InputError(f"unknown model {key!r}; choose 'default', 'preset:NAME:tiny' or 'folder:PATH'")

@@ -165,7 +165,7 @@ def test_model_choices_and_keys(tmp_path, registry):
     choices = dict((k, label) for label, k in model_choices())
     assert DEFAULT in choices and "preset:llava-1.5:tiny" in choices
     assert model_key(None) == DEFAULT and model_key("llava-1.5") == "preset:llava-1.5:tiny"
-    with pytest.raises(InputError, match="is a folder but not an mmhub model"):
+    with pytest.raises(InputError, match="is not an mmhub model folder"):
         model_key(str(tmp_path))
     with pytest.raises(InputError, match="neither a model folder nor a preset"):
         model_key("no-such-thing")
