@@ -76,8 +76,13 @@ def build_app(pool: ModelPool, limits: Limits = Limits(), folders: list[str] | N
                 _assemble_tab()
             with gr.Tab("Plugins", id="plugins"):
                 gr.Markdown(catalog.summary(), elem_id="plugins-summary")
-                gr.Dataframe(value=catalog.component_rows(), headers=catalog.COMPONENT_COLUMNS, wrap=True,
-                             interactive=False, label="Registered components", elem_id="components-table")
+                # datasets and eval tasks get their own table: the browser renders only a long table's visible rows
+                rows = catalog.component_rows()
+                data_kinds = ("dataset", "eval task")
+                gr.Dataframe(value=[r for r in rows if r[0] not in data_kinds], headers=catalog.COMPONENT_COLUMNS,
+                             wrap=True, interactive=False, label="Registered components", elem_id="components-table")
+                gr.Dataframe(value=[r for r in rows if r[0] in data_kinds], headers=catalog.COMPONENT_COLUMNS,
+                             wrap=True, interactive=False, label="Datasets and eval tasks", elem_id="data-table")
                 gr.Dataframe(value=catalog.plugin_rows(), headers=catalog.PLUGIN_COLUMNS, interactive=False,
                              label="Plugins loaded")
                 failed = catalog.failed_rows()

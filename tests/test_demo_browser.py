@@ -188,8 +188,11 @@ def test_plugins_tab_lists_builtins(server, browser):
     table = page.locator("#components-table")
     table.wait_for(timeout=30_000)
     text = table.inner_text()
-    for name in ("timm", "open_clip", "qformer", "perceiver", "hf_causal_lm", "hf_seq2seq_lm", "easy_vqa"):
+    for name in ("timm", "open_clip", "qformer", "perceiver", "hf_causal_lm", "hf_seq2seq_lm"):
         assert name in text, f"{name} is not listed on the Plugins tab"
+    data = page.locator("#data-table").inner_text()
+    for name in ("easy_vqa", "llava_json", "easy_vqa_draw"):
+        assert name in data, f"{name} is not listed among the datasets and eval tasks"
     assert "failed to load" in page.locator("#plugins-summary").inner_text()
     page.screenshot(path=str(ARTIFACTS / "05-plugins.png"), full_page=True)
 
