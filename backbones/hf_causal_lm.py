@@ -8,8 +8,8 @@ rope_scaling).
 
 from __future__ import annotations
 
+import functools
 import inspect
-
 from typing import Any, ClassVar
 
 import torch
@@ -31,6 +31,13 @@ def generation_config(kwargs: dict[str, Any]) -> GenerationConfig:
                             top_k=None, eos_token_id=kwargs.pop("eos_token_id", None),
                             pad_token_id=kwargs.pop("pad_token_id", None), use_cache=True,
                             suppress_tokens=kwargs.pop("suppress_tokens", None))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_argument(model_class: type) -> str:
+    """The KV-cache keyword of a transformers base model's forward: transformers 5 renamed `past_key_values` to
+    `cache` (the old name warns); older releases know only the old one. Looked up once per class, off the hot path."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 class HFCausalLM(HFBackboneBase):
@@ -72,8 +79,7 @@ class HFCausalLM(HFBackboneBase):
 
             cache = DynamicCache(config=self.model.config)
         base = self.model.base_model
-        # transformers 5 renamed `past_key_values` to `cache` (the old name warns); older ones know only the old
-        name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+        name = _cache_argument(type(base))
         out = base(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                    use_cache=True, **{name: cache})
         return out.last_hidden_state, getattr(out, name)

@@ -191,10 +191,11 @@ def load_model(path: Path, registry: Any = None, verify_weights: bool = True) ->
         if not (folder / WEIGHTS_FILE).is_file():
             raise CheckpointError(f"{path} is saved on top of {data['init_from']} ({folder}), which is missing; "
                                   "restore that model folder (it ships with mmhub) or load a self-contained save")
-        if sha256_path(folder / WEIGHTS_FILE) != base["sha256"]:
+        got = sha256_path(folder / WEIGHTS_FILE)
+        if got != base["sha256"]:
             raise CheckpointError(f"{path} is saved on top of {data['init_from']}, whose weights changed since "
-                                  f"(sha256 {sha256_path(folder / WEIGHTS_FILE)[:12]}... != recorded "
-                                  f"{base['sha256'][:12]}...); restore that folder or pass verify_weights=False")
+                                  f"(sha256 {got[:12]}... != recorded {base['sha256'][:12]}...); restore that folder "
+                                  "or pass verify_weights=False")
     plan = plan_spec(spec_from_dict(data, str(path / SPEC_FILE)), registry, source=str(path / SPEC_FILE))
     model = build_from_plan(plan)
     if verify_weights:
@@ -221,7 +222,8 @@ def load_model(path: Path, registry: Any = None, verify_weights: bool = True) ->
                               f"{unexpected[:3]}; the spec and weights do not belong together.")
     need = dict(tensors_to_save(model, full=False))
     if data.get("init_from"):  # what the init_from folder provided is covered too
-        need = {k: v for k, v in need.items() if k not in set(load_file_keys(package_path(data["init_from"])))}
+        provided = set(load_file_keys(package_path(data["init_from"])))
+        need = {k: v for k, v in need.items() if k not in provided}
     lacking = [k for k in missing if k in need]
     if lacking:
         raise CheckpointError(f"{path / WEIGHTS_FILE} lacks {len(lacking)} tensor(s) that no weight source provides, "
