@@ -145,17 +145,18 @@ class HFBackboneBase(Backbone):
         super().__init__(config, ctx)
         cfg = self.hf_config(config, ctx)
         dtype = DTYPES[config.dtype]
+        attn = hf_attn_implementation(ctx.attention, packed=bool(getattr(self, "supports_packing", False)))
         if config.source is not None:
             folder, kw = where(ctx.weights(config.source))
             self.model = self.auto_class.from_pretrained(folder, config=cfg, dtype=dtype, local_files_only=True,
-                                                         attn_implementation=hf_attn_implementation(ctx.attention),
+                                                         attn_implementation=attn,
                                                          trust_remote_code=config.trust_remote_code, **kw)
             if getattr(self.model, "hf_quantizer", None) is not None:  # GGUF weights are dequantised on load
                 self.model.hf_quantizer = None
                 if hasattr(self.model.config, "quantization_config"):
                     del self.model.config.quantization_config
         else:
-            self.model = self.auto_class.from_config(cfg, dtype=dtype, attn_implementation=hf_attn_implementation(ctx.attention))
+            self.model = self.auto_class.from_config(cfg, dtype=dtype, attn_implementation=attn)
         if config.quantize is not None:
             from mmhub.backbones.quantize import quantize_linears
 

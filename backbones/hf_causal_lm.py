@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
-from mmhub.attention import HF_XFORMERS
+from mmhub.attention import HF_SDPA, HF_XFORMERS
 from mmhub.backbones.hf_base import HFBackboneBase, HFBackboneConfig
 from mmhub.interfaces import BuildContext, ComponentConfig
 
@@ -61,7 +61,7 @@ class HFCausalLM(HFBackboneBase):
         """`attention_mask`: (B, L) padding mask, or (B, 1, L, L) with True = attend (packed rows), which transformers
         uses as is: SDPA (and mmhub_xformers) take it boolean, every other implementation additive."""
         if attention_mask.ndim == 4 and attention_mask.dtype == torch.bool \
-                and self.model.config._attn_implementation not in ("sdpa", HF_XFORMERS):
+                and self.model.config._attn_implementation not in ("sdpa", HF_SDPA, HF_XFORMERS):
             additive = torch.zeros(attention_mask.shape, dtype=inputs_embeds.dtype, device=inputs_embeds.device)
             attention_mask = additive.masked_fill_(~attention_mask, torch.finfo(inputs_embeds.dtype).min)
         out = self.model.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,

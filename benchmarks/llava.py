@@ -9,16 +9,20 @@ alternating which side goes first, on the same batch (random token ids and pixel
 
 * stage 1 (projector trained; ~12-token captions; batch 8): mmhub reads precomputed encoder features, as its
   trainer does with `cache_features`; transformers runs the vision tower each step. AdamW step included.
-* stage 2 (projector + LLM trained; 32..256 text tokens per sample, 1 image each; batch 8): mmhub packs rows
-  (`--pack-len`) and projects logits only at labelled positions; transformers takes right-padded rows.
+* stage 2 (projector + LLM trained; 32..256 text tokens per sample, 1 image each; batch 8): mmhub packs the
+  batch into rows of `--pack-len` tokens (by default one row: no padding; attention runs per sample) and
+  projects logits only at labelled positions; transformers takes right-padded rows.
 * generation (1 image + 32-token prompt, `--new-tokens` greedy tokens with the KV cache, batch 1 and 8): tokens/s
   over the whole call (prefill included), and time to first token = the time of a 1-new-token generate.
 * peak memory: each side's workload (2 steps of each stage, one batch-8 generation) in its own child process
   (this module with `--child`), reading its VmHWM.
 * MFU per stage (see `llava_steps.FLOPS_FORMULA`) against this machine's fp32 matmul peak.
 * ablations: mmhub's optimisations switched off one at a time (feature cache, packing, label-only logits,
-  sdpa attention -> eager) and the chunked cross-entropy (off by default) switched on, each timed in every
-  round next to mmhub's default.
+  sdpa attention -> eager, column-major wide weights -> row-major) and the chunked cross-entropy (off by
+  default) switched on, each timed in every round next to mmhub's default; the attention and layout
+  variants in generation too.
+* bf16: in the last `--bf16-rounds` rounds both sides' training steps again under CPU bf16 autocast, with MFU
+  against the bf16 matmul peak.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ RATIO_NOTES = ("every ratio is mmhub / transformers of the raw value: for *_samp
                "better for mmhub (>1 = mmhub faster); for ttft_b1 and peak_memory lower is better for mmhub (<1 = mmhub "
                "faster / smaller). `median` is the median of the per-round paired ratios, `best` the ratio of each "
                "side's best value (max throughput, min time or memory).")
+VARIANT_SPECS = {"eager_attention": {"attention": "eager"}, "row_layout": {"weight_layout": "row"}}
 TARGETS = {"stage2_samples_per_s": (">=", 1.5), "stage1_samples_per_s": (">=", 2.0), "generate_tokens_per_s_b1": (">=", 1.2),
            "generate_tokens_per_s_b8": (">=", 1.0), "ttft_b1": ("<=", 1.0), "peak_memory": ("<=", 1.0)}
 
@@ -59,6 +64,12 @@ def data(pair: Pair, args: argparse.Namespace, rounds: int, rng: np.random.Gener
     return {"stage1": [mk(args.caption_len, args.caption_len) for _ in range(rounds)],
             "stage2": [mk(args.min_len, args.max_len) for _ in range(rounds)],
             "prompt": [mk(args.prompt_len, args.prompt_len, labelled=False) for _ in range(rounds)]}
+
+
+def bf16(fn: Callable[[], None]) -> None:
+    """Run a training step under CPU bf16 autocast (matmuls in bf16, weights and optimizer state fp32)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fn()
 
 
 def chunked(model: Any, chunk: int, fn: Callable[[], None]) -> None:
@@ -82,13 +93,14 @@ def run_rounds(pair: Pair, args: argparse.Namespace) -> dict[str, Any]:
     d = data(pair, args, rounds, np.random.default_rng(args.seed))
     m, hf, pid = pair.mmhub, pair.hf, pair.mmhub.processor.placeholder_ids["image"]
     params = parameter_counts(m)
-    eager = None
+    variant_models: dict[str, Any] = {}  # mmhub built with one optimisation off, same weights
     if not args.no_ablations:
         from mmhub import build
 
         words = Path(args.workdir) / "words.txt"
-        eager = build(spec_for(args.size, words, attention="eager"))
-        eager.load_state_dict(m.state_dict())
+        for name, setting in VARIANT_SPECS.items():
+            variant_models[name] = build(spec_for(args.size, words, **setting))
+            variant_models[name].load_state_dict(m.state_dict())
     times: dict[str, dict[str, list[float]]] = {}
     optimizers: dict[tuple[str, int], torch.optim.Optimizer] = {}
 
@@ -118,12 +130,16 @@ def run_rounds(pair: Pair, args: argparse.Namespace) -> dict[str, Any]:
                                                   "transformers": lambda: hf_step(hf, hf_opt, hb)}
             for side in order:
                 record(f"stage{stage}_step_s", side, timed(run[side]), r)
-            if eager is not None:  # ablations, mmhub only, next to the default just timed
-                e_opt = opt_for(("eager", stage), set_trainable_mmhub(eager, stage))
+            if r >= rounds - args.bf16_rounds:  # the same steps under bf16 autocast (fp32 master weights), both sides
+                for side in order:
+                    record(f"stage{stage}_bf16_step_s", side, timed(lambda: bf16(run[side])), r)
+            if variant_models:  # ablations, mmhub only, next to the default just timed
                 variants: dict[str, Callable[[], None]] = {}
                 kw_media = mmhub_batch(m, encs, args.pack_len if stage == 2 else None, cache_features=False)
                 variants["no_feature_cache"] = lambda: mmhub_step(m, mm_opt, kw_media)
-                variants["eager_attention"] = lambda: mmhub_step(eager, e_opt, kw)
+                for name, vm in variant_models.items():
+                    v_opt = opt_for((name, stage), set_trainable_mmhub(vm, stage))
+                    variants[name] = lambda vm=vm, v_opt=v_opt: mmhub_step(vm, v_opt, kw)
                 if stage == 2:
                     kw_pad = mmhub_batch(m, encs, None, cache_features=True)
                     target = full_logits_target(m, kw)
@@ -148,6 +164,10 @@ def run_rounds(pair: Pair, args: argparse.Namespace) -> dict[str, Any]:
                 record(f"generate_tokens_per_s_b{b}", side, n / dt, r)
                 if b == 1:
                     record("ttft_b1_s", side, timed(first[side]), r)
+            for name, vm in variant_models.items():
+                t = time.perf_counter()
+                n = mmhub_generate(vm, mb, args.new_tokens)
+                record(f"ablation_generate_b{b}_tokens_per_s", name, n / (time.perf_counter() - t), r)
     return {"times": times, "flops": flops, "params": params,
             "attention": {"mmhub": m.backbone.model.config._attn_implementation,
                           "transformers": hf.config.get_text_config()._attn_implementation}}
@@ -214,7 +234,12 @@ def report(pair: Pair, args: argparse.Namespace, raw: dict[str, Any], mem: dict[
         "ttft_b1": t["ttft_b1_s"],
         "peak_memory": mem,
     }
-    units = {"stage1_samples_per_s": "samples/s", "stage2_samples_per_s": "samples/s", "generate_tokens_per_s_b1": "tokens/s",
+    for stage in ("stage1", "stage2"):
+        if f"{stage}_bf16_step_s" in t:
+            per_side[f"{stage}_bf16_samples_per_s"] = {s: [bs / x for x in t[f"{stage}_bf16_step_s"][s]]
+                                                       for s in t[f"{stage}_bf16_step_s"]}
+    units = {"stage1_bf16_samples_per_s": "samples/s (bf16 autocast)", "stage2_bf16_samples_per_s": "samples/s (bf16 autocast)",
+             "stage1_samples_per_s": "samples/s", "stage2_samples_per_s": "samples/s", "generate_tokens_per_s_b1": "tokens/s",
              "generate_tokens_per_s_b8": "tokens/s", "ttft_b1": "s", "peak_memory": "MiB (VmHWM of a child process)"}
     higher = {k: k.endswith("_per_s") or "_per_s_" in k for k in per_side}
     measurements, ratios = {}, {}
@@ -223,15 +248,20 @@ def report(pair: Pair, args: argparse.Namespace, raw: dict[str, Any], mem: dict[
         measurements[k] = {"unit": units[k], "higher_is_better": higher[k], "mmhub": summary(v["mmhub"]),
                            "transformers": summary(v["transformers"]), "per_round": v, "paired_ratio": ratio}
         ratios[k] = {"median": ratio["median"], "best": ratio["best"]}
-    mfu: dict[str, Any] = {"formula": FLOPS_FORMULA, "peak_flops_per_s": peak["flops_per_s"]}
+    mfu: dict[str, Any] = {"formula": FLOPS_FORMULA, "peak_flops_per_s": peak["float32"]["flops_per_s"]}
     for stage in ("stage1", "stage2"):
-        fl = raw["flops"][stage]
-        mfu[stage] = {s: summary([f / x / peak["flops_per_s"] for f, x in zip(fl, t[f"{stage}_step_s"][s])])
-                      for s in ("mmhub", "transformers")}
-        mfu[stage]["useful_flops_per_step"] = summary(fl)
-    ablations: dict[str, Any] = {"note": "mmhub only; ratio = default step time / variant step time (<1: switching the "
-                                         "optimisation off is slower by that factor; for chunked_ce, which is off by "
-                                         "default and switched on here, >1 means it costs time)",
+        mfu[stage] = mfu_of(raw["flops"][stage], t[f"{stage}_step_s"], peak["float32"]["flops_per_s"])
+    if "stage1_bf16_step_s" in t:
+        mfu["bf16"] = {"peak_flops_per_s": peak["bfloat16"]["flops_per_s"],
+                       "note": "the same steps under torch.autocast(cpu, bfloat16), against the bf16 matmul peak"}
+        for stage in ("stage1", "stage2"):
+            mfu["bf16"][stage] = mfu_of(raw["flops"][stage], t[f"{stage}_bf16_step_s"], peak["bfloat16"]["flops_per_s"])
+    ablations: dict[str, Any] = {"note": "mmhub only, each variant timed in every round next to the default; training: "
+                                         "default_over_variant = default step time / variant step time, generation: "
+                                         "variant_over_default = variant tokens/s / default tokens/s; in both a value "
+                                         "< 1 means the variant is slower by that factor (for an optimisation switched "
+                                         "off: what it contributes; for chunked_ce, off by default and switched on "
+                                         "here: what it costs)",
                                  "chunked_ce": f"loss_chunk = {args.loss_chunk} labelled positions per chunk (stage 2)"}
     for stage in ("stage1", "stage2"):
         key = f"ablation_{stage}_step_s"
@@ -241,6 +271,14 @@ def report(pair: Pair, args: argparse.Namespace, raw: dict[str, Any], mem: dict[
             for name, vals in t[key].items():
                 ablations[stage][name] = {"step_s": summary(vals),
                                           "default_over_variant": paired(base, vals, higher_is_better=False)["median"]}
+    for b in (1, 8):
+        key = f"ablation_generate_b{b}_tokens_per_s"
+        if key in t:
+            base = t[f"generate_tokens_per_s_b{b}"]["mmhub"]
+            ablations[f"generate_b{b}"] = {"default_tokens_per_s": summary(base)}
+            for name, vals in t[key].items():
+                ablations[f"generate_b{b}"][name] = {"tokens_per_s": summary(vals),
+                                                     "variant_over_default": paired(vals, base, higher_is_better=True)["median"]}
     met = {k: (ratios[k]["median"] >= v if op == ">=" else ratios[k]["median"] <= v) for k, (op, v) in TARGETS.items()}
     met["training_mfu_60pct"] = min(mfu["stage1"]["mmhub"]["median"], mfu["stage2"]["mmhub"]["median"]) >= 0.6
     return {
@@ -259,6 +297,16 @@ def report(pair: Pair, args: argparse.Namespace, raw: dict[str, Any], mem: dict[
         "ratios": ratios, "ratio_notes": RATIO_NOTES, "targets": {k: f"{op} {v}" for k, (op, v) in TARGETS.items()},
         "targets_met": met,
     }
+
+
+def mfu_of(flops: list[float], step_s: dict[str, list[float]], peak: float) -> dict[str, Any]:
+    """Per side: summary of useful FLOPs / step time / `peak` over the rounds; plus the FLOPs per step. Step times
+    of only the last rounds (the bf16 ones) pair with the FLOPs of those rounds."""
+    n = len(step_s["mmhub"])
+    flops = flops[-n:]
+    out: dict[str, Any] = {s: summary([f / x / peak for f, x in zip(flops, step_s[s])]) for s in ("mmhub", "transformers")}
+    out["useful_flops_per_step"] = summary(flops)
+    return out
 
 
 def chart(rep: dict[str, Any], path: str | Path) -> Path:
@@ -300,12 +348,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--caption-len", type=int, default=12, help="stage-1 caption tokens")
     ap.add_argument("--min-len", type=int, default=32, help="stage-2 shortest text")
     ap.add_argument("--max-len", type=int, default=256, help="stage-2 longest text")
-    ap.add_argument("--pack-len", type=int, default=512, help="mmhub's packed row budget (stage 2)")
+    ap.add_argument("--pack-len", type=int, default=4096,
+                    help="mmhub's packed row budget (stage 2); the default holds the whole batch in one row")
     ap.add_argument("--loss-chunk", type=int, default=256, help="chunk size of the chunked cross-entropy ablation")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (both sides)")
     ap.add_argument("--no-ablations", action="store_true")
+    ap.add_argument("--bf16-rounds", type=int, default=None,
+                    help="the last N timed rounds (default 2, at most --rounds) also time both sides' training steps under bf16 autocast (0: none); "
+                         "few by default: a CPU without bf16 matmul units runs them several times slower than fp32")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/results/latest.json")
     ap.add_argument("--chart", default="benchmarks/results/latest.png")
@@ -314,6 +366,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.warmup < 0 or args.memory_rounds < 1:
         ap.error("--rounds and --memory-rounds must be >= 1, --warmup >= 0")
+    if args.bf16_rounds is None:
+        args.bf16_rounds = min(2, args.rounds)
+    if not 0 <= args.bf16_rounds <= args.rounds:
+        ap.error(f"--bf16-rounds must be between 0 and --rounds ({args.rounds}), got {args.bf16_rounds}")
     if args.min_len > args.max_len:
         ap.error(f"--min-len {args.min_len} > --max-len {args.max_len}")
     return args
@@ -329,7 +385,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="mmhub-bench-llava-") as tmp:
         args.workdir = tmp
         pair = build_pair(args.size, Path(tmp), args.seed)
-        peak = matmul_peak_flops()
+        peak = {"float32": matmul_peak_flops(), "bfloat16": matmul_peak_flops(2048, 3, torch.bfloat16)}
         raw = run_rounds(pair, args)
         mem = memory(pair, args)
         rep = report(pair, args, raw, mem, peak)

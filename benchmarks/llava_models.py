@@ -46,8 +46,8 @@ def word_list(folder: Path, vocab_size: int) -> Path:
     return path
 
 
-def spec_for(size: str, words: Path, attention: str = "auto") -> dict[str, Any]:
-    """The mmhub spec of the benchmarked model (fp32)."""
+def spec_for(size: str, words: Path, attention: str = "auto", weight_layout: str = "auto") -> dict[str, Any]:
+    """The mmhub spec of the benchmarked model (fp32); `attention` and `weight_layout` as in `mmhub.spec.Spec`."""
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
     cfg = SIZES[size]
@@ -55,7 +55,7 @@ def spec_for(size: str, words: Path, attention: str = "auto") -> dict[str, Any]:
             "encoders": {"image": {"type": "hf_vision", "config": cfg["clip"], "drop_cls": True, "select_layer": -1}},
             "projectors": {"image": {"type": "mlp", "depth": 2, "activation": "gelu"}},
             "backbone": {"type": "hf_causal_lm", "config": cfg["llama"], "tokenizer": f"words:{words}"},
-            "template": "chatml", "attention": attention}
+            "template": "chatml", "attention": attention, "weight_layout": weight_layout}
 
 
 @dataclass

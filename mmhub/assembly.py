@@ -58,6 +58,10 @@ def build_from_plan(plan: Plan) -> MMModel:
         from mmhub.checkpoint import init_from_model
 
         init_from_model(model, plan.spec.init_from)
+    if plan.spec.weight_layout == "auto":  # strides only: values, keys and saved files are unchanged
+        from mmhub.layout import set_decode_layout
+
+        set_decode_layout(model.backbone)
     model.requires_grad_(False)  # frozen until a training stage says which parts learn
     model.eval()
     return model

@@ -15,7 +15,10 @@ all call `attention(q, k, v, mask, backend)`. The backend is chosen per spec
 Inside transformers backbones and towers the same choice goes through `hf_attn_implementation`:
 ``xformers`` (and ``auto`` on a CUDA machine with xformers) registers `hf_xformers_attention` as
 transformers' ``mmhub_xformers`` attention; packed rows (`packed_sequences`) run there as one
-``BlockDiagonalCausalMask`` sequence.
+``BlockDiagonalCausalMask`` sequence. Elsewhere a backbone's SDPA is ``mmhub_sdpa``
+(`hf_sdpa_attention`): over packed rows it runs each sample's segment as its own causal SDPA call
+(`segment_sdpa`, the varlen attention of flash-attn done segment by segment), so packing costs no
+attention over other samples or padding and rows may be as long as the batch.
 
 All backends take the same layout, ``(B, heads, L, head_dim)``, and the same mask
 (boolean, True = attend; broadcastable to ``(B, heads, Lq, Lk)``), and agree
@@ -222,23 +225,30 @@ HF_XFORMERS = "mmhub_xformers"  # the name mmhub registers its xformers attentio
 _packed_seqlens: ContextVar[tuple[int, ...] | None] = ContextVar("mmhub_packed_seqlens", default=None)
 
 
-def hf_attn_implementation(backend: str) -> str:
+def hf_attn_implementation(backend: str, packed: bool = False) -> str:
     """The transformers ``attn_implementation`` matching a spec's backend.
 
     ``eager`` -> ``eager``; ``xformers``, and ``auto`` where CUDA and xformers are there, ->
     ``mmhub_xformers`` (`hf_xformers_attention`, registered on first use: xformers kernels on CUDA
-    tensors, transformers' SDPA elsewhere); everything else -> ``sdpa``.
+    tensors, segment-wise SDPA elsewhere); everything else -> ``sdpa``, or with `packed` (a backbone
+    that takes packed rows) ``mmhub_sdpa`` (`hf_sdpa_attention`: transformers' SDPA, segment by segment
+    over packed rows).
     """
     if backend == "eager":
         return "eager"
     if backend == "xformers" or (backend == "auto" and torch.cuda.is_available() and xformers_importable()):
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+        return _register(HF_XFORMERS, hf_xformers_attention)
+    return _register(HF_SDPA, hf_sdpa_attention) if packed else "sdpa"
 
-        AttentionInterface.register(HF_XFORMERS, hf_xformers_attention)
-        AttentionMaskInterface.register(HF_XFORMERS, sdpa_mask)  # the masks transformers builds are SDPA's
-        return HF_XFORMERS
-    return "sdpa"
+
+def _register(name: str, fn: Any) -> str:
+    """Register `fn` as transformers attention `name` (masks built as for SDPA); returns `name`."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(name, fn)
+    AttentionMaskInterface.register(name, sdpa_mask)  # the masks transformers builds are SDPA's
+    return name
 
 
 @contextmanager
@@ -258,8 +268,6 @@ def hf_xformers_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     """transformers attention function (query (B, h, Lq, d), key/value (B, h_kv, Lk, d) -> (B, Lq, h, d)) over
     xformers' memory-efficient kernels; transformers' SDPA where xformers cannot run (not CUDA, no kernel for
     these inputs, position biases, logit soft-capping, attention sinks)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     special = [k for k in ("position_bias", "softcap", "s_aux", "sinks", "cache", "output_attentions")
                if kwargs.get(k) is not None and kwargs.get(k) is not False]
     key_ = (query.device.type, query.dtype, query.shape[-1], attention_mask is not None)
@@ -274,8 +282,51 @@ def hf_xformers_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
             _xformers_unsupported.add(key_)
             log.info("attention: mmhub_xformers -> sdpa for %s (xformers has no kernel for these inputs: %s)", key_,
                      str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                  is_causal=is_causal, **kwargs)
+    return hf_sdpa_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                             is_causal=is_causal, **kwargs)
+
+
+HF_SDPA = "mmhub_sdpa"  # the name of mmhub's SDPA attention in transformers: segment-wise over packed rows
+_SPECIAL = ("position_bias", "softcap", "s_aux", "sinks", "output_attentions")
+
+
+def hf_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                      is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' SDPA attention, except over packed rows (`packed_sequences` active, self-attention over the
+    whole batch): there every sample's segment is its own causal SDPA call, with no mask. A packed row then costs
+    in attention what its samples cost unpacked, whatever its length, and the causal kernel runs instead of the
+    masked one; so a batch can be packed into rows as long as itself, with no padding at all."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    seqlens = _packed_seqlens.get()
+    B, h, L, d = query.shape
+    if (seqlens is None or key.shape[2] != L or L == 1 or sum(seqlens) != B * L
+            or any(kwargs.get(k) is not None and kwargs.get(k) is not False for k in _SPECIAL)):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    return segment_sdpa(query, key, value, seqlens, dropout, scaling), None
+
+
+def segment_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, seqlens: Sequence[int],
+                 dropout: float = 0.0, scaling: float | None = None) -> torch.Tensor:
+    """Causal attention within each run of `seqlens` (row by row over the flattened (B*L) positions; runs never
+    cross rows). query (B, h, L, d), key/value (B, h_kv, L, d), h a multiple of h_kv -> (B, L, h, d)."""
+    B, h, L, d = query.shape
+    rep = h // key.shape[1]
+    if rep > 1:  # grouped-query heads, repeated as transformers' SDPA path does
+        key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
+    rows: list[list[torch.Tensor]] = [[] for _ in range(B)]
+    at = 0
+    for n in seqlens:
+        b, s = divmod(at, L)
+        if s + n > L:
+            raise ValueError(f"segment of {n} positions at {s} crosses the end of row {b} (length {L})")
+        seg = slice(s, s + n)
+        rows[b].append(F.scaled_dot_product_attention(query[b:b + 1, :, seg], key[b:b + 1, :, seg], value[b:b + 1, :, seg],
+                                                      dropout_p=dropout, is_causal=True, scale=scaling))
+        at += n
+    return torch.cat([torch.cat(r, dim=2) for r in rows]).transpose(1, 2)
 
 
 def _hf_xformers(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,

@@ -72,7 +72,9 @@ class StageSpec(BaseModel):
     save_every: int | None = Field(None, gt=0, description="checkpoint every N optimizer steps (and at the stage end)")
     keep_last: int = Field(2, ge=1, description="checkpoints kept per stage")
     group_by_length: bool = False
-    pack: int | None = Field(None, gt=0, description="pack samples into rows of this many tokens")
+    pack: int | None = Field(None, gt=0, description="pack samples into rows of this many tokens (each sample attends "
+                                                      "only to itself; under SDPA each sample's attention runs on its "
+                                                      "own, so a row may be as long as the whole batch: no padding)")
     cache_features: bool = Field(True, description="cache frozen encoders' outputs on disk")
     max_bad_fraction: float = Field(0.01, ge=0, le=1, description="share of bad samples skipped before the run stops")
     log_every: int = Field(10, gt=0)
@@ -131,6 +133,10 @@ class Spec(BaseModel):
         0, ge=0, description="chunked cross-entropy: labelled positions per chunk (0 = all at once). The LM head "
                              "and the loss run chunk by chunk and each chunk's logits are recomputed in the backward "
                              "pass, so at most one chunk's logits (chunk x vocabulary floats) is ever held")
+    weight_layout: Literal["auto", "row"] = Field(
+        "auto", description="auto: the backbone's wide linear weights (out >= in features: LM head, q/o, MLP "
+                            "gate/up) are stored column-major, which CPU decoding streams about twice as fast "
+                            "(mmhub.layout); row: every weight row-major, as built")
     placeholders: dict[str, str] = Field(default_factory=dict)
     max_items: dict[str, int] = Field(default_factory=dict)
     min_text_tokens: int = Field(32, ge=0)

@@ -39,10 +39,20 @@ def test_llava_benchmark_tiny(tmp_path: Path) -> None:
     for stage in ("stage1", "stage2"):
         for side in ("mmhub", "transformers"):
             assert 0 < rep["mfu"][stage][side]["median"] < 1, (stage, side)
-    assert positive(rep["matmul_peak"]["flops_per_s"])
+    assert positive(rep["matmul_peak"]["float32"]["flops_per_s"]) and positive(rep["matmul_peak"]["bfloat16"]["flops_per_s"])
     assert rep["ablations"]["chunked_ce"].startswith("loss_chunk")
-    assert {"no_feature_cache", "eager_attention"} <= set(rep["ablations"]["stage1"])
-    assert {"no_feature_cache", "eager_attention", "no_packing", "full_logits", "chunked_ce"} <= set(rep["ablations"]["stage2"])
+    assert {"no_feature_cache", "eager_attention", "row_layout"} <= set(rep["ablations"]["stage1"])
+    assert {"no_feature_cache", "eager_attention", "row_layout", "no_packing", "full_logits", "chunked_ce"} \
+        <= set(rep["ablations"]["stage2"])
+    for b in (1, 8):
+        gen = rep["ablations"][f"generate_b{b}"]
+        assert {"eager_attention", "row_layout"} <= set(gen)
+        assert all(positive(gen[n]["variant_over_default"]) for n in ("eager_attention", "row_layout"))
+    assert rep["matmul_peak"]["float32"]["dtype"] == "float32" and rep["matmul_peak"]["bfloat16"]["dtype"] == "bfloat16"
+    for stage in ("stage1", "stage2"):
+        assert positive(rep["ratios"][f"{stage}_bf16_samples_per_s"]["median"])
+        for side in ("mmhub", "transformers"):
+            assert 0 < rep["mfu"]["bf16"][stage][side]["median"] < 1, (stage, side)
     for stage in ("stage1", "stage2"):
         for name, v in rep["ablations"][stage].items():
             if name != "default_step_s":

@@ -208,6 +208,44 @@ def test_the_first_token_of_the_next_sample_is_never_a_target(llama_model) -> No
     assert packed.labels[0, 0] == packed.labels[0, n0] == packed.labels[0, n0 + n1] == IGNORE
 
 
+def test_segment_sdpa_equals_sdpa_under_the_block_causal_mask() -> None:
+    """Values and gradients of the segment-wise path equal one masked SDPA call: two rows, grouped-query heads
+    (8 query heads over 2 key/value heads), a padding run at the end of a row, a one-token segment."""
+    torch.manual_seed(0)
+    segs = torch.tensor([[0] * 5 + [1] * 7 + [2] + [-1] * 3, [0] * 9 + [1] * 7])
+    q = torch.randn(2, 8, 16, 8, requires_grad=True)
+    k, v = (torch.randn(2, 2, 16, 8, requires_grad=True) for _ in range(2))
+    got = attn.segment_sdpa(q, k, v, segment_lengths(segs), scaling=0.3)  # (B, L, h, d)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1),
+                                                            attn_mask=block_causal_mask(segs), scale=0.3).transpose(1, 2)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    g = torch.randn_like(want)
+    grads = torch.autograd.grad(got, (q, k, v), g)
+    for a, b in zip(grads, torch.autograd.grad(want, (q, k, v), g)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="crosses the end of row 0"):
+        attn.segment_sdpa(q, k, v, [20, 12])
+
+
+def test_one_packed_row_runs_segment_wise_and_equals_the_unpacked_batch(monkeypatch, family_model) -> None:
+    """The whole batch packed into a single row (no padding at all): the backbone's attention runs each sample
+    as its own causal SDPA call (one per layer), and loss and gradients equal the unpacked batch's."""
+    assert family_model.backbone.model.config._attn_implementation == attn.HF_SDPA
+    calls: list[int] = []
+    real = attn.segment_sdpa
+    monkeypatch.setattr(attn, "segment_sdpa", lambda *a, **k: calls.append(len(a[3])) or real(*a, **k))
+    enc = encode_all(family_model)
+    packed = collate_packed(family_model.processor, enc, [list(range(len(enc)))])
+    assert packed["input_ids"].shape[0] == 1 and bool(packed["attention_mask"].all())
+    loss_p, n_p, grads_p = loss_and_grads(family_model, packed)
+    assert calls == [len(enc)] * family_model.backbone.model.config.num_hidden_layers
+    loss_u, n_u, grads_u = loss_and_grads(family_model, family_model.processor.collate(enc))
+    assert n_p == n_u > 0
+    torch.testing.assert_close(loss_p, loss_u, atol=1e-5, rtol=0)
+    for name in grads_u:
+        torch.testing.assert_close(grads_p[name], grads_u[name], atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
 def test_eager_attention_takes_the_packed_mask_as_an_additive_bias() -> None:
     torch.manual_seed(0)
     model = build(spec(TINY_LLAMA, attention="eager")).eval()
