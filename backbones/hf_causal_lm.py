@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, ClassVar
+from contextlib import contextmanager
+from typing import Any, ClassVar, Iterator
 
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from mmhub.attention import HF_SDPA, HF_XFORMERS
@@ -67,6 +69,52 @@ class HFCausalLM(HFBackboneBase):
         out = self.model.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                     position_ids=position_ids, use_cache=False)
         return out.last_hidden_state  # (B, L, H)
+
+    @contextmanager
+    def only_at(self, needed: torch.Tensor) -> Iterator[bool]:
+        """While active, `forward` may leave the final hidden states wrong wherever `needed` (B, L) is False: the
+        last layer's MLP, which works position by position, runs only at the needed positions (the MLP is about
+        three quarters of a Llama layer's weights; in a training step only labelled positions reach the LM head).
+        Yields whether it applies: a dense MLP as the last layer's ``mlp`` (not a mixture of experts, whose routing
+        could see the batch) and no gradient checkpointing (its recomputation would run outside this context)."""
+        mlp = self._last_mlp()
+        checkpointing = getattr(self.model, "is_activation_checkpointing", None)  # transformers < 5: the old name
+        if checkpointing is None:
+            checkpointing = getattr(self.model, "is_gradient_checkpointing", False)
+        if mlp is None or checkpointing or not bool((~needed).any()):
+            yield False
+            return
+        state: dict[str, Any] = {}
+
+        def gather(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+            x = args[0]
+            if x.shape[:2] != needed.shape:
+                return None
+            state["shape"] = x.shape
+            return (x[needed.to(x.device)][None], *args[1:])
+
+        def scatter(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor | None:
+            shape = state.pop("shape", None)
+            if shape is None:
+                return None
+            return out.new_zeros(shape).index_put((needed.to(out.device),), out[0])
+
+        hooks = [mlp.register_forward_pre_hook(gather), mlp.register_forward_hook(scatter)]
+        try:
+            yield True
+        finally:
+            for h in hooks:
+                h.remove()
+
+    def _last_mlp(self) -> nn.Module | None:
+        """The last decoder layer's dense MLP (Llama, Mistral, Qwen2/3, Gemma, Phi-3 ... name it ``mlp``), or None."""
+        if not hasattr(self, "_last_mlp_cache"):
+            n = self.model.config.get_text_config().num_hidden_layers
+            layers = [m for m in self.model.modules() if isinstance(m, nn.ModuleList) and len(m) == n]
+            mlp = getattr(layers[-1][-1], "mlp", None) if layers else None
+            dense = mlp is not None and not any(hasattr(mlp, a) for a in ("experts", "gate", "router"))
+            self._last_mlp_cache = mlp if dense else None
+        return self._last_mlp_cache
 
     def step(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
              cache: Any = None) -> tuple[torch.Tensor, Any]:

@@ -356,7 +356,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (both sides)")
     ap.add_argument("--no-ablations", action="store_true")
     ap.add_argument("--bf16-rounds", type=int, default=None,
-                    help="the last N timed rounds (default 2, at most --rounds) also time both sides' training steps under bf16 autocast (0: none); "
+                    help="the last N timed rounds (default 1, at most --rounds) also time both sides' training steps under bf16 autocast (0: none); "
                          "few by default: a CPU without bf16 matmul units runs them several times slower than fp32")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/results/latest.json")
@@ -367,7 +367,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     if args.rounds < 1 or args.warmup < 0 or args.memory_rounds < 1:
         ap.error("--rounds and --memory-rounds must be >= 1, --warmup >= 0")
     if args.bf16_rounds is None:
-        args.bf16_rounds = min(2, args.rounds)
+        args.bf16_rounds = min(1, args.rounds)
     if not 0 <= args.bf16_rounds <= args.rounds:
         ap.error(f"--bf16-rounds must be between 0 and --rounds ({args.rounds}), got {args.bf16_rounds}")
     if args.min_len > args.max_len:

@@ -7,7 +7,7 @@ into inputs. Nothing here knows a concrete component class.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -271,14 +271,16 @@ class MMModel(nn.Module):
         if self.is_encoder_decoder:
             hidden, target, keep = self._seq2seq_hidden(sp)
         else:
-            if sp.segment_ids is not None:  # packed rows: a block-diagonal causal mask, one block per sample
-                if sp.labels is not None:  # the last token of sample k never predicts the first token of sample k+1
-                    sp.labels = sp.labels.masked_fill(sp.position_ids == 0, IGNORE)
-                with packed_sequences(segment_lengths(sp.segment_ids)):
-                    hidden = self.backbone(sp.inputs_embeds, block_causal_mask(sp.segment_ids), sp.position_ids)
-            else:
-                with self._injected(prep.injection):
-                    hidden = self.backbone(sp.inputs_embeds, sp.attention_mask, sp.position_ids)  # (B, L', H)
+            if sp.segment_ids is not None and sp.labels is not None:
+                # packed rows: the last token of sample k never predicts the first token of sample k+1
+                sp.labels = sp.labels.masked_fill(sp.position_ids == 0, IGNORE)
+            with self._only_labelled(sp.labels, return_logits or bool(outputs and any(outputs.values()))):
+                if sp.segment_ids is not None:  # packed rows: a block-diagonal causal mask, one block per sample
+                    with packed_sequences(segment_lengths(sp.segment_ids)):
+                        hidden = self.backbone(sp.inputs_embeds, block_causal_mask(sp.segment_ids), sp.position_ids)
+                else:
+                    with self._injected(prep.injection):
+                        hidden = self.backbone(sp.inputs_embeds, sp.attention_mask, sp.position_ids)  # (B, L', H)
             if sp.labels is not None:
                 target = sp.labels[:, 1:]  # token t predicts t+1
                 keep = target != IGNORE
@@ -304,6 +306,16 @@ class MMModel(nn.Module):
         labels_out = target if (self.is_encoder_decoder and sp.labels is not None) else sp.labels
         return MMOutput(loss=loss, logits=logits, labels=labels_out, num_target_tokens=n_target, aux_loss=prep.aux_loss,
                         sequence_logprobs=seq_logp, output_loss=output_loss)
+
+    def _only_labelled(self, labels: torch.Tensor | None, all_states: bool) -> Any:
+        """The backbone's `only_at` context for the positions whose final state the loss reads (those followed by
+        a label), when nothing else reads the states (no logits returned, no output-side loss); else no-op."""
+        only_at = getattr(self.backbone, "only_at", None)
+        if labels is None or all_states or only_at is None:
+            return nullcontext()
+        needed = torch.zeros_like(labels, dtype=torch.bool)
+        needed[:, :-1] = labels[:, 1:] != IGNORE
+        return only_at(needed)
 
     def label_cross_entropy(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Per-position cross-entropy of the head's logits at `hidden` (N, H) against `target` (N,) columns.

@@ -246,6 +246,33 @@ def test_one_packed_row_runs_segment_wise_and_equals_the_unpacked_batch(monkeypa
         torch.testing.assert_close(grads_p[name], grads_u[name], atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_the_last_mlp_at_labelled_positions_only_gives_the_full_loss_and_gradients(family_model, packed) -> None:
+    """A training forward (no logits returned) runs the last layer's MLP only where a label follows; loss and
+    every gradient equal those of the forward that computes all positions (return_logits=True)."""
+    enc = encode_all(family_model)
+    batch = (collate_packed(family_model.processor, enc, [[0, 1, 2], [3, 4, 5]]) if packed
+             else family_model.processor.collate(enc))
+    mlp = family_model.backbone._last_mlp()
+    assert mlp is not None
+    widths: list[int] = []
+    handle = mlp.register_forward_hook(lambda mod, args, out: widths.append(args[0].shape[:2]))
+    try:
+        family_model.zero_grad(set_to_none=True)
+        out = family_model(**batch, return_logits=False)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in family_model.named_parameters() if p.grad is not None}
+        full_loss, _, full_grads = loss_and_grads(family_model, batch)
+    finally:
+        handle.remove()
+    rows, length = batch["input_ids"].shape[0], out.labels.shape[1]
+    assert widths[0] == (1, out.num_target_tokens) and widths[1] == (rows, length)  # subset, then all positions
+    torch.testing.assert_close(out.loss.detach(), full_loss, atol=1e-6, rtol=0)
+    assert grads.keys() == full_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], full_grads[name], atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
 def test_eager_attention_takes_the_packed_mask_as_an_additive_bias() -> None:
     torch.manual_seed(0)
     model = build(spec(TINY_LLAMA, attention="eager")).eval()

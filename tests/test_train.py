@@ -241,3 +241,23 @@ def test_out_of_memory_and_precision_errors_name_the_fix(tmp_path: Path, monkeyp
             st["precision"] = "fp16"
         with pytest.raises(MMHubError, match="fp16 needs a CUDA GPU"):
             train(half, out=tmp_path / "half", datasets={"align": data, "tune": data})
+
+
+def test_bf16_on_a_cpu_without_bf16_matmul_warns_and_names_the_fix(monkeypatch, caplog) -> None:
+    import logging
+
+    import mmhub.train.run as run
+
+    spec = train_script.spec(8)
+    for st in spec["stages"]:
+        st["precision"] = "bf16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(run, "_cpu_has_bf16_matmul", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="mmhub.train.run"):
+        assert run._precision(spec, None) == "bf16"
+    assert "without bf16 matrix instructions" in caplog.text and "precision: fp32" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(run, "_cpu_has_bf16_matmul", lambda: True)
+    with caplog.at_level(logging.WARNING, logger="mmhub.train.run"):
+        run._precision(spec, None)
+    assert not caplog.text
