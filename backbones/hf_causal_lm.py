@@ -108,13 +108,13 @@ class HFCausalLM(HFBackboneBase):
 
     def _last_mlp(self) -> nn.Module | None:
         """The last decoder layer's dense MLP (Llama, Mistral, Qwen2/3, Gemma, Phi-3 ... name it ``mlp``), or None."""
-        if not hasattr(self, "_last_mlp_cache"):
+        if "_last_mlp_ref" not in self.__dict__:  # a tuple, so the MLP is not registered a second time (state dict)
             n = self.model.config.get_text_config().num_hidden_layers
             layers = [m for m in self.model.modules() if isinstance(m, nn.ModuleList) and len(m) == n]
             mlp = getattr(layers[-1][-1], "mlp", None) if layers else None
             dense = mlp is not None and not any(hasattr(mlp, a) for a in ("experts", "gate", "router"))
-            self._last_mlp_cache = mlp if dense else None
-        return self._last_mlp_cache
+            self._last_mlp_ref = (mlp if dense else None,)
+        return self._last_mlp_ref[0]
 
     def step(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
              cache: Any = None) -> tuple[torch.Tensor, Any]:

@@ -253,8 +253,9 @@ def test_the_last_mlp_at_labelled_positions_only_gives_the_full_loss_and_gradien
     enc = encode_all(family_model)
     batch = (collate_packed(family_model.processor, enc, [[0, 1, 2], [3, 4, 5]]) if packed
              else family_model.processor.collate(enc))
+    keys = set(family_model.state_dict())
     mlp = family_model.backbone._last_mlp()
-    assert mlp is not None
+    assert mlp is not None and set(family_model.state_dict()) == keys  # found, and not registered a second time
     widths: list[int] = []
     handle = mlp.register_forward_hook(lambda mod, args, out: widths.append(args[0].shape[:2]))
     try:
