@@ -90,14 +90,14 @@ class HFCausalLM(HFBackboneBase):
             x = args[0]
             if x.shape[:2] != needed.shape:
                 return None
-            state["shape"] = x.shape
-            return (x[needed.to(x.device)][None], *args[1:])
+            state["shape"], state["at"] = x.shape, needed.to(x.device)
+            return (x[state["at"]][None], *args[1:])
 
         def scatter(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor | None:
             shape = state.pop("shape", None)
             if shape is None:
                 return None
-            return out.new_zeros(shape).index_put((needed.to(out.device),), out[0])
+            return out.new_zeros(shape).index_put((state.pop("at"),), out[0])
 
         hooks = [mlp.register_forward_pre_hook(gather), mlp.register_forward_hook(scatter)]
         try:

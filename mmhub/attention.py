@@ -223,6 +223,8 @@ class MultiheadAttention(torch.nn.Module):
 
 HF_XFORMERS = "mmhub_xformers"  # the name mmhub registers its xformers attention under in transformers
 _packed_seqlens: ContextVar[tuple[int, ...] | None] = ContextVar("mmhub_packed_seqlens", default=None)
+# attention keywords that only transformers' own SDPA path handles (position biases, soft-capping, sinks, weights)
+_SPECIAL = ("position_bias", "softcap", "s_aux", "sinks", "output_attentions")
 
 
 def hf_attn_implementation(backend: str, packed: bool = False) -> str:
@@ -268,8 +270,7 @@ def hf_xformers_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     """transformers attention function (query (B, h, Lq, d), key/value (B, h_kv, Lk, d) -> (B, Lq, h, d)) over
     xformers' memory-efficient kernels; transformers' SDPA where xformers cannot run (not CUDA, no kernel for
     these inputs, position biases, logit soft-capping, attention sinks)."""
-    special = [k for k in ("position_bias", "softcap", "s_aux", "sinks", "cache", "output_attentions")
-               if kwargs.get(k) is not None and kwargs.get(k) is not False]
+    special = [k for k in (*_SPECIAL, "cache") if kwargs.get(k) is not None and kwargs.get(k) is not False]
     key_ = (query.device.type, query.dtype, query.shape[-1], attention_mask is not None)
     if special or not xformers_runs(query.device):
         why = f"xformers takes no {', '.join(special)}" if special else f"xformers has no {query.device.type} kernels"
@@ -287,7 +288,6 @@ def hf_xformers_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
 
 
 HF_SDPA = "mmhub_sdpa"  # the name of mmhub's SDPA attention in transformers: segment-wise over packed rows
-_SPECIAL = ("position_bias", "softcap", "s_aux", "sinks", "output_attentions")
 
 
 def hf_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -274,16 +274,17 @@ class MMModel(nn.Module):
             if sp.segment_ids is not None and sp.labels is not None:
                 # packed rows: the last token of sample k never predicts the first token of sample k+1
                 sp.labels = sp.labels.masked_fill(sp.position_ids == 0, IGNORE)
-            with self._only_labelled(sp.labels, return_logits or bool(outputs and any(outputs.values()))):
+            keep = None
+            if sp.labels is not None:
+                target = sp.labels[:, 1:]  # token t predicts t+1
+                keep = target != IGNORE
+            with self._only_labelled(keep, return_logits or bool(outputs and any(outputs.values()))):
                 if sp.segment_ids is not None:  # packed rows: a block-diagonal causal mask, one block per sample
                     with packed_sequences(segment_lengths(sp.segment_ids)):
                         hidden = self.backbone(sp.inputs_embeds, block_causal_mask(sp.segment_ids), sp.position_ids)
                 else:
                     with self._injected(prep.injection):
                         hidden = self.backbone(sp.inputs_embeds, sp.attention_mask, sp.position_ids)  # (B, L', H)
-            if sp.labels is not None:
-                target = sp.labels[:, 1:]  # token t predicts t+1
-                keep = target != IGNORE
         loss, n_target, seq_logp = None, 0, None
         if sp.labels is not None:
             n_target = int(keep.sum())
@@ -307,15 +308,14 @@ class MMModel(nn.Module):
         return MMOutput(loss=loss, logits=logits, labels=labels_out, num_target_tokens=n_target, aux_loss=prep.aux_loss,
                         sequence_logprobs=seq_logp, output_loss=output_loss)
 
-    def _only_labelled(self, labels: torch.Tensor | None, all_states: bool) -> Any:
-        """The backbone's `only_at` context for the positions whose final state the loss reads (those followed by
-        a label), when nothing else reads the states (no logits returned, no output-side loss); else no-op."""
+    def _only_labelled(self, keep: torch.Tensor | None, all_states: bool) -> Any:
+        """The backbone's `only_at` context for the positions whose final state the loss reads (`keep` (B, L-1):
+        those followed by a label), when nothing else reads the states (no logits returned, no output-side loss);
+        else no-op."""
         only_at = getattr(self.backbone, "only_at", None)
-        if labels is None or all_states or only_at is None:
+        if keep is None or all_states or only_at is None:
             return nullcontext()
-        needed = torch.zeros_like(labels, dtype=torch.bool)
-        needed[:, :-1] = labels[:, 1:] != IGNORE
-        return only_at(needed)
+        return only_at(F.pad(keep, (0, 1), value=False))  # the last position predicts nothing
 
     def label_cross_entropy(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Per-position cross-entropy of the head's logits at `hidden` (N, H) against `target` (N,) columns.
