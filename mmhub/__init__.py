@@ -7,15 +7,50 @@ Public API::
     model.generate(["<image>\\nWhat is shown?"], [{"image": [img]}])
     model.save_pretrained("out/")
     model = mmhub.MMModel.from_pretrained("out/")
+
+The names below load on first use (PEP 562), so ``import mmhub`` and ``mmhub --help``
+do not import torch; ``mmhub.build`` and the rest work as plain attributes.
 """
 
-from mmhub.assembly import build
-from mmhub.errors import MMHubError, SpecError
-from mmhub.hookspecs import hookimpl
-from mmhub.model import MMModel
-from mmhub.registry import get_registry
-from mmhub.spec import Spec, load_spec
-from mmhub.validation import plan_spec
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["build", "MMModel", "Spec", "load_spec", "plan_spec", "get_registry", "hookimpl", "MMHubError", "SpecError"]
+
+# public name -> the module that defines it; one line per name
+_LAZY: dict[str, str] = {
+    "build": "mmhub.assembly",
+    "MMModel": "mmhub.model",
+    "Spec": "mmhub.spec",
+    "load_spec": "mmhub.spec",
+    "plan_spec": "mmhub.validation",
+    "get_registry": "mmhub.registry",
+    "hookimpl": "mmhub.hookspecs",
+    "MMHubError": "mmhub.errors",
+    "SpecError": "mmhub.errors",
+}
+__all__ = list(_LAZY)
+
+if TYPE_CHECKING:  # static analysers see the real names
+    from mmhub.assembly import build
+    from mmhub.errors import MMHubError, SpecError
+    from mmhub.hookspecs import hookimpl
+    from mmhub.model import MMModel
+    from mmhub.registry import get_registry
+    from mmhub.spec import Spec, load_spec
+    from mmhub.validation import plan_spec
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mmhub' has no attribute {name!r}; public names: {', '.join(__all__)}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

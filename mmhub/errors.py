@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 
 class MMHubError(Exception):
@@ -23,22 +23,33 @@ def close_matches(name: str, candidates: Iterable[str], n: int = 3) -> list[str]
 class UnknownComponentError(MMHubError, KeyError):
     """A registry lookup for a name that is not registered."""
 
-    def __init__(self, kind: str, name: str, registered: Sequence[str]):
+    def __init__(self, kind: str, name: str, registered: Sequence[str], failed: Sequence[Any] = ()):
+        """`failed`: the plugins that did not load (objects with ``name``, ``dist``, ``error``); it may be in one."""
         self.kind, self.name, self.registered = kind, name, list(registered)
         hint = close_matches(name, registered)
         parts = [f"no {kind} named {name!r} is registered."]
         if hint:
             parts.append(f"Did you mean {', '.join(repr(h) for h in hint)}?")
         parts.append(f"Registered {kind}s: {', '.join(sorted(registered)) or '(none)'}.")
-        parts.append("Install the plugin that provides it, or run `mmhub plugins` to see what loaded.")
+        if failed:
+            listed = "; ".join(f"{f.name} ({f.dist}): {_short(f.error)}" for f in failed)
+            parts.append(f"{len(failed)} plugin problem(s), and {name!r} may be in one of them: {listed}. "
+                         f"Fix the plugin (or reinstall it) and check with `mmhub plugins`.")
+        else:
+            parts.append("Install the plugin that provides it, or run `mmhub plugins` to see what loaded.")
         super().__init__(" ".join(parts))
 
     def __str__(self) -> str:  # KeyError would otherwise repr() the message
         return self.args[0]
 
 
+def _short(text: str, limit: int = 300) -> str:
+    """`text` cut to `limit` characters (a plugin's traceback text can be long)."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class DuplicateComponentError(MMHubError):
-    """Two plugins registered the same name for the same kind without asking to override."""
+    """A name is already registered for that kind (discovery lists the refused entry under ``failed``)."""
 
 
 class PluginError(MMHubError):

@@ -8,14 +8,16 @@ or that implements a hook which does not exist (a misspelt name), is recorded in
 
 ``MMHUB_PLUGINS`` (comma-separated entry-point names) restricts which third-party
 plugins load; mmhub's built-in plugins always load. Set it to an empty string to
-load no third-party plugin at all.
+load no third-party plugin at all. A name in it that no installed plugin has is a
+warning (in ``warnings``, shown by ``mmhub plugins``), naming the installed ones.
 """
 
 from __future__ import annotations
 
 import importlib.metadata as md
 import os
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Iterable
 
@@ -50,12 +52,13 @@ class LoadedPlugin:
 
 @dataclass
 class PluginSet:
-    """The outcome of discovery: a pluggy manager plus what loaded, failed or was not allowed."""
+    """The outcome of discovery: a pluggy manager plus what loaded, failed or was not allowed, and warnings."""
 
     pm: pluggy.PluginManager
     loaded: list[LoadedPlugin]
     failed: list[FailedPlugin]
     disabled: list[str]
+    warnings: list[str] = field(default_factory=list)
 
 
 def hook_names() -> list[str]:
@@ -97,6 +100,19 @@ def _allowed() -> set[str] | None:
     return {p.strip() for p in raw.split(",") if p.strip()}
 
 
+def check_allow_list(allowed: set[str] | None, third_party: Iterable[str]) -> str | None:
+    """A warning naming the ``MMHUB_PLUGINS`` entries no installed plugin has (with the known ones), or None."""
+    known = sorted(set(third_party))
+    unknown = sorted((allowed or set()) - set(known))
+    if not unknown:
+        return None
+    hints = [f"{u!r} (did you mean {close_matches(u, known, n=1)[0]!r}?)" if close_matches(u, known, n=1) else repr(u)
+             for u in unknown]
+    return (f"{ALLOW_ENV} names {len(unknown)} plugin(s) that are not installed: {', '.join(hints)}; installed "
+            f"third-party plugins: {', '.join(known) or '(none)'}. Fix the spelling in {ALLOW_ENV} "
+            f"(comma-separated entry-point names), or install the plugin.")
+
+
 def discover(extra: Iterable[tuple[str, object]] = (), entry_points: bool = True) -> PluginSet:
     """Build a plugin manager from the ``mmhub`` entry points (and `extra` (name, plugin) pairs, for tests)."""
     pm = pluggy.PluginManager(GROUP)
@@ -105,6 +121,10 @@ def discover(extra: Iterable[tuple[str, object]] = (), entry_points: bool = True
     allowed = _allowed()
     if entry_points:
         eps = sorted(md.entry_points(group=GROUP), key=lambda e: (e.dist.name != BUILTIN_DIST if e.dist else True, e.name))
+        warning = check_allow_list(allowed, [e.name for e in eps if not e.dist or e.dist.name != BUILTIN_DIST])
+        if warning:
+            ps.warnings.append(warning)
+            warnings.warn(warning, stacklevel=2)
         seen: set[str] = set()
         for ep in eps:
             dist = ep.dist.name if ep.dist else "?"
@@ -120,7 +140,7 @@ def discover(extra: Iterable[tuple[str, object]] = (), entry_points: bool = True
                 continue
             try:
                 module: ModuleType = ep.load()
-            except Exception as exc:  # a broken plugin must not take the hub down
+            except (Exception, SystemExit) as exc:  # a broken plugin (or one calling sys.exit()) must not take the hub down
                 ps.failed.append(FailedPlugin(name=name, dist=dist, error=f"{type(exc).__name__}: {exc}"))
                 continue
             register_plugin(ps, module, name=name, dist=dist, version=version, builtin=builtin)

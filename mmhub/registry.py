@@ -1,39 +1,28 @@
 """The registry: name -> component class (+ metadata and the plugin it came from).
 
-It is filled by calling every plugin's hooks with a ``register`` callback bound
-to that plugin, so each entry knows its origin. Lookups never return ``None``:
-an unknown name raises `UnknownComponentError` listing close matches and
-everything registered; a second registration of a name raises unless the later
-plugin asks for ``override=True``.
+Every kind of entry a plugin can add is one `EntryKind` row of `KIND_TABLE` (its
+key, hook, plural and how an entry is built and keyed); registration, the hook
+loop and the listings are derived from that table. The registry is filled by
+calling every plugin's hooks with a ``register`` callback bound to that plugin,
+so each entry knows its origin. Lookups never return ``None``: an unknown name
+raises `UnknownComponentError` listing close matches, everything registered and
+the plugins that failed to load. A name registered twice never takes the hub
+down: built-ins win over third parties (even against ``override=True``), between
+third parties the first wins unless the later one asks for ``override=True``,
+and the refused entry is listed under ``failed`` with both distributions and the fix.
 """
 
 from __future__ import annotations
 
+import importlib
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from mmhub.errors import DuplicateComponentError, MMHubError, UnknownComponentError
-from mmhub.interfaces import KINDS, Component, Kind
+from mmhub.interfaces import Component, Kind
 from mmhub.plugins import FailedPlugin, PluginSet, discover
-
-HOOK_OF_KIND: dict[str, str] = {
-    "encoder": "register_encoders",
-    "projector": "register_projectors",
-    "backbone": "register_backbones",
-    "injector": "register_injectors",
-    "output_projector": "register_output_projectors",
-    "generator": "register_generators",
-}
-PLURAL: dict[str, str] = {
-    "encoder": "encoders",
-    "projector": "projectors",
-    "backbone": "backbones",
-    "injector": "injectors",
-    "output_projector": "output_projectors",
-    "generator": "generators",
-}
 
 
 @dataclass(frozen=True)
@@ -44,6 +33,10 @@ class ComponentInfo:
     kind: Kind
     cls: type[Component]
     plugin: str
+
+    @property
+    def key(self) -> str:
+        return self.name
 
     def metadata(self) -> dict[str, Any]:
         """JSON-able description: kind, modalities, output width / token rule, settings, docs line."""
@@ -72,6 +65,13 @@ class WeightSourceInfo:
     plugin: str
     doc: str = ""
 
+    @property
+    def key(self) -> str:
+        return self.scheme
+
+    def metadata(self) -> dict[str, Any]:
+        return {"name": self.scheme, "plugin": self.plugin, "doc": self.doc}
+
 
 @dataclass(frozen=True)
 class PresetInfo:
@@ -93,6 +93,9 @@ class PresetInfo:
     def key(self) -> str:
         return f"{self.name}:{self.size}"
 
+    def metadata(self) -> dict[str, Any]:
+        return {"name": self.key, "plugin": self.plugin}
+
 
 @dataclass(frozen=True)
 class PluginClassInfo:
@@ -102,6 +105,10 @@ class PluginClassInfo:
     cls: type
     plugin: str
 
+    @property
+    def key(self) -> str:
+        return self.name
+
     def metadata(self) -> dict[str, Any]:
         cls = self.cls
         doc = (cls.__doc__ or "").strip().splitlines()
@@ -110,79 +117,186 @@ class PluginClassInfo:
                 "settings": sorted(cls.Config.model_fields), "class": f"{cls.__module__}.{cls.__qualname__}"}
 
 
-@dataclass
-class Registry:
-    """Everything plugins registered, plus the plugins that failed to load."""
+def _class_name(cls: Any, plugin: str) -> str:
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise MMHubError(f"plugin {plugin!r}: {cls.__name__} has no `name` class attribute; set name = '...'.")
+    return name
 
-    components: dict[str, dict[str, ComponentInfo]] = field(default_factory=lambda: {k: {} for k in KINDS})
-    weight_sources: dict[str, WeightSourceInfo] = field(default_factory=dict)
-    presets: dict[str, PresetInfo] = field(default_factory=dict)
-    datasets: dict[str, PluginClassInfo] = field(default_factory=dict)
-    eval_tasks: dict[str, PluginClassInfo] = field(default_factory=dict)
-    plugins: PluginSet | None = None
 
-    # -- registration -------------------------------------------------------------
-    def add(self, kind: Kind, cls: type[Component], plugin: str, override: bool = False) -> None:
-        """Register `cls` under its ``name`` for `kind`; duplicates raise unless `override`."""
+def _component(kind: Kind) -> Callable[..., ComponentInfo]:
+    """The entry builder of a component kind: checks the class is a mmhub component of that kind with a name."""
+    def make(plugin: str, cls: type[Component]) -> ComponentInfo:
         if not isinstance(cls, type) or not issubclass(cls, Component):
-            raise MMHubError(f"plugin {plugin!r} registered {cls!r} as a {kind}, but it is not a mmhub component class "
-                             f"(subclass one of mmhub.interfaces.Encoder/Projector/Backbone/...).")
+            raise MMHubError(f"plugin {plugin!r} registered {cls!r} as a {kind}, but it is not a mmhub component "
+                             f"class (subclass one of mmhub.interfaces.Encoder/Projector/Backbone/...).")
         if cls.kind != kind:
             raise MMHubError(f"plugin {plugin!r} registered {cls.__name__} through the {kind} hook, but it is a "
-                             f"{cls.kind}; register it from {HOOK_OF_KIND[cls.kind]}.")
-        name = getattr(cls, "name", None)
-        if not isinstance(name, str) or not name:
-            raise MMHubError(f"plugin {plugin!r}: {cls.__name__} has no `name` class attribute; set name = '...'.")
-        table = self.components[kind]
-        if name in table and not override:
-            raise DuplicateComponentError(
-                f"{kind} {name!r} is registered twice: by plugin {table[name].plugin!r} and by {plugin!r}. "
-                f"Rename one, or pass override=True from {plugin!r} to replace it on purpose.")
-        table[name] = ComponentInfo(name=name, kind=kind, cls=cls, plugin=plugin)
+                             f"{cls.kind}; register it from {ENTRY_KINDS[cls.kind].hook}.")
+        return ComponentInfo(name=_class_name(cls, plugin), kind=kind, cls=cls, plugin=plugin)
+    return make
+
+
+def _weight_source(plugin: str, scheme: str, resolver: Callable[[str], Path]) -> WeightSourceInfo:
+    doc = (resolver.__doc__ or "").strip().splitlines()
+    return WeightSourceInfo(scheme, resolver, plugin, doc[0] if doc else "")
+
+
+def _preset(plugin: str, name: str, size: str, spec: dict[str, Any], io: str = "", description: str = "",
+            missing: str = "") -> PresetInfo:
+    return PresetInfo(name=name, size=size, spec=spec, plugin=plugin, io=io, description=description, missing=missing)
+
+
+def _plugin_class(what: str, base: str) -> Callable[..., PluginClassInfo]:
+    """The entry builder of a class registered by name (`base`: ``module:Class`` it must subclass)."""
+    def make(plugin: str, cls: type) -> PluginClassInfo:
+        module, attr = base.split(":")
+        base_cls = getattr(importlib.import_module(module), attr)  # the data/evaluation layers load only when used
+        if not isinstance(cls, type) or not issubclass(cls, base_cls):
+            public = module.rsplit(".", 1)[0]
+            raise MMHubError(f"plugin {plugin!r} registered {cls!r} as a {what}, but it is not a subclass of "
+                             f"{public}.{attr}.")
+        return PluginClassInfo(name=_class_name(cls, plugin), cls=cls, plugin=plugin)
+    return make
+
+
+@dataclass(frozen=True)
+class EntryKind:
+    """One kind of registry entry: its key, the hook that registers it, its plural and its entry builder.
+
+    ``make(plugin, *register_args, **register_kwargs)`` validates what a plugin passed to
+    ``register`` and returns the entry; the entry's ``key`` property is the name it is stored under.
+    """
+
+    key: str
+    hook: str
+    plural: str
+    make: Callable[..., Any]
+    component: bool = False
+
+    @property
+    def label(self) -> str:
+        return self.key.replace("_", " ")
+
+
+KIND_TABLE: tuple[EntryKind, ...] = (
+    EntryKind("encoder", "register_encoders", "encoders", _component("encoder"), component=True),
+    EntryKind("projector", "register_projectors", "projectors", _component("projector"), component=True),
+    EntryKind("backbone", "register_backbones", "backbones", _component("backbone"), component=True),
+    EntryKind("injector", "register_injectors", "injectors", _component("injector"), component=True),
+    EntryKind("output_projector", "register_output_projectors", "output_projectors", _component("output_projector"),
+              component=True),
+    EntryKind("generator", "register_generators", "generators", _component("generator"), component=True),
+    EntryKind("weight_source", "register_weight_sources", "weight_sources", _weight_source),
+    EntryKind("preset", "register_presets", "presets", _preset),
+    EntryKind("dataset", "register_datasets", "datasets", _plugin_class("dataset", "mmhub.data.base:Dataset")),
+    EntryKind("eval_task", "register_eval_tasks", "eval_tasks",
+              _plugin_class("eval task", "mmhub.evaluation.base:EvalTask")),
+)
+ENTRY_KINDS: dict[str, EntryKind] = {k.key: k for k in KIND_TABLE}
+KINDS: tuple[str, ...] = tuple(k.key for k in KIND_TABLE if k.component)  # the component kinds
+HOOK_OF_KIND: dict[str, str] = {k.key: k.hook for k in KIND_TABLE if k.component}
+PLURAL: dict[str, str] = {k.key: k.plural for k in KIND_TABLE if k.component}
+_KIND_OF_PLURAL: dict[str, str] = {k.plural: k.key for k in KIND_TABLE}
+
+
+@dataclass
+class Registry:
+    """Everything plugins registered (one table per `EntryKind`), plus the plugins that failed to load."""
+
+    entries: dict[str, dict[str, Any]] = field(default_factory=lambda: {k.key: {} for k in KIND_TABLE})
+    plugins: PluginSet | None = None
+
+    @property
+    def components(self) -> dict[str, dict[str, ComponentInfo]]:
+        return {k: self.entries[k] for k in KINDS}
+
+    @property
+    def weight_sources(self) -> dict[str, WeightSourceInfo]:
+        return self.entries["weight_source"]
+
+    @property
+    def presets(self) -> dict[str, PresetInfo]:
+        return self.entries["preset"]
+
+    @property
+    def datasets(self) -> dict[str, PluginClassInfo]:
+        return self.entries["dataset"]
+
+    @property
+    def eval_tasks(self) -> dict[str, PluginClassInfo]:
+        return self.entries["eval_task"]
+
+    # -- registration -------------------------------------------------------------
+    def add_entry(self, kind: str, plugin: str, *args: Any, override: bool = False, **kwargs: Any) -> Any:
+        """Register what `plugin` passed to the `kind` hook's ``register``; a refused duplicate raises.
+
+        A built-in entry is never replaced by a third party's (not even with `override`); otherwise a
+        second registration of a key raises `DuplicateComponentError` unless `override` is set.
+        """
+        spec = ENTRY_KINDS[kind]
+        info = spec.make(plugin, *args, **kwargs)
+        table = self.entries[kind]
+        old = table.get(info.key)
+        if old is not None:
+            refused_builtin = self.is_builtin(old.plugin) and not self.is_builtin(plugin)
+            if refused_builtin or not override:
+                raise DuplicateComponentError(self._clash(spec, info.key, old.plugin, plugin, override, refused_builtin))
+        table[info.key] = info
+        return info
+
+    def _clash(self, spec: EntryKind, key: str, first: str, second: str, override: bool, builtin: bool) -> str:
+        d1, d2 = self.dist_of(first), self.dist_of(second)
+        rename = f"{d2.replace('-', '_').replace('(in process)', 'my')}_{key}"
+        if builtin:
+            return (f"{spec.label} {key!r} from plugin {second!r} (distribution {d2}) was not registered: mmhub's "
+                    f"built-in plugin {first!r} (distribution {d1}) registers {key!r}, and built-ins are never "
+                    f"replaced{', not even with override=True' if override else ''}. Fix: rename it in {d2} "
+                    f"(e.g. {rename!r}) and use that name in specs.")
+        return (f"{spec.label} {key!r} is registered twice: by plugin {first!r} (distribution {d1}) and by "
+                f"{second!r} (distribution {d2}); the first is kept. Fix: rename one of them (e.g. {rename!r}), "
+                f"uninstall one (pip uninstall {d2}), or pass override=True from {second!r} to replace it on purpose.")
+
+    def add(self, kind: Kind, cls: type[Component], plugin: str, override: bool = False) -> None:
+        """Register component `cls` under its ``name`` for `kind`; duplicates raise unless `override`."""
+        self.add_entry(kind, plugin, cls, override=override)
 
     def add_weight_source(self, scheme: str, resolver: Callable[[str], Path], plugin: str, override: bool = False) -> None:
         """Register a weight-source URI scheme (without the trailing colon)."""
-        if scheme in self.weight_sources and not override:
-            raise DuplicateComponentError(
-                f"weight source scheme {scheme!r} is registered twice: by {self.weight_sources[scheme].plugin!r} "
-                f"and by {plugin!r}; pass override=True to replace it on purpose.")
-        doc = (resolver.__doc__ or "").strip().splitlines()
-        self.weight_sources[scheme] = WeightSourceInfo(scheme, resolver, plugin, doc[0] if doc else "")
+        self.add_entry("weight_source", plugin, scheme, resolver, override=override)
 
     def add_preset(self, name: str, size: str, spec: dict[str, Any], plugin: str, io: str = "",
                    description: str = "", override: bool = False, missing: str = "") -> None:
         """Register a shipped spec as ``name:size`` (`missing`: what it lacks, making its status partial)."""
-        info = PresetInfo(name=name, size=size, spec=spec, plugin=plugin, io=io, description=description, missing=missing)
-        if info.key in self.presets and not override:
-            raise DuplicateComponentError(
-                f"preset {info.key!r} is registered twice: by {self.presets[info.key].plugin!r} and by {plugin!r}.")
-        self.presets[info.key] = info
+        self.add_entry("preset", plugin, name, size, spec, io=io, description=description, missing=missing,
+                       override=override)
 
     def add_named(self, table: str, cls: type, plugin: str, override: bool = False) -> None:
         """Register a dataset format (`table` "datasets") or an evaluation task ("eval_tasks") under its ``name``."""
-        if table == "datasets":
-            from mmhub.data.base import Dataset as base
-            what, base_name = "dataset", "mmhub.data.Dataset"
-        else:
-            from mmhub.evaluation.base import EvalTask as base
-            what, base_name = "eval task", "mmhub.evaluation.EvalTask"
-        if not isinstance(cls, type) or not issubclass(cls, base):
-            raise MMHubError(f"plugin {plugin!r} registered {cls!r} as a {what}, but it is not a subclass of {base_name}.")
-        name = getattr(cls, "name", None)
-        if not isinstance(name, str) or not name:
-            raise MMHubError(f"plugin {plugin!r}: {cls.__name__} has no `name` class attribute; set name = '...'.")
-        entries = getattr(self, table)
-        if name in entries and not override:
-            raise DuplicateComponentError(f"{what} {name!r} is registered twice: by plugin {entries[name].plugin!r} and "
-                                          f"by {plugin!r}. Rename one, or pass override=True from {plugin!r}.")
-        entries[name] = PluginClassInfo(name=name, cls=cls, plugin=plugin)
+        self.add_entry(_KIND_OF_PLURAL[table], plugin, cls, override=override)
+
+    # -- plugins ------------------------------------------------------------------
+    def dist_of(self, plugin: str) -> str:
+        """The pip distribution that ships `plugin` (``(in process)`` for plugins passed in by tests)."""
+        ps = self.plugins
+        found = next((p.dist for p in ps.loaded + ps.failed if p.name == plugin), None) if ps else None
+        return found or ("mmhub" if plugin.startswith("mmhub.") else "?")
+
+    def is_builtin(self, plugin: str) -> bool:
+        ps = self.plugins
+        loaded = next((p for p in ps.loaded if p.name == plugin), None) if ps else None
+        return loaded.builtin if loaded is not None else plugin.startswith("mmhub.")
+
+    @property
+    def failed(self) -> list[FailedPlugin]:
+        return list(self.plugins.failed) if self.plugins else []
 
     # -- lookup -------------------------------------------------------------------
     def get(self, kind: Kind, name: str) -> ComponentInfo:
         """The component registered as `name` for `kind`; raises with close matches when unknown."""
         table = self.components[kind]
         if name not in table:
-            raise UnknownComponentError(kind.replace("_", " "), name, list(table))
+            raise UnknownComponentError(kind.replace("_", " "), name, list(table), failed=self.failed)
         return table[name]
 
     def names(self, kind: Kind) -> list[str]:
@@ -193,64 +307,50 @@ class Registry:
         if ":" not in key:
             key = f"{key}:tiny"
         if key not in self.presets:
-            raise UnknownComponentError("preset", key, list(self.presets))
+            raise UnknownComponentError("preset", key, list(self.presets), failed=self.failed)
         return self.presets[key]
 
     def dataset(self, name: str) -> PluginClassInfo:
         """The dataset format registered as `name` (``-`` and ``_`` are interchangeable); close matches when unknown."""
-        return _named(self.datasets, "dataset", name)
+        return self._named("dataset", name)
 
     def eval_task(self, name: str) -> PluginClassInfo:
         """The evaluation task registered as `name` (``easy-vqa`` finds ``easy_vqa``); close matches when unknown."""
-        return _named(self.eval_tasks, "eval task", name)
+        return self._named("eval_task", name)
 
-    @property
-    def failed(self) -> list[FailedPlugin]:
-        return list(self.plugins.failed) if self.plugins else []
-
-
-def _named(table: dict[str, PluginClassInfo], kind: str, name: str) -> PluginClassInfo:
-    for key in (name, name.replace("-", "_")):
-        if key in table:
-            return table[key]
-    raise UnknownComponentError(kind, name, list(table))
+    def _named(self, kind: str, name: str) -> PluginClassInfo:
+        table = self.entries[kind]
+        for key in (name, name.replace("-", "_")):
+            if key in table:
+                return table[key]
+        raise UnknownComponentError(ENTRY_KINDS[kind].label, name, list(table), failed=self.failed)
 
 
 def _run_hooks(reg: Registry, ps: PluginSet) -> None:
     """Call every plugin's hooks, one implementation at a time, so each entry knows its plugin."""
     bad: dict[str, str] = {}
-    for kind, hook_name in HOOK_OF_KIND.items():
-        for impl in getattr(ps.pm.hook, hook_name).get_hookimpls():
-            def register(cls: type[Component], override: bool = False, _kind: Kind = kind, _p: str = impl.plugin_name) -> None:
-                reg.add(_kind, cls, _p, override=override)
-            _call(impl, register, bad)
-    for impl in ps.pm.hook.register_weight_sources.get_hookimpls():
-        def register_ws(scheme: str, resolver: Callable[[str], Path], override: bool = False, _p: str = impl.plugin_name) -> None:
-            reg.add_weight_source(scheme, resolver, _p, override=override)
-        _call(impl, register_ws, bad)
-    for impl in ps.pm.hook.register_presets.get_hookimpls():
-        def register_preset(name: str, size: str, spec: dict[str, Any], io: str = "", description: str = "",
-                            override: bool = False, missing: str = "", _p: str = impl.plugin_name) -> None:
-            reg.add_preset(name, size, spec, _p, io=io, description=description, override=override, missing=missing)
-        _call(impl, register_preset, bad)
-    for table, hook_name in (("datasets", "register_datasets"), ("eval_tasks", "register_eval_tasks")):
-        for impl in getattr(ps.pm.hook, hook_name).get_hookimpls():
-            def register_named(cls: type, override: bool = False, _t: str = table, _p: str = impl.plugin_name) -> None:
-                reg.add_named(_t, cls, _p, override=override)
-            _call(impl, register_named, bad)
+    for kind in KIND_TABLE:
+        for impl in getattr(ps.pm.hook, kind.hook).get_hookimpls():
+            _call(reg, ps, kind.key, impl, bad)
     for plugin_name, error in bad.items():
-        dist = next((p.dist for p in ps.loaded if p.name == plugin_name), "?")
-        ps.failed.append(FailedPlugin(name=plugin_name, dist=dist, error=error))
+        ps.failed.append(FailedPlugin(name=plugin_name, dist=reg.dist_of(plugin_name), error=error))
         ps.loaded = [p for p in ps.loaded if p.name != plugin_name]
 
 
-def _call(impl: Any, register: Callable[..., None], bad: dict[str, str]) -> None:
+def _call(reg: Registry, ps: PluginSet, kind: str, impl: Any, bad: dict[str, str]) -> None:
+    """Run one hook implementation; a refused duplicate is listed under ``failed`` and the rest carries on."""
+    plugin = impl.plugin_name
+
+    def register(*args: Any, override: bool = False, **kwargs: Any) -> None:
+        try:
+            reg.add_entry(kind, plugin, *args, override=override, **kwargs)
+        except DuplicateComponentError as exc:
+            ps.failed.append(FailedPlugin(name=plugin, dist=reg.dist_of(plugin), error=str(exc)))
+
     try:
         impl.function(register=register)
-    except DuplicateComponentError:
-        raise  # two plugins claiming one name is a configuration error the user must resolve
-    except Exception as exc:  # one plugin's bug must not take the hub down
-        bad.setdefault(impl.plugin_name, f"{impl.function.__name__} raised {type(exc).__name__}: {exc}")
+    except (Exception, SystemExit) as exc:  # one plugin's bug (or its sys.exit()) must not take the hub down
+        bad.setdefault(plugin, f"{impl.function.__name__} raised {type(exc).__name__}: {exc}")
 
 
 def build_registry(extra: Iterable[tuple[str, object]] = (), entry_points: bool = True) -> Registry:

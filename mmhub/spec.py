@@ -205,15 +205,29 @@ def problems_from_validation(exc: ValidationError, prefix: str = "", fields: Any
     return problems
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> Problem:
+    """A YAML syntax error as a Problem naming where it was noticed and, when earlier, where the construct began.
+
+    An unclosed bracket or quote is noticed lines later; PyYAML's ``context_mark`` is where it was opened,
+    which is usually the real mistake, so both lines are reported.
+    """
+    mark, context = getattr(exc, "problem_mark", None), getattr(exc, "context_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    what = getattr(exc, "problem", None) or str(exc)
+    if context is not None and (mark is None or context.line != mark.line):
+        opened = f"line {context.line + 1}, column {context.column + 1}"
+        return Problem("", f"not valid YAML/JSON{where}: {what}, {exc.context} that started at {opened}",
+                       f"check line {context.line + 1} first (a bracket or quote opened there and never closed?), "
+                       f"then line {mark.line + 1 if mark else '?'}")
+    return Problem("", f"not valid YAML/JSON{where}: {what}", "fix the syntax at that position")
+
+
 def parse_text(text: str, source: str) -> dict[str, Any]:
     """Parse YAML or JSON text; a syntax error becomes a SpecError naming line and column."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        what = getattr(exc, "problem", None) or str(exc)
-        raise SpecError([Problem("", f"not valid YAML/JSON{where}: {what}", "fix the syntax at that position")], source) from None
+        raise SpecError([_yaml_problem(exc)], source) from None
     if not isinstance(data, dict):
         raise SpecError([Problem("", f"a spec must be a mapping at the top level, got {type(data).__name__}",
                                  "start the file with keys such as name:, encoders:, backbone:")], source)
