@@ -68,13 +68,12 @@ def check_model_folder(path: Path) -> Path:
 
 
 def load(key: str, registry: Any = None) -> LoadedModel:
-    """Load the model a key names (see the module docstring); bad keys and folders are InputErrors."""
-    from mmhub.model import MMModel
+    """Load the model a key names (see the module docstring) through `mmhub.load`; bad keys and folders are
+    InputErrors."""
+    from mmhub.loading import load as load_model
 
     if key == DEFAULT:
-        from mmhub.demo_model import load_default
-
-        model = load_default()
+        model = load_model(DEFAULT)
         info = model.default_info
         note = f"**{info.name}**: {info.description}."
         if info.fallback:
@@ -84,16 +83,14 @@ def load(key: str, registry: Any = None) -> LoadedModel:
                      "checkout, so this is the fallback: the best trained model that is.")
         return LoadedModel(key, f"default: {info.name}", note, model)
     if key.startswith("preset:"):
-        from mmhub.assembly import build
-
         name = key.removeprefix("preset:")
-        model = build(name, registry=registry)
+        model = load_model(name, registry=registry)
         note = (f"**{name}**: built from the preset's configs with random weights: it shows the assembly "
                 "(encoders, projectors, backbone, parameter counts) but its answers are noise.")
         return LoadedModel(key, f"preset: {name}", note, model)
     if key.startswith("folder:"):
         path = check_model_folder(Path(key.removeprefix("folder:")).expanduser())
-        model = MMModel.from_pretrained(path)
+        model = load_model(path, registry=registry)
         return LoadedModel(key, f"folder: {path}", f"**{path.name}**: loaded from `{path}`.", model)
     raise InputError(f"unknown model {key!r}; choose 'default', 'preset:NAME:tiny' or 'folder:PATH'")
 

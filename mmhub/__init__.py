@@ -3,10 +3,10 @@
 Public API::
 
     import mmhub
-    model = mmhub.build("llava-1.5:tiny")          # a spec file, preset, dict or Spec
+    model = mmhub.build("llava-1.5:tiny")          # assemble a spec file, preset, dict or Spec (fresh weights)
     model.generate(["<image>\\nWhat is shown?"], [{"image": [img]}])
     model.save_pretrained("out/")
-    model = mmhub.MMModel.from_pretrained("out/")
+    model = mmhub.load("out/")                     # a saved folder, "default", a spec, a preset or hf:ORG/NAME
 
 The names below load on first use (PEP 562), so ``import mmhub`` and ``mmhub --help``
 do not import torch; ``mmhub.build`` and the rest work as plain attributes.
@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it; one line per name
 _LAZY: dict[str, str] = {
+    "load": "mmhub.loading",
     "build": "mmhub.assembly",
     "MMModel": "mmhub.model",
     "Spec": "mmhub.spec",
@@ -35,6 +36,7 @@ __all__ = list(_LAZY)
 
 if TYPE_CHECKING:  # static analysers see the real names
     from mmhub.assembly import build
+    from mmhub.loading import load
     from mmhub.errors import MMHubError, SpecError
     from mmhub.hookspecs import hookimpl
     from mmhub.model import MMModel

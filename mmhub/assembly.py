@@ -11,7 +11,9 @@ from typing import Any
 
 import torch
 
+from mmhub.errors import MMHubError
 from mmhub.model import MMModel
+from mmhub.probe import check_encoder_output
 from mmhub.registry import Registry, get_registry
 from mmhub.spec import Spec, load_spec
 from mmhub.validation import Plan, plan_spec
@@ -23,6 +25,9 @@ def build(spec: str | Path | dict[str, Any] | Spec, registry: Registry | None = 
     >>> model = build("llava-1.5:tiny")                                 # doctest: +SKIP
     >>> model.generate(["<image>\\nWhat is this?"], [{"image": [pil_image]}])  # doctest: +SKIP
     """
+    if isinstance(spec, (str, Path)) and (Path(spec).expanduser() / "mmhub_spec.json").is_file():
+        raise MMHubError(f"{spec} is a saved model folder; build() assembles a spec with fresh weights and would drop "
+                         f"its trained ones. Load it with mmhub.load({str(spec)!r}) (or MMModel.from_pretrained).")
     registry = registry or get_registry()
     source = str(spec) if isinstance(spec, (str, Path)) else None
     plan = plan_spec(load_spec(spec, registry), registry, source=source)
@@ -48,6 +53,9 @@ def build_from_plan(plan: Plan) -> MMModel:
         if enc.out_dim != want:  # a component whose describe() disagrees with itself is a plugin bug
             raise RuntimeError(f"encoder {plan.encoders[m].info.name} described width {want} but built {enc.out_dim}; "
                                f"fix its describe() (plugin {plan.encoders[m].info.plugin})")
+        info, facts = plan.encoders[m].info, plan.encoder_facts[m]
+        check_encoder_output(enc, m, facts.tokens_for(m), want, f"encoders.{m}",
+                             f"encoder {info.name!r} (plugin {info.plugin})")
     model = MMModel(plan, encoders, projectors, backbone, injectors, output_projectors, generators)
     if plan.spec.adapters:  # a saved model that carries LoRA adapters: re-inject them before any weights load
         from mmhub.adapters import inject_adapter
@@ -58,7 +66,7 @@ def build_from_plan(plan: Plan) -> MMModel:
         from mmhub.checkpoint import init_from_model
 
         init_from_model(model, plan.spec.init_from)
-    if plan.spec.weight_layout == "auto":  # strides only: values, keys and saved files are unchanged
+    if plan.spec.runtime.weight_layout == "auto":  # strides only: values, keys and saved files are unchanged
         from mmhub.layout import set_decode_layout
 
         set_decode_layout(model.backbone)

@@ -1,20 +1,18 @@
-"""Saving and loading assembled models: resolved spec + safetensors, written atomically.
+"""A model folder's files: writing them atomically, reading and verifying them. Tensor and manifest I/O only.
 
-A model folder holds ``mmhub_spec.json`` (the resolved spec, loadable as a spec,
-with package versions and weight-file hashes under ``resolved``) and
-``model.safetensors``. By default only tensors that cannot be recovered from the
-spec's weight sources are written: every tensor of a component built from a
-config (random init) or changed by training (``spec.trained``), and the adapter
-and trainable parameters of components whose weights come from a source. A model grown
-from a shipped model folder (``init_from: mmhub:...``) stores only what it changed. Folders are written to a temporary sibling and renamed into
-place, so a crash mid-save never leaves a half checkpoint under the final name.
-No pickle is involved anywhere.
+A model folder holds ``mmhub_spec.json`` (the spec as a user writes it, every default filled in),
+``model.safetensors`` and ``mmhub_manifest.json`` (the `SavedManifest`: versions, hashes of the weight
+sources and of each file in the folder, trained slots, adapters, provenance). By default only tensors that
+cannot be recovered from the spec's weight sources are written: every tensor of a component built from a
+config (random init) or changed by training, and the adapter and trainable parameters of components whose
+weights come from a source. A model grown from a shipped model folder (``init_from: mmhub:...``) stores only
+what it changed. Folders are written to a temporary sibling and renamed into place, so a crash mid-save never
+leaves a half checkpoint under the final name. No pickle is involved anywhere. Turning a folder back into a
+model is `mmhub.loading.load_folder`.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import importlib.metadata as md
 import json
 import os
 import shutil
@@ -25,15 +23,18 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from pydantic import ValidationError
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from mmhub.errors import CheckpointError
+from mmhub.manifest import (LEGACY_KEYS, MANIFEST_FILE, BaseFolder, SavedManifest, WeightRecord, component_origins, now,
+                            package_versions, split_legacy)
 from mmhub.weights import sha256_path
 
 SPEC_FILE = "mmhub_spec.json"
 PACKAGE_ROOT = Path(__file__).resolve().parent  # where ``mmhub:`` model folders live
 WEIGHTS_FILE = "model.safetensors"
-PACKAGES = ("mmhub", "torch", "transformers", "timm", "open_clip_torch", "peft", "safetensors", "pluggy", "diffusers")
 
 
 @contextmanager
@@ -71,20 +72,10 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def package_versions() -> dict[str, str]:
-    out = {}
-    for name in PACKAGES:
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
 def tensors_to_save(model: Any, full: bool) -> dict[str, torch.Tensor]:
     """The state to write: everything with `full`, else what the weight sources cannot restore."""
     state: dict[str, torch.Tensor] = {}
-    from mmhub.stages import slots
+    from mmhub.regimes import slots
 
     trained = set(model.spec.trained)
     for prefix, mod in slots(model):
@@ -113,16 +104,21 @@ def _dedupe(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
     return unique, aliases
 
 
-def resolved_spec(model: Any, saved: str, n_tensors: int) -> dict[str, Any]:
+def user_spec(model: Any) -> dict[str, Any]:
+    """The spec as the user would write it, every default and inferred width filled in (no manifest keys)."""
     data = model.plan.resolved_dict()
-    data["resolved"] = {
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "packages": package_versions(),
-        "weights": {uri: {"path": str(p), "sha256": sha256_path(p)} for uri, p in model.plan.ctx.weight_files.items()},
-        "saved": saved,
-        "tensors": n_tensors,
-    }
+    for key in LEGACY_KEYS:
+        data.pop(key, None)
     return data
+
+
+def build_manifest(model: Any, saved: str, n_tensors: int) -> SavedManifest:
+    """What mmhub records beside the spec: versions, source hashes, trained slots, adapters, provenance."""
+    return SavedManifest(
+        created=now(), packages=package_versions(),
+        weights={uri: WeightRecord(path=str(p), sha256=sha256_path(p)) for uri, p in model.plan.ctx.weight_files.items()},
+        saved=saved, tensors=n_tensors, trained=list(model.spec.trained), adapters=dict(model.spec.adapters),
+        components=component_origins(model.plan))
 
 
 def layered_base(model: Any, full: bool) -> Path | None:
@@ -141,7 +137,7 @@ def layered_base(model: Any, full: bool) -> Path | None:
 
 def save_model(model: Any, path: Path, full: bool = False) -> Path:
     """Write `model` to `path` atomically (only what neither the weight sources nor a shipped ``init_from``
-    folder restores, unless `full`); returns the path."""
+    folder restores, unless `full`): the user's spec, the weights and the manifest with every file's hash."""
     state = tensors_to_save(model, full)
     base = layered_base(model, full)
     if base is not None:
@@ -149,13 +145,16 @@ def save_model(model: Any, path: Path, full: bool = False) -> Path:
         state = {k: v for k, v in state.items()
                  if not (k in inherited and inherited[k].shape == v.shape and torch.equal(inherited[k], v.detach().cpu()))}
     state, aliases = _dedupe(state)
-    spec = resolved_spec(model, "full" if full else "not-recoverable", len(state) + len(aliases))
+    spec = user_spec(model)
+    manifest = build_manifest(model, "full" if full else "not-recoverable", len(state) + len(aliases))
     if base is not None:
         spec["init_from"] = model.spec.init_from
-        spec["resolved"]["init_from"] = {"path": str(base), "sha256": sha256_path(base / WEIGHTS_FILE)}
+        manifest.init_from = BaseFolder(source=model.spec.init_from, path=str(base), sha256=sha256_path(base / WEIGHTS_FILE))
     with atomic_dir(path) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "aliases": json.dumps(aliases)})
         (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=2))
+        manifest.files = {name: sha256_path(tmp / name) for name in (WEIGHTS_FILE, SPEC_FILE)}
+        (tmp / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2))
     return path
 
 
@@ -172,43 +171,68 @@ def _check_folder(path: Path) -> None:
                                   f"(expected {SPEC_FILE} and {WEIGHTS_FILE}, written by save_pretrained).")
 
 
-def load_model(path: Path, registry: Any = None, verify_weights: bool = True) -> Any:
-    """Rebuild a model saved by `save_model`, checking weight hashes and tensor coverage."""
-    from mmhub.assembly import build_from_plan
-    from mmhub.spec import spec_from_dict
-    from mmhub.validation import plan_spec
-
+def read_folder(path: Path, verify: bool = True) -> tuple[dict[str, Any], SavedManifest]:
+    """A model folder's spec (as the user wrote it) and its manifest; with `verify`, every recorded file hash and
+    the shipped base folder's hash must match."""
     _check_folder(path)
+    data = _read_json(path / SPEC_FILE)
+    if (path / MANIFEST_FILE).is_file():
+        try:
+            manifest = SavedManifest.model_validate(_read_json(path / MANIFEST_FILE))
+        except ValidationError as exc:
+            raise CheckpointError(f"{path / MANIFEST_FILE} is damaged ({exc.error_count()} problem(s), first: "
+                                  f"{exc.errors()[0]['msg']} at {exc.errors()[0]['loc']}); save the model again") from None
+    else:  # saved before the manifest existed: its fields sit in the spec file
+        data, manifest = split_legacy(data)
+    if verify:
+        for name, want in manifest.files.items():
+            got = sha256_path(path / name) if (path / name).is_file() else "(missing)"
+            if got != want:
+                raise CheckpointError(f"{path / name} changed since the model was saved: sha256 {got[:12]}... != "
+                                      f"recorded {want[:12]}...; restore the folder, or pass verify=False to load it "
+                                      "as it is")
+        _check_base(path, manifest)
+    return data, manifest
+
+
+def _read_json(file: Path) -> Any:
     try:
-        data = json.loads((path / SPEC_FILE).read_text())
+        return json.loads(file.read_text())
     except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path / SPEC_FILE} is not valid JSON (line {exc.lineno}): {exc.msg}; "
+        raise CheckpointError(f"{file} is not valid JSON (line {exc.lineno}): {exc.msg}; "
                               f"the folder is damaged, save the model again.") from None
-    recorded = (data.get("resolved") or {}).get("weights", {})
-    base = (data.get("resolved") or {}).get("init_from")
-    if verify_weights and base and data.get("init_from"):
-        folder = package_path(data["init_from"])
-        if not (folder / WEIGHTS_FILE).is_file():
-            raise CheckpointError(f"{path} is saved on top of {data['init_from']} ({folder}), which is missing; "
-                                  "restore that model folder (it ships with mmhub) or load a self-contained save")
-        got = sha256_path(folder / WEIGHTS_FILE)
-        if got != base["sha256"]:
-            raise CheckpointError(f"{path} is saved on top of {data['init_from']}, whose weights changed since "
-                                  f"(sha256 {got[:12]}... != recorded {base['sha256'][:12]}...); restore that folder "
-                                  "or pass verify_weights=False")
-    plan = plan_spec(spec_from_dict(data, str(path / SPEC_FILE)), registry, source=str(path / SPEC_FILE))
-    model = build_from_plan(plan)
-    if verify_weights:
-        for uri, p in plan.ctx.weight_files.items():
-            want = recorded.get(uri, {}).get("sha256")
-            if want and sha256_path(p) != want:
-                raise CheckpointError(f"weights {uri} ({p}) changed since this model was saved: sha256 "
-                                      f"{sha256_path(p)[:12]}... != recorded {want[:12]}...; restore the original file "
-                                      f"or pass verify_weights=False to accept the difference.")
+
+
+def _check_base(path: Path, manifest: SavedManifest) -> None:
+    """The shipped folder a layered save leans on must be there, unchanged."""
+    base = manifest.init_from
+    if base is None:
+        return
+    folder = package_path(base.source)
+    if not (folder / WEIGHTS_FILE).is_file():
+        raise CheckpointError(f"{path} is saved on top of {base.source} ({folder}), which is missing; "
+                              "restore that model folder (it ships with mmhub) or load a self-contained save")
+    got = sha256_path(folder / WEIGHTS_FILE)
+    if got != base.sha256:
+        raise CheckpointError(f"{path} is saved on top of {base.source}, whose weights changed since "
+                              f"(sha256 {got[:12]}... != recorded {base.sha256[:12]}...); restore that folder "
+                              "or pass verify=False")
+
+
+def verify_sources(weight_files: dict[str, Path], manifest: SavedManifest) -> None:
+    """Every weight source the model was built from must hash as it did when the model was saved."""
+    for uri, p in weight_files.items():
+        record = manifest.weights.get(uri)
+        if record and sha256_path(p) != record.sha256:
+            raise CheckpointError(f"weights {uri} ({p}) changed since this model was saved: sha256 "
+                                  f"{sha256_path(p)[:12]}... != recorded {record.sha256[:12]}...; restore the original "
+                                  f"file or pass verify=False to accept the difference.")
+
+
+def apply_weights(model: Any, path: Path, manifest: SavedManifest) -> None:
+    """Load the folder's tensors into a freshly built `model`, checking that nothing is extra or lacking."""
     try:
         state = load_file(str(path / WEIGHTS_FILE))
-        from safetensors import safe_open
-
         with safe_open(str(path / WEIGHTS_FILE), "pt") as fh:
             aliases = json.loads((fh.metadata() or {}).get("aliases", "{}"))
     except Exception as exc:
@@ -221,21 +245,17 @@ def load_model(path: Path, registry: Any = None, verify_weights: bool = True) ->
         raise CheckpointError(f"{path / WEIGHTS_FILE} has {len(unexpected)} tensor(s) the spec's model does not, e.g. "
                               f"{unexpected[:3]}; the spec and weights do not belong together.")
     need = dict(tensors_to_save(model, full=False))
-    if data.get("init_from"):  # what the init_from folder provided is covered too
-        provided = set(load_file_keys(package_path(data["init_from"])))
+    if manifest.init_from is not None:  # what the init_from folder provided is covered too
+        provided = set(load_file_keys(package_path(manifest.init_from.source)))
         need = {k: v for k, v in need.items() if k not in provided}
     lacking = [k for k in missing if k in need]
     if lacking:
         raise CheckpointError(f"{path / WEIGHTS_FILE} lacks {len(lacking)} tensor(s) that no weight source provides, "
                               f"e.g. {lacking[:3]}; save the model again (with full=True if in doubt).")
-    model.eval()
-    return model
 
 
 def load_file_keys(folder: Path) -> list[str]:
     """The tensor names in a model folder's weights file (without reading the tensors)."""
-    from safetensors import safe_open
-
     with safe_open(str(folder / WEIGHTS_FILE), "pt") as fh:
         return list(fh.keys())
 
@@ -252,17 +272,16 @@ def init_from_model(model: Any, source: str) -> None:
 
     Every tensor of the source must find a parameter of the same shape (the new spec may add slots,
     not drop or reshape them); slots the source lacks keep their fresh weights."""
-    from mmhub.adapters import inject_adapter
-    from mmhub.spec import LoraSpec
+    from mmhub.adapters import inject_adapter  # adapters pull in peft; only init_from needs them
 
     folder = package_path(source)
     try:
         _check_folder(folder)
     except CheckpointError as exc:
         raise CheckpointError(f"init_from: {exc}") from None
-    data = json.loads((folder / SPEC_FILE).read_text())
-    for slot, lora in (data.get("adapters") or {}).items():
-        inject_adapter(model, slot, LoraSpec.model_validate(lora))
+    _, manifest = read_folder(folder, verify=False)
+    for slot, lora in manifest.adapters.items():
+        inject_adapter(model, slot, lora)
     state = load_file(str(folder / WEIGHTS_FILE))
     own = model.state_dict()
     unknown = [k for k in state if k not in own]
@@ -274,6 +293,6 @@ def init_from_model(model: Any, source: str) -> None:
         raise CheckpointError(f"init_from {folder}: {len(wrong)} tensor(s) differ in shape (source vs this spec), e.g. "
                               f"{wrong[:3]}; keep the source model's component settings")
     model.load_state_dict(state, strict=False)
-    for slot in data.get("trained") or []:
+    for slot in manifest.trained:
         if slot not in model.spec.trained:
             model.spec.trained.append(slot)

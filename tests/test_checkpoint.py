@@ -31,7 +31,9 @@ def test_round_trip_is_bit_exact(tiny_spec, images, tmp_path) -> None:
     assert torch.equal(before.logits, after.logits) and torch.equal(before.loss, after.loss)
     assert again.generate(["<image> say"], [{"image": [images[1]]}], max_new_tokens=5) == gen
     spec = json.loads((tmp_path / "m" / "mmhub_spec.json").read_text())
-    assert spec["projectors"]["image"]["in_dim"] == 32 and torch.__version__.startswith(spec["resolved"]["packages"]["torch"])
+    manifest = json.loads((tmp_path / "m" / "mmhub_manifest.json").read_text())
+    assert spec["projectors"]["image"]["in_dim"] == 32 and torch.__version__.startswith(manifest["packages"]["torch"])
+    assert not {"resolved", "trained", "adapters"} & set(spec)  # the spec file holds only what a user writes
     assert not list(tmp_path.glob(".m.*"))  # no temp folders left behind
 
 
@@ -47,8 +49,8 @@ def test_weight_sourced_frozen_parts_are_not_saved(tiny_spec, images, tmp_path) 
     with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as fh:
         keys = list(fh.keys())
     assert keys and not any(k.startswith("encoders.") for k in keys)  # recoverable from the weights file
-    spec = json.loads((tmp_path / "m" / "mmhub_spec.json").read_text())
-    assert spec["resolved"]["weights"][str(weights)]["sha256"]
+    manifest = json.loads((tmp_path / "m" / "mmhub_manifest.json").read_text())
+    assert manifest["weights"][str(weights)]["sha256"]
     b = model.batch([conv("<image>", "x")], [{"image": [images[0]]}])
     assert torch.equal(model(**b).logits, MMModel.from_pretrained(tmp_path / "m")(**b).logits)
     # a changed weights file is caught by its recorded hash
@@ -60,8 +62,8 @@ def test_weight_sourced_frozen_parts_are_not_saved(tiny_spec, images, tmp_path) 
 def test_full_save_includes_everything(tiny_spec, tmp_path) -> None:
     model = build(tiny_spec)
     model.save_pretrained(tmp_path / "full", full=True)
-    spec = json.loads((tmp_path / "full" / "mmhub_spec.json").read_text())
-    assert spec["resolved"]["saved"] == "full" and spec["resolved"]["tensors"] == len(model.state_dict())
+    manifest = json.loads((tmp_path / "full" / "mmhub_manifest.json").read_text())
+    assert manifest["saved"] == "full" and manifest["tensors"] == len(model.state_dict())
 
 
 def test_crash_mid_save_keeps_the_previous_checkpoint(tiny_spec, tmp_path, monkeypatch) -> None:
@@ -92,14 +94,18 @@ def test_damaged_or_foreign_folders_get_clear_errors(tiny_spec, tmp_path) -> Non
     model = build(tiny_spec)
     model.save_pretrained(tmp_path / "m")
     (tmp_path / "m" / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="model.safetensors changed since the model was saved"):
+        MMModel.from_pretrained(tmp_path / "m")  # the manifest's recorded hash catches it first
     with pytest.raises(CheckpointError, match="cannot be read"):
-        MMModel.from_pretrained(tmp_path / "m")
+        MMModel.from_pretrained(tmp_path / "m", verify=False)
     model.save_pretrained(tmp_path / "m2")
     other = dict(tiny_spec, projectors={"image": {"type": "linear"}})
     build(other).save_pretrained(tmp_path / "m3")
     (tmp_path / "m2" / "model.safetensors").replace(tmp_path / "m3" / "model.safetensors")
-    with pytest.raises(CheckpointError, match="do not belong together"):
+    with pytest.raises(CheckpointError, match="changed since the model was saved"):
         MMModel.from_pretrained(tmp_path / "m3")
+    with pytest.raises(CheckpointError, match="do not belong together"):
+        MMModel.from_pretrained(tmp_path / "m3", verify=False)
 
 
 def test_no_pickle_loading_anywhere() -> None:

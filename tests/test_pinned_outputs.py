@@ -45,7 +45,7 @@ def model(record: dict):
         pytest.skip(f"easy-VQA is not here; `mmhub weights fetch {SOURCE}` gets it")
     if find_default().name != record["model"]:
         pytest.skip(f"the default model here is {find_default().name}, the record is for {record['model']}")
-    from mmhub.demo_model import load_default
+    from mmhub.loading import load_default
 
     return load_default()
 

@@ -13,15 +13,14 @@ The trained models that live here, each a folder written by `MMModel.save_pretra
 * ``easyvqa-tiny``: the CI-sized model trained from scratch in minutes by the
   ``easyvqa-tiny`` recipe, used when the real-weights one is not there yet.
 
-`load_default` picks the first that exists and says which one it took.
+`find_default` picks the first that exists; ``mmhub.load("default")`` loads it and says which one it took
+(``model.default_info``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
 from mmhub.errors import MMHubError
 
 HERE = Path(__file__).parent
@@ -51,13 +50,3 @@ def find_default() -> DefaultModel:
             return DefaultModel(name, path, desc, fallback=i > 0)
     raise MMHubError(f"no trained default model is shipped in {HERE}; train one with `mmhub train easyvqa-tiny` "
                      "(minutes) or `mmhub train easyvqa-smollm2` (hours) and save its model folder there")
-
-
-def load_default() -> Any:
-    """Load the default model (`find_default`); its `.default_info` says which one it is."""
-    from mmhub.model import MMModel
-
-    found = find_default()
-    model = MMModel.from_pretrained(found.path)
-    model.default_info = found
-    return model

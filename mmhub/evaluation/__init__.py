@@ -5,6 +5,6 @@
 """
 
 from mmhub.evaluation.base import EvalConfig, EvalTask, exact_match, normalize_answer, score
-from mmhub.evaluation.runner import evaluate, get_task, load_model
+from mmhub.evaluation.runner import evaluate, get_task
 
-__all__ = ["EvalTask", "EvalConfig", "normalize_answer", "exact_match", "score", "evaluate", "get_task", "load_model"]
+__all__ = ["EvalTask", "EvalConfig", "normalize_answer", "exact_match", "score", "evaluate", "get_task"]
