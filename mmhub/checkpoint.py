@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 import uuid
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -171,9 +172,8 @@ def _check_folder(path: Path) -> None:
                                   f"(expected {SPEC_FILE} and {WEIGHTS_FILE}, written by save_pretrained).")
 
 
-def read_folder(path: Path, verify: bool = True) -> tuple[dict[str, Any], SavedManifest]:
-    """A model folder's spec (as the user wrote it) and its manifest; with `verify`, every recorded file hash and
-    the shipped base folder's hash must match."""
+def read_manifest(path: Path) -> tuple[dict[str, Any], SavedManifest]:
+    """A model folder's spec and manifest as stored, unchecked (folders without a manifest: from the spec file)."""
     _check_folder(path)
     data = _read_json(path / SPEC_FILE)
     if (path / MANIFEST_FILE).is_file():
@@ -184,6 +184,20 @@ def read_folder(path: Path, verify: bool = True) -> tuple[dict[str, Any], SavedM
                                   f"{exc.errors()[0]['msg']} at {exc.errors()[0]['loc']}); save the model again") from None
     else:  # saved before the manifest existed: its fields sit in the spec file
         data, manifest = split_legacy(data)
+    return data, manifest
+
+
+def read_folder(path: Path, verify: bool = True) -> tuple[dict[str, Any], SavedManifest]:
+    """A model folder's spec (as the user wrote it) and its manifest; with `verify`, every recorded file hash and
+    the shipped base folder's hash must match."""
+    data, manifest = read_manifest(path)
+    if not verify:
+        warnings.warn(f"{path}: loading without checking the recorded hashes (verify=False); a changed or damaged "
+                      "file loads as it is", stacklevel=3)
+    elif not manifest.files:
+        warnings.warn(f"{path} records no file hashes (saved before mmhub recorded them, or its manifest was "
+                      "removed): a changed or corrupted file would load silently. Save it again with "
+                      "save_pretrained to record them.", stacklevel=3)
     if verify:
         for name, want in manifest.files.items():
             got = sha256_path(path / name) if (path / name).is_file() else "(missing)"
@@ -195,12 +209,26 @@ def read_folder(path: Path, verify: bool = True) -> tuple[dict[str, Any], SavedM
     return data, manifest
 
 
-def _read_json(file: Path) -> Any:
+MAX_JSON_BYTES = 4 << 20  # a saved spec or manifest is a few KB; anything near this is not one
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    """A JSON object from a folder file; anything else (too big, not UTF-8, not JSON, not an object, nested
+    beyond reason) is a CheckpointError naming the file."""
+    damaged = "the folder is damaged, save the model again"
+    if not file.is_file() or file.stat().st_size > MAX_JSON_BYTES:
+        raise CheckpointError(f"{file} is not a regular file under {MAX_JSON_BYTES >> 20} MB; {damaged}.")
     try:
-        return json.loads(file.read_text())
+        data = json.loads(file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"{file} is not UTF-8 text (byte {exc.start}); {damaged}.") from None
     except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{file} is not valid JSON (line {exc.lineno}): {exc.msg}; "
-                              f"the folder is damaged, save the model again.") from None
+        raise CheckpointError(f"{file} is not valid JSON (line {exc.lineno}): {exc.msg}; {damaged}.") from None
+    except RecursionError:
+        raise CheckpointError(f"{file} nests deeper than Python can read; {damaged}.") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file} holds a JSON {type(data).__name__}, not an object; {damaged}.")
+    return data
 
 
 def _check_base(path: Path, manifest: SavedManifest) -> None:
@@ -229,8 +257,29 @@ def verify_sources(weight_files: dict[str, Path], manifest: SavedManifest) -> No
                                   f"file or pass verify=False to accept the difference.")
 
 
-def apply_weights(model: Any, path: Path, manifest: SavedManifest) -> None:
-    """Load the folder's tensors into a freshly built `model`, checking that nothing is extra or lacking."""
+def check_tensors(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], file: Path,
+                  allow_nonfinite: bool = False) -> None:
+    """Every stored tensor must have the shape and dtype of the parameter it fills, and finite values (unless
+    `allow_nonfinite`): a changed file never loads as a silently different model."""
+    for name, tensor in state.items():
+        want = own.get(name)
+        if want is None:
+            continue  # reported with every other unexpected name by the caller
+        if tuple(tensor.shape) != tuple(want.shape):
+            raise CheckpointError(f"{file}: tensor {name!r} has shape {tuple(tensor.shape)} but the model's is "
+                                  f"{tuple(want.shape)}; the file does not belong to this spec, save the model again.")
+        if tensor.dtype != want.dtype:
+            raise CheckpointError(f"{file}: tensor {name!r} is stored as {tensor.dtype} but the model holds "
+                                  f"{want.dtype}; the file was changed or belongs to another build, save it again.")
+        if not allow_nonfinite and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(f"{file}: tensor {name!r} holds {bad} NaN/inf value(s); pass allow_nonfinite=True "
+                                  "to load it anyway (e.g. to inspect a diverged run).")
+
+
+def apply_weights(model: Any, path: Path, manifest: SavedManifest, allow_nonfinite: bool = False) -> None:
+    """Load the folder's tensors into a freshly built `model`, checking that nothing is extra, lacking, reshaped,
+    retyped or non-finite."""
     try:
         state = load_file(str(path / WEIGHTS_FILE))
         with safe_open(str(path / WEIGHTS_FILE), "pt") as fh:
@@ -238,8 +287,15 @@ def apply_weights(model: Any, path: Path, manifest: SavedManifest) -> None:
     except Exception as exc:
         raise CheckpointError(f"{path / WEIGHTS_FILE} cannot be read ({type(exc).__name__}: {exc}); "
                               f"the file is damaged, save the model again.") from None
+    if not isinstance(aliases, dict) or not all(isinstance(a, str) and isinstance(c, str) for a, c in aliases.items()):
+        raise CheckpointError(f"{path / WEIGHTS_FILE}: its 'aliases' metadata is not a name -> name mapping; "
+                              "the file is damaged, save the model again.")
     for alias, canonical in aliases.items():
+        if canonical not in state:
+            raise CheckpointError(f"{path / WEIGHTS_FILE}: alias {alias!r} names {canonical!r}, which the file lacks; "
+                                  "the file is damaged, save the model again.")
         state[alias] = state[canonical]
+    check_tensors(model.state_dict(), state, path / WEIGHTS_FILE, allow_nonfinite)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
         raise CheckpointError(f"{path / WEIGHTS_FILE} has {len(unexpected)} tensor(s) the spec's model does not, e.g. "
@@ -279,7 +335,7 @@ def init_from_model(model: Any, source: str) -> None:
         _check_folder(folder)
     except CheckpointError as exc:
         raise CheckpointError(f"init_from: {exc}") from None
-    _, manifest = read_folder(folder, verify=False)
+    _, manifest = read_manifest(folder)
     for slot, lora in manifest.adapters.items():
         inject_adapter(model, slot, lora)
     state = load_file(str(folder / WEIGHTS_FILE))

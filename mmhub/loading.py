@@ -72,8 +72,12 @@ def load_default() -> MMModel:
     return model
 
 
-def load_folder(path: str | Path, registry: Registry | None = None, verify: bool = True) -> MMModel:
-    """Rebuild a model saved by `MMModel.save_pretrained`: the spec, then its weights, checked against the manifest."""
+def load_folder(path: str | Path, registry: Registry | None = None, verify: bool = True,
+                allow_nonfinite: bool = False) -> MMModel:
+    """Rebuild a model saved by `MMModel.save_pretrained`: the spec, then its weights, checked against the manifest.
+
+    `verify` checks the recorded sha256 of every file and weight source (off: load a folder as it is, with a
+    warning); `allow_nonfinite` lets NaN/inf weights load (e.g. to inspect a diverged run)."""
     path = Path(path)
     spec_data, manifest = read_folder(path, verify=verify)
     registry = registry or get_registry()
@@ -86,7 +90,7 @@ def load_folder(path: str | Path, registry: Registry | None = None, verify: bool
     model = build_from_plan(plan)
     if verify:
         verify_sources(plan.ctx.weight_files, manifest)
-    apply_weights(model, path, manifest)
+    apply_weights(model, path, manifest, allow_nonfinite=allow_nonfinite)
     model.eval()
     return model
 
