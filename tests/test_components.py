@@ -1,22 +1,76 @@
-"""The shared component checks, run on every registered component (built-ins and installed plugins)."""
+"""The shared tester classes (`mmhub.testing`), run on every registered component (built-ins and installed
+plugins), on the built-in file dataset formats and on every registered evaluation task."""
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
-import pytest
-
+from mmhub.data.captions import CaptionsDataset
+from mmhub.data.llava_json import LlavaJsonDataset
+from mmhub.data.preference import PreferenceDataset
+from mmhub.data.sharegpt import ShareGPTDataset
 from mmhub.registry import get_registry
-from mmhub.testing import check_component, torch_threads
+from mmhub.testing import TESTS_BY_KIND, DatasetTests, EvalTaskTests
 
 REG = get_registry()
-CASES = [(kind, name) for kind in ("encoder", "projector", "backbone", "injector", "generator") for name in REG.names(kind)]
 
 
-@pytest.mark.parametrize("kind,name", CASES, ids=[f"{k}:{n}" for k, n in CASES])
-def test_component_contract(kind: str, name: str) -> None:
-    with torch_threads(1) if kind == "generator" else nullcontext():  # many tiny ops: one thread is faster
-        check_component(kind, name)
+def _camel(kind: str) -> str:
+    return "".join(part.title() for part in kind.split("_"))
+
+
+# one generated Test<Kind>_<name> class per registered component, e.g. TestEncoder_timm
+for _kind, _table in REG.components.items():
+    for _name, _info in _table.items():
+        _cls_name = f"Test{_camel(_kind)}_{_name}"
+        globals()[_cls_name] = type(_cls_name, (TESTS_BY_KIND[_kind],),
+                                    {"component": _info.cls, "registry": REG, "__module__": __name__})
+for _name, _info in REG.eval_tasks.items():
+    _cls_name = f"TestEvalTask_{_name}"
+    globals()[_cls_name] = type(_cls_name, (EvalTaskTests,), {"component": _info.cls, "__module__": __name__})
+
+TURNS = [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "Red."}]
+
+
+class TestDataset_llava_json(DatasetTests):
+    component = LlavaJsonDataset
+    file_name = "data.json"
+    records = [{"id": "a", "image": "a.png", "conversations": TURNS},
+               {"id": "b", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}]
+    bad_record = {"id": "bad", "image": "a.png", "conversations": [{"from": "human", "value": "<image> <image>"},
+                                                                    {"from": "gpt", "value": "?"}]}
+
+
+class TestDataset_sharegpt(DatasetTests):
+    component = ShareGPTDataset
+    records = [{"id": "a", "messages": [{"role": "user", "content": "<image>Which?"},
+                                        {"role": "assistant", "content": "That."}], "images": ["p.png"]},
+               {"id": "b", "conversations": TURNS[:0] + [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]}]
+    bad_record = {"id": "bad", "messages": [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "x"}],
+                  "images": []}
+
+
+class TestDataset_captions(DatasetTests):
+    component = CaptionsDataset
+    file_name = "caps.csv"
+    records = [{"image": "x.png", "caption": "a red square"}, {"image": "y.png", "caption": "a blue circle"}]
+    bad_record = {"image": "z.png", "caption": ""}
+
+
+class TestDataset_preference(DatasetTests):
+    component = PreferenceDataset
+    records = [{"prompt": "What shape?", "images": ["q.png"], "chosen": "A square.", "rejected": "A circle."},
+               {"prompt": "2+2?", "chosen": "4", "rejected": "5"}]
+    bad_record = {"prompt": "no rejected", "chosen": "x"}
+
+
+# formats whose records are not a single file of records: tested in tests/test_data.py
+COVERED_ELSEWHERE = {"webdataset": "tar shards", "easy_vqa": "its own data folder"}
+
+
+def test_every_dataset_format_has_a_tester_class() -> None:
+    tested = {cls.component.name for cls in globals().values() if isinstance(cls, type) and issubclass(cls, DatasetTests)
+              and cls.component is not None}
+    missing = set(REG.datasets) - tested - set(COVERED_ELSEWHERE)
+    assert not missing, f"dataset formats without a DatasetTests class here: {sorted(missing)}"
 
 
 def test_every_component_has_metadata() -> None:
