@@ -6,7 +6,7 @@ own slots and hooks keep working); the spec then records the adapter under
 ``adapters`` so a saved model re-injects it before its weights load. For the
 backbone the target is the transformers model (peft's ``all-linear`` rule
 excludes its LM head); for other slots the targets are matched by mmhub's
-`mmhub.stages.lora_targets`, which follows peft's rules. `merge_adapters` folds
+`mmhub.regimes.lora_targets`, which follows peft's rules. `merge_adapters` folds
 the adapters into the base weights (for export), after which the slot counts
 as trained and is saved in full; `merged_copy` does so on a copy, leaving the
 model as it was.
@@ -41,7 +41,7 @@ def _target(model: Any, slot: str) -> nn.Module:
 def lora_config(lora: LoraSpec, module: nn.Module, slot: str) -> Any:
     from peft import LoraConfig
 
-    from mmhub.stages import lora_targets
+    from mmhub.regimes import lora_targets
 
     targets: Any = lora.target_modules
     if slot != "backbone" or not hasattr(module, "get_output_embeddings"):

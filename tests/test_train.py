@@ -184,6 +184,21 @@ def test_packed_training_matches_unpacked_and_group_by_length_runs(tmp_path: Pat
     assert all(torch.isfinite(v).all() for v in results["grouped"].values())
 
 
+def test_a_conversation_without_an_assistant_turn_is_skipped_with_a_warning(tmp_path: Path, capsys) -> None:
+    from mmhub.data import Sample
+    from mmhub.train.run import train
+
+    data = train_script.dataset(16)
+    data[2] = Sample("no-reply-7", data[2].messages[:1], data[2].media)  # a user turn only: nothing to learn
+    spec = train_script.spec(8)
+    spec["stages"] = spec["stages"][:1]
+    spec["stages"][0].update(max_steps=2, save_every=None, max_bad_fraction=0.5)
+    summary = train(spec, out=tmp_path / "r", datasets={"align": data}, progress_bar=False)
+    assert summary["align"]["skipped_by_reason"] == {"no_assistant_turn": 1}
+    out = capsys.readouterr().out
+    assert "warning: skipped sample 2" in out and "'no-reply-7' has no assistant turn" in out and "add the assistant" in out
+
+
 def _logps(model, data):
     chosen = model.batch([s.conversation(s.chosen) for s in data], [s.media for s in data])
     rejected = model.batch([s.conversation(s.rejected) for s in data], [s.media for s in data])
@@ -216,8 +231,8 @@ def test_dpo_grows_the_chosen_over_rejected_margin(tmp_path: Path) -> None:
 
 
 def test_out_of_memory_and_precision_errors_name_the_fix(tmp_path: Path, monkeypatch) -> None:
+    import mmhub.train.loop as loop
     from mmhub.train.run import train
-    from mmhub.train.trainer import Trainer
 
     data = train_script.dataset(16)
     spec = train_script.spec(8)
@@ -227,7 +242,7 @@ def test_out_of_memory_and_precision_errors_name_the_fix(tmp_path: Path, monkeyp
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried "
                            "to allocate 123456789 bytes")
 
-    monkeypatch.setattr(Trainer, "_step", oom)
+    monkeypatch.setattr(loop, "optimizer_step", oom)
     with pytest.raises(MMHubError, match=r"ran out of memory at step 1 \(batch_size 8.*Lower batch_size and raise grad_accum"):
         train(spec, out=tmp_path / "oom", datasets={"align": data}, progress_bar=False)
     monkeypatch.undo()

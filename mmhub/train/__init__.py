@@ -1,5 +1,5 @@
 """Training MM-LLMs in stages (alignment, instruction tuning, preference tuning) on Hugging Face accelerate."""
 
-from mmhub.train.stage import apply_stage, param_groups
+from mmhub.train.trainable import apply_stage, param_groups
 
 __all__ = ["apply_stage", "param_groups"]

@@ -1,4 +1,5 @@
-"""Turning a stage's ``train`` mapping into trainable parameters and optimizer groups.
+"""Applying a stage to a model: its ``train`` mapping (`mmhub.regimes`) becomes requires_grad flags, LoRA adapters
+and the optimizer's parameter groups.
 
 ``full`` makes a slot's parameters trainable (and marks the slot as trained, so it
 is saved in full); ``{lora: ...}`` injects a peft LoRA adapter (once; later stages
@@ -17,7 +18,7 @@ from torch import nn
 from mmhub.adapters import adapter_parameters, inject_adapter
 from mmhub.errors import MMHubError
 from mmhub.spec import LoraRegime, StageSpec
-from mmhub.stages import regime_of, slots
+from mmhub.regimes import regime_of, slots
 
 
 @dataclass

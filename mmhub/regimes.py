@@ -1,4 +1,5 @@
-"""Which parameters a training stage trains: frozen / full / LoRA per component slot.
+"""Training regimes, read without touching the model: how a stage trains each component slot (frozen / full /
+LoRA) and how many parameters that is. `mmhub.train.trainable` applies them.
 
 A stage's ``train`` mapping names parts (``projectors``) or single slots
 (``encoders.image``); the most specific key wins and anything unnamed is frozen.
