@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 from mmhub.errors import MMHubError, SpecError
@@ -26,26 +27,22 @@ def _human(n: int) -> str:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    from mmhub.registry import PLURAL, get_registry
-
-    reg = get_registry()
-    out: dict[str, Any] = {PLURAL[k]: [i.metadata() for _, i in sorted(t.items())] for k, t in reg.components.items()}
-    out["weight_sources"] = [{"name": s.scheme, "plugin": s.plugin, "doc": s.doc} for s in reg.weight_sources.values()]
-    out["presets"] = [{"name": p.key, "plugin": p.plugin} for p in reg.presets.values()]
-    out["datasets"] = [i.metadata() for _, i in sorted(reg.datasets.items())]
-    out["eval_tasks"] = [i.metadata() for _, i in sorted(reg.eval_tasks.items())]
-    out["plugins"] = [vars(p) for p in reg.plugins.loaded] if reg.plugins else []
-    out["failed"] = [vars(f) for f in reg.failed]
-    out["disabled"] = list(reg.plugins.disabled) if reg.plugins else []
-    if args.json:
-        _print_json(out)
-        return 0
+    if args.action == "show":
+        return _show(args)
     if args.markdown:
-        print(components_table(reg))
+        from mmhub.registry import get_registry  # the table needs the component classes
+
+        print(components_table(get_registry()))
         return 0
-    for kind, plural in PLURAL.items():
-        entries = out[plural]
-        print(f"{plural} ({len(entries)})")
+    from mmhub.listing import cached_listing
+
+    out = cached_listing()
+    if args.json:
+        _print_json({k: v for k, v in out.items() if k != "kinds"})
+        return 0
+    for kind in (k for k in out["kinds"] if k["component"]):
+        entries = out[kind["plural"]]
+        print(f"{kind['plural']} ({len(entries)})")
         for e in entries:
             mods = ",".join(e["modalities_in"]) or "-"
             print(f"  {e['name']:<16} [{e['plugin']}] in: {mods}; width: {e['out_dim'] or '-'}; tokens: {e['tokens'] or '-'}")
@@ -59,10 +56,62 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     print("plugins loaded: " + ", ".join(f"{p['name']} ({p['dist']} {p['version']})".replace(" )", ")") for p in out["plugins"]))
     if out["disabled"]:
         print("plugins not in MMHUB_PLUGINS: " + ", ".join(out["disabled"]))
+    for warning in out.get("warnings", []):
+        print(f"warning: {warning}")
     if out["failed"]:
         print(f"plugins that FAILED to load ({len(out['failed'])}):")
         for f in out["failed"]:
             print(f"  {f['name']} ({f['dist']}): {f['error']}")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    """``mmhub plugins show NAME``: an entry's plugin, distribution, docs and settings (types, defaults, docs)."""
+    from mmhub.listing import describe
+    from mmhub.registry import get_registry
+
+    if not args.name:
+        raise MMHubError("`mmhub plugins show` needs a NAME, e.g. `mmhub plugins show mlp` (names: `mmhub plugins`)")
+    rows = describe(get_registry(), args.name)
+    if args.json:
+        _print_json(rows)
+        return 0
+    for r in rows:
+        print(f"{r['name']} ({r['kind'].replace('_', ' ')}) from plugin {r['plugin']} (distribution {r['distribution']})")
+        for key in ("doc", "io", "description", "status", "class"):
+            if r.get(key):
+                print(f"  {key}: {r[key]}")
+        if "settings" in r:
+            print(f"  settings ({len(r['settings'])}):")
+            for st in r["settings"]:
+                doc = f"  {st['doc']}" if st["doc"] else ""
+                print(f"    {st['name']}: {st['type']} = {st['default']!r}{doc}")
+    return 0
+
+
+def recipes() -> list[dict[str, str]]:
+    """The training recipes shipped in mmhub/recipes (``mmhub train NAME``): name, file and first comment line."""
+    folder = Path(__file__).parent / "recipes"
+    rows = []
+    for path in sorted(folder.glob("*.yaml")):
+        comment = []
+        for line in path.read_text().splitlines():
+            if not line.startswith("#"):
+                break
+            comment.append(line.lstrip("# ").strip())
+        about = " ".join(comment).split(". ")[0]
+        about = about if len(about) <= 100 else about[:97] + "..."
+        rows.append({"name": path.stem, "file": str(path), "about": about})
+    return rows
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    rows = recipes()
+    if args.json:
+        _print_json(rows)
+        return 0
+    for r in rows:
+        print(f"{r['name']:<24} {r['about']}")
     return 0
 
 
@@ -234,13 +283,25 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
-def parser() -> argparse.ArgumentParser:
+TRAIN_HELP = "train a spec's stages (accelerate; resumable)"  # the same words as mmhub.train.run's parser
+
+
+def parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The argument parser; `train`'s own arguments (and its torch import) are added only when `argv` runs it."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in args if not a.startswith("-")), None)
     p = argparse.ArgumentParser(prog="mmhub", description="Assemble, train and demo multimodal LLMs from specs.")
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("plugins", help="list registered components, their plugins, and plugins that failed")
+    s = sub.add_parser("plugins", help="list registered components, their plugins, and plugins that failed; "
+                                        "`plugins show NAME`: one entry's settings, types, defaults and docs")
+    s.add_argument("action", nargs="?", choices=["show"], help="show: describe the entry NAME")
+    s.add_argument("name", nargs="?", help="a component, dataset, eval task, weight source or preset name")
     s.add_argument("--json", action="store_true")
     s.add_argument("--markdown", action="store_true", help="the components table (name, kind, modalities, library, zoo rows)")
     s.set_defaults(func=cmd_plugins)
+    s = sub.add_parser("recipes", help="list the shipped training recipes (run one with `mmhub train NAME`)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_recipes)
     s = sub.add_parser("presets", help="list shipped specs (NAME:tiny / NAME:full)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_presets)
@@ -280,9 +341,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="the backbone's dtype (the vision tower and projector run in float32)")
     s.set_defaults(func=cmd_import)
-    from mmhub.train.run import add_parser as add_train_parser
+    if command == "train":
+        from mmhub.train.run import add_parser as add_train_parser  # imports torch: only when training
 
-    add_train_parser(sub)
+        add_train_parser(sub)
+    else:
+        sub.add_parser("train", help=TRAIN_HELP)
     s = sub.add_parser("demo", help="serve the Gradio demo (chat, assemble, plugins) on 127.0.0.1")
     from mmhub.apps.demo import add_arguments as add_demo_arguments
 
@@ -298,7 +362,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parser(argv).parse_args(argv)
     try:
         return args.func(args)
     except SpecError as exc:

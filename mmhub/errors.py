@@ -30,7 +30,8 @@ class UnknownComponentError(MMHubError, KeyError):
         parts = [f"no {kind} named {name!r} is registered."]
         if hint:
             parts.append(f"Did you mean {', '.join(repr(h) for h in hint)}?")
-        parts.append(f"Registered {kind}s: {', '.join(sorted(registered)) or '(none)'}.")
+        plural = f"{kind[:-1]}ies" if kind.endswith("y") else f"{kind}s"
+        parts.append(f"Registered {plural}: {', '.join(sorted(set(registered))) or '(none)'}.")
         if failed:
             listed = "; ".join(f"{f.name} ({f.dist}): {_short(f.error)}" for f in failed)
             parts.append(f"{len(failed)} plugin problem(s), and {name!r} may be in one of them: {listed}. "

@@ -165,7 +165,9 @@ class EntryKind:
     """One kind of registry entry: its key, the hook that registers it, its plural and its entry builder.
 
     ``make(plugin, *register_args, **register_kwargs)`` validates what a plugin passed to
-    ``register`` and returns the entry; the entry's ``key`` property is the name it is stored under.
+    ``register`` and returns the entry; the entry's ``key`` property is the name it is stored under,
+    its ``metadata()`` what listings show. Listings sort entries by key unless `sort` is False
+    (then they keep registration order).
     """
 
     key: str
@@ -173,6 +175,7 @@ class EntryKind:
     plural: str
     make: Callable[..., Any]
     component: bool = False
+    sort: bool = True
 
     @property
     def label(self) -> str:
@@ -187,8 +190,8 @@ KIND_TABLE: tuple[EntryKind, ...] = (
     EntryKind("output_projector", "register_output_projectors", "output_projectors", _component("output_projector"),
               component=True),
     EntryKind("generator", "register_generators", "generators", _component("generator"), component=True),
-    EntryKind("weight_source", "register_weight_sources", "weight_sources", _weight_source),
-    EntryKind("preset", "register_presets", "presets", _preset),
+    EntryKind("weight_source", "register_weight_sources", "weight_sources", _weight_source, sort=False),
+    EntryKind("preset", "register_presets", "presets", _preset, sort=False),
     EntryKind("dataset", "register_datasets", "datasets", _plugin_class("dataset", "mmhub.data.base:Dataset")),
     EntryKind("eval_task", "register_eval_tasks", "eval_tasks",
               _plugin_class("eval task", "mmhub.evaluation.base:EvalTask")),
