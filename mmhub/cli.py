@@ -201,7 +201,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_assemble(args: argparse.Namespace) -> int:
     from mmhub.assembly import build
-    from mmhub.stages import stage_table
+    from mmhub.regimes import stage_table
 
     model = build(args.spec)
     rows = model.parameter_table()
@@ -247,10 +247,11 @@ def cmd_weights(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mmhub.evaluation import get_task, load_model
+    from mmhub.evaluation import get_task
+    from mmhub.loading import load
 
     task = get_task(args.task)  # an unknown task fails before any model loads
-    model = load_model(args.model)
+    model = load(args.model)
     result = task.run(model, split=args.split, limit=args.limit, blind=args.blind, batch_size=args.batch_size,
                       max_new_tokens=args.max_new_tokens, on_result=lambda r: print(json.dumps(r), flush=True))
     print(json.dumps({**result, "model": args.model}), flush=True)
@@ -261,10 +262,10 @@ EXPORT_FORMATS = ("hf-llava",)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from mmhub.evaluation import load_model
     from mmhub.export import export_hf_llava
+    from mmhub.loading import load
 
-    model = load_model(args.model)
+    model = load(args.model)
     out = export_hf_llava(model, args.out, dtype=args.dtype)
     cfg = json.loads((out / "config.json").read_text())
     print(f"wrote {out}: transformers LLaVA ({cfg['vision_config']['model_type']} -> projector "

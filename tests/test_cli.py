@@ -165,7 +165,7 @@ def test_lora_count_matches_peft(registry) -> None:
 
     from mmhub import build
     from mmhub.spec import LoraSpec, LoraRegime
-    from mmhub.stages import trainable_count
+    from mmhub.regimes import trainable_count
 
     model = build("llava:tiny")
     for targets in ("all-linear", ["q_proj", "v_proj"]):
