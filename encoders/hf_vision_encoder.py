@@ -42,7 +42,6 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import model_validator
 from safetensors import safe_open
-from torchvision import transforms as T
 from transformers import AutoConfig, AutoModel, PretrainedConfig
 
 from mmhub.encoders.image_base import ImageEncoder
@@ -64,8 +63,7 @@ FAMILIES: dict[str, tuple[tuple[float, ...], tuple[float, ...], str, float, str]
 }
 DEFAULT_FAMILY = (IMAGENET_MEAN, IMAGENET_STD, "crop", 1.0, "bicubic")
 PIL_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
-INTERPOLATION = {"nearest": T.InterpolationMode.NEAREST, "bilinear": T.InterpolationMode.BILINEAR,
-                 "bicubic": T.InterpolationMode.BICUBIC}
+INTERPOLATION = {"nearest": "NEAREST", "bilinear": "BILINEAR", "bicubic": "BICUBIC"}  # torchvision InterpolationMode
 
 
 class HFVisionEncoderConfig(ComponentConfig):
@@ -195,10 +193,12 @@ def preprocessing(config: HFVisionEncoderConfig, cfg: PretrainedConfig, folder: 
     return chosen
 
 
-def build_transform(chosen: dict[str, Any]) -> T.Compose:
-    """PIL image -> normalised (3, S, S) tensor, from `preprocessing`'s choices."""
+def build_transform(chosen: dict[str, Any]) -> Any:
+    """PIL image -> normalised (3, S, S) tensor (a torchvision ``Compose``), from `preprocessing`'s choices."""
+    from torchvision import transforms as T  # torchvision imports torch._dynamo (~1.5 s): only when a transform is built
+
     size = chosen["image_size"]
-    mode = INTERPOLATION[chosen["interpolation"]]
+    mode = getattr(T.InterpolationMode, INTERPOLATION[chosen["interpolation"]])
     if chosen["resize"] == "crop":
         steps = [T.Resize(int(math.floor(size / chosen["crop_pct"])), interpolation=mode), T.CenterCrop(size)]
     else:

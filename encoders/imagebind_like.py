@@ -49,7 +49,6 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
-from torchvision import transforms as T
 
 from mmhub.encoders.audio_io import fit_to_window, load_audio
 from mmhub.encoders.point_encoder import TransformerBlock
@@ -195,6 +194,8 @@ class ImageBindLike(Encoder):
                                     for m in MODALITIES})
         win, hop, n_fft = _framing(config.sample_rate)
         self.register_buffer("filterbank", mel_filterbank(config.mel_bins, n_fft, config.sample_rate), persistent=False)
+        from torchvision import transforms as T  # torchvision imports torch._dynamo (~1.5 s): only when a transform is built
+
         self.transform = T.Compose([T.Resize(config.image_size, interpolation=T.InterpolationMode.BICUBIC),
                                     T.CenterCrop(config.image_size), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
         if config.pretrained is not None:

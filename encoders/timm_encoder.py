@@ -11,10 +11,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-import timm
 import torch
 import torch.nn.functional as F
-from timm.data import create_transform, resolve_data_config
 
 from mmhub.encoders.image_base import ImageEncoder
 from mmhub.interfaces import BuildContext, ComponentConfig, EncoderFacts
@@ -41,6 +39,8 @@ def _create(config: TimmEncoderConfig, headless: bool = True) -> torch.nn.Module
         kwargs["img_size"] = config.image_size
     if headless:
         kwargs["num_classes"] = 0
+    import timm  # timm imports torchvision (~1.5 s): only when a model is described or built
+
     return timm.create_model(config.model, pretrained=False, **kwargs)
 
 
@@ -79,6 +79,8 @@ def _tokens(model: torch.nn.Module, config: TimmEncoderConfig, x: torch.Tensor) 
 
 
 def _input_size(model: torch.nn.Module, config: TimmEncoderConfig) -> tuple[int, int, int]:
+    from timm.data import resolve_data_config  # timm imports torchvision (~1.5 s): only when a model is described or built
+
     size = resolve_data_config({}, model=model)["input_size"]
     if config.image_size is not None:
         size = (size[0], config.image_size, config.image_size)
@@ -109,6 +111,8 @@ class TimmEncoder(ImageEncoder):
         if config.pretrained is not None:
             self.model = _load_pretrained(self.model, config, read_state_dict(ctx.weights(config.pretrained)),
                                           what=f"timm {config.model} weights {config.pretrained}")
+        from timm.data import create_transform, resolve_data_config  # timm imports torchvision (~1.5 s): only when a model is described or built
+
         data = resolve_data_config({}, model=self.model)
         if config.image_size is not None:
             data["input_size"] = (3, config.image_size, config.image_size)

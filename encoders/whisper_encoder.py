@@ -36,7 +36,6 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 from transformers import WhisperConfig, WhisperFeatureExtractor
-from transformers.models.whisper.modeling_whisper import WhisperEncoder as HFWhisperEncoder
 
 from mmhub.encoders.audio_io import fit_to_window, load_audio
 from mmhub.errors import InputError, WeightsNotFoundError
@@ -166,6 +165,8 @@ class WhisperAudioEncoder(Encoder):
         cfg, folder, kind = _hf_config(config, ctx)
         cfg._attn_implementation = hf_attn_implementation(ctx.attention)
         self.blocks = block_index(config.select_layer, cfg.encoder_layers)
+        from transformers.models.whisper.modeling_whisper import WhisperEncoder as HFWhisperEncoder  # ~0.4 s: only when built
+
         self.encoder = HFWhisperEncoder(cfg)
         if kind == "ct2":
             _, state = load_ct2_whisper(folder, parts=("encoder",))
