@@ -43,6 +43,7 @@ browser:
 
 test: install weights browser
 	MMHUB_REQUIRE_REAL_WEIGHTS=1 $(PY) -m pytest -n 2 -q
+	$(PY) -m pytest -q plugins/mmhub-example-plugin/tests  # the example plugin's own tests (its src/ on the path)
 
 clean:
 	rm -rf $(VENV) *.egg-info

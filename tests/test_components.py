@@ -3,12 +3,14 @@ plugins), on the built-in file dataset formats and on every registered evaluatio
 
 from __future__ import annotations
 
+import pytest
+
 from mmhub.data.captions import CaptionsDataset
 from mmhub.data.llava_json import LlavaJsonDataset
 from mmhub.data.preference import PreferenceDataset
 from mmhub.data.sharegpt import ShareGPTDataset
 from mmhub.registry import get_registry
-from mmhub.testing import TESTS_BY_KIND, DatasetTests, EvalTaskTests
+from mmhub.testing import TESTS_BY_KIND, DatasetTests, EncoderTests, EvalTaskTests, ProjectorTests
 
 REG = get_registry()
 
@@ -87,3 +89,32 @@ def test_builtins_cover_the_first_components() -> None:
     assert {"linear", "mlp"} <= set(REG.names("projector"))
     assert "hf_causal_lm" in REG.names("backbone")
     assert {i.plugin for i in REG.components["encoder"].values() if i.name in ("timm", "open_clip")} == {"mmhub.encoders"}
+
+
+class _Shifted(REG.get("encoder", "timm").cls):
+    """Test double: the timm encoder, but its describe() promises one token more than it emits."""
+
+    @classmethod
+    def describe(cls, config, ctx):
+        facts = super().describe(config, ctx)
+        return type(facts)(out_dim=facts.out_dim, tokens_per_item=facts.tokens_per_item + 1)
+
+
+def test_tester_classes_name_a_missing_or_wrong_component_and_catch_a_lying_describe() -> None:
+    class Unset(EncoderTests):
+        pass
+
+    with pytest.raises(TypeError, match="Unset sets no `component`: add `component = YourClass`"):
+        Unset.case()
+
+    class WrongKind(ProjectorTests):
+        component = REG.get("encoder", "timm").cls
+
+    with pytest.raises(TypeError, match="not a subclass of mmhub.interfaces.Projector"):
+        WrongKind.case()
+
+    class Lying(EncoderTests):
+        component = _Shifted
+
+    with pytest.raises(AssertionError, match=r"described \(2, (\d+), \d+\) but emitted \(2, (?!\1)\d+"):
+        Lying().test_describe_matches_forward()

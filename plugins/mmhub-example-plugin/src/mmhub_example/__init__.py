@@ -1,9 +1,10 @@
-"""mmhub example plugin: registers one encoder (``patch_conv``) and one projector (``pool_linear``).
+"""mmhub example plugin: registers one encoder (``patch_conv``), one projector (``pool_linear``) and a preset.
 
-Both are real, small components: ``patch_conv`` is a ViT-style patch embedding
+Both components are real and small: ``patch_conv`` is a ViT-style patch embedding
 (a strided convolution + learned positions) usable as a cheap image encoder, and
 ``pool_linear`` averages groups of ``k`` tokens before a linear map, cutting the
-token count by ``k``.
+token count by ``k``. The preset ``patch-conv-llama:tiny`` joins them to a tiny
+random Llama built from a config (seconds on a CPU, no weights).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class PatchConvEncoder(Encoder):
     out_dim_doc: ClassVar[str] = "width"
     tokens_doc: ClassVar[str] = "(image_size / patch_size)^2"
     example_settings: ClassVar[dict[str, Any]] = {"image_size": 32, "patch_size": 8, "width": 32}
+    out_dim = property(lambda self: self.config.width)  # width of each output feature vector
 
     @classmethod
     def describe(cls, config: PatchConvConfig, ctx: BuildContext) -> EncoderFacts:
@@ -47,13 +49,8 @@ class PatchConvEncoder(Encoder):
 
     def __init__(self, config: PatchConvConfig, ctx: BuildContext):
         super().__init__(config, ctx)
-        n = (config.image_size // config.patch_size) ** 2
         self.proj = nn.Conv2d(3, config.width, config.patch_size, stride=config.patch_size)
-        self.pos = nn.Parameter(torch.randn(1, n, config.width) * 0.02)
-
-    @property
-    def out_dim(self) -> int:
-        return self.config.width
+        self.pos = nn.Parameter(torch.randn(1, (config.image_size // config.patch_size) ** 2, config.width) * 0.02)
 
     def preprocess(self, item: Any, modality: str) -> torch.Tensor:
         img = load_image(item).resize((self.config.image_size,) * 2)
@@ -61,8 +58,7 @@ class PatchConvEncoder(Encoder):
         return x.permute(2, 0, 1).float() / 127.5 - 1.0  # (3, H, W) in [-1, 1]
 
     def forward(self, pixels: torch.Tensor, modality: str) -> torch.Tensor:
-        x = self.proj(pixels)  # (N, width, h, w)
-        return x.flatten(2).transpose(1, 2) + self.pos  # (N, h*w, width)
+        return self.proj(pixels).flatten(2).transpose(1, 2) + self.pos  # (N, h*w, width)
 
 
 class PoolLinearConfig(ProjectorConfig):
@@ -95,6 +91,17 @@ class PoolLinearProjector(Projector):
         return self.proj(x.transpose(1, 2))  # (N, ceil(T/k), out)
 
 
+# a whole model from this plugin's parts and a tiny random Llama (config only, no weights): `patch-conv-llama:tiny`
+PRESET: dict[str, Any] = {
+    "name": "patch-conv-llama-tiny",
+    "encoders": {"image": {"type": "patch_conv", "image_size": 32, "patch_size": 8, "width": 40}},
+    "projectors": {"image": {"type": "pool_linear", "k": 2}},
+    "backbone": {"type": "hf_causal_lm", "tokenizer": "byte",
+                 "config": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                            "num_attention_heads": 2, "vocab_size": 300}},
+}
+
+
 @hookimpl
 def register_encoders(register):
     register(PatchConvEncoder)
@@ -103,3 +110,9 @@ def register_encoders(register):
 @hookimpl
 def register_projectors(register):
     register(PoolLinearProjector)
+
+
+@hookimpl
+def register_presets(register):
+    register("patch-conv-llama", "tiny", PRESET, io="I+T -> T",
+             description="The example plugin's patch_conv encoder and pool_linear projector on a tiny random Llama.")
