@@ -145,7 +145,7 @@ class HFBackboneBase(Backbone):
         super().__init__(config, ctx)
         cfg = self.hf_config(config, ctx)
         dtype = DTYPES[config.dtype]
-        attn = hf_attn_implementation(ctx.attention, packed=bool(getattr(self, "supports_packing", False)))
+        attn = hf_attn_implementation(ctx.attention, packed=self.supports_packing)
         if config.source is not None:
             folder, kw = where(ctx.weights(config.source))
             self.model = self.auto_class.from_pretrained(folder, config=cfg, dtype=dtype, local_files_only=True,
@@ -166,6 +166,10 @@ class HFBackboneBase(Backbone):
 
     def has_weight_source(self) -> bool:
         return self.config.source is not None
+
+    def language_model(self) -> Any:
+        """The wrapped transformers model (``AutoModelForCausalLM`` / ``AutoModelForSeq2SeqLM``)."""
+        return self.model
 
     @property
     def quantized(self) -> bool:

@@ -74,12 +74,12 @@ def bf16(fn: Callable[[], None]) -> None:
 
 def chunked(model: Any, chunk: int, fn: Callable[[], None]) -> None:
     """Run `fn` with the model's chunked cross-entropy on (``loss_chunk`` positions per chunk)."""
-    before = model.spec.loss_chunk
-    model.spec.loss_chunk = chunk
+    before = model.spec.runtime.loss_chunk
+    model.spec.runtime.loss_chunk = chunk
     try:
         fn()
     finally:
-        model.spec.loss_chunk = before
+        model.spec.runtime.loss_chunk = before
 
 
 def mm_prompt(pair: Pair, encs: list[Any]) -> dict[str, Any]:

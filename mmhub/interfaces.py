@@ -14,86 +14,14 @@ subclass with:
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Iterator
 
 import torch
-from pydantic import BaseModel, ConfigDict
-from torch import nn
 
-Kind = Literal["encoder", "projector", "backbone", "injector", "output_projector", "generator"]
-KINDS: tuple[Kind, ...] = ("encoder", "projector", "backbone", "injector", "output_projector", "generator")
-
-
-class ComponentConfig(BaseModel):
-    """Base of every component's settings: typed, defaults filled, unknown keys rejected."""
-
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-
-@dataclass
-class BuildContext:
-    """What a component may use while it is described or built.
-
-    ``resolve`` turns a weight-source URI into a local path (raising
-    `WeightsNotFoundError` with a fix when it is missing); ``attention`` is the
-    spec's attention backend choice (pass it to `mmhub.attention`); ``weight_files``
-    collects every file a component read, so the resolved spec can record their
-    hashes; ``component`` resolves nested component settings through the registry.
-    """
-
-    resolve: Any  # Callable[[str], Path]; typed loosely to avoid an import cycle
-    attention: str = "auto"
-    weight_files: dict[str, Path] = field(default_factory=dict)
-    registry: Any = None  # the Registry, for components that build nested components (video over an image encoder)
-
-    def component(self, kind: str, spec: dict[str, Any]) -> tuple[type["Component"], "ComponentConfig"]:
-        """Resolve a nested ``{type: NAME, ...settings}`` of `kind` to (class, validated settings)."""
-        from mmhub.registry import get_registry
-
-        settings = dict(spec)
-        if "type" not in settings:
-            raise ValueError(f"a nested {kind} needs a `type:` (a registered {kind} name)")
-        info = (self.registry or get_registry()).get(kind, settings.pop("type"))
-        return info.cls, info.cls.Config.model_validate(settings)
-
-    def weights(self, uri: str) -> Path:
-        """Resolve `uri` to a local path and remember it for the resolved spec's hashes."""
-        path = self.resolve(uri)
-        self.weight_files[uri] = path
-        return path
-
-
-class Component(nn.Module, ABC):
-    """Behaviour shared by all component kinds."""
-
-    kind: ClassVar[Kind]
-    name: ClassVar[str]
-    Config: ClassVar[type[ComponentConfig]] = ComponentConfig
-    modalities_in: ClassVar[tuple[str, ...]] = ()
-    modalities_out: ClassVar[tuple[str, ...]] = ()
-    out_dim_doc: ClassVar[str] = ""
-    tokens_doc: ClassVar[str] = ""
-    library: ClassVar[str] = "torch (mmhub)"  # the library it is built on, shown in the components table
-    # settings for a tiny instance (seconds on a CPU, random weights): used by the shared
-    # component tests (`mmhub.testing`) and shown as an example in the docs
-    example_settings: ClassVar[dict[str, Any]] = {}
-
-    def __init__(self, config: ComponentConfig, ctx: BuildContext):
-        super().__init__()
-        self.config = config
-
-    @classmethod
-    def summary(cls) -> str:
-        """First line of the class docstring: the one-line description shown in listings."""
-        doc = (cls.__doc__ or "").strip()
-        return doc.splitlines()[0] if doc else ""
-
-    def has_weight_source(self) -> bool:
-        """True when this component's weights come from a weight source (so they need not be saved)."""
-        return False
+from mmhub.component import KINDS, BuildContext, Component, ComponentConfig, Kind  # noqa: F401  (re-exported for plugins)
 
 
 @dataclass(frozen=True)
@@ -184,6 +112,7 @@ class Projector(Component):
     kind: ClassVar[Kind] = "projector"
     Config: ClassVar[type[ComponentConfig]] = ProjectorConfig
     uses_text: ClassVar[bool] = False
+    aux_loss: torch.Tensor | None = None  # set during a training forward by projectors with an auxiliary loss
 
     @classmethod
     @abstractmethod
@@ -207,11 +136,23 @@ class BackboneFacts:
 
 
 class Backbone(Component):
-    """The language model: input embeddings -> hidden states -> logits; owns the tokenizer and generation."""
+    """The language model: input embeddings -> hidden states -> logits; owns the tokenizer and generation.
+
+    Besides the abstract methods, a backbone declares optional capabilities; `MMModel` reads only these
+    declarations (their defaults are the safe "not supported"):
+
+    * ``supports_packing``: `forward` takes a (B, 1, L, L) boolean block mask (packed rows, `mmhub.packing`);
+    * ``supports_step``: `step` runs one KV-cached incremental forward (mmhub's own decode loop);
+    * `only_at`: a context in which `forward` may skip work at positions whose final state nobody reads;
+    * `language_model`: the wrapped transformers model (embedding tables, export), when there is one;
+    * `decoder_start_token_id`: the decoder's first input token (encoder-decoder backbones).
+    """
 
     kind: ClassVar[Kind] = "backbone"
     modalities_in: ClassVar[tuple[str, ...]] = ("text",)
     modalities_out: ClassVar[tuple[str, ...]] = ("text",)
+    supports_packing: ClassVar[bool] = False
+    supports_step: ClassVar[bool] = False
 
     @classmethod
     @abstractmethod
@@ -253,6 +194,29 @@ class Backbone(Component):
     @abstractmethod
     def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """Left-padded (B, L, H) prompt embeddings -> (B, new_tokens) generated ids, with a KV cache."""
+
+    def step(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+             cache: Any = None) -> tuple[torch.Tensor, Any]:
+        """One incremental forward with a KV cache: new positions' hidden states (B, L, H) and the cache to pass
+        next time (created when None); `attention_mask` (B, past + L) covers cached and new positions.
+        Backbones that implement it set ``supports_step = True``."""
+        raise NotImplementedError(f"the {self.name} backbone has no incremental `step` (supports_step is False); "
+                                  "generation goes through its `generate`")
+
+    @contextmanager
+    def only_at(self, needed: torch.Tensor) -> Iterator[bool]:
+        """While active, `forward` may leave the final hidden states wrong wherever `needed` (B, L) is False.
+        Yields whether it skips anything; the default skips nothing."""
+        yield False
+
+    def language_model(self) -> torch.nn.Module | None:
+        """The wrapped transformers model (with ``get_input_embeddings``/``get_output_embeddings``), or None."""
+        return None
+
+    @property
+    def decoder_start_token_id(self) -> int | None:
+        """The token an encoder-decoder backbone's decoder starts from; None for decoder-only backbones."""
+        return None
 
 
 @dataclass

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mmhub.errors import Problem, SpecError, close_matches
+from mmhub.runtime import RuntimeOptions, lift_legacy_options
 
 
 class ComponentSpec(BaseModel):
@@ -129,14 +130,9 @@ class Spec(BaseModel):
                                           "backbone learns to emit for one item (default 4)")
     template: str = "auto"
     attention: Literal["auto", "xformers", "sdpa", "eager"] = "auto"
-    loss_chunk: int = Field(
-        0, ge=0, description="chunked cross-entropy: labelled positions per chunk (0 = all at once). The LM head "
-                             "and the loss run chunk by chunk and each chunk's logits are recomputed in the backward "
-                             "pass, so at most one chunk's logits (chunk x vocabulary floats) is ever held")
-    weight_layout: Literal["auto", "row"] = Field(
-        "auto", description="auto: the backbone's wide linear weights (out >= in features: LM head, q/o, MLP "
-                            "gate/up) are stored column-major, which CPU decoding streams about twice as fast "
-                            "(mmhub.layout); row: every weight row-major, as built")
+    runtime: RuntimeOptions = Field(
+        default_factory=RuntimeOptions, description="speed and memory settings (weight_layout, loss_chunk, "
+                                                    "labelled_only_mlp; mmhub.runtime), apart from what the model is")
     placeholders: dict[str, str] = Field(default_factory=dict)
     max_items: dict[str, int] = Field(default_factory=dict)
     min_text_tokens: int = Field(32, ge=0)
@@ -153,6 +149,12 @@ class Spec(BaseModel):
                                                                    "full even when their weights come from a source)")
     resolved: dict[str, Any] | None = Field(
         None, description="written by mmhub next to saved models: package versions and weight hashes (informational)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _runtime_options(cls, data: Any) -> Any:
+        """Top-level ``loss_chunk`` / ``weight_layout`` (specs written before ``runtime:``) move under ``runtime``."""
+        return lift_legacy_options(data)
 
     def placeholder(self, modality: str) -> str:
         """The text marker where items of `modality` go (default ``<modality>``)."""

@@ -1,0 +1,64 @@
+"""Runtime options: settings that change how fast a model computes and how much memory it holds, never what it is.
+
+A spec's ``runtime:`` block holds them, apart from the model's definition (components, template, stages).
+Each option reaches a component only through a capability the component declares (`Backbone.only_at`,
+`Backbone.supports_packing`): a backbone without the capability runs as before.
+
+* ``weight_layout``: ``auto`` stores the backbone's wide linear weights column-major, which CPU decoding
+  streams about twice as fast (`mmhub.layout`); ``row`` keeps every weight row-major, as built;
+* ``loss_chunk``: chunked cross-entropy, that many labelled positions per chunk (0 = all at once); each
+  chunk's logits are recomputed in the backward pass, so at most one chunk's logits is ever held;
+* ``labelled_only_mlp``: in a training forward that returns no logits, the backbone's last MLP runs only at
+  the positions whose state the loss reads (`Backbone.only_at`).
+
+Specs written before the ``runtime:`` block set ``loss_chunk`` and ``weight_layout`` at the top level;
+`lift_legacy_options` moves them into it, so those specs and the model folders saved with them still load.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+LEGACY_OPTIONS = ("loss_chunk", "weight_layout")  # top-level spec keys that are runtime options
+
+
+class RuntimeOptions(BaseModel):
+    """Speed and memory settings of a model (`mmhub.runtime`); outputs stay the same up to float summation order."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    weight_layout: Literal["auto", "row"] = Field(
+        "auto", description="auto: the backbone's wide linear weights (out >= in features: LM head, q/o, MLP "
+                            "gate/up) are stored column-major, which CPU decoding streams about twice as fast "
+                            "(mmhub.layout); row: every weight row-major, as built")
+    loss_chunk: int = Field(
+        0, ge=0, description="chunked cross-entropy: labelled positions per chunk (0 = all at once). The LM head "
+                             "and the loss run chunk by chunk and each chunk's logits are recomputed in the backward "
+                             "pass, so at most one chunk's logits (chunk x vocabulary floats) is ever held")
+    labelled_only_mlp: bool = Field(
+        True, description="in a training forward that returns no logits, run the backbone's last MLP only at the "
+                          "positions the loss reads (where the backbone's `only_at` supports it)")
+
+
+def lift_legacy_options(data: Any) -> Any:
+    """A spec dict with top-level ``loss_chunk`` / ``weight_layout`` -> the same dict with them under ``runtime``.
+
+    Raises ValueError when an option is given both ways with different values."""
+    if not isinstance(data, dict) or not any(k in data for k in LEGACY_OPTIONS):
+        return data
+    data = dict(data)
+    runtime = data.get("runtime") or {}
+    if not isinstance(runtime, dict):  # a RuntimeOptions instance, or a wrong type pydantic reports itself
+        return data
+    runtime = dict(runtime)
+    for key in LEGACY_OPTIONS:
+        if key not in data:
+            continue
+        value = data.pop(key)
+        if key in runtime and runtime[key] != value:
+            raise ValueError(f"{key} is set twice: {value!r} at the top level and {runtime[key]!r} under runtime; "
+                             f"keep only runtime.{key}")
+        runtime[key] = value
+    data["runtime"] = runtime
+    return data
