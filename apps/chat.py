@@ -16,6 +16,7 @@ from typing import Any, Iterator
 from mmhub.apps.models import LoadedModel
 from mmhub.apps.uploads import Limits, check_prompt, read_upload
 from mmhub.errors import InputError
+from mmhub.reply import Reply
 
 
 @dataclass
@@ -86,8 +87,9 @@ def prompt_for(turns: list[Turn], loaded: LoadedModel) -> tuple[list[dict[str, s
     return messages, media
 
 
-def reply(turns: list[Turn], loaded: LoadedModel, settings: Settings) -> Iterator[str]:
-    """Stream the model's answer to the conversation (which must end with a user turn)."""
+def reply(turns: list[Turn], loaded: LoadedModel, settings: Settings) -> Iterator[Reply]:
+    """Stream the model's answer to the conversation (which must end with a user turn): growing `Reply`s, the
+    last one finished, with the media the model drew."""
     if not turns or turns[-1].role != "user":
         raise InputError("nothing to answer: send a message first")
     messages, media = prompt_for(turns, loaded)

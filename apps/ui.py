@@ -127,9 +127,9 @@ def build_app(pool: ModelPool, limits: Limits = Limits(), folders: list[str] | N
             history = history + [answer]
             yield history, chat.render(history), "_generating…_"
             try:
-                for text in chat.reply(history[:-1], current(k), chat.Settings(int(n), float(t), float(p))):
-                    answer.text = str(text)
-                    answer.files = chat.save_media(getattr(text, "media", {}))  # what the model's generators drew
+                for part in chat.reply(history[:-1], current(k), chat.Settings(int(n), float(t), float(p))):
+                    answer.text = part.text
+                    answer.files = chat.save_media(part.media)  # what the model's generators drew
                     yield history, chat.render(history), "_generating…_"
             except MMHubError as exc:
                 history = history[:-1]

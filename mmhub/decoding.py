@@ -8,8 +8,8 @@ token), forces the rest of a group once its first token is emitted (a group begu
 the token limit is completed past it), and records the state at each signal position —
 the state the model computes when that token is its input, exactly as in training.
 
-`Reply` is the text `MMModel.generate` returns: a ``str`` (signal tokens stripped) that also
-carries the generated media in ``reply.media``.
+Models without signal tokens use the same loop whenever their backbone declares ``supports_step``
+and the settings are the loop's own (`OWN_LOOP_SETTINGS`); `mmhub.generation` picks the path.
 """
 
 from __future__ import annotations
@@ -19,28 +19,20 @@ from typing import Any
 
 import torch
 
+from mmhub.reply import FinishReason
 
 # the generation settings `decode` takes (anything else goes to transformers' generate)
 OWN_LOOP_SETTINGS = frozenset({"max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_p", "streamer"})
 
 
-class Reply(str):
-    """A generated reply: the text itself, plus ``media`` = {modality: [PIL image | frames | Audio]}."""
-
-    media: dict[str, list[Any]]
-
-    def __new__(cls, text: str, media: dict[str, list[Any]] | None = None) -> "Reply":
-        obj = super().__new__(cls, text)
-        obj.media = dict(media or {})
-        return obj
-
-
 @dataclass
 class Decoded:
-    """Per row: generated tokenizer ids (stop token excluded) and the states of completed signal groups."""
+    """Per row: generated tokenizer ids (stop token excluded), the states of completed signal groups and
+    whether the row ended on a stop token ("stop") or at the token limit ("length")."""
 
     tokens: list[list[int]]
     signals: list[dict[str, list[torch.Tensor]]] = field(default_factory=list)  # modality -> [(k, H) per item]
+    finish_reasons: list[FinishReason] = field(default_factory=list)
 
 
 def pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
@@ -106,7 +98,7 @@ def _decode(model: Any, inputs_embeds: torch.Tensor, attention_mask: torch.Tenso
     hidden, cache = backbone.step(inputs_embeds, mask, position_ids, None)
     last = hidden[:, -1]
     next_pos = position_ids[:, -1:] + 1
-    out = Decoded([[] for _ in range(B)], [{} for _ in range(B)])
+    out = Decoded([[] for _ in range(B)], [{} for _ in range(B)], ["length"] * B)
     done = [False] * B
     forced: list[list[int]] = [[] for _ in range(B)]
     pending: list[tuple[str, list[torch.Tensor], int] | None] = [None] * B  # (modality, states so far, k)
@@ -127,6 +119,7 @@ def _decode(model: Any, inputs_embeds: torch.Tensor, attention_mask: torch.Tenso
                 out.tokens[b].append(ids[b])
             elif ids[b] in stop_ids:
                 done[b] = True
+                out.finish_reasons[b] = "stop" if steps < max_new_tokens else "length"  # batch-mates ran on
                 ids[b] = pad
             else:
                 out.tokens[b].append(ids[b])

@@ -1,13 +1,11 @@
 """Streamed generation: the reply of one prompt as it grows, token by token.
 
-`stream_reply` runs the model's own `generate_ids` (so the same stop tokens, placeholder
-suppression and KV cache) in a worker thread with a transformers streamer that hands
-each new token to this thread through a queue. It yields the decoded reply so far
-after every token that changes it; the last value equals what `MMModel.generate`
-returns for the same prompt and settings. An error in the worker is re-raised here.
-
-For a model with an output side the last value is a `Reply` whose ``media`` holds what its
-generators drew (they run once the text is complete).
+`stream_reply` runs the model's one decode path (`mmhub.generation.decode_batch`: the same stop tokens,
+placeholder suppression and KV cache) in a worker thread with a transformers streamer that hands each new
+token to this thread through a queue. It yields a `Reply` holding the text so far (``finish_reason`` None)
+after every token that changes the text, and last the finished `Reply`, equal to what `MMModel.generate`
+returns for the same prompt and settings (with the media the model's generators drew, which run once the
+text is complete). An error in the worker is re-raised here.
 """
 
 from __future__ import annotations
@@ -18,7 +16,10 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from transformers.generation.streamers import BaseStreamer
 
+from mmhub.decoding import Decoded
 from mmhub.errors import InputError
+from mmhub.generation import decode_batch, draw, reply_of, stop_token_ids
+from mmhub.reply import Reply
 
 _END = object()
 
@@ -42,55 +43,49 @@ class _TokenQueue(BaseStreamer):
 
 def stream_reply(model: Any, prompt: Any, media: Mapping[str, Sequence[Any]] | None = None, *,
                  max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                 seed: int | None = None, timeout: float | None = 600.0) -> Iterator[str]:
-    """Yield the reply to one prompt (a user message or a conversation) as it grows."""
+                 seed: int | None = None, timeout: float | None = 600.0) -> Iterator[Reply]:
+    """Yield the reply to one prompt (a user message or a conversation) as it grows, then finished."""
     if max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     b = model.batch([prompt], [dict(media or {})], add_generation_prompt=True, padding_side="left")
     streamer = _TokenQueue()
     failure: list[BaseException] = []
-
-    decoded: list[Any] = []
-    drawing = getattr(model, "signal_tokens", None) is not None
+    decoded: list[Decoded] = []
 
     def work() -> None:
         try:
-            settings = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p,
-                            seed=seed, streamer=streamer)
-            if drawing:  # mmhub's decode loop, which also hands back the signal states
-                decoded.append(model._decode(b["input_ids"], b["attention_mask"], b["media"], **settings))
-            else:
-                model.generate_ids(b["input_ids"], b["attention_mask"], b["media"], **settings)
+            decoded.append(decode_batch(model, b["input_ids"], b["attention_mask"], b["media"], seed=seed,
+                                        max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                        top_p=top_p, streamer=streamer))
         except BaseException as exc:  # handed to the consumer, never lost in the thread
             failure.append(exc)
             streamer.end()
 
     worker = threading.Thread(target=work, name="mmhub-stream", daemon=True)
     worker.start()
-    stop = set(model.stop_token_ids())
-    ids: list[int] = []
-    shown = ""
     try:
-        while True:
-            item = streamer.queue.get(timeout=timeout)
-            if item is _END:
-                break
-            for t in item:
-                if t in stop:
-                    break
-                ids.append(t)
-            else:
-                text = model.tokenizer.decode(ids, skip_special_tokens=True).strip()
-                if text != shown:
-                    shown = text
-                    yield text
-                continue
-            break  # a stop token: the rest is not part of the reply
+        yield from _growing(model, streamer, set(stop_token_ids(model)), timeout)
     finally:
         worker.join(timeout=timeout)
     if failure:
         raise failure[0]
-    if drawing and decoded and decoded[0].signals[0]:
-        from mmhub.decoding import Reply
+    drawn = draw(model, decoded[0].signals[0], seed=seed) if model.signal_tokens is not None else {}
+    yield reply_of(model, decoded[0], 0, drawn)
 
-        yield Reply(shown, model.draw(decoded[0].signals[0], seed=seed))
+
+def _growing(model: Any, streamer: _TokenQueue, stop: set[int], timeout: float | None) -> Iterator[Reply]:
+    """The streamed tokens as partial replies: one per token that changes the text, until a stop token or the end."""
+    ids: list[int] = []
+    shown = ""
+    while True:
+        item = streamer.queue.get(timeout=timeout)
+        if item is _END:
+            return
+        for t in item:
+            if t in stop:
+                return  # the rest is not part of the reply
+            ids.append(t)
+        text = model.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        if text != shown:
+            shown = text
+            yield Reply(text, token_ids=list(ids))

@@ -131,7 +131,7 @@ def test_streamed_reply_ends_with_what_generate_returns(loaded):
     parts = list(chat.reply([turn], loaded, chat.Settings(max_new_tokens=8)))
     expected = loaded.model.generate(["<image>\nwhat color is the shape?"], [{"image": [turn.media["image"][0]]}],
                                      max_new_tokens=8)[0]
-    assert parts and parts[-1] == expected == "red"
+    assert parts and parts[-1] == expected and expected.text == "red"
 
 
 def test_stream_grows_token_by_token():
@@ -139,7 +139,7 @@ def test_stream_grows_token_by_token():
     parts = list(model.stream("hello", max_new_tokens=12))
     final = model.generate(["hello"], max_new_tokens=12)[0]
     assert parts[-1] == final
-    assert all(b.startswith(a.rstrip()) or len(b) >= len(a) for a, b in zip(parts, parts[1:]))
+    assert all(b.text.startswith(a.text.rstrip()) or len(b.text) >= len(a.text) for a, b in zip(parts, parts[1:]))
 
 
 def test_reply_needs_a_user_turn_and_valid_settings(loaded):

@@ -165,7 +165,7 @@ def test_greedy_generation_through_auto_processor_equals_mmhub(name: str, pictur
         want = model.generate_ids(ours["input_ids"], ours["attention_mask"], ours["media"], max_new_tokens=12)[0]
         assert new == want, (name, backend)
         reply = processor.decode(new, skip_special_tokens=True).strip()
-        assert reply == model.generate([PROMPT], [{"image": [image]}], max_new_tokens=12)[0]
+        assert reply == model.generate([PROMPT], [{"image": [image]}], max_new_tokens=12)[0].text
 
 
 def test_image_processor_reproduces_mmhub_preprocessing(pictures, tmp_path) -> None:

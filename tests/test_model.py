@@ -7,6 +7,7 @@ import torch
 
 from mmhub import build
 from mmhub.errors import InputError
+from mmhub.generation import uses_own_loop
 from mmhub.splice import IGNORE, splice
 
 
@@ -102,7 +103,7 @@ def test_batched_generation_equals_one_by_one(tiny_spec, images) -> None:
     batched = model.generate(prompts, media, max_new_tokens=6)
     single = [model.generate([p], [m], max_new_tokens=6)[0] for p, m in zip(prompts, media)]
     assert batched == single
-    assert len(set(batched)) > 1  # the prompts really lead to different outputs
+    assert len({r.text for r in batched}) > 1  # the prompts really lead to different outputs
 
 
 def test_own_decode_loop_equals_transformers_generate(tiny_spec, images) -> None:
@@ -112,10 +113,10 @@ def test_own_decode_loop_equals_transformers_generate(tiny_spec, images) -> None
     b = model.batch(["<image>\nWhat?", "hello there, how are you doing today?"], [{"image": [images[0]]}, {}],
                     add_generation_prompt=True, padding_side="left")
     args = (b["input_ids"], b["attention_mask"], b["media"])
-    assert model._own_loop({"max_new_tokens": 8})
+    assert uses_own_loop(model, {"max_new_tokens": 8})
     own = model.generate_ids(*args, max_new_tokens=8)
     hf = model.generate_ids(*args, max_new_tokens=8, repetition_penalty=1.0)  # not a loop setting: generate()
-    assert not model._own_loop({"max_new_tokens": 8, "repetition_penalty": 1.0})
+    assert not uses_own_loop(model, {"max_new_tokens": 8, "repetition_penalty": 1.0})
     assert own == hf and all(len(r) > 0 for r in own)
     stop = model.stop_token_ids()
     with torch.no_grad():  # make a stop token the certain choice: only min_new_tokens keeps the reply going
@@ -174,3 +175,28 @@ def test_cached_encoder_features_give_the_same_loss_as_media(tiny_spec, images):
     feats = model.encode_features(b["media"])
     c = model(b["input_ids"], b["attention_mask"], b["labels"], features=feats)
     assert torch.equal(a.loss, c.loss) and torch.equal(a.logits, c.logits)
+
+
+def test_runtime_options_sit_under_runtime_and_old_top_level_keys_still_load(tiny_spec) -> None:
+    from mmhub.errors import SpecError
+    from mmhub.spec import spec_from_dict
+
+    old = spec_from_dict({**tiny_spec, "loss_chunk": 7, "weight_layout": "row"})
+    new = spec_from_dict({**tiny_spec, "runtime": {"loss_chunk": 7, "weight_layout": "row"}})
+    assert old.runtime == new.runtime and old.runtime.loss_chunk == 7 and old.runtime.labelled_only_mlp
+    assert "loss_chunk" not in old.model_dump() and old.model_dump()["runtime"]["weight_layout"] == "row"
+    with pytest.raises(SpecError, match="loss_chunk is set twice: 7 at the top level and 5 under runtime; "
+                                        "keep only runtime.loss_chunk"):
+        spec_from_dict({**tiny_spec, "loss_chunk": 7, "runtime": {"loss_chunk": 5}})
+
+
+def test_backbone_capabilities_are_declared_with_safe_defaults(tiny_spec) -> None:
+    from mmhub.interfaces import Backbone
+
+    assert (Backbone.supports_packing, Backbone.supports_step) == (False, False)
+    model = build(tiny_spec)
+    bb = model.backbone
+    assert bb.supports_packing and bb.supports_step and bb.decoder_start_token_id is None
+    assert bb.language_model() is bb.model
+    with Backbone.only_at(bb, torch.ones(1, 3, dtype=torch.bool)) as skipped:  # the base default skips nothing
+        assert skipped is False

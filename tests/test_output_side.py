@@ -20,7 +20,8 @@ from mmhub import MMModel
 from mmhub.assembly import build
 from mmhub.data.base import InMemoryDataset
 from mmhub.data.sample import Sample
-from mmhub.decoding import Reply, pick
+from mmhub.decoding import pick
+from mmhub.reply import Reply
 from mmhub.errors import InputError, SpecError
 from mmhub.interfaces import Generator, GeneratorFacts
 from mmhub.registry import get_registry
@@ -152,24 +153,25 @@ def test_trained_model_emits_signals_and_draws(out_spec, tmp_path) -> None:
     model = MMModel.from_pretrained(tmp_path / "run" / "decode_align" / "model")
     replies = model.generate(["draw a red circle", "draw a blue circle"], max_new_tokens=24)
     for r in replies:
-        assert isinstance(r, Reply) and isinstance(r, str)
-        assert "<img_" not in r and "circle" in r
-        assert len(r.media["image"]) == 1 and r.media["image"][0].size == (8, 8)
+        assert isinstance(r, Reply) and r.finish_reason in ("stop", "length") and r.token_ids
+        assert "<img_" not in r.text and "circle" in r.text
+        assert len(r.images) == 1 and r.images[0].size == (8, 8) and r.images == r.media["image"]
     no_media = model.generate(["draw a red circle"], max_new_tokens=24, generate_media=False)[0]
-    assert no_media == replies[0] and no_media.media == {}
+    assert no_media.text == replies[0].text and no_media.media == {}
     # the decode loop is deterministic
     assert model.generate(["draw a red circle"], max_new_tokens=24)[0] == replies[0]
-    # streaming: the text grows, and the last value carries the drawing, as generate's reply does
+    # streaming: the text grows, and the last value is generate's reply, drawing included
     parts = list(model.stream("draw a red circle", max_new_tokens=24))
-    assert parts[-1] == replies[0] and isinstance(parts[-1], Reply) and len(parts[-1].media["image"]) == 1
-    assert len(parts) > 2 and all(replies[0].startswith(p) for p in parts)
+    assert parts[-1] == replies[0] and isinstance(parts[-1], Reply) and len(parts[-1].images) == 1
+    assert len(parts) > 2 and all(replies[0].text.startswith(p.text) for p in parts)
+    assert all(p.finish_reason is None and p.media == {} for p in parts[:-1])
     # the demo shows it: saved to files, rendered after the reply's text
     from mmhub.apps import chat
 
     files = chat.save_media(parts[-1].media, tmp_path / "shown")
     assert [Path(f).suffix for f in files] == [".png"] and Image.open(files[0]).size == (8, 8)
-    rendered = chat.render([chat.Turn("user", "draw a red circle"), chat.Turn("assistant", str(parts[-1]), files)])
-    assert rendered[1]["content"][0] == str(parts[-1]) and rendered[1]["content"][1]["path"] == files[0]
+    rendered = chat.render([chat.Turn("user", "draw a red circle"), chat.Turn("assistant", parts[-1].text, files)])
+    assert rendered[1]["content"][0] == parts[-1].text and rendered[1]["content"][1]["path"] == files[0]
 
 
 def test_models_without_an_output_side_return_plain_replies(tiny_spec) -> None:
@@ -289,4 +291,4 @@ def test_a_placeholder_past_the_vocabulary_never_masks_a_signal_token(out_spec) 
     sig.logits = lambda hidden, base: plain(hidden, base) + bonus.to(hidden.dtype)
     assert int(model.head(torch.randn(1, sig.head.shape[1])).argmax(-1)) == sig.base_vocab  # column V = <img_0>
     reply = model.generate(["draw"], max_new_tokens=4)[0]
-    assert len(reply.media.get("image", [])) >= 1, f"no image drawn; reply {str(reply)!r}"
+    assert len(reply.media.get("image", [])) >= 1, f"no image drawn; reply {reply.text!r}"

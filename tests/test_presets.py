@@ -102,7 +102,7 @@ def test_tiny_preset_builds_trains_and_generates(name: str) -> None:
     assert grads and any(float(g.abs().sum()) > 0 for g in grads), f"{name}: no gradient reached the trainable parts"
     _distinctive(name, model, out)
     texts = model.generate([prompt], [media], max_new_tokens=3)
-    assert len(texts) == 1 and isinstance(texts[0], str)
+    assert len(texts) == 1 and isinstance(texts[0].text, str)
 
 
 @pytest.mark.parametrize("name", ZOO)

@@ -60,7 +60,7 @@ def test_any_to_any_preset_generates_text_and_media(name: str) -> None:
     assert lm < 0.3 and align_last < 0.5 * align_first, (lm, align_first, align_last)
     for m in sorted(outputs):
         reply = model.generate([REQUESTS[m][0]], max_new_tokens=16, seed=0)[0]
-        assert "<" not in reply and reply.strip() == "ok", reply
+        assert "<" not in reply.text and reply.text.strip() == "ok", reply
         assert list(reply.media) == [m], (m, reply.media)
         item = reply.media[m][0]
         if m == "image":

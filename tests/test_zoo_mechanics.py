@@ -144,7 +144,7 @@ def test_encoder_decoder_backbone_takes_media_on_the_encoder_side(tiny_spec, ima
     assert not torch.allclose(other.logits[0], out.logits[0, :other.logits.shape[1]], atol=1e-4)
     texts = model.generate(["<image>\nWhat?", "Hello <image>"], [{"image": images[:1]}, {"image": images[1:2]}],
                            max_new_tokens=4)
-    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    assert len(texts) == 2 and all(isinstance(t.text, str) for t in texts)
 
 
 def test_seq2seq_backbone_rejects_decoder_only_configs(tiny_spec):

@@ -65,10 +65,10 @@ class EasyVQATask(EvalTask):
             replies = model.generate(prompts, media, max_new_tokens=max_new_tokens, do_sample=False)
             for s, reply in zip(batch, replies):
                 kind, answer = s.meta["question_type"], s.meta["answer"]
-                triples.append((reply, answer, kind))
+                triples.append((reply.text, answer, kind))
                 if on_result is not None:
-                    on_result({"id": s.id, "question": s.meta["question"], "answer": answer, "prediction": reply,
-                               "type": kind, "correct": exact_match(reply, answer)})
+                    on_result({"id": s.id, "question": s.meta["question"], "answer": answer, "prediction": reply.text,
+                               "type": kind, "correct": exact_match(reply.text, answer)})
         result = score(triples)
         return {"task": self.name, "split": split, "n": result["n"], "correct": result["correct"],
                 "accuracy": result["accuracy"], "per_type": result["per_type"], "blind": blind,

@@ -62,7 +62,7 @@ class EasyVQADrawTask(EvalTask):
             for j, (request, colour, shape) in enumerate(chunk):
                 reply = model.generate([request], max_new_tokens=max_new_tokens, seed=start + j,
                                        media_steps=self.config.steps)[0]
-                images = reply.media.get("image", [])
+                images = reply.images
                 got_colour = dominant_color(images[0]) if images else None
                 got_shape = classifier.classify(images[:1])[0] if images else None
                 n += 1
@@ -71,7 +71,7 @@ class EasyVQADrawTask(EvalTask):
                 shape_ok += got_shape == shape
                 both += got_colour == colour and got_shape == shape
                 if on_result is not None:
-                    on_result({"prompt": request, "reply": str(reply), "color": colour, "shape": shape,
+                    on_result({"prompt": request, "reply": reply.text, "color": colour, "shape": shape,
                                "got_color": got_colour, "got_shape": got_shape})
         return {"task": self.name, "split": split, "n": n, "correct": both, "accuracy": both / n if n else 0.0,
                 "drawn": drawn / n if n else 0.0, "color_match": colour_ok / n if n else 0.0,

@@ -78,7 +78,7 @@ def generate(out: Path = OUT, max_new_tokens: int = 96, batch: int = 8) -> int:
     for i in range(0, len(ps), batch):
         chunk = ps[i:i + batch]
         for p, a in zip(chunk, model.generate(chunk, max_new_tokens=max_new_tokens)):
-            lines.append(json.dumps({"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": trim(a)}]}))
+            lines.append(json.dumps({"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": trim(a.text)}]}))
         print(f"{len(lines)}/{len(ps)}", flush=True)
     write_text_atomic(out, "\n".join(lines) + "\n")
     return len(lines)

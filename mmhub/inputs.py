@@ -1,0 +1,147 @@
+"""Input preparation: token ids with placeholders + media (or cached encoder features) -> backbone-ready inputs.
+
+`prepare` embeds the text, encodes and projects the media, splices the projected tokens in at their
+placeholders (`mmhub.splice`) and, for models with injectors, builds the `InjectionContext` they read
+during the backbone call (`injected`). Text-reading projectors get the text around each item
+(`text_context`). Everything here works on an assembled `MMModel` and holds no state of its own.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping
+
+import torch
+
+from mmhub.errors import InputError
+from mmhub.interfaces import InjectionContext, TextContext
+from mmhub.splice import IGNORE, Spliced, compact, splice
+
+
+@dataclass
+class Prepared:
+    """Backbone-ready inputs plus what injectors and the loss need."""
+
+    spliced: Spliced
+    injection: InjectionContext | None
+    aux_loss: torch.Tensor | None
+
+
+def prepare(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor | None,
+            media: Mapping[str, torch.Tensor] | None, padding_side: str,
+            features: Mapping[str, torch.Tensor] | None = None, segment_ids: torch.Tensor | None = None) -> Prepared:
+    """`MMModel.prepare_inputs`, plus the injection context and the projectors' auxiliary loss."""
+    if segment_ids is not None:
+        check_packing(model)
+        segment_ids = segment_ids.to(model.device)
+    input_ids = input_ids.to(model.device)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    attention_mask = attention_mask.to(model.device)
+    labels = labels.to(model.device) if labels is not None else None
+    media = media or {}
+    features = features or {}
+    given = set(media) | set(features)
+    ph_ids = model.processor.placeholder_ids
+    for m in model.encoders:
+        if m not in given and bool((input_ids == ph_ids[m]).any()):
+            n = int((input_ids == ph_ids[m]).sum())
+            raise InputError(f"the text has {n} {model.placeholder_names[ph_ids[m]]} placeholder(s) but 0 {m} items "
+                             "were given")
+    safe_ids = input_ids.masked_fill(input_ids >= model.backbone_vocab_size, 0)  # placeholder ids may lie past the table
+    text_embeds = model.backbone.embed(safe_ids)  # (B, L, H)
+    if model.signal_tokens is not None:
+        text_embeds = model.signal_tokens.embed_into(input_ids, text_embeds)
+    text = {m: text_context(model, input_ids, attention_mask, labels, text_embeds, m, segment_ids)
+            for m in given if m in model.projectors and model.projectors[m].uses_text}
+    tokens, aux = model.encode_media(media, text, features)
+    context = model.plan.context_modalities
+    spliced_media = {}
+    for m, t in tokens.items():
+        if m in context:  # the injector cross-attends to the tokens; the text keeps one marker token per item
+            t = model.injectors[context[m]].marker(m).to(t.dtype).expand(t.shape[0], 1, -1)
+        spliced_media[ph_ids[m]] = t
+    sp = splice(input_ids, text_embeds, attention_mask, labels, spliced_media, padding_side, model.placeholder_names,
+                segment_ids)
+    injection = injection_context(model, input_ids, sp, tokens) if len(model.injectors) else None
+    return Prepared(sp, injection, aux)
+
+
+def text_context(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None,
+                 text_embeds: torch.Tensor, modality: str, segment_ids: torch.Tensor | None = None) -> TextContext:
+    """Per item of `modality`: its sample's prompt-side text (and answer side when labelled)."""
+    ph = torch.zeros_like(input_ids, dtype=torch.bool)
+    for pid in model.processor.placeholder_ids.values():
+        ph |= input_ids == pid
+    valid = attention_mask.bool() & ~ph
+    prompt = valid if labels is None else valid & (labels == IGNORE)
+    if segment_ids is not None:  # packed rows: each item reads only its own sample's text
+        rows, cols = (input_ids == model.processor.placeholder_ids[modality]).nonzero(as_tuple=True)
+        own = segment_ids[rows] == segment_ids[rows, cols][:, None]  # (N, L)
+        ctx = TextContext(*compact(text_embeds[rows], prompt[rows] & own))
+        if labels is not None:
+            ctx.target, ctx.target_mask = compact(text_embeds[rows], valid[rows] & (labels[rows] != IGNORE) & own)
+        return ctx
+    inst, inst_mask = compact(text_embeds, prompt)
+    rows = (input_ids == model.processor.placeholder_ids[modality]).nonzero(as_tuple=True)[0]
+    ctx = TextContext(inst[rows], inst_mask[rows])
+    if labels is not None:
+        tgt, tgt_mask = compact(text_embeds, valid & (labels != IGNORE))
+        ctx.target, ctx.target_mask = tgt[rows], tgt_mask[rows]
+    return ctx
+
+
+def check_packing(model: Any) -> None:
+    """Raise `InputError` naming why this model cannot take packed rows (``segment_ids``), if it cannot."""
+    why = None
+    if model.is_encoder_decoder:
+        why = "an encoder-decoder backbone (its encoder and decoder sides are split per row)"
+    elif len(model.injectors):
+        why = f"injectors ({', '.join(model.injectors)}: they index media per row, not per packed sample)"
+    elif not model.backbone.supports_packing:
+        why = f"the {model.backbone.name} backbone (it takes no 4D attention mask)"
+    if why:
+        raise InputError(f"sequence packing (segment_ids) is not supported with {why}; "
+                         "collate these samples unpacked (MMProcessor.collate) instead")
+
+
+def injection_context(model: Any, input_ids: torch.Tensor, sp: Spliced,
+                      tokens: Mapping[str, torch.Tensor]) -> InjectionContext:
+    """What the injectors read during the backbone call: each sample's items, where they sit, which is latest."""
+    B = input_ids.shape[0]
+    H = sp.inputs_embeds.shape[-1]
+    origin = sp.origin.clamp(min=0)
+    ph_ids = model.processor.placeholder_ids
+    context = model.plan.context_modalities
+    is_marker = torch.zeros_like(input_ids, dtype=torch.bool)
+    media, valid, index = {}, {}, {}
+    for m in context:
+        hit = input_ids == ph_ids[m]  # (B, L)
+        is_marker |= hit
+        nth = hit.long().cumsum(1) - 1  # latest item at or before each input position (-1 before the first)
+        index[m] = nth.gather(1, origin).masked_fill(sp.origin < 0, -1)  # (B, L')
+        M = max(int(hit.sum(1).max()), 1)
+        t = tokens.get(m)
+        T = t.shape[1] if t is not None else 1
+        media[m] = sp.inputs_embeds.new_zeros(B, M, T, H)
+        valid[m] = torch.zeros(B, M, dtype=torch.bool, device=input_ids.device)
+        if t is not None:
+            b, _ = hit.nonzero(as_tuple=True)
+            slot = nth[hit]
+            media[m][b, slot] = t.to(media[m].dtype)
+            valid[m][b, slot] = True
+    positions = sp.media_positions & ~is_marker.gather(1, origin)
+    return InjectionContext(media, valid, index, positions)
+
+
+@contextmanager
+def injected(model: Any, context: InjectionContext | None) -> Iterator[None]:
+    """Hand `context` to every injector for the duration of one backbone call, then clear it."""
+    for inj in model.injectors.values():
+        inj.context = context
+    try:
+        yield
+    finally:
+        for inj in model.injectors.values():
+            inj.context = None
