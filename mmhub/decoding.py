@@ -79,20 +79,8 @@ def _decode(model: Any, inputs_embeds: torch.Tensor, attention_mask: torch.Tenso
     device = inputs_embeds.device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     pad = model.processor.pad_id
-    first = {}  # first token id of each group -> (modality, the group's ids)
-    if sig is not None:
-        for m in sig.modalities:
-            ids = sig.ids_of(m)
-            first[ids[0]] = (m, ids)
-    suppress = torch.tensor(sorted(set(suppress_ids or [])), dtype=torch.long, device=device)
-    if sig is not None and suppress.numel():
-        # ids past the backbone's table that are not signal tokens (a placeholder added after the vocabulary, say)
-        # have no column of their own: mapped as they are they would land on a signal column and mask it out
-        keep = (suppress < sig.base_vocab) | (sig.row(suppress) >= 0)
-        suppress = sig.columns(suppress[keep])
-    stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
-    if sig is not None and stops.numel():
-        stops = sig.columns(stops)
+    first = _group_starts(sig)
+    suppress, stops = _head_columns(sig, suppress_ids, stop_ids, device)
 
     mask = attention_mask.clone()
     hidden, cache = backbone.step(inputs_embeds, mask, position_ids, None)
@@ -111,22 +99,7 @@ def _decode(model: Any, inputs_embeds: torch.Tensor, attention_mask: torch.Tenso
             logits[:, stops[stops < logits.shape[-1]]] = torch.finfo(logits.dtype).min
         cols = pick(logits, do_sample, temperature, top_p, generator)
         ids = (sig.token_ids(cols) if sig is not None else cols).tolist()
-        for b in range(B):
-            if done[b]:
-                ids[b] = pad
-            elif forced[b]:
-                ids[b] = forced[b].pop(0)
-                out.tokens[b].append(ids[b])
-            elif ids[b] in stop_ids:
-                done[b] = True
-                out.finish_reasons[b] = "stop" if steps < max_new_tokens else "length"  # batch-mates ran on
-                ids[b] = pad
-            else:
-                out.tokens[b].append(ids[b])
-                if ids[b] in first:  # a group begins: its other tokens follow whatever the model would pick
-                    m, group = first[ids[b]]
-                    forced[b] = list(group[1:])
-                    pending[b] = (m, [], len(group))
+        _take(ids, out, done, forced, pending, first, stop_ids, pad, within_limit=steps < max_new_tokens)
         steps += 1  # tokens chosen so far
         if streamer is not None:
             streamer.put(torch.tensor([i if not d or i != pad else stop_ids[0] if stop_ids else pad
@@ -135,22 +108,79 @@ def _decode(model: Any, inputs_embeds: torch.Tensor, attention_mask: torch.Tenso
             break
         if steps >= max_new_tokens and not any(forced) and not any(p is not None for p in pending):
             break  # the last token's own state is not needed: no step for it (a token of a group still needs one)
-        step_ids = torch.tensor(ids, device=device)[:, None]
-        emb = backbone.embed(step_ids.masked_fill(step_ids >= model.backbone_vocab_size, 0))
-        if sig is not None:
-            emb = sig.embed_into(step_ids, emb)
+        emb = _embed(model, torch.tensor(ids, device=device)[:, None])
         alive = torch.tensor([0 if d and not p else 1 for d, p in zip(done, pending)], device=device)
         mask = torch.cat([mask, alive[:, None].to(mask.dtype)], 1)
         hidden, cache = backbone.step(emb, mask, next_pos, cache)
         last = hidden[:, -1]
         next_pos = next_pos + 1
-        for b in range(B):
-            if pending[b] is not None:  # the token just fed belongs to a group: its state is the group's
-                m, states, k = pending[b]
-                states.append(last[b])
-                if len(states) == k:
-                    out.signals[b].setdefault(m, []).append(torch.stack(states))
-                    pending[b] = None
+        _record_group_states(out, pending, last)
         if steps >= max_new_tokens and not any(forced) and not any(p is not None for p in pending):
             break
     return out
+
+
+def _group_starts(sig: Any) -> dict[int, tuple[str, list[int]]]:
+    """First token id of each signal group -> (modality, the group's ids)."""
+    first = {}
+    if sig is not None:
+        for m in sig.modalities:
+            ids = sig.ids_of(m)
+            first[ids[0]] = (m, ids)
+    return first
+
+
+def _head_columns(sig: Any, suppress_ids: list[int] | None, stop_ids: list[int],
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The head's columns of the suppressed ids and of the stop ids."""
+    suppress = torch.tensor(sorted(set(suppress_ids or [])), dtype=torch.long, device=device)
+    if sig is not None and suppress.numel():
+        # ids past the backbone's table that are not signal tokens (a placeholder added after the vocabulary, say)
+        # have no column of their own: mapped as they are they would land on a signal column and mask it out
+        keep = (suppress < sig.base_vocab) | (sig.row(suppress) >= 0)
+        suppress = sig.columns(suppress[keep])
+    stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    if sig is not None and stops.numel():
+        stops = sig.columns(stops)
+    return suppress, stops
+
+
+def _take(ids: list[int], out: Decoded, done: list[bool], forced: list[list[int]], pending: list[Any],
+          first: dict[int, tuple[str, list[int]]], stop_ids: list[int], pad: int, within_limit: bool) -> None:
+    """Per row, in place: the chosen id becomes the row's next token (pad once the row is done), a forced group
+    token overrides it, a stop id ends the row; a group's first token forces the rest of the group."""
+    for b in range(len(ids)):
+        if done[b]:
+            ids[b] = pad
+        elif forced[b]:
+            ids[b] = forced[b].pop(0)
+            out.tokens[b].append(ids[b])
+        elif ids[b] in stop_ids:
+            done[b] = True
+            out.finish_reasons[b] = "stop" if within_limit else "length"  # past the limit only batch-mates ran on
+            ids[b] = pad
+        else:
+            out.tokens[b].append(ids[b])
+            if ids[b] in first:  # a group begins: its other tokens follow whatever the model would pick
+                m, group = first[ids[b]]
+                forced[b] = list(group[1:])
+                pending[b] = (m, [], len(group))
+
+
+def _embed(model: Any, step_ids: torch.Tensor) -> torch.Tensor:
+    """(B, 1) chosen ids -> their input embeddings (signal tokens from their own rows)."""
+    emb = model.backbone.embed(step_ids.masked_fill(step_ids >= model.backbone_vocab_size, 0))
+    if model.signal_tokens is not None:
+        emb = model.signal_tokens.embed_into(step_ids, emb)
+    return emb
+
+
+def _record_group_states(out: Decoded, pending: list[Any], last: torch.Tensor) -> None:
+    """The token just fed belongs to a group: its state (`last` (B, H)) is the group's; a full group is recorded."""
+    for b in range(len(pending)):
+        if pending[b] is not None:
+            m, states, k = pending[b]
+            states.append(last[b])
+            if len(states) == k:
+                out.signals[b].setdefault(m, []).append(torch.stack(states))
+                pending[b] = None

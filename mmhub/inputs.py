@@ -68,6 +68,25 @@ def prepare(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     return Prepared(sp, injection, aux)
 
 
+def project_media(model: Any, media: Mapping[str, torch.Tensor], text: Mapping[str, TextContext] | None = None,
+                  features: Mapping[str, torch.Tensor] | None = None
+                  ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """`MMModel.encode_media`: encoder (unless `features` holds its output) then projector, per modality."""
+    out, aux = {}, []
+    features = dict(features or {})
+    feats_all = {**model.encode_features({m: t for m, t in media.items() if m not in features}),
+                 **{m: f.to(model.device) for m, f in features.items()}}
+    for m, feats in feats_all.items():
+        if m not in model.projectors:
+            raise InputError(f"got {m!r} features, but this model accepts {', '.join(model.encoders) or 'text only'}")
+        proj = model.projectors[m]
+        proj.aux_loss = None
+        out[m] = proj(feats, (text or {}).get(m))  # (N, T', hidden)
+        if proj.aux_loss is not None:
+            aux.append(proj.aux_loss)
+    return out, (torch.stack(aux).sum() if aux else None)
+
+
 def text_context(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None,
                  text_embeds: torch.Tensor, modality: str, segment_ids: torch.Tensor | None = None) -> TextContext:
     """Per item of `modality`: its sample's prompt-side text (and answer side when labelled)."""

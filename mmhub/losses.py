@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from mmhub.errors import InputError
 from mmhub.splice import Spliced
@@ -29,11 +30,9 @@ def label_cross_entropy(model: Any, hidden: torch.Tensor, target: torch.Tensor) 
     memory holds one chunk's (chunk x vocabulary) logits instead of all N; the head's matmul runs once more
     in the backward pass. The loss and gradients equal the unchunked ones (up to float summation order)."""
     chunk = model.spec.runtime.loss_chunk
-    ce = lambda h, t: F.cross_entropy(model.head(h).float(), t, reduction="none")  # noqa: E731
+    ce = lambda h, t: F.cross_entropy(model.head(h).float(), t, reduction="none")
     if not chunk or hidden.shape[0] <= chunk or not torch.is_grad_enabled():
         return ce(hidden, target)
-    from torch.utils.checkpoint import checkpoint  # reason: only the chunked loss needs it
-
     return torch.cat([checkpoint(ce, hidden[i:i + chunk], target[i:i + chunk], use_reentrant=False)
                       for i in range(0, hidden.shape[0], chunk)])
 

@@ -22,6 +22,7 @@ from mmhub.processor import Messages, MMProcessor
 from mmhub.reply import Reply
 from mmhub.signals import SignalTokens, token_names
 from mmhub.splice import Spliced
+from mmhub.streaming import stream_reply
 
 
 @dataclass
@@ -119,19 +120,7 @@ class MMModel(nn.Module):
         `text` gives text-reading projectors (``uses_text``) the text around each item; `features`
         holds precomputed encoder outputs (N, T, enc_dim) for modalities whose encoder is skipped.
         """
-        out, aux = {}, []
-        features = dict(features or {})
-        feats_all = {**self.encode_features({m: t for m, t in media.items() if m not in features}),
-                     **{m: f.to(self.device) for m, f in features.items()}}
-        for m, feats in feats_all.items():
-            if m not in self.projectors:
-                raise InputError(f"got {m!r} features, but this model accepts {', '.join(self.encoders) or 'text only'}")
-            proj = self.projectors[m]
-            proj.aux_loss = None
-            out[m] = proj(feats, (text or {}).get(m))  # (N, T', hidden)
-            if proj.aux_loss is not None:
-                aux.append(proj.aux_loss)
-        return out, (torch.stack(aux).sum() if aux else None)
+        return inputs.project_media(self, media, text, features)
 
     def prepare_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                        labels: torch.Tensor | None = None, media: Mapping[str, torch.Tensor] | None = None,
@@ -202,13 +191,7 @@ class MMModel(nn.Module):
     def batch(self, conversations: Sequence[str | Messages], media: Sequence[Mapping[str, Sequence[Any]]] | None = None,
               add_generation_prompt: bool = False, padding_side: str = "right") -> dict[str, Any]:
         """Tokenize and collate conversations with their media (one mapping per conversation)."""
-        media = list(media) if media is not None else [{} for _ in conversations]
-        if len(media) != len(conversations):
-            raise InputError(f"{len(conversations)} conversations but {len(media)} media entries; "
-                             "give one per conversation")
-        enc = [self.processor.encode(c, m, add_generation_prompt=add_generation_prompt, index=i)
-               for i, (c, m) in enumerate(zip(conversations, media))]
-        return self.processor.collate(enc, padding_side=padding_side)
+        return self.processor.batch(conversations, media, add_generation_prompt, padding_side)
 
     def generate(self, prompts: Sequence[str | Messages], media: Sequence[Mapping[str, Sequence[Any]]] | None = None,
                  max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
@@ -228,8 +211,6 @@ class MMModel(nn.Module):
     def stream(self, prompt: str | Messages, media: Mapping[str, Sequence[Any]] | None = None,
                **settings: Any) -> Iterator[Reply]:
         """The reply to one prompt as it grows, then finished (see `mmhub.streaming`); settings as for `generate`."""
-        from mmhub.streaming import stream_reply  # reason: streaming imports transformers' streamer classes
-
         return stream_reply(self, prompt, media, **settings)
 
     def draw(self, states: Mapping[str, Sequence[torch.Tensor]], seed: int | None = None, steps: int | None = None,

@@ -86,6 +86,17 @@ class MMProcessor:
         tensors = {m: [self.preprocess[m](item) for item in items] for m, items in media.items() if items}
         return Encoded(ids, labels, tensors)
 
+    def batch(self, conversations: Sequence[Any], media: Sequence[Mapping[str, Sequence[Any]]] | None = None,
+              add_generation_prompt: bool = False, padding_side: str = "right") -> dict[str, Any]:
+        """Encode and collate conversations with their media (one mapping per conversation)."""
+        media = list(media) if media is not None else [{} for _ in conversations]
+        if len(media) != len(conversations):
+            raise InputError(f"{len(conversations)} conversations but {len(media)} media entries; "
+                             "give one per conversation")
+        enc = [self.encode(c, m, add_generation_prompt=add_generation_prompt, index=i)
+               for i, (c, m) in enumerate(zip(conversations, media))]
+        return self.collate(enc, padding_side=padding_side)
+
     def collate(self, samples: Sequence[Encoded], padding_side: str = "right") -> dict[str, Any]:
         """Pad samples into a batch dict: input_ids, attention_mask, labels (B, L) and media {m: (N, ...)}."""
         if not samples:
