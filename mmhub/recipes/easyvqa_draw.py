@@ -23,16 +23,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 
-from mmhub.checkpoint import atomic_dir, write_text_atomic
+from mmhub.checkpoint import write_text_atomic
+from mmhub.recipes.draw_data import DrawingBatches, load_split
+from mmhub.recipes.draw_run import Saver, Schedule, StepLog, initial_weights, run_info
+from mmhub.train.loop import Loop, Progress, SingleProcess, run_loop
+from mmhub.train.objectives import DiffusionLoss
 
 HERE = Path(__file__).resolve().parent
 DEMO = HERE.parent / "demo_model" / "easyvqa-draw"
@@ -83,176 +87,37 @@ def load_draw_model(folder: str | Path = DEMO):
     return build_generator(settings).eval()
 
 
-# ---- data ------------------------------------------------------------------------------------------------
-def load_split(split: str = "train", size: int = 32, limit: int | None = None) -> tuple[torch.Tensor, list[str]]:
-    """(N, 3, size, size) pixels in [-1, 1] (area-downsampled) and the N captions of an easy-VQA split."""
-    from PIL import Image
-
-    from mmhub.data.easy_vqa import EasyVQAConfig, EasyVQADataset
-
-    ds = EasyVQADataset(EasyVQAConfig(split=split, task="caption", limit=limit))
-    pix = np.empty((len(ds), size, size, 3), dtype=np.uint8)
-    captions = []
-    for i in range(len(ds)):
-        s = ds[i]
-        im = Image.open(s.media["image"][0]).convert("RGB")
-        pix[i] = np.asarray(im if im.size == (size, size) else im.resize((size, size), Image.BOX))
-        captions.append(s.messages[-1]["content"])
-    x = torch.from_numpy(pix).permute(0, 3, 1, 2).float().div(127.5).sub(1)
-    return x.contiguous(), captions
-
-
-# ---- checkpoints -----------------------------------------------------------------------------------------
-def _optim_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    out = {}
-    for idx, st in opt.state_dict()["state"].items():
-        for k, v in st.items():
-            out[f"{idx}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-    return out
-
-
-def _load_optim(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
-    sd = opt.state_dict()
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, v in tensors.items():
-        idx, k = key.split(".", 1)
-        state.setdefault(int(idx), {})[k] = v
-    sd["state"] = state
-    opt.load_state_dict(sd)
-
-
-def save_checkpoint(folder: Path, model, ema: dict[str, torch.Tensor], opt, info: dict[str, Any]) -> None:
-    """Weights, EMA, optimizer state and progress, replaced atomically in one rename."""
-    from safetensors.torch import save_file
-
-    with atomic_dir(folder) as tmp:
-        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
-        save_file({k: v.contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
-        save_file({k: v.contiguous() for k, v in _optim_tensors(opt).items()}, str(tmp / "optim.safetensors"))
-        (tmp / "state.json").write_text(json.dumps(info, indent=1))
-
-
-def _lr(step: int, cfg: dict[str, Any]) -> float:
-    if step < cfg["warmup"]:
-        return cfg["lr"] * (step + 1) / cfg["warmup"]
-    p = min(1.0, (step - cfg["warmup"]) / max(1, cfg["steps"] - cfg["warmup"]))
-    lo = cfg["min_lr_ratio"]
-    return cfg["lr"] * (lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * p)))
-
-
-def _batch(step: int, n: int, cfg: dict[str, Any]) -> tuple[torch.Tensor, torch.Generator]:
-    """Indices of `step`'s batch (epoch-wise permutations) and the step's own generator, both from (seed, step)."""
-    per_epoch = n // cfg["batch"]
-    epoch, k = divmod(step, per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg["seed"] * 100_003 + epoch))
-    idx = perm[k * cfg["batch"]:(k + 1) * cfg["batch"]]
-    return idx, torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + 7919 * step + 1)
-
-
 def train(out: Path, steps: int | None = None, resume: bool = False, settings: dict[str, Any] | None = None,
           overrides: dict[str, Any] | None = None, checkpoint_minutes: float = 3.0, data=None,
           log_every: int = 10, threads: int | None = None, stop_after: int | None = None,
           init: str | None = None) -> dict[str, Any]:
     """Train (or resume) into `out`; returns the final state info. `data` = (pixels, captions) skips loading;
     `stop_after` stops (with a checkpoint) at that step, as an interrupted run would; `init` (a fresh run only)
-    starts from another run's weights (its checkpoint folder's EMA, or a safetensors file) instead of random ones."""
-    from safetensors.torch import load_file
-
+    starts from another run's weights (its checkpoint folder's EMA, or a safetensors file) instead of random ones.
+    The steps run in mmhub's training loop (`mmhub.train.loop`) with the generator's own loss as the objective."""
     out = Path(out)
     ckpt = out / "checkpoint"
     if threads:
         torch.set_num_threads(threads)
-    if resume and (ckpt / "state.json").is_file():
-        info = json.loads((ckpt / "state.json").read_text())
-        settings, cfg = info["settings"], info["train"]
-        if steps is not None and steps != cfg["steps"]:
-            print(f"[draw] resuming with --steps {steps} instead of {cfg['steps']} (the lr schedule stretches)", flush=True)
-            cfg["steps"] = steps
-    else:
-        if resume:
-            print(f"[draw] no checkpoint in {ckpt}; starting fresh", flush=True)
-        if (ckpt / "state.json").is_file():
-            raise SystemExit(f"{ckpt} already holds a checkpoint; pass --resume to continue it or use another --out")
-        settings = dict(settings or SETTINGS)
-        cfg = {**TRAIN, **(overrides or {})}
-        if steps is not None:
-            cfg["steps"] = steps
-        info = {"settings": settings, "train": cfg, "step": 0, "elapsed_s": 0.0, "losses": [], "init": init}
+    info, settings, cfg = run_info(ckpt, steps, resume, settings or SETTINGS, {**TRAIN, **(overrides or {})}, init)
     torch.manual_seed(cfg["seed"])  # the initial weights (a resumed run overwrites them)
     model = build_generator(settings).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg["lr"], betas=(0.9, 0.99))
-    names = [k for k, p in model.named_parameters() if p.requires_grad]
-    ema = {k: p.detach().clone().float() for k, p in model.named_parameters() if p.requires_grad}
-    step = int(info["step"])
-    if init is not None and not step:
-        from mmhub.weights import load_into
-
-        src = Path(init)
-        if src.is_dir():
-            src = (src / "checkpoint" if (src / "checkpoint").is_dir() else src) / "ema.safetensors"
-        state = model.state_dict()
-        state.update(load_file(str(src)))
-        load_into(model, state, what=f"initial weights {src}")
-        ema = {k: p.detach().clone().float() for k, p in model.named_parameters() if p.requires_grad}
-        print(f"[draw] initialised from {src}", flush=True)
-    if step:
-        from mmhub.weights import load_into
-
-        load_into(model, load_file(str(ckpt / "model.safetensors")), what="draw checkpoint")
-        ema = load_file(str(ckpt / "ema.safetensors"))
-        _load_optim(opt, load_file(str(ckpt / "optim.safetensors")))
-        print(f"[draw] resumed at step {step}/{cfg['steps']}", flush=True)
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg["weight_decay"]},
+                             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+                            lr=cfg["lr"], betas=(0.9, 0.99))
+    ema = initial_weights(model, opt, ckpt, int(info["step"]), cfg, init)
     pixels, captions = data if data is not None else load_split("train", settings["image_size"])
-    all_ids = model.token_ids(captions)
-    empty = model.token_ids([""])[0]
-    n = pixels.shape[0]
-    n_params = sum(p.numel() for p in params)
-    print(f"[draw] {n_params / 1e6:.2f} M parameters, {n} images, batch {cfg['batch']}, {cfg['steps']} steps, "
-          f"threads {torch.get_num_threads()}", flush=True)
-    last_save = time.time()
-    t_start = time.time() - float(info["elapsed_s"])
-    window, t_window = [], time.time()
+    batches = DrawingBatches(pixels, model.token_ids(captions), model.token_ids([""])[0], cfg)
+    print(f"[draw] {sum(p.numel() for p in params) / 1e6:.2f} M parameters, {pixels.shape[0]} images, batch "
+          f"{cfg['batch']}, {cfg['steps']} steps, threads {torch.get_num_threads()}", flush=True)
     end = cfg["steps"] if stop_after is None else min(cfg["steps"], stop_after)
-    while step < end:
-        idx, g = _batch(step, n, cfg)
-        x = pixels[idx]
-        ids = all_ids[idx].clone()
-        if cfg["flip"]:
-            flip = torch.rand(len(idx), generator=g) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        drop = torch.rand(len(idx), generator=g) < cfg["uncond_p"]
-        ids[drop] = empty
-        for group in opt.param_groups:
-            group["lr"] = _lr(step, cfg)
-        loss = model.loss(x, ids, generator=g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg["grad_clip"]:
-            torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
-        opt.step()
-        step += 1
-        d = min(cfg["ema"], (1 + step) / (10 + step))
-        with torch.no_grad():
-            for k, p in zip(names, params):
-                ema[k].mul_(d).add_(p.detach().float(), alpha=1 - d)
-        window.append(loss.item())
-        if step % log_every == 0 or step == cfg["steps"]:
-            dt = (time.time() - t_window) / len(window)
-            mean = sum(window) / len(window)
-            info["losses"].append([step, round(mean, 5)])
-            eta = dt * (cfg["steps"] - step) / 60
-            print(f"[draw] step {step}/{cfg['steps']} loss {mean:.4f} lr {_lr(step - 1, cfg):.2e} "
-                  f"{dt:.2f} s/step elapsed {(time.time() - t_start) / 60:.1f} min eta {eta:.1f} min", flush=True)
-            window, t_window = [], time.time()
-        if time.time() - last_save > checkpoint_minutes * 60 or step == end:
-            info.update(step=step, elapsed_s=time.time() - t_start)
-            save_checkpoint(ckpt, model, ema, opt, info)
-            last_save = time.time()
-            print(f"[draw] checkpoint at step {step} -> {ckpt}", flush=True)
+    steps_log = StepLog(model, params, ema, info, cfg, log_every)
+    saver = Saver(ckpt, model, ema, opt, info, steps_log.t_start, checkpoint_minutes, end)
+    run_loop(Loop(model=model, objective=DiffusionLoss(), optimizer=opt, scheduler=Schedule(opt, cfg, int(info["step"])),
+                  accelerator=SingleProcess(), stage=SimpleNamespace(name="draw", lr=cfg["lr"]), total=end,
+                  max_grad_norm=cfg["grad_clip"], progress=Progress("draw", 0, global_step=int(info["step"])),
+                  next_batches=batches, after_step=steps_log, save=saver.save, save_due=saver.due, clip_params=params))
     return info
 
 

@@ -8,12 +8,14 @@ loss, so it is also logged as a warning naming the sample's id.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
 from mmhub.errors import InputError
+from mmhub.packing import collate_packed, pack, spliced_length
 from mmhub.spec import StageSpec
 from mmhub.splice import IGNORE
 from mmhub.train.feature_cache import FeatureCache, item_key
@@ -79,8 +81,6 @@ class BatchBuilder:
         """Pad (or pack, when the stage packs and the objective allows) encodings into one batch."""
         st, caches = self.stage, self.caches
         if st.pack and not self.objective.pairs:
-            from mmhub.packing import collate_packed, pack, spliced_length  # packing is only loaded for packed stages
-
             rows = pack(encs, st.pack, spliced_length(self.model))
             batch = collate_packed(self.model.processor, encs, rows)
             ordered = [encs[i] for row in rows for i in row]

@@ -12,9 +12,10 @@ the data lives in `Progress`, which checkpoints store as JSON, so a run resumes 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -40,7 +41,7 @@ class Progress:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, record: dict[str, Any]) -> "Progress":
+    def from_dict(cls, record: dict[str, Any]) -> Progress:
         return cls(**{f.name: record[f.name] for f in fields(cls) if f.name in record})
 
 
@@ -77,7 +78,30 @@ class Loop:
     save_due: Callable[[int], bool]
     log: Callable[[str], None] = print
     out_of_memory: Callable[[Progress, BaseException], None] | None = None  # raise a named error; None: re-raise
+    clip_params: list[torch.nn.Parameter] | None = None  # what max_grad_norm clips (default: the optimizer's)
     nan_steps: int = 0
+
+
+class SingleProcess:
+    """The accelerator interface the loop uses, for one process without mixed precision (a recipe's own model)."""
+
+    num_processes = 1
+    device = torch.device("cpu")
+
+    def no_sync(self, model: Any) -> nullcontext:
+        return nullcontext()
+
+    def autocast(self) -> nullcontext:
+        return nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def reduce(self, tensor: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+        return tensor
+
+    def clip_grad_norm_(self, params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
 def run_loop(loop: Loop) -> None:
@@ -131,7 +155,8 @@ def optimizer_step(loop: Loop, batches: list[dict[str, Any]], used: int) -> Step
             if p.grad is not None:
                 p.grad.mul_(scale)
     if loop.max_grad_norm:
-        acc.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], loop.max_grad_norm)
+        params = loop.clip_params or [p for g in optimizer.param_groups for p in g["params"]]
+        acc.clip_grad_norm_(params, loop.max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return StepResult(loss_global, n_global, used, stats)

@@ -26,10 +26,10 @@ class Metrics:
         if enabled:
             folder.mkdir(parents=True, exist_ok=True)
             try:
-                from torch.utils.tensorboard import SummaryWriter  # tensorboard is optional
+                from torch.utils.tensorboard import SummaryWriter  # reason: tensorboard is optional
 
                 self.tb = SummaryWriter(str(folder / "tensorboard"))
-            except Exception:  # tensorboard is optional
+            except Exception:  # noqa: BLE001 - a missing or broken tensorboard only disables it
                 self.tb = None
 
     def log(self, record: dict[str, Any]) -> None:
@@ -76,7 +76,7 @@ class StageLogger:
 def progress_bar(total: int, start: int, name: str) -> Any:
     """A tqdm bar on a terminal (or with MMHUB_PROGRESS=1); None without tqdm."""
     try:
-        from tqdm.auto import tqdm  # tqdm is optional
+        from tqdm.auto import tqdm  # reason: tqdm is optional
     except ImportError:
         return None
     return tqdm(total=total, initial=start, desc=f"stage {name}", dynamic_ncols=True, disable=not os.isatty(2) and

@@ -17,8 +17,8 @@ from torch import nn
 
 from mmhub.adapters import adapter_parameters, inject_adapter
 from mmhub.errors import MMHubError
-from mmhub.spec import LoraRegime, StageSpec
 from mmhub.regimes import regime_of, slots
+from mmhub.spec import LoraRegime, StageSpec
 
 
 @dataclass

@@ -17,13 +17,17 @@ installed), a progress bar shows loss, lr and samples/s (`mmhub.train.metrics`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
+from mmhub.assembly import build_from_plan
+from mmhub.data.preflight import preflight
 from mmhub.errors import InputError, MMHubError
+from mmhub.packing import length_grouped_order
 from mmhub.regimes import slots
 from mmhub.spec import StageSpec
 from mmhub.train.batches import BadSamples, BatchBuilder
@@ -148,8 +152,6 @@ class Trainer:
         if n == 0:
             raise InputError(f"stage {st.name!r}: the dataset is empty ({st.data!r})")
         if self.preflight and acc.is_main_process and st.objective == "sft":
-            from mmhub.data.preflight import preflight  # reads media: only when the check is on
-
             report = preflight(model, data, n=min(256, n), max_bad_fraction=st.max_bad_fraction, seed=model.spec.seed)
             self.log(f"preflight {st.name!r}: {report.checked} samples checked, "
                      f"{sum(report.problems.values())} with problems")
@@ -176,8 +178,6 @@ class Trainer:
         model = self.model
         if len(model.injectors):
             raise MMHubError(f"stage {st.name!r}: DPO with injectors ({', '.join(model.injectors)}) is not supported yet")
-        from mmhub.assembly import build_from_plan  # assembly imports the trainer's callers: resolved at call time
-
         reference = build_from_plan(model.plan)
         reference.load_state_dict(model.state_dict())
         return reference.eval().requires_grad_(False)
@@ -253,8 +253,6 @@ class Trainer:
         return caches
 
     def _length_grouped(self, run: StageRun, order: list[int], epoch: int) -> list[int]:
-        from mmhub.packing import length_grouped_order  # packing is only loaded for grouped stages
-
         if run.lengths is None:  # measured once per stage, not every epoch
             run.lengths = [_text_length(run.data[i]) for i in range(len(run.data))]
         perm = length_grouped_order([run.lengths[i] for i in order], run.stage.batch_size * self.accelerator.num_processes,
