@@ -11,7 +11,8 @@ component, the spec place and both shapes when it disagrees with its ``describe(
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch

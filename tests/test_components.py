@@ -3,6 +3,8 @@ plugins), on the built-in file dataset formats and on every registered evaluatio
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import pytest
 
 from mmhub.data.captions import CaptionsDataset
@@ -10,7 +12,13 @@ from mmhub.data.llava_json import LlavaJsonDataset
 from mmhub.data.preference import PreferenceDataset
 from mmhub.data.sharegpt import ShareGPTDataset
 from mmhub.registry import get_registry
-from mmhub.testing import TESTS_BY_KIND, DatasetTests, EncoderTests, EvalTaskTests, ProjectorTests
+from mmhub.testing import (
+    TESTS_BY_KIND,
+    DatasetTests,
+    EncoderTests,
+    EvalTaskTests,
+    ProjectorTests,
+)
 
 REG = get_registry()
 
@@ -35,33 +43,33 @@ TURNS = [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "v
 class TestDataset_llava_json(DatasetTests):
     component = LlavaJsonDataset
     file_name = "data.json"
-    records = [{"id": "a", "image": "a.png", "conversations": TURNS},
+    records: ClassVar[list[dict[str, Any]]] = [{"id": "a", "image": "a.png", "conversations": TURNS},
                {"id": "b", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}]
-    bad_record = {"id": "bad", "image": "a.png", "conversations": [{"from": "human", "value": "<image> <image>"},
+    bad_record: ClassVar[dict[str, Any]] = {"id": "bad", "image": "a.png", "conversations": [{"from": "human", "value": "<image> <image>"},
                                                                     {"from": "gpt", "value": "?"}]}
 
 
 class TestDataset_sharegpt(DatasetTests):
     component = ShareGPTDataset
-    records = [{"id": "a", "messages": [{"role": "user", "content": "<image>Which?"},
+    records: ClassVar[list[dict[str, Any]]] = [{"id": "a", "messages": [{"role": "user", "content": "<image>Which?"},
                                         {"role": "assistant", "content": "That."}], "images": ["p.png"]},
                {"id": "b", "conversations": TURNS[:0] + [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]}]
-    bad_record = {"id": "bad", "messages": [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "x"}],
+    bad_record: ClassVar[dict[str, Any]] = {"id": "bad", "messages": [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "x"}],
                   "images": []}
 
 
 class TestDataset_captions(DatasetTests):
     component = CaptionsDataset
     file_name = "caps.csv"
-    records = [{"image": "x.png", "caption": "a red square"}, {"image": "y.png", "caption": "a blue circle"}]
-    bad_record = {"image": "z.png", "caption": ""}
+    records: ClassVar[list[dict[str, Any]]] = [{"image": "x.png", "caption": "a red square"}, {"image": "y.png", "caption": "a blue circle"}]
+    bad_record: ClassVar[dict[str, Any]] = {"image": "z.png", "caption": ""}
 
 
 class TestDataset_preference(DatasetTests):
     component = PreferenceDataset
-    records = [{"prompt": "What shape?", "images": ["q.png"], "chosen": "A square.", "rejected": "A circle."},
+    records: ClassVar[list[dict[str, Any]]] = [{"prompt": "What shape?", "images": ["q.png"], "chosen": "A square.", "rejected": "A circle."},
                {"prompt": "2+2?", "chosen": "4", "rejected": "5"}]
-    bad_record = {"prompt": "no rejected", "chosen": "x"}
+    bad_record: ClassVar[dict[str, Any]] = {"prompt": "no rejected", "chosen": "x"}
 
 
 # formats whose records are not a single file of records: tested in tests/test_data.py

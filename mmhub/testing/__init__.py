@@ -13,7 +13,12 @@ finite outputs and gradients, an exact safetensors save/reload round trip, and d
 """
 
 from mmhub.testing.base import ComponentTests
-from mmhub.testing.components import BackboneTests, EncoderTests, OutputProjectorTests, ProjectorTests
+from mmhub.testing.components import (
+    BackboneTests,
+    EncoderTests,
+    OutputProjectorTests,
+    ProjectorTests,
+)
 from mmhub.testing.data import DatasetTests, EvalTaskTests
 from mmhub.testing.generators import GeneratorTests
 from mmhub.testing.injectors import InjectorTests
@@ -24,6 +29,19 @@ TESTS_BY_KIND: dict[str, type[ComponentTests]] = {
     "output_projector": OutputProjectorTests, "generator": GeneratorTests,
 }
 
-__all__ = ["ComponentTests", "EncoderTests", "ProjectorTests", "BackboneTests", "InjectorTests", "OutputProjectorTests",
-           "GeneratorTests", "DatasetTests", "EvalTaskTests", "TESTS_BY_KIND", "CAPTIONS", "sample_item", "sample_text",
-           "torch_threads"]
+__all__ = [
+    "CAPTIONS",
+    "TESTS_BY_KIND",
+    "BackboneTests",
+    "ComponentTests",
+    "DatasetTests",
+    "EncoderTests",
+    "EvalTaskTests",
+    "GeneratorTests",
+    "InjectorTests",
+    "OutputProjectorTests",
+    "ProjectorTests",
+    "sample_item",
+    "sample_text",
+    "torch_threads",
+]

@@ -12,9 +12,10 @@ import copy
 import dataclasses
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -244,7 +245,7 @@ class ComponentTests:
         for device in devices:
             moved = self.move(self.copy(case), device=device)
             with torch.no_grad():
-                out = self.call(moved, cast_tensors(case.inputs, lambda t: t.to(device)))
+                out = self.call(moved, cast_tensors(case.inputs, lambda t, d=device: t.to(d)))
             assert out.device.type == device, f"{self.component.name}: moved to {device}, output on {out.device}"
             assert torch.allclose(out.cpu(), case.out.detach(), rtol=1e-2, atol=1e-2), \
                 f"{self.component.name}: outputs on {device} differ from cpu by {(out.cpu() - case.out).abs().max():.3g}"

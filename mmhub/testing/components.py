@@ -9,7 +9,13 @@ import torch
 
 from mmhub.interfaces import Backbone, BuildContext, Encoder, OutputProjector, Projector
 from mmhub.testing.base import Case, ComponentTests
-from mmhub.testing.samples import PROJ_IN, PROJ_OUT, PROJ_TOKENS, sample_item, sample_text
+from mmhub.testing.samples import (
+    PROJ_IN,
+    PROJ_OUT,
+    PROJ_TOKENS,
+    sample_item,
+    sample_text,
+)
 
 
 class EncoderTests(ComponentTests):

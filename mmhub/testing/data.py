@@ -18,7 +18,11 @@ import pytest
 from mmhub.data.base import Dataset, SampleError
 from mmhub.data.sample import Sample
 from mmhub.evaluation.base import EvalTask
-from mmhub.testing.base import check_docstrings, check_rejects_unknown_setting, component_under_test
+from mmhub.testing.base import (
+    check_docstrings,
+    check_rejects_unknown_setting,
+    component_under_test,
+)
 
 RUN_KEYWORDS = ("split", "limit", "blind", "batch_size", "max_new_tokens", "on_result")
 

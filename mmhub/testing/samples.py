@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,8 +16,17 @@ from mmhub.probe import sample_item
 CAPTIONS = ["a red circle", "two small blue squares"]
 PROJ_IN, PROJ_OUT, PROJ_TOKENS = 24, 40, 16
 
-__all__ = ["CAPTIONS", "PROJ_IN", "PROJ_OUT", "PROJ_TOKENS", "sample_item", "sample_text", "torch_threads",
-           "media_array", "declared_size"]
+__all__ = [
+    "CAPTIONS",
+    "PROJ_IN",
+    "PROJ_OUT",
+    "PROJ_TOKENS",
+    "declared_size",
+    "media_array",
+    "sample_item",
+    "sample_text",
+    "torch_threads",
+]
 
 
 def sample_text(n: int, width: int, seed: int = 0) -> TextContext:

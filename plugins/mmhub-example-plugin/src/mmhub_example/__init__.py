@@ -18,7 +18,15 @@ from pydantic import Field
 from torch import nn
 
 from mmhub import hookimpl
-from mmhub.interfaces import BuildContext, ComponentConfig, Encoder, EncoderFacts, Projector, ProjectorConfig, TextContext
+from mmhub.interfaces import (
+    BuildContext,
+    ComponentConfig,
+    Encoder,
+    EncoderFacts,
+    Projector,
+    ProjectorConfig,
+    TextContext,
+)
 from mmhub.media import load_image
 
 
