@@ -48,6 +48,10 @@ def modality_of(path: str | Path) -> str:
 def check_prompt(text: str, limits: Limits) -> str:
     """The prompt text, stripped; too long is an InputError."""
     text = (text or "").strip()
+    bad = next((i for i, ch in enumerate(text) if "\ud800" <= ch <= "\udfff"), None)
+    if bad is not None:  # half of a UTF-16 pair: no tokenizer can encode it (a broken paste or escape)
+        raise InputError(f"the message has an invalid character at position {bad + 1} (U+{ord(text[bad]):04X}, half "
+                         "of a UTF-16 surrogate pair); remove it or paste the text again")
     if len(text) > limits.max_prompt_chars:
         raise InputError(f"the message has {len(text):,} characters; this demo takes at most "
                          f"{limits.max_prompt_chars:,} (shorten it, or start the demo with --max-prompt-chars)")

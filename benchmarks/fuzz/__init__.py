@@ -1,0 +1,1 @@
+"""Fuzzing mmhub's input boundaries: specs, model folders, uploads. ``python -m benchmarks.fuzz --cases N``."""
