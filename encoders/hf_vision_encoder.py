@@ -195,7 +195,8 @@ def preprocessing(config: HFVisionEncoderConfig, cfg: PretrainedConfig, folder: 
 
 def build_transform(chosen: dict[str, Any]) -> Any:
     """PIL image -> normalised (3, S, S) tensor (a torchvision ``Compose``), from `preprocessing`'s choices."""
-    from torchvision import transforms as T  # torchvision imports torch._dynamo (~1.5 s): only when a transform is built
+    # torchvision imports torch._dynamo (~1.5 s): only when a transform is built
+    from torchvision import transforms as T
 
     size = chosen["image_size"]
     mode = getattr(T.InterpolationMode, INTERPOLATION[chosen["interpolation"]])

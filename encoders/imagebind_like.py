@@ -194,7 +194,8 @@ class ImageBindLike(Encoder):
                                     for m in MODALITIES})
         win, hop, n_fft = _framing(config.sample_rate)
         self.register_buffer("filterbank", mel_filterbank(config.mel_bins, n_fft, config.sample_rate), persistent=False)
-        from torchvision import transforms as T  # torchvision imports torch._dynamo (~1.5 s): only when a transform is built
+        # torchvision imports torch._dynamo (~1.5 s): only when a transform is built
+        from torchvision import transforms as T
 
         self.transform = T.Compose([T.Resize(config.image_size, interpolation=T.InterpolationMode.BICUBIC),
                                     T.CenterCrop(config.image_size), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])

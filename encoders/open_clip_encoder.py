@@ -37,7 +37,8 @@ class OpenClipEncoderConfig(ComponentConfig):
         if self.vision_cfg is None:
             if self.arch is None:
                 raise ValueError("give `arch` (an open_clip architecture name) or `vision_cfg`")
-            import open_clip  # open_clip imports timm and torchvision (~2 s): only when a config is checked or a model built
+            # open_clip imports timm and torchvision (~2 s): only when a config is checked or a model built
+            import open_clip
 
             if self.arch not in open_clip.list_models():
                 from mmhub.errors import close_matches
@@ -53,7 +54,8 @@ def _vision_cfg(config: OpenClipEncoderConfig) -> tuple[int, dict[str, Any]]:
     if config.vision_cfg is not None:
         embed_dim, vcfg = config.embed_dim, dict(config.vision_cfg)
     else:
-        import open_clip  # open_clip imports timm and torchvision (~2 s): only when a config is checked or a model built
+        # open_clip imports timm and torchvision (~2 s): only when a config is checked or a model built
+        import open_clip
 
         full = open_clip.get_model_config(config.arch)
         embed_dim, vcfg = full["embed_dim"], dict(full["vision_cfg"])
@@ -81,7 +83,8 @@ def _resample_positions(tower: torch.nn.Module, state: dict[str, torch.Tensor]) 
 
 
 def _build(config: OpenClipEncoderConfig) -> torch.nn.Module:
-    from open_clip.model import CLIPVisionCfg, _build_vision_tower  # open_clip imports timm and torchvision (~2 s): only when a config is checked or a model built
+    # open_clip imports timm and torchvision (~2 s): only when a config is checked or a model built
+    from open_clip.model import CLIPVisionCfg, _build_vision_tower
 
     embed_dim, vcfg = _vision_cfg(config)
     vcfg.pop("timm_model_pretrained", None)
@@ -157,7 +160,8 @@ class OpenClipEncoder(ImageEncoder):
                 state = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
             load_into(self.tower, _resample_positions(self.tower, state), what=f"open_clip weights {config.pretrained}")
         size = _image_size(self.tower, config)
-        import open_clip  # open_clip imports timm and torchvision (~2 s): only when a config is checked or a model built
+        # open_clip imports timm and torchvision (~2 s): only when a config is checked or a model built
+        import open_clip
 
         self.transform = open_clip.image_transform(size, is_train=False)
         with torch.no_grad():

@@ -79,7 +79,8 @@ def _tokens(model: torch.nn.Module, config: TimmEncoderConfig, x: torch.Tensor) 
 
 
 def _input_size(model: torch.nn.Module, config: TimmEncoderConfig) -> tuple[int, int, int]:
-    from timm.data import resolve_data_config  # timm imports torchvision (~1.5 s): only when a model is described or built
+    # timm imports torchvision (~1.5 s): only when a model is described or built
+    from timm.data import resolve_data_config
 
     size = resolve_data_config({}, model=model)["input_size"]
     if config.image_size is not None:
@@ -111,7 +112,8 @@ class TimmEncoder(ImageEncoder):
         if config.pretrained is not None:
             self.model = _load_pretrained(self.model, config, read_state_dict(ctx.weights(config.pretrained)),
                                           what=f"timm {config.model} weights {config.pretrained}")
-        from timm.data import create_transform, resolve_data_config  # timm imports torchvision (~1.5 s): only when a model is described or built
+        # timm imports torchvision (~1.5 s): only when a model is described or built
+        from timm.data import create_transform, resolve_data_config
 
         data = resolve_data_config({}, model=self.model)
         if config.image_size is not None:

@@ -165,7 +165,8 @@ class WhisperAudioEncoder(Encoder):
         cfg, folder, kind = _hf_config(config, ctx)
         cfg._attn_implementation = hf_attn_implementation(ctx.attention)
         self.blocks = block_index(config.select_layer, cfg.encoder_layers)
-        from transformers.models.whisper.modeling_whisper import WhisperEncoder as HFWhisperEncoder  # ~0.4 s: only when built
+        # ~0.4 s: only when built
+        from transformers.models.whisper.modeling_whisper import WhisperEncoder as HFWhisperEncoder
 
         self.encoder = HFWhisperEncoder(cfg)
         if kind == "ct2":

@@ -35,14 +35,16 @@ _LAZY: dict[str, str] = {
 __all__ = list(_LAZY)
 
 if TYPE_CHECKING:  # static analysers see the real names
-    from mmhub.assembly import build
-    from mmhub.loading import load
-    from mmhub.errors import MMHubError, SpecError
-    from mmhub.hookspecs import hookimpl
-    from mmhub.model import MMModel
-    from mmhub.registry import get_registry
-    from mmhub.spec import Spec, load_spec
-    from mmhub.validation import plan_spec
+    from mmhub.assembly import build as build
+    from mmhub.errors import MMHubError as MMHubError
+    from mmhub.errors import SpecError as SpecError
+    from mmhub.hookspecs import hookimpl as hookimpl
+    from mmhub.loading import load as load
+    from mmhub.model import MMModel as MMModel
+    from mmhub.registry import get_registry as get_registry
+    from mmhub.spec import Spec as Spec
+    from mmhub.spec import load_spec as load_spec
+    from mmhub.validation import plan_spec as plan_spec
 
 
 def __getattr__(name: str) -> Any:

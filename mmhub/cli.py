@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from mmhub.errors import MMHubError, SpecError
 
@@ -45,7 +46,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         print(f"{kind['plural']} ({len(entries)})")
         for e in entries:
             mods = ",".join(e["modalities_in"]) or "-"
-            print(f"  {e['name']:<16} [{e['plugin']}] in: {mods}; width: {e['out_dim'] or '-'}; tokens: {e['tokens'] or '-'}")
+            print(f"  {e['name']:<16} [{e['plugin']}] in: {mods}; width: {e['out_dim'] or '-'}; "
+                  f"tokens: {e['tokens'] or '-'}")
             print(f"  {'':<16} {e['doc']}")
     print(f"weight sources: {', '.join(s['name'] + ':' for s in out['weight_sources'])}")
     print(f"presets ({len(out['presets'])}): {', '.join(p['name'] for p in out['presets'])}")
@@ -53,7 +55,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         print(f"{title} ({len(out[key])})")
         for e in out[key]:
             print(f"  {e['name']:<16} [{e['plugin']}] {e['doc']} (settings: {', '.join(e['settings'])})")
-    print("plugins loaded: " + ", ".join(f"{p['name']} ({p['dist']} {p['version']})".replace(" )", ")") for p in out["plugins"]))
+    loaded = (f"{p['name']} ({p['dist']} {p['version']})".replace(" )", ")") for p in out["plugins"])
+    print("plugins loaded: " + ", ".join(loaded))
     if out["disabled"]:
         print("plugins not in MMHUB_PLUGINS: " + ", ".join(out["disabled"]))
     for warning in out.get("warnings", []):
@@ -77,7 +80,8 @@ def _show(args: argparse.Namespace) -> int:
         _print_json(rows)
         return 0
     for r in rows:
-        print(f"{r['name']} ({r['kind'].replace('_', ' ')}) from plugin {r['plugin']} (distribution {r['distribution']})")
+        kind = r["kind"].replace("_", " ")
+        print(f"{r['name']} ({kind}) from plugin {r['plugin']} (distribution {r['distribution']})")
         for key in ("doc", "io", "description", "status", "class"):
             if r.get(key):
                 print(f"  {key}: {r[key]}")
@@ -192,7 +196,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
                      f"({plan.tokens_per_item(m)} tokens/item)" for m in plan.encoders) or "text only"
     bf = plan.backbone_facts
     outs = "".join(f"; {m} out: {spec.signal_count(m)} signal tokens -> {plan.output_projectors[m].info.name} -> "
-                   f"{plan.generators[m].info.name} ({plan.generator_facts[m].cond_len} x {plan.generator_facts[m].cond_dim})"
+                   f"{plan.generators[m].info.name} "
+                   f"({plan.generator_facts[m].cond_len} x {plan.generator_facts[m].cond_dim})"
                    for m in plan.generators)
     print(f"OK {spec.name}: {mods}; backbone {plan.backbone.info.name} (hidden {bf.hidden_size}, context "
           f"{bf.context_length}){outs}; template {plan.template.name}; {len(spec.stages)} stage(s)")
@@ -225,7 +230,8 @@ def cmd_assemble(args: argparse.Namespace) -> int:
     print(f"{out['name']}: {_human(out['total_params'])} parameters, template {out['template']}")
     print(f"  {'slot':<18} {'type':<14} {'plugin':<20} {'params':>10}  tokens/item")
     for r in rows:
-        print(f"  {r['slot']:<18} {r['type']:<14} {r['plugin']:<20} {_human(r['params']):>10}  {r.get('tokens_per_item', '')}")
+        print(f"  {r['slot']:<18} {r['type']:<14} {r['plugin']:<20} {_human(r['params']):>10}  "
+              f"{r.get('tokens_per_item', '')}")
     for st in stages:
         parts = ", ".join(f"{k}={v['regime']}" for k, v in st["parts"].items() if v["regime"] != "frozen")
         print(f"  stage {st['stage']!r}: trains {_human(st['trainable'])} ({parts})")
@@ -279,7 +285,8 @@ def cmd_import(args: argparse.Namespace) -> int:
 
     model = import_hf_llava(args.folder, template=args.template, dtype=args.dtype)
     model.save_pretrained(args.out)
-    print(f"wrote {args.out}: mmhub model {model.spec.name!r} ({preset_summary(preset_components(model.plan.resolved_dict()))}; "
+    summary = preset_summary(preset_components(model.plan.resolved_dict()))
+    print(f"wrote {args.out}: mmhub model {model.spec.name!r} ({summary}; "
           f"template {model.plan.template.name}); it reads its vision tower and tokenizer from {args.folder}")
     return 0
 
@@ -293,12 +300,33 @@ def parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     command = next((a for a in args if not a.startswith("-")), None)
     p = argparse.ArgumentParser(prog="mmhub", description="Assemble, train and demo multimodal LLMs from specs.")
     sub = p.add_subparsers(dest="command", required=True)
+    _add_listing_commands(sub)
+    _add_model_commands(sub)
+    if command == "train":
+        from mmhub.train.run import (
+            add_parser as add_train_parser,  # imports torch: only when training
+        )
+
+        add_train_parser(sub)
+    else:
+        sub.add_parser("train", help=TRAIN_HELP)
+    s = sub.add_parser("demo", help="serve the Gradio demo (chat, assemble, plugins) on 127.0.0.1")
+    from mmhub.apps.demo import add_arguments as add_demo_arguments
+
+    add_demo_arguments(s)
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def _add_listing_commands(sub: Any) -> None:
+    """plugins, recipes, presets: what is installed and shipped."""
     s = sub.add_parser("plugins", help="list registered components, their plugins, and plugins that failed; "
                                         "`plugins show NAME`: one entry's settings, types, defaults and docs")
     s.add_argument("action", nargs="?", choices=["show"], help="show: describe the entry NAME")
     s.add_argument("name", nargs="?", help="a component, dataset, eval task, weight source or preset name")
     s.add_argument("--json", action="store_true")
-    s.add_argument("--markdown", action="store_true", help="the components table (name, kind, modalities, library, zoo rows)")
+    s.add_argument("--markdown", action="store_true",
+                   help="the components table (name, kind, modalities, library, zoo rows)")
     s.set_defaults(func=cmd_plugins)
     s = sub.add_parser("recipes", help="list the shipped training recipes (run one with `mmhub train NAME`)")
     s.add_argument("--json", action="store_true")
@@ -306,6 +334,10 @@ def parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     s = sub.add_parser("presets", help="list shipped specs (NAME:tiny / NAME:full)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_presets)
+
+
+def _add_model_commands(sub: Any) -> None:
+    """validate, assemble, weights, eval, export, import: commands about one spec or model."""
     s = sub.add_parser("validate", help="check a spec (file or preset) without loading weights")
     s.add_argument("spec")
     s.set_defaults(func=cmd_validate)
@@ -326,7 +358,8 @@ def parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--max-new-tokens", type=int, default=8)
     s.set_defaults(func=cmd_eval)
-    s = sub.add_parser("export", help="write a model in another library's format (hf-llava: transformers' LLaVA folder)")
+    s = sub.add_parser("export",
+                       help="write a model in another library's format (hf-llava: transformers' LLaVA folder)")
     s.add_argument("model", help="a saved model folder, a spec file, a preset, or `default` (the demo model)")
     s.add_argument("out", help="the folder to write (replaced atomically)")
     s.add_argument("--format", required=True, choices=EXPORT_FORMATS)
@@ -342,18 +375,6 @@ def parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="the backbone's dtype (the vision tower and projector run in float32)")
     s.set_defaults(func=cmd_import)
-    if command == "train":
-        from mmhub.train.run import add_parser as add_train_parser  # imports torch: only when training
-
-        add_train_parser(sub)
-    else:
-        sub.add_parser("train", help=TRAIN_HELP)
-    s = sub.add_parser("demo", help="serve the Gradio demo (chat, assemble, plugins) on 127.0.0.1")
-    from mmhub.apps.demo import add_arguments as add_demo_arguments
-
-    add_demo_arguments(s)
-    s.set_defaults(func=cmd_demo)
-    return p
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -7,8 +7,9 @@ problems found in a spec at once, so `mmhub validate` can report every one of th
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 
 class MMHubError(Exception):

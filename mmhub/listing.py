@@ -17,8 +17,9 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from mmhub.errors import UnknownComponentError
 from mmhub.plugins import ALLOW_ENV, GROUP
@@ -30,7 +31,9 @@ FORMAT = 1  # bump when the listing's shape changes
 
 def listing(reg: Any) -> dict[str, Any]:
     """Every registered entry (by kind plural), the kinds themselves, and what loaded, failed or was left out."""
-    from mmhub.registry import KIND_TABLE  # the registry imports torch; callers with a cache hit never need it
+    from mmhub.registry import (
+        KIND_TABLE,  # the registry imports torch; callers with a cache hit never need it
+    )
 
     out: dict[str, Any] = {}
     for kind in KIND_TABLE:
@@ -107,7 +110,9 @@ def cached_listing(build: Callable[[], dict[str, Any]] | None = None, path: Path
     except (OSError, ValueError, AttributeError):
         pass
     if build is None:
-        from mmhub.registry import get_registry  # imports every component: only on a cache miss
+        from mmhub.registry import (
+            get_registry,  # imports every component: only on a cache miss
+        )
 
         data = listing(get_registry())
     else:
@@ -141,7 +146,9 @@ def settings_of(cls: type) -> list[dict[str, Any]]:
 
 def describe(reg: Any, name: str) -> list[dict[str, Any]]:
     """Every entry called `name` (a component, dataset, eval task, weight source or preset; ``-`` = ``_``)."""
-    from mmhub.registry import KIND_TABLE  # the registry imports torch; only `mmhub plugins show` needs it
+    from mmhub.registry import (
+        KIND_TABLE,  # the registry imports torch; only `mmhub plugins show` needs it
+    )
 
     found = []
     for kind in KIND_TABLE:

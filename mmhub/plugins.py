@@ -17,9 +17,9 @@ from __future__ import annotations
 import importlib.metadata as md
 import os
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Iterable
 
 import pluggy
 
@@ -78,7 +78,8 @@ def _unknown_hooks(pm: pluggy.PluginManager, plugin: object) -> list[str]:
     return problems
 
 
-def register_plugin(ps: PluginSet, plugin: object, name: str, dist: str, version: str = "", builtin: bool = False) -> bool:
+def register_plugin(ps: PluginSet, plugin: object, name: str, dist: str, version: str = "",
+                    builtin: bool = False) -> bool:
     """Register one plugin object; on an invalid plugin record it in ``ps.failed`` and return False."""
     problems = _unknown_hooks(ps.pm, plugin)
     if not problems:
@@ -120,7 +121,8 @@ def discover(extra: Iterable[tuple[str, object]] = (), entry_points: bool = True
     ps = PluginSet(pm=pm, loaded=[], failed=[], disabled=[])
     allowed = _allowed()
     if entry_points:
-        eps = sorted(md.entry_points(group=GROUP), key=lambda e: (e.dist.name != BUILTIN_DIST if e.dist else True, e.name))
+        eps = sorted(md.entry_points(group=GROUP),
+                     key=lambda e: (e.dist.name != BUILTIN_DIST if e.dist else True, e.name))
         warning = check_allow_list(allowed, [e.name for e in eps if not e.dist or e.dist.name != BUILTIN_DIST])
         if warning:
             ps.warnings.append(warning)
@@ -140,7 +142,7 @@ def discover(extra: Iterable[tuple[str, object]] = (), entry_points: bool = True
                 continue
             try:
                 module: ModuleType = ep.load()
-            except (Exception, SystemExit) as exc:  # a broken plugin (or one calling sys.exit()) must not take the hub down
+            except (Exception, SystemExit) as exc:  # noqa: BLE001 - a broken plugin, or sys.exit(), must not end mmhub
                 ps.failed.append(FailedPlugin(name=name, dist=dist, error=f"{type(exc).__name__}: {exc}"))
                 continue
             register_plugin(ps, module, name=name, dist=dist, version=version, builtin=builtin)

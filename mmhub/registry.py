@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import importlib
 import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from mmhub.errors import DuplicateComponentError, MMHubError, UnknownComponentError
 from mmhub.interfaces import Component, Kind
@@ -244,7 +245,8 @@ class Registry:
         if old is not None:
             refused_builtin = self.is_builtin(old.plugin) and not self.is_builtin(plugin)
             if refused_builtin or not override:
-                raise DuplicateComponentError(self._clash(spec, info.key, old.plugin, plugin, override, refused_builtin))
+                message = self._clash(spec, info.key, old.plugin, plugin, override, refused_builtin)
+                raise DuplicateComponentError(message)
         table[info.key] = info
         return info
 
@@ -264,7 +266,8 @@ class Registry:
         """Register component `cls` under its ``name`` for `kind`; duplicates raise unless `override`."""
         self.add_entry(kind, plugin, cls, override=override)
 
-    def add_weight_source(self, scheme: str, resolver: Callable[[str], Path], plugin: str, override: bool = False) -> None:
+    def add_weight_source(self, scheme: str, resolver: Callable[[str], Path], plugin: str,
+                          override: bool = False) -> None:
         """Register a weight-source URI scheme (without the trailing colon)."""
         self.add_entry("weight_source", plugin, scheme, resolver, override=override)
 
@@ -352,7 +355,7 @@ def _call(reg: Registry, ps: PluginSet, kind: str, impl: Any, bad: dict[str, str
 
     try:
         impl.function(register=register)
-    except (Exception, SystemExit) as exc:  # one plugin's bug (or its sys.exit()) must not take the hub down
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - one plugin's bug, or sys.exit(), must not end mmhub
         bad.setdefault(plugin, f"{impl.function.__name__} raised {type(exc).__name__}: {exc}")
 
 

@@ -9,11 +9,11 @@ import types
 from pathlib import Path
 
 import pytest
+from mmhub.projectors.linear import LinearProjector
 
 from mmhub import hookimpl, hookspecs
 from mmhub.errors import DuplicateComponentError, UnknownComponentError
 from mmhub.plugins import hook_names
-from mmhub.projectors.linear import LinearProjector
 from mmhub.registry import KIND_TABLE, build_registry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -302,7 +302,8 @@ def test_weight_source_and_preset_hooks(tmp_path) -> None:
 
         @hookimpl
         def register_presets(self, register):
-            register("my-model", "tiny", {"name": "m", "backbone": {"type": "hf_causal_lm", "config": {"model_type": "llama"}}},
+            register("my-model", "tiny",
+                     {"name": "m", "backbone": {"type": "hf_causal_lm", "config": {"model_type": "llama"}}},
                      io="T -> T")
 
     from mmhub import weights
