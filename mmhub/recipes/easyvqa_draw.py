@@ -6,9 +6,12 @@
 
 * data: the train split's 4,000 images (64x64, area-downsampled to the UNet's 32x32, random
   horizontal flips) with their captions ("a red circle", from `mmhub.data.easy_vqa`'s caption task);
-  10 % of the captions are replaced by "" so classifier-free guidance has an unconditional model;
-* AdamW with warm-up and cosine decay, an EMA of the weights (what is exported), a checkpoint
-  (weights, EMA, optimizer state, step) written atomically every ``--checkpoint-minutes`` and at
+  10 % of the captions are replaced by "" so classifier-free guidance has an unconditional model
+  (`mmhub.recipes.draw_data`);
+* the steps run in mmhub's one training loop (`mmhub.train.loop`) with the generator's denoising loss
+  as the objective (`mmhub.train.objectives.DiffusionLoss`); AdamW with warm-up and cosine decay,
+  an EMA of the weights (what is exported), a checkpoint (`mmhub.recipes.draw_run`:
+  weights, EMA, optimizer state, step) written atomically every ``--checkpoint-minutes`` and at
   the end; every step's randomness (batch order, flips, dropped captions, noise, timesteps) is
   seeded by (seed, step), so ``--resume`` continues exactly where the checkpoint stopped;
 * export: the EMA weights as fp16 safetensors (``model.safetensors``) plus the settings as
