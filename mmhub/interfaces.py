@@ -111,13 +111,18 @@ class Projector(Component):
 
     kind: ClassVar[Kind] = "projector"
     Config: ClassVar[type[ComponentConfig]] = ProjectorConfig
+    modalities_in: ClassVar[tuple[str, ...]] = ("features",)
+    modalities_out: ClassVar[tuple[str, ...]] = ("embeddings",)
+    out_dim_doc: ClassVar[str] = "the backbone's hidden size"
+    tokens_doc: ClassVar[str] = "same as its input"
     uses_text: ClassVar[bool] = False
     aux_loss: torch.Tensor | None = None  # set during a training forward by projectors with an auxiliary loss
 
     @classmethod
-    @abstractmethod
     def num_tokens(cls, config: ComponentConfig, in_tokens: int) -> int:
-        """Number of output tokens for `in_tokens` input tokens (the projector's token count)."""
+        """Number of output tokens for `in_tokens` input tokens (the projector's token count); by default the
+        token count is unchanged (a per-token map). Projectors that pool or resample override it."""
+        return in_tokens
 
     @abstractmethod
     def forward(self, features: torch.Tensor, text: TextContext | None = None) -> torch.Tensor:

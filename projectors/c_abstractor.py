@@ -69,9 +69,6 @@ class CAbstractorProjector(Projector):
 
     name: ClassVar[str] = "c_abstractor"
     Config: ClassVar[type[ComponentConfig]] = CAbstractorConfig
-    modalities_in: ClassVar[tuple[str, ...]] = ("features",)
-    modalities_out: ClassVar[tuple[str, ...]] = ("embeddings",)
-    out_dim_doc: ClassVar[str] = "the backbone's hidden size"
     tokens_doc: ClassVar[str] = "num_queries (144 by default, a square); the input token count must be a square"
     example_settings: ClassVar[dict[str, Any]] = {"num_queries": 4, "width": 8, "depth": 1, "mlp_depth": 2}
 

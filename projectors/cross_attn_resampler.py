@@ -75,9 +75,6 @@ class CrossAttnResamplerProjector(Projector):
 
     name: ClassVar[str] = "cross_attn_resampler"
     Config: ClassVar[type[ComponentConfig]] = CrossAttnResamplerConfig
-    modalities_in: ClassVar[tuple[str, ...]] = ("features",)
-    modalities_out: ClassVar[tuple[str, ...]] = ("embeddings",)
-    out_dim_doc: ClassVar[str] = "the backbone's hidden size"
     tokens_doc: ClassVar[str] = "num_queries (256 by default, a square); the input token count must be a square"
     example_settings: ClassVar[dict[str, Any]] = {"num_queries": 9, "width": 16, "heads": 2}
 

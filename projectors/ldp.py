@@ -69,9 +69,6 @@ class LDPProjector(Projector):
 
     name: ClassVar[str] = "ldp"
     Config: ClassVar[type[ComponentConfig]] = LDPConfig
-    modalities_in: ClassVar[tuple[str, ...]] = ("features",)
-    modalities_out: ClassVar[tuple[str, ...]] = ("embeddings",)
-    out_dim_doc: ClassVar[str] = "the backbone's hidden size"
     tokens_doc: ClassVar[str] = "ceil(s/2)^2 for a square s x s input grid (576 -> 144); the input count must be a square"
     example_settings: ClassVar[dict[str, Any]] = {"se": True}
 

@@ -21,15 +21,7 @@ class LinearProjector(Projector):
 
     name: ClassVar[str] = "linear"
     Config: ClassVar[type[ComponentConfig]] = LinearConfig
-    modalities_in: ClassVar[tuple[str, ...]] = ("features",)
-    modalities_out: ClassVar[tuple[str, ...]] = ("embeddings",)
-    out_dim_doc: ClassVar[str] = "the backbone's hidden size"
-    tokens_doc: ClassVar[str] = "same as its input"
     example_settings: ClassVar[dict[str, Any]] = {}
-
-    @classmethod
-    def num_tokens(cls, config: LinearConfig, in_tokens: int) -> int:
-        return in_tokens
 
     def __init__(self, config: LinearConfig, ctx: BuildContext):
         super().__init__(config, ctx)

@@ -37,15 +37,7 @@ class MLPProjector(Projector):
 
     name: ClassVar[str] = "mlp"
     Config: ClassVar[type[ComponentConfig]] = MLPConfig
-    modalities_in: ClassVar[tuple[str, ...]] = ("features",)
-    modalities_out: ClassVar[tuple[str, ...]] = ("embeddings",)
-    out_dim_doc: ClassVar[str] = "the backbone's hidden size"
-    tokens_doc: ClassVar[str] = "same as its input"
     example_settings: ClassVar[dict[str, Any]] = {"depth": 2}
-
-    @classmethod
-    def num_tokens(cls, config: MLPConfig, in_tokens: int) -> int:
-        return in_tokens
 
     def __init__(self, config: MLPConfig, ctx: BuildContext):
         super().__init__(config, ctx)

@@ -59,9 +59,6 @@ class PerceiverProjector(Projector):
 
     name: ClassVar[str] = "perceiver"
     Config: ClassVar[type[ComponentConfig]] = PerceiverConfig
-    modalities_in: ClassVar[tuple[str, ...]] = ("features",)
-    modalities_out: ClassVar[tuple[str, ...]] = ("embeddings",)
-    out_dim_doc: ClassVar[str] = "the backbone's hidden size"
     tokens_doc: ClassVar[str] = "num_latents (64 by default), whatever the input token count"
     example_settings: ClassVar[dict[str, Any]] = {"num_latents": 6, "depth": 2, "width": 16, "heads": 2,
                                                   "ff_mult": 2, "max_input_tokens": 32}

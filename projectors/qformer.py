@@ -165,9 +165,6 @@ class QFormerProjector(Projector):
 
     name: ClassVar[str] = "qformer"
     Config: ClassVar[type[ComponentConfig]] = QFormerConfig
-    modalities_in: ClassVar[tuple[str, ...]] = ("features",)
-    modalities_out: ClassVar[tuple[str, ...]] = ("embeddings",)
-    out_dim_doc: ClassVar[str] = "the backbone's hidden size"
     tokens_doc: ClassVar[str] = "num_queries (32 by default), whatever the input token count"
     example_settings: ClassVar[dict[str, Any]] = {"num_queries": 4, "layers": 2, "width": 16, "heads": 2,
                                                   "cross_attention_every": 2, "instruction_aware": True}

@@ -37,9 +37,6 @@ class TokenMergeProjector(Projector):
 
     name: ClassVar[str] = "token_merge"
     Config: ClassVar[type[ComponentConfig]] = TokenMergeConfig
-    modalities_in: ClassVar[tuple[str, ...]] = ("features",)
-    modalities_out: ClassVar[tuple[str, ...]] = ("embeddings",)
-    out_dim_doc: ClassVar[str] = "the backbone's hidden size"
     tokens_doc: ClassVar[str] = "in_tokens // merge (merge must divide it; with pad: true, ceil(in_tokens / merge))"
     example_settings: ClassVar[dict[str, Any]] = {"merge": 4}
 
