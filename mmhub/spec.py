@@ -12,13 +12,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mmhub.errors import Problem, SpecError, close_matches
+from mmhub.spec_file import check_tree, load_yaml, read_text
 from mmhub.runtime import RuntimeOptions, lift_legacy_options
+
+
+MAX_SIGNAL_TOKENS = 256  # per output item; published systems use 4 to 64
+MAX_ITEMS = 1024  # media items of one modality in one sample
+MAX_TEXT_TOKENS = 1 << 20
 
 
 class ComponentSpec(BaseModel):
@@ -125,7 +131,7 @@ class Spec(BaseModel):
         default_factory=dict, description="per output modality, signal-token states -> the generator's conditioning")
     generators: dict[str, ComponentSpec] = Field(
         default_factory=dict, description="per output modality, conditioning -> media (diffusers pipelines)")
-    signal_tokens: dict[str, int] = Field(
+    signal_tokens: dict[str, Annotated[int, Field(ge=1, le=MAX_SIGNAL_TOKENS)]] = Field(
         default_factory=dict, description="per output modality, how many signal tokens (<img_0>..<img_{k-1}>) the "
                                           "backbone learns to emit for one item (default 4)")
     template: str = "auto"
@@ -134,10 +140,10 @@ class Spec(BaseModel):
         default_factory=RuntimeOptions, description="speed and memory settings (weight_layout, loss_chunk, "
                                                     "labelled_only_mlp; mmhub.runtime), apart from what the model is")
     placeholders: dict[str, str] = Field(default_factory=dict)
-    max_items: dict[str, int] = Field(default_factory=dict)
-    min_text_tokens: int = Field(32, ge=0)
+    max_items: dict[str, Annotated[int, Field(ge=1, le=MAX_ITEMS)]] = Field(default_factory=dict)
+    min_text_tokens: int = Field(32, ge=0, le=MAX_TEXT_TOKENS)
     stages: list[StageSpec] = Field(default_factory=list)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**63)
     init_from: str | None = Field(
         None, description="an mmhub model folder (a path, or mmhub:REL inside the package) whose weights and LoRA "
                           "adapters initialise the matching slots before training; slots it lacks (a new output side) "
@@ -227,7 +233,7 @@ def _yaml_problem(exc: yaml.YAMLError) -> Problem:
 def parse_text(text: str, source: str) -> dict[str, Any]:
     """Parse YAML or JSON text; a syntax error becomes a SpecError naming line and column."""
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text, source)
     except yaml.YAMLError as exc:
         raise SpecError([_yaml_problem(exc)], source) from None
     if not isinstance(data, dict):
@@ -249,19 +255,20 @@ def load_spec(source: str | Path | dict[str, Any] | Spec, registry: Any = None) 
     if isinstance(source, Spec):
         return source
     if isinstance(source, dict):
+        check_tree(source, "spec")
         return spec_from_dict(source)
     path = Path(str(source)).expanduser()
     if path.is_file():
-        return spec_from_dict(parse_text(path.read_text(), str(path)), str(path))
+        return spec_from_dict(parse_text(read_text(path), str(path)), str(path))
     if path.is_dir() and (path / "mmhub_spec.json").is_file():
-        return spec_from_dict(json.loads((path / "mmhub_spec.json").read_text()), str(path))
+        return spec_from_dict(parse_text(read_text(path / "mmhub_spec.json"), str(path)), str(path))
     if registry is None:
         from mmhub.registry import get_registry
 
         registry = get_registry()
     recipe = Path(__file__).parent / "recipes" / f"{source}.yaml"
     if ":" not in str(source) and "/" not in str(source) and recipe.is_file():  # a shipped training recipe
-        return spec_from_dict(parse_text(recipe.read_text(), str(recipe)), f"recipe {source}")
+        return spec_from_dict(parse_text(read_text(recipe), str(recipe)), f"recipe {source}")
     key = str(source) if ":" in str(source) else f"{source}:tiny"
     if key in registry.presets:
         return spec_from_dict(registry.presets[key].spec, f"preset {key}")

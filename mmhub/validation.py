@@ -9,6 +9,9 @@ and raised together as one `SpecError`.
 
 from __future__ import annotations
 
+import re
+from collections import Counter
+
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,7 +102,39 @@ def _slot(kind: str, path: str, cs: Any, registry: Registry, problems: list[Prob
     except ValidationError as exc:
         problems.extend(problems_from_validation(exc, prefix=path, fields=info.cls.Config.model_fields))
         return None
-    return Slot(path, info, config)
+    before = len(problems)
+    check_sizes(path, config.model_dump(), problems)
+    return Slot(path, info, config) if len(problems) == before else None
+
+
+# settings that size a tensor: negative is never meant, zero only for counts (layers, tokens), and past
+# MAX_SIZE no model fits in memory (a 4M-wide hidden state is 16 MB per token in float32)
+_SIZE_KEY = re.compile(r"(size|dim|width|heads|vocab|channels|hidden|intermediate|embed|positions|layers|tokens|depth|"
+                       r"experts|latents|queries|frames|^num_|_num$)")
+_POSITIVE_KEY = re.compile(r"(size|dim|width|heads|vocab|channels|hidden|intermediate|embed)")
+MAX_SIZE = 1 << 22
+
+
+def check_sizes(path: str, settings: Any, problems: list[Problem]) -> None:
+    """Every size-like integer in a component's settings (nested config dicts included) is within range."""
+    stack = [(path, settings)]
+    while stack:
+        where, node = stack.pop()
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for key, value in items:
+            here = f"{where}.{key}" if isinstance(key, str) else f"{where}[{key}]"
+            if isinstance(value, (dict, list)):
+                stack.append((here, value))
+                continue
+            if not isinstance(key, str) or isinstance(value, bool) or not isinstance(value, int):
+                continue
+            name = key.lower()
+            if not _SIZE_KEY.search(name):
+                continue
+            low = 1 if _POSITIVE_KEY.search(name) else 0
+            if not low <= value <= MAX_SIZE:
+                problems.append(Problem(here, f"is {value:,}; a size must be within {low}..{MAX_SIZE:,}",
+                                        f"give a size this machine can hold (1 to {MAX_SIZE:,})"))
 
 
 def _describe(slot: Slot, ctx: BuildContext, problems: list[Problem]) -> Any:
@@ -367,9 +402,9 @@ def _check_template(plan: Plan, problems: list[Problem]) -> None:
 
 def _check_stages(plan: Plan, problems: list[Problem]) -> None:
     spec = plan.spec
-    names = [s.name for s in spec.stages]
-    for dup in {n for n in names if names.count(n) > 1}:
-        problems.append(Problem("stages", f"stage name {dup!r} is used {names.count(dup)} times", "give each stage its own name"))
+    for dup, times in Counter(s.name for s in spec.stages).items():
+        if times > 1:
+            problems.append(Problem("stages", f"stage name {dup!r} is used {times} times", "give each stage its own name"))
     slots = {"encoders": spec.encoders, "projectors": spec.projectors, "backbone": {}, "injectors": spec.injectors,
              "signal_tokens": {}, "output_projectors": spec.output_projectors, "generators": spec.generators}
     for i, st in enumerate(spec.stages):
