@@ -155,7 +155,7 @@ def llava_config_and_tensors(model: Any, parts: LlavaParts,
 
     target = _dtype(model, parts, dtype)
     vision_cfg, vision_state = _vision(parts)
-    lm = parts.backbone.model
+    lm = parts.backbone.language_model()
     text_cfg = copy.deepcopy(lm.config.get_text_config())
     emb, head = lm.get_input_embeddings(), lm.get_output_embeddings()
     tied = emb.weight.data_ptr() == head.weight.data_ptr()

@@ -204,7 +204,7 @@ def import_hf_llava(folder: str | Path, template: str | None = None, dtype: str 
     spec, state = llava_spec(folder, template, dtype)
     model = build(spec)
     load_into(model.projectors["image"], state["projector"], what=f"LLaVA projector from {folder}")
-    lm = model.backbone.model
+    lm = model.backbone.language_model()
     load_into(lm.base_model, state["language"], what=f"LLaVA language model from {folder}")
     if state["head"]:
         head = lm.get_output_embeddings()

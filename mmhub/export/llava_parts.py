@@ -115,7 +115,7 @@ def _backbone_problems(model: Any) -> list[str]:
         problems.append(f"backbone (hf_causal_lm): quantize: {model.backbone.config.quantize}; 4-bit weights are not "
                         f"exported (fix: build the backbone without quantize, merging any LoRA into full weights)")
         return problems
-    lm = model.backbone.model
+    lm = model.backbone.language_model()
     text = lm.config.get_text_config()
     head = lm.get_output_embeddings()
     from transformers import AutoModel
