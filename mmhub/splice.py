@@ -31,16 +31,9 @@ class Spliced:
     segment_ids: torch.Tensor | None = None  # (B, L') packed rows: the sample each position belongs to (-1 = padding)
 
 
-def splice(
-    input_ids: torch.Tensor,
-    text_embeds: torch.Tensor,
-    attention_mask: torch.Tensor,
-    labels: torch.Tensor | None,
-    media: dict[int, torch.Tensor],
-    padding_side: str = "right",
-    names: dict[int, str] | None = None,
-    segment_ids: torch.Tensor | None = None,
-) -> Spliced:
+def splice(input_ids: torch.Tensor, text_embeds: torch.Tensor, attention_mask: torch.Tensor,
+           labels: torch.Tensor | None, media: dict[int, torch.Tensor], padding_side: str = "right",
+           names: dict[int, str] | None = None, segment_ids: torch.Tensor | None = None) -> Spliced:
     """Expand every placeholder id in `input_ids` into the rows of ``media[id]`` (N, T, H), in order.
 
     Items are consumed in row-major order of their placeholders: the n-th placeholder
@@ -55,20 +48,8 @@ def splice(
         if padding_side != "right" or bool(backwards.any()):
             raise InputError("packed rows (segment_ids) must be right padded, each sample one run of its id in "
                              "increasing order (0, 1, 2..) and -1 only on the padding at the end")
-    B, L, H = text_embeds.shape  # (B, L, H)
-    lens = torch.ones_like(input_ids)
-    is_media = torch.zeros_like(input_ids, dtype=torch.bool)
-    for ph_id, feats in media.items():
-        hit = input_ids == ph_id
-        n_ph, n_items = int(hit.sum()), feats.shape[0]
-        if n_ph != n_items:
-            name = (names or {}).get(ph_id, f"id {ph_id}")
-            per_row = hit.sum(1).tolist()
-            raise InputError(f"{name} placeholders and items do not match: {n_ph} placeholder(s) in the batch "
-                             f"(per sample: {per_row}) but {n_items} item(s) given. Put one {name} marker in the text "
-                             f"for each item.")
-        lens = torch.where(hit, torch.full_like(lens, feats.shape[1]), lens)
-        is_media |= hit
+    B, _, H = text_embeds.shape  # (B, L, H)
+    lens, is_media = _spans(input_ids, media, names)
     ends = lens.cumsum(1)  # (B, L)
     starts = ends - lens
     new_len = ends[:, -1]  # (B,)
@@ -102,12 +83,30 @@ def splice(
         media_positions[b[:, None].expand(-1, T), pos] = True
 
     seg = None
-    if segment_ids is None:
-        position_ids = (out_mask.long().cumsum(1) - 1).clamp(min=0)
-    else:
+    if segment_ids is not None:
         seg = segment_ids.to(origin.device).gather(1, origin.clamp(min=0)).masked_fill(origin < 0, -1)
-        position_ids = segment_positions(seg)
+    position_ids = (out_mask.long().cumsum(1) - 1).clamp(min=0) if seg is None else segment_positions(seg)
     return Spliced(out, out_mask, position_ids, out_labels, origin, media_positions, seg)
+
+
+def _spans(input_ids: torch.Tensor, media: dict[int, torch.Tensor], names: dict[int, str] | None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) positions each input token spans in the spliced sequence (T for a placeholder, else 1) and where
+    the placeholders are; raises when a placeholder's count differs from its items'."""
+    lens = torch.ones_like(input_ids)
+    is_media = torch.zeros_like(input_ids, dtype=torch.bool)
+    for ph_id, feats in media.items():
+        hit = input_ids == ph_id
+        n_ph, n_items = int(hit.sum()), feats.shape[0]
+        if n_ph != n_items:
+            name = (names or {}).get(ph_id, f"id {ph_id}")
+            per_row = hit.sum(1).tolist()
+            raise InputError(f"{name} placeholders and items do not match: {n_ph} placeholder(s) in the batch "
+                             f"(per sample: {per_row}) but {n_items} item(s) given. Put one {name} marker in the text "
+                             f"for each item.")
+        lens = torch.where(hit, torch.full_like(lens, feats.shape[1]), lens)
+        is_media |= hit
+    return lens, is_media
 
 
 def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
