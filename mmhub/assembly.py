@@ -11,12 +11,13 @@ from typing import Any
 
 import torch
 
-from mmhub.errors import MMHubError
+from mmhub.errors import MMHubError, Problem, SpecError
+from mmhub.interfaces import BuildContext
 from mmhub.model import MMModel
 from mmhub.probe import check_encoder_output
 from mmhub.registry import Registry, get_registry
 from mmhub.spec import Spec, load_spec
-from mmhub.validation import Plan, plan_spec
+from mmhub.validation import Plan, Slot, plan_spec
 
 
 def build(spec: str | Path | dict[str, Any] | Spec, registry: Registry | None = None) -> MMModel:
@@ -34,17 +35,30 @@ def build(spec: str | Path | dict[str, Any] | Spec, registry: Registry | None = 
     return build_from_plan(plan)
 
 
+def construct(slot: Slot, ctx: BuildContext) -> Any:
+    """One component from its validated settings; a failure inside its constructor (settings the component's own
+    library rejects, e.g. a width not divisible by the head count) is a SpecError at the slot, not a traceback."""
+    try:
+        return slot.info.cls(slot.config, ctx)
+    except MMHubError:
+        raise
+    except (ValueError, TypeError, AssertionError, ZeroDivisionError, RuntimeError, OverflowError, MemoryError) as exc:
+        raise SpecError([Problem(slot.path, f"{slot.info.name} (plugin {slot.info.plugin}) could not be built from "
+                                            f"these settings: {type(exc).__name__}: {str(exc)[:300]}",
+                                 f"check the settings (`mmhub plugins show {slot.info.name}`)")]) from exc
+
+
 def build_from_plan(plan: Plan) -> MMModel:
     """Construct the components of an already validated plan."""
     ctx = plan.ctx
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(plan.spec.seed)
-        backbone = plan.backbone.info.cls(plan.backbone.config, ctx)
-        encoders = {m: s.info.cls(s.config, ctx) for m, s in plan.encoders.items() if m not in plan.shared}
-        projectors = {m: s.info.cls(s.config, ctx) for m, s in plan.projectors.items()}
-        injectors = {n: s.info.cls(s.config, ctx) for n, s in plan.injectors.items()}
-        output_projectors = {m: s.info.cls(s.config, ctx) for m, s in plan.output_projectors.items()}
-        generators = {m: s.info.cls(s.config, ctx) for m, s in plan.generators.items()}
+        backbone = construct(plan.backbone, ctx)
+        encoders = {m: construct(s, ctx) for m, s in plan.encoders.items() if m not in plan.shared}
+        projectors = {m: construct(s, ctx) for m, s in plan.projectors.items()}
+        injectors = {n: construct(s, ctx) for n, s in plan.injectors.items()}
+        output_projectors = {m: construct(s, ctx) for m, s in plan.output_projectors.items()}
+        generators = {m: construct(s, ctx) for m, s in plan.generators.items()}
     for m, owner in plan.shared.items():  # one instance serves several modalities (ImageBind-like)
         encoders[m] = encoders[owner]
     encoders = {m: encoders[m] for m in plan.encoders}  # spec order
