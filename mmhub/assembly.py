@@ -79,7 +79,7 @@ def build_from_plan(plan: Plan) -> MMModel:
     if plan.spec.init_from:  # start from a trained model's weights (e.g. a new output side on a trained MM-LLM)
         from mmhub.checkpoint import init_from_model
 
-        init_from_model(model, plan.spec.init_from)
+        init_from_model(model, plan.spec.init_from, sandbox=plan.sandbox)
     if plan.spec.runtime.weight_layout == "auto":  # strides only: values, keys and saved files are unchanged
         from mmhub.layout import set_decode_layout
 

@@ -28,10 +28,11 @@ from pydantic import ValidationError
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from mmhub.errors import CheckpointError
+from mmhub.errors import CheckpointError, WeightsNotFoundError
 from mmhub.manifest import (LEGACY_KEYS, MANIFEST_FILE, BaseFolder, SavedManifest, WeightRecord, component_origins, now,
                             package_versions, split_legacy)
 from mmhub.weights import sha256_path
+from mmhub.weights.sandbox import no_climbing
 
 SPEC_FILE = "mmhub_spec.json"
 PACKAGE_ROOT = Path(__file__).resolve().parent  # where ``mmhub:`` model folders live
@@ -317,23 +318,27 @@ def load_file_keys(folder: Path) -> list[str]:
 
 
 def package_path(path: str) -> Path:
-    """``mmhub:REL`` -> REL inside the installed mmhub package; anything else -> the path, ``~`` expanded."""
+    """``mmhub:REL`` -> REL inside the installed mmhub package (never above it); anything else -> the path, ``~``
+    expanded."""
     if path.startswith("mmhub:"):
+        no_climbing(path, path[len("mmhub:"):])
         return PACKAGE_ROOT / path[len("mmhub:"):]
     return Path(path).expanduser()
 
 
-def init_from_model(model: Any, source: str) -> None:
+def init_from_model(model: Any, source: str, sandbox: Any = None) -> None:
     """Load a saved model's weights (and its LoRA adapters) into the matching slots of `model` (spec ``init_from``).
 
     Every tensor of the source must find a parameter of the same shape (the new spec may add slots,
     not drop or reshape them); slots the source lacks keep their fresh weights."""
     from mmhub.adapters import inject_adapter  # adapters pull in peft; only init_from needs them
 
-    folder = package_path(source)
     try:
+        folder = package_path(source)
+        if sandbox is not None:
+            sandbox.check(f"init_from: {source}", folder)
         _check_folder(folder)
-    except CheckpointError as exc:
+    except (CheckpointError, WeightsNotFoundError) as exc:
         raise CheckpointError(f"init_from: {exc}") from None
     _, manifest = read_manifest(folder)
     for slot, lora in manifest.adapters.items():

@@ -29,11 +29,13 @@ from mmhub.model import MMModel
 from mmhub.registry import Registry, get_registry
 from mmhub.spec import spec_from_dict
 from mmhub.validation import plan_spec
+from mmhub.weights.sandbox import Sandbox
 
 DEFAULT = "default"
 
 
-def load(ref: str | Path, *, registry: Registry | None = None, verify: bool = True) -> MMModel:
+def load(ref: str | Path, *, registry: Registry | None = None, verify: bool = True,
+         allow_paths: list[str | Path] | None = None) -> MMModel:
     """The model `ref` names (see the module docstring), in eval mode.
 
     >>> model = load("default")                       # doctest: +SKIP
@@ -46,7 +48,7 @@ def load(ref: str | Path, *, registry: Registry | None = None, verify: bool = Tr
     path = Path(text).expanduser()
     if path.is_dir():
         if (path / SPEC_FILE).is_file():
-            return load_folder(path, registry=registry, verify=verify)
+            return load_folder(path, registry=registry, verify=verify, allow_paths=allow_paths)
         if (path / "config.json").is_file():
             return _import_hf_folder(path, text)
         raise MMHubError(f"{path} is a folder but not a model: it has neither {SPEC_FILE} (an mmhub model folder, "
@@ -73,11 +75,13 @@ def load_default() -> MMModel:
 
 
 def load_folder(path: str | Path, registry: Registry | None = None, verify: bool = True,
-                allow_nonfinite: bool = False) -> MMModel:
+                allow_nonfinite: bool = False, allow_paths: list[str | Path] | None = None) -> MMModel:
     """Rebuild a model saved by `MMModel.save_pretrained`: the spec, then its weights, checked against the manifest.
 
     `verify` checks the recorded sha256 of every file and weight source (off: load a folder as it is, with a
-    warning); `allow_nonfinite` lets NaN/inf weights load (e.g. to inspect a diverged run)."""
+    warning); `allow_nonfinite` lets NaN/inf weights load (e.g. to inspect a diverged run). Every file the folder's
+    spec names must lie in the folder, mmhub's weight cache, the Hugging Face cache or an installed package
+    (`mmhub.weights.sandbox`); `allow_paths` adds folders the caller trusts."""
     path = Path(path)
     spec_data, manifest = read_folder(path, verify=verify)
     registry = registry or get_registry()
@@ -86,7 +90,8 @@ def load_folder(path: str | Path, registry: Registry | None = None, verify: bool
                  "adapters": {k: v.model_dump() for k, v in manifest.adapters.items()}}
     if manifest.init_from is not None:
         spec_data["init_from"] = manifest.init_from.source
-    plan = plan_spec(spec_from_dict(spec_data, str(path / SPEC_FILE)), registry, source=str(path / SPEC_FILE))
+    plan = plan_spec(spec_from_dict(spec_data, str(path / SPEC_FILE)), registry, source=str(path / SPEC_FILE),
+                     sandbox=Sandbox.for_folder(path, allow_paths))
     model = build_from_plan(plan)
     if verify:
         verify_sources(plan.ctx.weight_files, manifest)

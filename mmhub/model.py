@@ -241,11 +241,12 @@ class MMModel(nn.Module):
         return save_model(self, Path(path), full=full)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, registry: Any = None, verify: bool = True) -> "MMModel":
-        """Rebuild a saved model folder (spec + safetensors); outputs are identical to the saved model's."""
+    def from_pretrained(cls, path: str | Path, registry: Any = None, verify: bool = True, **options: Any) -> "MMModel":
+        """Rebuild a saved model folder (spec + safetensors); outputs are identical to the saved model's.
+        `options` as for `mmhub.loading.load_folder` (allow_paths, allow_nonfinite)."""
         from mmhub.loading import load_folder  # the loader sits above the model (it assembles one)
 
-        return load_folder(Path(path), registry=registry, verify=verify)
+        return load_folder(Path(path), registry=registry, verify=verify, **options)
 
     def parameter_table(self) -> list[dict[str, Any]]:
         """Per component: slot, type, plugin, parameter count and trainable count."""

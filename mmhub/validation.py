@@ -60,6 +60,7 @@ class Plan:
     output_facts: dict[str, OutputProjectorFacts] = field(default_factory=dict)
     tokenizer: Any = None
     template: Any = None
+    sandbox: Any = None  # the roots a loaded folder's files must lie in (None: a user's own spec)
 
     def resolved_dict(self) -> dict[str, Any]:
         """The spec with every default filled in and inferred widths written out."""
@@ -148,11 +149,15 @@ def _describe(slot: Slot, ctx: BuildContext, problems: list[Problem]) -> Any:
     return None
 
 
-def plan_spec(spec: Spec, registry: Registry | None = None, source: str | None = None) -> Plan:
-    """Validate `spec` against the registry and across components; raise `SpecError` with every problem."""
+def plan_spec(spec: Spec, registry: Registry | None = None, source: str | None = None, sandbox: Any = None) -> Plan:
+    """Validate `spec` against the registry and across components; raise `SpecError` with every problem.
+
+    `sandbox` (a `mmhub.weights.sandbox.Sandbox`) confines every file the spec names to its roots: set when the
+    spec comes from a model folder, which someone else may have written."""
     registry = registry or get_registry()
-    ctx = BuildContext(resolve=lambda uri: weight_sources.resolve(uri, registry), attention=spec.attention, registry=registry)
-    plan = Plan(spec=spec, ctx=ctx)
+    ctx = BuildContext(resolve=lambda uri: weight_sources.resolve(uri, registry, sandbox), attention=spec.attention,
+                       registry=registry)
+    plan = Plan(spec=spec, ctx=ctx, sandbox=sandbox)
     problems: list[Problem] = []
 
     if spec.attention == "xformers" and not xformers_importable():

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from mmhub import MMModel, build
-from mmhub.errors import CheckpointError
+from mmhub.errors import CheckpointError, SpecError
 
 
 def conv(q: str, a: str) -> list[dict]:
@@ -52,11 +52,14 @@ def test_weight_sourced_frozen_parts_are_not_saved(tiny_spec, images, tmp_path) 
     manifest = json.loads((tmp_path / "m" / "mmhub_manifest.json").read_text())
     assert manifest["weights"][str(weights)]["sha256"]
     b = model.batch([conv("<image>", "x")], [{"image": [images[0]]}])
-    assert torch.equal(model(**b).logits, MMModel.from_pretrained(tmp_path / "m")(**b).logits)
+    with pytest.raises(SpecError, match="outside the folder, mmhub's weight cache"):  # a folder reads only its roots
+        MMModel.from_pretrained(tmp_path / "m")
+    again = MMModel.from_pretrained(tmp_path / "m", allow_paths=[tmp_path])  # unless the caller trusts more
+    assert torch.equal(model(**b).logits, again(**b).logits)
     # a changed weights file is caught by its recorded hash
     save_file({k: v.contiguous() + 1 for k, v in net.state_dict().items()}, str(weights))
     with pytest.raises(CheckpointError, match="changed since this model was saved"):
-        MMModel.from_pretrained(tmp_path / "m")
+        MMModel.from_pretrained(tmp_path / "m", allow_paths=[tmp_path])
 
 
 def test_full_save_includes_everything(tiny_spec, tmp_path) -> None:

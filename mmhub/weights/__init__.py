@@ -37,8 +37,13 @@ def split_uri(uri: str) -> tuple[str, str]:
     return "file", uri
 
 
-def resolve(uri: str, registry=None) -> Path:
-    """Resolve a weight-source URI to an existing local path, or raise `WeightsNotFoundError`."""
+def resolve(uri: str, registry=None, sandbox=None) -> Path:
+    """Resolve a weight-source URI to an existing local path, or raise `WeightsNotFoundError`.
+
+    The path must be a regular file or a folder and, for a scheme, stay inside it (no ``..``); with a `sandbox`
+    (`mmhub.weights.sandbox.Sandbox`, set when a model folder is loaded) it must also lie inside its roots."""
+    from mmhub.weights.sandbox import no_climbing, regular
+
     if registry is None:
         from mmhub.registry import get_registry
 
@@ -50,7 +55,10 @@ def resolve(uri: str, registry=None) -> Path:
         raise WeightsNotFoundError(
             f"weight source {uri!r} uses the scheme {scheme!r}, which no plugin registered (known: {known}). "
             f"Install the plugin that provides it or use a local path.")
-    return info.resolver(rest)
+    if scheme != "file":
+        no_climbing(uri, rest)
+    path = regular(uri, info.resolver(rest))
+    return sandbox.check(uri, path) if sandbox is not None else path
 
 
 _HASH_CACHE: dict[tuple[str, int, int], str] = {}
