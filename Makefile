@@ -42,6 +42,8 @@ browser:
 	sh scripts/install_chromium.sh
 
 test: install weights browser
+	$(VENV)/bin/ruff check .  # lint: pyflakes, pycodestyle, import order, bugbear ([tool.ruff] in pyproject.toml)
+	$(VENV)/bin/lint-imports  # the layering contracts between mmhub's packages
 	MMHUB_REQUIRE_REAL_WEIGHTS=1 $(PY) -m pytest -n 2 -q
 	$(PY) -m pytest -q plugins/mmhub-example-plugin/tests  # the example plugin's own tests (its src/ on the path)
 

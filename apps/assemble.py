@@ -65,7 +65,8 @@ def form_to_yaml(name: str, modality: str, encoder: str, encoder_settings: str, 
         spec["projectors"] = {modality: {"type": projector, **_settings(projector_settings, "projector")}}
     spec["backbone"] = {"type": backbone, **_settings(backbone_settings, "backbone")}
     if output_projector and output_projector != NONE:
-        spec["output_projectors"] = {modality: {"type": output_projector, **_settings(output_settings, "output projector")}}
+        spec["output_projectors"] = {
+            modality: {"type": output_projector, **_settings(output_settings, "output projector")}}
     if generator and generator != NONE:
         spec["generators"] = {modality: {"type": generator, **_settings(generator_settings, "generator")}}
     if template:

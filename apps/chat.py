@@ -39,7 +39,8 @@ class Settings:
         if not 1 <= self.max_new_tokens <= 2048:
             raise InputError(f"max new tokens must be within 1..2048, got {self.max_new_tokens}")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise InputError(f"temperature must be >= 0 and top-p within (0, 1]; got {self.temperature} and {self.top_p}")
+            raise InputError(f"temperature must be >= 0 and top-p within (0, 1]; "
+                             f"got {self.temperature} and {self.top_p}")
         if self.temperature == 0:
             return {"max_new_tokens": int(self.max_new_tokens)}
         return {"max_new_tokens": int(self.max_new_tokens), "do_sample": True,
@@ -142,7 +143,8 @@ def render(turns: list[Turn]) -> list[dict[str, Any]]:
                 content.append(t.text)
             out.append({"role": "user", "content": content})
         else:
-            out.append({"role": "assistant", "content": [*([t.text] if t.text else []), *content] if content else (t.text or "…")})
+            reply = [*([t.text] if t.text else []), *content] if content else (t.text or "…")
+            out.append({"role": "assistant", "content": reply})
     return out
 
 

@@ -17,6 +17,7 @@ from mmhub.apps.models import DEFAULT, LoadedModel, ModelPool, model_choices
 from mmhub.apps.uploads import AUDIO_SUFFIXES, Limits
 from mmhub.errors import MMHubError
 
+DEFAULT_LIMITS = Limits()  # frozen: one shared default is safe
 TEMPLATES = ["auto", "plain", "vicuna_v1", "llama-2", "chatml", "tokenizer"]
 
 
@@ -38,7 +39,7 @@ def _input_box(loaded: LoadedModel | None) -> dict[str, Any]:
                 "Ask something (this model reads text only); Enter sends")
 
 
-def build_app(pool: ModelPool, limits: Limits = Limits(), folders: list[str] | None = None,
+def build_app(pool: ModelPool, limits: Limits = DEFAULT_LIMITS, folders: list[str] | None = None,
               initial: str = DEFAULT) -> gr.Blocks:
     """The demo's Blocks; `pool` serves the models, `initial` is each new session's model key."""
     choices = model_choices(folders)
@@ -57,7 +58,8 @@ def build_app(pool: ModelPool, limits: Limits = Limits(), folders: list[str] | N
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):
                 with gr.Row():
-                    model_dd = gr.Dropdown(choices=choices, value=initial, label="Model", scale=3, elem_id="model-select")
+                    model_dd = gr.Dropdown(choices=choices, value=initial, label="Model", scale=3,
+                                           elem_id="model-select")
                     folder = gr.Textbox(label="…or a local model folder", placeholder="runs/NAME/STAGE/model", scale=3)
                     folder_btn = gr.Button("Load folder", scale=1)
                 note = gr.Markdown(elem_id="model-note")
@@ -155,7 +157,8 @@ def _assemble_tab() -> None:
     gen_names = [assemble.NONE] + assemble.names("generator")
     presets = sorted(k for k in _preset_keys())
     with gr.Row():
-        preset = gr.Dropdown(choices=presets, value="llava-1.5:tiny" if "llava-1.5:tiny" in presets else None, label="Shipped preset", scale=3)
+        preset = gr.Dropdown(choices=presets, value="llava-1.5:tiny" if "llava-1.5:tiny" in presets else None,
+                             label="Shipped preset", scale=3)
         preset_btn = gr.Button("Load preset into the spec", scale=1)
     with gr.Row():
         name = gr.Textbox(value="my-model", label="name")
@@ -171,7 +174,8 @@ def _assemble_tab() -> None:
             proj_set = gr.Code(assemble.example_yaml("projector", "mlp"), language="yaml", label="projector settings")
         with gr.Column():
             bb = gr.Dropdown(choices=bb_names, value="hf_causal_lm", label="backbone", elem_id="backbone-select")
-            bb_set = gr.Code(assemble.example_yaml("backbone", "hf_causal_lm"), language="yaml", label="backbone settings")
+            bb_set = gr.Code(assemble.example_yaml("backbone", "hf_causal_lm"), language="yaml",
+                             label="backbone settings")
     with gr.Row():
         outp = gr.Dropdown(choices=outp_names, value=assemble.NONE, label="output projector",
                            info="none registered yet" if len(outp_names) == 1 else None)

@@ -20,8 +20,15 @@ from torch import nn
 
 from mmhub.attention import MultiheadAttention
 from mmhub.backbones.layers import hidden_states_arg, transformer_blocks
-from mmhub.interfaces import (Backbone, BackboneFacts, BuildContext, ComponentConfig, Injector, InjectorConfig,
-                              InjectorFacts)
+from mmhub.interfaces import (
+    Backbone,
+    BackboneFacts,
+    BuildContext,
+    ComponentConfig,
+    Injector,
+    InjectorConfig,
+    InjectorFacts,
+)
 
 
 class GatedXAttnConfig(InjectorConfig):
@@ -42,7 +49,8 @@ class GatedXAttnLayer(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.attn = MultiheadAttention(dim, heads, backend=backend)
         self.attn_gate = nn.Parameter(torch.zeros(1))
-        self.ff = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim * ff_mult), nn.GELU(), nn.Linear(dim * ff_mult, dim))
+        self.ff = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim * ff_mult), nn.GELU(),
+                                nn.Linear(dim * ff_mult, dim))
         self.ff_gate = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: torch.Tensor, media: torch.Tensor, valid: torch.Tensor, index: torch.Tensor,
@@ -69,7 +77,8 @@ class GatedCrossAttention(Injector):
     modalities_out: ClassVar[tuple[str, ...]] = ("hidden_states",)
     out_dim_doc: ClassVar[str] = "the backbone's hidden size (its blocks' width)"
     tokens_doc: ClassVar[str] = "1 marker token per media item in the text; the item's tokens are cross-attention keys"
-    example_settings: ClassVar[dict[str, Any]] = {"modalities": ["image"], "every": 1, "heads": 4, "dim": 32, "num_layers": 2}
+    example_settings: ClassVar[dict[str, Any]] = {"modalities": ["image"], "every": 1, "heads": 4, "dim": 32,
+                                                  "num_layers": 2}
 
     @classmethod
     def describe(cls, config: GatedXAttnConfig, ctx: BuildContext, backbone: BackboneFacts) -> InjectorFacts:
@@ -81,7 +90,8 @@ class GatedCrossAttention(Injector):
         if dim % config.heads:
             raise ValueError(f"backbone hidden size {dim} is not divisible by heads {config.heads}")
         if backbone.num_layers < config.every:
-            raise ValueError(f"every {config.every} > the backbone's {backbone.num_layers} layers: no layer would be injected")
+            raise ValueError(f"every {config.every} > the backbone's {backbone.num_layers} layers: "
+                             "no layer would be injected")
         return InjectorFacts(context_modalities=tuple(config.modalities))
 
     def __init__(self, config: GatedXAttnConfig, ctx: BuildContext):
@@ -89,7 +99,8 @@ class GatedCrossAttention(Injector):
         if config.dim is None or config.num_layers is None:
             raise ValueError("dim and num_layers must be set (validation fills them from the backbone)")
         n = config.num_layers // config.every
-        self.layers = nn.ModuleList(GatedXAttnLayer(config.dim, config.heads, config.ff_mult, ctx.attention) for _ in range(n))
+        self.layers = nn.ModuleList(GatedXAttnLayer(config.dim, config.heads, config.ff_mult, ctx.attention)
+                                    for _ in range(n))
         self.markers = nn.ParameterDict({m: nn.Parameter(torch.randn(config.dim) * 0.02) for m in config.modalities})
         self._handles: list[Any] = []
 
@@ -103,7 +114,7 @@ class GatedCrossAttention(Injector):
 
     def attach(self, backbone: Backbone) -> None:
         blocks = transformer_blocks(backbone, self.config.num_layers)
-        for layer, i in zip(self.layers, self.injected_blocks()):
+        for layer, i in zip(self.layers, self.injected_blocks(), strict=True):
             self._handles.append(blocks[i].register_forward_pre_hook(self._hook(layer), with_kwargs=True))
 
     def _hook(self, layer: GatedXAttnLayer) -> Any:

@@ -53,7 +53,9 @@ class HFCausalLM(HFBackboneBase):
     supports_packing: ClassVar[bool] = True  # forward takes a (B, 1, L, L) mask: packed rows (mmhub.packing)
     supports_step: ClassVar[bool] = True  # step(): mmhub's own KV-cached decode loop
     tokens_doc: ClassVar[str] = "text tokens; context = max_position_embeddings (x rope_scaling.factor)"
-    example_settings: ClassVar[dict[str, Any]] = {"config": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300, "max_position_embeddings": 256}}
+    example_settings: ClassVar[dict[str, Any]] = {"config": {
+        "model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300, "max_position_embeddings": 256}}
 
     def __init__(self, config: HFBackboneConfig, ctx: BuildContext):
         super().__init__(config, ctx)

@@ -35,7 +35,9 @@ class HFSeq2SeqLM(HFBackboneBase):
     library: ClassVar[str] = "transformers"
     out_dim_doc: ClassVar[str] = "the model's d_model"
     tokens_doc: ClassVar[str] = "encoder tokens up to context_length (or the config's max positions)"
-    example_settings: ClassVar[dict[str, Any]] = {"config": {"model_type": "t5", "d_model": 32, "d_ff": 64, "d_kv": 8, "num_layers": 2, "num_decoder_layers": 2, "num_heads": 4, "vocab_size": 300}}
+    example_settings: ClassVar[dict[str, Any]] = {"config": {
+        "model_type": "t5", "d_model": 32, "d_ff": 64, "d_kv": 8, "num_layers": 2, "num_decoder_layers": 2,
+        "num_heads": 4, "vocab_size": 300}}
 
     @classmethod
     def context_length(cls, cfg: PretrainedConfig) -> int:
@@ -64,15 +66,18 @@ class HFSeq2SeqLM(HFBackboneBase):
         start = getattr(cfg, "decoder_start_token_id", None)
         return int(start if start is not None else cfg.pad_token_id or 0)
 
-    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor | None = None,
                 decoder_input_ids: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None
                 ) -> torch.Tensor:
         """Encoder embeddings (B, Le, H) + decoder ids (B, Ld) -> decoder hidden states (B, Ld, H)."""
         if decoder_input_ids is None:
-            decoder_input_ids = torch.full((inputs_embeds.shape[0], 1), self.decoder_start_token_id, device=inputs_embeds.device)
+            decoder_input_ids = torch.full((inputs_embeds.shape[0], 1), self.decoder_start_token_id,
+                                           device=inputs_embeds.device)
         enc = self.model.get_encoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask)
         dec = self.model.get_decoder()(input_ids=decoder_input_ids, attention_mask=decoder_attention_mask,
-                                       encoder_hidden_states=enc.last_hidden_state, encoder_attention_mask=attention_mask,
+                                       encoder_hidden_states=enc.last_hidden_state,
+                                       encoder_attention_mask=attention_mask,
                                        use_cache=False)
         return dec.last_hidden_state
 
@@ -84,5 +89,6 @@ class HFSeq2SeqLM(HFBackboneBase):
     def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         gen = generation_config(kwargs)
         gen.decoder_start_token_id = self.decoder_start_token_id
-        out = self.model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, generation_config=gen, **kwargs)
+        out = self.model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, generation_config=gen,
+                                  **kwargs)
         return out[:, 1:]  # drop the decoder start token

@@ -21,8 +21,15 @@ from pydantic import Field
 from torch import nn
 
 from mmhub.backbones.layers import transformer_blocks
-from mmhub.interfaces import (Backbone, BackboneFacts, BuildContext, ComponentConfig, Injector, InjectorConfig,
-                              InjectorFacts)
+from mmhub.interfaces import (
+    Backbone,
+    BackboneFacts,
+    BuildContext,
+    ComponentConfig,
+    Injector,
+    InjectorConfig,
+    InjectorFacts,
+)
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -52,7 +59,8 @@ class VisualExperts(Injector):
             raise ValueError("visual experts are for decoder-only LMs; this backbone is encoder-decoder")
         bad = [i for i in (config.layers or []) if not 0 <= i < backbone.num_layers]
         if bad:
-            raise ValueError(f"layers {bad} are outside the backbone's {backbone.num_layers} blocks (0..{backbone.num_layers - 1})")
+            raise ValueError(f"layers {bad} are outside the backbone's {backbone.num_layers} blocks "
+                             f"(0..{backbone.num_layers - 1})")
         return InjectorFacts(context_modalities=())
 
     def __init__(self, config: VisualExpertConfig, ctx: BuildContext):

@@ -41,7 +41,8 @@ def load_audio(item: Any, rate: int) -> np.ndarray:
                              f"{len(item)}-tuple of ({', '.join(type(x).__name__ for x in item)})")
         wave, src = _array(item[0], "the audio array of the (array, sample_rate) tuple"), int(item[1])
         if src <= 0:
-            raise InputError(f"sample rate {src} Hz is not positive; give the rate the audio was recorded at, e.g. 16000")
+            raise InputError(f"sample rate {src} Hz is not positive; "
+                             "give the rate the audio was recorded at, e.g. 16000")
         return resample(wave, src, rate)
     if isinstance(item, (np.ndarray, torch.Tensor)):
         return _array(item, "the audio array")
@@ -72,7 +73,8 @@ def _array(data: Any, what: str) -> np.ndarray:
     elif arr.dtype == np.uint8:
         arr = (arr.astype(np.float32) - 128.0) / 128.0
     else:
-        raise InputError(f"{what} has dtype {arr.dtype}; audio samples must be float (in [-1, 1]) or int16/int32/uint8 PCM")
+        raise InputError(f"{what} has dtype {arr.dtype}; "
+                         "audio samples must be float (in [-1, 1]) or int16/int32/uint8 PCM")
     return _check(arr, what)
 
 
@@ -112,7 +114,8 @@ def read_wav(data: bytes, what: str = "the WAV data") -> tuple[np.ndarray, int]:
             break
         pos += 8 + size + (size & 1)  # chunks are word-aligned
     if fmt is None or payload is None:
-        raise InputError(f"{what} has no {'fmt ' if fmt is None else 'data'} chunk, so it holds no readable audio; {HINT}")
+        raise InputError(f"{what} has no {'fmt ' if fmt is None else 'data'} chunk, so it holds no readable audio; "
+                         f"{HINT}")
     tag, channels, rate, bits = fmt
     if channels < 1 or rate < 1:
         raise InputError(f"{what} declares {channels} channel(s) at {rate} Hz; {HINT}")

@@ -35,8 +35,8 @@ from pydantic import Field, model_validator
 from transformers import AutoConfig, AutoModel, PretrainedConfig
 
 from mmhub.encoders.audio_io import fit_to_window, load_audio
-from mmhub.errors import InputError, WeightsNotFoundError
 from mmhub.encoders.frames import block_index, pool_time
+from mmhub.errors import InputError, WeightsNotFoundError
 from mmhub.interfaces import BuildContext, ComponentConfig, Encoder, EncoderFacts
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -57,7 +57,8 @@ class HFAudioEncoderConfig(ComponentConfig):
     @model_validator(mode="after")
     def _needs_something(self) -> "HFAudioEncoderConfig":
         if self.config is None and self.source is None:
-            raise ValueError(f"give `config` (a transformers config dict with model_type one of {', '.join(MODEL_TYPES)}) "
+            raise ValueError(f"give `config` (a transformers config dict with model_type one of "
+                             f"{', '.join(MODEL_TYPES)}) "
                              f"or `source` (a local HF folder)")
         if self.source is None and "model_type" not in (self.config or {}):
             raise ValueError(f"`config` needs a model_type ({', '.join(MODEL_TYPES)}) when there is no source")
@@ -70,7 +71,7 @@ class HFAudioEncoderConfig(ComponentConfig):
 def conv_frames(samples: int, kernels: Any, strides: Any) -> int:
     """Frames the convolutional feature extractor emits for `samples` samples (transformers' own formula)."""
     n = samples
-    for k, s in zip(kernels, strides):
+    for k, s in zip(kernels, strides, strict=True):
         n = (n - k) // s + 1
     return n
 
@@ -80,7 +81,8 @@ def _folder(config: HFAudioEncoderConfig, ctx: BuildContext) -> Path | None:
         return None
     path = ctx.weights(config.source)
     if not (path.is_dir() and (path / "config.json").is_file()):
-        raise WeightsNotFoundError(f"{path} is not a HF model folder (a folder with config.json); point `source` at one.")
+        raise WeightsNotFoundError(f"{path} is not a HF model folder (a folder with config.json); "
+                                   "point `source` at one.")
     return path
 
 
@@ -111,7 +113,7 @@ def _preprocessing(folder: Path | None) -> dict[str, Any]:
 
 
 class HFAudioEncoder(Encoder):
-    """HuBERT / wav2vec 2.0 / WavLM / data2vec-audio encoders (transformers): 16 kHz waveform -> 20 ms frame features."""
+    """HuBERT / wav2vec 2.0 / WavLM / data2vec-audio encoders (transformers): 16 kHz waveform -> 20 ms features."""
 
     name: ClassVar[str] = "hf_audio"
     Config: ClassVar[type[ComponentConfig]] = HFAudioEncoderConfig

@@ -44,8 +44,8 @@ from pydantic import model_validator
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModel, PretrainedConfig
 
-from mmhub.encoders.image_base import ImageEncoder
 from mmhub.attention import hf_attn_implementation
+from mmhub.encoders.image_base import ImageEncoder
 from mmhub.interfaces import BuildContext, ComponentConfig, EncoderFacts
 from mmhub.probe import output_shape
 from mmhub.weights import load_into
@@ -187,7 +187,8 @@ def _preprocessor(folder: Path | None) -> dict[str, Any]:
 def preprocessing(config: HFVisionEncoderConfig, cfg: PretrainedConfig, folder: Path | None) -> dict[str, Any]:
     """image_size, mean, std, resize, crop_pct, interpolation: family defaults < preprocessor_config.json < settings."""
     family = next((v for k, v in FAMILIES.items() if cfg.model_type.startswith(k)), DEFAULT_FAMILY)
-    chosen = {"image_size": cfg.image_size, **dict(zip(("mean", "std", "resize", "crop_pct", "interpolation"), family))}
+    names = ("mean", "std", "resize", "crop_pct", "interpolation")
+    chosen = {"image_size": cfg.image_size, **dict(zip(names, family, strict=True))}
     chosen.update(_preprocessor(folder))
     chosen.update({k: getattr(config, k) for k in chosen if getattr(config, k) is not None})
     return chosen

@@ -30,7 +30,8 @@ class OpenClipEncoderConfig(ComponentConfig):
     pretrained: str | None = None
     select_layer: int = -2
     drop_cls: bool = True
-    image_size: int | None = None  # input resolution override (Qwen-VL: 448); pretrained position embeddings are resampled
+    # input resolution override (Qwen-VL: 448); pretrained position embeddings are resampled
+    image_size: int | None = None
 
     @model_validator(mode="after")
     def _arch_or_cfg(self) -> "OpenClipEncoderConfig":
@@ -44,7 +45,8 @@ class OpenClipEncoderConfig(ComponentConfig):
                 from mmhub.errors import close_matches
 
                 hint = close_matches(self.arch, open_clip.list_models())
-                raise ValueError(f"open_clip has no architecture {self.arch!r}" + (f"; did you mean {hint}?" if hint else ""))
+                raise ValueError(f"open_clip has no architecture {self.arch!r}"
+                                 + (f"; did you mean {hint}?" if hint else ""))
         if self.select_layer == 0:
             raise ValueError("select_layer counts blocks from 1 (or from the end with negatives); 0 is not a block")
         return self
@@ -93,7 +95,8 @@ def _build(config: OpenClipEncoderConfig) -> torch.nn.Module:
     tower = _build_vision_tower(embed_dim, CLIPVisionCfg(**vcfg, timm_model_pretrained=False))
     # open_clip builds timm trunks (EVA) at their native size; resize them to the requested resolution
     size = vcfg.get("image_size", 224)
-    if tuple(getattr(tower, "image_size", ())) != (size, size) or getattr(tower.trunk, "patch_embed", None) is not None \
+    if tuple(getattr(tower, "image_size", ())) != (size, size) \
+            or getattr(tower.trunk, "patch_embed", None) is not None \
             and tuple(tower.trunk.patch_embed.img_size) != (size, size):
         if not hasattr(tower.trunk, "set_input_size"):
             raise ValueError(f"the timm trunk {vcfg['timm_model_name']} cannot change its input size to {size}; "
@@ -141,7 +144,9 @@ class OpenClipEncoder(ImageEncoder):
     library: ClassVar[str] = "open_clip"
     out_dim_doc: ClassVar[str] = "the tower's width"
     tokens_doc: ClassVar[str] = "(image_size / patch_size)^2, +1 with the CLS token"
-    example_settings: ClassVar[dict[str, Any]] = {"arch": None, "vision_cfg": {"image_size": 32, "patch_size": 8, "layers": 2, "width": 32, "head_width": 16}, "embed_dim": 32}
+    example_settings: ClassVar[dict[str, Any]] = {
+        "arch": None, "vision_cfg": {"image_size": 32, "patch_size": 8, "layers": 2, "width": 32, "head_width": 16},
+        "embed_dim": 32}
 
     @classmethod
     def describe(cls, config: OpenClipEncoderConfig, ctx: BuildContext) -> EncoderFacts:

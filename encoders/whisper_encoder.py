@@ -37,10 +37,10 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from transformers import WhisperConfig, WhisperFeatureExtractor
 
-from mmhub.encoders.audio_io import fit_to_window, load_audio
-from mmhub.errors import InputError, WeightsNotFoundError
-from mmhub.encoders.frames import block_index, pool_time
 from mmhub.attention import hf_attn_implementation
+from mmhub.encoders.audio_io import fit_to_window, load_audio
+from mmhub.encoders.frames import block_index, pool_time
+from mmhub.errors import InputError, WeightsNotFoundError
 from mmhub.interfaces import BuildContext, ComponentConfig, Encoder, EncoderFacts
 from mmhub.weights import load_into, read_state_dict
 from mmhub.weights.ct2 import ct2_whisper_config, is_ct2_model, load_ct2_whisper
@@ -89,7 +89,8 @@ def _hf_config(config: WhisperEncoderConfig, ctx: BuildContext) -> tuple[Whisper
     path = ctx.weights(config.source)
     folder = path if path.is_dir() else path.parent
     kind = _source_kind(path)
-    cfg = ct2_whisper_config(folder) if kind == "ct2" else WhisperConfig.from_pretrained(str(folder), local_files_only=True)
+    cfg = (ct2_whisper_config(folder) if kind == "ct2"
+           else WhisperConfig.from_pretrained(str(folder), local_files_only=True))
     for k, v in overrides.items():
         setattr(cfg, k, v)
     return cfg, folder, kind
@@ -118,7 +119,8 @@ def _hf_encoder_state(folder: Path) -> dict[str, torch.Tensor]:
     else:
         bins = sorted(folder.glob("pytorch_model*.bin"))
         if not bins:
-            raise WeightsNotFoundError(f"{folder} has a Whisper config.json but no *.safetensors or pytorch_model*.bin.")
+            raise WeightsNotFoundError(f"{folder} has a Whisper config.json "
+                                       "but no *.safetensors or pytorch_model*.bin.")
         for f in bins:
             for key, value in read_state_dict(f).items():
                 if (k := take(key)) is not None:
@@ -129,7 +131,7 @@ def _hf_encoder_state(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def feature_extractor(cfg: WhisperConfig) -> WhisperFeatureExtractor:
-    """transformers' Whisper log-mel front end for `cfg`: num_mel_bins bands over a 2 * max_source_positions frame window."""
+    """transformers' Whisper log-mel front end for `cfg`: num_mel_bins bands over 2 * max_source_positions frames."""
     samples = 2 * cfg.max_source_positions * HOP
     fe = WhisperFeatureExtractor(feature_size=cfg.num_mel_bins, sampling_rate=SAMPLE_RATE, hop_length=HOP,
                                  n_fft=N_FFT, padding_value=0.0)
@@ -139,7 +141,7 @@ def feature_extractor(cfg: WhisperConfig) -> WhisperFeatureExtractor:
 
 
 class WhisperAudioEncoder(Encoder):
-    """Whisper's audio encoder (transformers; config dict, HF folder or CTranslate2 folder): log-mel -> frame features."""
+    """Whisper's audio encoder (transformers; config dict, HF or CTranslate2 folder): log-mel -> frame features."""
 
     name: ClassVar[str] = "whisper"
     Config: ClassVar[type[ComponentConfig]] = WhisperEncoderConfig

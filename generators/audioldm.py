@@ -23,9 +23,19 @@ import torch
 from pydantic import Field
 
 from mmhub.errors import InputError
-from mmhub.generators.common import (DiffusersGenerator, DiffusersGeneratorConfig, Parts, build_model, byte_token_ids,
-                                     byte_tokenizer, check_latent_channels, fill, fill_sample_size, merged,
-                                     vae_factor)
+from mmhub.generators.common import (
+    DiffusersGenerator,
+    DiffusersGeneratorConfig,
+    Parts,
+    build_model,
+    byte_token_ids,
+    byte_tokenizer,
+    check_latent_channels,
+    fill,
+    fill_sample_size,
+    merged,
+    vae_factor,
+)
 from mmhub.interfaces import Audio, GeneratorFacts
 
 TEXT_TOKENS = 16  # caption tokens of the tiny CLAP text encoder

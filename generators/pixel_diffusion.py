@@ -70,10 +70,12 @@ def _unet(c: PixelDiffusionConfig):
 
     n = len(c.block_out_channels)
     if n < 2:
-        raise InputError("pixel_diffusion needs at least two block_out_channels (one plain block, then cross-attention)")
+        raise InputError("pixel_diffusion needs at least two block_out_channels "
+                         "(one plain block, then cross-attention)")
     bad = [ch for ch in c.block_out_channels if ch % c.norm_num_groups]
     if bad:
-        raise InputError(f"pixel_diffusion: block_out_channels {bad} are not multiples of norm_num_groups {c.norm_num_groups}")
+        raise InputError(f"pixel_diffusion: block_out_channels {bad} are not multiples of "
+                         f"norm_num_groups {c.norm_num_groups}")
     if c.image_size % (2 ** (n - 1)):
         raise InputError(f"pixel_diffusion: image_size {c.image_size} must be divisible by {2 ** (n - 1)} "
                          f"({n} blocks halve it {n - 1} times)")
@@ -105,7 +107,8 @@ def _text_model(c: PixelDiffusionConfig, vocab_size: int, pad_id: int, bos_id: i
 def _scheduler(c: PixelDiffusionConfig, kind: str):
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
-    common = dict(num_train_timesteps=c.train_timesteps, beta_schedule=c.beta_schedule, prediction_type=c.prediction_type)
+    common = dict(num_train_timesteps=c.train_timesteps, beta_schedule=c.beta_schedule,
+                  prediction_type=c.prediction_type)
     if kind == "ddpm":
         return DDPMScheduler(clip_sample=False, **common)
     if kind == "ddim":
@@ -118,7 +121,7 @@ def _scheduler(c: PixelDiffusionConfig, kind: str):
 
 
 class PixelDiffusionGenerator(Generator):
-    """Small pixel-space text-to-image diffusion (diffusers UNet + its own tiny CLIP text encoder), trainable on a CPU."""
+    """Small pixel-space text-to-image diffusion (diffusers UNet + own tiny CLIP text encoder), trainable on a CPU."""
 
     name: ClassVar[str] = "pixel_diffusion"
     Config: ClassVar[type[ComponentConfig]] = PixelDiffusionConfig
@@ -174,8 +177,8 @@ class PixelDiffusionGenerator(Generator):
         wrong = [f"{k} {tuple(v.shape)} (model {tuple(own[k].shape)})" for k, v in state.items()
                  if k in own and tuple(v.shape) != tuple(own[k].shape)]
         if wrong:
-            raise WeightsNotFoundError(f"{what}: {len(wrong)} tensor(s) of another shape, e.g. {wrong[:2]}; the file was "
-                                       f"trained with other settings (block_out_channels, cond_dim, ...)")
+            raise WeightsNotFoundError(f"{what}: {len(wrong)} tensor(s) of another shape, e.g. {wrong[:2]}; "
+                                       f"the file was trained with other settings (block_out_channels, cond_dim, ...)")
         load_into(self, state, "name", what=what)
 
     # ---- text side -------------------------------------------------------------------------------------

@@ -26,9 +26,19 @@ from PIL import Image
 from pydantic import Field, field_validator
 
 from mmhub.errors import InputError
-from mmhub.generators.common import (DiffusersGenerator, DiffusersGeneratorConfig, Parts, build_model, byte_token_ids,
-                                     byte_tokenizer, check_latent_channels, fill, fill_sample_size, merged,
-                                     vae_factor)
+from mmhub.generators.common import (
+    DiffusersGenerator,
+    DiffusersGeneratorConfig,
+    Parts,
+    build_model,
+    byte_token_ids,
+    byte_tokenizer,
+    check_latent_channels,
+    fill,
+    fill_sample_size,
+    merged,
+    vae_factor,
+)
 from mmhub.interfaces import GeneratorFacts
 
 # tiny defaults of a build from config (random weights, well under a second to build on a CPU)

@@ -29,7 +29,7 @@ from mmhub.projectors.grid import LayerNorm2d, from_grid, grid_side, to_grid
 
 
 class ResBlock(nn.Module):
-    """Residual bottleneck block: 1x1 -> 3x3 -> 1x1 convs with channel LayerNorm and SiLU; 1x1 shortcut when widths differ."""
+    """Residual bottleneck: 1x1 -> 3x3 -> 1x1 convs with channel LayerNorm and SiLU; 1x1 shortcut when widths differ."""
 
     def __init__(self, in_ch: int, out_ch: int):
         super().__init__()
@@ -46,7 +46,7 @@ class ResBlock(nn.Module):
 
 
 class CAbstractorConfig(ProjectorConfig):
-    """Settings of `CAbstractorProjector`; defaults are Honeybee's C-Abstractor (144 queries, depth 3, width 1024, 2-layer MLP)."""
+    """Settings of `CAbstractorProjector`; defaults are Honeybee's (144 queries, depth 3, width 1024, 2-layer MLP)."""
 
     num_queries: int = Field(144, ge=1)
     width: int = Field(1024, ge=1)
@@ -76,7 +76,8 @@ class CAbstractorProjector(Projector):
     def num_tokens(cls, config: CAbstractorConfig, in_tokens: int) -> int:
         grid_side(in_tokens, cls.name)
         if config.input_tokens is not None and in_tokens != config.input_tokens:
-            raise ValueError(f"{cls.name} has position embeddings for input_tokens={config.input_tokens} tokens but gets "
+            raise ValueError(f"{cls.name} has position embeddings for input_tokens={config.input_tokens} tokens "
+                             "but gets "
                              f"{in_tokens}; fix: set input_tokens: {in_tokens} or leave it out")
         return config.num_queries
 

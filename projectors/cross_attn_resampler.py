@@ -46,7 +46,7 @@ def sincos_2d(side: int, width: int, scale: float = 1.0, device: torch.device | 
 
 
 class CrossAttnResamplerConfig(ProjectorConfig):
-    """Settings of `CrossAttnResamplerProjector`; ``width`` defaults to ``out_dim`` and ``heads`` to width // 128 (Qwen-VL)."""
+    """Settings of `CrossAttnResamplerProjector`; ``width`` defaults to ``out_dim``, ``heads`` to width // 128."""
 
     num_queries: int = Field(256, ge=1)
     width: int | None = Field(None, ge=4)

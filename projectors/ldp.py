@@ -1,4 +1,4 @@
-"""LDP input projector: MobileVLM's lightweight downsample projector (MLP, then depthwise convs that quarter the tokens).
+"""LDP input projector: MobileVLM's lightweight downsample projector (MLP, then depthwise convs quartering tokens).
 
 MobileVLM's LDP: a 2-layer MLP (in_dim -> out_dim, GELU, out_dim -> out_dim) maps each
 token to the LLM width; the tokens are laid out as their square grid and go through two
@@ -42,7 +42,7 @@ class SqueezeExcite(nn.Module):
 
 
 class DepthwiseBlock(nn.Module):
-    """MobileNetV3 inverted residual without expansion: depthwise 3x3 (stride 1 or 2), LN, Hardswish, SE, pointwise 1x1, LN."""
+    """MobileNetV3 inverted residual, no expansion: depthwise 3x3 (stride 1 or 2), LN, Hardswish, SE, pointwise, LN."""
 
     def __init__(self, channels: int, stride: int, se: bool = True):
         super().__init__()
@@ -65,11 +65,12 @@ class LDPConfig(ProjectorConfig):
 
 
 class LDPProjector(Projector):
-    """MobileVLM lightweight downsample projector: MLP, then depthwise-conv blocks whose stride 2 quarters the tokens."""
+    """MobileVLM lightweight downsample projector: MLP, then depthwise-conv blocks whose stride 2 quarters tokens."""
 
     name: ClassVar[str] = "ldp"
     Config: ClassVar[type[ComponentConfig]] = LDPConfig
-    tokens_doc: ClassVar[str] = "ceil(s/2)^2 for a square s x s input grid (576 -> 144); the input count must be a square"
+    tokens_doc: ClassVar[str] = ("ceil(s/2)^2 for a square s x s input grid (576 -> 144); "
+                                 "the input count must be a square")
     example_settings: ClassVar[dict[str, Any]] = {"se": True}
 
     @classmethod

@@ -68,7 +68,8 @@ class OutputMLPProjector(_Meta, OutputProjector):
 
     def forward(self, states: torch.Tensor) -> torch.Tensor:
         if states.shape[1] != self.num_signals:  # the token map is sized for k
-            raise ValueError(f"{self.name} was built for {self.num_signals} signal states per item, got {states.shape[1]}")
+            raise ValueError(f"{self.name} was built for {self.num_signals} signal states per item, "
+                             f"got {states.shape[1]}")
         h = self.net(states)  # (N, k, out_dim)
         if self.token_map is not None:
             h = self.token_map(h.transpose(1, 2)).transpose(1, 2)  # (N, out_len, out_dim)
@@ -131,7 +132,8 @@ class OutputQFormerProjector(_Meta, OutputProjector):
         in_dim, out_len, out_dim = _filled(config, self.name)
         self.num_signals = config.in_len or 1
         self.ln_in = nn.LayerNorm(in_dim)
-        self.qformer = QueryTransformer(out_len, config.width, config.layers, config.heads, config.mlp_ratio, ctx.attention,
+        self.qformer = QueryTransformer(out_len, config.width, config.layers, config.heads, config.mlp_ratio,
+                                        ctx.attention,
                                         feature_dim=in_dim, cross_every=config.cross_attention_every)
         self.mlp = nn.Sequential(nn.Linear(config.width, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
 

@@ -27,7 +27,7 @@ from mmhub.interfaces import BuildContext, ComponentConfig, Projector, Projector
 
 
 class PerceiverConfig(ProjectorConfig):
-    """Settings of `PerceiverProjector`; ``width`` defaults to ``in_dim``; OpenFlamingo uses depth 6, 64 latents, 8 heads."""
+    """Settings of `PerceiverProjector`; width defaults to ``in_dim``; OpenFlamingo: depth 6, 64 latents, 8 heads."""
 
     num_latents: int = Field(64, ge=1)
     depth: int = Field(6, ge=1)
@@ -66,9 +66,11 @@ class PerceiverProjector(Projector):
     @classmethod
     def num_tokens(cls, config: PerceiverConfig, in_tokens: int) -> int:
         if in_tokens < 1:
-            raise ValueError(f"{cls.name} needs at least 1 input token, got {in_tokens}; fix: check the encoder's token count")
+            raise ValueError(f"{cls.name} needs at least 1 input token, got {in_tokens}; "
+                             "fix: check the encoder's token count")
         if config.max_input_tokens is not None and in_tokens > config.max_input_tokens:
-            raise ValueError(f"{cls.name} has position embeddings for max_input_tokens={config.max_input_tokens} tokens "
+            raise ValueError(f"{cls.name} has position embeddings for max_input_tokens={config.max_input_tokens} "
+                             "tokens "
                              f"but gets {in_tokens}; fix: set max_input_tokens: {in_tokens} (or more) or leave it out")
         return config.num_latents
 

@@ -39,7 +39,7 @@ from mmhub.projectors.qformer import QFormerConfig, QFormerProjector, QueryTrans
 
 
 class PFormerConfig(QFormerConfig):
-    """Settings of `PFormerProjector`: the Q-Former's (see `QFormerConfig`) plus the P-Former's size and the alignment loss."""
+    """Settings of `PFormerProjector`: the Q-Former's (`QFormerConfig`), the P-Former's size and the alignment loss."""
 
     pformer_layers: int = Field(12, ge=1)
     pformer_width: int = Field(768, ge=1)
@@ -50,7 +50,8 @@ class PFormerConfig(QFormerConfig):
     @model_validator(mode="after")
     def _pformer_heads_divide_width(self) -> "PFormerConfig":
         if self.pformer_width % self.pformer_heads:
-            raise ValueError(f"pformer_width {self.pformer_width} is not divisible by pformer_heads {self.pformer_heads}; "
+            raise ValueError(f"pformer_width {self.pformer_width} is not divisible by "
+                             f"pformer_heads {self.pformer_heads}; "
                              "fix: pick pformer_heads that divide pformer_width")
         return self
 

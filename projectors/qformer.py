@@ -40,9 +40,10 @@ from mmhub.interfaces import BuildContext, ComponentConfig, Projector, Projector
 
 
 def sinusoid(positions: torch.Tensor, width: int) -> torch.Tensor:
-    """(N, L) integer positions -> (N, L, width) sin/cos encodings (the Transformer paper's, zero-padded to odd widths)."""
+    """(N, L) integer positions -> (N, L, width) sin/cos encodings (the Transformer paper's, zero-padded if odd)."""
     half = width // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=positions.device, dtype=torch.float32) / max(half, 1))
+    steps = torch.arange(half, device=positions.device, dtype=torch.float32)
+    freqs = torch.exp(-math.log(10000.0) * steps / max(half, 1))
     angles = positions.to(torch.float32)[..., None] * freqs  # (N, L, half)
     enc = torch.cat([angles.sin(), angles.cos()], -1)
     if width % 2:
@@ -51,7 +52,7 @@ def sinusoid(positions: torch.Tensor, width: int) -> torch.Tensor:
 
 
 class TextIn(nn.Module):
-    """LLM-space text embeddings (N, L, text_dim) -> (N, L, width): linear, sinusoidal positions of the real tokens, LayerNorm."""
+    """LLM-space text (N, L, text_dim) -> (N, L, width): linear, sinusoidal positions of real tokens, LayerNorm."""
 
     def __init__(self, text_dim: int, width: int):
         super().__init__()
@@ -135,7 +136,7 @@ class QueryTransformer(nn.Module):
 
 
 class QFormerConfig(ProjectorConfig):
-    """Settings of `QFormerProjector`; defaults are BLIP-2's (32 queries, 12 layers of width 768, cross-attention every 2nd)."""
+    """Settings of `QFormerProjector`; defaults are BLIP-2's (32 queries, 12 layers, width 768, cross-attn every 2nd)"""
 
     num_queries: int = Field(32, ge=1)
     layers: int = Field(12, ge=1)
@@ -183,7 +184,8 @@ class QFormerProjector(Projector):
         self.uses_text = config.instruction_aware  # type: ignore[misc]  # per instance, see the class docstring
         self.ln_features = nn.LayerNorm(config.in_dim)  # BLIP-2's ln_vision
         self.qformer = QueryTransformer(config.num_queries, config.width, config.layers, config.heads, config.mlp_ratio,
-                                        ctx.attention, feature_dim=config.in_dim, cross_every=config.cross_attention_every,
+                                        ctx.attention, feature_dim=config.in_dim,
+                                        cross_every=config.cross_attention_every,
                                         text_dim=config.out_dim if config.instruction_aware else None)
         self.proj = nn.Linear(config.width, config.out_dim)  # BLIP-2's llm_proj
 

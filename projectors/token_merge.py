@@ -25,7 +25,7 @@ from mmhub.interfaces import BuildContext, ComponentConfig, Projector, Projector
 
 
 class TokenMergeConfig(ProjectorConfig):
-    """Settings of `TokenMergeProjector`: tokens per group (MiniGPT-v2: 4) and whether to zero-pad a short last group."""
+    """Settings of `TokenMergeProjector`: tokens per group (MiniGPT-v2: 4), whether to zero-pad a short last group."""
 
     merge: int = Field(4, ge=1)
     pad: bool = False
@@ -48,7 +48,8 @@ class TokenMergeProjector(Projector):
             if config.pad:
                 return math.ceil(in_tokens / config.merge)
             divisors = [d for d in range(2, min(in_tokens, 16) + 1) if in_tokens % d == 0]
-            raise ValueError(f"{cls.name}: {in_tokens} input tokens are not divisible by merge={config.merge}; fix: set "
+            raise ValueError(f"{cls.name}: {in_tokens} input tokens are not divisible by merge={config.merge}; "
+                             "fix: set "
                              f"merge to a divisor of {in_tokens} ({', '.join(map(str, divisors)) or '1'}) "
                              "or pad: true to zero-pad the last group")
         return in_tokens // config.merge
