@@ -32,6 +32,23 @@ class Encoded:
     outputs: dict[str, list[str]] | None = None  # captions of the media its assistant turns generate, per modality
 
 
+def check_text(messages: Messages, where: str) -> None:
+    """Raise `InputError` when a message's text cannot be tokenized: not a string, or holding half a UTF-16
+    surrogate pair (U+D800..U+DFFF, which no UTF-8 text holds; tokenizers reject it with a bare TypeError)."""
+    for k, msg in enumerate(messages):
+        text = msg.get("content", "")
+        if not isinstance(text, str):
+            raise InputError(f"{where}: message {k} ({msg.get('role')!r}) content is a {type(text).__name__}, "
+                             "not text; give each message's content as a string")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # only a surrogate code point cannot be encoded as UTF-8
+            raise InputError(f"{where}: text holds half a UTF-16 surrogate pair (U+{ord(text[exc.start]):04X}) at "
+                             f"character {exc.start} of message {k} ({msg.get('role')!r}); the data was decoded from "
+                             "broken UTF-16 or an escaped '\\ud8xx': fix the text to valid UTF-8 or drop the sample"
+                             ) from None
+
+
 class MMProcessor:
     """Tokenizer + chat template + per-modality preprocessing for one assembled model."""
 
@@ -63,6 +80,7 @@ class MMProcessor:
         messages = self.as_messages(messages)
         media = dict(media or {})
         where = f"sample {index}" if index is not None else "the sample"
+        check_text(messages, where)
         for m in media:
             if m not in self.placeholders:
                 raise InputError(f"{where} has {m} items, but this model takes {', '.join(self.placeholders) or 'text only'}.")

@@ -1,9 +1,10 @@
 """From sample indices to collated micro-batches: tokenize, read media (or cached features), pack or pad.
 
 A sample that cannot be used (unreadable media, every label masked, no assistant turn) is
-skipped and counted in `BadSamples`; past the stage's ``max_bad_fraction`` the run stops with
-the counts and examples. A conversation without an assistant turn would add nothing but a zero
-loss, so it is also logged as a warning naming the sample's id.
+skipped and counted in `BadSamples`, with a warning naming the sample's index, id and what is wrong
+(the first ``MAX_WARNINGS`` per reason); past the stage's ``max_bad_fraction`` the run stops with
+the counts and examples. A conversation without an assistant turn (it would add nothing but a zero
+loss) and text the tokenizer cannot take (half a UTF-16 surrogate pair) are such samples.
 """
 
 from __future__ import annotations
@@ -22,10 +23,16 @@ from mmhub.train.feature_cache import FeatureCache, item_key
 from mmhub.train.objectives import Objective
 
 MAX_EXAMPLES = 3
+MAX_WARNINGS = 10  # per reason; later skips of that reason are only counted
 
 
 class NoAssistantTurn(InputError):
     """A training conversation has no assistant turn: nothing to learn from it."""
+
+
+def printable(text: str) -> str:
+    """`text` with any lone surrogate escaped (``\\ud800``), so printing or logging it cannot fail."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @dataclass
@@ -37,11 +44,15 @@ class BadSamples:
     examples: list[str] = field(default_factory=list)
     seen: int = 0
 
+    @staticmethod
+    def reason(exc: Exception) -> str:
+        return "no_assistant_turn" if isinstance(exc, NoAssistantTurn) else type(exc).__name__
+
     def add(self, where: str, exc: Exception) -> None:
-        reason = "no_assistant_turn" if isinstance(exc, NoAssistantTurn) else type(exc).__name__
+        reason = self.reason(exc)
         self.counts[reason] = self.counts.get(reason, 0) + 1
         if len(self.examples) < MAX_EXAMPLES:
-            self.examples.append(f"{where}: {exc}")
+            self.examples.append(printable(f"{where}: {exc}"))
         total = sum(self.counts.values())
         if self.seen >= 20 and total > self.limit_fraction * self.seen:
             raise InputError(f"{total} of {self.seen} samples so far could not be used ({self.counts}), more than "
@@ -97,18 +108,19 @@ class BatchBuilder:
         out = []
         for i in ids:
             self.bad.seen += 1
+            where = f"sample {i}"
             try:
-                out.extend(self._encode_one(i))
-            except NoAssistantTurn as exc:
-                self.warn(f"warning: skipped sample {i}: {exc}")
-                self.bad.add(f"sample {i}", exc)
+                sample = self.data[i]
+                where = f"sample {i} (id {getattr(sample, 'id', None)!r})"
+                out.extend(self._encode_one(i, sample))
             except (InputError, OSError, ValueError, KeyError, IndexError) as exc:
-                self.bad.add(f"sample {i}", exc)
+                if self.bad.counts.get(self.bad.reason(exc), 0) < MAX_WARNINGS:
+                    self.warn(printable(f"warning: skipped {where}: {exc}"))
+                self.bad.add(where, exc)
         return out
 
-    def _encode_one(self, i: int) -> list[Any]:
+    def _encode_one(self, i: int, sample: Any) -> list[Any]:
         proc, caches = self.model.processor, self.caches
-        sample = self.data[i]
         if self.objective.pairs:
             if sample.chosen is None or sample.rejected is None:
                 raise InputError("a DPO stage needs preference samples (prompt + chosen + rejected)")

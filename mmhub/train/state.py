@@ -12,7 +12,9 @@ A checkpoint folder (written atomically: temp sibling + rename) holds
   skipped samples, the spec's adapters/trained slots.
 
 Loading reads tensors with safetensors and everything else as JSON, so resuming
-never unpickles anything.
+never unpickles anything. Every file is read and checked before anything is restored: a
+missing, truncated or damaged one is a `CheckpointError` naming it, and `load_newest`
+then resumes from the checkpoint before (saying so).
 """
 
 from __future__ import annotations
@@ -20,13 +22,14 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from mmhub.checkpoint import _dedupe, atomic_dir, tensors_to_save
 from mmhub.errors import CheckpointError
@@ -106,41 +109,118 @@ def save_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, prog
 
 
 def read_progress(path: Path) -> dict[str, Any]:
+    """A checkpoint's ``progress.json``, checked to be a record with the integer counters a resume needs."""
+    record = _json(Path(path), "progress.json")
+    counters = ("stage_index", "epoch", "batch_in_epoch", "global_step", "samples_seen")
+    wrong = [k for k in counters if not isinstance(record.get(k), int) or isinstance(record.get(k), bool)]
+    if not isinstance(record, dict) or wrong:
+        raise CheckpointError(f"{path}/progress.json is damaged: " + (f"{', '.join(wrong)} missing or not an integer"
+                              if isinstance(record, dict) else f"a {type(record).__name__}, not a record")
+                              + "; resume from an earlier checkpoint (delete this folder)")
+    return record
+
+
+def _json(path: Path, name: str) -> Any:
     try:
-        return json.loads((Path(path) / "progress.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} is not a readable mmhub training checkpoint ({exc}); pass a folder written by "
-                              "`mmhub train` (…/checkpoints/step-N)") from None
+        return json.loads((path / name).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is not a complete mmhub training checkpoint: {name} is missing; resume from an "
+                              "earlier checkpoint (delete this folder)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}/{name} is damaged ({exc}); resume from an earlier checkpoint (delete this "
+                              "folder)") from None
+
+
+def _tensors(path: Path, name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A safetensors file's tensors and metadata, or `CheckpointError` naming the file (missing or truncated)."""
+    file = path / name
+    if not file.is_file():
+        raise CheckpointError(f"{path} is not a complete mmhub training checkpoint: {name} is missing; resume from an "
+                              "earlier checkpoint (delete this folder)")
+    try:
+        with safe_open(str(file), "pt") as fh:
+            return {k: fh.get_tensor(k) for k in fh.keys()}, dict(fh.metadata() or {})
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        raise CheckpointError(f"{file} is damaged ({file.stat().st_size} bytes; {exc}), e.g. cut short by a full disk; "
+                              "resume from an earlier checkpoint (delete this folder)") from None
 
 
 def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> dict[str, Any]:
-    """Restore model tensors, optimizer, scheduler and RNG from `path`; returns its progress record."""
+    """Restore model tensors, optimizer, scheduler and RNG from `path`; returns its progress record.
+
+    Every file is read and parsed before anything is restored, so a missing or damaged file raises
+    `CheckpointError` naming it and leaves the model as it was; a file that parses but does not fit
+    the run raises it too."""
     path = Path(path)
     progress = read_progress(path)
-    state = load_file(str(path / "model.safetensors"))
-    with safe_open(str(path / "model.safetensors"), "pt") as fh:
-        aliases = json.loads((fh.metadata() or {}).get("aliases", "{}"))
-    for alias, canonical in aliases.items():
-        state[alias] = state[canonical]
+    state, meta = _tensors(path, "model.safetensors")
+    opt_tensors, _ = _tensors(path, "optimizer.safetensors")
+    opt_json, sched = _json(path, "optimizer.json"), _json(path, "scheduler.json")
+    rng_tensors, rng_json = _tensors(path, "rng.safetensors")[0], _json(path, "rng.json")
+    try:
+        aliases = json.loads(meta.get("aliases", "{}"))
+        for alias, canonical in aliases.items():
+            state[alias] = state[canonical]
+        opt_state = _rebuild(opt_json, opt_tensors)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: model.safetensors aliases or optimizer.json do not fit their tensors "
+                              f"({type(exc).__name__}: {exc}); resume from an earlier checkpoint (delete this "
+                              "folder)") from None
     _, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
         raise CheckpointError(f"{path}: {len(unexpected)} tensors do not belong to this model, e.g. {unexpected[:3]}; "
                               "resume with the spec the run was started with")
-    opt_tensors = load_file(str(path / "optimizer.safetensors"))
-    optimizer.load_state_dict(_rebuild(json.loads((path / "optimizer.json").read_text()), opt_tensors))
-    if scheduler is not None:
-        scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
-    set_rng_state(load_file(str(path / "rng.safetensors")), json.loads((path / "rng.json").read_text()))
+    _restore(path, optimizer, opt_state, scheduler, sched, rng_tensors, rng_json)
     return progress
 
 
-def checkpoints(stage_dir: Path) -> list[Path]:
-    """A stage's complete checkpoints, oldest first (temp folders of interrupted writes are ignored)."""
+def _restore(path: Path, optimizer: Any, opt_state: Any, scheduler: Any, sched: Any, rng_tensors: dict[str, Any],
+             rng_json: Any) -> None:
+    step = "optimizer.json"
+    try:
+        optimizer.load_state_dict(opt_state)
+        step = "scheduler.json"
+        if scheduler is not None:
+            scheduler.load_state_dict(sched)
+        step = "rng.json / rng.safetensors"
+        set_rng_state(rng_tensors, rng_json)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: {step} does not fit this run ({type(exc).__name__}: {exc}); resume from an "
+                              "earlier checkpoint (delete this folder)") from None
+
+
+def load_newest(stage_dir: Path, model: Any, optimizer: Any, scheduler: Any,
+                log: Callable[[str], None]) -> tuple[Path, dict[str, Any]] | None:
+    """Restore the newest checkpoint of a stage that reads whole, saying which damaged ones were passed over;
+    None when the stage has none. Raises `CheckpointError` when every one is damaged."""
+    found = step_folders(stage_dir)
+    problems = []
+    for path in reversed(found):
+        try:
+            return path, load_checkpoint(path, model, optimizer, scheduler)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            log(f"warning: checkpoint {path} cannot be used ({exc}); trying the one before it")
+    if found:
+        raise CheckpointError(f"none of the {len(found)} checkpoint(s) in {Path(stage_dir) / 'checkpoints'} can be "
+                              f"used; newest: {problems[0]}. Delete that folder to train the stage from its start.")
+    return None
+
+
+def step_folders(stage_dir: Path) -> list[Path]:
+    """Every ``step-N`` folder of a stage, complete or not, oldest first."""
     folder = Path(stage_dir) / "checkpoints"
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX) and (p / "progress.json").is_file()]
+    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)
+             and p.name[len(STEP_PREFIX):].isdigit()]
     return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX):]))
+
+
+def checkpoints(stage_dir: Path) -> list[Path]:
+    """A stage's complete checkpoints (with ``progress.json``), oldest first; temp folders of interrupted writes
+    are ignored."""
+    return [p for p in step_folders(stage_dir) if (p / "progress.json").is_file()]
 
 
 def prune(stage_dir: Path, keep: int) -> None:

@@ -26,7 +26,7 @@ import torch
 
 from mmhub.assembly import build_from_plan
 from mmhub.data.preflight import preflight
-from mmhub.errors import InputError, MMHubError
+from mmhub.errors import CheckpointError, InputError, MMHubError
 from mmhub.packing import length_grouped_order
 from mmhub.regimes import slots
 from mmhub.spec import StageSpec
@@ -35,7 +35,15 @@ from mmhub.train.feature_cache import FeatureCache
 from mmhub.train.loop import Loop, Progress, StepResult, cosine_with_warmup, epoch_order, run_loop
 from mmhub.train.metrics import Metrics, StageLogger, progress_bar
 from mmhub.train.objectives import Objective, objective_for
-from mmhub.train.state import STEP_PREFIX, checkpoints, load_checkpoint, prune, save_checkpoint
+from mmhub.train.state import (
+    STEP_PREFIX,
+    checkpoints,
+    load_checkpoint,
+    load_newest,
+    prune,
+    save_checkpoint,
+    step_folders,
+)
 from mmhub.train.trainable import StagePlan, apply_stage, param_groups
 
 
@@ -109,9 +117,14 @@ class Trainer:
     def _replay(self, index: int, st: StageSpec, stage_dir: Path, require: bool) -> None:
         """Bring the model to the state at the end of an earlier, finished stage."""
         apply_stage(self.model, st)
-        final = checkpoints(stage_dir)
+        final = step_folders(stage_dir)  # the newest, complete or not: an older one holds other weights
         if final:
-            load_checkpoint(final[-1], self.model, _NullOptimizer(), None)
+            try:
+                load_checkpoint(final[-1], self.model, _NullOptimizer(), None)
+            except CheckpointError as exc:
+                raise CheckpointError(f"stage {st.name!r} is finished but its final checkpoint cannot be used: {exc}. "
+                                      f"Delete {stage_dir / 'model'} and {final[-1]} to train the rest of the stage "
+                                      "again from its newest intact checkpoint") from None
         elif require:
             raise MMHubError(f"{stage_dir} has a model but no checkpoint to resume from; delete {stage_dir} to retrain it")
 
@@ -165,9 +178,9 @@ class Trainer:
                      f"using {acc.mixed_precision}")
         wrapped, optimizer = acc.prepare(model, optimizer)
         progress = Progress(stage=st.name, stage_index=index)
-        if resume and (found := checkpoints(folder)):
-            progress = Progress.from_dict(load_checkpoint(found[-1], model, optimizer, scheduler))
-            self.log(f"resumed stage {st.name!r} from {found[-1]} (step {progress.global_step})")
+        if resume and (loaded := load_newest(folder, model, optimizer, scheduler, self.log)):
+            progress = Progress.from_dict(loaded[1])
+            self.log(f"resumed stage {st.name!r} from {loaded[0]} (step {progress.global_step})")
         bar = progress_bar(total, progress.global_step, st.name) if self.progress_bar else None
         logger = StageLogger(Metrics(folder, acc.is_main_process), st.name, st.log_every, total, objective.count_key, bar)
         return StageRun(index, st, folder, plan, data, total, per_step, objective, wrapped, optimizer, scheduler,
