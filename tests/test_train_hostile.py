@@ -126,10 +126,14 @@ def test_stale_temp_folders_are_cleaned_on_resume_and_live_ones_kept(tmp_path: P
     stale = [_leftover(ckpts, ".step-0000006.tmp-a1b2c3", 3600), _leftover(ckpts, ".step-0000002.old-d4e5f6", 3600),
              _leftover(out / "align", ".model.tmp-0f9e8d", 3600), _leftover(out, ".align.old-777", 3600)]
     live = _leftover(ckpts, ".step-0000008.tmp-live01", -60)  # changed after this process started: someone's write
+    half_written = out / ".run_spec.json.k2j4_x9q"
+    half_written.write_text('{"name": "trai')
+    os.utime(half_written, (time.time() - 3600, time.time() - 3600))
+    stale.append(half_written)
     capsys.readouterr()
     _resume(out)
     assert not any(p.exists() for p in stale) and live.exists()
-    assert "removed 4 leftover temp folder(s) of interrupted saves" in capsys.readouterr().out
+    assert "removed 5 leftover(s) of interrupted saves" in capsys.readouterr().out
     assert (ckpts / "step-0000002" / "progress.json").is_file()
 
 

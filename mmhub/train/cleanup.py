@@ -9,7 +9,9 @@ and their ``checkpoints/`` and, for each leftover last changed before this proce
 * ``.NAME.tmp-*``: an unfinished write, deleted;
 * ``.NAME.old-*`` while ``NAME`` exists: the copy that was being replaced, deleted;
 * ``.NAME.old-*`` while ``NAME`` is missing: the kill came between the two renames, so it is
-  the only complete copy: renamed back to ``NAME``.
+  the only complete copy: renamed back to ``NAME``;
+* ``.run_spec.json.*`` / ``.run_settings.json.*`` files in the run folder: unfinished writes of
+  `mmhub.checkpoint.write_text_atomic`, deleted.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 import psutil  # an accelerate dependency, so always there when training
 
 LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-[A-Za-z0-9_]+$")
+TEXT_LEFTOVER = re.compile(r"^\.run_(spec|settings)\.json\.[A-Za-z0-9_]+$")
 
 
 @dataclass
@@ -34,7 +37,7 @@ class Cleaned:
     restored: list[tuple[Path, Path]] = field(default_factory=list)
 
     def __str__(self) -> str:
-        parts = [f"removed {len(self.removed)} leftover temp folder(s) of interrupted saves"]
+        parts = [f"removed {len(self.removed)} leftover(s) of interrupted saves"]
         parts += [f"put back {new.name} from {old.name} (a save was killed while replacing it)"
                   for old, new in self.restored]
         return "; ".join(parts)
@@ -55,6 +58,10 @@ def clean_stale(run_dir: Path, before: float | None = None) -> Cleaned:
         return done
     folders = [run_dir] + [d for d in run_dir.iterdir() if d.is_dir() and not d.name.startswith(".")]
     folders += [d / "checkpoints" for d in folders[1:] if (d / "checkpoints").is_dir()]
+    for entry in sorted(run_dir.iterdir()):
+        if TEXT_LEFTOVER.match(entry.name) and entry.is_file() and not entry.is_symlink() and _mtime(entry) < cutoff:
+            entry.unlink(missing_ok=True)
+            done.removed.append(entry)
     for folder in folders:
         for entry in sorted(folder.iterdir()):
             match = LEFTOVER.match(entry.name)
@@ -71,9 +78,10 @@ def clean_stale(run_dir: Path, before: float | None = None) -> Cleaned:
 
 
 def _mtime(path: Path) -> float:
-    """The newest change time of `path` and the files directly in it (a live writer touches them)."""
+    """The newest change time of `path` and (a folder) the files directly in it (a live writer touches them)."""
     try:
-        times = [path.stat().st_mtime] + [f.stat().st_mtime for f in path.iterdir()]
+        inside = list(path.iterdir()) if path.is_dir() else []
+        times = [path.stat().st_mtime] + [f.stat().st_mtime for f in inside]
     except OSError:
         return time.time()  # vanished or unreadable meanwhile: leave it alone
     return max(times)
