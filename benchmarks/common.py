@@ -48,7 +48,7 @@ def paired(ours: list[float], theirs: list[float], higher_is_better: bool) -> di
     """Per-round ratios ours/theirs, their median, and `best`: the ratio of the best value of each side."""
     if len(ours) != len(theirs) or not ours:
         raise ValueError(f"paired measurements need equal, non-empty lists, got {len(ours)} and {len(theirs)}")
-    per_round = [a / b for a, b in zip(ours, theirs)]
+    per_round = [a / b for a, b in zip(ours, theirs, strict=True)]
     best = (max(ours) / max(theirs)) if higher_is_better else (min(ours) / min(theirs))
     return {"median": statistics.median(per_round), "best": best, "per_round": per_round}
 

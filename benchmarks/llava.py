@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,18 +42,31 @@ import torch
 
 from benchmarks.common import environment, matmul_peak_flops, paired, peak_rss_mib, summary, timed, write_json
 from benchmarks.llava_models import SIZES, Pair, build_pair, hf_batch, load_side, samples, spec_for
-from benchmarks.llava_steps import (FLOPS_FORMULA, full_logits_target, hf_generate, hf_step, mmhub_batch,
-                                    mmhub_generate, mmhub_step, optimizer, parameter_counts, set_trainable_hf,
-                                    set_trainable_mmhub, useful_flops)
+from benchmarks.llava_steps import (
+    FLOPS_FORMULA,
+    full_logits_target,
+    hf_generate,
+    hf_step,
+    mmhub_batch,
+    mmhub_generate,
+    mmhub_step,
+    optimizer,
+    parameter_counts,
+    set_trainable_hf,
+    set_trainable_mmhub,
+    useful_flops,
+)
 from mmhub.processor import Encoded
 
 ROOT = Path(__file__).resolve().parents[1]  # the children run `-m benchmarks.llava` from here
-RATIO_NOTES = ("every ratio is mmhub / transformers of the raw value: for *_samples_per_s and *_tokens_per_s higher is "
-               "better for mmhub (>1 = mmhub faster); for ttft_b1 and peak_memory lower is better for mmhub (<1 = mmhub "
-               "faster / smaller). `median` is the median of the per-round paired ratios, `best` the ratio of each "
+RATIO_NOTES = ("every ratio is mmhub / transformers of the raw value: for *_samples_per_s and *_tokens_per_s higher "
+               "is better for mmhub (>1 = mmhub faster); for ttft_b1 and peak_memory lower is better for mmhub "
+               "(<1 = mmhub faster / smaller). `median` is the median of the per-round paired ratios, `best` the "
+               "ratio of each "
                "side's best value (max throughput, min time or memory).")
 VARIANT_SPECS = {"eager_attention": {"attention": "eager"}, "row_layout": {"weight_layout": "row"}}
-TARGETS = {"stage2_samples_per_s": (">=", 1.5), "stage1_samples_per_s": (">=", 2.0), "generate_tokens_per_s_b1": (">=", 1.2),
+TARGETS = {"stage2_samples_per_s": (">=", 1.5), "stage1_samples_per_s": (">=", 2.0),
+           "generate_tokens_per_s_b1": (">=", 1.2),
            "generate_tokens_per_s_b8": (">=", 1.0), "ttft_b1": ("<=", 1.0), "peak_memory": ("<=", 1.0)}
 
 
@@ -126,35 +140,35 @@ def run_rounds(pair: Pair, args: argparse.Namespace) -> dict[str, Any]:
             hf_opt = opt_for(("transformers", stage), set_trainable_hf(hf, stage))
             kw = mmhub_batch(m, encs, args.pack_len if stage == 2 else None, cache_features=True)
             hb = hf_batch(pair, encs, "right")
-            run: dict[str, Callable[[], None]] = {"mmhub": lambda: mmhub_step(m, mm_opt, kw),
-                                                  "transformers": lambda: hf_step(hf, hf_opt, hb)}
+            run: dict[str, Callable[[], None]] = {"mmhub": partial(mmhub_step, m, mm_opt, kw),
+                                                  "transformers": partial(hf_step, hf, hf_opt, hb)}
             for side in order:
                 record(f"stage{stage}_step_s", side, timed(run[side]), r)
             if r >= rounds - args.bf16_rounds:  # the same steps under bf16 autocast (fp32 master weights), both sides
                 for side in order:
-                    record(f"stage{stage}_bf16_step_s", side, timed(lambda: bf16(run[side])), r)
+                    record(f"stage{stage}_bf16_step_s", side, timed(partial(bf16, run[side])), r)
             if variant_models:  # ablations, mmhub only, next to the default just timed
                 variants: dict[str, Callable[[], None]] = {}
                 kw_media = mmhub_batch(m, encs, args.pack_len if stage == 2 else None, cache_features=False)
-                variants["no_feature_cache"] = lambda: mmhub_step(m, mm_opt, kw_media)
+                variants["no_feature_cache"] = partial(mmhub_step, m, mm_opt, kw_media)
                 for name, vm in variant_models.items():
                     v_opt = opt_for((name, stage), set_trainable_mmhub(vm, stage))
-                    variants[name] = lambda vm=vm, v_opt=v_opt: mmhub_step(vm, v_opt, kw)
+                    variants[name] = partial(mmhub_step, vm, v_opt, kw)
                 if stage == 2:
                     kw_pad = mmhub_batch(m, encs, None, cache_features=True)
                     target = full_logits_target(m, kw)
-                    variants["no_packing"] = lambda: mmhub_step(m, mm_opt, kw_pad)
-                    variants["full_logits"] = lambda: mmhub_step(m, mm_opt, kw, target)
-                    variants["chunked_ce"] = lambda: chunked(m, args.loss_chunk, lambda: mmhub_step(m, mm_opt, kw))
+                    variants["no_packing"] = partial(mmhub_step, m, mm_opt, kw_pad)
+                    variants["full_logits"] = partial(mmhub_step, m, mm_opt, kw, target)
+                    variants["chunked_ce"] = partial(chunked, m, args.loss_chunk, partial(mmhub_step, m, mm_opt, kw))
                 for name, fn in variants.items():
                     record(f"ablation_stage{stage}_step_s", name, timed(fn), r)
         for b in (1, 8):
             encs = d["prompt"][r][:b]
             mb, hb = mm_prompt(pair, encs), hf_batch(pair, encs, "left")
             pad = m.processor.pad_id
-            gen = {"mmhub": lambda: mmhub_generate(m, mb, args.new_tokens),
-                   "transformers": lambda: hf_generate(hf, hb, args.new_tokens, pad)}
-            first = {"mmhub": lambda: mmhub_generate(m, mb, 1), "transformers": lambda: hf_generate(hf, hb, 1, pad)}
+            gen = {"mmhub": partial(mmhub_generate, m, mb, args.new_tokens),
+                   "transformers": partial(hf_generate, hf, hb, args.new_tokens, pad)}
+            first = {"mmhub": partial(mmhub_generate, m, mb, 1), "transformers": partial(hf_generate, hf, hb, 1, pad)}
             for side in order:
                 t = time.perf_counter()
                 n = gen[side]()
@@ -238,8 +252,10 @@ def report(pair: Pair, args: argparse.Namespace, raw: dict[str, Any], mem: dict[
         if f"{stage}_bf16_step_s" in t:
             per_side[f"{stage}_bf16_samples_per_s"] = {s: [bs / x for x in t[f"{stage}_bf16_step_s"][s]]
                                                        for s in t[f"{stage}_bf16_step_s"]}
-    units = {"stage1_bf16_samples_per_s": "samples/s (bf16 autocast)", "stage2_bf16_samples_per_s": "samples/s (bf16 autocast)",
-             "stage1_samples_per_s": "samples/s", "stage2_samples_per_s": "samples/s", "generate_tokens_per_s_b1": "tokens/s",
+    units = {"stage1_bf16_samples_per_s": "samples/s (bf16 autocast)",
+             "stage2_bf16_samples_per_s": "samples/s (bf16 autocast)",
+             "stage1_samples_per_s": "samples/s", "stage2_samples_per_s": "samples/s",
+             "generate_tokens_per_s_b1": "tokens/s",
              "generate_tokens_per_s_b8": "tokens/s", "ttft_b1": "s", "peak_memory": "MiB (VmHWM of a child process)"}
     higher = {k: k.endswith("_per_s") or "_per_s_" in k for k in per_side}
     measurements, ratios = {}, {}
@@ -277,14 +293,17 @@ def report(pair: Pair, args: argparse.Namespace, raw: dict[str, Any], mem: dict[
             base = t[f"generate_tokens_per_s_b{b}"]["mmhub"]
             ablations[f"generate_b{b}"] = {"default_tokens_per_s": summary(base)}
             for name, vals in t[key].items():
-                ablations[f"generate_b{b}"][name] = {"tokens_per_s": summary(vals),
-                                                     "variant_over_default": paired(vals, base, higher_is_better=True)["median"]}
+                ablations[f"generate_b{b}"][name] = {
+                    "tokens_per_s": summary(vals),
+                    "variant_over_default": paired(vals, base, higher_is_better=True)["median"]}
     met = {k: (ratios[k]["median"] >= v if op == ">=" else ratios[k]["median"] <= v) for k, (op, v) in TARGETS.items()}
     met["training_mfu_60pct"] = min(mfu["stage1"]["mmhub"]["median"], mfu["stage2"]["mmhub"]["median"]) >= 0.6
     return {
-        "benchmark": "benchmarks.llava", "command": " ".join(sys.argv), "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "benchmark": "benchmarks.llava", "command": " ".join(sys.argv),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "environment": environment(torch.float32),
-        "setup": {"size": args.size, "configs": SIZES[args.size], "params": raw["params"], "image_tokens": pair.image_tokens,
+        "setup": {"size": args.size, "configs": SIZES[args.size], "params": raw["params"],
+                  "image_tokens": pair.image_tokens,
                   "batch_size": bs, "caption_len": args.caption_len, "stage2_text_len": [args.min_len, args.max_len],
                   "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "pack_len": args.pack_len,
                   "rounds": args.rounds, "warmup": args.warmup, "memory_rounds": args.memory_rounds,
@@ -304,7 +323,8 @@ def mfu_of(flops: list[float], step_s: dict[str, list[float]], peak: float) -> d
     of only the last rounds (the bf16 ones) pair with the FLOPs of those rounds."""
     n = len(step_s["mmhub"])
     flops = flops[-n:]
-    out: dict[str, Any] = {s: summary([f / x / peak for f, x in zip(flops, step_s[s])]) for s in ("mmhub", "transformers")}
+    out: dict[str, Any] = {s: summary([f / x / peak for f, x in zip(flops, step_s[s], strict=True)])
+                           for s in ("mmhub", "transformers")}
     out["useful_flops_per_step"] = summary(flops)
     return out
 
@@ -320,7 +340,8 @@ def chart(rep: dict[str, Any], path: str | Path) -> Path:
     med = [rep["ratios"][k]["median"] for k in names]
     best = [rep["ratios"][k]["best"] for k in names]
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    colors = ["tab:green" if (m >= 1) == rep["measurements"][k]["higher_is_better"] else "tab:red" for k, m in zip(names, med)]
+    colors = ["tab:green" if (m >= 1) == rep["measurements"][k]["higher_is_better"] else "tab:red"
+              for k, m in zip(names, med, strict=True)]
     ax.bar(range(len(names)), med, color=colors, label="median paired ratio")
     ax.plot(range(len(names)), best, "ko", label="best / best")
     ax.axhline(1.0, color="black", linewidth=1)
@@ -328,7 +349,8 @@ def chart(rep: dict[str, Any], path: str | Path) -> Path:
                                       for n in names], rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("mmhub / transformers")
     env = rep["environment"]
-    ax.set_title(f"mmhub vs transformers LLaVA ({rep['setup']['size']}, {env['torch_threads']} threads, {env['dtype']})")
+    ax.set_title(f"mmhub vs transformers LLaVA ({rep['setup']['size']}, {env['torch_threads']} threads, "
+                 f"{env['dtype']})")
     ax.legend(fontsize=8)
     fig.tight_layout()
     out = Path(path)
@@ -356,7 +378,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (both sides)")
     ap.add_argument("--no-ablations", action="store_true")
     ap.add_argument("--bf16-rounds", type=int, default=None,
-                    help="the last N timed rounds (default 1, at most --rounds) also time both sides' training steps under bf16 autocast (0: none); "
+                    help="the last N timed rounds (default 1, at most --rounds) also time both sides' training "
+                         "steps under bf16 autocast (0: none); "
                          "few by default: a CPU without bf16 matmul units runs them several times slower than fp32")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/results/latest.json")

@@ -19,7 +19,8 @@ from mmhub.splice import IGNORE
 SIZES: dict[str, dict[str, Any]] = {
     # ~12M-parameter CLIP tower (49 patches + CLS, CLS dropped), 55M-parameter Llama with a 32000 vocabulary
     "default": {
-        "clip": {"model_type": "clip_vision_model", "hidden_size": 384, "intermediate_size": 1536, "num_hidden_layers": 6,
+        "clip": {"model_type": "clip_vision_model", "hidden_size": 384, "intermediate_size": 1536,
+                 "num_hidden_layers": 6,
                  "num_attention_heads": 6, "image_size": 224, "patch_size": 32},
         "llama": {"model_type": "llama", "hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 8,
                   "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 32000,
@@ -125,7 +126,7 @@ def hf_batch(pair: Pair, batch: list[Encoded], padding_side: str = "right") -> d
     rows, lab = [], []
     for s in batch:
         ids, labels = [], []
-        for t, y in zip(s.input_ids, s.labels):
+        for t, y in zip(s.input_ids, s.labels, strict=True):
             ids += [image_id] * n if t == pid else [t]
             labels += [IGNORE] * n if t == pid else [y]
         rows.append(ids)
@@ -135,7 +136,7 @@ def hf_batch(pair: Pair, batch: list[Encoded], padding_side: str = "right") -> d
     input_ids = torch.full((len(rows), width), pad)
     labels_t = torch.full((len(rows), width), IGNORE)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (ids, labels) in enumerate(zip(rows, lab)):
+    for i, (ids, labels) in enumerate(zip(rows, lab, strict=True)):
         sl = slice(0, len(ids)) if padding_side == "right" else slice(width - len(ids), width)
         input_ids[i, sl], labels_t[i, sl], mask[i, sl] = torch.tensor(ids), torch.tensor(labels), 1
     pixels = torch.stack([s.media["image"][0] for s in batch])

@@ -79,7 +79,8 @@ def full_logits_target(model: MMModel, kw: dict[str, Any]) -> torch.Tensor:
     return labels[:, 1:]
 
 
-def mmhub_step(model: MMModel, opt: torch.optim.Optimizer, kw: dict[str, Any], target: torch.Tensor | None = None) -> None:
+def mmhub_step(model: MMModel, opt: torch.optim.Optimizer, kw: dict[str, Any],
+               target: torch.Tensor | None = None) -> None:
     """One training step. With `target`, logits for every position and cross-entropy over all of them (the
     full-logits variant); else mmhub's loss, which projects only labelled positions."""
     opt.zero_grad(set_to_none=True)
@@ -130,7 +131,8 @@ def parameter_counts(model: MMModel) -> dict[str, int]:
             "llm_without_input_embedding": llm - emb, "lm_head": head, "total": count(model)}
 
 
-def useful_flops(params: dict[str, int], encs: Sequence[Encoded], image_tokens: int, placeholder: int, stage: int) -> float:
+def useful_flops(params: dict[str, int], encs: Sequence[Encoded], image_tokens: int, placeholder: int,
+                 stage: int) -> float:
     """FLOPS_FORMULA for one batch."""
     images = sum(s.input_ids.count(placeholder) for s in encs)
     real = sum(len(s.input_ids) for s in encs) + images * (image_tokens - 1)

@@ -31,7 +31,8 @@ from mmhub.splice import IGNORE
 BACKBONE = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
             "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 300, "max_position_embeddings": 4096}
 IMAGE = {"encoders": {"image": {"type": "open_clip", "arch": None, "embed_dim": 64,
-                                "vision_cfg": {"image_size": 32, "patch_size": 8, "layers": 2, "width": 64, "head_width": 16}}},
+                                "vision_cfg": {"image_size": 32, "patch_size": 8, "layers": 2, "width": 64,
+                                               "head_width": 16}}},
          "projectors": {"image": {"type": "mlp", "depth": 2}}}
 
 
@@ -89,7 +90,8 @@ def main() -> None:
     model = model_for(args.images)
     tokens_of = spliced_length(model)
 
-    batches = [samples(model, args.batch_size, args.min_len, args.max_len, args.images, rng) for _ in range(args.batches)]
+    batches = [samples(model, args.batch_size, args.min_len, args.max_len, args.images, rng)
+               for _ in range(args.batches)]
     conditions: dict[str, list[dict[str, Any]]] = {"padded": [model.processor.collate(b) for b in batches]}
     stats: dict[str, dict[str, Any]] = {"padded": {"rows": [], "real": 0, "processed": 0}}
     for b in batches:
@@ -129,7 +131,8 @@ def main() -> None:
                                                         "num_attention_heads")},
                   "params": sum(p.numel() for p in model.parameters()), "images": args.images,
                   "batch_size": args.batch_size, "batches": args.batches, "runs": args.runs,
-                  "text_len": [args.min_len, args.max_len], "attention": model.backbone.model.config._attn_implementation,
+                  "text_len": [args.min_len, args.max_len],
+                  "attention": model.backbone.model.config._attn_implementation,
                   "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
                   "torch": torch.__version__},
         "conditions": {},
@@ -142,7 +145,7 @@ def main() -> None:
             "speedup_vs_padded": round(base / med, 3),
             "rows_per_batch": stats[k]["rows"],
             "padding_fraction": round(1 - stats[k]["real"] / stats[k]["processed"], 4),
-            "max_abs_loss_diff_vs_padded": max(abs(a - b) for a, b in zip(losses[k], losses["padded"])),
+            "max_abs_loss_diff_vs_padded": max(abs(a - b) for a, b in zip(losses[k], losses["padded"], strict=True)),
         }
     # length-grouped batching (no packing): padding of random vs grouped batches over a larger pool
     pool = rng.integers(args.min_len, args.max_len + 1, 50 * args.batch_size * 4).tolist()
@@ -153,9 +156,10 @@ def main() -> None:
         real = sum(pool)
         return 1 - real / sum(len(b) * max(pool[i] for i in b) for b in batches_)
 
-    report["length_grouped"] = {"pool": len(pool),
-                                "padding_fraction_random": round(pad_frac(rng.permutation(len(pool)).tolist()), 4),
-                                "padding_fraction_grouped": round(pad_frac(length_grouped_order(pool, bs, args.seed)), 4)}
+    random_order = rng.permutation(len(pool)).tolist()
+    grouped_order = length_grouped_order(pool, bs, args.seed)
+    report["length_grouped"] = {"pool": len(pool), "padding_fraction_random": round(pad_frac(random_order), 4),
+                                "padding_fraction_grouped": round(pad_frac(grouped_order), 4)}
     print(json.dumps(report, indent=2))
 
 

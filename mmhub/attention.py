@@ -92,7 +92,8 @@ def select_backend(requested: str, device: torch.device) -> str:
         else:
             why = "xformers is not installed or fails to import (a build for another torch/CUDA)"
         raise AttentionBackendError(f"attention backend 'xformers' cannot run here: {why}. "
-                                    "Set `attention: auto` (uses xformers where it runs, SDPA otherwise) or `attention: sdpa`.")
+                                    "Set `attention: auto` (uses xformers where it runs, SDPA otherwise) "
+                                    "or `attention: sdpa`.")
     return requested
 
 
@@ -148,7 +149,8 @@ def _xformers_or_none(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
         return None
 
 
-def _eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout_p: float) -> torch.Tensor:
+def _eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+           dropout_p: float) -> torch.Tensor:
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (B, h, Lq, Lk)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
@@ -158,7 +160,8 @@ def _eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return probs @ v
 
 
-def _xformers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout_p: float) -> torch.Tensor:
+def _xformers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              dropout_p: float) -> torch.Tensor:
     import xformers.ops as xops
 
     B, h, Lq, d = q.shape
@@ -207,7 +210,8 @@ class MultiheadAttention(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 value: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, Lq, dim); context: (B, Lk, kv_dim) (self-attention when None); mask (B, Lk) or (B, Lq, Lk), True = attend.
+        """x: (B, Lq, dim); context: (B, Lk, kv_dim) (self-attention when None); mask (B, Lk) or (B, Lq, Lk),
+        True = attend.
 
         `value` (B, Lk, kv_dim), when given, feeds the values instead of `context` (which then
         feeds only the keys): Qwen-VL's resampler adds positional embeddings to the keys only.
@@ -323,7 +327,8 @@ def segment_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, se
         if s + n > L:
             raise ValueError(f"segment of {n} positions at {s} crosses the end of row {b} (length {L})")
         seg = slice(s, s + n)
-        rows[b].append(F.scaled_dot_product_attention(query[b:b + 1, :, seg], key[b:b + 1, :, seg], value[b:b + 1, :, seg],
+        rows[b].append(F.scaled_dot_product_attention(query[b:b + 1, :, seg], key[b:b + 1, :, seg],
+                                                      value[b:b + 1, :, seg],
                                                       dropout_p=dropout, is_causal=True, scale=scaling))
         at += n
     return torch.cat([torch.cat(r, dim=2) for r in rows]).transpose(1, 2)

@@ -103,13 +103,13 @@ def _decode(model: Any, inputs_embeds: torch.Tensor, attention_mask: torch.Tenso
         steps += 1  # tokens chosen so far
         if streamer is not None:
             streamer.put(torch.tensor([i if not d or i != pad else stop_ids[0] if stop_ids else pad
-                                       for i, d in zip(ids, done)]))
+                                       for i, d in zip(ids, done, strict=True)]))
         if all(done):
             break
         if steps >= max_new_tokens and not any(forced) and not any(p is not None for p in pending):
             break  # the last token's own state is not needed: no step for it (a token of a group still needs one)
         emb = _embed(model, torch.tensor(ids, device=device)[:, None])
-        alive = torch.tensor([0 if d and not p else 1 for d, p in zip(done, pending)], device=device)
+        alive = torch.tensor([0 if d and not p else 1 for d, p in zip(done, pending, strict=True)], device=device)
         mask = torch.cat([mask, alive[:, None].to(mask.dtype)], 1)
         hidden, cache = backbone.step(emb, mask, next_pos, cache)
         last = hidden[:, -1]

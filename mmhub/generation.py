@@ -64,7 +64,8 @@ def own_loop(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
 
 def transformers_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                          media: Mapping[str, torch.Tensor] | None, seed: int | None = None, **settings: Any) -> Decoded:
+                          media: Mapping[str, torch.Tensor] | None, seed: int | None = None,
+                          **settings: Any) -> Decoded:
     """The fallback: the backbone's own ``generate`` (transformers') over the prepared prompt, injectors active."""
     prep = prepare(model, input_ids, attention_mask, None, media, padding_side="left")
     sp = prep.spliced

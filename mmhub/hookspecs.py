@@ -31,12 +31,12 @@ def register_backbones(register):
 
 @hookspec
 def register_injectors(register):
-    """Register backbone injectors: ``register(InjectorClass)`` (hooks inside the LM's layers, e.g. gated cross-attention)."""
+    """Register backbone injectors: ``register(InjectorClass)`` (hooks inside the LM's layers, e.g. gated x-attn)."""
 
 
 @hookspec
 def register_output_projectors(register):
-    """Register output projectors: ``register(OutputProjectorClass)`` (signal-token states -> generator conditioning)."""
+    """Register output projectors: ``register(OutputProjectorClass)`` (signal-token states -> conditioning)."""
 
 
 @hookspec
@@ -61,4 +61,4 @@ def register_datasets(register):
 
 @hookspec
 def register_eval_tasks(register):
-    """Register evaluation tasks: ``register(EvalTaskClass)`` (a `mmhub.evaluation.EvalTask` subclass; model -> scores)."""
+    """Register evaluation tasks: ``register(EvalTaskClass)`` (an `mmhub.evaluation.EvalTask`; model -> scores)."""

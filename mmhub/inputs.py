@@ -49,7 +49,8 @@ def prepare(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
             n = int((input_ids == ph_ids[m]).sum())
             raise InputError(f"the text has {n} {model.placeholder_names[ph_ids[m]]} placeholder(s) but 0 {m} items "
                              "were given")
-    safe_ids = input_ids.masked_fill(input_ids >= model.backbone_vocab_size, 0)  # placeholder ids may lie past the table
+    # placeholder ids may lie past the table
+    safe_ids = input_ids.masked_fill(input_ids >= model.backbone_vocab_size, 0)
     text_embeds = model.backbone.embed(safe_ids)  # (B, L, H)
     if model.signal_tokens is not None:
         text_embeds = model.signal_tokens.embed_into(input_ids, text_embeds)

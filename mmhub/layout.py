@@ -54,7 +54,7 @@ def set_decode_layout(module: nn.Module) -> int:
 
 
 def set_row_layout(module: nn.Module) -> int:
-    """Undo `set_decode_layout`: every linear weight of `module` row-major (contiguous) again; returns how many moved."""
+    """Undo `set_decode_layout`: every linear weight of `module` row-major (contiguous) again; returns the count."""
     moved = 0
     for m in module.modules():
         if isinstance(m, nn.Linear) and is_column_major(m.weight):

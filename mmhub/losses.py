@@ -30,7 +30,10 @@ def label_cross_entropy(model: Any, hidden: torch.Tensor, target: torch.Tensor) 
     memory holds one chunk's (chunk x vocabulary) logits instead of all N; the head's matmul runs once more
     in the backward pass. The loss and gradients equal the unchunked ones (up to float summation order)."""
     chunk = model.spec.runtime.loss_chunk
-    ce = lambda h, t: F.cross_entropy(model.head(h).float(), t, reduction="none")
+
+    def ce(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model.head(h).float(), t, reduction="none")
+
     if not chunk or hidden.shape[0] <= chunk or not torch.is_grad_enabled():
         return ce(hidden, target)
     return torch.cat([checkpoint(ce, hidden[i:i + chunk], target[i:i + chunk], use_reentrant=False)
@@ -94,7 +97,7 @@ class CaptionFeatures:
         if missing:
             with torch.no_grad():
                 feats = generators[modality].encode_text(list(missing))
-            for c, f in zip(missing, feats):
+            for c, f in zip(missing, feats, strict=True):
                 self._cache[(modality, c)] = f.detach()
         return torch.stack([self._cache[(modality, c)] for c in captions]).to(device)
 

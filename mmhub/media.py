@@ -35,11 +35,12 @@ def load_image(item: Any) -> Image.Image:
         try:
             img = Image.open(src)
             if img.width * img.height > MAX_PIXELS:
-                raise InputError(f"image {name} is {img.width}x{img.height} = {img.width * img.height} pixels, more than "
-                                 f"the {MAX_PIXELS} allowed; downscale it first")
+                raise InputError(f"image {name} is {img.width}x{img.height} = {img.width * img.height} pixels, "
+                                 f"more than the {MAX_PIXELS} allowed; downscale it first")
             img.load()
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
             raise InputError(f"{name} is not a readable image ({type(exc).__name__}: {exc})") from None
     else:
-        raise InputError(f"cannot read an image from a {type(item).__name__}; pass a PIL image, an array or a file path")
+        raise InputError(f"cannot read an image from a {type(item).__name__}; "
+                         "pass a PIL image, an array or a file path")
     return img.convert("RGB")

@@ -83,14 +83,15 @@ class MMProcessor:
         check_text(messages, where)
         for m in media:
             if m not in self.placeholders:
-                raise InputError(f"{where} has {m} items, but this model takes {', '.join(self.placeholders) or 'text only'}.")
+                takes = ", ".join(self.placeholders) or "text only"
+                raise InputError(f"{where} has {m} items, but this model takes {takes}.")
         for m, mark in self.placeholders.items():
             n_ph = sum(msg["content"].count(mark) for msg in messages)
             n_items = len(media.get(m, []))
             if n_ph != n_items:
                 raise InputError(f"{where} has {n_ph} {mark} placeholder(s) but {n_items} {m} item(s); "
                                  f"put one {mark} in the text per {m} given.")
-        for m, (marker, tokens) in self.signal_groups.items():
+        for marker, tokens in self.signal_groups.values():
             if any(marker in msg["content"] for msg in messages):
                 messages = [{**msg, "content": msg["content"].replace(marker, tokens)} for msg in messages]
         ids: list[int] = []
@@ -112,7 +113,7 @@ class MMProcessor:
             raise InputError(f"{len(conversations)} conversations but {len(media)} media entries; "
                              "give one per conversation")
         enc = [self.encode(c, m, add_generation_prompt=add_generation_prompt, index=i)
-               for i, (c, m) in enumerate(zip(conversations, media))]
+               for i, (c, m) in enumerate(zip(conversations, media, strict=True))]
         return self.collate(enc, padding_side=padding_side)
 
     def collate(self, samples: Sequence[Encoded], padding_side: str = "right") -> dict[str, Any]:
@@ -134,7 +135,9 @@ class MMProcessor:
             items = [t for s in samples for t in s.media.get(m, [])]
             if items:
                 media[m] = torch.stack(items)
-        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "media": media, "padding_side": padding_side}
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "media": media,
+                 "padding_side": padding_side}
         if self.signal_groups:
-            batch["outputs"] = {m: [c for s in samples for c in (s.outputs or {}).get(m, [])] for m in self.signal_groups}
+            batch["outputs"] = {m: [c for s in samples for c in (s.outputs or {}).get(m, [])]
+                                for m in self.signal_groups}
         return batch

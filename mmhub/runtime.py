@@ -33,9 +33,10 @@ class RuntimeOptions(BaseModel):
                             "gate/up) are stored column-major, which CPU decoding streams about twice as fast "
                             "(mmhub.layout); row: every weight row-major, as built")
     loss_chunk: int = Field(
-        0, ge=0, le=1 << 24, description="chunked cross-entropy: labelled positions per chunk (0 = all at once). The LM head "
-                             "and the loss run chunk by chunk and each chunk's logits are recomputed in the backward "
-                             "pass, so at most one chunk's logits (chunk x vocabulary floats) is ever held")
+        0, ge=0, le=1 << 24,
+        description="chunked cross-entropy: labelled positions per chunk (0 = all at once). The LM head "
+                    "and the loss run chunk by chunk and each chunk's logits are recomputed in the backward "
+                    "pass, so at most one chunk's logits (chunk x vocabulary floats) is ever held")
     labelled_only_mlp: bool = Field(
         True, description="in a training forward that returns no logits, run the backbone's last MLP only at the "
                           "positions the loss reads (where the backbone's `only_at` supports it)")

@@ -62,7 +62,8 @@ class SignalTokens(nn.Module):
         self.starts = starts
 
     @torch.no_grad()
-    def init_from_tables(self, input_embeddings: torch.Tensor, output_embeddings: torch.Tensor, noise: float = 0.02) -> None:
+    def init_from_tables(self, input_embeddings: torch.Tensor, output_embeddings: torch.Tensor,
+                         noise: float = 0.02) -> None:
         """Start every row at the mean of the backbone's rows (plus a little noise), as new-token practice goes:
         near-zero head rows give logits far below a trained model's (measured: ~0 against ~34 on SmolLM2), so
         a frozen backbone's signal tokens never win within a short stage."""

@@ -35,7 +35,8 @@ class Template:
     stop: tuple[str, ...] = ("{eos}",)
     needs: tuple[str, ...] = ("eos",)  # tokenizer attributes that must be set (bos/eos)
 
-    def render(self, messages: Sequence[dict[str, str]], tokenizer: Any, add_generation_prompt: bool = False) -> list[Segment]:
+    def render(self, messages: Sequence[dict[str, str]], tokenizer: Any,
+               add_generation_prompt: bool = False) -> list[Segment]:
         """Conversation -> [(text, is_target)]; with `add_generation_prompt` ends ready for the reply."""
         fill = {"eos": tokenizer.eos_token or "", "bos": tokenizer.bos_token or ""}
         segs: list[Segment] = []
@@ -52,7 +53,8 @@ class Template:
                 continue
             if role == "user":
                 content, sys_text = sys_text + m["content"], ""
-                segs.append((self.user_fmt.format(content=content, **fill) + self.assistant_prefix.format(**fill), False))
+                prompt = self.user_fmt.format(content=content, **fill) + self.assistant_prefix.format(**fill)
+                segs.append((prompt, False))
             elif role == "assistant":
                 segs.append((self.assistant_fmt.format(content=m["content"], **fill), True))
             else:
@@ -60,7 +62,9 @@ class Template:
         if not add_generation_prompt and messages and messages[-1]["role"] == "user":
             # a trailing user turn without a reply: keep only the user text
             text, _ = segs[-1]
-            segs[-1] = (text[: len(text) - len(self.assistant_prefix.format(**fill))] if self.assistant_prefix else text, False)
+            if self.assistant_prefix:
+                text = text[: len(text) - len(self.assistant_prefix.format(**fill))]
+            segs[-1] = (text, False)
         return segs
 
     def stop_strings(self, tokenizer: Any) -> list[str]:
@@ -80,7 +84,8 @@ class TokenizerTemplate:
     def _apply(self, tokenizer: Any, messages: Sequence[dict[str, str]], gen: bool) -> str:
         return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=gen)
 
-    def render(self, messages: Sequence[dict[str, str]], tokenizer: Any, add_generation_prompt: bool = False) -> list[Segment]:
+    def render(self, messages: Sequence[dict[str, str]], tokenizer: Any,
+               add_generation_prompt: bool = False) -> list[Segment]:
         segs: list[Segment] = []
         done = ""
         for i, m in enumerate(messages):
@@ -112,7 +117,8 @@ TEMPLATES: dict[str, Any] = {
     "plain": Template(name="plain", add_bos=False, user_fmt="{content}", assistant_fmt="{content}{eos}"),
     "vicuna_v1": Template(name="vicuna_v1", system=VICUNA_SYSTEM, system_fmt="{system} ", user_fmt="USER: {content} ",
                           assistant_prefix="ASSISTANT:", assistant_fmt=" {content}{eos}", needs=("eos",)),
-    "llama-2": Template(name="llama-2", system="", system_fmt="<<SYS>>\n{system}\n<</SYS>>\n\n", system_in_first_user=True,
+    "llama-2": Template(name="llama-2", system="", system_fmt="<<SYS>>\n{system}\n<</SYS>>\n\n",
+                        system_in_first_user=True,
                         user_fmt="[INST] {content} [/INST]", assistant_fmt=" {content} {eos}", needs=("bos", "eos")),
     "chatml": Template(name="chatml", add_bos=False, system="You are a helpful assistant.",
                        system_fmt="<|im_start|>system\n{system}<|im_end|>\n",
@@ -143,10 +149,13 @@ def template_problems(template: Any, tokenizer: Any, path: str = "template") -> 
         if attr == "chat_template":
             if not getattr(tokenizer, "chat_template", None):
                 problems.append(Problem(path, "template 'tokenizer' needs the tokenizer's own chat template, "
-                                              "but this tokenizer has none", "name a template: chatml, vicuna_v1, llama-2 or plain"))
+                                              "but this tokenizer has none",
+                                    "name a template: chatml, vicuna_v1, llama-2 or plain"))
         elif getattr(tokenizer, f"{attr}_token", None) is None:
-            problems.append(Problem(path, f"template {template.name!r} needs a {attr} token, but the tokenizer has none",
-                                    "pick a template that does not need it (e.g. chatml) or use a tokenizer that defines it"))
+            problems.append(Problem(path, f"template {template.name!r} needs a {attr} token, "
+                                          "but the tokenizer has none",
+                                    "pick a template that does not need it (e.g. chatml) "
+                                    "or use a tokenizer that defines it"))
     vocab = tokenizer.get_vocab()
     for tok in template.required_tokens:
         if tok not in vocab:

@@ -72,10 +72,12 @@ def upload_cases(n: int, seed: int, where: Path) -> Iterator[Case]:
     kinds = [("file", k) for k in sorted(uploads.FILES)] + [("prompt", k) for k in sorted(uploads.PROMPTS)]
     for i in range(n):
         what, kind = kinds[i % len(kinds)]
+        case_rng = random.Random(rng.random())  # one generator per case, drawn in case order
 
-        def message(what: str = what, kind: str = kind, r: random.Random = random.Random(rng.random())) -> Any:
+        def message(what: str = what, kind: str = kind, r: random.Random = case_rng) -> Any:
             if what == "file":
-                turn = user_turn("<image>\nwhat shape is this?", [str(uploads.write_file(where, kind, r))], loaded, limits)
+                files = [str(uploads.write_file(where, kind, r))]
+                turn = user_turn("<image>\nwhat shape is this?", files, loaded, limits)
             else:
                 turn = user_turn(uploads.PROMPTS[kind](r), [], loaded, limits)
             messages, media = prompt_for([turn], loaded)

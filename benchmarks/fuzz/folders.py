@@ -19,7 +19,8 @@ from typing import Any, Callable
 SPEC = {
     "name": "fuzz-base",
     "encoders": {"image": {"type": "open_clip", "arch": None, "embed_dim": 16,
-                           "vision_cfg": {"image_size": 16, "patch_size": 8, "layers": 2, "width": 16, "head_width": 8}}},
+                           "vision_cfg": {"image_size": 16, "patch_size": 8, "layers": 2, "width": 16,
+                                          "head_width": 8}}},
     "projectors": {"image": {"type": "mlp", "depth": 2}},
     "backbone": {"type": "hf_causal_lm", "tokenizer": "words:mmhub:recipes/easyvqa-words.txt",
                  "config": {"model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,

@@ -1,4 +1,4 @@
-"""Running one fuzz case and saying how it ended: success, a clean refusal, or one of the failures that must never happen.
+"""Running one fuzz case and saying how it ended: success, a clean refusal, or a failure that must never happen.
 
 Failures: a traceback (any exception that is not an `MMHubError`), a hang (past the case's time limit), a read of a
 file outside what the case may read (a watched "canary" path was opened, seen through a Python audit hook, symlinks
@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 OK, REFUSED = "ok", "refused"
-TRACEBACK, HANG, READ_OUTSIDE, CODE_RAN, SILENT_CHANGE = "traceback", "hang", "read_outside", "code_ran", "silent_change"
+TRACEBACK, HANG, READ_OUTSIDE, CODE_RAN, SILENT_CHANGE = (
+    "traceback", "hang", "read_outside", "code_ran", "silent_change")
 FAILURES = (TRACEBACK, HANG, READ_OUTSIDE, CODE_RAN, SILENT_CHANGE)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
 from mmhub.errors import MMHubError
 
 HERE = Path(__file__).parent

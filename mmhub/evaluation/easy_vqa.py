@@ -19,8 +19,8 @@ from typing import Any, Callable
 from PIL import Image
 
 from mmhub.data.easy_vqa import SOURCE, EasyVQAConfig, EasyVQADataset
-from mmhub.evaluation.base import EvalConfig, EvalTask, exact_match, score
 from mmhub.errors import InputError
+from mmhub.evaluation.base import EvalConfig, EvalTask, exact_match, score
 from mmhub.media import load_image
 
 BLANK_RGB = (128, 128, 128)
@@ -63,7 +63,7 @@ class EasyVQATask(EvalTask):
                 media.append({"image": [blank_like(im) for im in images] if blind else images})
             prompts = [_prompt(s.messages) for s in batch]  # the question only: never the reference answer
             replies = model.generate(prompts, media, max_new_tokens=max_new_tokens, do_sample=False)
-            for s, reply in zip(batch, replies):
+            for s, reply in zip(batch, replies, strict=True):
                 kind, answer = s.meta["question_type"], s.meta["answer"]
                 triples.append((reply.text, answer, kind))
                 if on_result is not None:

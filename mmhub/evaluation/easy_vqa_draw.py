@@ -76,4 +76,5 @@ class EasyVQADrawTask(EvalTask):
         return {"task": self.name, "split": split, "n": n, "correct": both, "accuracy": both / n if n else 0.0,
                 "drawn": drawn / n if n else 0.0, "color_match": colour_ok / n if n else 0.0,
                 "shape_recognised": shape_ok / n if n else 0.0, "per_type": {}, "blind": False,
-                "max_new_tokens": max_new_tokens, "batch_size": batch_size, "seconds": round(time.perf_counter() - t0, 3)}
+                "max_new_tokens": max_new_tokens, "batch_size": batch_size,
+                "seconds": round(time.perf_counter() - t0, 3)}

@@ -8,6 +8,7 @@ from pydantic import ValidationError
 
 from mmhub.errors import SpecError
 
+
 def get_task(name: str, settings: dict[str, Any] | None = None, registry: Any = None) -> Any:
     """An evaluation task instance by registered name (``easy-vqa`` and ``easy_vqa`` both work)."""
     if registry is None:

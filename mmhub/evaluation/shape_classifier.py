@@ -167,7 +167,8 @@ def train(out: Path = DEFAULT, epochs: int = 12, batch: int = 64, lr: float = 3e
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mmhub.evaluation.shape_classifier", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m mmhub.evaluation.shape_classifier",
+                                 description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train")
     t.add_argument("--out", default=str(DEFAULT))

@@ -62,7 +62,8 @@ def jinja_template(template: Any, tokenizer: Any, placeholder: str) -> str | Non
     if template.add_bos and fill["bos"]:
         out.append("{{ " + _lit(fill["bos"]) + " }}")
     if template.system_in_first_user:
-        out.append("{%- if ns.system -%}{%- set ns.pending = " + _expr(template.system_fmt, fill, {"system": "ns.system"})
+        out.append("{%- if ns.system -%}{%- set ns.pending = "
+                   + _expr(template.system_fmt, fill, {"system": "ns.system"})
                    + " -%}{%- endif -%}")
     else:
         out.append("{%- if ns.system -%}" + _emit(template.system_fmt, fill, {"system": "ns.system"}) + "{%- endif -%}")

@@ -51,8 +51,8 @@ from torch import nn
 from mmhub.checkpoint import atomic_dir
 from mmhub.errors import ExportError
 from mmhub.export.chat_template import jinja_template
-from mmhub.export.image_processing import image_processor, read_transform
 from mmhub.export.hf_llava_import import import_hf_llava, llava_spec
+from mmhub.export.image_processing import image_processor, read_transform
 from mmhub.export.llava_parts import LlavaParts, check_llava, llava_parts
 
 WEIGHTS = "model.safetensors"
@@ -132,18 +132,20 @@ def _dtype(model: Any, parts: LlavaParts, dtype: str | None) -> torch.dtype:
             raise ExportError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
         return DTYPES[dtype]
     found = {}
-    for slot, mod in (("encoders.image", parts.encoder), ("projectors.image", parts.projector), ("backbone", parts.backbone)):
+    slots = (("encoders.image", parts.encoder), ("projectors.image", parts.projector), ("backbone", parts.backbone))
+    for slot, mod in slots:
         kind = model.plan.backbone.info.name if slot == "backbone" else mod.name
         found[f"{slot} ({kind})"] = {p.dtype for p in mod.parameters() if p.is_floating_point()}
     every = set().union(*found.values())
     if len(every) == 1 and next(iter(every)) not in DTYPE_NAMES:
-        raise ExportError(f"the components are {next(iter(every))}; transformers' LLaVA is written in float32, bfloat16 "
-                          f"or float16: pass dtype= (CLI --dtype) to cast")
+        raise ExportError(f"the components are {next(iter(every))}; transformers' LLaVA is written in float32, "
+                          f"bfloat16 or float16: pass dtype= (CLI --dtype) to cast")
     if len(every) != 1:
-        listed = ", ".join(f"{slot} {'/'.join(sorted(DTYPE_NAMES.get(d, str(d)) for d in ds))}" for slot, ds in found.items())
-        raise ExportError(f"the components hold different dtypes ({listed}) but transformers' LLaVA loads in one dtype; "
-                          f"pass dtype= (CLI --dtype) float32, bfloat16 or float16 to cast them, which changes outputs "
-                          f"by that rounding")
+        listed = ", ".join(f"{slot} {'/'.join(sorted(DTYPE_NAMES.get(d, str(d)) for d in ds))}"
+                           for slot, ds in found.items())
+        raise ExportError(f"the components hold different dtypes ({listed}) but transformers' LLaVA loads in "
+                          f"one dtype; pass dtype= (CLI --dtype) float32, bfloat16 or float16 to cast them, "
+                          f"which changes outputs by that rounding")
     return every.pop()
 
 
@@ -227,5 +229,5 @@ def export_hf_llava(model: Any, out_dir: str | Path, dtype: str | None = None) -
         config.save_pretrained(tmp)
         generation.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        processor.image_processor.save_pretrained(tmp)  # preprocessor_config.json too, for readers before transformers 5
+        processor.image_processor.save_pretrained(tmp)  # preprocessor_config.json too, for readers before v5
     return out

@@ -58,7 +58,8 @@ def _read_tensors(folder: Path) -> dict[str, Any]:
     return found
 
 
-def _take(found: dict[str, Any], prefixes: tuple[str, ...], what: str, folder: Path) -> tuple[dict[str, torch.Tensor], str]:
+def _take(found: dict[str, Any], prefixes: tuple[str, ...], what: str,
+          folder: Path) -> tuple[dict[str, torch.Tensor], str]:
     """The tensors under the first of `prefixes` that has any, with that prefix removed."""
     for prefix in prefixes:
         keys = [k for k in found if k.startswith(prefix)]
@@ -93,11 +94,12 @@ def _choose_template(folder: Path, tokenizer: Any, placeholder: str, template: s
         if probe in rendered and getattr(tokenizer, "chat_template", None) == chat:
             return "tokenizer"
         if probe in rendered:
-            raise ExportError(f"{folder}: its chat template is the processor's only (the tokenizer does not load it), so "
-                              f"mmhub's `tokenizer` template cannot use it; pass template= one of plain, vicuna_v1, "
-                              f"llama-2, chatml")
-        raise ExportError(f"{folder}: its chat template does not render plain-string messages (it expects transformers' "
-                          f"list content), so mmhub cannot use it; pass template= one of plain, vicuna_v1, llama-2, chatml")
+            raise ExportError(f"{folder}: its chat template is the processor's only (the tokenizer does not load "
+                              f"it), so mmhub's `tokenizer` template cannot use it; pass template= one of plain, "
+                              f"vicuna_v1, llama-2, chatml")
+        raise ExportError(f"{folder}: its chat template does not render plain-string messages (it expects "
+                          f"transformers' list content), so mmhub cannot use it; pass template= one of plain, "
+                          f"vicuna_v1, llama-2, chatml")
     raise ExportError(f"{folder} has no chat template; pass template= one of plain, vicuna_v1, llama-2, chatml")
 
 
@@ -152,7 +154,8 @@ def llava_spec(folder: str | Path, template: str | None = None,
     processor_cfg = json.loads((folder / "processor_config.json").read_text()) \
         if (folder / "processor_config.json").is_file() else {}
     if (folder / "preprocessor_config.json").is_file():
-        image_cfg, image_where = json.loads((folder / "preprocessor_config.json").read_text()), "preprocessor_config.json"
+        image_cfg = json.loads((folder / "preprocessor_config.json").read_text())
+        image_where = "preprocessor_config.json"
     else:
         image_cfg, image_where = processor_cfg.get("image_processor"), "processor_config.json image_processor"
     if not isinstance(image_cfg, dict):
@@ -164,8 +167,9 @@ def llava_spec(folder: str | Path, template: str | None = None,
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     placeholder = getattr(tokenizer, "image_token", None) or processor_cfg.get("image_token") or "<image>"
     if tokenizer.convert_tokens_to_ids(placeholder) != config.image_token_index:
-        raise ExportError(f"{folder}: the tokenizer gives {placeholder!r} id {tokenizer.convert_tokens_to_ids(placeholder)} "
-                          f"but config.image_token_index is {config.image_token_index}; the folder is inconsistent")
+        raise ExportError(f"{folder}: the tokenizer gives {placeholder!r} id "
+                          f"{tokenizer.convert_tokens_to_ids(placeholder)} but config.image_token_index is "
+                          f"{config.image_token_index}; the folder is inconsistent")
     template_name = _choose_template(folder, tokenizer, placeholder, template)
     found = _read_tensors(folder)
     proj, _ = _take(found, ("model.multi_modal_projector.", "multi_modal_projector."), "projector", folder)
@@ -209,8 +213,8 @@ def import_hf_llava(folder: str | Path, template: str | None = None, dtype: str 
     if state["head"]:
         head = lm.get_output_embeddings()
         if tuple(head.weight.shape) != tuple(state["head"]["weight"].shape):
-            raise ExportError(f"{folder}: lm_head {tuple(state['head']['weight'].shape)} does not fit the text config's "
-                              f"{tuple(head.weight.shape)}")
+            raise ExportError(f"{folder}: lm_head {tuple(state['head']['weight'].shape)} does not fit "
+                              f"the text config's {tuple(head.weight.shape)}")
         with torch.no_grad():
             head.weight.copy_(state["head"]["weight"])
     model.eval()

@@ -90,7 +90,8 @@ def image_processor(prep: Preprocessing, family: str) -> Any:
         return SiglipImageProcessor(size=square, **common)
     if prep.resize == "squash":
         return CLIPImageProcessor(size=square, do_center_crop=False, crop_size=square, **common)
-    return CLIPImageProcessor(size={"shortest_edge": prep.shortest_edge}, do_center_crop=True, crop_size=square, **common)
+    return CLIPImageProcessor(size={"shortest_edge": prep.shortest_edge}, do_center_crop=True, crop_size=square,
+                              **common)
 
 
 def _crop_pct(side: int, shortest: int, where: str) -> float:
@@ -129,7 +130,8 @@ def hf_vision_settings(raw: dict[str, Any], where: str) -> dict[str, Any]:
         else:
             side = crop["height"]
             settings.update(image_size=side, resize="crop", crop_pct=_crop_pct(side, int(size["shortest_edge"]), where))
-    elif isinstance(size.get("height"), int) and size.get("height") == size.get("width") and not raw.get("do_center_crop"):
+    elif (isinstance(size.get("height"), int) and size.get("height") == size.get("width")
+          and not raw.get("do_center_crop")):
         settings.update(image_size=size["height"], resize="squash")
     else:
         problems.append(f"size {size} with do_center_crop {raw.get('do_center_crop')} (hf_vision needs a shortest-edge "

@@ -77,8 +77,8 @@ def _encoder_problems(model: Any) -> list[str]:
         problems.append(f"encoders.image (hf_vision, model_type {mt}): LLaVA export takes clip_vision_model or "
                         f"siglip_vision_model towers, whose prefix tokens LLaVA's feature selection knows")
     if enc.config.final_norm:
-        problems.append("encoders.image (hf_vision): final_norm: true applies the tower's final LayerNorm to the selected "
-                        "layer, which LLaVA never does (fix: final_norm: false)")
+        problems.append("encoders.image (hf_vision): final_norm: true applies the tower's final LayerNorm to the "
+                        "selected layer, which LLaVA never does (fix: final_norm: false)")
     return problems
 
 
@@ -143,7 +143,8 @@ def check_llava(model: Any) -> None:
     spec = model.spec
     for part in ("injectors", "output_projectors", "generators"):
         for name, cs in getattr(spec, part).items():
-            problems.append(f"{part}.{name} ({cs.type}): LLaVA has no counterpart for it (fix: export a model without it)")
+            problems.append(f"{part}.{name} ({cs.type}): LLaVA has no counterpart for it "
+                            "(fix: export a model without it)")
     if problems:
         raise ExportError(f"cannot export {spec.name!r} as a transformers LLaVA model: " + "; ".join(problems))
 

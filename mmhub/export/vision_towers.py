@@ -36,7 +36,8 @@ def hf_vision_tower(encoder: Any, image_size: int, family: str) -> tuple[Any, di
     state = {k: v.detach() for k, v in encoder.model.state_dict().items()}
     if image_size != cfg.image_size:
         if image_size % cfg.patch_size:
-            raise ExportError(f"encoders.image (hf_vision): image_size {image_size} is not a multiple of the patch size "
+            raise ExportError(f"encoders.image (hf_vision): image_size {image_size} is not a multiple of "
+                              f"the patch size "
                              f"{cfg.patch_size}")
         emb = encoder.model.get_submodule("embeddings")
         weight = emb.position_embedding.weight
@@ -109,7 +110,7 @@ def open_clip_tower(encoder: Any) -> tuple[Any, dict[str, torch.Tensor]]:
     for i, b in enumerate(blocks):
         at = f"encoder.layers.{i}."
         for name, w, bias in zip(("q_proj", "k_proj", "v_proj"), b.attn.in_proj_weight.chunk(3),
-                                 b.attn.in_proj_bias.chunk(3)):
+                                 b.attn.in_proj_bias.chunk(3), strict=True):
             state[f"{at}self_attn.{name}.weight"], state[f"{at}self_attn.{name}.bias"] = w, bias
         pairs = {"self_attn.out_proj": b.attn.out_proj, "layer_norm1": b.ln_1, "layer_norm2": b.ln_2,
                  "mlp.fc1": b.mlp.c_fc, "mlp.fc2": b.mlp.c_proj}

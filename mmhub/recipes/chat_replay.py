@@ -29,12 +29,14 @@ _FACTS = ("What is the capital of Italy?", "What is the capital of Japan?", "Wha
           "What is the capital of Germany?", "What is the capital of Canada?", "What is the largest planet?",
           "What is the boiling point of water in Celsius?", "How many days are in a week?",
           "How many continents are there?", "What gas do plants take in?", "Who wrote Romeo and Juliet?",
-          "What is the chemical symbol for water?", "How many hours are in a day?", "What colour is the sky on a clear day?",
+          "What is the chemical symbol for water?", "How many hours are in a day?",
+          "What colour is the sky on a clear day?",
           "What is the freezing point of water?", "What do bees make?", "What is the opposite of hot?",
           "How many minutes are in an hour?", "What is the largest ocean?", "What language is spoken in Brazil?",
           "What is 2 plus 2?", "What is 10 times 3?", "What is the square root of 16?", "What animal says moo?",
           "Which planet is known as the red planet?", "What is the tallest animal?", "How many wheels does a car have?",
-          "What do you call a baby cat?", "What is the main ingredient of guacamole?", "What is the fastest land animal?")
+          "What do you call a baby cat?", "What is the main ingredient of guacamole?",
+          "What is the fastest land animal?")
 _TASKS = ("Give me three tips for better sleep.", "Explain what a computer is in simple words.",
           "Say hello in a friendly way.", "What should I eat for breakfast?", "Tell me a short joke.",
           "How do I make a cup of tea?", "Why is exercise good for you?", "What is a good name for a dog?",
@@ -77,8 +79,9 @@ def generate(out: Path = OUT, max_new_tokens: int = 96, batch: int = 8) -> int:
     lines = []
     for i in range(0, len(ps), batch):
         chunk = ps[i:i + batch]
-        for p, a in zip(chunk, model.generate(chunk, max_new_tokens=max_new_tokens)):
-            lines.append(json.dumps({"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": trim(a.text)}]}))
+        for p, a in zip(chunk, model.generate(chunk, max_new_tokens=max_new_tokens), strict=True):
+            messages = [{"role": "user", "content": p}, {"role": "assistant", "content": trim(a.text)}]
+            lines.append(json.dumps({"messages": messages}))
         print(f"{len(lines)}/{len(ps)}", flush=True)
     write_text_atomic(out, "\n".join(lines) + "\n")
     return len(lines)

@@ -37,7 +37,8 @@ def _load_optim(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) ->
     opt.load_state_dict(sd)
 
 
-def save_checkpoint(folder: Path, model: Any, ema: dict[str, torch.Tensor], opt: torch.optim.Optimizer, info: dict[str, Any]) -> None:
+def save_checkpoint(folder: Path, model: Any, ema: dict[str, torch.Tensor], opt: torch.optim.Optimizer,
+                    info: dict[str, Any]) -> None:
     """Weights, EMA, optimizer state and progress, replaced atomically in one rename."""
     from safetensors.torch import save_file
 
@@ -64,7 +65,8 @@ def run_info(ckpt: Path, steps: int | None, resume: bool, settings: dict[str, An
         info = json.loads((ckpt / "state.json").read_text())
         settings, cfg = info["settings"], info["train"]
         if steps is not None and steps != cfg["steps"]:
-            print(f"[draw] resuming with --steps {steps} instead of {cfg['steps']} (the lr schedule stretches)", flush=True)
+            print(f"[draw] resuming with --steps {steps} instead of {cfg['steps']} (the lr schedule stretches)",
+                  flush=True)
             cfg["steps"] = steps
         return info, settings, cfg
     if resume:
@@ -124,8 +126,8 @@ class Schedule:
 class StepLog:
     """After each step: the EMA update, then every ``log_every`` steps the mean loss (kept in ``info["losses"]``)."""
 
-    def __init__(self, model: Any, params: list[torch.nn.Parameter], ema: dict[str, torch.Tensor], info: dict[str, Any], cfg: dict[str, Any],
-                 log_every: int):
+    def __init__(self, model: Any, params: list[torch.nn.Parameter], ema: dict[str, torch.Tensor],
+                 info: dict[str, Any], cfg: dict[str, Any], log_every: int):
         self.names = [k for k, p in model.named_parameters() if p.requires_grad]
         self.params, self.ema, self.info, self.cfg, self.log_every = params, ema, info, cfg, log_every
         self.t_start = time.time() - float(info["elapsed_s"])
@@ -136,7 +138,7 @@ class StepLog:
         step, cfg = progress.global_step, self.cfg
         d = min(cfg["ema"], (1 + step) / (10 + step))
         with torch.no_grad():
-            for k, p in zip(self.names, self.params):
+            for k, p in zip(self.names, self.params, strict=True):
                 self.ema[k].mul_(d).add_(p.detach().float(), alpha=1 - d)
         self.window.append(result.loss)
         if step % self.log_every == 0 or step == cfg["steps"]:
@@ -152,8 +154,8 @@ class StepLog:
 class Saver:
     """A checkpoint every ``minutes`` and at the last step."""
 
-    def __init__(self, ckpt: Path, model: Any, ema: dict[str, torch.Tensor], opt: torch.optim.Optimizer, info: dict[str, Any], t_start: float,
-                 minutes: float, end: int):
+    def __init__(self, ckpt: Path, model: Any, ema: dict[str, torch.Tensor], opt: torch.optim.Optimizer,
+                 info: dict[str, Any], t_start: float, minutes: float, end: int):
         self.ckpt, self.model, self.ema, self.opt, self.info = ckpt, model, ema, opt, info
         self.t_start, self.minutes, self.end, self.last = t_start, minutes, end, time.time()
 

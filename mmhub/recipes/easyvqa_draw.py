@@ -117,7 +117,8 @@ def train(out: Path, steps: int | None = None, resume: bool = False, settings: d
     end = cfg["steps"] if stop_after is None else min(cfg["steps"], stop_after)
     steps_log = StepLog(model, params, ema, info, cfg, log_every)
     saver = Saver(ckpt, model, ema, opt, info, steps_log.t_start, checkpoint_minutes, end)
-    run_loop(Loop(model=model, objective=DiffusionLoss(), optimizer=opt, scheduler=Schedule(opt, cfg, int(info["step"])),
+    scheduler = Schedule(opt, cfg, int(info["step"]))
+    run_loop(Loop(model=model, objective=DiffusionLoss(), optimizer=opt, scheduler=scheduler,
                   accelerator=SingleProcess(), stage=SimpleNamespace(name="draw", lr=cfg["lr"]), total=end,
                   max_grad_norm=cfg["grad_clip"], progress=Progress("draw", 0, global_step=int(info["step"])),
                   next_batches=batches, after_step=steps_log, save=saver.save, save_due=saver.due, clip_params=params))
@@ -189,7 +190,7 @@ def evaluate(model, seeds=EVAL_SEEDS, steps: int | None = None, guidance_scale: 
         ims = model.generate(cond, seed=seed, steps=steps, guidance_scale=guidance_scale)
         images_by_seed.append(ims)
         shapes = classifier.classify(ims)
-        for (cap, color, shape), im, got_shape in zip(ps, ims, shapes):
+        for (cap, color, shape), im, got_shape in zip(ps, ims, shapes, strict=True):
             rows.append({"prompt": cap, "seed": seed, "color": color, "shape": shape,
                          "got_color": dominant_color(im), "got_shape": got_shape})
     if save_grid is not None:
@@ -256,8 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--batch", type=int, default=None)
     t.add_argument("--lr", type=float, default=None)
     t.add_argument("--checkpoint-minutes", type=float, default=3.0)
-    t.add_argument("--threads", type=int, default=None, help="torch threads (1 is faster on a CPU shared with another job)")
-    t.add_argument("--init", default=None, help="start a fresh run from another run's EMA weights (folder or .safetensors)")
+    t.add_argument("--threads", type=int, default=None,
+                   help="torch threads (1 is faster on a CPU shared with another job)")
+    t.add_argument("--init", default=None,
+                   help="start a fresh run from another run's EMA weights (folder or .safetensors)")
     t.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None)
     t.add_argument("--warmup", type=int, default=None)
     t.add_argument("--stop-after", type=int, default=None, help="stop (with a checkpoint) at this step")
@@ -279,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = dict(SETTINGS)
         if a.prediction_type:
             settings["prediction_type"] = a.prediction_type
-        train(Path(a.out), a.steps, a.resume, settings=settings, overrides=over, checkpoint_minutes=a.checkpoint_minutes,
+        train(Path(a.out), a.steps, a.resume, settings=settings, overrides=over,
+              checkpoint_minutes=a.checkpoint_minutes,
               threads=a.threads, stop_after=a.stop_after, init=a.init)
     elif a.cmd == "export":
         export(Path(a.out), Path(a.dest), fp16=not a.fp32)

@@ -72,8 +72,8 @@ def component_under_test(test_cls: type, interface: type) -> type:
     """The ``component`` class attribute of a test class, checked to be set and of the right interface."""
     cls = getattr(test_cls, "component", None)
     if cls is None:
-        raise TypeError(f"{test_cls.__name__} sets no `component`: add `component = YourClass` (the {interface.__name__} "
-                        f"class under test) to the class body")
+        raise TypeError(f"{test_cls.__name__} sets no `component`: add `component = YourClass` "
+                        f"(the {interface.__name__} class under test) to the class body")
     if not (isinstance(cls, type) and issubclass(cls, interface)):
         raise TypeError(f"{test_cls.__name__}.component is {cls!r}, not a subclass of {interface.__module__}."
                         f"{interface.__name__}; use the tester class of its kind")
@@ -201,7 +201,7 @@ class ComponentTests:
                                  f"parameters (a forward under torch.no_grad or a detach?)")
         loss = case.out.float().square().mean()
         grads = torch.autograd.grad(loss, [p for _, p in params], retain_graph=True, allow_unused=True)
-        reached = [(n, g) for (n, _), g in zip(params, grads) if g is not None]
+        reached = [(n, g) for (n, _), g in zip(params, grads, strict=True) if g is not None]
         assert reached, f"{self.component.name}: no trainable parameter receives a gradient from the output"
         bad = [n for n, g in reached if not torch.isfinite(g).all()]
         assert not bad, f"{self.component.name}: non-finite gradients in {bad[:5]}"
@@ -248,4 +248,5 @@ class ComponentTests:
                 out = self.call(moved, cast_tensors(case.inputs, lambda t, d=device: t.to(d)))
             assert out.device.type == device, f"{self.component.name}: moved to {device}, output on {out.device}"
             assert torch.allclose(out.cpu(), case.out.detach(), rtol=1e-2, atol=1e-2), \
-                f"{self.component.name}: outputs on {device} differ from cpu by {(out.cpu() - case.out).abs().max():.3g}"
+                f"{self.component.name}: outputs on {device} differ from cpu by " \
+                f"{(out.cpu() - case.out).abs().max():.3g}"

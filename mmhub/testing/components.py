@@ -131,4 +131,5 @@ class OutputProjectorTests(ComponentTests):
         case = self.case()
         facts = case.facts
         assert case.out.shape == (2, facts.out_len, facts.out_dim), \
-            f"{self.component.name}: describe says {facts.out_len} x {facts.out_dim}, emitted {tuple(case.out.shape[1:])}"
+            f"{self.component.name}: describe says {facts.out_len} x {facts.out_dim}, " \
+            f"emitted {tuple(case.out.shape[1:])}"

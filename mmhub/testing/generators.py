@@ -51,5 +51,6 @@ class GeneratorTests(ComponentTests):
                 got = {(a.shape[-2], a.shape[-3]) for a in arrays}
                 assert got == {size}, f"{name}: declared (width, height) {size} but generated {sorted(got)}"
             again = [media_array(item, modality) for item in gen.generate(cond, seed=0, steps=2)]
-        assert all(np.array_equal(a, b) for a, b in zip(arrays, again)), f"{name}: the same seed gave different output"
+        assert all(np.array_equal(a, b) for a, b in zip(arrays, again, strict=True)), \
+            f"{name}: the same seed gave different output"
 

@@ -48,7 +48,8 @@ class InjectorTests(ComponentTests):
         torch.manual_seed(seed)
         rig = InjectorRig(cls.component(case.config, case.ctx).eval(), copy.deepcopy(base)).eval()
         gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():  # move off any identity initialisation (zero gates, copied experts): the checks need effect
+        # move off any identity initialisation (zero gates, copied experts): the checks need effect
+        with torch.no_grad():
             for p in rig.inj.parameters():
                 p.add_(0.3 * torch.randn(p.shape, generator=gen))
         return rig
