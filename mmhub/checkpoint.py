@@ -29,8 +29,17 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from mmhub.errors import CheckpointError, WeightsNotFoundError
-from mmhub.manifest import (LEGACY_KEYS, MANIFEST_FILE, BaseFolder, SavedManifest, WeightRecord, component_origins, now,
-                            package_versions, split_legacy)
+from mmhub.manifest import (
+    LEGACY_KEYS,
+    MANIFEST_FILE,
+    BaseFolder,
+    SavedManifest,
+    WeightRecord,
+    component_origins,
+    now,
+    package_versions,
+    split_legacy,
+)
 from mmhub.weights import sha256_path
 from mmhub.weights.sandbox import no_climbing
 
@@ -118,7 +127,8 @@ def build_manifest(model: Any, saved: str, n_tensors: int) -> SavedManifest:
     """What mmhub records beside the spec: versions, source hashes, trained slots, adapters, provenance."""
     return SavedManifest(
         created=now(), packages=package_versions(),
-        weights={uri: WeightRecord(path=str(p), sha256=sha256_path(p)) for uri, p in model.plan.ctx.weight_files.items()},
+        weights={uri: WeightRecord(path=str(p), sha256=sha256_path(p))
+                 for uri, p in model.plan.ctx.weight_files.items()},
         saved=saved, tensors=n_tensors, trained=list(model.spec.trained), adapters=dict(model.spec.adapters),
         components=component_origins(model.plan))
 
@@ -145,13 +155,15 @@ def save_model(model: Any, path: Path, full: bool = False) -> Path:
     if base is not None:
         inherited = load_file(str(base / WEIGHTS_FILE))
         state = {k: v for k, v in state.items()
-                 if not (k in inherited and inherited[k].shape == v.shape and torch.equal(inherited[k], v.detach().cpu()))}
+                 if not (k in inherited and inherited[k].shape == v.shape
+                         and torch.equal(inherited[k], v.detach().cpu()))}
     state, aliases = _dedupe(state)
     spec = user_spec(model)
     manifest = build_manifest(model, "full" if full else "not-recoverable", len(state) + len(aliases))
     if base is not None:
         spec["init_from"] = model.spec.init_from
-        manifest.init_from = BaseFolder(source=model.spec.init_from, path=str(base), sha256=sha256_path(base / WEIGHTS_FILE))
+        manifest.init_from = BaseFolder(source=model.spec.init_from, path=str(base),
+                                        sha256=sha256_path(base / WEIGHTS_FILE))
     with atomic_dir(path) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "aliases": json.dumps(aliases)})
         (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=2))
@@ -182,7 +194,8 @@ def read_manifest(path: Path) -> tuple[dict[str, Any], SavedManifest]:
             manifest = SavedManifest.model_validate(_read_json(path / MANIFEST_FILE))
         except ValidationError as exc:
             raise CheckpointError(f"{path / MANIFEST_FILE} is damaged ({exc.error_count()} problem(s), first: "
-                                  f"{exc.errors()[0]['msg']} at {exc.errors()[0]['loc']}); save the model again") from None
+                                  f"{exc.errors()[0]['msg']} at {exc.errors()[0]['loc']}); save the model again"
+                                  ) from None
     else:  # saved before the manifest existed: its fields sit in the spec file
         data, manifest = split_legacy(data)
     return data, manifest
@@ -347,8 +360,9 @@ def init_from_model(model: Any, source: str, sandbox: Any = None) -> None:
     own = model.state_dict()
     unknown = [k for k in state if k not in own]
     if unknown:
-        raise CheckpointError(f"init_from {folder}: {len(unknown)} of its tensors have no place in this spec's model, e.g. "
-                              f"{unknown[:3]}; the spec must keep the source model's components (it may add new ones)")
+        raise CheckpointError(f"init_from {folder}: {len(unknown)} of its tensors have no place in this spec's model, "
+                              f"e.g. {unknown[:3]}; the spec must keep the source model's components "
+                              f"(it may add new ones)")
     wrong = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if v.shape != own[k].shape]
     if wrong:
         raise CheckpointError(f"init_from {folder}: {len(wrong)} tensor(s) differ in shape (source vs this spec), e.g. "

@@ -24,8 +24,10 @@ def slots(model: Any) -> Iterator[tuple[str, nn.Module]]:
     seen: set[int] = set()
     signals = getattr(model, "signal_tokens", None)
     parts = [("encoders", model.encoders), ("projectors", model.projectors), ("backbone", {"": model.backbone}),
-             ("injectors", getattr(model, "injectors", {})), ("signal_tokens", {"": signals} if signals is not None else {}),
-             ("output_projectors", getattr(model, "output_projectors", {})), ("generators", getattr(model, "generators", {}))]
+             ("injectors", getattr(model, "injectors", {})),
+             ("signal_tokens", {"": signals} if signals is not None else {}),
+             ("output_projectors", getattr(model, "output_projectors", {})),
+             ("generators", getattr(model, "generators", {}))]
     for part, modules in parts:
         for m, mod in modules.items():
             if id(mod) in seen:

@@ -10,7 +10,6 @@ components before any weights load.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -18,9 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mmhub.errors import Problem, SpecError, close_matches
-from mmhub.spec_file import check_tree, load_yaml, read_text
 from mmhub.runtime import RuntimeOptions, lift_legacy_options
-
+from mmhub.spec_file import check_tree, load_yaml, read_text
 
 MAX_SIGNAL_TOKENS = 256  # per output item; published systems use 4 to 64
 MAX_ITEMS = 1024  # media items of one modality in one sample
@@ -195,14 +193,16 @@ def problems_from_validation(exc: ValidationError, prefix: str = "", fields: Any
     """Turn pydantic errors into `Problem`s with dotted spec paths and a fix."""
     problems = []
     for err in exc.errors():
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in ("literal['frozen','full']", "LoraRegime"))))
+        loc = tuple(p for p in err["loc"]
+                    if not (isinstance(p, str) and ("[" in p or p in ("literal['frozen','full']", "LoraRegime"))))
         path = ".".join(filter(None, [prefix, _loc(loc)]))
         kind = err["type"]
         if kind == "extra_forbidden":
             name = str(loc[-1]) if loc else "?"
             known = list(fields) if fields is not None else []
             hint = close_matches(name, known, n=1)
-            fix = f"did you mean {hint[0]!r}?" if hint else (f"known settings: {', '.join(sorted(known))}" if known else "remove it")
+            known_text = f"known settings: {', '.join(sorted(known))}" if known else "remove it"
+            fix = f"did you mean {hint[0]!r}?" if hint else known_text
             problems.append(Problem(path, f"unknown setting {name!r}", fix))
         elif kind == "missing":
             problems.append(Problem(path, "is required but missing", "add it"))
@@ -275,7 +275,8 @@ def load_spec(source: str | Path | dict[str, Any] | Spec, registry: Any = None) 
     candidates = list(registry.presets) + [k.split(":")[0] for k in registry.presets]
     hint = close_matches(str(source), candidates, n=3)
     raise SpecError([Problem("", f"{str(source)!r} is neither a spec file, a saved model folder nor a preset",
-                             (f"did you mean {', '.join(hint)}? " if hint else "") + "see `mmhub presets`")], str(source))
+                             (f"did you mean {', '.join(hint)}? " if hint else "") + "see `mmhub presets`")],
+                    str(source))
 
 
 def dump_spec(data: dict[str, Any]) -> str:

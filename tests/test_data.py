@@ -17,8 +17,17 @@ from PIL import Image
 
 import mmhub
 from mmhub import hookimpl, weights
-from mmhub.data import (Dataset, DatasetConfig, InMemoryDataset, MixtureDataset, Sample, load_dataset, load_media,
-                        preflight, robust)
+from mmhub.data import (
+    Dataset,
+    DatasetConfig,
+    InMemoryDataset,
+    MixtureDataset,
+    Sample,
+    load_dataset,
+    load_media,
+    preflight,
+    robust,
+)
 from mmhub.data.easy_vqa import COLORS, SHAPES, SOURCE, EasyVQAConfig, EasyVQADataset, facts_from_pixels, question_type
 from mmhub.data.webdataset import expand_braces
 from mmhub.errors import InputError, SpecError, UnknownComponentError, WeightsNotFoundError
@@ -199,7 +208,8 @@ def test_webdataset_streams_every_sample_deterministically(tmp_path: Path) -> No
     natural = list(ds)
     assert [s.id for s in natural] == [f"s{s}_{k:03d}" for s in range(3) for k in range(10)]
     first, conv = natural[0], natural[2]
-    assert first.messages == [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "caption s0_000"}]
+    assert first.messages == [{"role": "user", "content": "<image>"},
+                              {"role": "assistant", "content": "caption s0_000"}]
     assert load_image(first.media["image"][0]).getpixel((0, 0)) == (0, 0, 90)  # bytes decode
     assert set(conv.media) == {"image", "audio"} and not conv.problems() and natural[1].meta["score"] == 1
     shuffled = load_dataset({"path": str(tmp_path / "wds" / "*.tar"), "shuffle_buffer": 8, "seed": 3})
@@ -252,7 +262,7 @@ def test_mixture_weights_and_errors(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match="unknown setting 'imagefolder'.*did you mean 'image_folder'"):
         load_dataset({"type": "llava_json", "path": "a.json", "imagefolder": "x"})
     (tmp_path / "empty.jsonl").write_text("\n")
-    with pytest.raises(InputError, match=f"captions dataset .*empty.jsonl has no samples"):
+    with pytest.raises(InputError, match="captions dataset .*empty.jsonl has no samples"):
         load_dataset("empty.jsonl", base_dir=tmp_path)
     with pytest.raises(SpecError, match="cannot tell the format"):
         load_dataset("data.parquet")

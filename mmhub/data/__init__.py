@@ -10,8 +10,16 @@ Formats are registered through the ``register_datasets`` hook; the built-ins are
 ``llava_json``, ``sharegpt``, ``captions``, ``preference``, ``webdataset`` and ``easy_vqa``.
 """
 
-from mmhub.data.base import (Dataset, DatasetConfig, InMemoryDataset, MixtureDataset, SampleError, StreamingDataset,
-                             load_dataset, sniff_format)
+from mmhub.data.base import (
+                             Dataset,
+                             DatasetConfig,
+                             InMemoryDataset,
+                             MixtureDataset,
+                             SampleError,
+                             StreamingDataset,
+                             load_dataset,
+                             sniff_format,
+)
 from mmhub.data.preflight import PreflightReport, preflight
 from mmhub.data.robust import RobustDataset, RobustStream, SkipLog, load_media, robust
 from mmhub.data.sample import Sample, placeholder

@@ -171,7 +171,7 @@ class MixtureDataset(Dataset):
                                  f"(train on the shards alone, or list their samples in a JSON/JSONL file)")
         self.datasets, self.weights, self.seed = list(datasets), weights, seed
         self._index: list[list[int]] = []  # per dataset: which of its samples, in order
-        for k, (ds, w) in enumerate(zip(self.datasets, weights)):
+        for k, (ds, w) in enumerate(zip(self.datasets, weights, strict=True)):
             if w < 0:
                 raise InputError(f"mixture weight {w} of {ds.source} is negative; use 0 to leave it out")
             n = len(ds)
@@ -189,7 +189,8 @@ class MixtureDataset(Dataset):
 
     @property
     def source(self) -> str:
-        return "mixture of " + ", ".join(f"{ds.source} (weight {w:g})" for ds, w in zip(self.datasets, self.weights))
+        return "mixture of " + ", ".join(f"{ds.source} (weight {w:g})"
+                                         for ds, w in zip(self.datasets, self.weights, strict=True))
 
     def __len__(self) -> int:
         return self._ends[-1] if self._ends else 0
@@ -231,7 +232,8 @@ def parse_jsonl_line(path: Path, lineno: int, line: str) -> dict[str, Any]:
     try:
         rec = json.loads(line)
     except json.JSONDecodeError as exc:
-        raise SampleError(f"{path}:{lineno} is not valid JSON ({exc})", "malformed_record", f"{path}:{lineno}") from None
+        raise SampleError(f"{path}:{lineno} is not valid JSON ({exc})", "malformed_record",
+                          f"{path}:{lineno}") from None
     if not isinstance(rec, dict):
         raise SampleError(f"{path}:{lineno} is a JSON {type(rec).__name__}, not an object", "malformed_record",
                           f"{path}:{lineno}")
@@ -345,7 +347,7 @@ def load_dataset(spec: dict[str, Any] | str | Path | Sequence[Any], base_dir: st
         if not spec:
             raise InputError("the data list is empty; give at least one dataset")
         parts, weights = [], []
-        for k, element in enumerate(spec):
+        for element in spec:
             element = dict(element) if isinstance(element, dict) else {"path": str(element)}
             weights.append(float(element.pop("weight", 1.0)))
             parts.append(load_dataset(element, base, registry))
@@ -365,7 +367,8 @@ def load_dataset(spec: dict[str, Any] | str | Path | Sequence[Any], base_dir: st
     kind = settings.pop("type", None)
     if kind is None:
         if "path" not in settings:
-            raise SpecError([Problem("data.type", "is required when no path is given", "add type: NAME (`mmhub plugins`)")])
+            raise SpecError([Problem("data.type", "is required when no path is given",
+                                     "add type: NAME (`mmhub plugins`)")])
         kind = sniff_format(settings["path"], base)
     if registry is None:
         from mmhub.registry import get_registry

@@ -15,8 +15,15 @@ from typing import Any
 
 from pydantic import field_validator
 
-from mmhub.data.base import (Dataset, DatasetConfig, SampleError, media_path, parse_jsonl_line, read_csv_rows,
-                             read_jsonl_lines)
+from mmhub.data.base import (
+    Dataset,
+    DatasetConfig,
+    SampleError,
+    media_path,
+    parse_jsonl_line,
+    read_csv_rows,
+    read_jsonl_lines,
+)
 from mmhub.data.sample import Sample, placeholder
 
 

@@ -14,8 +14,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mmhub.data.base import (Dataset, DatasetConfig, SampleError, convert_turns, media_path,
-                             prepend_missing_placeholders, read_json_list)
+from mmhub.data.base import (
+    Dataset,
+    DatasetConfig,
+    SampleError,
+    convert_turns,
+    media_path,
+    prepend_missing_placeholders,
+    read_json_list,
+)
 from mmhub.data.sample import Sample
 
 
@@ -53,7 +60,8 @@ class LlavaJsonDataset(Dataset):
         elif isinstance(images, str):
             images = [images]
         if not isinstance(images, list) or not all(isinstance(x, str) for x in images):
-            raise SampleError(f"{where}: image must be a file name or a list of them", "malformed_record", str(self.file))
+            raise SampleError(f"{where}: image must be a file name or a list of them", "malformed_record",
+                              str(self.file))
         media = {"image": [media_path(self.folder, x) for x in images]} if images else {}
         prepend_missing_placeholders(messages, media, where, str(self.file))
         return Sample(id=str(rec.get("id", index)), messages=messages, media=media,

@@ -12,8 +12,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mmhub.data.base import (Dataset, DatasetConfig, SampleError, convert_turns, media_path, parse_jsonl_line,
-                             prepend_missing_placeholders, read_jsonl_lines)
+from mmhub.data.base import (
+    Dataset,
+    DatasetConfig,
+    SampleError,
+    convert_turns,
+    media_path,
+    parse_jsonl_line,
+    prepend_missing_placeholders,
+    read_jsonl_lines,
+)
 from mmhub.data.sample import Sample
 
 

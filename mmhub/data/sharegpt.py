@@ -13,8 +13,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mmhub.data.base import (Dataset, DatasetConfig, SampleError, convert_turns, media_path, parse_jsonl_line,
-                             read_json_list, read_jsonl_lines)
+from mmhub.data.base import (
+    Dataset,
+    DatasetConfig,
+    SampleError,
+    convert_turns,
+    media_path,
+    parse_jsonl_line,
+    read_json_list,
+    read_jsonl_lines,
+)
 from mmhub.data.sample import Sample, placeholder
 
 MEDIA_KEYS = {"images": "image", "audios": "audio", "videos": "video"}
@@ -49,7 +57,8 @@ class ShareGPTDataset(Dataset):
     def __getitem__(self, index: int) -> Sample:
         if self.lines is not None:
             lineno, line = self.lines[index]
-            rec, where, file = parse_jsonl_line(self.file, lineno, line), f"{self.file}:{lineno}", f"{self.file}:{lineno}"
+            rec = parse_jsonl_line(self.file, lineno, line)
+            where, file = f"{self.file}:{lineno}", f"{self.file}:{lineno}"
         else:
             rec, where, file = self.records[index], f"record {index} of {self.file}", str(self.file)  # type: ignore[index]
             if not isinstance(rec, dict):

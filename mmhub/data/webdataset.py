@@ -170,7 +170,8 @@ class WebDataset(StreamingDataset):
             caption = None
             if isinstance(record, dict):
                 caption = record.get("caption", record.get("text"))
-                meta.update({k: v for k, v in record.items() if isinstance(v, (str, int, float, bool)) and k != "caption"})
+                meta.update({k: v for k, v in record.items()
+                             if isinstance(v, (str, int, float, bool)) and k != "caption"})
             if caption is None and "txt" in files:
                 caption = files["txt"].decode("utf-8", errors="replace")
             if not isinstance(caption, str) or not caption.strip():

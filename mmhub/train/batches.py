@@ -104,7 +104,7 @@ class BatchBuilder:
         return batch
 
     def encode(self, ids: Sequence[int]) -> list[Any]:
-        """Tokenize samples (pairs: chosen then rejected conversation per sample); bad samples are skipped and counted."""
+        """Tokenize samples (pairs: chosen then rejected conversation per sample); bad ones are skipped and counted."""
         out = []
         for i in ids:
             self.bad.seen += 1

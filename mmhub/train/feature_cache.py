@@ -65,7 +65,8 @@ def encoder_identity(encoder: torch.nn.Module, modality: str) -> str:
 class FeatureCache:
     """get-or-compute encoder features per item, stored under a folder named by the encoder's identity."""
 
-    def __init__(self, encoder: torch.nn.Module, modality: str, root: Path | None = None, dtype: torch.dtype = torch.float16):
+    def __init__(self, encoder: torch.nn.Module, modality: str, root: Path | None = None,
+                 dtype: torch.dtype = torch.float16):
         self.modality = modality
         self.identity = encoder_identity(encoder, modality)
         self.folder = (root or mmhub_home() / "features") / self.identity

@@ -131,7 +131,7 @@ class DiffusionLoss:
 
 
 def objective_for(stage: StageSpec, model: Any, reference: torch.nn.Module | None = None) -> Objective:
-    """The objective a stage names (``sft`` / ``dpo``), with the output-side alignment when the model generates media."""
+    """The objective a stage names (``sft`` / ``dpo``), plus the output-side alignment when the model makes media."""
     inner: Objective = PreferenceLoss(reference) if stage.objective == "dpo" else NextTokenLoss()
     if len(model.output_projectors):
         return OutputAlignment(inner, list(model.output_projectors))

@@ -28,8 +28,9 @@ RUN_SPEC = "run_spec.json"
 RUN_SETTINGS = "run_settings.json"  # the command-line settings a resume keeps: {"max_steps": N or null}
 
 
-def train(spec: Any = None, out: str | Path | None = None, stage: str | None = None, resume: str | Path | None = None,
-          max_steps: int | None = None, progress_bar: bool = True, datasets: dict[str, Any] | None = None) -> dict[str, Any]:
+def train(spec: Any = None, out: str | Path | None = None, stage: str | None = None,
+          resume: str | Path | None = None, max_steps: int | None = None, progress_bar: bool = True,
+          datasets: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train `spec` (a file, preset, dict or Spec) into `out`, or continue the run in `resume`."""
     import torch
     from accelerate import Accelerator
@@ -70,11 +71,13 @@ def train(spec: Any = None, out: str | Path | None = None, stage: str | None = N
         run_dir = Path(out) if out is not None else Path("runs") / sp.name
         if main:
             if (run_dir / RUN_SPEC).exists():
-                raise MMHubError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, or choose another --out")
+                raise MMHubError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, "
+                                 "or choose another --out")
             run_dir.mkdir(parents=True, exist_ok=True)
             _clean(run_dir)
             write_text_atomic(run_dir / RUN_SETTINGS, json.dumps({"max_steps": max_steps}))
-            write_text_atomic(run_dir / RUN_SPEC, json.dumps(sp.model_dump(mode="json", exclude={"resolved"}), indent=2))
+            write_text_atomic(run_dir / RUN_SPEC,
+                              json.dumps(sp.model_dump(mode="json", exclude={"resolved"}), indent=2))
         accelerator.wait_for_everyone()
         model = build(sp)
     trainer = Trainer(model, run_dir, datasets=datasets, accelerator=accelerator, progress_bar=progress_bar)
@@ -146,7 +149,9 @@ def add_parser(sub: Any) -> None:
     s.add_argument("spec", nargs="?", help="spec file or preset (omit with --resume)")
     s.add_argument("--out", help="run folder (default runs/<spec name>)")
     s.add_argument("--stage", help="run only this stage (earlier stages must be finished in the run folder)")
-    s.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its newest checkpoint (with SPEC: the run's spec plus new stages at the end)")
+    s.add_argument("--resume", metavar="DIR",
+                   help="continue the run in DIR from its newest checkpoint "
+                        "(with SPEC: the run's spec plus new stages at the end)")
     s.add_argument("--max-steps", type=int,
                    help="override every stage's step count (smoke runs); stored in the run: --resume keeps it unless "
                         "given again")

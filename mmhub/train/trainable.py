@@ -62,7 +62,8 @@ def apply_stage(model: Any, stage: StageSpec) -> StagePlan:
             plan.regimes[path] = "frozen"
         plan.trainable[path] = sum(p.numel() for p in module.parameters() if p.requires_grad)
     if plan.total == 0:
-        raise MMHubError(f"stage {stage.name!r} trains nothing: every slot is frozen. Set e.g. train: {{projectors: full}}")
+        raise MMHubError(f"stage {stage.name!r} trains nothing: every slot is frozen. "
+                         "Set e.g. train: {projectors: full}")
     return plan
 
 

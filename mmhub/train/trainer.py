@@ -91,7 +91,8 @@ class Trainer:
         """Train every stage in order (or only `stage`); returns per-stage summaries."""
         stages = self.model.spec.stages
         if not stages:
-            raise MMHubError(f"spec {self.model.spec.name!r} has no stages; add stages: [{{name: ..., train: ..., data: ...}}]")
+            raise MMHubError(f"spec {self.model.spec.name!r} has no stages; "
+                             "add stages: [{name: ..., train: ..., data: ...}]")
         names = [s.name for s in stages]
         if stage is not None and stage not in names:
             from mmhub.errors import close_matches
@@ -126,18 +127,21 @@ class Trainer:
                                       f"Delete {stage_dir / 'model'} and {final[-1]} to train the rest of the stage "
                                       "again from its newest intact checkpoint") from None
         elif require:
-            raise MMHubError(f"{stage_dir} has a model but no checkpoint to resume from; delete {stage_dir} to retrain it")
+            raise MMHubError(f"{stage_dir} has a model but no checkpoint to resume from; "
+                             f"delete {stage_dir} to retrain it")
 
     def dataset_for(self, st: StageSpec) -> Any:
         if st.name in self.datasets:
             return self.datasets[st.name]
         if st.data is None:
-            raise MMHubError(f"stage {st.name!r} has no data; set stages[].data (e.g. {{type: easy_vqa, split: train}})")
+            raise MMHubError(f"stage {st.name!r} has no data; "
+                             "set stages[].data (e.g. {type: easy_vqa, split: train})")
         from mmhub.data import load_dataset
 
         return load_dataset(st.data)
 
-    def run_stage(self, index: int, st: StageSpec, resume: bool = False, max_steps: int | None = None) -> dict[str, Any]:
+    def run_stage(self, index: int, st: StageSpec, resume: bool = False,
+                  max_steps: int | None = None) -> dict[str, Any]:
         """Train one stage: set up, run the loop, save its model; returns its summary."""
         run = self._setup(index, st, resume, max_steps)
         builder = BatchBuilder(self.model, run.data, st, run.objective, run.caches, run.bad,
@@ -172,7 +176,8 @@ class Trainer:
         total = max_steps or st.max_steps or max(1, int(max(1, n // per_step) * st.epochs))
         objective = objective_for(st, model, self._reference(st) if st.objective == "dpo" else None)
         optimizer = torch.optim.AdamW(param_groups(model, st), lr=st.lr, weight_decay=st.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total, int(st.warmup_ratio * total)))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                      cosine_with_warmup(total, int(st.warmup_ratio * total)))
         if acc.mixed_precision != _precision(st.precision) and st.precision != "fp32":
             self.log(f"note: stage precision {st.precision} needs an Accelerator(mixed_precision=...); "
                      f"using {acc.mixed_precision}")
@@ -182,7 +187,8 @@ class Trainer:
             progress = Progress.from_dict(loaded[1])
             self.log(f"resumed stage {st.name!r} from {loaded[0]} (step {progress.global_step})")
         bar = progress_bar(total, progress.global_step, st.name) if self.progress_bar else None
-        logger = StageLogger(Metrics(folder, acc.is_main_process), st.name, st.log_every, total, objective.count_key, bar)
+        logger = StageLogger(Metrics(folder, acc.is_main_process), st.name, st.log_every, total, objective.count_key,
+                             bar)
         return StageRun(index, st, folder, plan, data, total, per_step, objective, wrapped, optimizer, scheduler,
                         progress, self._caches(plan, st), BadSamples(st.max_bad_fraction), logger)
 
@@ -190,7 +196,8 @@ class Trainer:
         """DPO's frozen reference: the same components and adapters, with the weights as the stage begins."""
         model = self.model
         if len(model.injectors):
-            raise MMHubError(f"stage {st.name!r}: DPO with injectors ({', '.join(model.injectors)}) is not supported yet")
+            raise MMHubError(f"stage {st.name!r}: DPO with injectors ({', '.join(model.injectors)}) "
+                             "is not supported yet")
         reference = build_from_plan(model.plan)
         reference.load_state_dict(model.state_dict())
         return reference.eval().requires_grad_(False)
@@ -268,7 +275,8 @@ class Trainer:
     def _length_grouped(self, run: StageRun, order: list[int], epoch: int) -> list[int]:
         if run.lengths is None:  # measured once per stage, not every epoch
             run.lengths = [_text_length(run.data[i]) for i in range(len(run.data))]
-        perm = length_grouped_order([run.lengths[i] for i in order], run.stage.batch_size * self.accelerator.num_processes,
+        perm = length_grouped_order([run.lengths[i] for i in order],
+                                    run.stage.batch_size * self.accelerator.num_processes,
                                     seed=self.model.spec.seed + epoch)
         return [order[i] for i in perm]
 

