@@ -69,7 +69,7 @@ def test_two_processes_match_one_with_the_same_global_batch(reference: Path, tmp
     out = tmp_path / "ddp"
     r = _run("-m", "torch.distributed.run", "--nproc_per_node", "2", str(SCRIPT), str(out), "4")
     assert r.returncode == 0, r.stderr[-3000:]
-    for stage, tol in (("align", 1e-5), ("tune", 1e-3)):
+    for stage, tol in (("align", 1e-5), ("tune", 1e-4)):  # rounding alone gives < 3e-6 (train_script.BACKBONE)
         a, b = _params(reference, stage), _params(out, stage)
         diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a if "projectors" in k or "lora_" in k)
         assert diff < tol, f"{stage}: max |2-process - 1-process| = {diff}"
