@@ -28,7 +28,8 @@ def tiny_spec() -> dict[str, Any]:
     return copy.deepcopy({
         "name": "test-tiny",
         "encoders": {"image": {"type": "open_clip", "arch": None, "embed_dim": 32,
-                               "vision_cfg": {"image_size": 32, "patch_size": 8, "layers": 2, "width": 32, "head_width": 16}}},
+                               "vision_cfg": {"image_size": 32, "patch_size": 8, "layers": 2, "width": 32,
+                                              "head_width": 16}}},
         "projectors": {"image": {"type": "mlp", "depth": 2}},
         "backbone": {"type": "hf_causal_lm", "config": TINY_LLAMA, "tokenizer": "byte"},
         "template": "chatml",

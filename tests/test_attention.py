@@ -56,8 +56,9 @@ def test_backends_match_reference(backend: str, mask_name: str) -> None:
 def test_eager_and_sdpa_agree_fp32() -> None:
     q, k, v = qkv(B=3, h=4, Lq=9, Lk=13, d=16, seed=3)
     for name, mask in masks(3, 4, 9, 13).items():
-        torch.testing.assert_close(attention(q, k, v, mask, "eager"), attention(q, k, v, mask, "sdpa"), atol=1e-5, rtol=0,
-                                   msg=lambda m: f"mask {name}: {m}")
+        torch.testing.assert_close(attention(q, k, v, mask, "eager"), attention(q, k, v, mask, "sdpa"),
+                                   atol=1e-5, rtol=0,
+                                   msg=lambda m, name=name: f"mask {name}: {m}")
 
 
 @pytest.mark.parametrize("backend", ["eager", "sdpa"])
@@ -95,8 +96,8 @@ def test_multihead_attention_same_output_under_each_backend() -> None:
         s.load_state_dict(ref_self.state_dict())
         outs[backend] = [m(x, ctx), m(x, ctx, key_mask), m(x, ctx, full_mask), s(x), s(x, mask=self_mask)]
     for backend, got in outs.items():
-        for a, b in zip(got, outs["eager"]):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda msg: f"{backend}: {msg}")
+        for a, b in zip(got, outs["eager"], strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda msg, backend=backend: f"{backend}: {msg}")
     # a masked-out context token has no influence; an empty row gives the output bias only
     changed = ctx.clone()
     changed[0, 5:] = 100.0
@@ -224,7 +225,8 @@ def test_xformers_adapter_layout_and_aligned_bias(monkeypatch: pytest.MonkeyPatc
     q, k, v = qkv()  # Lk = 7: the bias needs padding to 8
     for name, mask in masks().items():
         out = attention(q, k, v, mask, "xformers")
-        torch.testing.assert_close(out, reference(q, k, v, mask), atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(out, reference(q, k, v, mask), atol=1e-5, rtol=1e-5,
+                                   msg=lambda m, name=name: f"{name}: {m}")
         if mask is not None:
             bias = seen["bias"]
             assert bias.shape == (2, 3, 5, 7) and bias.stride(-2) % 8 == 0, bias.stride()

@@ -28,8 +28,14 @@ from mmhub.encoders.hf_audio_encoder import HFAudioEncoder, conv_frames
 from mmhub.encoders.whisper_encoder import WhisperAudioEncoder
 from mmhub.errors import InputError, WeightsNotFoundError
 from mmhub.interfaces import BuildContext
-from mmhub.weights.ct2 import (ct2_whisper_config, ct2_whisper_model, is_ct2_model, load_ct2_whisper, read_ct2,
-                               read_ct2_index)
+from mmhub.weights.ct2 import (
+    ct2_whisper_config,
+    ct2_whisper_model,
+    is_ct2_model,
+    load_ct2_whisper,
+    read_ct2,
+    read_ct2_index,
+)
 
 TINY_WHISPER = dict(WhisperAudioEncoder.example_settings["config"])
 TINY_HUBERT = dict(HFAudioEncoder.example_settings["config"])
@@ -55,7 +61,8 @@ def _hf_audio(**settings) -> HFAudioEncoder:
 def _tones(rate: int, seconds: float = 1.0, freqs=(440.0, 1250.0, 2900.0)) -> np.ndarray:
     """A sum of tones below 4 kHz (so an 8 kHz copy holds the same signal)."""
     t = np.arange(int(round(rate * seconds))) / rate
-    return sum(a * np.sin(2 * np.pi * f * t + p) for a, f, p in zip((0.4, 0.2, 0.1), freqs, (0.0, 0.3, 1.1))).astype(np.float32)
+    tones = zip((0.4, 0.2, 0.1), freqs, (0.0, 0.3, 1.1), strict=True)
+    return sum(a * np.sin(2 * np.pi * f * t + p) for a, f, p in tones).astype(np.float32)
 
 
 def _run(enc, items) -> torch.Tensor:
@@ -104,7 +111,8 @@ def test_whisper_matches_transformers_and_select_layer_picks_a_block() -> None:
     assert not torch.allclose(first, last, atol=1e-3)
     assert torch.equal(first, from_end)  # 2 blocks: -2 counts back to block 1
     with pytest.raises(ValueError, match="outside the encoder's 2 blocks"):
-        WhisperAudioEncoder.describe(WhisperAudioEncoder.Config.model_validate({"config": TINY_WHISPER, "select_layer": 3}), _ctx())
+        WhisperAudioEncoder.describe(
+            WhisperAudioEncoder.Config.model_validate({"config": TINY_WHISPER, "select_layer": 3}), _ctx())
     with pytest.raises(ValueError, match="0 is not a block"):
         WhisperAudioEncoder.Config.model_validate({"config": TINY_WHISPER, "select_layer": 0})
     with pytest.raises(ValueError, match="give `config`"):
@@ -206,17 +214,20 @@ def test_whisper_from_a_local_hf_folder(tmp_path: Path) -> None:
                         bos_token_id=60, eos_token_id=60, pad_token_id=60, decoder_start_token_id=61)
     model = WhisperForConditionalGeneration(cfg).eval()
     model.save_pretrained(tmp_path / "whisper")
-    enc = WhisperAudioEncoder(WhisperAudioEncoder.Config.model_validate({"source": str(tmp_path / "whisper"), "pool": 2}),
+    enc = WhisperAudioEncoder(WhisperAudioEncoder.Config.model_validate({"source": str(tmp_path / "whisper"),
+                                                                         "pool": 2}),
                               _ctx()).eval()
     assert enc.has_weight_source() and not _whisper().has_weight_source()
     mels = torch.stack([enc.preprocess(_tones(16000), "audio")])
     with torch.no_grad():
-        want = torch.nn.functional.avg_pool1d(model.model.encoder(mels).last_hidden_state.transpose(1, 2), 2).transpose(1, 2)
+        hidden = model.model.encoder(mels).last_hidden_state
+        want = torch.nn.functional.avg_pool1d(hidden.transpose(1, 2), 2).transpose(1, 2)
         assert torch.allclose(enc(mels, "audio"), want, atol=1e-6)
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "config.json").write_text('{"model_type": "bert"}')
     with pytest.raises(WeightsNotFoundError, match="neither a HF Whisper folder"):
-        WhisperAudioEncoder.describe(WhisperAudioEncoder.Config.model_validate({"source": str(tmp_path / "junk")}), _ctx())
+        WhisperAudioEncoder.describe(WhisperAudioEncoder.Config.model_validate({"source": str(tmp_path / "junk")}),
+                                     _ctx())
 
 
 # ------------------------------------------------------------------------------------------------ CTranslate2
@@ -258,11 +269,13 @@ def test_ct2_reader_round_trips_names_shapes_dtypes_and_values(tmp_path: Path) -
         "decoder/flag": torch.tensor(1, dtype=torch.int8),
         "decoder/empty": torch.zeros(0, 4),
     }
-    write_ct2(tmp_path / "model.bin", variables, {"decoder/projection/weight": "encoder/weight"}, spec="WhisperSpec", revision=3)
+    write_ct2(tmp_path / "model.bin", variables, {"decoder/projection/weight": "encoder/weight"}, spec="WhisperSpec",
+              revision=3)
     index = read_ct2_index(tmp_path)  # a folder or the file itself
     assert (index.binary_version, index.spec, index.revision) == (6, "WhisperSpec", 3)
     assert index.aliases == {"decoder/projection/weight": "encoder/weight"}
-    assert {n: (v.shape, v.dtype) for n, v in index.variables.items()} == {n: (tuple(t.shape), t.dtype) for n, t in variables.items()}
+    assert {n: (v.shape, v.dtype) for n, v in index.variables.items()} == {
+        n: (tuple(t.shape), t.dtype) for n, t in variables.items()}
     got = read_ct2(tmp_path / "model.bin")
     assert set(got) == set(variables) | {"decoder/projection/weight"}
     for name, t in variables.items():
@@ -276,7 +289,8 @@ def test_ct2_reader_round_trips_names_shapes_dtypes_and_values(tmp_path: Path) -
                                    "v": torch.tensor([100, -50], dtype=torch.int16), "v_scale": torch.tensor(50.0)},
               {"alias": "w"})
     q = read_ct2_index(tmp_path / "q.bin")
-    assert torch.equal(q.float("w"), torch.tensor([[2.0, -4.0], [2.0, 3.0]])) and torch.equal(q.float("alias"), q.float("w"))
+    assert torch.equal(q.float("w"), torch.tensor([[2.0, -4.0], [2.0, 3.0]]))
+    assert torch.equal(q.float("alias"), q.float("w"))
     assert torch.equal(q.float("v"), torch.tensor([2.0, -1.0]))
     # damaged files are reported with what is wrong
     data = (tmp_path / "model.bin").read_bytes()
@@ -342,7 +356,8 @@ def test_ct2_whisper_conversion_reproduces_the_transformers_model(tmp_path: Path
     original = WhisperForConditionalGeneration(cfg).eval()
     folder = tmp_path / "ct2"
     folder.mkdir()
-    write_ct2(folder / "model.bin", _whisper_to_ct2(original, dtype), {"decoder/projection/weight": "decoder/embeddings/weight"},
+    write_ct2(folder / "model.bin", _whisper_to_ct2(original, dtype),
+              {"decoder/projection/weight": "decoder/embeddings/weight"},
               spec="WhisperSpec", revision=3)
     (folder / "config.json").write_text(json.dumps({"suppress_ids": [1, 2], "suppress_ids_begin": [60],
                                                     "alignment_heads": [[1, 0]], "lang_ids": []}))
@@ -395,7 +410,8 @@ def test_hf_audio_token_count_follows_the_conv_stack() -> None:
         assert facts.tokens_per_item == frames // pool
         assert _run(enc, [_tones(16000, 2.0)]).shape == (1, frames // pool, 32)
     with pytest.raises(ValueError, match="fewer than pool"):
-        HFAudioEncoder.describe(HFAudioEncoder.Config.model_validate({"config": TINY_HUBERT, "seconds": 0.0005}), _ctx())
+        HFAudioEncoder.describe(HFAudioEncoder.Config.model_validate({"config": TINY_HUBERT, "seconds": 0.0005}),
+                                _ctx())
     with pytest.raises(ValueError, match="not a raw-waveform speech encoder"):
         HFAudioEncoder.describe(HFAudioEncoder.Config.model_validate({"config": {"model_type": "whisper"}}), _ctx())
     with pytest.raises(ValueError, match="needs a model_type"):
@@ -434,7 +450,8 @@ def test_hf_audio_from_a_local_folder_uses_its_preprocessor_config(tmp_path: Pat
     settings.pop("model_type")
     model = AutoModel.from_config(HubertConfig(**settings)).eval()
     model.save_pretrained(tmp_path / "hubert")
-    (tmp_path / "hubert" / "preprocessor_config.json").write_text(json.dumps({"do_normalize": False, "sampling_rate": 16000}))
+    (tmp_path / "hubert" / "preprocessor_config.json").write_text(
+        json.dumps({"do_normalize": False, "sampling_rate": 16000}))
     enc = HFAudioEncoder(HFAudioEncoder.Config.model_validate({"source": str(tmp_path / "hubert")}), _ctx()).eval()
     assert enc.has_weight_source() and enc.normalize is False
     a = _tones(16000)
@@ -488,7 +505,8 @@ def test_real_whisper_tiny_en_encoder_from_ct2() -> None:
     audio = np.tile(audio, int(np.ceil(30 * 16000 / len(audio))))[: 30 * 16000]  # 30 s
     out = _run(enc, [audio])
     assert out.shape == (1, 1500, 384) and torch.isfinite(out).all()
-    pooled = WhisperAudioEncoder(WhisperAudioEncoder.Config.model_validate({"source": WHISPER_CT2, "pool": 4}), _ctx()).eval()
+    pooled = WhisperAudioEncoder(WhisperAudioEncoder.Config.model_validate({"source": WHISPER_CT2, "pool": 4}),
+                                 _ctx()).eval()
     assert _run(pooled, [audio]).shape == (1, 375, 384)
     # the same numbers as the encoder inside the fully converted model
     full = ct2_whisper_model(folder)

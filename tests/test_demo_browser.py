@@ -168,7 +168,8 @@ def test_chat_answers_an_easy_vqa_question(server, browser, tmp_path):
     _send(page, question, [image])
     shown = _wait_answer(page, 1)
     page.screenshot(path=str(ARTIFACTS / "03-answer.png"), full_page=True)
-    assert shown.lower().strip(" .") == answer, f"asked {question!r} about {image.name}: shown {shown!r}, expected {answer!r}"
+    assert shown.lower().strip(" .") == answer, \
+        f"asked {question!r} about {image.name}: shown {shown!r}, expected {answer!r}"
 
 
 def test_two_users_at_once(server, browser):
@@ -216,7 +217,8 @@ def test_switching_models_without_restarting(server, browser):
     default_note = page.locator("#model-note").inner_text()
     page.locator("#model-select input").click()
     page.get_by_role("option", name="preset: llava-1.5:tiny", exact=False).first.click()
-    page.wait_for_function("document.querySelector('#model-note').innerText.includes('llava-1.5:tiny')", timeout=120_000)
+    page.wait_for_function("document.querySelector('#model-note').innerText.includes('llava-1.5:tiny')",
+                           timeout=120_000)
     assert "random weights" in page.locator("#model-note").inner_text()
     _send(page, "hello")
     _wait_answer(page, 1)  # an untrained preset answers noise, but it answers
@@ -228,7 +230,8 @@ def test_switching_models_without_restarting(server, browser):
 
 
 def test_the_default_model_draws_on_request(server, browser):
-    """The demo's default model has an image generator: a drawing request shows the image inline, in the asked colour."""
+    """The demo's default model has an image generator: a drawing request shows the image inline, in the asked
+    colour."""
     from PIL import Image
 
     from mmhub.demo_model import find_default

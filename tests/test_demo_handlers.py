@@ -42,7 +42,8 @@ def red_circle(tmp_path) -> Path:
 
 def _wav(path: Path, samples: np.ndarray, rate: int = 16000) -> Path:
     pcm = (np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes()
-    header = b"RIFF" + struct.pack("<I", 36 + len(pcm)) + b"WAVEfmt " + struct.pack("<IHHIIHH", 16, 1, 1, rate, rate * 2, 2, 16)
+    header = (b"RIFF" + struct.pack("<I", 36 + len(pcm)) + b"WAVEfmt "
+              + struct.pack("<IHHIIHH", 16, 1, 1, rate, rate * 2, 2, 16))
     path.write_bytes(header + b"data" + struct.pack("<I", len(pcm)) + pcm)
     return path
 
@@ -109,7 +110,8 @@ def test_long_prompt_gets_a_message():
 def test_user_turn_and_prompt_place_one_placeholder_per_item(loaded, red_circle):
     turn = chat.user_turn("<image> what color is the shape?", [{"path": str(red_circle)}], loaded, LIMITS)
     assert turn.text == "what color is the shape?" and len(turn.media["image"]) == 1
-    messages, media = chat.prompt_for([turn, chat.Turn("assistant", "red"), chat.Turn("user", "and the shape?")], loaded)
+    messages, media = chat.prompt_for([turn, chat.Turn("assistant", "red"), chat.Turn("user", "and the shape?")],
+                                      loaded)
     assert messages == [{"role": "user", "content": "<image>\nwhat color is the shape?"},
                         {"role": "assistant", "content": "red"}, {"role": "user", "content": "and the shape?"}]
     assert len(media["image"]) == 1
@@ -139,7 +141,8 @@ def test_stream_grows_token_by_token():
     parts = list(model.stream("hello", max_new_tokens=12))
     final = model.generate(["hello"], max_new_tokens=12)[0]
     assert parts[-1] == final
-    assert all(b.text.startswith(a.text.rstrip()) or len(b.text) >= len(a.text) for a, b in zip(parts, parts[1:]))
+    assert all(b.text.startswith(a.text.rstrip()) or len(b.text) >= len(a.text)
+               for a, b in zip(parts, parts[1:], strict=False))
 
 
 def test_reply_needs_a_user_turn_and_valid_settings(loaded):
@@ -212,7 +215,8 @@ def test_form_to_spec_validates_and_builds():
                                  "mlp", assemble.example_yaml("projector", "mlp"), "hf_causal_lm",
                                  assemble.example_yaml("backbone", "hf_causal_lm"), "chatml")
     spec = yaml.safe_load(text)
-    assert spec["encoders"]["image"]["type"] == "open_clip" and spec["projectors"]["image"] == {"type": "mlp", "depth": 2}
+    assert spec["encoders"]["image"]["type"] == "open_clip"
+    assert spec["projectors"]["image"] == {"type": "mlp", "depth": 2}
     ok, message = assemble.validate(text)
     assert ok and message.startswith("**Valid**: vlm: image: open_clip -> mlp")
     rows, summary = assemble.build(text)

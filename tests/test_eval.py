@@ -13,20 +13,22 @@ import torch
 from PIL import Image
 
 import mmhub
-from conftest import TINY_LLAMA
 from mmhub import weights
 from mmhub.cli import main
 from mmhub.data import load_dataset
 from mmhub.data.easy_vqa import SOURCE
-from mmhub.evaluation import evaluate, exact_match, get_task, normalize_answer, score
 from mmhub.errors import WeightsNotFoundError
+from mmhub.evaluation import evaluate, exact_match, get_task, normalize_answer, score
 from mmhub.evaluation.easy_vqa import BLANK_RGB
+
+from conftest import TINY_LLAMA
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = {
     "name": "eval-tiny",
     "encoders": {"image": {"type": "open_clip", "arch": None, "embed_dim": 32,
-                           "vision_cfg": {"image_size": 32, "patch_size": 8, "layers": 2, "width": 32, "head_width": 16}}},
+                           "vision_cfg": {"image_size": 32, "patch_size": 8, "layers": 2, "width": 32,
+                                          "head_width": 16}}},
     "projectors": {"image": {"type": "mlp", "depth": 2}},
     "backbone": {"type": "hf_causal_lm", "config": TINY_LLAMA, "tokenizer": "byte"},
     "template": "chatml",
@@ -100,7 +102,8 @@ def test_easy_vqa_task_on_a_tiny_model(model) -> None:
     assert sum(v["n"] for v in out["per_type"].values()) == 8 and set(out["per_type"]) <= {"shape", "color", "yes_no"}
     assert len(rows) == 8 and all(isinstance(r["prediction"], str) for r in rows)
     assert sum(r["correct"] for r in rows) == out["correct"]
-    assert [r["answer"] for r in rows] == [a for _, a, _ in load_dataset({"type": "easy_vqa", "split": "test"}).questions[:8]]
+    questions = load_dataset({"type": "easy_vqa", "split": "test"}).questions[:8]
+    assert [r["answer"] for r in rows] == [a for _, a, _ in questions]
     assert rows[0]["answer"] == "triangle" and rows[0]["question"] == "what is the red shape?"
 
 
@@ -170,7 +173,8 @@ def test_default_model_is_found_or_the_error_says_how_to_train_one(tmp_path: Pat
 
 
 @need_easy_vqa
-@pytest.mark.parametrize("name, floor", [("easyvqa-tiny", 0.90), ("easyvqa-smollm2", 0.97), ("easyvqa-smollm2-draw", 0.97)])
+@pytest.mark.parametrize("name, floor",
+                         [("easyvqa-tiny", 0.90), ("easyvqa-smollm2", 0.97), ("easyvqa-smollm2-draw", 0.97)])
 def test_shipped_models_score_on_a_fixed_subset(name: str, floor: float) -> None:
     """Each trained model committed in mmhub/demo_model, on the first 400 test questions (all three kinds)."""
     import mmhub.demo_model as demo
@@ -216,6 +220,7 @@ def test_plugins_lists_datasets_and_eval_tasks(capsys) -> None:
 def test_the_reference_answer_never_reaches_the_model() -> None:
     from mmhub.evaluation.easy_vqa import _prompt
 
-    msgs = [{"role": "user", "content": "<image>\nwhat is the red shape?"}, {"role": "assistant", "content": "triangle"}]
+    msgs = [{"role": "user", "content": "<image>\nwhat is the red shape?"},
+            {"role": "assistant", "content": "triangle"}]
     assert _prompt(msgs) == msgs[:1]
     assert all("triangle" not in m["content"] for m in _prompt(msgs))

@@ -55,14 +55,16 @@ print(json.dumps({"tokens": model.plan.tokens_per_item("image"), "loss": float(o
 
 
 def test_installed_plugin_is_discovered_and_builds(plugin_env) -> None:
-    r = subprocess.run([sys.executable, "-m", "mmhub.cli", "plugins", "--json"], check=False, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "mmhub.cli", "plugins", "--json"], check=False, capture_output=True,
+                       text=True,
                        env=plugin_env, timeout=300)
     out = json.loads(r.stdout)
     enc = {e["name"]: e for e in out["encoders"]}
     proj = {e["name"]: e for e in out["projectors"]}
     assert enc["patch_conv"]["plugin"] == "example" and proj["pool_linear"]["plugin"] == "example"
     assert not out["failed"]
-    r = subprocess.run([sys.executable, "-c", SCRIPT], check=False, capture_output=True, text=True, env=plugin_env, timeout=300)
+    r = subprocess.run([sys.executable, "-c", SCRIPT], check=False, capture_output=True, text=True, env=plugin_env,
+                       timeout=300)
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["tokens"] == 6 and res["plugin"] == "example" and res["loss"] > 0  # 16 patches pooled by 3 -> 6
@@ -78,7 +80,8 @@ def test_the_plugins_own_tests_pass_with_the_tester_classes() -> None:
 
 def test_allow_list_excludes_the_plugin(plugin_env) -> None:
     env = dict(plugin_env, MMHUB_PLUGINS="")
-    r = subprocess.run([sys.executable, "-m", "mmhub.cli", "plugins", "--json"], check=False, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "mmhub.cli", "plugins", "--json"], check=False, capture_output=True,
+                       text=True,
                        env=env, timeout=300)
     out = json.loads(r.stdout)
     assert "patch_conv" not in {e["name"] for e in out["encoders"]} and "example" in out["disabled"]
@@ -87,11 +90,13 @@ def test_allow_list_excludes_the_plugin(plugin_env) -> None:
 def test_pypi_weight_source_finds_files_of_an_installed_distribution(plugin_env) -> None:
     code = ("from mmhub import weights; "
             "print(weights.resolve('pypi:mmhub-example-plugin==0.1.0/mmhub_example/__init__.py'))")
-    r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=plugin_env, timeout=300)
+    r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=plugin_env,
+                       timeout=300)
     assert r.returncode == 0, r.stderr
     assert Path(r.stdout.strip()).read_text().startswith('"""mmhub example plugin')
     code = "from mmhub import weights; weights.resolve('pypi:mmhub-example-plugin==9.9/x.bin')"
-    r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=plugin_env, timeout=300)
+    r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=plugin_env,
+                       timeout=300)
     assert r.returncode != 0 and "mmhub weights fetch" in r.stderr
 
 

@@ -15,11 +15,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
-from conftest import TINY_LLAMA
 from mmhub import MMModel, build
 from mmhub.cli import main
 from mmhub.errors import MMHubError
 from mmhub.export import export_hf_llava, import_hf_llava
+
+from conftest import TINY_LLAMA
 
 CLIP = {"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
         "num_attention_heads": 2, "image_size": 32, "patch_size": 8, "initializer_range": 0.5}
@@ -33,7 +34,8 @@ TOL = 1e-4
 MEASURED: dict[str, float] = {}  # max abs differences (logits, or tower tokens), printed at the end (pytest -s)
 
 
-def spec(encoder: dict | None = None, projector: dict | None = None, llama: dict | None = None, template: str = "vicuna_v1",
+def spec(encoder: dict | None = None, projector: dict | None = None, llama: dict | None = None,
+         template: str = "vicuna_v1",
          **top: Any) -> dict[str, Any]:
     enc = encoder if encoder and "type" in encoder else {"type": "hf_vision", "config": CLIP, **(encoder or {})}
     return {"name": "export-tiny", "encoders": {"image": enc},
@@ -52,8 +54,8 @@ def expanded(model: MMModel, batch: dict[str, Any]) -> tuple[torch.Tensor, torch
     """mmhub's token ids with each image placeholder repeated once per image token, as LLaVA takes them."""
     pid, n = model.processor.placeholder_ids["image"], model.plan.tokens_per_item("image")
     rows = []
-    for ids, mask in zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist()):
-        rows.append([x for t, m in zip(ids, mask) if m for x in ([pid] * n if t == pid else [t])])
+    for ids, mask in zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist(), strict=True):
+        rows.append([x for t, m in zip(ids, mask, strict=True) if m for x in ([pid] * n if t == pid else [t])])
     ids = torch.full((len(rows), max(map(len, rows))), model.processor.pad_id)
     mask = torch.zeros_like(ids)
     for i, row in enumerate(rows):
@@ -107,7 +109,8 @@ def test_exported_logits_equal_mmhub(name: str, pictures, tmp_path) -> None:
     cfg = hf.config
     assert cfg.vision_feature_layer == enc.select_layer
     family = cfg.vision_config.model_type
-    assert cfg.vision_feature_select_strategy == ("default" if enc.drop_cls and family == "clip_vision_model" else "full")
+    assert cfg.vision_feature_select_strategy == (
+        "default" if enc.drop_cls and family == "clip_vision_model" else "full")
     if model.spec.encoders["image"].type == "open_clip":  # converted to transformers' CLIP: the same tokens
         pixels = model.encoders["image"].preprocess(pictures[0], "image")[None]
         with torch.no_grad():
@@ -256,7 +259,8 @@ def test_tokenizer_own_chat_template_is_kept_and_recognised(pictures, tmp_path) 
     out = export_hf_llava(model, tmp_path / "llava")
     processor = AutoProcessor.from_pretrained(str(out))
     ours = model.batch([PROMPT], [{"image": [pictures[0]]}], add_generation_prompt=True)
-    text = processor.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=False)
+    text = processor.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
+                                         tokenize=False)
     assert processor.chat_template == OWN_TEMPLATE and text == model.tokenizer.decode(ours["input_ids"][0])
     back = import_hf_llava(out)
     assert back.plan.template.name == "tokenizer"
@@ -266,7 +270,8 @@ def test_tokenizer_own_chat_template_is_kept_and_recognised(pictures, tmp_path) 
 LIST_ONLY_TEMPLATE = ("{% for message in messages %}{{ message['role'].upper() + ': ' }}"
                       "{% for c in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}"
                       "{% endfor %}{% for c in message['content'] | selectattr('type', 'equalto', 'text') %}"
-                      "{{ c['text'] + ' ' }}{% endfor %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+                      "{{ c['text'] + ' ' }}{% endfor %}{% endfor %}"
+                      "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
 
 
 def transformers_llava_folder(folder: Path, legacy_keys: bool = False) -> Path:
@@ -326,7 +331,8 @@ def spec_variant(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
 
 
 UNSUPPORTED = {
-    "open_clip-layer-scale": (spec(encoder={**OPEN_CLIP, "vision_cfg": {**OPEN_CLIP["vision_cfg"], "ls_init_value": 0.1}}),
+    "open_clip-layer-scale": (spec(encoder={**OPEN_CLIP,
+                                            "vision_cfg": {**OPEN_CLIP["vision_cfg"], "ls_init_value": 0.1}}),
                               ["encoders.image (open_clip): layer scale"]),
     "timm": ("tiny_spec", ["encoders.image (timm)", "timm towers are not converted"]),
     "blip-2:tiny": ("blip-2:tiny", ["projectors.image (qformer)", "backbone (hf_seq2seq_lm)"]),
@@ -337,7 +343,8 @@ UNSUPPORTED = {
     "final-norm": (spec_variant(spec(), "encoders.image.final_norm", True), ["encoders.image (hf_vision): final_norm"]),
     "dinov2": (spec_variant(spec(), "encoders.image.config", {"model_type": "dinov2", "hidden_size": 32,
                                                               "intermediate_size": 64, "num_hidden_layers": 2,
-                                                              "num_attention_heads": 2, "image_size": 32, "patch_size": 8}),
+                                                              "num_attention_heads": 2, "image_size": 32,
+                                                              "patch_size": 8}),
                ["encoders.image (hf_vision, model_type dinov2)"]),
     "mixed-dtypes": (spec_variant(spec(), "backbone.dtype", "bfloat16"),
                      ["backbone (hf_causal_lm) bfloat16", "pass dtype="]),

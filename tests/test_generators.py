@@ -99,9 +99,9 @@ def test_build_shapes_and_determinism(name: str) -> None:
         assert arrays[0].shape == item_shape and arrays[0].dtype == np.float32
         assert np.abs(arrays[0]).max() <= 1.0 and len(arrays[0]) == round(gen.audio_length_s * 16000)
     again = [as_array(i) for i in gen.generate(cond, seed=0, steps=2)]
-    assert all(np.array_equal(a, b) for a, b in zip(arrays, again)), "same seed, different output"
+    assert all(np.array_equal(a, b) for a, b in zip(arrays, again, strict=True)), "same seed, different output"
     other = [as_array(i) for i in gen.generate(cond, seed=1, steps=2)]
-    assert not all(np.array_equal(a, b) for a, b in zip(arrays, other)), "the seed changed nothing"
+    assert not all(np.array_equal(a, b) for a, b in zip(arrays, other, strict=True)), "the seed changed nothing"
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -115,7 +115,7 @@ def test_guidance_uses_empty_caption_as_negative(name: str, monkeypatch: pytest.
     assert seen == []
     guided = [as_array(i) for i in gen.generate(cond, seed=0, steps=2, guidance_scale=4.0)]
     assert seen == [[""]]
-    assert len(guided) == 2 and not all(np.array_equal(a, b) for a, b in zip(plain, guided))
+    assert len(guided) == 2 and not all(np.array_equal(a, b) for a, b in zip(plain, guided, strict=True))
 
 
 def test_generate_is_the_pipeline_with_prompt_embeds() -> None:
@@ -130,7 +130,7 @@ def test_generate_is_the_pipeline_with_prompt_embeds() -> None:
         theirs = pipe(prompt_embeds=cond, negative_prompt_embeds=gen.encode_text([""]).expand(2, -1, -1),
                       num_inference_steps=2, guidance_scale=5.0, generator=torch.Generator().manual_seed(3),
                       height=32, width=32).images
-    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(ours, theirs))
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(ours, theirs, strict=True))
     assert torch.equal(cond, pipe.encode_prompt(CAPTIONS[:2], "cpu", 1, False)[0])
 
 
@@ -218,7 +218,7 @@ def test_source_folder_round_trip(name: str, tmp_path: Path) -> None:
     assert torch.equal(loaded.encode_text(CAPTIONS), cond)
     a = [as_array(i) for i in built.generate(cond, seed=5, steps=2, guidance_scale=2.0)]
     b = [as_array(i) for i in loaded.generate(cond, seed=5, steps=2, guidance_scale=2.0)]
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         if name == "audioldm":  # float samples: loaded tensors sit at other memory alignments (other SIMD rounding)
             np.testing.assert_allclose(x, y, rtol=0, atol=1e-6)
         else:  # uint8 pixels

@@ -18,7 +18,8 @@ from conftest import TINY_LLAMA
 
 def spec(**extra: Any) -> dict[str, Any]:
     llama = {**TINY_LLAMA, "vocab_size": 400}  # LM head 400 x 48 (wide), MLP 96 x 48 (wide), k/v 24 x 48 (narrow)
-    return copy.deepcopy({"name": "test-layout", "backbone": {"type": "hf_causal_lm", "config": llama, "tokenizer": "byte"},
+    return copy.deepcopy({"name": "test-layout",
+                          "backbone": {"type": "hf_causal_lm", "config": llama, "tokenizer": "byte"},
                           "template": "chatml", **extra})
 
 
@@ -29,7 +30,8 @@ def linears(model: MMModel) -> dict[str, torch.Tensor]:
 def test_wide_weights_lie_column_major_and_narrow_ones_row_major() -> None:
     model = build(spec())
     ws = linears(model)
-    assert ws and {n for n, w in ws.items() if is_column_major(w)} == {n for n, w in ws.items() if w.shape[0] >= w.shape[1]}
+    assert ws and {n for n, w in ws.items() if is_column_major(w)} == {
+        n for n, w in ws.items() if w.shape[0] >= w.shape[1]}
     assert any(n.endswith("lm_head") for n, w in ws.items() if is_column_major(w))
     assert all(w.is_contiguous() for n, w in ws.items() if n.endswith(("k_proj", "v_proj", "down_proj")))
     row = build(spec(weight_layout="row"))
@@ -68,7 +70,7 @@ def test_outputs_greedy_tokens_and_a_training_step_match_the_row_layout() -> Non
         assert all(p.grad is None or p.grad.stride() == p.stride() for p in m.parameters())  # grads follow the layout
     a, b = col.state_dict(), row.state_dict()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=lambda msg: f"{k}: {msg}")
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=lambda msg, k=k: f"{k}: {msg}")
     assert any(is_column_major(w) for w in linears(col).values())  # the step kept the layout
 
 
@@ -80,7 +82,8 @@ def test_save_writes_the_same_tensors_and_load_restores_the_layout(tmp_path: Pat
     row = build(spec(weight_layout="row"))
     row.load_state_dict(model.state_dict())
     row.save_pretrained(tmp_path / "row", full=True)
-    a, b = load_file(str(tmp_path / "col" / "model.safetensors")), load_file(str(tmp_path / "row" / "model.safetensors"))
+    a = load_file(str(tmp_path / "col" / "model.safetensors"))
+    b = load_file(str(tmp_path / "row" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     back = MMModel.from_pretrained(tmp_path / "col")
     assert {n for n, w in linears(back).items() if is_column_major(w)} == \

@@ -20,7 +20,8 @@ HAVE_DATA = (mmhub_home() / "packages" / "easy-vqa-1.0" / "easy_vqa" / "data").i
 REQUIRE = os.environ.get("MMHUB_REQUIRE_REAL_WEIGHTS") == "1"
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not HAVE_DATA and not REQUIRE,
-                                 reason="easy-VQA is not fetched (make weights / mmhub weights fetch pypi:easy-vqa==1.0/easy_vqa/data)")]
+                                 reason="easy-VQA is not fetched "
+                                        "(make weights / mmhub weights fetch pypi:easy-vqa==1.0/easy_vqa/data)")]
 
 PRETRAIN_STEPS, INSTRUCT_STEPS, EVAL_N = 120, 300, 600
 # measured once here (120 + 300 steps, 2 min 39 s): 79.2% overall, colour 100%, shape 43%, yes/no 82.6%;

@@ -31,7 +31,7 @@ def test_load_takes_a_folder_a_spec_file_and_a_preset(tmp_path, tiny_spec) -> No
             p.add_(0.01)  # trained weights a fresh build would not have
     model.save_pretrained(tmp_path / "m")
     again = load(tmp_path / "m")
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True))
     (tmp_path / "spec.json").write_text(json.dumps(tiny_spec))
     assert type(load(tmp_path / "spec.json")).__name__ == "MMModel"
     assert load("llava-1.5:tiny").spec.name

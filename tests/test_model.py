@@ -56,7 +56,8 @@ def test_splice_count_mismatch_says_both_numbers() -> None:
 def test_sample_placeholder_mismatch_names_sample_and_numbers(tiny_spec, images) -> None:
     model = build(tiny_spec)
     with pytest.raises(InputError, match=r"sample 1 has 2 <image> placeholder\(s\) but 1 image item\(s\)"):
-        model.batch([conv("<image> hi", "a"), conv("<image><image> hi", "b")], [{"image": [images[0]]}, {"image": [images[1]]}])
+        model.batch([conv("<image> hi", "a"), conv("<image><image> hi", "b")],
+                    [{"image": [images[0]]}, {"image": [images[1]]}])
     with pytest.raises(InputError, match="takes image"):
         model.batch(["hi"], [{"audio": [b"x"]}])
 
@@ -68,11 +69,12 @@ def test_forward_loss_only_on_assistant_tokens(tiny_spec, images) -> None:
     out = model(**b)
     tok = model.tokenizer
     # targets are exactly the replies plus the end-of-turn marker
-    for row, reply in zip(out.labels, ["a square", "no"]):
+    for row, reply in zip(out.labels, ["a square", "no"], strict=True):
         kept = [t for t in row.tolist() if t != IGNORE]
         assert tok.decode(kept) == reply + "<|im_end|>\n"
     assert out.logits.shape[:2] == out.labels.shape
-    assert torch.isfinite(out.loss) and out.num_target_tokens == len("a square<|im_end|>\n") - len("<|im_end|>") + 1 + 2 + 1 + 1
+    assert torch.isfinite(out.loss)
+    assert out.num_target_tokens == len("a square<|im_end|>\n") - len("<|im_end|>") + 1 + 2 + 1 + 1
     # the loss equals plain cross-entropy over the full logits
     logits = out.logits[:, :-1].reshape(-1, out.logits.shape[-1])
     ref = torch.nn.functional.cross_entropy(logits, out.labels[:, 1:].reshape(-1), ignore_index=IGNORE)
@@ -101,7 +103,7 @@ def test_batched_generation_equals_one_by_one(tiny_spec, images) -> None:
     prompts = ["<image>\nWhat?", "hello there, how are you doing today?", "<image> and <image> compare"]
     media = [{"image": [images[0]]}, {}, {"image": images[1:3]}]
     batched = model.generate(prompts, media, max_new_tokens=6)
-    single = [model.generate([p], [m], max_new_tokens=6)[0] for p, m in zip(prompts, media)]
+    single = [model.generate([p], [m], max_new_tokens=6)[0] for p, m in zip(prompts, media, strict=True)]
     assert batched == single
     assert len({r.text for r in batched}) > 1  # the prompts really lead to different outputs
 
@@ -141,7 +143,8 @@ def test_chunked_cross_entropy_equals_the_whole_loss_and_gradients(tiny_spec, im
         out = model(**batch)
         assert out.num_target_tokens > 7  # more than one chunk
         out.loss.backward()
-        results.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out.loss.detach(), grads))
     (l0, g0), (l1, g1) = results
     assert torch.allclose(l0, l1, atol=1e-6) and g0.keys() == g1.keys() and len(g0) > 0
     for n in g0:

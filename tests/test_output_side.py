@@ -21,10 +21,10 @@ from mmhub.assembly import build
 from mmhub.data.base import InMemoryDataset
 from mmhub.data.sample import Sample
 from mmhub.decoding import pick
-from mmhub.reply import Reply
 from mmhub.errors import InputError, SpecError
 from mmhub.interfaces import Generator, GeneratorFacts
 from mmhub.registry import get_registry
+from mmhub.reply import Reply
 from mmhub.signals import group_marker, token_names
 from mmhub.train.run import train
 
@@ -79,7 +79,8 @@ def draw_samples(n: int = 8) -> list[Sample]:
     for i in range(n):
         c = colours[i % 4]
         out.append(Sample(id=str(i), messages=[{"role": "user", "content": f"draw a {c} circle"},
-                                               {"role": "assistant", "content": f"Here is a {c} circle. {group_marker('image')}"}],
+                                               {"role": "assistant",
+                                                "content": f"Here is a {c} circle. {group_marker('image')}"}],
                           outputs={"image": [f"a {c} circle"]}))
     return out
 
@@ -91,7 +92,8 @@ def test_signal_tokens_are_added_with_their_own_rows(out_spec) -> None:
     ids = [model.tokenizer.convert_tokens_to_ids(n) for n in names]
     assert model.signal_tokens.ids.tolist() == ids
     assert model.signal_tokens.embed.shape == (3, 48) and model.signal_tokens.head.shape == (3, 48)
-    enc = model.processor.encode([{"role": "user", "content": "draw"}, {"role": "assistant", "content": "ok <img_out>"}])
+    enc = model.processor.encode([{"role": "user", "content": "draw"},
+                                  {"role": "assistant", "content": "ok <img_out>"}])
     assert enc.input_ids[-len(ids) - 1:-1] == ids or all(i in enc.input_ids for i in ids)
     # the text the model returns never shows them
     assert model.tokenizer.decode(ids + [ord("a")], skip_special_tokens=True).strip() in ("a", "")
@@ -227,9 +229,11 @@ def test_init_from_adds_an_output_side_to_a_trained_model(tiny_spec, out_spec, t
         build(bad)
 
 
-def test_a_model_grown_from_a_shipped_folder_stores_only_what_it_changed(tiny_spec, out_spec, tmp_path, monkeypatch) -> None:
-    import mmhub.checkpoint as ckpt
+def test_a_model_grown_from_a_shipped_folder_stores_only_what_it_changed(tiny_spec, out_spec, tmp_path,
+                                                                         monkeypatch) -> None:
     from safetensors.torch import load_file
+
+    import mmhub.checkpoint as ckpt
 
     monkeypatch.setattr(ckpt, "PACKAGE_ROOT", tmp_path)  # stands in for the installed package's folder
     base = build(tiny_spec)

@@ -15,8 +15,7 @@ from PIL import Image
 import mmhub.attention as attn
 from mmhub import build
 from mmhub.errors import InputError
-from mmhub.packing import (block_causal_mask, collate_packed, length_grouped_order, pack, segment_lengths,
-                           spliced_length)
+from mmhub.packing import block_causal_mask, collate_packed, length_grouped_order, pack, segment_lengths, spliced_length
 from mmhub.processor import Encoded
 from mmhub.splice import IGNORE
 
@@ -32,7 +31,8 @@ def spec(backbone: dict[str, Any], **extra: Any) -> dict[str, Any]:
     return copy.deepcopy({
         "name": "test-packing",
         "encoders": {"image": {"type": "open_clip", "arch": None, "embed_dim": 32,
-                               "vision_cfg": {"image_size": 32, "patch_size": 8, "layers": 2, "width": 32, "head_width": 16}}},
+                               "vision_cfg": {"image_size": 32, "patch_size": 8, "layers": 2, "width": 32,
+                                              "head_width": 16}}},
         "projectors": {"image": {"type": "mlp", "depth": 2}},
         "backbone": {"type": "hf_causal_lm", "config": backbone, "tokenizer": "byte"},
         "template": "chatml",
@@ -121,7 +121,8 @@ def test_collate_packed_segment_ids_tokens_and_media_order(llama_model) -> None:
         assert (b["labels"][row, sum(n):] == IGNORE).all()
     # media in row-major placeholder order: sample 2's two images, sample 0's, then sample 4's
     order = [t for i in (2, 0, 4) for t in enc[i].media["image"]]
-    assert b["media"]["image"].shape[0] == 4 and all(torch.equal(x, y) for x, y in zip(b["media"]["image"], order))
+    assert b["media"]["image"].shape[0] == 4
+    assert all(torch.equal(x, y) for x, y in zip(b["media"]["image"], order, strict=True))
     with pytest.raises(InputError, match="at most once"):
         collate_packed(llama_model.processor, enc, [[0, 1], [1]])
 
@@ -171,11 +172,13 @@ def test_packed_loss_and_gradients_equal_the_unpacked_batch(family_model) -> Non
     assert n_p == n_u > 0
     torch.testing.assert_close(loss_p, loss_u, atol=1e-5, rtol=0)  # both: mean over the same target tokens
     assert grads_p.keys() == grads_u.keys()
-    assert {f"{part}.{n}" for part in ("backbone", "projectors") for n, _ in getattr(family_model, part).named_parameters()
+    parts = ("backbone", "projectors")
+    assert {f"{part}.{n}" for part in parts for n, _ in getattr(family_model, part).named_parameters()
             } <= grads_u.keys()  # every LM and projector weight, and the encoder's, get gradients
     assert any(n.startswith("encoders.") for n in grads_u)
     for name in grads_u:
-        torch.testing.assert_close(grads_p[name], grads_u[name], atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(grads_p[name], grads_u[name], atol=1e-5, rtol=1e-4,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_each_packed_segment_has_the_logits_of_its_sample_alone(family_model) -> None:
@@ -217,11 +220,12 @@ def test_segment_sdpa_equals_sdpa_under_the_block_causal_mask() -> None:
     k, v = (torch.randn(2, 2, 16, 8, requires_grad=True) for _ in range(2))
     got = attn.segment_sdpa(q, k, v, segment_lengths(segs), scaling=0.3)  # (B, L, h, d)
     want = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1),
-                                                            attn_mask=block_causal_mask(segs), scale=0.3).transpose(1, 2)
+                                                            attn_mask=block_causal_mask(segs),
+                                                            scale=0.3).transpose(1, 2)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
     g = torch.randn_like(want)
     grads = torch.autograd.grad(got, (q, k, v), g)
-    for a, b in zip(grads, torch.autograd.grad(want, (q, k, v), g)):
+    for a, b in zip(grads, torch.autograd.grad(want, (q, k, v), g), strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="crosses the end of row 0"):
         attn.segment_sdpa(q, k, v, [20, 12])
@@ -243,7 +247,8 @@ def test_one_packed_row_runs_segment_wise_and_equals_the_unpacked_batch(monkeypa
     assert n_p == n_u > 0
     torch.testing.assert_close(loss_p, loss_u, atol=1e-5, rtol=0)
     for name in grads_u:
-        torch.testing.assert_close(grads_p[name], grads_u[name], atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(grads_p[name], grads_u[name], atol=1e-5, rtol=1e-4,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("packed", [False, True])
@@ -271,7 +276,8 @@ def test_the_last_mlp_at_labelled_positions_only_gives_the_full_loss_and_gradien
     torch.testing.assert_close(out.loss.detach(), full_loss, atol=1e-6, rtol=0)
     assert grads.keys() == full_grads.keys()
     for name in grads:
-        torch.testing.assert_close(grads[name], full_grads[name], atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(grads[name], full_grads[name], atol=1e-5, rtol=1e-4,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_eager_attention_takes_the_packed_mask_as_an_additive_bias() -> None:

@@ -4,7 +4,6 @@ shape classifier that scores it; the shipped easy-VQA drawing model when it is i
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -77,7 +76,8 @@ def test_safetensors_round_trip_and_pretrained_loading(tmp_path):
         assert torch.equal(fresh.encode_text(["a green rectangle"]), cond)
         assert torch.equal(fresh.sample(cond, seed=0), g.sample(cond, seed=0))
     half = tmp_path / "half.safetensors"  # fp16 storage (the shipped model's) loads into fp32 parameters
-    save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in g.state_dict().items()}, str(half))
+    save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in g.state_dict().items()},
+              str(half))
     loaded = make(seed=1, pretrained=str(half))
     assert next(loaded.parameters()).dtype == torch.float32
     assert torch.allclose(loaded.encode_text(["a green rectangle"]), cond, atol=5e-2)

@@ -9,11 +9,11 @@ import types
 from pathlib import Path
 
 import pytest
-from mmhub.projectors.linear import LinearProjector
 
 from mmhub import hookimpl, hookspecs
 from mmhub.errors import DuplicateComponentError, UnknownComponentError
 from mmhub.plugins import hook_names
+from mmhub.projectors.linear import LinearProjector
 from mmhub.registry import KIND_TABLE, build_registry
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -50,7 +50,8 @@ def _distinctive(name: str, model, out) -> None:
         assert xattn.name == "gated_xattn" and len(xattn.layers) >= 1
         blocks = transformer_blocks(model.backbone, model.plan.backbone_facts.num_layers)
         assert all(len(blocks[i]._forward_pre_hooks) == 1 for i in xattn.injected_blocks())
-        assert proj["image"].name == "perceiver" and model.plan.tokens_per_item("image") == 1  # one marker, rest in xattn
+        assert proj["image"].name == "perceiver"
+        assert model.plan.tokens_per_item("image") == 1  # one marker, rest in xattn
     elif name == "cogvlm":
         experts = model.injectors["experts"]
         assert experts.name == "visual_expert" and len(experts.experts) == 7 * model.plan.backbone_facts.num_layers
@@ -89,7 +90,8 @@ def test_tiny_preset_builds_trains_and_generates(name: str) -> None:
     assert info.io.split(" -> ")[0] == "+".join([LETTER[m] for m in mods] + ["T"]), info.io
     model.requires_grad_(False)
     model.projectors.requires_grad_(True)
-    model.injectors.requires_grad_(True)  # Flamingo's gates start at 0: the first gradients reach the gates, not the perceiver
+    # Flamingo's gates start at 0: the first gradients reach the gates, not the perceiver
+    model.injectors.requires_grad_(True)
     for subset in [[m] for m in mods] + ([mods] if len(mods) > 1 else []):
         prompt, media, b = _batch(model, subset)
         out = model(b["input_ids"], b["attention_mask"], b["labels"], b["media"])
@@ -123,7 +125,8 @@ def test_presets_cli_lists_status_and_components(capsys) -> None:
     assert by["next-gpt:tiny"]["components"]["encoders.video"] == "=image"
     assert by["flamingo:tiny"]["components"]["injectors.xattn"] == "gated_xattn"
     assert by["blip-2:full"]["components"]["backbone"] == "hf_seq2seq_lm"
-    assert sum(r["status"] == "complete" for r in rows if r["name"].endswith(":tiny")) == 26  # all of the zoo, the any-to-any three included
+    # all of the zoo, the any-to-any three included
+    assert sum(r["status"] == "complete" for r in rows if r["name"].endswith(":tiny")) == 26
 
 
 @pytest.mark.parametrize("name", ZOO)

@@ -33,7 +33,8 @@ def teach(model, modalities) -> tuple[float, float, float]:
     b = model.processor.collate(encs)
     model.train()
     model.requires_grad_(True)
-    opt = torch.optim.Adam([p for n, p in model.named_parameters() if not n.startswith(("generators.", "encoders."))], 3e-3)
+    opt = torch.optim.Adam([p for n, p in model.named_parameters() if not n.startswith(("generators.", "encoders."))],
+                           3e-3)
     first = None
     for _ in range(100):
         out = model(b["input_ids"], b["attention_mask"], b["labels"], outputs=b["outputs"])

@@ -29,7 +29,8 @@ def test_valid_spec_plans_with_inferred_widths(tiny_spec) -> None:
 def test_unknown_type_names_close_match(tiny_spec) -> None:
     tiny_spec["projectors"]["image"]["type"] = "mpl"
     (msg,) = problems(tiny_spec)
-    assert msg.startswith("projectors.image.type:") and "'mlp'" in msg and "Registered projectors: " in msg and "linear" in msg
+    assert msg.startswith("projectors.image.type:") and "'mlp'" in msg
+    assert "Registered projectors: " in msg and "linear" in msg
 
 
 def test_wrong_widths_state_both_numbers_and_fix(tiny_spec) -> None:
@@ -131,5 +132,5 @@ def test_preset_and_json_spec_load(tmp_path, tiny_spec) -> None:
 
 def test_build_same_spec_twice_gives_identical_weights(tiny_spec) -> None:
     a, b = build(tiny_spec), build(tiny_spec)
-    for (k, v), (_, w) in zip(a.state_dict().items(), b.state_dict().items()):
+    for (k, v), (_, w) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert (v == w).all(), k

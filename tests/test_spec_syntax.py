@@ -21,5 +21,6 @@ def test_unclosed_bracket_or_quote_reports_the_line_it_was_opened_on(text: str, 
 
 
 def test_error_on_one_line_reports_that_line_only() -> None:
-    with pytest.raises(SpecError, match=r"line 2, column 7: mapping values are not allowed (here|in this context) \(fix: fix the syntax"):
+    with pytest.raises(SpecError, match=r"line 2, column 7: mapping values are not allowed (here|in this context) "
+                                        r"\(fix: fix the syntax"):
         parse_text("name: x\nfoo: a: b\n", "bad.yaml")

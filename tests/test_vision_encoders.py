@@ -430,6 +430,6 @@ def test_efficientnet_lite0_real_weights_sklearn_photos(effnet) -> None:
     datasets = pytest.importorskip("sklearn.datasets", reason="scikit-learn is not installed (china.jpg/flower.jpg)")
     _, _, classify = effnet
     photos = dict(zip((os.path.basename(f) for f in datasets.load_sample_images().filenames),
-                      datasets.load_sample_images().images))
+                      datasets.load_sample_images().images, strict=True))
     assert int(classify(photos["china.jpg"]).argmax()) == 698  # palace
     assert int(classify(photos["flower.jpg"]).argmax()) == 985  # daisy

@@ -4,7 +4,6 @@ backbones (BLIP-2 Flan-T5, PaLI-X), RoPE context extension, hf: weight reference
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,7 +27,8 @@ def _logits(model, prompt, images):
 
 
 def test_gated_xattn_keeps_one_marker_per_image_and_starts_as_identity(tiny_spec, images):
-    spec = _with(tiny_spec, injectors={"xattn": {"type": "gated_xattn", "modalities": ["image"], "every": 1, "heads": 4}})
+    spec = _with(tiny_spec, injectors={"xattn": {"type": "gated_xattn", "modalities": ["image"], "every": 1,
+                                                 "heads": 4}})
     model = build(spec)
     assert model.plan.tokens_per_item("image") == 1
     xattn = model.injectors["xattn"]
@@ -53,7 +53,8 @@ def test_gated_xattn_keeps_one_marker_per_image_and_starts_as_identity(tiny_spec
 
 
 def test_gated_xattn_generation_batched_equals_single_and_loss_trains_gates(tiny_spec, images):
-    spec = _with(tiny_spec, injectors={"xattn": {"type": "gated_xattn", "modalities": ["image"], "every": 2, "heads": 4}})
+    spec = _with(tiny_spec, injectors={"xattn": {"type": "gated_xattn", "modalities": ["image"], "every": 2,
+                                                 "heads": 4}})
     model = build(spec)
     with torch.no_grad():
         for layer in model.injectors["xattn"].layers:
@@ -62,7 +63,7 @@ def test_gated_xattn_generation_batched_equals_single_and_loss_trains_gates(tiny
     prompts = ["<image>\nDescribe.", "Two: <image> and <image>?"]
     media = [{"image": images[:1]}, {"image": images[1:3]}]
     both = model.generate(prompts, media, max_new_tokens=5)
-    one = [model.generate([p], [m], max_new_tokens=5)[0] for p, m in zip(prompts, media)]
+    one = [model.generate([p], [m], max_new_tokens=5)[0] for p, m in zip(prompts, media, strict=True)]
     assert both == one
     model.injectors.requires_grad_(True)
     conv = [[{"role": "user", "content": "<image>\nWhat?"}, {"role": "assistant", "content": "A cat."}]]
@@ -91,8 +92,8 @@ def test_visual_experts_route_media_positions_only(tiny_spec, images):
 
 
 def test_injector_checkpoint_roundtrip(tiny_spec, images, tmp_path):
-    spec = _with(tiny_spec, injectors={"xattn": {"type": "gated_xattn", "heads": 4}, "experts": {"type": "visual_expert",
-                                                                                                 "layers": [1]}})
+    spec = _with(tiny_spec, injectors={"xattn": {"type": "gated_xattn", "heads": 4},
+                                       "experts": {"type": "visual_expert", "layers": [1]}})
     model = build(spec)
     with torch.no_grad():
         for p in model.injectors.parameters():
@@ -132,7 +133,7 @@ def test_encoder_decoder_backbone_takes_media_on_the_encoder_side(tiny_spec, ima
     model.projectors.requires_grad_(True)
     out = model(b["input_ids"], b["attention_mask"], b["labels"], b["media"])
     # the decoder targets are exactly the labelled (assistant) tokens of each sample
-    for row, labels in zip(out.labels, b["labels"]):
+    for row, labels in zip(out.labels, b["labels"], strict=True):
         assert row[row != -100].tolist() == labels[labels != -100].tolist()
     assert out.logits.shape[:2] == out.labels.shape
     assert torch.isfinite(out.loss)
@@ -230,7 +231,8 @@ def test_shared_encoder_errors(tiny_spec):
     spec = copy.deepcopy(tiny_spec)
     spec["encoders"]["video"] = "image"
     spec["projectors"]["video"] = {"type": "linear"}
-    with pytest.raises(SpecError, match=r"encoders\.video.*shares the open_clip encoder of 'image', which accepts image, "
+    with pytest.raises(SpecError, match=r"encoders\.video.*shares the open_clip encoder of 'image', "
+                                        r"which accepts image, "
                                         r"not 'video'"):
         build(spec)
     spec["encoders"]["video"] = "imag"
@@ -247,7 +249,8 @@ def test_qlora_quantizes_the_loaded_backbone_and_lora_trains_on_it(tiny_spec, im
     plain = build(tiny_spec)
     plain.backbone.model.save_pretrained(tmp_path / "llm")
     spec = copy.deepcopy(tiny_spec)
-    spec["backbone"] = {"type": "hf_causal_lm", "source": f"file:{tmp_path / 'llm'}", "tokenizer": "byte", "quantize": "nf4"}
+    spec["backbone"] = {"type": "hf_causal_lm", "source": f"file:{tmp_path / 'llm'}", "tokenizer": "byte",
+                        "quantize": "nf4"}
     model = build(spec)
     assert is_quantized(model.backbone.model) and model.backbone.quantized
     head = model.backbone.model.get_output_embeddings()
@@ -272,7 +275,8 @@ def test_qlora_spec_errors(tiny_spec, tmp_path):
     with pytest.raises(SpecError, match="quantize needs pretrained weights"):
         build(spec)
     build(tiny_spec).backbone.model.save_pretrained(tmp_path / "llm")
-    spec["backbone"] = {"type": "hf_causal_lm", "source": f"file:{tmp_path / 'llm'}", "tokenizer": "byte", "quantize": "nf4"}
+    spec["backbone"] = {"type": "hf_causal_lm", "source": f"file:{tmp_path / 'llm'}", "tokenizer": "byte",
+                        "quantize": "nf4"}
     spec["stages"] = [{"name": "sft", "train": {"backbone": "full"}}]
     with pytest.raises(SpecError, match=r"stages\[0\]\.train\.backbone.*cannot be trained in full.*QLoRA"):
         build(spec)

@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import TINY_LLAMA  # noqa: E402
-
 from mmhub.data import Sample  # noqa: E402
 from mmhub.train.run import train  # noqa: E402
+
+from conftest import TINY_LLAMA  # noqa: E402
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 40)}
 
