@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
-from mmhub.backbones.byte_tokenizer import byte_tokenizer
 from mmhub.attention import hf_attn_implementation
+from mmhub.backbones.byte_tokenizer import byte_tokenizer
 from mmhub.interfaces import Backbone, BackboneFacts, BuildContext, ComponentConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -45,19 +45,40 @@ class HFBackboneConfig(ComponentConfig):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     rope_scaling: RopeScaling | None = None
     quantize: Literal["nf4", "fp4"] | None = Field(
-        None, description="load the blocks' linears in 4 bits (bitsandbytes): the frozen base of QLoRA; needs `source`")
-    trust_remote_code: bool = Field(False, description="run model code shipped in the weights folder (off unless asked)")
+        None, description="load the blocks' linears in 4 bits (bitsandbytes): the frozen base of QLoRA; needs `source`"
+    )
+    trust_remote_code: bool = Field(
+        False,
+        description="never set in a spec: a spec or model folder someone hands you must not run its own code. "
+        "The caller allows it: the trust_remote_code argument of mmhub.build / mmhub.load, or "
+        "--trust-remote-code",
+    )
+
+    @field_validator("trust_remote_code")
+    @classmethod
+    def _trust_comes_from_the_caller(cls, value: bool) -> bool:
+        if value:
+            raise ValueError(
+                "trust_remote_code cannot be set in a spec or a saved model folder (it would let the file "
+                "run code on your machine); remove it, and if you trust the weights' code set the "
+                "trust_remote_code argument of mmhub.build / mmhub.load, or pass --trust-remote-code"
+            )
+        return value
 
     @model_validator(mode="after")
     def _needs_something(self) -> "HFBackboneConfig":
         if self.config is None and self.source is None:
             raise ValueError("give `config` (a transformers config dict with model_type) or `source` (weights)")
         if self.source is None and "model_type" not in (self.config or {}):
-            raise ValueError("`config` needs a model_type (e.g. llama, qwen2, opt, mistral, phi, t5) when there is no source")
+            raise ValueError(
+                "`config` needs a model_type (e.g. llama, qwen2, opt, mistral, phi, t5) when there is no source"
+            )
         if self.quantize is not None:
             if self.source is None:
-                raise ValueError("quantize needs pretrained weights (`source`): a randomly initialised model has nothing "
-                                 "worth keeping in 4 bits")
+                raise ValueError(
+                    "quantize needs pretrained weights (`source`): a randomly initialised model has nothing "
+                    "worth keeping in 4 bits"
+                )
             from mmhub.backbones.quantize import bitsandbytes_or_raise
 
             bitsandbytes_or_raise()
@@ -100,7 +121,9 @@ class HFBackboneBase(Backbone):
     def hf_config(cls, config: HFBackboneConfig, ctx: BuildContext) -> PretrainedConfig:
         if config.source is not None:
             folder, kw = where(ctx.weights(config.source))
-            cfg = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=config.trust_remote_code, **kw)
+            cfg = AutoConfig.from_pretrained(
+                folder, local_files_only=True, trust_remote_code=ctx.trust_remote_code, **kw
+            )
             for k, v in (config.config or {}).items():
                 setattr(cfg, k, v)
         else:
@@ -122,11 +145,18 @@ class HFBackboneBase(Backbone):
         cfg = cls.hf_config(config, ctx).get_text_config()
         pad = getattr(cfg, "pad_token_id", None)
         if isinstance(pad, int) and not 0 <= pad < cfg.vocab_size:
-            raise ValueError(f"config pad_token_id {pad} is outside the vocabulary (0..{cfg.vocab_size - 1}); "
-                             f"set config.pad_token_id (e.g. 0) or a vocab_size above {pad}")
+            raise ValueError(
+                f"config pad_token_id {pad} is outside the vocabulary (0..{cfg.vocab_size - 1}); "
+                f"set config.pad_token_id (e.g. 0) or a vocab_size above {pad}"
+            )
         layers = getattr(cfg, "num_decoder_layers", None) or getattr(cfg, "num_hidden_layers", 0)
-        return BackboneFacts(hidden_size=cfg.hidden_size, context_length=cls.context_length(cfg), vocab_size=cfg.vocab_size,
-                             is_encoder_decoder=bool(getattr(cfg, "is_encoder_decoder", False)), num_layers=int(layers or 0))
+        return BackboneFacts(
+            hidden_size=cfg.hidden_size,
+            context_length=cls.context_length(cfg),
+            vocab_size=cfg.vocab_size,
+            is_encoder_decoder=bool(getattr(cfg, "is_encoder_decoder", False)),
+            num_layers=int(layers or 0),
+        )
 
     @classmethod
     def load_tokenizer(cls, config: HFBackboneConfig, ctx: BuildContext) -> Any:
@@ -136,10 +166,10 @@ class HFBackboneBase(Backbone):
         if name.startswith("words:"):  # a closed-vocabulary word tokenizer built from a word list
             from mmhub.backbones.word_tokenizer import word_tokenizer
 
-            return word_tokenizer(ctx.weights(name[len("words:"):]))
+            return word_tokenizer(ctx.weights(name[len("words:") :]))
         path = ctx.weights(name)
         folder, kw = where(path)
-        return copy.deepcopy(_tokenizer_from(folder, kw.get("gguf_file"), path.stat().st_mtime, config.trust_remote_code))
+        return copy.deepcopy(_tokenizer_from(folder, kw.get("gguf_file"), path.stat().st_mtime, ctx.trust_remote_code))
 
     def __init__(self, config: HFBackboneConfig, ctx: BuildContext):
         super().__init__(config, ctx)
@@ -148,9 +178,15 @@ class HFBackboneBase(Backbone):
         attn = hf_attn_implementation(ctx.attention, packed=self.supports_packing)
         if config.source is not None:
             folder, kw = where(ctx.weights(config.source))
-            self.model = self.auto_class.from_pretrained(folder, config=cfg, dtype=dtype, local_files_only=True,
-                                                         attn_implementation=attn,
-                                                         trust_remote_code=config.trust_remote_code, **kw)
+            self.model = self.auto_class.from_pretrained(
+                folder,
+                config=cfg,
+                dtype=dtype,
+                local_files_only=True,
+                attn_implementation=attn,
+                trust_remote_code=ctx.trust_remote_code,
+                **kw,
+            )
             if getattr(self.model, "hf_quantizer", None) is not None:  # GGUF weights are dequantised on load
                 self.model.hf_quantizer = None
                 if hasattr(self.model.config, "quantization_config"):

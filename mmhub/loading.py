@@ -18,11 +18,10 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 from mmhub.assembly import build, build_from_plan
-from mmhub.demo_model import find_default
 from mmhub.checkpoint import SPEC_FILE, apply_weights, read_folder, verify_sources
+from mmhub.demo_model import find_default
 from mmhub.errors import CheckpointError, MMHubError
 from mmhub.manifest import KIND_OF_GROUP, SavedManifest
 from mmhub.model import MMModel
@@ -35,7 +34,7 @@ DEFAULT = "default"
 
 
 def load(ref: str | Path, *, registry: Registry | None = None, verify: bool = True,
-         allow_paths: list[str | Path] | None = None) -> MMModel:
+         allow_paths: list[str | Path] | None = None, trust_remote_code: bool = False) -> MMModel:
     """The model `ref` names (see the module docstring), in eval mode.
 
     >>> model = load("default")                       # doctest: +SKIP
@@ -48,7 +47,8 @@ def load(ref: str | Path, *, registry: Registry | None = None, verify: bool = Tr
     path = Path(text).expanduser()
     if path.is_dir():
         if (path / SPEC_FILE).is_file():
-            return load_folder(path, registry=registry, verify=verify, allow_paths=allow_paths)
+            return load_folder(path, registry=registry, verify=verify, allow_paths=allow_paths,
+                               trust_remote_code=trust_remote_code)
         if (path / "config.json").is_file():
             return _import_hf_folder(path, text)
         raise MMHubError(f"{path} is a folder but not a model: it has neither {SPEC_FILE} (an mmhub model folder, "
@@ -58,12 +58,12 @@ def load(ref: str | Path, *, registry: Registry | None = None, verify: bool = Tr
 
         return _import_hf_folder(weights.resolve(text, registry), text)
     if path.is_file():
-        return build(path, registry=registry)
+        return build(path, registry=registry, trust_remote_code=trust_remote_code)
     if os.sep in text or text.startswith((".", "~")) or path.suffix.lower() in (".yaml", ".yml", ".json"):
         raise MMHubError(f"model {text!r}: no such folder or spec file ({path.absolute()}). Give a folder written by "
                          f"save_pretrained or `mmhub train`, a spec file, a preset (`mmhub presets`), an hf:ORG/NAME "
                          f"id in the local Hugging Face cache, or `default`.")
-    return build(ref, registry=registry)
+    return build(ref, registry=registry, trust_remote_code=trust_remote_code)
 
 
 def load_default() -> MMModel:
@@ -75,13 +75,15 @@ def load_default() -> MMModel:
 
 
 def load_folder(path: str | Path, registry: Registry | None = None, verify: bool = True,
-                allow_nonfinite: bool = False, allow_paths: list[str | Path] | None = None) -> MMModel:
+                allow_nonfinite: bool = False, allow_paths: list[str | Path] | None = None,
+                trust_remote_code: bool = False) -> MMModel:
     """Rebuild a model saved by `MMModel.save_pretrained`: the spec, then its weights, checked against the manifest.
 
     `verify` checks the recorded sha256 of every file and weight source (off: load a folder as it is, with a
     warning); `allow_nonfinite` lets NaN/inf weights load (e.g. to inspect a diverged run). Every file the folder's
     spec names must lie in the folder, mmhub's weight cache, the Hugging Face cache or an installed package
-    (`mmhub.weights.sandbox`); `allow_paths` adds folders the caller trusts."""
+    (`mmhub.weights.sandbox`); `allow_paths` adds folders the caller trusts. `trust_remote_code` lets the weights'
+    own Python run (transformers' ``auto_map``): only this argument can allow it, never the folder."""
     path = Path(path)
     spec_data, manifest = read_folder(path, verify=verify)
     registry = registry or get_registry()
@@ -91,7 +93,7 @@ def load_folder(path: str | Path, registry: Registry | None = None, verify: bool
     if manifest.init_from is not None:
         spec_data["init_from"] = manifest.init_from.source
     plan = plan_spec(spec_from_dict(spec_data, str(path / SPEC_FILE)), registry, source=str(path / SPEC_FILE),
-                     sandbox=Sandbox.for_folder(path, allow_paths))
+                     sandbox=Sandbox.for_folder(path, allow_paths), trust_remote_code=trust_remote_code)
     model = build_from_plan(plan)
     if verify:
         verify_sources(plan.ctx.weight_files, manifest)

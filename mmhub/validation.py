@@ -11,17 +11,24 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
 
 from mmhub import weights as weight_sources
-from mmhub.errors import Problem, SpecError, UnknownComponentError, WeightsNotFoundError, close_matches
 from mmhub.attention import xformers_importable
-from mmhub.interfaces import (BackboneFacts, BuildContext, ComponentConfig, EncoderFacts, GeneratorFacts, InjectorFacts,
-                              OutputProjectorFacts, ProjectorFacts)
+from mmhub.errors import Problem, SpecError, UnknownComponentError, WeightsNotFoundError, close_matches
+from mmhub.interfaces import (
+    BackboneFacts,
+    BuildContext,
+    ComponentConfig,
+    EncoderFacts,
+    GeneratorFacts,
+    InjectorFacts,
+    OutputProjectorFacts,
+    ProjectorFacts,
+)
 from mmhub.registry import ComponentInfo, Registry, get_registry
 from mmhub.spec import PART_KEYS, LoraRegime, Spec, problems_from_validation
 from mmhub.templates import resolve_template, template_problems
@@ -95,8 +102,13 @@ def _slot(kind: str, path: str, cs: Any, registry: Registry, problems: list[Prob
     try:
         info = registry.get(kind, cs.type)  # type: ignore[arg-type]
     except UnknownComponentError as exc:
-        problems.append(Problem(f"{path}.type", str(exc).split(" Install")[0], "use a registered name (`mmhub plugins`) "
-                                                                                 "or install the plugin that provides it"))
+        problems.append(
+            Problem(
+                f"{path}.type",
+                str(exc).split(" Install")[0],
+                "use a registered name (`mmhub plugins`) or install the plugin that provides it",
+            )
+        )
         return None
     try:
         config = info.cls.Config.model_validate(cs.settings())
@@ -110,8 +122,10 @@ def _slot(kind: str, path: str, cs: Any, registry: Registry, problems: list[Prob
 
 # settings that size a tensor: negative is never meant, zero only for counts (layers, tokens), and past
 # MAX_SIZE no model fits in memory (a 4M-wide hidden state is 16 MB per token in float32)
-_SIZE_KEY = re.compile(r"(size|dim|width|heads|vocab|channels|hidden|intermediate|embed|positions|layers|tokens|depth|"
-                       r"experts|latents|queries|frames|^num_|_num$)")
+_SIZE_KEY = re.compile(
+    r"(size|dim|width|heads|vocab|channels|hidden|intermediate|embed|positions|layers|tokens|depth|"
+    r"experts|latents|queries|frames|^num_|_num$)"
+)
 _POSITIVE_KEY = re.compile(r"(size|dim|width|heads|vocab|channels|hidden|intermediate|embed)")
 MAX_SIZE = 1 << 22
 
@@ -134,8 +148,13 @@ def check_sizes(path: str, settings: Any, problems: list[Problem]) -> None:
                 continue
             low = 1 if _POSITIVE_KEY.search(name) else 0
             if not low <= value <= MAX_SIZE:
-                problems.append(Problem(here, f"is {value:,}; a size must be within {low}..{MAX_SIZE:,}",
-                                        f"give a size this machine can hold (1 to {MAX_SIZE:,})"))
+                problems.append(
+                    Problem(
+                        here,
+                        f"is {value:,}; a size must be within {low}..{MAX_SIZE:,}",
+                        f"give a size this machine can hold (1 to {MAX_SIZE:,})",
+                    )
+                )
 
 
 def _describe(slot: Slot, ctx: BuildContext, problems: list[Problem]) -> Any:
@@ -144,45 +163,82 @@ def _describe(slot: Slot, ctx: BuildContext, problems: list[Problem]) -> Any:
     except WeightsNotFoundError as exc:
         problems.append(Problem(slot.path, str(exc)))
     except Exception as exc:  # a component that cannot even describe itself is a spec problem
-        problems.append(Problem(slot.path, f"{slot.info.name} could not be set up from these settings: "
-                                           f"{type(exc).__name__}: {exc}", "check the settings against `mmhub plugins`"))
+        problems.append(
+            Problem(
+                slot.path,
+                f"{slot.info.name} could not be set up from these settings: {type(exc).__name__}: {exc}",
+                "check the settings against `mmhub plugins`",
+            )
+        )
     return None
 
 
-def plan_spec(spec: Spec, registry: Registry | None = None, source: str | None = None, sandbox: Any = None) -> Plan:
+def plan_spec(
+    spec: Spec,
+    registry: Registry | None = None,
+    source: str | None = None,
+    sandbox: Any = None,
+    trust_remote_code: bool = False,
+) -> Plan:
     """Validate `spec` against the registry and across components; raise `SpecError` with every problem.
 
     `sandbox` (a `mmhub.weights.sandbox.Sandbox`) confines every file the spec names to its roots: set when the
-    spec comes from a model folder, which someone else may have written."""
+    spec comes from a model folder, which someone else may have written. `trust_remote_code` lets components run
+    code shipped with their weights (transformers' ``auto_map``); only the caller can set it, never a spec."""
     registry = registry or get_registry()
-    ctx = BuildContext(resolve=lambda uri: weight_sources.resolve(uri, registry, sandbox), attention=spec.attention,
-                       registry=registry)
+    ctx = BuildContext(
+        resolve=lambda uri: weight_sources.resolve(uri, registry, sandbox),
+        attention=spec.attention,
+        registry=registry,
+        trust_remote_code=trust_remote_code,
+    )
     plan = Plan(spec=spec, ctx=ctx, sandbox=sandbox)
     problems: list[Problem] = []
 
     if spec.attention == "xformers" and not xformers_importable():
-        problems.append(Problem("attention", "xformers is requested but not importable here",
-                                "install xformers (CUDA machines) or set attention: auto"))
+        problems.append(
+            Problem(
+                "attention",
+                "xformers is requested but not importable here",
+                "install xformers (CUDA machines) or set attention: auto",
+            )
+        )
     for m, cs in spec.encoders.items():
         if isinstance(cs, str):
             continue
         if (s := _slot("encoder", f"encoders.{m}", cs, registry, problems)) is not None:
             plan.encoders[m] = s
             if m not in s.info.cls.modalities_in:
-                problems.append(Problem(f"encoders.{m}.type", f"{s.info.name} accepts {', '.join(s.info.cls.modalities_in)}, "
-                                                             f"not {m!r}", f"use an encoder for {m}, or key it by a modality it accepts"))
+                problems.append(
+                    Problem(
+                        f"encoders.{m}.type",
+                        f"{s.info.name} accepts {', '.join(s.info.cls.modalities_in)}, not {m!r}",
+                        f"use an encoder for {m}, or key it by a modality it accepts",
+                    )
+                )
     for m, ref in spec.encoders.items():
         if not isinstance(ref, str):
             continue
         owner = plan.encoders.get(ref)
         if ref not in spec.encoders or isinstance(spec.encoders[ref], str):
-            problems.append(Problem(f"encoders.{m}", f"shares the encoder of {ref!r}, which is not an encoder slot of its own",
-                                    f"name a modality with a `type:`{_hint(ref, [k for k, v in spec.encoders.items() if not isinstance(v, str)])}"))
+            own = [k for k, v in spec.encoders.items() if not isinstance(v, str)]
+            problems.append(
+                Problem(
+                    f"encoders.{m}",
+                    f"shares the encoder of {ref!r}, which is not an encoder slot of its own",
+                    f"name a modality with a `type:`{_hint(ref, own)}",
+                )
+            )
         elif owner is not None:
             if m not in owner.info.cls.modalities_in:
-                problems.append(Problem(f"encoders.{m}", f"shares the {owner.info.name} encoder of {ref!r}, which accepts "
-                                                         f"{', '.join(owner.info.cls.modalities_in)}, not {m!r}",
-                                        "give this modality its own encoder"))
+                problems.append(
+                    Problem(
+                        f"encoders.{m}",
+                        f"shares the {owner.info.name} encoder of {ref!r}, which accepts "
+                        f"{', '.join(owner.info.cls.modalities_in)}, not {m!r}",
+                        "give this modality its own encoder",
+                    )
+                )
             else:
                 plan.encoders[m] = owner
                 plan.shared[m] = ref
@@ -195,10 +251,17 @@ def plan_spec(spec: Spec, registry: Registry | None = None, source: str | None =
             plan.injectors[name] = s
 
     for m in spec.encoders.keys() - spec.projectors.keys():
-        problems.append(Problem(f"projectors.{m}", f"encoder {m!r} has no projector", f"add projectors.{m}: {{type: mlp}}"))
+        problems.append(
+            Problem(f"projectors.{m}", f"encoder {m!r} has no projector", f"add projectors.{m}: {{type: mlp}}")
+        )
     for m in spec.projectors.keys() - spec.encoders.keys():
-        problems.append(Problem(f"projectors.{m}", f"projector {m!r} has no encoder",
-                                f"add encoders.{m} or remove projectors.{m}" + _hint(m, spec.encoders)))
+        problems.append(
+            Problem(
+                f"projectors.{m}",
+                f"projector {m!r} has no encoder",
+                f"add encoders.{m} or remove projectors.{m}" + _hint(m, spec.encoders),
+            )
+        )
     for m, cs in spec.output_projectors.items():
         if (s := _slot("output_projector", f"output_projectors.{m}", cs, registry, problems)) is not None:
             plan.output_projectors[m] = s
@@ -207,10 +270,16 @@ def plan_spec(spec: Spec, registry: Registry | None = None, source: str | None =
             plan.generators[m] = s
     for key in ("placeholders", "max_items"):
         for m in getattr(spec, key).keys() - spec.encoders.keys():
-            problems.append(Problem(f"{key}.{m}", f"names modality {m!r}, which has no encoder", f"remove it{_hint(m, spec.encoders)}"))
+            problems.append(
+                Problem(
+                    f"{key}.{m}", f"names modality {m!r}, which has no encoder", f"remove it{_hint(m, spec.encoders)}"
+                )
+            )
     marks = [spec.placeholder(m) for m in spec.encoders]
     if len(set(marks)) != len(marks):
-        problems.append(Problem("placeholders", f"two modalities share a placeholder: {marks}", "give each modality its own marker"))
+        problems.append(
+            Problem("placeholders", f"two modalities share a placeholder: {marks}", "give each modality its own marker")
+        )
 
     for m, slot in plan.encoders.items():
         if m in plan.shared:
@@ -226,8 +295,13 @@ def plan_spec(spec: Spec, registry: Registry | None = None, source: str | None =
             try:
                 plan.tokenizer = plan.backbone.info.cls.load_tokenizer(plan.backbone.config, ctx)  # type: ignore[attr-defined]
             except Exception as exc:
-                problems.append(Problem("backbone", f"the tokenizer could not be loaded: {type(exc).__name__}: {exc}",
-                                        "check backbone.tokenizer / backbone.source"))
+                problems.append(
+                    Problem(
+                        "backbone",
+                        f"the tokenizer could not be loaded: {type(exc).__name__}: {exc}",
+                        "check backbone.tokenizer / backbone.source",
+                    )
+                )
 
     _check_injectors(plan, problems)
     _check_projectors(plan, problems)
@@ -257,15 +331,28 @@ def _check_injectors(plan: Plan, problems: list[Problem]) -> None:
             continue
         for m in facts.context_modalities:
             if m not in plan.spec.encoders:
-                problems.append(Problem(f"{slot.path}.modalities", f"names modality {m!r}, which has no encoder",
-                                        f"use one of {', '.join(plan.spec.encoders) or '(none)'}{_hint(m, plan.spec.encoders)}"))
+                problems.append(
+                    Problem(
+                        f"{slot.path}.modalities",
+                        f"names modality {m!r}, which has no encoder",
+                        f"use one of {', '.join(plan.spec.encoders) or '(none)'}{_hint(m, plan.spec.encoders)}",
+                    )
+                )
             elif m in taken:
-                problems.append(Problem(f"{slot.path}.modalities", f"modality {m!r} is already taken as context by "
-                                                                   f"injectors.{taken[m]}", "give each modality to one injector"))
+                problems.append(
+                    Problem(
+                        f"{slot.path}.modalities",
+                        f"modality {m!r} is already taken as context by injectors.{taken[m]}",
+                        "give each modality to one injector",
+                    )
+                )
             taken[m] = name
         plan.injector_facts[name] = facts
-        fill = {k: v for k, v in (("dim", plan.backbone_facts.hidden_size), ("num_layers", plan.backbone_facts.num_layers))
-                if k in type(slot.config).model_fields and getattr(slot.config, k) is None}
+        fill = {
+            k: v
+            for k, v in (("dim", plan.backbone_facts.hidden_size), ("num_layers", plan.backbone_facts.num_layers))
+            if k in type(slot.config).model_fields and getattr(slot.config, k) is None
+        }
         slot.config = slot.config.model_copy(update=fill)
 
 
@@ -277,14 +364,24 @@ def _check_projectors(plan: Plan, problems: list[Problem]) -> None:
         update = {}
         if enc is not None:
             if cfg.in_dim is not None and cfg.in_dim != enc.out_dim:
-                problems.append(Problem(f"projectors.{m}.in_dim", f"{cfg.in_dim} != encoders.{m} output width {enc.out_dim}",
-                                        f"set projectors.{m}.in_dim: {enc.out_dim} or leave it out to infer it"))
+                problems.append(
+                    Problem(
+                        f"projectors.{m}.in_dim",
+                        f"{cfg.in_dim} != encoders.{m} output width {enc.out_dim}",
+                        f"set projectors.{m}.in_dim: {enc.out_dim} or leave it out to infer it",
+                    )
+                )
                 continue
             update["in_dim"] = enc.out_dim
         if hidden is not None:
             if cfg.out_dim is not None and cfg.out_dim != hidden:
-                problems.append(Problem(f"projectors.{m}.out_dim", f"{cfg.out_dim} != backbone hidden size {hidden}",
-                                        f"set projectors.{m}.out_dim: {hidden} or leave it out to infer it"))
+                problems.append(
+                    Problem(
+                        f"projectors.{m}.out_dim",
+                        f"{cfg.out_dim} != backbone hidden size {hidden}",
+                        f"set projectors.{m}.out_dim: {hidden} or leave it out to infer it",
+                    )
+                )
                 continue
             update["out_dim"] = hidden
         if enc is None or hidden is None:
@@ -293,7 +390,9 @@ def _check_projectors(plan: Plan, problems: list[Problem]) -> None:
         try:
             out_tokens = slot.info.cls.num_tokens(slot.config, enc.tokens_for(m))  # type: ignore[attr-defined]
         except ValueError as exc:
-            problems.append(Problem(f"projectors.{m}", str(exc), "adjust the projector settings to the encoder's token count"))
+            problems.append(
+                Problem(f"projectors.{m}", str(exc), "adjust the projector settings to the encoder's token count")
+            )
             continue
         plan.projector_facts[m] = ProjectorFacts(enc.out_dim, hidden, out_tokens)
 
@@ -302,27 +401,55 @@ def _check_output_side(plan: Plan, problems: list[Problem]) -> None:
     """Pairs of output projector + generator per output modality, their shapes, and the signal tokens."""
     spec = plan.spec
     for m in spec.generators.keys() - spec.output_projectors.keys():
-        problems.append(Problem(f"output_projectors.{m}", f"generator {m!r} has no output projector",
-                                f"add output_projectors.{m}: {{type: output_transformer}}"))
+        problems.append(
+            Problem(
+                f"output_projectors.{m}",
+                f"generator {m!r} has no output projector",
+                f"add output_projectors.{m}: {{type: output_transformer}}",
+            )
+        )
     for m in spec.output_projectors.keys() - spec.generators.keys():
-        problems.append(Problem(f"output_projectors.{m}", f"output projector {m!r} has no generator",
-                                f"add generators.{m} or remove output_projectors.{m}" + _hint(m, spec.generators)))
+        problems.append(
+            Problem(
+                f"output_projectors.{m}",
+                f"output projector {m!r} has no generator",
+                f"add generators.{m} or remove output_projectors.{m}" + _hint(m, spec.generators),
+            )
+        )
     for m, k in spec.signal_tokens.items():
         if m not in spec.generators:
-            problems.append(Problem(f"signal_tokens.{m}", f"names output modality {m!r}, which has no generator",
-                                    f"remove it{_hint(m, spec.generators)}"))
+            problems.append(
+                Problem(
+                    f"signal_tokens.{m}",
+                    f"names output modality {m!r}, which has no generator",
+                    f"remove it{_hint(m, spec.generators)}",
+                )
+            )
         elif k < 1:
-            problems.append(Problem(f"signal_tokens.{m}", f"{k} signal tokens cannot carry anything", "use at least 1 (4 is usual)"))
+            problems.append(
+                Problem(f"signal_tokens.{m}", f"{k} signal tokens cannot carry anything", "use at least 1 (4 is usual)")
+            )
     if not spec.generators:
         return
     facts = plan.backbone_facts
     if facts is not None and facts.is_encoder_decoder:
-        problems.append(Problem("generators", "signal tokens need a decoder-only (causal LM) backbone in this version of "
-                                              "mmhub; this backbone is encoder-decoder", "use an hf_causal_lm backbone"))
+        problems.append(
+            Problem(
+                "generators",
+                "signal tokens need a decoder-only (causal LM) backbone in this version of "
+                "mmhub; this backbone is encoder-decoder",
+                "use an hf_causal_lm backbone",
+            )
+        )
     if plan.injectors:
-        problems.append(Problem("generators", "an output side together with injectors is not supported yet (generation "
-                                              "decodes step by step, which injectors do not follow)",
-                                "remove the injectors or the output side"))
+        problems.append(
+            Problem(
+                "generators",
+                "an output side together with injectors is not supported yet (generation "
+                "decodes step by step, which injectors do not follow)",
+                "remove the injectors or the output side",
+            )
+        )
     if plan.tokenizer is not None:
         from mmhub.signals import group_marker, token_names
 
@@ -331,30 +458,46 @@ def _check_output_side(plan: Plan, problems: list[Problem]) -> None:
         for m in spec.generators:
             for name in token_names(m, spec.signal_count(m)) + [group_marker(m)]:
                 if name in vocab and name not in special:
-                    problems.append(Problem(f"signal_tokens.{m}", f"{name!r} is an ordinary token of this tokenizer, so "
-                                                                  "plain text could trigger generation",
-                                            "use a tokenizer without it (signal token names are fixed)"))
+                    problems.append(
+                        Problem(
+                            f"signal_tokens.{m}",
+                            f"{name!r} is an ordinary token of this tokenizer, so plain text could trigger generation",
+                            "use a tokenizer without it (signal token names are fixed)",
+                        )
+                    )
     for m, slot in plan.generators.items():
         gen = _describe(slot, plan.ctx, problems)
         if gen is None:
             continue
         if gen.modality != m:
-            problems.append(Problem(f"generators.{m}.type", f"{slot.info.name} produces {gen.modality}, not {m}",
-                                    f"key it as generators.{gen.modality}, or use a {m} generator"))
+            problems.append(
+                Problem(
+                    f"generators.{m}.type",
+                    f"{slot.info.name} produces {gen.modality}, not {m}",
+                    f"key it as generators.{gen.modality}, or use a {m} generator",
+                )
+            )
             continue
         plan.generator_facts[m] = gen
         op = plan.output_projectors.get(m)
         if op is None or facts is None:
             continue
         cfg, fill, bad = op.config, {}, False
-        for key, want, what in (("in_dim", facts.hidden_size, "the backbone hidden size"),
-                                ("in_len", spec.signal_count(m), f"signal_tokens.{m}"),
-                                ("out_len", gen.cond_len, f"generators.{m} ({slot.info.name}) conditioning length"),
-                                ("out_dim", gen.cond_dim, f"generators.{m} ({slot.info.name}) conditioning width")):
+        for key, want, what in (
+            ("in_dim", facts.hidden_size, "the backbone hidden size"),
+            ("in_len", spec.signal_count(m), f"signal_tokens.{m}"),
+            ("out_len", gen.cond_len, f"generators.{m} ({slot.info.name}) conditioning length"),
+            ("out_dim", gen.cond_dim, f"generators.{m} ({slot.info.name}) conditioning width"),
+        ):
             have = getattr(cfg, key)
             if have is not None and have != want:
-                problems.append(Problem(f"output_projectors.{m}.{key}", f"{have} != {what} {want}",
-                                        f"set output_projectors.{m}.{key}: {want} or leave it out to infer it"))
+                problems.append(
+                    Problem(
+                        f"output_projectors.{m}.{key}",
+                        f"{have} != {what} {want}",
+                        f"set output_projectors.{m}.{key}: {want} or leave it out to infer it",
+                    )
+                )
                 bad = True
             fill[key] = want
         if bad:
@@ -364,10 +507,15 @@ def _check_output_side(plan: Plan, problems: list[Problem]) -> None:
         if out is None:
             continue
         if (out.out_len, out.out_dim) != (gen.cond_len, gen.cond_dim):
-            problems.append(Problem(f"output_projectors.{m}", f"{op.info.name} produces {out.out_len} x {out.out_dim} "
-                                                              f"per item but generators.{m} ({slot.info.name}) takes "
-                                                              f"{gen.cond_len} x {gen.cond_dim}",
-                                    "use an output projector that can produce the generator's conditioning shape"))
+            problems.append(
+                Problem(
+                    f"output_projectors.{m}",
+                    f"{op.info.name} produces {out.out_len} x {out.out_dim} "
+                    f"per item but generators.{m} ({slot.info.name}) takes "
+                    f"{gen.cond_len} x {gen.cond_dim}",
+                    "use an output projector that can produce the generator's conditioning shape",
+                )
+            )
             continue
         plan.output_facts[m] = out
 
@@ -381,8 +529,13 @@ def _check_budget(plan: Plan, problems: list[Problem]) -> None:
     ctx_len = plan.backbone_facts.context_length
     if total > ctx_len:
         detail = " + ".join(f"{m}: {n} x {t}" for m, n, t in parts) + f" + text: {spec.min_text_tokens}"
-        problems.append(Problem("max_items", f"token budget {total} ({detail}) > backbone context length {ctx_len}",
-                                "lower max_items or the projector's token count, or extend the context (backbone rope_scaling)"))
+        problems.append(
+            Problem(
+                "max_items",
+                f"token budget {total} ({detail}) > backbone context length {ctx_len}",
+                "lower max_items or the projector's token count, or extend the context (backbone rope_scaling)",
+            )
+        )
 
 
 def _check_template(plan: Plan, problems: list[Problem]) -> None:
@@ -398,41 +551,95 @@ def _check_template(plan: Plan, problems: list[Problem]) -> None:
     for m in plan.spec.encoders:
         mark = plan.spec.placeholder(m)
         if mark in vocab and mark not in getattr(plan.tokenizer, "all_special_tokens", []):
-            problems.append(Problem(f"placeholders.{m}", f"placeholder {mark!r} is an ordinary token of this tokenizer, "
-                                                         "so plain text could be mistaken for media", "pick a marker the tokenizer does not know"))
+            problems.append(
+                Problem(
+                    f"placeholders.{m}",
+                    f"placeholder {mark!r} is an ordinary token of this tokenizer, "
+                    "so plain text could be mistaken for media",
+                    "pick a marker the tokenizer does not know",
+                )
+            )
     if plan.backbone_facts is not None and len(plan.tokenizer) > plan.backbone_facts.vocab_size:
-        problems.append(Problem("backbone", f"tokenizer has {len(plan.tokenizer)} tokens > the model's vocabulary "
-                                            f"size {plan.backbone_facts.vocab_size}", "raise the backbone's vocab_size to at least the tokenizer size"))
+        problems.append(
+            Problem(
+                "backbone",
+                f"tokenizer has {len(plan.tokenizer)} tokens > the model's vocabulary "
+                f"size {plan.backbone_facts.vocab_size}",
+                "raise the backbone's vocab_size to at least the tokenizer size",
+            )
+        )
 
 
 def _check_stages(plan: Plan, problems: list[Problem]) -> None:
     spec = plan.spec
     for dup, times in Counter(s.name for s in spec.stages).items():
         if times > 1:
-            problems.append(Problem("stages", f"stage name {dup!r} is used {times} times", "give each stage its own name"))
-    slots = {"encoders": spec.encoders, "projectors": spec.projectors, "backbone": {}, "injectors": spec.injectors,
-             "signal_tokens": {}, "output_projectors": spec.output_projectors, "generators": spec.generators}
+            problems.append(
+                Problem("stages", f"stage name {dup!r} is used {times} times", "give each stage its own name")
+            )
+    slots = {
+        "encoders": spec.encoders,
+        "projectors": spec.projectors,
+        "backbone": {},
+        "injectors": spec.injectors,
+        "signal_tokens": {},
+        "output_projectors": spec.output_projectors,
+        "generators": spec.generators,
+    }
     for i, st in enumerate(spec.stages):
         for key, regime in st.train.items():
             head, _, slot = key.partition(".")
             if head == "signal_tokens" and not spec.generators:
-                problems.append(Problem(f"stages[{i}].train.{key}", "this model has no signal tokens (no generators)",
-                                        "remove it, or add output_projectors and generators"))
+                problems.append(
+                    Problem(
+                        f"stages[{i}].train.{key}",
+                        "this model has no signal tokens (no generators)",
+                        "remove it, or add output_projectors and generators",
+                    )
+                )
             if head == "signal_tokens" and isinstance(regime, LoraRegime):
-                problems.append(Problem(f"stages[{i}].train.{key}", "signal tokens are embedding rows, not layers",
-                                        "use signal_tokens: full"))
+                problems.append(
+                    Problem(
+                        f"stages[{i}].train.{key}",
+                        "signal tokens are embedding rows, not layers",
+                        "use signal_tokens: full",
+                    )
+                )
             if slot and slot not in slots[head]:
-                problems.append(Problem(f"stages[{i}].train.{key}", f"there is no {head} slot {slot!r}",
-                                        f"slots: {', '.join(slots[head]) or '(none)'}"))
+                problems.append(
+                    Problem(
+                        f"stages[{i}].train.{key}",
+                        f"there is no {head} slot {slot!r}",
+                        f"slots: {', '.join(slots[head]) or '(none)'}",
+                    )
+                )
             if isinstance(regime, LoraRegime) and head not in ("backbone", "encoders"):
-                problems.append(Problem(f"stages[{i}].train.{key}", "LoRA is for the backbone or encoders",
-                                        "train projectors with `full`"))
-            if head == "backbone" and regime == "full" and getattr(plan.backbone.config if plan.backbone else None,
-                                                                   "quantize", None):
-                problems.append(Problem(f"stages[{i}].train.{key}", f"the backbone is quantized "
-                                        f"({plan.backbone.config.quantize}); 4-bit weights cannot be trained in full",
-                                        "use backbone: {lora: {r: 16}} (QLoRA), or remove backbone.quantize"))
+                problems.append(
+                    Problem(
+                        f"stages[{i}].train.{key}",
+                        "LoRA is for the backbone or encoders",
+                        "train projectors with `full`",
+                    )
+                )
+            if (
+                head == "backbone"
+                and regime == "full"
+                and getattr(plan.backbone.config if plan.backbone else None, "quantize", None)
+            ):
+                problems.append(
+                    Problem(
+                        f"stages[{i}].train.{key}",
+                        f"the backbone is quantized "
+                        f"({plan.backbone.config.quantize}); 4-bit weights cannot be trained in full",
+                        "use backbone: {lora: {r: 16}} (QLoRA), or remove backbone.quantize",
+                    )
+                )
         if not any(r != "frozen" for r in st.train.values()):
-            problems.append(Problem(f"stages[{i}].train", f"stage {st.name!r} trains nothing",
-                                    "set e.g. train: {projectors: full} or backbone: {lora: {r: 8}}"))
+            problems.append(
+                Problem(
+                    f"stages[{i}].train",
+                    f"stage {st.name!r} trains nothing",
+                    "set e.g. train: {projectors: full} or backbone: {lora: {r: 8}}",
+                )
+            )
     assert set(slots) == set(PART_KEYS)

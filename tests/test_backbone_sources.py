@@ -31,14 +31,23 @@ def test_local_hf_folder_backbone_matches_the_saved_model(tmp_path, tiny_spec, i
 
     with safe_open(str(tmp_path / "saved" / "model.safetensors"), "pt") as fh:
         assert not any(k.startswith("backbone.") for k in fh.keys())
-    assert torch.equal(MMModel.from_pretrained(tmp_path / "saved")(**b).logits, other(**b).logits)
+    assert torch.equal(
+        MMModel.from_pretrained(tmp_path / "saved", allow_paths=[tmp_path])(**b).logits, other(**b).logits
+    )
 
 
 def test_config_override_on_a_source_and_bad_source(tmp_path, tiny_spec) -> None:
     model = build(tiny_spec)
     model.backbone.model.save_pretrained(tmp_path / "llama")
-    spec = dict(tiny_spec, backbone={"type": "hf_causal_lm", "source": str(tmp_path / "llama"), "tokenizer": "byte",
-                                     "config": {"max_position_embeddings": 40}})
+    spec = dict(
+        tiny_spec,
+        backbone={
+            "type": "hf_causal_lm",
+            "source": str(tmp_path / "llama"),
+            "tokenizer": "byte",
+            "config": {"max_position_embeddings": 40},
+        },
+    )
     with pytest.raises(SpecError, match="context length 40"):
         build(spec)
     (tmp_path / "junk.bin").write_bytes(b"x")
@@ -56,8 +65,10 @@ def _smol_available() -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _smol_available() and not os.environ.get("MMHUB_REQUIRE_REAL_WEIGHTS"),
-                    reason=f"{SMOL} is not here; `mmhub weights fetch {SMOL}` gets it (make test does)")
+@pytest.mark.skipif(
+    not _smol_available() and not os.environ.get("MMHUB_REQUIRE_REAL_WEIGHTS"),
+    reason=f"{SMOL} is not here; `mmhub weights fetch {SMOL}` gets it (make test does)",
+)
 def test_real_smollm2_gguf_backbone_answers(tiny_spec) -> None:
     spec = {"name": "smol-text", "backbone": {"type": "hf_causal_lm", "source": SMOL}, "template": "auto"}
     model = build(spec)

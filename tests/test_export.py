@@ -228,7 +228,7 @@ def test_import_round_trip_and_saved_mmhub_folder(pictures, tmp_path) -> None:
     MEASURED["import-round-trip"] = diff
     assert diff < TOL
     back.save_pretrained(tmp_path / "mm")
-    again = MMModel.from_pretrained(tmp_path / "mm")
+    again = MMModel.from_pretrained(tmp_path / "mm", allow_paths=[tmp_path])  # it names the LLaVA folder beside it
     batch = back.batch(CONVS, [{"image": [pictures[0]]}, {"image": [pictures[1]]}])
     with torch.no_grad():
         assert torch.equal(back(**batch).logits, again(**batch).logits)
@@ -382,7 +382,7 @@ def test_cli_export_and_import(pictures, tmp_path, capsys) -> None:
     assert logit_diff(saved, load_hf(tmp_path / "llava"), pictures) < TOL
     assert AutoTokenizer.from_pretrained(str(tmp_path / "llava")).chat_template  # the tokenizer carries it too
     assert main(["import", str(tmp_path / "llava"), str(tmp_path / "back"), "--format", "hf-llava"]) == 0
-    back = MMModel.from_pretrained(tmp_path / "back")
+    back = MMModel.from_pretrained(tmp_path / "back", allow_paths=[tmp_path])  # it names the LLaVA folder beside it
     assert logit_diff(back, load_hf(tmp_path / "llava"), pictures) < TOL
     # errors: exit 2, one message naming the problem, no traceback
     assert main(["export", "blip-2:tiny", str(tmp_path / "no"), "--format", "hf-llava"]) == 2
