@@ -43,12 +43,12 @@ class BuildContext:
 
     def component(self, kind: str, spec: dict[str, Any]) -> tuple[type["Component"], "ComponentConfig"]:
         """Resolve a nested ``{type: NAME, ...settings}`` of `kind` to (class, validated settings)."""
-        from mmhub.registry import get_registry
-
         settings = dict(spec)
         if "type" not in settings:
             raise ValueError(f"a nested {kind} needs a `type:` (a registered {kind} name)")
-        info = (self.registry or get_registry()).get(kind, settings.pop("type"))
+        if self.registry is None:
+            raise ValueError(f"a nested {kind} needs the registry; build the BuildContext with registry=...")
+        info = self.registry.get(kind, settings.pop("type"))
         return info.cls, info.cls.Config.model_validate(settings)
 
     def weights(self, uri: str) -> Path:

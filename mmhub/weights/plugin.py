@@ -124,9 +124,7 @@ def resolve_hf(rest: str) -> Path:
 
 def resolve_mmhub(rest: str) -> Path:
     """A file shipped inside the mmhub package itself (``mmhub:recipes/easyvqa-words.txt``)."""
-    import mmhub
-
-    path = Path(mmhub.__file__).parent / rest
+    path = Path(__file__).resolve().parents[1] / rest
     if not path.exists():
         raise WeightsNotFoundError(f"mmhub ships no file {rest!r} (looked for {path}); check the name under mmhub/")
     return path
