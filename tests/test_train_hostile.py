@@ -143,7 +143,7 @@ def test_a_save_killed_between_its_renames_is_put_back(tmp_path: Path) -> None:
     ckpts = tmp_path / "run" / "align" / "checkpoints"
     old = _leftover(ckpts, ".step-0000004.old-abcd1234", 60)
     tmp = _leftover(ckpts, ".step-0000004.tmp-efgh5678", 60)
-    done = clean_stale(tmp_path / "run")
+    done = clean_stale(tmp_path / "run", before=time.time())  # a long-lived test process started before them
     assert (ckpts / "step-0000004" / "model.safetensors").read_bytes() == b"partial"
     assert not old.exists() and not tmp.exists() and done.removed == [tmp]
     assert "put back step-0000004 from .step-0000004.old-abcd1234" in str(done)
