@@ -188,6 +188,7 @@ def _check_folder(path: Path) -> None:
 def read_manifest(path: Path) -> tuple[dict[str, Any], SavedManifest]:
     """A model folder's spec and manifest as stored, unchecked (folders without a manifest: from the spec file)."""
     _check_folder(path)
+    _inside(path)
     data = _read_json(path / SPEC_FILE)
     if (path / MANIFEST_FILE).is_file():
         try:
@@ -199,6 +200,16 @@ def read_manifest(path: Path) -> tuple[dict[str, Any], SavedManifest]:
     else:  # saved before the manifest existed: its fields sit in the spec file
         data, manifest = split_legacy(data)
     return data, manifest
+
+
+def _inside(path: Path) -> None:
+    """The folder's own files must be the folder's: a symlink pointing elsewhere is refused."""
+    root = path.resolve()
+    for name in (SPEC_FILE, WEIGHTS_FILE, MANIFEST_FILE):
+        real = (path / name).resolve()
+        if (path / name).exists() and not real.is_relative_to(root):
+            raise CheckpointError(f"{path / name} is a link to {real}, outside the model folder; a model folder holds "
+                                  "its own files. Copy the file into the folder if you trust it.")
 
 
 def read_folder(path: Path, verify: bool = True) -> tuple[dict[str, Any], SavedManifest]:
