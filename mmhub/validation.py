@@ -195,6 +195,25 @@ def plan_spec(
                 "install xformers (CUDA machines) or set attention: auto",
             )
         )
+    _resolve_inputs(plan, registry, problems)
+    _resolve_outputs(plan, registry, problems)
+    _check_pairing(spec, problems)
+    _describe_all(plan, problems)
+
+    check_injectors(plan, problems)
+    check_projectors(plan, problems)
+    check_output_side(plan, problems)
+    check_budget(plan, problems)
+    check_template(plan, problems)
+    check_stages(plan, problems)
+    if problems:
+        raise SpecError(problems, source or f"spec {spec.name!r}")
+    return plan
+
+
+def _resolve_inputs(plan: Plan, registry: Registry, problems: list[Problem]) -> None:
+    """Encoders (own or shared with another modality), projectors, the backbone and injectors -> typed slots."""
+    spec = plan.spec
     for m, cs in spec.encoders.items():
         if isinstance(cs, str):
             continue
@@ -242,6 +261,20 @@ def plan_spec(
         if (s := _slot("injector", f"injectors.{name}", cs, registry, problems)) is not None:
             plan.injectors[name] = s
 
+
+def _resolve_outputs(plan: Plan, registry: Registry, problems: list[Problem]) -> None:
+    """Output projectors and generators -> typed slots."""
+    spec = plan.spec
+    for m, cs in spec.output_projectors.items():
+        if (s := _slot("output_projector", f"output_projectors.{m}", cs, registry, problems)) is not None:
+            plan.output_projectors[m] = s
+    for m, cs in spec.generators.items():
+        if (s := _slot("generator", f"generators.{m}", cs, registry, problems)) is not None:
+            plan.generators[m] = s
+
+
+def _check_pairing(spec: Spec, problems: list[Problem]) -> None:
+    """Every encoder has a projector and back; per-modality settings name real modalities; placeholders differ."""
     for m in spec.encoders.keys() - spec.projectors.keys():
         problems.append(
             Problem(f"projectors.{m}", f"encoder {m!r} has no projector", f"add projectors.{m}: {{type: mlp}}")
@@ -254,12 +287,6 @@ def plan_spec(
                 f"add encoders.{m} or remove projectors.{m}" + hint(m, spec.encoders),
             )
         )
-    for m, cs in spec.output_projectors.items():
-        if (s := _slot("output_projector", f"output_projectors.{m}", cs, registry, problems)) is not None:
-            plan.output_projectors[m] = s
-    for m, cs in spec.generators.items():
-        if (s := _slot("generator", f"generators.{m}", cs, registry, problems)) is not None:
-            plan.generators[m] = s
     for key in ("placeholders", "max_items"):
         for m in getattr(spec, key).keys() - spec.encoders.keys():
             problems.append(
@@ -273,6 +300,10 @@ def plan_spec(
             Problem("placeholders", f"two modalities share a placeholder: {marks}", "give each modality its own marker")
         )
 
+
+def _describe_all(plan: Plan, problems: list[Problem]) -> None:
+    """Each component's facts (widths, token counts) and the tokenizer, read without loading weights."""
+    ctx = plan.ctx
     for m, slot in plan.encoders.items():
         if m in plan.shared:
             continue
@@ -294,13 +325,3 @@ def plan_spec(
                         "check backbone.tokenizer / backbone.source",
                     )
                 )
-
-    check_injectors(plan, problems)
-    check_projectors(plan, problems)
-    check_output_side(plan, problems)
-    check_budget(plan, problems)
-    check_template(plan, problems)
-    check_stages(plan, problems)
-    if problems:
-        raise SpecError(problems, source or f"spec {spec.name!r}")
-    return plan
