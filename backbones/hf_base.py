@@ -47,6 +47,10 @@ class HFBackboneConfig(ComponentConfig):
     quantize: Literal["nf4", "fp4"] | None = Field(
         None, description="load the blocks' linears in 4 bits (bitsandbytes): the frozen base of QLoRA; needs `source`"
     )
+    prefix_lm: bool = Field(
+        False, description="prefix-LM attention (PaliGemma): the prompt (media tokens and the text before the first "
+        "answer token; all of it without labels) attends bidirectionally, the answer causally; decoder-only models",
+    )
     trust_remote_code: bool = Field(
         False,
         description="never set in a spec: a spec or model folder someone hands you must not run its own code. "
@@ -149,6 +153,9 @@ class HFBackboneBase(Backbone):
                 f"config pad_token_id {pad} is outside the vocabulary (0..{cfg.vocab_size - 1}); "
                 f"set config.pad_token_id (e.g. 0) or a vocab_size above {pad}"
             )
+        if config.prefix_lm and getattr(cfg, "is_encoder_decoder", False):
+            raise ValueError(f"prefix_lm: the {cfg.model_type} model is an encoder-decoder, whose encoder already "
+                             "reads the whole prompt bidirectionally; remove prefix_lm (it is for decoder-only models)")
         layers = getattr(cfg, "num_decoder_layers", None) or getattr(cfg, "num_hidden_layers", 0)
         return BackboneFacts(
             hidden_size=cfg.hidden_size,
@@ -199,6 +206,10 @@ class HFBackboneBase(Backbone):
             head = self.model.get_output_embeddings()
             quantize_linears(self.model, config.quantize, dtype, keep=(head,) if head is not None else ())
         self._tokenizer = self.load_tokenizer(config, ctx)
+
+    @property
+    def prefix_lm(self) -> bool:
+        return bool(self.config.prefix_lm)
 
     def has_weight_source(self) -> bool:
         return self.config.source is not None

@@ -65,13 +65,18 @@ class HFCausalLM(HFBackboneBase):
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """`attention_mask`: (B, L) padding mask, or (B, 1, L, L) with True = attend (packed rows), which transformers
         uses as is: SDPA (and mmhub_xformers) take it boolean, every other implementation additive."""
+        out = self.model.base_model(inputs_embeds=inputs_embeds, attention_mask=self._mask(attention_mask,
+                                    inputs_embeds.dtype), position_ids=position_ids, use_cache=False)
+        return out.last_hidden_state  # (B, L, H)
+
+    def _mask(self, attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A (B, 1, Lq, Lk) boolean mask as this model's attention takes it (SDPA and mmhub_xformers: boolean, every
+        other implementation additive); a (B, L) padding mask as it is."""
         if attention_mask.ndim == 4 and attention_mask.dtype == torch.bool \
                 and self.model.config._attn_implementation not in ("sdpa", HF_SDPA, HF_XFORMERS):
-            additive = torch.zeros(attention_mask.shape, dtype=inputs_embeds.dtype, device=inputs_embeds.device)
-            attention_mask = additive.masked_fill_(~attention_mask, torch.finfo(inputs_embeds.dtype).min)
-        out = self.model.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                    position_ids=position_ids, use_cache=False)
-        return out.last_hidden_state  # (B, L, H)
+            additive = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
+            attention_mask = additive.masked_fill_(~attention_mask, torch.finfo(dtype).min)
+        return attention_mask
 
     @contextmanager
     def only_at(self, needed: torch.Tensor) -> Iterator[bool]:
@@ -123,16 +128,17 @@ class HFCausalLM(HFBackboneBase):
              cache: Any = None) -> tuple[torch.Tensor, Any]:
         """One incremental forward with a KV cache (mmhub's own decode loop, `mmhub.decoding`).
 
-        `attention_mask` (B, past + L) covers the cached and the new positions; returns the new
-        positions' hidden states (B, L, H) and the cache to pass next time (created when None)."""
+        `attention_mask` (B, past + L) covers the cached and the new positions (or, on the first call, a
+        (B, 1, L, L) boolean mask: a prefix-LM's prompt); returns the new positions' hidden states (B, L, H) and the
+        cache to pass next time (created when None)."""
         if cache is None:
             from transformers import DynamicCache
 
             cache = DynamicCache(config=self.model.config)
         base = self.model.base_model
         name = _cache_argument(type(base))
-        out = base(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                   use_cache=True, **{name: cache})
+        out = base(inputs_embeds=inputs_embeds, attention_mask=self._mask(attention_mask, inputs_embeds.dtype),
+                   position_ids=position_ids, use_cache=True, **{name: cache})
         return out.last_hidden_state, getattr(out, name)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from mmhub.passes import prefix_lm_mask
 from mmhub.reply import FinishReason
 
 # the generation settings `decode` takes (anything else goes to transformers' generate)
@@ -83,7 +84,9 @@ def _decode(model: Any, inputs_embeds: torch.Tensor, attention_mask: torch.Tenso
     suppress, stops = _head_columns(sig, suppress_ids, stop_ids, device)
 
     mask = attention_mask.clone()
-    hidden, cache = backbone.step(inputs_embeds, mask, position_ids, None)
+    # a prefix-LM reads the whole prompt bidirectionally; every generated token then attends causally
+    first_mask = prefix_lm_mask(mask) if getattr(backbone, "prefix_lm", False) else mask
+    hidden, cache = backbone.step(inputs_embeds, first_mask, position_ids, None)
     last = hidden[:, -1]
     next_pos = position_ids[:, -1:] + 1
     out = Decoded([[] for _ in range(B)], [{} for _ in range(B)], ["length"] * B)

@@ -100,16 +100,23 @@ def text_context(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
         rows, cols = (input_ids == model.processor.placeholder_ids[modality]).nonzero(as_tuple=True)
         own = segment_ids[rows] == segment_ids[rows, cols][:, None]  # (N, L)
         ctx = TextContext(*compact(text_embeds[rows], prompt[rows] & own))
+        ctx.instruction_text = prompt_texts(model, input_ids[rows], prompt[rows] & own)
         if labels is not None:
             ctx.target, ctx.target_mask = compact(text_embeds[rows], valid[rows] & (labels[rows] != IGNORE) & own)
         return ctx
     inst, inst_mask = compact(text_embeds, prompt)
     rows = (input_ids == model.processor.placeholder_ids[modality]).nonzero(as_tuple=True)[0]
-    ctx = TextContext(inst[rows], inst_mask[rows])
+    ctx = TextContext(inst[rows], inst_mask[rows], instruction_text=prompt_texts(model, input_ids[rows], prompt[rows]))
     if labels is not None:
         tgt, tgt_mask = compact(text_embeds, valid & (labels != IGNORE))
         ctx.target, ctx.target_mask = tgt[rows], tgt_mask[rows]
     return ctx
+
+
+def prompt_texts(model: Any, input_ids: torch.Tensor, keep: torch.Tensor) -> list[str]:
+    """Each row's kept tokens decoded by the model's tokenizer (special tokens dropped): the prompt as text."""
+    tok = model.processor.tokenizer
+    return [tok.decode(ids[k].tolist(), skip_special_tokens=True) for ids, k in zip(input_ids, keep, strict=True)]
 
 
 def check_packing(model: Any) -> None:
@@ -119,6 +126,8 @@ def check_packing(model: Any) -> None:
         why = "an encoder-decoder backbone (its encoder and decoder sides are split per row)"
     elif len(model.injectors):
         why = f"injectors ({', '.join(model.injectors)}: they index media per row, not per packed sample)"
+    elif getattr(model.backbone, "prefix_lm", False):
+        why = "a prefix-LM backbone (each sample's prompt attends bidirectionally, which the block mask does not do)"
     elif not model.backbone.supports_packing:
         why = f"the {model.backbone.name} backbone (it takes no 4D attention mask)"
     if why:
@@ -144,7 +153,7 @@ def injection_context(model: Any, input_ids: torch.Tensor, sp: Spliced,
         M = max(int(hit.sum(1).max()), 1)
         t = tokens.get(m)
         T = t.shape[1] if t is not None else 1
-        media[m] = sp.inputs_embeds.new_zeros(B, M, T, H)
+        media[m] = sp.inputs_embeds.new_zeros(B, M, T, t.shape[-1] if t is not None else H)  # the injector's width
         valid[m] = torch.zeros(B, M, dtype=torch.bool, device=input_ids.device)
         if t is not None:
             b, _ = hit.nonzero(as_tuple=True)

@@ -92,13 +92,17 @@ class TextContext:
     * ``instruction``: the prompt side of the sample (user/system turns, no media, no
       answers): InstructBLIP's instruction-aware Q-Former reads it;
     * ``target``: the answer side (tokens with labels), present only when training
-      with labels: DLP's P-Former aligns the Q-Former output with it.
+      with labels: DLP's P-Former aligns the Q-Former output with it;
+    * ``instruction_text``: the prompt side as text (the tokenizer's decoding, special tokens
+      dropped), for projectors with a tokenizer of their own (BLIP-2-layout InstructBLIP
+      Q-Former: its BERT token ids).
     """
 
     instruction: torch.Tensor  # (N, Li, H)
     instruction_mask: torch.Tensor  # (N, Li) bool
     target: torch.Tensor | None = None  # (N, Lt, H)
     target_mask: torch.Tensor | None = None  # (N, Lt) bool
+    instruction_text: list[str] | None = None  # (N,) the prompt side decoded
 
 
 class Projector(Component):
@@ -150,7 +154,9 @@ class Backbone(Component):
     * ``supports_step``: `step` runs one KV-cached incremental forward (mmhub's own decode loop);
     * `only_at`: a context in which `forward` may skip work at positions whose final state nobody reads;
     * `language_model`: the wrapped transformers model (embedding tables, export), when there is one;
-    * `decoder_start_token_id`: the decoder's first input token (encoder-decoder backbones).
+    * `decoder_start_token_id`: the decoder's first input token (encoder-decoder backbones);
+    * `prefix_lm`: the prompt attends bidirectionally and only the answer causally (PaliGemma); `forward` and the
+      first `step` then take a (B, 1, L, L) boolean mask (`mmhub.passes.prefix_lm_mask`).
     """
 
     kind: ClassVar[Kind] = "backbone"
@@ -208,6 +214,11 @@ class Backbone(Component):
         raise NotImplementedError(f"the {self.name} backbone has no incremental `step` (supports_step is False); "
                                   "generation goes through its `generate`")
 
+    @property
+    def prefix_lm(self) -> bool:
+        """Whether the prompt (media tokens and text up to the first answer token) attends bidirectionally."""
+        return False
+
     @contextmanager
     def only_at(self, needed: torch.Tensor) -> Iterator[bool]:
         """While active, `forward` may leave the final hidden states wrong wherever `needed` (B, L) is False.
@@ -245,9 +256,12 @@ class InjectionContext:
 @dataclass(frozen=True)
 class InjectorFacts:
     """How an injector uses the media: modalities it consumes as cross-attention context
-    (their placeholders stay one token long instead of expanding into the projected tokens)."""
+    (their placeholders stay one token long instead of expanding into the projected tokens), and the
+    width it takes their tokens at where that is not the backbone's hidden size (IDEFICS's cross-attention
+    reads the resampler's vision-width tokens): the projector's ``out_dim`` is inferred and checked against it."""
 
     context_modalities: tuple[str, ...] = ()
+    context_dims: dict[str, int] = field(default_factory=dict)
 
 
 class InjectorConfig(ComponentConfig):

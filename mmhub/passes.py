@@ -1,8 +1,9 @@
 """The backbone pass of `MMModel.forward`: final hidden states, targets and which of them are labelled.
 
-* `decoder_only`: one causal sequence per row, or packed rows under a block-diagonal mask with per-sample
-  positions (`mmhub.packing`, segment-wise attention), injectors active; the backbone's `only_at` may skip
-  work where no label is read (`mmhub.losses.only_labelled`);
+* `decoder_only`: one causal sequence per row (a prefix-LM backbone reads the prompt bidirectionally:
+  `prefix_lm_mask`), or packed rows under a block-diagonal mask with per-sample positions (`mmhub.packing`,
+  segment-wise attention), injectors active; the backbone's `only_at` may skip work where no label is read
+  (`mmhub.losses.only_labelled`);
 * `encoder_decoder`: the prompt side (media tokens included) feeds the encoder, the labelled tokens the
   decoder (teacher-forced behind the backbone's ``decoder_start_token_id``).
 """
@@ -36,9 +37,25 @@ def decoder_only(model: Any, prep: Prepared, all_states: bool
             with packed_sequences(segment_lengths(sp.segment_ids)):
                 hidden = model.backbone(sp.inputs_embeds, block_causal_mask(sp.segment_ids), sp.position_ids)
         else:
+            prefix_lm = getattr(model.backbone, "prefix_lm", False)
+            mask = prefix_lm_mask(sp.attention_mask, sp.labels) if prefix_lm else sp.attention_mask
             with injected(model, prep.injection):
-                hidden = model.backbone(sp.inputs_embeds, sp.attention_mask, sp.position_ids)  # (B, L', H)
+                hidden = model.backbone(sp.inputs_embeds, mask, sp.position_ids)  # (B, L', H)
     return hidden, target, keep
+
+
+def prefix_lm_mask(attention_mask: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, L) padding mask -> (B, 1, L, L) boolean mask (True = attend) of a prefix-LM (PaliGemma): causal, and
+    bidirectional within each row's prefix: its real positions before the first labelled one (every real position
+    when `labels` is None: a prompt being read for generation). Padding is never attended; a padding query attends
+    itself only, so no row is empty."""
+    real = attention_mask.bool()
+    L = real.shape[1]
+    prefix = real if labels is None else real & ((labels != IGNORE).long().cumsum(1) == 0)
+    idx = torch.arange(L, device=real.device)
+    causal = idx[None, :] <= idx[:, None]  # [query, key]
+    allowed = (causal[None] | (prefix[:, :, None] & prefix[:, None, :])) & real[:, None, :]
+    return (allowed | torch.eye(L, dtype=torch.bool, device=real.device)[None])[:, None]
 
 
 def encoder_decoder(model: Any, sp: Spliced) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
