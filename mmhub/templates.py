@@ -52,7 +52,7 @@ class Template:
             if role == "system":
                 continue
             if role == "user":
-                content, sys_text = sys_text + m["content"], ""
+                content, sys_text = sys_text + self.user_content(m["content"], fill), ""
                 prompt = self.user_fmt.format(content=content, **fill) + self.assistant_prefix.format(**fill)
                 segs.append((prompt, False))
             elif role == "assistant":
@@ -67,9 +67,34 @@ class Template:
             segs[-1] = (text, False)
         return segs
 
+    def user_content(self, content: str, fill: dict[str, str]) -> str:
+        """A user turn's text before `user_fmt` wraps it (`MediaTemplate` lays out its media markers here)."""
+        return content
+
     def stop_strings(self, tokenizer: Any) -> list[str]:
         fill = {"eos": tokenizer.eos_token or "", "bos": tokenizer.bos_token or ""}
         return [s.format(**fill) for s in self.stop if s.format(**fill)]
+
+
+@dataclass(frozen=True)
+class MediaTemplate(Template):
+    """A `Template` that lays out the media markers of user turns the way a family's processor does: every
+    ``marker`` becomes ``around`` (Idefics3: ``<fake_token_around_image><global-img><image><fake_token_around_image>``),
+    the bos token follows the last marker with ``bos_after_media`` (PaliGemma: images, bos, prompt; bos first when
+    there is no marker), and ``sep`` starts a turn that does not open with a marker (Idefics3's "User: text" but
+    "User:<image>text")."""
+
+    marker: str = "<image>"
+    around: str = "{marker}"
+    bos_after_media: bool = False
+    sep: str = ""
+
+    def user_content(self, content: str, fill: dict[str, str]) -> str:
+        lead = "" if content.startswith(self.marker) else self.sep
+        if self.bos_after_media:
+            at = content.rfind(self.marker) + len(self.marker) if self.marker in content else 0
+            content = content[:at] + fill["bos"] + content[at:]
+        return lead + content.replace(self.marker, self.around.format(marker=self.marker))
 
 
 @dataclass(frozen=True)
@@ -126,6 +151,16 @@ TEMPLATES: dict[str, Any] = {
                        assistant_fmt="{content}<|im_end|>\n", required_tokens=("<|im_start|>", "<|im_end|>"),
                        stop=("<|im_end|>", "{eos}"), needs=()),
     "tokenizer": TokenizerTemplate(),
+    # PaliGemma's processor: the <image> tokens, bos, the prompt, "\n"; the answer (suffix) then eos
+    "paligemma": MediaTemplate(name="paligemma", add_bos=False, user_fmt="{content}\n", assistant_fmt="{content}{eos}",
+                               bos_after_media=True, needs=("bos", "eos")),
+    # Idefics3's chat template and processor (no image splitting): each <image> wrapped in its marker tokens
+    "idefics3": MediaTemplate(name="idefics3", system_fmt="System: {system}<end_of_utterance>\n",
+                              user_fmt="User:{content}<end_of_utterance>\n", assistant_prefix="Assistant:",
+                              assistant_fmt=" {content}<end_of_utterance>\n", sep=" ",
+                              around="<fake_token_around_image><global-img>{marker}<fake_token_around_image>",
+                              required_tokens=("<end_of_utterance>", "<fake_token_around_image>"),
+                              stop=("<end_of_utterance>", "{eos}"), needs=("bos", "eos")),
 }
 
 

@@ -18,7 +18,7 @@ import json
 import string
 from typing import Any
 
-from mmhub.templates import TEMPLATES, Template
+from mmhub.templates import TEMPLATES, MediaTemplate, Template
 
 
 def _lit(text: str) -> str:
@@ -53,6 +53,8 @@ def _content(placeholder: str) -> str:
 
 def jinja_template(template: Any, tokenizer: Any, placeholder: str) -> str | None:
     """The Jinja chat template rendering like `template` with `tokenizer`'s bos/eos (None when there is none)."""
+    if isinstance(template, MediaTemplate):  # its media layout (PaliGemma, Idefics3) is its processor's, not Jinja
+        return None
     if not isinstance(template, Template):  # the tokenizer's own Jinja template
         return getattr(tokenizer, "chat_template", None) or None
     fill = {"eos": tokenizer.eos_token or "", "bos": tokenizer.bos_token or ""}
