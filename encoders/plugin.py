@@ -5,6 +5,7 @@ from mmhub.encoders.hf_vision_encoder import HFVisionEncoder
 from mmhub.encoders.imagebind_like import ImageBindLike
 from mmhub.encoders.open_clip_encoder import OpenClipEncoder
 from mmhub.encoders.point_encoder import PointEncoder
+from mmhub.encoders.qwen2_vl_vision import Qwen2VLVisionEncoder
 from mmhub.encoders.timm_encoder import TimmEncoder
 from mmhub.encoders.video_encoder import VideoEncoder
 from mmhub.encoders.whisper_encoder import WhisperAudioEncoder
@@ -21,3 +22,4 @@ def register_encoders(register):
     register(VideoEncoder)
     register(PointEncoder)
     register(ImageBindLike)
+    register(Qwen2VLVisionEncoder)

@@ -65,6 +65,11 @@ class Encoder(Component):
     def out_dim(self) -> int:
         """Width of each output feature vector."""
 
+    def token_mask(self, items: torch.Tensor, modality: str) -> torch.Tensor | None:
+        """(N, T) True at the output tokens that hold the item, False at padding the encoder emits (a tiled
+        encoder's unused tiles), from the preprocessed items alone; None (the default) when every token is real."""
+        return None
+
 
 @dataclass(frozen=True)
 class ProjectorFacts:
@@ -244,13 +249,16 @@ class InjectionContext:
     * ``media_index``: (B, L) for each sequence position, the index of the latest item
       at or before it (-1 before the first), as Flamingo's masking needs;
     * ``media_positions``: (B, L) True where the sequence holds spliced media tokens
-      (CogVLM's visual experts route these).
+      (CogVLM's visual experts route these);
+    * ``media_mask``: (B, M, T) True at the real tokens of each item, for modalities whose
+      encoder marks padding tokens (`Encoder.token_mask`; Mllama's unused tiles).
     """
 
     media: dict[str, torch.Tensor]
     media_valid: dict[str, torch.Tensor]
     media_index: dict[str, torch.Tensor]
     media_positions: torch.Tensor
+    media_mask: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from mmhub.projectors.ldp import LDPProjector
 from mmhub.projectors.linear import LinearProjector
 from mmhub.projectors.mlp import MLPProjector
 from mmhub.projectors.output import OUTPUT_PROJECTORS
+from mmhub.projectors.patch_merger import PatchMergerProjector
 from mmhub.projectors.perceiver import PerceiverProjector
 from mmhub.projectors.pformer import PFormerProjector
 from mmhub.projectors.qformer import QFormerProjector
@@ -24,6 +25,7 @@ def register_projectors(register):
     register(PFormerProjector)
     register(CAbstractorProjector)
     register(LDPProjector)
+    register(PatchMergerProjector)
 
 
 @hookimpl

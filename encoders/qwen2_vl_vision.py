@@ -1,0 +1,177 @@
+"""Dynamic-resolution image encoder over Qwen2-VL's vision tower (2D rotary ViT on 14-pixel patches).
+
+Each image is resized to a multiple of ``patch_size * merge_size`` (28) on both sides, its pixel count kept within
+``min_pixels``..``max_pixels`` (Qwen2-VL's ``smart_resize``), so the number of tokens depends on the image: an
+``h x w`` image gives ``(h/14) * (w/14)`` patch tokens, ordered in ``merge_size x merge_size`` blocks (the order
+Qwen2-VL's image processor lays them out in, so that a patch merger can take each block as one token).
+
+``preprocess`` returns the resized, normalised image (3, H, W); ``forward`` takes a list of them (sizes may differ)
+or a stacked (N, 3, H, W) batch, cuts each into patches (repeated ``temporal_patch_size`` times, as a still image
+is a one-frame video) and runs all of them through the tower in one call (attention stays within each image) and
+returns one (T_i, embed_dim) tensor per image. `token_grid` states an item's (t, h, w) patch grid, which
+M-RoPE backbones place the image's tokens by.
+
+The tower is transformers' ``Qwen2VisionTransformerPretrainedModel`` (a standard tower, driven like ``hf_vision``
+drives CLIP: the 2D rotary embedding and variable-length attention are transformers' own); its built-in patch merger
+is left out (replaced by the identity): in mmhub the merger is the ``patch_merger`` projector.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from mmhub.encoders.image_base import ImageEncoder
+from mmhub.interfaces import BuildContext, ComponentConfig, EncoderFacts
+from mmhub.media import load_image
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+TOWERS = ("qwen2_vl", "qwen2_vl_vision")
+
+
+class Qwen2VLVisionConfig(ComponentConfig):
+    """Settings of `Qwen2VLVisionEncoder`: the tower's transformers vision config and the resize budget."""
+
+    config: dict[str, Any] = Field(description="a transformers Qwen2-VL vision config (model_type qwen2_vl_vision: "
+                                               "depth, embed_dim, num_heads, patch_size, spatial_merge_size, ...)")
+    min_pixels: int = Field(56 * 56, ge=1)
+    max_pixels: int = Field(28 * 28 * 1280, ge=1)
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @model_validator(mode="after")
+    def _budget(self) -> "Qwen2VLVisionConfig":
+        if self.config.get("model_type", "qwen2_vl_vision") not in TOWERS:
+            raise ValueError(f"config.model_type {self.config.get('model_type')!r} is not a Qwen2-VL vision tower "
+                             f"({' or '.join(TOWERS)})")
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(f"min_pixels {self.min_pixels} > max_pixels {self.max_pixels}; set min_pixels <= "
+                             "max_pixels")
+        return self
+
+
+def tower_config(settings: dict[str, Any]) -> Any:
+    """The transformers ``Qwen2VLVisionConfig`` of a settings dict (model_type optional)."""
+    from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig as HFConfig
+
+    values = {k: v for k, v in settings.items() if k != "model_type"}
+    return HFConfig(**values)
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Qwen2-VL's target size: both sides multiples of `factor`, pixels within [min_pixels, max_pixels], the aspect
+    ratio kept as closely as possible."""
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError(f"image of {width}x{height}: aspect ratio {max(height, width) / min(height, width):.0f} is "
+                         "over 200, which Qwen2-VL's resize cannot keep; crop the image first")
+    h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar, w_bar = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def patchify(image: torch.Tensor, patch: int, merge: int, temporal: int) -> torch.Tensor:
+    """(3, H, W) image -> (H/patch * W/patch, 3 * temporal * patch * patch) patch vectors, in merge x merge blocks
+    (row-major over blocks, then within a block), each patch repeated `temporal` times as one still frame."""
+    c, h, w = image.shape
+    gh, gw = h // patch, w // patch
+    x = image.reshape(c, gh // merge, merge, patch, gw // merge, merge, patch)
+    x = x.permute(1, 4, 2, 5, 0, 3, 6)  # (gh/m, gw/m, m, m, C, p, p)
+    x = x.unsqueeze(5).expand(*x.shape[:5], temporal, patch, patch)
+    return x.reshape(gh * gw, c * temporal * patch * patch)
+
+
+class Qwen2VLVisionEncoder(ImageEncoder):
+    """Qwen2-VL's vision tower at dynamic resolution: an image's token count follows its size."""
+
+    name: ClassVar[str] = "qwen2_vl_vision"
+    Config: ClassVar[type[ComponentConfig]] = Qwen2VLVisionConfig
+    library: ClassVar[str] = "transformers"
+    out_dim_doc: ClassVar[str] = "the tower's embed_dim"
+    tokens_doc: ClassVar[str] = ("(H/patch) x (W/patch) patch tokens for the image resized to multiples of "
+                                 "patch x merge within min_pixels..max_pixels; at most max_pixels / patch^2")
+    variable_tokens: ClassVar[bool] = True
+    example_settings: ClassVar[dict[str, Any]] = {
+        "config": {"depth": 2, "embed_dim": 32, "num_heads": 2, "hidden_size": 32, "mlp_ratio": 2},
+        "min_pixels": 28 * 28, "max_pixels": 56 * 28}
+
+    @classmethod
+    def describe(cls, config: Qwen2VLVisionConfig, ctx: BuildContext) -> EncoderFacts:
+        cfg = tower_config(config.config)
+        factor = cfg.patch_size * cfg.spatial_merge_size
+        # the most tokens an image can take: the pixel budget in whole merge blocks (a resize up to min_pixels rounds
+        # up, so with min_pixels close to max_pixels a very oblong image may take a block or two more)
+        most = max(config.max_pixels // (factor * factor), 1) * cfg.spatial_merge_size ** 2
+        return EncoderFacts(out_dim=cfg.embed_dim, tokens_per_item=most)
+
+    def __init__(self, config: Qwen2VLVisionConfig, ctx: BuildContext):
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+
+        from mmhub.attention import hf_attn_implementation
+
+        super().__init__(config, ctx)
+        self.hf_config = tower_config(config.config)
+        self.hf_config._attn_implementation = hf_attn_implementation(ctx.attention)
+        self.model = Qwen2VisionTransformerPretrainedModel._from_config(self.hf_config,
+                                                                         dtype=DTYPES[config.dtype])
+        self.model.merger = nn.Identity()  # the merger is mmhub's patch_merger projector
+        self._out_dim = self.hf_config.embed_dim
+        self.patch = self.hf_config.patch_size
+        self.merge = self.hf_config.spatial_merge_size
+        self.temporal = self.hf_config.temporal_patch_size
+        self._mean = torch.tensor(config.mean, dtype=torch.float32).view(3, 1, 1)
+        self._std = torch.tensor(config.std, dtype=torch.float32).view(3, 1, 1)
+
+    def has_weight_source(self) -> bool:
+        return False
+
+    def target_size(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) an image of this size is resized to."""
+        factor = self.patch * self.merge
+        return smart_resize(height, width, factor, self.config.min_pixels, self.config.max_pixels)
+
+    def preprocess(self, item: Any, modality: str) -> torch.Tensor:
+        image = load_image(item).convert("RGB")
+        h, w = self.target_size(image.height, image.width)
+        if (h, w) != (image.height, image.width):
+            from PIL import Image
+
+            image = image.resize((w, h), Image.Resampling.BICUBIC)
+        import numpy as np
+
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
+        return (pixels - self._mean) / self._std  # (3, H, W)
+
+    def token_grid(self, item: torch.Tensor) -> tuple[int, int, int]:
+        """A preprocessed image's (t, h, w) patch grid: its tokens in `forward`'s order."""
+        _, h, w = item.shape
+        if h % (self.patch * self.merge) or w % (self.patch * self.merge):
+            raise ValueError(f"a {tuple(item.shape)} image is not in whole {self.patch * self.merge}-pixel blocks; "
+                             "pass images through this encoder's preprocess")
+        return 1, h // self.patch, w // self.patch
+
+    def forward(self, pixels: torch.Tensor | list[torch.Tensor], modality: str) -> torch.Tensor | list[torch.Tensor]:
+        """(N, 3, H, W) images, or a list of (3, H_i, W_i) -> (N, T, embed_dim) tokens, or a list of (T_i, embed_dim)
+        when the sizes differ."""
+        dtype = next(self.parameters()).dtype
+        items = list(pixels)
+        grids = torch.tensor([self.token_grid(x) for x in items], dtype=torch.long)
+        patches = torch.cat([patchify(x, self.patch, self.merge, self.temporal) for x in items]).to(dtype)
+        out = self.model(patches, grid_thw=grids.to(patches.device)).last_hidden_state  # (sum T_i, embed_dim)
+        per_item = list(out.split(grids.prod(-1).tolist()))
+        same = all(t.shape == per_item[0].shape for t in per_item)
+        return torch.stack(per_item) if same else per_item
+
+    def tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.forward(pixels, "image")  # a stacked batch: same-sized images
