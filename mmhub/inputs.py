@@ -15,7 +15,7 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from mmhub.errors import InputError
-from mmhub.interfaces import InjectionContext, TextContext
+from mmhub.interfaces import Encoder, InjectionContext, TextContext
 from mmhub.splice import IGNORE, Spliced, compact, splice
 
 
@@ -65,7 +65,8 @@ def prepare(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
         spliced_media[ph_ids[m]] = t
     sp = splice(input_ids, text_embeds, attention_mask, labels, spliced_media, padding_side, model.placeholder_names,
                 segment_ids)
-    injection = injection_context(model, input_ids, sp, tokens) if len(model.injectors) else None
+    masks = token_masks(model, media, features) if len(model.injectors) else {}
+    injection = injection_context(model, input_ids, sp, tokens, masks) if len(model.injectors) else None
     return Prepared(sp, injection, aux)
 
 
@@ -135,8 +136,28 @@ def check_packing(model: Any) -> None:
                          "collate these samples unpacked (MMProcessor.collate) instead")
 
 
-def injection_context(model: Any, input_ids: torch.Tensor, sp: Spliced,
-                      tokens: Mapping[str, torch.Tensor]) -> InjectionContext:
+def token_masks(model: Any, media: Mapping[str, torch.Tensor], features: Mapping[str, torch.Tensor]
+                ) -> dict[str, torch.Tensor]:
+    """Per injected modality whose encoder marks padding tokens (`Encoder.token_mask`): (N, T) its items' real
+    tokens. Such a modality cannot come as cached features: the mask is read off the preprocessed items."""
+    out = {}
+    for m in model.plan.context_modalities:
+        enc = model.encoders[m] if m in model.encoders else None
+        if enc is None or type(enc).token_mask is Encoder.token_mask:
+            continue
+        if m in features:
+            raise InputError(f"{m} items came as cached encoder features, but the {enc.name} encoder marks padding "
+                             f"tokens from the preprocessed items (token_mask), which features do not carry; pass "
+                             f"the {m} items themselves (cache_features: false for this stage)")
+        if m in media:
+            mask = enc.token_mask(media[m].to(model.device), m)
+            if mask is not None:
+                out[m] = mask
+    return out
+
+
+def injection_context(model: Any, input_ids: torch.Tensor, sp: Spliced, tokens: Mapping[str, torch.Tensor],
+                      masks: Mapping[str, torch.Tensor] | None = None) -> InjectionContext:
     """What the injectors read during the backbone call: each sample's items, where they sit, which is latest."""
     B = input_ids.shape[0]
     H = sp.inputs_embeds.shape[-1]
@@ -144,7 +165,7 @@ def injection_context(model: Any, input_ids: torch.Tensor, sp: Spliced,
     ph_ids = model.processor.placeholder_ids
     context = model.plan.context_modalities
     is_marker = torch.zeros_like(input_ids, dtype=torch.bool)
-    media, valid, index = {}, {}, {}
+    media, valid, index, token_mask = {}, {}, {}, {}
     for m in context:
         hit = input_ids == ph_ids[m]  # (B, L)
         is_marker |= hit
@@ -160,8 +181,11 @@ def injection_context(model: Any, input_ids: torch.Tensor, sp: Spliced,
             slot = nth[hit]
             media[m][b, slot] = t.to(media[m].dtype)
             valid[m][b, slot] = True
+            if masks and m in masks:  # (N, T) real tokens of each item -> (B, M, T)
+                token_mask[m] = torch.ones(B, M, T, dtype=torch.bool, device=input_ids.device)
+                token_mask[m][b, slot] = masks[m].to(input_ids.device)
     positions = sp.media_positions & ~is_marker.gather(1, origin)
-    return InjectionContext(media, valid, index, positions)
+    return InjectionContext(media, valid, index, positions, token_mask)
 
 
 @contextmanager

@@ -9,6 +9,7 @@ from mmhub.projectors.mlp import MLPProjector
 from mmhub.projectors.output import OUTPUT_PROJECTORS
 from mmhub.projectors.patch_merger import PatchMergerProjector
 from mmhub.projectors.perceiver import PerceiverProjector
+from mmhub.projectors.pixel_shuffle import PixelShuffleProjector
 from mmhub.projectors.pformer import PFormerProjector
 from mmhub.projectors.qformer import QFormerProjector
 from mmhub.projectors.token_merge import TokenMergeProjector
@@ -25,6 +26,7 @@ def register_projectors(register):
     register(PFormerProjector)
     register(CAbstractorProjector)
     register(LDPProjector)
+    register(PixelShuffleProjector)
     register(PatchMergerProjector)
 
 
