@@ -63,9 +63,10 @@ def prepare(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
         if m in context:  # the injector cross-attends to the tokens; the text keeps one marker token per item
             t = model.injectors[context[m]].marker(m).to(t.dtype).expand(t.shape[0], 1, -1)
         spliced_media[ph_ids[m]] = t
+    masks = token_masks(model, media, features)
+    spliced_masks = {ph_ids[m]: k for m, k in masks.items() if m not in context}  # items of their own length
     sp = splice(input_ids, text_embeds, attention_mask, labels, spliced_media, padding_side, model.placeholder_names,
-                segment_ids)
-    masks = token_masks(model, media, features) if len(model.injectors) else {}
+                segment_ids, masks=spliced_masks)
     injection = injection_context(model, input_ids, sp, tokens, masks) if len(model.injectors) else None
     return Prepared(sp, injection, aux)
 
@@ -84,6 +85,17 @@ def project_media(model: Any, media: Mapping[str, torch.Tensor], text: Mapping[s
         proj = model.projectors[m]
         proj.aux_loss = None
         out[m] = proj(feats, (text or {}).get(m))  # (N, T', hidden)
+        enc = model.encoders[m] if m in model.encoders else None
+        if enc is not None and type(enc).arrange is not Encoder.arrange:  # e.g. AnyRes: tiles -> rows, after projection
+            if m not in media or m in features:
+                raise InputError(f"{m} items came as cached encoder features, but the {enc.name} encoder arranges its "
+                                 f"tokens from the preprocessed items, which features do not carry; pass the {m} "
+                                 f"items themselves (cache_features: false for this stage)")
+            if out[m].shape[1] != feats.shape[1]:
+                raise InputError(f"the {enc.name} encoder arranges its {feats.shape[1]} tokens per {m} item after the "
+                                 f"projector, but the {proj.name} projector turned them into {out[m].shape[1]}; use a "
+                                 f"per-token projector (mlp, linear) with it")
+            out[m] = enc.arrange(out[m], media[m].to(model.device), m, proj)
         if proj.aux_loss is not None:
             aux.append(proj.aux_loss)
     return out, (torch.stack(aux).sum() if aux else None)
@@ -138,10 +150,11 @@ def check_packing(model: Any) -> None:
 
 def token_masks(model: Any, media: Mapping[str, torch.Tensor], features: Mapping[str, torch.Tensor]
                 ) -> dict[str, torch.Tensor]:
-    """Per injected modality whose encoder marks padding tokens (`Encoder.token_mask`): (N, T) its items' real
-    tokens. Such a modality cannot come as cached features: the mask is read off the preprocessed items."""
+    """Per modality whose encoder marks padding tokens (`Encoder.token_mask`): (N, T) its items' real tokens (an
+    injector's context keys, or the tokens spliced per item). Such a modality cannot come as cached features: the
+    mask is read off the preprocessed items."""
     out = {}
-    for m in model.plan.context_modalities:
+    for m in model.encoders:
         enc = model.encoders[m] if m in model.encoders else None
         if enc is None or type(enc).token_mask is Encoder.token_mask:
             continue

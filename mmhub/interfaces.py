@@ -70,6 +70,18 @@ class Encoder(Component):
         encoder's unused tiles), from the preprocessed items alone; None (the default) when every token is real."""
         return None
 
+    # True when an item's token count depends on the item (AnyRes tiles, dynamic resolution): `describe` states the
+    # most any item can take (what the budget counts), `forward` pads every item to it and `token_mask` marks the real
+    # tokens; such features are never cached (they need the preprocessed items)
+    variable_tokens: ClassVar[bool] = False
+
+    def arrange(self, tokens: torch.Tensor, items: torch.Tensor, modality: str,
+                projector: torch.nn.Module) -> torch.Tensor:
+        """After the projector: (N, T, H) projected tokens of the preprocessed `items` -> (N, T, H) in their final
+        order (the real ones where `token_mask` says). The default keeps them; AnyRes reassembles its tiles here,
+        after a per-token projector, as LLaVA-NeXT does, reading its row-end embedding off `projector`."""
+        return tokens
+
 
 @dataclass(frozen=True)
 class ProjectorFacts:

@@ -33,8 +33,12 @@ class Spliced:
 
 def splice(input_ids: torch.Tensor, text_embeds: torch.Tensor, attention_mask: torch.Tensor,
            labels: torch.Tensor | None, media: dict[int, torch.Tensor], padding_side: str = "right",
-           names: dict[int, str] | None = None, segment_ids: torch.Tensor | None = None) -> Spliced:
+           names: dict[int, str] | None = None, segment_ids: torch.Tensor | None = None,
+           masks: dict[int, torch.Tensor] | None = None) -> Spliced:
     """Expand every placeholder id in `input_ids` into the rows of ``media[id]`` (N, T, H), in order.
+
+    With ``masks[id]`` (N, T) bool (an encoder whose token count depends on the item pads it: AnyRes), item n
+    expands into its True tokens only, in order, so each placeholder spans that item's own count.
 
     Items are consumed in row-major order of their placeholders: the n-th placeholder
     of a modality in the batch takes item n of that modality. With `segment_ids` (B, L)
@@ -49,7 +53,8 @@ def splice(input_ids: torch.Tensor, text_embeds: torch.Tensor, attention_mask: t
             raise InputError("packed rows (segment_ids) must be right padded, each sample one run of its id in "
                              "increasing order (0, 1, 2..) and -1 only on the padding at the end")
     B, _, H = text_embeds.shape  # (B, L, H)
-    lens, is_media = _spans(input_ids, media, names)
+    masks = masks or {}
+    lens, is_media = _spans(input_ids, media, names, masks)
     ends = lens.cumsum(1)  # (B, L)
     starts = ends - lens
     new_len = ends[:, -1]  # (B,)
@@ -76,11 +81,17 @@ def splice(input_ids: torch.Tensor, text_embeds: torch.Tensor, attention_mask: t
         if b.numel() == 0:
             continue
         T = feats.shape[1]
-        pos = starts[b, t][:, None] + torch.arange(T, device=pos.device)  # (N, T)
-        out[b[:, None].expand(-1, T), pos] = feats.to(out.dtype)
-        out_mask[b[:, None].expand(-1, T), pos] = attention_mask[b, t][:, None].expand(-1, T)
-        origin[b[:, None].expand(-1, T), pos] = t[:, None].expand(-1, T)
-        media_positions[b[:, None].expand(-1, T), pos] = True
+        keep = masks[ph_id].to(feats.device) if ph_id in masks else None
+        offset = torch.arange(T, device=starts.device).expand(len(b), T) if keep is None else keep.long().cumsum(1) - 1
+        pos = starts[b, t][:, None] + offset  # (N, T)
+        rows, cols = b[:, None].expand(-1, T), t[:, None].expand(-1, T)
+        values = feats.to(out.dtype)
+        if keep is not None:  # padded items: only their real tokens
+            pos, rows, cols, values = pos[keep], rows[keep], cols[keep], values[keep]
+        out[rows, pos] = values
+        out_mask[rows, pos] = attention_mask[rows, cols]
+        origin[rows, pos] = cols
+        media_positions[rows, pos] = True
 
     seg = None
     if segment_ids is not None:
@@ -89,10 +100,11 @@ def splice(input_ids: torch.Tensor, text_embeds: torch.Tensor, attention_mask: t
     return Spliced(out, out_mask, position_ids, out_labels, origin, media_positions, seg)
 
 
-def _spans(input_ids: torch.Tensor, media: dict[int, torch.Tensor], names: dict[int, str] | None
-           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, L) positions each input token spans in the spliced sequence (T for a placeholder, else 1) and where
-    the placeholders are; raises when a placeholder's count differs from its items'."""
+def _spans(input_ids: torch.Tensor, media: dict[int, torch.Tensor], names: dict[int, str] | None,
+           masks: dict[int, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) positions each input token spans in the spliced sequence (T for a placeholder, its item's True count
+    under `masks`, else 1) and where the placeholders are; raises when a placeholder's count differs from its
+    items'."""
     lens = torch.ones_like(input_ids)
     is_media = torch.zeros_like(input_ids, dtype=torch.bool)
     for ph_id, feats in media.items():
@@ -104,7 +116,10 @@ def _spans(input_ids: torch.Tensor, media: dict[int, torch.Tensor], names: dict[
             raise InputError(f"{name} placeholders and items do not match: {n_ph} placeholder(s) in the batch "
                              f"(per sample: {per_row}) but {n_items} item(s) given. Put one {name} marker in the text "
                              f"for each item.")
-        lens = torch.where(hit, torch.full_like(lens, feats.shape[1]), lens)
+        if masks and ph_id in masks:  # row-major placeholder order = item order
+            lens = lens.masked_scatter(hit, masks[ph_id].sum(1).to(lens))
+        else:
+            lens = torch.where(hit, torch.full_like(lens, feats.shape[1]), lens)
         is_media |= hit
     return lens, is_media
 

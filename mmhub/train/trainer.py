@@ -268,7 +268,8 @@ class Trainer:
         caches = {}
         for m in plan.frozen_encoders():
             owner = self.model.spec.encoder_owner(m)
-            if owner in plan.frozen_encoders():
+            # an encoder with variable_tokens needs its preprocessed items after the projector: never cached
+            if owner in plan.frozen_encoders() and not self.model.encoders[m].variable_tokens:
                 caches[m] = FeatureCache(self.model.encoders[m], m)
         return caches
 
