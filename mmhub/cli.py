@@ -274,33 +274,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-EXPORT_FORMATS = ("hf-llava",)
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from mmhub.export import export_hf_llava
-    from mmhub.loading import load
-
-    model = load(args.model, trust_remote_code=args.trust_remote_code, allow_paths=args.allow_path)
-    out = export_hf_llava(model, args.out, dtype=args.dtype)
-    cfg = json.loads((out / "config.json").read_text())
-    print(f"wrote {out}: transformers LLaVA ({cfg['vision_config']['model_type']} -> projector "
-          f"{cfg['projector_hidden_act']} -> {cfg['text_config']['model_type']}), image token id "
-          f"{cfg['image_token_index']} x {cfg['image_seq_length']} per image, dtype {cfg.get('dtype')}")
-    return 0
-
-
-def cmd_import(args: argparse.Namespace) -> int:
-    from mmhub.export import import_hf_llava
-
-    model = import_hf_llava(args.folder, template=args.template, dtype=args.dtype)
-    model.save_pretrained(args.out)
-    summary = preset_summary(preset_components(model.plan.resolved_dict()))
-    print(f"wrote {args.out}: mmhub model {model.spec.name!r} ({summary}; "
-          f"template {model.plan.template.name}); it reads its vision tower and tokenizer from {args.folder}")
-    return 0
-
-
 TRAIN_HELP = "train a spec's stages (accelerate; resumable)"  # the same words as mmhub.train.run's parser
 
 
@@ -371,24 +344,9 @@ def _add_model_commands(sub: Any) -> None:
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--max-new-tokens", type=int, default=8)
     s.set_defaults(func=cmd_eval)
-    s = sub.add_parser("export",
-                       help="write a model in another library's format (hf-llava: transformers' LLaVA folder)")
-    s.add_argument("model", help="a saved model folder, a spec file, a preset, or `default` (the demo model)")
-    _trust_flag(s, folders=True)
-    s.add_argument("out", help="the folder to write (replaced atomically)")
-    s.add_argument("--format", required=True, choices=EXPORT_FORMATS)
-    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="cast every tensor to this dtype (needed when components differ in dtype)")
-    s.set_defaults(func=cmd_export)
-    s = sub.add_parser("import", help="turn another library's model folder into an mmhub model folder (hf-llava)")
-    s.add_argument("folder", help="a local transformers LLaVA folder (config.json, safetensors, tokenizer, processor)")
-    s.add_argument("out", help="the mmhub model folder to write")
-    s.add_argument("--format", required=True, choices=EXPORT_FORMATS)
-    s.add_argument("--template", default=None, help="the mmhub chat template when the folder's is not recognised "
-                                                    "(plain, vicuna_v1, llama-2, chatml, tokenizer)")
-    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                   help="the backbone's dtype (the vision tower and projector run in float32)")
-    s.set_defaults(func=cmd_import)
+    from mmhub.cli_convert import add_parsers as add_convert_parsers
+
+    add_convert_parsers(sub, _trust_flag)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

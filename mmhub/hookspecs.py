@@ -62,3 +62,9 @@ def register_datasets(register):
 @hookspec
 def register_eval_tasks(register):
     """Register evaluation tasks: ``register(EvalTaskClass)`` (an `mmhub.evaluation.EvalTask`; model -> scores)."""
+
+
+@hookspec
+def register_importers(register):
+    """Register checkpoint importers: ``register(ImporterClass)`` (an `mmhub.importers.Importer`; a transformers
+    ``model_type`` family -> an mmhub spec plus its weight map)."""

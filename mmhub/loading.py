@@ -5,8 +5,9 @@
 * ``"default"``: the hub's shipped demo model (`mmhub.demo_model`);
 * a folder written by `MMModel.save_pretrained` or ``mmhub train`` (trained weights, checked against the hashes
   recorded in its manifest);
-* ``hf:ORG/NAME[@REV]`` or a local transformers folder: a published LLaVA checkpoint from the local Hugging Face
-  cache, imported into mmhub's components (never downloaded);
+* ``hf:ORG/NAME[@REV]`` or a local transformers folder: a published checkpoint (from the local Hugging Face cache,
+  never downloaded), taken apart into mmhub's components by the importer registered for its ``model_type``
+  (`mmhub.importers`);
 * a spec file (YAML/JSON), a preset (``llava-1.5:tiny``) or a shipped recipe name: assembled with the weights its
   sources name and fresh weights elsewhere (what `mmhub.build` does).
 
@@ -15,7 +16,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -50,13 +50,13 @@ def load(ref: str | Path, *, registry: Registry | None = None, verify: bool = Tr
             return load_folder(path, registry=registry, verify=verify, allow_paths=allow_paths,
                                trust_remote_code=trust_remote_code)
         if (path / "config.json").is_file():
-            return _import_hf_folder(path, text)
+            return _import_hf_folder(path, text, trust_remote_code)
         raise MMHubError(f"{path} is a folder but not a model: it has neither {SPEC_FILE} (an mmhub model folder, "
                          "written by save_pretrained or `mmhub train`) nor config.json (a transformers folder)")
     if text.startswith("hf:"):
         from mmhub import weights  # resolving through the registered ``hf:`` source keeps one cache lookup
 
-        return _import_hf_folder(weights.resolve(text, registry), text)
+        return _import_hf_folder(weights.resolve(text, registry), text, trust_remote_code)
     if path.is_file():
         return build(path, registry=registry, trust_remote_code=trust_remote_code)
     if os.sep in text or text.startswith((".", "~")) or path.suffix.lower() in (".yaml", ".yml", ".json"):
@@ -114,18 +114,11 @@ def _check_components_installed(path: Path, manifest: SavedManifest, registry: R
                               f"install it with `pip install {package}` and load again")
 
 
-def _import_hf_folder(folder: Path, ref: str) -> MMModel:
-    try:
-        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError) as exc:
-        raise MMHubError(f"{ref}: {folder / 'config.json'} cannot be read ({exc})") from None
-    if model_type != "llava":
-        raise MMHubError(f"{ref}: a transformers {model_type!r} checkpoint; mmhub imports published LLaVA "
-                         "checkpoints (model_type 'llava') so far. Build the model from a spec instead "
-                         "(`mmhub presets` lists the shipped ones).")
-    from mmhub.export.hf_llava_import import import_hf_llava  # the importer pulls in transformers' LLaVA config
+def _import_hf_folder(folder: Path, ref: str, trust_remote_code: bool = False) -> MMModel:
+    """A transformers folder through the importer registered for its ``model_type`` (`mmhub.importers`)."""
+    from mmhub.importers import import_checkpoint  # importers pull in transformers' configs: only when asked
 
-    return import_hf_llava(folder)
+    return import_checkpoint(folder, trust_remote_code=trust_remote_code)
 
 
 __all__ = ["load", "load_folder", "load_default", "DEFAULT"]

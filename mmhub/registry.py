@@ -115,7 +115,9 @@ class PluginClassInfo:
         doc = (cls.__doc__ or "").strip().splitlines()
         return {"name": self.name, "plugin": self.plugin, "doc": doc[0] if doc else "",
                 "modalities": list(getattr(cls, "modalities", ())), "streaming": bool(getattr(cls, "streaming", False)),
-                "settings": sorted(cls.Config.model_fields), "class": f"{cls.__module__}.{cls.__qualname__}"}
+                "settings": sorted(cls.Config.model_fields) if hasattr(cls, "Config") else [],
+                "model_types": list(getattr(cls, "model_types", ())),
+                "class": f"{cls.__module__}.{cls.__qualname__}"}
 
 
 def _class_name(cls: Any, plugin: str) -> str:
@@ -196,6 +198,8 @@ KIND_TABLE: tuple[EntryKind, ...] = (
     EntryKind("dataset", "register_datasets", "datasets", _plugin_class("dataset", "mmhub.data.base:Dataset")),
     EntryKind("eval_task", "register_eval_tasks", "eval_tasks",
               _plugin_class("eval task", "mmhub.evaluation.base:EvalTask")),
+    EntryKind("importer", "register_importers", "importers",
+              _plugin_class("importer", "mmhub.importers.base:Importer")),
 )
 ENTRY_KINDS: dict[str, EntryKind] = {k.key: k for k in KIND_TABLE}
 KINDS: tuple[str, ...] = tuple(k.key for k in KIND_TABLE if k.component)  # the component kinds

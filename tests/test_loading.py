@@ -82,12 +82,13 @@ def test_a_folder_without_a_manifest_loads_as_saved_before(tmp_path) -> None:
     assert model.spec.name == "saved-0.1-fixture"
 
 
-def test_hf_ids_that_are_not_llava_say_what_is_supported(tmp_path, monkeypatch) -> None:
+def test_hf_ids_of_a_family_without_an_importer_say_what_is_supported(tmp_path, monkeypatch) -> None:
     snap = tmp_path / "models--org--bert" / "snapshots" / "abc"
     snap.mkdir(parents=True)
     (tmp_path / "models--org--bert" / "refs").mkdir()
     (tmp_path / "models--org--bert" / "refs" / "main").write_text("abc")
     (snap / "config.json").write_text(json.dumps({"model_type": "bert"}))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(MMHubError, match="imports published LLaVA checkpoints"):
+    with pytest.raises(MMHubError, match="no importer for model_type 'bert'; mmhub imports .*llava") as err:
         load("hf:org/bert")
+    assert "register_importers" in str(err.value) and "docs/importers.md" in str(err.value)

@@ -386,6 +386,16 @@ def test_hook_register_eval_tasks() -> None:
     assert _through("register_eval_tasks", _renamed(EasyVQATask, "my_task")).name == "my_task"
 
 
+def test_hook_register_importers() -> None:
+    from mmhub.importers.llava import LlavaImporter
+
+    entry = _through("register_importers", _renamed(LlavaImporter, "my_llava"))
+    assert entry.name == "my_llava" and entry.metadata()["model_types"] == ["llava"]
+    plugin = types.SimpleNamespace(register_importers=hookimpl(lambda register: register(dict)))
+    reg = build_registry(extra=[("bad", plugin)], entry_points=False)
+    assert "not a subclass of mmhub.importers.Importer" in str(reg.failed)
+
+
 # -- meta-tests: every hook is documented and tested -------------------------------------
 HOOKS = hook_names()
 

@@ -26,46 +26,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from mmhub.errors import ExportError
 from mmhub.export.chat_template import named_template
 from mmhub.export.image_processing import hf_vision_settings
 from mmhub.export.llava_parts import ACTIVATIONS, FAMILIES, IDENTITY
+from mmhub.importers.base import Checkpoint
 
 WEIGHTS = "model.safetensors"
 DTYPES = ("float32", "bfloat16", "float16")
 # config keys that do not shape the language model (bookkeeping and classification-head fields)
 META_KEYS = ("transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype", "output_attentions",
              "output_hidden_states", "return_dict", "id2label", "label2id", "problem_type", "chunk_size_feed_forward")
-
-
-def _read_tensors(folder: Path) -> dict[str, Any]:
-    """Name -> (handle, key) for every tensor of the folder's safetensors (sharded or not; never pickles)."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
-    else:
-        files = [folder / WEIGHTS] if (folder / WEIGHTS).is_file() else sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise ExportError(f"{folder} has no *.safetensors weights (only safetensors are read, never pickles); "
-                          f"re-save it with `save_pretrained(folder, safe_serialization=True)`")
-    found = {}
-    for f in files:
-        handle = safe_open(str(f), framework="pt")
-        for k in handle.keys():
-            found[k] = handle
-    return found
-
-
-def _take(found: dict[str, Any], prefixes: tuple[str, ...], what: str,
-          folder: Path) -> tuple[dict[str, torch.Tensor], str]:
-    """The tensors under the first of `prefixes` that has any, with that prefix removed."""
-    for prefix in prefixes:
-        keys = [k for k in found if k.startswith(prefix)]
-        if keys:
-            return {k[len(prefix):]: found[k].get_tensor(k) for k in keys}, prefix
-    raise ExportError(f"{folder}: no {what} tensors (looked under {', '.join(prefixes)})")
 
 
 def _chat_template(folder: Path, tokenizer: Any) -> str | None:
@@ -126,10 +98,12 @@ def _projector_spec(config: Any, proj: dict[str, torch.Tensor],
     return {"type": "mlp", "depth": 2, "activation": names[act]}, state
 
 
-def llava_spec(folder: str | Path, template: str | None = None,
-               dtype: str = "float32") -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+def llava_spec(folder: str | Path, template: str | None = None, dtype: str = "float32", ckpt: Checkpoint | None = None,
+               inline_tower: bool = False) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
     """An mmhub spec for a local LLaVA folder and the projector/backbone tensors to load into it (the backbone in
-    `dtype`; the tower in float32, the dtype mmhub's projectors compute in)."""
+    `dtype`; the tower in float32, the dtype mmhub's projectors compute in). With `inline_tower` the tower is built
+    from the folder's vision config and its tensors come back under ``tower`` (the spec then needs no ``source``);
+    else the encoder reads the folder itself."""
     from transformers import AutoConfig, AutoTokenizer
 
     folder = Path(folder).expanduser().resolve()
@@ -171,21 +145,30 @@ def llava_spec(folder: str | Path, template: str | None = None,
                           f"{tokenizer.convert_tokens_to_ids(placeholder)} but config.image_token_index is "
                           f"{config.image_token_index}; the folder is inconsistent")
     template_name = _choose_template(folder, tokenizer, placeholder, template)
-    found = _read_tensors(folder)
-    proj, _ = _take(found, ("model.multi_modal_projector.", "multi_modal_projector."), "projector", folder)
-    proj_settings, proj_state = _projector_spec(config, proj, folder)
-    lm_state, lm_prefix = _take(found, ("model.language_model.", "language_model.model."), "language model", folder)
+    ckpt = ckpt or Checkpoint(folder)
+    proj_prefix = ckpt.first_prefix("model.multi_modal_projector.", "multi_modal_projector.", what="projector tensors")
+    proj_settings, proj_state = _projector_spec(config, ckpt.take(proj_prefix), folder)
+    lm_prefix = ckpt.first_prefix("model.language_model.", "language_model.model.", what="language model tensors")
+    lm_state = ckpt.take(lm_prefix)
     head_key = "lm_head.weight" if lm_prefix == "model.language_model." else "language_model.lm_head.weight"
     tied = bool(config.tie_word_embeddings or text.tie_word_embeddings)
-    head = {} if tied else {"weight": found[head_key].get_tensor(head_key)} if head_key in found else None
-    if head is None:
+    if tied:
+        ckpt.ignore(head_key, "the head is tied to the input embeddings")
+        head = {}
+    elif ckpt.has(head_key):
+        head = {"weight": ckpt.tensor(head_key)}
+    else:
         raise ExportError(f"{folder}: no {head_key} and the embeddings are not tied (tie_word_embeddings false)")
+    tower_prefix = ckpt.first_prefix("model.vision_tower.", "vision_tower.", what="vision tower tensors")
+    tower = ckpt.take(tower_prefix) if inline_tower else {}
     text_settings = {k: v for k, v in text.to_dict().items() if k not in META_KEYS}
     text_settings["tie_word_embeddings"] = tied
+    tower_from = ({"config": {k: v for k, v in vision.to_dict().items() if k not in META_KEYS}} if inline_tower
+                  else {"source": str(folder)})
     spec = {
         "name": folder.name,
         "description": f"imported from the transformers LLaVA folder {folder}",
-        "encoders": {"image": {"type": "hf_vision", "source": str(folder), "select_layer": layer,
+        "encoders": {"image": {"type": "hf_vision", **tower_from, "select_layer": layer,
                                "drop_cls": strategy == "default" or vision.model_type == "siglip_vision_model",
                                "dtype": "float32",
                                **prep}},
@@ -195,27 +178,20 @@ def llava_spec(folder: str | Path, template: str | None = None,
         "template": template_name,
         "placeholders": {"image": placeholder},
     }
-    return spec, {"projector": proj_state, "language": lm_state, "head": head}
+    return spec, {"projector": proj_state, "language": lm_state, "head": head, "tower": tower}
 
 
 def import_hf_llava(folder: str | Path, template: str | None = None, dtype: str = "float32") -> Any:
     """A local transformers LLaVA folder -> an `MMModel` (hf_vision -> mlp/linear -> hf_causal_lm) whose logits equal
     transformers' (loaded in float32). `template` names the mmhub chat template when the folder's cannot be used or
-    recognised; `dtype` is the backbone's (the vision tower and projector compute in float32 in mmhub)."""
-    from mmhub.assembly import build
-    from mmhub.weights import load_into
+    recognised; `dtype` is the backbone's (the vision tower and projector compute in float32 in mmhub). The same as
+    `mmhub.importers.import_checkpoint` on a ``llava`` folder."""
+    from mmhub.importers.run import import_checkpoint
 
-    spec, state = llava_spec(folder, template, dtype)
-    model = build(spec)
-    load_into(model.projectors["image"], state["projector"], what=f"LLaVA projector from {folder}")
-    lm = model.backbone.language_model()
-    load_into(lm.base_model, state["language"], what=f"LLaVA language model from {folder}")
-    if state["head"]:
-        head = lm.get_output_embeddings()
-        if tuple(head.weight.shape) != tuple(state["head"]["weight"].shape):
-            raise ExportError(f"{folder}: lm_head {tuple(state['head']['weight'].shape)} does not fit "
-                              f"the text config's {tuple(head.weight.shape)}")
-        with torch.no_grad():
-            head.weight.copy_(state["head"]["weight"])
-    model.eval()
-    return model
+    folder = Path(folder).expanduser()
+    if not (folder / "config.json").is_file():
+        raise ExportError(f"{folder} is not a transformers model folder (no config.json)")
+    model_type = Checkpoint(folder).model_type
+    if model_type != "llava":
+        raise ExportError(f"{folder} holds a {model_type!r} model, not a transformers LLaVA (model_type llava)")
+    return import_checkpoint(folder, template=template, dtype=dtype)
