@@ -125,7 +125,17 @@ def vision_config(config: HFVisionEncoderConfig, ctx: BuildContext) -> Pretraine
     return cfg
 
 
+# vision towers transformers' AutoModel does not map (they live inside a VLM class): model_type -> class name
+UNMAPPED_TOWERS = {"blip_2_vision_model": "Blip2VisionModel", "instructblip_vision_model": "InstructBlipVisionModel",
+                   "instructblipvideo_vision_model": "InstructBlipVideoVisionModel"}
+
+
 def _build(cfg: PretrainedConfig, dtype: torch.dtype, attn: str) -> torch.nn.Module:
+    if cfg.model_type in UNMAPPED_TOWERS:
+        import transformers
+
+        return getattr(transformers, UNMAPPED_TOWERS[cfg.model_type])._from_config(cfg, dtype=dtype,
+                                                                                  attn_implementation=attn)
     try:
         model_cls = AutoModel._model_mapping[type(cfg)]
     except KeyError:

@@ -161,6 +161,12 @@ TEMPLATES: dict[str, Any] = {
                               around="<fake_token_around_image><global-img>{marker}<fake_token_around_image>",
                               required_tokens=("<end_of_utterance>", "<fake_token_around_image>"),
                               stop=("<end_of_utterance>", "{eos}"), needs=("bos", "eos")),
+    # BLIP-2 / InstructBLIP's processors: the image tokens, then tokenizer(prompt) (bos first for OPT/LLaMA/Vicuna;
+    # "blip-2-t5": eos last for Flan-T5, whose encoder reads the prompt); the answer then eos
+    "blip-2": MediaTemplate(name="blip-2", add_bos=False, user_fmt="{content}", assistant_fmt="{content}{eos}",
+                            bos_after_media=True, needs=("bos", "eos")),
+    "blip-2-t5": MediaTemplate(name="blip-2-t5", add_bos=False, user_fmt="{content}{eos}",
+                               assistant_fmt="{content}{eos}", needs=("eos",)),
 }
 
 

@@ -22,6 +22,15 @@ is mapped to the Q-Former width by a linear layer plus parameter-free sinusoidal
 a LayerNorm; and query and text positions share one FFN per block (InstructBLIP keeps a
 separate text FFN from its BERT initialisation).
 
+``layout: blip2`` is instead the layout of the published BLIP-2 / InstructBLIP checkpoints
+(`mmhub.projectors.qformer_blip2`): post-LN BERT blocks, the queries' embedding LayerNorm,
+no ``ln_features`` (transformers' vision tower ends in that norm), and, instruction-aware, the
+instruction as the Q-Former's own BERT token ids (``text_tokenizer`` tokenizes the prompt text
+that `TextContext.instruction_text` carries) through BERT word/position embeddings and a
+separate text FFN per block. transformers' ``Blip2QFormerModel`` / ``InstructBlipQFormerModel``
+weights load into it (`qformer_state`) and give the same outputs; ``proj`` is BLIP-2's
+``language_projection``.
+
 The building blocks (`QFormerBlock`, `QueryTransformer`, `TextIn`) are reused by the
 P-Former of `mmhub.projectors.pformer`.
 """
@@ -29,7 +38,7 @@ P-Former of `mmhub.projectors.pformer`.
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -37,6 +46,7 @@ from torch import nn
 
 from mmhub.attention import MultiheadAttention
 from mmhub.interfaces import BuildContext, ComponentConfig, Projector, ProjectorConfig, TextContext
+from mmhub.projectors.qformer_blip2 import BertQFormer, tokenize_instructions
 
 
 def sinusoid(positions: torch.Tensor, width: int) -> torch.Tensor:
@@ -145,12 +155,25 @@ class QFormerConfig(ProjectorConfig):
     cross_attention_every: int = Field(2, ge=1)
     mlp_ratio: float = Field(4.0, gt=0)
     instruction_aware: bool = False
+    layout: Literal["pre_ln", "blip2"] = Field(
+        "pre_ln", description="pre_ln: mmhub's own; blip2: the published BLIP-2/InstructBLIP layout (post-LN BERT)")
+    norm_eps: float | None = Field(None, gt=0, description="LayerNorm epsilon (default 1e-5 pre_ln, 1e-12 blip2)")
+    text_tokenizer: str | None = Field(
+        None, description="blip2 + instruction_aware: the Q-Former's own (BERT) tokenizer folder or weight source")
+    text_vocab_size: int = Field(30523, ge=1, description="blip2 + instruction_aware: BERT word embeddings")
+    text_positions: int = Field(512, ge=1, description="blip2 + instruction_aware: BERT position embeddings")
+    text_pad_id: int = Field(0, ge=0, description="blip2 + instruction_aware: the tokenizer's padding id")
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> "QFormerConfig":
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}; fix: pick heads that divide "
                              f"the width (e.g. heads: {math.gcd(self.width, self.heads)})")
+        if self.layout == "blip2" and self.instruction_aware and self.text_tokenizer is None:
+            raise ValueError("layout blip2 with instruction_aware: true reads the instruction as the Q-Former's own "
+                             "token ids; fix: set text_tokenizer to its (BERT) tokenizer folder")
+        if self.layout == "blip2" and self.text_pad_id >= self.text_vocab_size:
+            raise ValueError(f"text_pad_id {self.text_pad_id} is outside text_vocab_size {self.text_vocab_size}")
         return self
 
 
@@ -182,16 +205,46 @@ class QFormerProjector(Projector):
         super().__init__(config, ctx)
         assert config.in_dim is not None and config.out_dim is not None, "in_dim/out_dim are filled in by validation"
         self.uses_text = config.instruction_aware  # type: ignore[misc]  # per instance, see the class docstring
+        if config.layout == "blip2":
+            self._build_blip2(config, ctx)
+            self.proj = nn.Linear(config.width, config.out_dim)  # transformers' language_projection
+            return
         self.ln_features = nn.LayerNorm(config.in_dim)  # BLIP-2's ln_vision
         self.qformer = QueryTransformer(config.num_queries, config.width, config.layers, config.heads, config.mlp_ratio,
                                         ctx.attention, feature_dim=config.in_dim,
                                         cross_every=config.cross_attention_every,
                                         text_dim=config.out_dim if config.instruction_aware else None)
         self.proj = nn.Linear(config.width, config.out_dim)  # BLIP-2's llm_proj
+        if config.norm_eps is not None:
+            for module in self.modules():
+                if isinstance(module, nn.LayerNorm):
+                    module.eps = config.norm_eps
+
+    def _build_blip2(self, config: QFormerConfig, ctx: BuildContext) -> None:
+        """The published layout (`mmhub.projectors.qformer_blip2`), and the Q-Former tokenizer when it reads text."""
+        from transformers import AutoTokenizer
+
+        hidden = max(1, round(config.width * config.mlp_ratio))
+        self.qformer = BertQFormer(config.num_queries, config.width, config.layers, config.heads, hidden,
+                                   config.norm_eps or 1e-12, ctx.attention, feature_dim=config.in_dim,
+                                   cross_every=config.cross_attention_every,
+                                   text_vocab=config.text_vocab_size if config.instruction_aware else None,
+                                   text_positions=config.text_positions, text_pad_id=config.text_pad_id)
+        self.text_tokenizer = None
+        if config.instruction_aware and config.text_tokenizer is not None:
+            folder = ctx.weights(config.text_tokenizer)
+            self.text_tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True,
+                                                                trust_remote_code=False)
+            if len(self.text_tokenizer) > config.text_vocab_size:
+                raise ValueError(f"text_tokenizer {config.text_tokenizer} has {len(self.text_tokenizer)} tokens but "
+                                 f"text_vocab_size is {config.text_vocab_size}; fix: set text_vocab_size to the "
+                                 "Q-Former's word-embedding rows")
 
     def query_states(self, features: torch.Tensor, text: TextContext | None = None) -> torch.Tensor:
         """(N, T, in_dim) features (+ the instruction when instruction-aware) -> (N, num_queries, width)."""
         config: QFormerConfig = self.config  # type: ignore[assignment]
+        if config.layout == "blip2":
+            return self._blip2_states(features, text)
         instruction = mask = None
         if config.instruction_aware:
             if text is None:
@@ -203,6 +256,21 @@ class QFormerProjector(Projector):
                 raise ValueError(f"{self.name}: instruction embeddings {tuple(instruction.shape)} do not match "
                                  f"{features.shape[0]} items of LLM width {config.out_dim}")
         return self.qformer(self.ln_features(features), instruction, mask)
+
+    def _blip2_states(self, features: torch.Tensor, text: TextContext | None) -> torch.Tensor:
+        config: QFormerConfig = self.config  # type: ignore[assignment]
+        if not config.instruction_aware:
+            return self.qformer(features)
+        texts = text.instruction_text if text is not None else None
+        if texts is None or self.text_tokenizer is None:
+            raise ValueError(f"{self.name} (layout blip2, instruction_aware) reads the instruction as text "
+                             "(TextContext.instruction_text), but none was given; fix: run it inside an MMModel "
+                             "(which fills it) or pass a TextContext with instruction_text")
+        if len(texts) != features.shape[0]:
+            raise ValueError(f"{self.name}: {len(texts)} instruction texts for {features.shape[0]} items; "
+                             "give one per item")
+        ids, mask = tokenize_instructions(self.text_tokenizer, list(texts), config.text_positions, features.device)
+        return self.qformer(features, ids, mask)
 
     def forward(self, features: torch.Tensor, text: TextContext | None = None) -> torch.Tensor:
         return self.proj(self.query_states(features, text))  # (N, T, in) -> (N, num_queries, out)

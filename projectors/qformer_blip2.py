@@ -1,0 +1,184 @@
+"""The BLIP-2 / InstructBLIP Q-Former layout: post-LN BERT blocks, so Salesforce's weights load unchanged.
+
+`BertQFormer` computes what transformers' ``Blip2QFormerModel`` (BLIP-2) and
+``InstructBlipQFormerModel`` (InstructBLIP) compute, in mmhub's own modules:
+
+* embeddings: the learned queries, followed (instruction-aware) by the instruction's Q-Former
+  token ids through BERT word + absolute position embeddings (positions 0, 1, ... of the
+  right-padded ids); one LayerNorm over the concatenation;
+* each block (BERT's post-LN order): self-attention over [queries; instruction] -> add & LayerNorm;
+  every ``cross_every``-th block (layers 0, k, 2k, ...) the query positions cross-attend to the
+  encoder features -> add & LayerNorm; then an FFN -> add & LayerNorm, with separate FFNs for the
+  query positions (BERT's ``intermediate_query``/``output_query``) and the instruction positions
+  (``intermediate``/``output``);
+* output: the query positions of the last block (no final norm).
+
+`qformer_state` maps transformers' key names (``qformer.*`` plus ``query_tokens``) onto this
+module's. The blocks attend through `mmhub.attention`, so the spec's backend applies.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmhub.attention import MultiheadAttention
+
+
+class BertFFN(nn.Module):
+    """BERT's feed-forward half of a block: linear -> GELU (erf) -> linear, then add & LayerNorm."""
+
+    def __init__(self, width: int, hidden: int, eps: float):
+        super().__init__()
+        self.up = nn.Linear(width, hidden)
+        self.act = nn.GELU()
+        self.down = nn.Linear(hidden, width)
+        self.norm = nn.LayerNorm(width, eps=eps)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.norm(h + self.down(self.act(self.up(h))))
+
+
+class BertQFormerBlock(nn.Module):
+    """One post-LN Q-Former layer: self-attention over [queries; text], the queries' cross-attention to the features
+    (only when built with ``cross_dim``), then the query FFN (and the text FFN for the text positions)."""
+
+    def __init__(self, width: int, heads: int, hidden: int, eps: float, backend: str, cross_dim: int | None = None,
+                 text_ffn: bool = False):
+        super().__init__()
+        self.self_attn = MultiheadAttention(width, heads, backend=backend)
+        self.self_norm = nn.LayerNorm(width, eps=eps)
+        self.cross_attn = MultiheadAttention(width, heads, kv_dim=cross_dim, backend=backend) if cross_dim else None
+        self.cross_norm = nn.LayerNorm(width, eps=eps) if cross_dim else None
+        self.ffn = BertFFN(width, hidden, eps)
+        self.text_ffn = BertFFN(width, hidden, eps) if text_ffn else None
+
+    @property
+    def has_cross_attention(self) -> bool:
+        return self.cross_attn is not None
+
+    def forward(self, h: torch.Tensor, n_queries: int, mask: torch.Tensor | None, features: torch.Tensor,
+                last: bool = False) -> torch.Tensor:
+        """h: (N, Q + L, width), queries first; mask: (N, Q + L) True = real token; features: (N, T, cross_dim).
+        With `last` only the query positions are returned (the text positions of the last block are never read)."""
+        h = self.self_norm(h + self.self_attn(h, mask=mask))
+        queries, text = h[:, :n_queries], h[:, n_queries:]
+        if self.cross_attn is not None and self.cross_norm is not None:
+            queries = self.cross_norm(queries + self.cross_attn(queries, features))
+        queries = self.ffn(queries)
+        if last or text.shape[1] == 0:
+            return queries
+        if self.text_ffn is None:
+            raise ValueError("this Q-Former block has no text FFN, so it cannot take instruction tokens; "
+                             "build it with text_ffn=True (instruction_aware: true)")
+        return torch.cat([queries, self.text_ffn(text)], 1)
+
+
+class BertQFormer(nn.Module):
+    """Learned queries (+ optional instruction ids) through post-LN `BertQFormerBlock`s -> (N, num_queries, width)."""
+
+    def __init__(self, num_queries: int, width: int, layers: int, heads: int, hidden: int, eps: float, backend: str,
+                 feature_dim: int, cross_every: int, text_vocab: int | None = None, text_positions: int = 512,
+                 text_pad_id: int = 0):
+        super().__init__()
+        self.num_queries = num_queries
+        self.queries = nn.Parameter(torch.empty(num_queries, width))
+        nn.init.trunc_normal_(self.queries, std=0.02)
+        self.word_embeddings = nn.Embedding(text_vocab, width, padding_idx=text_pad_id) if text_vocab else None
+        self.position_embeddings = nn.Embedding(text_positions, width) if text_vocab else None
+        self.embed_norm = nn.LayerNorm(width, eps=eps)
+        self.blocks = nn.ModuleList(
+            BertQFormerBlock(width, heads, hidden, eps, backend,
+                             cross_dim=feature_dim if i % cross_every == 0 else None, text_ffn=text_vocab is not None)
+            for i in range(layers))
+
+    @property
+    def text_positions(self) -> int:
+        return self.position_embeddings.num_embeddings if self.position_embeddings is not None else 0
+
+    def forward(self, features: torch.Tensor, text_ids: torch.Tensor | None = None,
+                text_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """features (N, T, feature_dim); text_ids/text_mask (N, L) right-padded Q-Former token ids -> (N, Q, width)."""
+        N, Q = features.shape[0], self.num_queries
+        h = self.queries.to(features.dtype).expand(N, -1, -1)
+        mask = None
+        if text_ids is not None:
+            if self.word_embeddings is None or self.position_embeddings is None:
+                raise ValueError("this Q-Former has no text embeddings (instruction_aware: false) but got "
+                                 "instruction ids; build it instruction-aware or pass no text")
+            L = text_ids.shape[1]
+            if L > self.text_positions:
+                raise ValueError(f"the instruction has {L} Q-Former tokens but the position table holds "
+                                 f"{self.text_positions}; truncate the instruction to {self.text_positions} tokens")
+            positions = torch.arange(L, device=text_ids.device)
+            text = self.word_embeddings(text_ids) + self.position_embeddings(positions)[None]
+            h = torch.cat([h, text.to(h.dtype)], 1)
+            if text_mask is None:
+                text_mask = torch.ones_like(text_ids, dtype=torch.bool)
+            mask = torch.cat([torch.ones(N, Q, dtype=torch.bool, device=h.device), text_mask.to(torch.bool)], 1)
+        h = self.embed_norm(h)
+        for i, block in enumerate(self.blocks):
+            h = block(h, Q, mask, features, last=i == len(self.blocks) - 1)
+        return h[:, :Q]
+
+
+# transformers' names inside one Q-Former layer -> BertQFormerBlock's
+_ATTN = {"query": "q", "key": "k", "value": "v"}
+_FFN = {"intermediate_query.dense": "ffn.up", "output_query.dense": "ffn.down", "output_query.LayerNorm": "ffn.norm",
+        "intermediate.dense": "text_ffn.up", "output.dense": "text_ffn.down", "output.LayerNorm": "text_ffn.norm"}
+_EMBED = {"layernorm": "embed_norm", "embeddings.layernorm": "embed_norm",
+          "embeddings.word_embeddings": "word_embeddings", "embeddings.position_embeddings": "position_embeddings"}
+
+
+def _layer_key(rest: str) -> str | None:
+    """``attention.attention.query.weight`` (one layer's transformers name) -> mmhub's, or None when unknown."""
+    name, _, leaf = rest.rpartition(".")
+    for hf, ours in (("attention", "self"), ("crossattention", "cross")):
+        if name.startswith(f"{hf}.attention."):
+            proj = _ATTN.get(name[len(hf) + len(".attention."):])
+            return f"{ours}_attn.{proj}.{leaf}" if proj else None
+        if name == f"{hf}.output.dense":
+            return f"{ours}_attn.out.{leaf}"
+        if name == f"{hf}.output.LayerNorm":
+            return f"{ours}_norm.{leaf}"
+    return f"{_FFN[name]}.{leaf}" if name in _FFN else None
+
+
+def qformer_state(qformer: dict[str, torch.Tensor], query_tokens: torch.Tensor,
+                  text_ffn: bool) -> dict[str, torch.Tensor]:
+    """transformers' Q-Former tensors (``qformer.`` prefix removed) + ``query_tokens`` (1, Q, width) -> the state dict
+    of `BertQFormer`. BLIP-2 checkpoints may carry an unused text FFN (``use_qformer_text_input``): it is kept only
+    when `text_ffn`. A tensor with no place here is an error naming it."""
+    state: dict[str, torch.Tensor] = {"queries": query_tokens.reshape(query_tokens.shape[-2:])}
+    unknown = []
+    for key, value in qformer.items():
+        if key.endswith("position_ids"):
+            continue  # a non-persistent buffer some older checkpoints saved
+        stem, _, leaf = key.rpartition(".")
+        if stem in _EMBED:
+            state[f"{_EMBED[stem]}.{leaf}"] = value
+            continue
+        parts = key.split(".")
+        if parts[:2] == ["encoder", "layer"] and len(parts) > 3:
+            ours = _layer_key(".".join(parts[3:]))
+            if ours is not None:
+                if ours.startswith("text_ffn.") and not text_ffn:
+                    continue
+                state[f"blocks.{parts[2]}.{ours}"] = value
+                continue
+        unknown.append(key)
+    if unknown:
+        raise ValueError(f"Q-Former tensors with no place in mmhub's blip2 layout: {', '.join(unknown[:8])}"
+                         f"{' ...' if len(unknown) > 8 else ''}; the checkpoint is not a BLIP-2/InstructBLIP Q-Former")
+    return state
+
+
+def tokenize_instructions(tokenizer: Any, texts: list[str], max_len: int,
+                          device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Instruction texts -> right-padded Q-Former ids and mask (N, L), as InstructBLIP's processor tokenizes them
+    (the Q-Former tokenizer's own special tokens; truncated to the position table's `max_len`)."""
+    enc = tokenizer(list(texts), padding="longest", truncation=True, max_length=max_len, padding_side="right",
+                    return_tensors="pt")
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device).bool()

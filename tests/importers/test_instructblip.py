@@ -1,0 +1,62 @@
+"""InstructBLIP: mmhub's instruction-aware qformer (layout blip2) computes transformers' InstructBLIP Q-Former from
+the instruction text, and the `instructblip` import matches InstructBlipForConditionalGeneration."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration
+
+from mmhub.interfaces import BuildContext, TextContext
+from mmhub.projectors.qformer import QFormerProjector
+from mmhub.projectors.qformer_blip2 import qformer_state
+from mmhub.testing.tiny_blip import QFORMER, QUERIES, T5, VISION, bert_tokenizer, perturb
+
+COMPONENT_TOL = 1e-5
+INSTRUCTIONS = ["What is in the image?", "how many red", "Describe this picture."]
+
+
+def instructblip_projector(config: Any, tokenizer_folder: str, attention: str = "sdpa") -> QFormerProjector:
+    q = config.qformer_config
+    settings = {"layout": "blip2", "instruction_aware": True, "text_tokenizer": tokenizer_folder,
+                "text_vocab_size": q.vocab_size, "text_positions": q.max_position_embeddings,
+                "text_pad_id": q.pad_token_id, "num_queries": config.num_query_tokens, "layers": q.num_hidden_layers,
+                "width": q.hidden_size, "heads": q.num_attention_heads,
+                "cross_attention_every": q.cross_attention_frequency, "mlp_ratio": q.intermediate_size / q.hidden_size,
+                "norm_eps": q.layer_norm_eps, "in_dim": q.encoder_hidden_size,
+                "out_dim": config.text_config.d_model}
+    return QFormerProjector(QFormerProjector.Config.model_validate(settings),
+                            BuildContext(resolve=lambda uri: uri, attention=attention))
+
+
+def test_instruction_aware_qformer_equals_transformers(tmp_path) -> None:
+    qtok = bert_tokenizer()
+    qtok.save_pretrained(tmp_path / "qtok")
+    text = {k: v for k, v in T5.items() if k != "model_type"}
+    config = InstructBlipConfig(vision_config=VISION, text_config={"model_type": "t5", **text},
+                                qformer_config={**QFORMER, "vocab_size": len(qtok) + 3, "pad_token_id": 0},
+                                num_query_tokens=QUERIES)
+    torch.manual_seed(0)
+    hf = InstructBlipForConditionalGeneration(config)
+    perturb(hf, seed=3)
+    hf.eval()
+    proj = instructblip_projector(config, str(tmp_path / "qtok")).eval()
+    state = qformer_state({k[len("qformer."):]: v for k, v in hf.state_dict().items() if k.startswith("qformer.")},
+                          hf.query_tokens.detach(), text_ffn=True)
+    proj.qformer.load_state_dict(state, strict=True)
+    proj.proj.load_state_dict(hf.language_projection.state_dict(), strict=True)
+    pixels = torch.randn(3, 3, VISION["image_size"], VISION["image_size"], generator=torch.Generator().manual_seed(4))
+    enc = qtok(INSTRUCTIONS, padding=True, return_tensors="pt")  # right-padded, as InstructBlipProcessor does
+    assert not bool(enc["attention_mask"].all()), "the batch should hold padding"
+    with torch.no_grad():
+        theirs = hf.get_image_features(pixels, qformer_input_ids=enc["input_ids"],
+                                       qformer_attention_mask=enc["attention_mask"]).pooler_output
+        features = hf.vision_model(pixels).last_hidden_state
+        dummy = torch.zeros(3, 1, config.text_config.d_model)
+        ctx = TextContext(dummy, torch.ones(3, 1, dtype=torch.bool), instruction_text=list(INSTRUCTIONS))
+        ours = proj(features, ctx)
+        other = proj(features, TextContext(dummy, ctx.instruction_mask, instruction_text=["a", "b", "c"]))
+    diff = float((ours - theirs).abs().max())
+    assert diff <= COMPONENT_TOL, f"InstructBLIP Q-Former + projection: max abs diff {diff:.3g} > {COMPONENT_TOL}"
+    assert float((other - ours).abs().max()) > 1e-3, "the instruction does not change the query outputs"
