@@ -30,6 +30,8 @@ class MLPConfig(ProjectorConfig):
     depth: int = Field(2, ge=1)
     activation: Literal["gelu", "relu", "silu", "tanh"] = "gelu"
     hidden_dim: int | None = None
+    newline: bool = Field(False, description="a learned row-end embedding (out_dim wide, `image_newline`) that an "
+                          "AnyRes encoder puts after each row of its tile grid, as LLaVA-NeXT does")
 
 
 class MLPProjector(Projector):
@@ -43,6 +45,8 @@ class MLPProjector(Projector):
         super().__init__(config, ctx)
         self.net = mlp_stack(config.in_dim, config.hidden_dim or config.out_dim, config.out_dim, config.depth,
                              config.activation)
+        if config.newline:  # LLaVA-NeXT's initialisation: N(0, 1/out_dim)
+            self.image_newline = nn.Parameter(torch.randn(config.out_dim) / config.out_dim ** 0.5)
 
     def forward(self, features: torch.Tensor, text: TextContext | None = None) -> torch.Tensor:
         return self.net(features)  # (N, T, in) -> (N, T, out)
