@@ -3,6 +3,7 @@
 from mmhub.backbones.gated_xattn import GatedCrossAttention
 from mmhub.backbones.hf_causal_lm import HFCausalLM
 from mmhub.backbones.hf_seq2seq_lm import HFSeq2SeqLM
+from mmhub.backbones.mllama_xattn import MllamaCrossAttention
 from mmhub.backbones.visual_expert import VisualExperts
 from mmhub.hookspecs import hookimpl
 
@@ -17,3 +18,4 @@ def register_backbones(register):
 def register_injectors(register):
     register(GatedCrossAttention)
     register(VisualExperts)
+    register(MllamaCrossAttention)

@@ -3,6 +3,7 @@
 from mmhub.encoders.hf_audio_encoder import HFAudioEncoder
 from mmhub.encoders.hf_vision_encoder import HFVisionEncoder
 from mmhub.encoders.imagebind_like import ImageBindLike
+from mmhub.encoders.mllama_vision import MllamaVisionEncoder
 from mmhub.encoders.open_clip_encoder import OpenClipEncoder
 from mmhub.encoders.point_encoder import PointEncoder
 from mmhub.encoders.qwen2_vl_vision import Qwen2VLVisionEncoder
@@ -22,4 +23,5 @@ def register_encoders(register):
     register(VideoEncoder)
     register(PointEncoder)
     register(ImageBindLike)
+    register(MllamaVisionEncoder)
     register(Qwen2VLVisionEncoder)

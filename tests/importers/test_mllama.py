@@ -1,0 +1,131 @@
+"""Llama-3.2-Vision (mllama) in mmhub: the ``mllama_xattn`` injector's layer against transformers'
+MllamaCrossAttentionDecoderLayer under the processor's cross-attention masks, the ``mllama_vision`` encoder (tiling
+and tower) against MllamaImageProcessor + MllamaVisionModel, and the ``mllama`` importer's logits and greedy
+generation against MllamaForConditionalGeneration through the family's own processor."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmhub.backbones.mllama_xattn import MllamaXAttnLayer, key_mask
+from mmhub.encoders.mllama_vision import MllamaVisionEncoder
+from mmhub.interfaces import BuildContext
+
+VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_global_layers": 2,
+          "attention_heads": 2, "image_size": 28, "patch_size": 14, "max_num_tiles": 4,
+          "intermediate_layers_indices": [0, 2], "vision_output_dim": 96}
+TEXT = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "hidden_size": 48, "intermediate_size": 96,
+        "num_hidden_layers": 5, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "cross_attention_layers": [1, 4], "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 256,
+        "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}
+LAYER_TOL = 1e-5
+FEATURE_TOL = 1e-5
+MEASURED: dict[str, float] = {}
+
+
+def picture(height: int, width: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+
+
+def perturb(module: torch.nn.Module, std: float, seed: int = 0) -> None:
+    """Move every weight away from its initialisation (gates included), so that equal outputs mean equal maths."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, std)
+
+
+def dense_cross_mask(ids: list[list[int]], image_id: int, tiles: list[list[int]], max_tiles: int) -> torch.Tensor:
+    """The processor's (B, L, M, max_tiles) cross-attention mask, by transformers' own functions."""
+    from transformers.models.mllama.processing_mllama import (
+        convert_sparse_cross_attention_mask_to_dense,
+        get_cross_attention_token_mask,
+    )
+
+    sparse = [get_cross_attention_token_mask(row, image_id) for row in ids]
+    return torch.from_numpy(convert_sparse_cross_attention_mask_to_dense(sparse, tiles, max_tiles, len(ids[0])))
+
+
+@pytest.mark.parametrize("case", ["two_runs", "one_image_per_row"])
+def test_xattn_layer_equals_transformers_cross_attention_layer(case: str) -> None:
+    from transformers import MllamaTextConfig
+    from transformers.models.mllama.modeling_mllama import (
+        MllamaCrossAttentionDecoderLayer,
+        _prepare_cross_attention_mask,
+    )
+
+    cfg = MllamaTextConfig(**TEXT, vocab_size=300)
+    theirs = MllamaCrossAttentionDecoderLayer(cfg, layer_idx=1).eval()
+    perturb(theirs, 0.3)
+    ours = MllamaXAttnLayer(48, 4, 2, 96, 1e-5, "silu").eval()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    image, P, max_tiles = 299, 5, 4
+    if case == "two_runs":  # text before the first image, two consecutive images, later a third
+        ids = [[1, 2, image, image, 5, 6, 7, image, 8, 9], [1, image, 3, 4, 5, image, image, 6, 7, 8]]
+        tiles = [[2, 4, 1], [3, 1, 2]]
+    else:
+        ids = [[1, 2, 3, image, 5, 6, 7], [image, 4, 5, 6, 7, 8, 9]]
+        tiles = [[4], [1]]
+    B, L, M = len(ids), len(ids[0]), len(tiles[0])
+    torch.manual_seed(1)
+    x = torch.randn(B, L, 48)
+    states = torch.randn(B, M * max_tiles * P, 48)
+    dense = dense_cross_mask(ids, image, tiles, max_tiles)
+    mask4, full_row = _prepare_cross_attention_mask(dense, num_vision_tokens=P, dtype=torch.float32)
+    ids_t = torch.tensor(ids)
+    index = (ids_t == image).long().cumsum(1) - 1
+    valid = torch.ones(B, M, dtype=torch.bool)
+    real = torch.arange(max_tiles)[None, None] < torch.tensor(tiles)[..., None]  # (B, M, tiles)
+    allowed = key_mask(index, valid, real.repeat_interleave(P, dim=2), max_tiles * P)
+    assert torch.equal(allowed, dense.bool().repeat_interleave(P, dim=3).flatten(2)), "key masks differ"
+    with torch.no_grad():
+        want = theirs(x, cross_attention_states=states, cross_attention_mask=mask4, attention_mask=None,
+                      full_text_row_masked_out_mask=full_row)
+        got = ours(x, states, allowed)
+    diff = float((want - got).abs().max())
+    MEASURED[f"xattn_layer_{case}"] = diff
+    assert diff <= LAYER_TOL, f"{case}: cross-attention layer differs from transformers' by {diff:.2e} (> {LAYER_TOL})"
+
+
+def tiny_encoder() -> tuple[MllamaVisionEncoder, Any]:
+    from transformers import MllamaVisionConfig, MllamaVisionModel
+
+    tower = MllamaVisionModel(MllamaVisionConfig(**VISION)).eval()
+    perturb(tower, 0.2)
+    enc = MllamaVisionEncoder(MllamaVisionEncoder.Config.model_validate({"config": VISION}),
+                              BuildContext(resolve=lambda uri: uri)).eval()
+    enc.model.load_state_dict(tower.state_dict(), strict=True)
+    return enc, tower
+
+
+def test_encoder_equals_image_processor_and_vision_model() -> None:
+    from transformers.models.mllama.image_processing_mllama import MllamaImageProcessor
+
+    enc, tower = tiny_encoder()
+    processor = MllamaImageProcessor(size={"height": 28, "width": 28}, max_image_tiles=4)
+    # 1x1, 1x2 (wide), 2x1 (tall, downscaled), 2x2 (upscaled) canvases
+    sizes = [(20, 20), (30, 61), (90, 40), (41, 43)]
+    images = [picture(h, w, seed=i) for i, (h, w) in enumerate(sizes)]
+    inputs = processor(images=[[im] for im in images], return_tensors="pt")
+    items = torch.stack([enc.preprocess(im, "image") for im in images])
+    pixel_diff = float((items[:, :, :3] - inputs["pixel_values"][:, 0]).abs().max())
+    assert pixel_diff < 1e-6, f"pixel values differ from MllamaImageProcessor's by {pixel_diff}"
+    assert torch.equal(items[:, 0, 3, 0, 0].long(), inputs["aspect_ratio_ids"][:, 0]), inputs["aspect_ratio_ids"]
+    mask = enc.token_mask(items, "image").view(4, 4, -1)[..., 0]
+    assert torch.equal(mask.long(), inputs["aspect_ratio_mask"][:, 0]), (mask, inputs["aspect_ratio_mask"])
+    with torch.no_grad():
+        want = tower(pixel_values=inputs["pixel_values"], aspect_ratio_ids=inputs["aspect_ratio_ids"],
+                     aspect_ratio_mask=inputs["aspect_ratio_mask"]).last_hidden_state
+        got = enc(items, "image")
+    assert got.shape == (4, 4 * 5, 96), got.shape
+    diff = float((want.reshape(4, 20, 96) - got).abs().max())
+    MEASURED["vision_features"] = diff
+    assert diff <= FEATURE_TOL, f"vision features differ from MllamaVisionModel's by {diff:.2e} (> {FEATURE_TOL})"
