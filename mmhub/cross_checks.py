@@ -78,11 +78,15 @@ def check_injectors(plan: Plan, problems: list[Problem]) -> None:
 
 
 def check_projectors(plan: Plan, problems: list[Problem]) -> None:
-    hidden = plan.backbone_facts.hidden_size if plan.backbone_facts else None
+    backbone_hidden = plan.backbone_facts.hidden_size if plan.backbone_facts else None
+    context_dims = {m: d for f in plan.injector_facts.values() for m, d in f.context_dims.items()}
     for m, slot in plan.projectors.items():
         enc = plan.encoder_facts.get(m)
         cfg = slot.config
         update = {}
+        # a context modality's tokens go to its injector, at the width the injector takes them
+        hidden = context_dims.get(m, backbone_hidden) if backbone_hidden is not None else None
+        target = "backbone hidden size" if hidden == backbone_hidden else "the injector's context width"
         if enc is not None:
             if cfg.in_dim is not None and cfg.in_dim != enc.out_dim:
                 problems.append(
@@ -99,7 +103,7 @@ def check_projectors(plan: Plan, problems: list[Problem]) -> None:
                 problems.append(
                     Problem(
                         f"projectors.{m}.out_dim",
-                        f"{cfg.out_dim} != backbone hidden size {hidden}",
+                        f"{cfg.out_dim} != {target} {hidden}",
                         f"set projectors.{m}.out_dim: {hidden} or leave it out to infer it",
                     )
                 )
