@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from mmhub.hookspecs import hookimpl
+from mmhub.importers.idefics import IdeficsImporter
 from mmhub.importers.llava import LlavaImporter
+from mmhub.importers.mllama import MllamaImporter
+from mmhub.importers.paligemma import PaliGemmaImporter
 
-BUILTIN = [LlavaImporter]
+BUILTIN = [IdeficsImporter, LlavaImporter, MllamaImporter, PaliGemmaImporter]
 
 
 @hookimpl
