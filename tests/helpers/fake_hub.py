@@ -289,7 +289,7 @@ def state_file(name: str) -> Writer:
     checks that it exists; the spec's `arch` / `model` fixes the architecture)."""
 
     def write(folder: Path, shrink: bool) -> None:
-        path = folder / name
+        path = folder / name if name else folder  # "": `folder` is the file itself
         if name.endswith(".safetensors"):
             from safetensors.torch import save_file
 
@@ -387,9 +387,7 @@ REPOS: dict[str, Writer] = {
                       "return_attention_mask": True}),
     # language models
     "huggyllama/llama-7b": llama(4096, 11008, 32, 32, 2048, 1e-6),
-    "lmsys/vicuna-7b-v1.1": llama(4096, 11008, 32, 32, 2048, 1e-6),
     "lmsys/vicuna-7b-v1.3": llama(4096, 11008, 32, 32, 2048, 1e-6),
-    "lmsys/vicuna-13b-v1.1": llama(5120, 13824, 40, 40, 2048, 1e-6),
     "lmsys/vicuna-7b-v1.5": llama(4096, 11008, 32, 32, 4096, 1e-5),
     "lmsys/vicuna-13b-v1.5": llama(5120, 13824, 40, 40, 4096, 1e-5),
     "meta-llama/Llama-2-7b-hf": llama(4096, 11008, 32, 32, 4096, 1e-5, pad=None),
@@ -456,27 +454,35 @@ REPOS: dict[str, Writer] = {
         512, sd_scheduler("DDIMScheduler")),
 }
 
-# ``file:~/models/...`` sources (under <root>/home): checkpoints no published repo holds in this layout
-HOME_FILES = ("models/imagebind_huge_mmhub.safetensors", "models/ulip2_pointbert_mmhub.safetensors")
+# ``file:~/models/...`` sources (under <root>/home): folders a user assembles (Vicuna v1.1 = LLaMA + the published
+# delta, merged by FastChat) and checkpoints no published repo holds in this layout (empty here)
+HOME: dict[str, Writer] = {
+    "models/vicuna-7b-v1.1": llama(4096, 11008, 32, 32, 2048, 1e-6),
+    "models/vicuna-13b-v1.1": llama(5120, 13824, 40, 40, 2048, 1e-6),
+    "models/imagebind_huge_mmhub.safetensors": state_file(""),
+    "models/ulip2_pointbert_mmhub.safetensors": state_file(""),
+}
 
 SHRINKABLE = ("openai/clip-vit-large-patch14", "openai/clip-vit-large-patch14-336", "google/siglip-so400m-patch14-384",
-              "huggyllama/llama-7b", "lmsys/vicuna-7b-v1.1", "lmsys/vicuna-7b-v1.3", "lmsys/vicuna-13b-v1.1",
-              "lmsys/vicuna-7b-v1.5", "lmsys/vicuna-13b-v1.5", "meta-llama/Llama-2-7b-hf",
-              "meta-llama/Llama-2-7b-chat-hf", "google/flan-t5-xl", "google/ul2")
+              "huggyllama/llama-7b", "lmsys/vicuna-7b-v1.3", "lmsys/vicuna-7b-v1.5", "lmsys/vicuna-13b-v1.5",
+              "meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-7b-chat-hf", "google/flan-t5-xl", "google/ul2",
+              "models/vicuna-7b-v1.1", "models/vicuna-13b-v1.1")
 
 
 def build_fake_hub(root: Path, shrink: bool = False, repos: tuple[str, ...] | None = None) -> Path:
-    """Write the stand-ins of `repos` (default: every repo the full presets name; with `shrink`, the
-    `SHRINKABLE` ones) under ``root/hub`` and the ``file:~`` checkpoints under ``root/home``; returns
+    """Write the stand-ins of `repos` (default: every repo and ``~/`` path the full presets name; with `shrink`,
+    the `SHRINKABLE` ones) under ``root/hub`` and the ``file:~`` sources under ``root/home``; returns
     ``root/hub`` (set ``HF_HUB_CACHE`` to it and ``HOME`` to ``root/home``)."""
-    from safetensors.torch import save_file
-
     cache = root / "hub"
-    for repo in repos or (SHRINKABLE if shrink else tuple(REPOS)):
-        REPOS[repo](snapshot(cache, repo), shrink)
-    if not shrink:
-        for rel in HOME_FILES:
-            path = root / "home" / rel
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_file({}, str(path))
+    for repo in repos or (SHRINKABLE if shrink else (*REPOS, *HOME)):
+        if repo in HOME:
+            target = root / "home" / repo
+            if target.suffix == ".safetensors":  # a single checkpoint file
+                target.parent.mkdir(parents=True, exist_ok=True)
+                HOME[repo](target, shrink)
+            else:
+                target.mkdir(parents=True, exist_ok=True)
+                HOME[repo](target, shrink)
+        else:
+            REPOS[repo](snapshot(cache, repo), shrink)
     return cache
