@@ -114,10 +114,12 @@ def resolve_hf(rest: str) -> Path:
     snapshot = root / "snapshots" / (ref.read_text().strip() if ref.is_file() else rev)
     path = snapshot / inner if inner else snapshot
     if not path.exists():
+        revision = "" if rev == "main" else f" --revision {rev}"
         raise WeightsNotFoundError(
             f"{repo} ({'revision ' + rev}{', file ' + inner if inner else ''}) is not in the local Hugging Face cache "
             f"{hf_cache_dir()} and mmhub never downloads weights. On a machine with internet run "
-            f"`huggingface-cli download {repo}` and copy its cache folder {root.name} here (or set HF_HUB_CACHE), "
+            f"`huggingface-cli download {repo}{revision}` and copy its cache folder {root.name} here "
+            f"(or set HF_HUB_CACHE), "
             f"or point the spec at a local folder with file:/path/to/{repo.split('/')[-1]}.")
     return path
 
