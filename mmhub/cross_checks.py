@@ -273,9 +273,12 @@ def check_template(plan: Plan, problems: list[Problem]) -> None:
         return
     problems.extend(template_problems(plan.template, plan.tokenizer))
     vocab = plan.tokenizer.get_vocab()
+    # special: the named ones and every added token marked special (Llama-3.2-Vision's <|image|>)
+    special = set(getattr(plan.tokenizer, "all_special_tokens", [])) | {
+        t.content for t in getattr(plan.tokenizer, "added_tokens_decoder", {}).values() if getattr(t, "special", False)}
     for m in plan.spec.encoders:
         mark = plan.spec.placeholder(m)
-        if mark in vocab and mark not in getattr(plan.tokenizer, "all_special_tokens", []):
+        if mark in vocab and mark not in special:
             problems.append(
                 Problem(
                     f"placeholders.{m}",
@@ -284,7 +287,11 @@ def check_template(plan: Plan, problems: list[Problem]) -> None:
                     "pick a marker the tokenizer does not know",
                 )
             )
-    if plan.backbone_facts is not None and len(plan.tokenizer) > plan.backbone_facts.vocab_size:
+    # placeholder ids may lie past the embedding table: they are replaced before the lookup
+    marks = {vocab.get(plan.spec.placeholder(m)) for m in plan.spec.encoders}
+    past = [i for i in range(plan.backbone_facts.vocab_size if plan.backbone_facts else 0, len(plan.tokenizer))
+            if i not in marks]
+    if plan.backbone_facts is not None and past:
         problems.append(
             Problem(
                 "backbone",
