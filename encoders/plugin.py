@@ -1,5 +1,6 @@
 """Registers mmhub's built-in encoders (through the same hook a third-party plugin uses)."""
 
+from mmhub.encoders.anyres import AnyResEncoder
 from mmhub.encoders.hf_audio_encoder import HFAudioEncoder
 from mmhub.encoders.hf_vision_encoder import HFVisionEncoder
 from mmhub.encoders.imagebind_like import ImageBindLike
@@ -25,3 +26,4 @@ def register_encoders(register):
     register(ImageBindLike)
     register(MllamaVisionEncoder)
     register(Qwen2VLVisionEncoder)
+    register(AnyResEncoder)

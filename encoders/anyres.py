@@ -1,0 +1,308 @@
+"""AnyRes: any registered image tower at high resolution, as LLaVA-NeXT and LLaVA-OneVision read images.
+
+``{type: anyres, tower: {type: hf_vision | timm | open_clip | ..., ...}, grid_pinpoints: [[h, w], ...],
+tile_size: S}``. An image of H x W pixels is
+
+1. fitted into the best of ``grid_pinpoints`` (`best_resolution`: the most of the image's own pixels kept, then the
+   least padding), resized with its aspect kept (`fitted_size`) and padded with black to exactly that size;
+2. cut into ``rows x cols`` tiles of S x S (row-major), preceded by the whole image resized to S x S (the base);
+3. every tile goes through the tower (each gives ``side x side`` tokens);
+4. after the projector (`arrange`, which needs a per-token projector such as mlp or linear): the tiles' tokens are
+   put back into one (rows*side) x (cols*side) grid, the rows or columns that only hold the padding are cut off
+   (`unpadded`), with ``max_tiles: N`` (OneVision's ``anyres_max_N``) a grid holding more than 1.1 x N tiles'
+   tokens is downscaled bilinearly to about N tiles' worth (`downscaled`), with ``newline: true`` the projector's
+   ``image_newline`` embedding ends every row, and the base image's tokens come first.
+
+This is transformers' LLaVA-NeXT/OneVision pipeline step for step (their torchvision image processor: uint8
+antialiased resizes, zero padding, normalisation with ``mean``/``std`` scaled by 1 / ``rescale_factor``), so the
+features match theirs exactly. The tiles are normalised here with the block's own ``mean``/``std`` (the tower's
+transform is not used: AnyRes decides the geometry).
+
+Why the row-end embedding belongs to the projector (``projectors.image.newline: true``): it lives in the LLM's
+embedding space (LLaVA-NeXT adds it after projection and it never passes through the projector), so its width is the
+projector's output width; a different tower keeps it valid, a different LLM replaces it together with the projector,
+and it trains whenever the projector does (a frozen, feature-cached tower cannot hold a learned vector).
+
+The token count depends on the image: `describe` states the most any image can take (what the token budget counts;
+with ``max_tiles`` it is the larger of that and the tiles' raw count, which `forward` pads every item to), and
+`token_mask` marks each item's real tokens, which is what the prompt receives. A preprocessed item is one float32
+vector: the image's height and width, its tile count (base included), then the base and the tiles (zeros past the
+real ones), so items of any size stack into one batch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+
+from mmhub.errors import InputError
+from mmhub.interfaces import BuildContext, ComponentConfig, Encoder, EncoderFacts
+from mmhub.media import load_image
+
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+HEADER = 3  # height, width, tiles (base included)
+DOWNSCALE_SLACK = 1.1  # OneVision downscales only grids holding more than 1.1 x max_tiles tiles' tokens
+
+Size = tuple[int, int]  # (height, width)
+
+
+class AnyResConfig(ComponentConfig):
+    """Settings of `AnyResEncoder`."""
+
+    tower: dict[str, Any] = Field(description="the image encoder each tile goes through: {type: NAME, ...settings}")
+    grid_pinpoints: list[tuple[int, int]] = Field(min_length=1, description="the resolutions (height, width) an "
+                                                  "image may be fitted into, each a multiple of tile_size")
+    tile_size: int = Field(ge=1, description="the side of a tile in pixels: the tower's input size")
+    newline: bool = Field(True, description="end every row of the tile grid with the projector's image_newline")
+    max_tiles: int | None = Field(None, ge=1, description="OneVision's anyres_max_N: downscale grids over N tiles")
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    rescale_factor: float = Field(1 / 255, gt=0)
+    interpolation: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
+
+    @model_validator(mode="after")
+    def _whole_tiles(self) -> "AnyResConfig":
+        bad = [p for p in self.grid_pinpoints if p[0] % self.tile_size or p[1] % self.tile_size or min(p) < 1]
+        if bad:
+            raise ValueError(f"grid_pinpoints {bad} are not whole multiples of tile_size {self.tile_size}; give "
+                             f"resolutions of k x {self.tile_size} pixels")
+        return self
+
+
+# -- geometry (transformers' select_best_resolution, get_patch_output_size, unpad_image, OneVision's downscale) -----
+def best_resolution(size: Size, pinpoints: list[tuple[int, int]]) -> Size:
+    """The pinpoint (height, width) keeping most of the image's pixels once fitted, ties to the least padding."""
+    height, width = size
+    best, kept_best, waste_best = pinpoints[0], -1, math.inf
+    for ph, pw in pinpoints:
+        scale = min(pw / width, ph / height)
+        kept = min(int(width * scale) * int(height * scale), width * height)
+        waste = ph * pw - kept
+        if kept > kept_best or (kept == kept_best and waste < waste_best):
+            best, kept_best, waste_best = (ph, pw), kept, waste
+    return best
+
+
+def fitted_size(size: Size, target: Size) -> Size:
+    """The (height, width) an image of `size` is resized to inside `target`, its aspect kept."""
+    (height, width), (th, tw) = size, target
+    if tw / width < th / height:
+        return min(math.ceil(height * tw / width), th), tw
+    return th, min(math.ceil(width * th / height), tw)
+
+
+def grid_of(size: Size, pinpoints: list[tuple[int, int]], tile: int) -> Size:
+    """(rows, cols) of tiles for an image of `size`."""
+    ph, pw = best_resolution(size, pinpoints)
+    return ph // tile, pw // tile
+
+
+def unpadded(rows: int, cols: int, size: Size) -> tuple[slice, slice]:
+    """The rows and columns of a rows x cols token grid that hold the image of `size` (not its padding)."""
+    height, width = size
+    if width / height > cols / rows:
+        kept = int(round(height * (cols / width), 7))
+        pad = (rows - kept) // 2
+        return slice(pad, rows - pad), slice(0, cols)
+    kept = int(round(width * (rows / height), 7))
+    pad = (cols - kept) // 2
+    return slice(0, rows), slice(pad, cols - pad)
+
+
+def downscaled(rows: int, cols: int, side: int, max_tiles: int | None) -> Size:
+    """The grid OneVision's anyres_max_N bilinear downscale leaves (unchanged without one or when small enough)."""
+    if max_tiles is None:
+        return rows, cols
+    ratio = math.sqrt(rows * cols / (max_tiles * side * side))
+    if ratio > DOWNSCALE_SLACK:
+        return int(rows // ratio), int(cols // ratio)
+    return rows, cols
+
+
+def _span(s: slice, n: int) -> int:
+    return len(range(n)[s])
+
+
+def item_tokens(size: Size, config: AnyResConfig, side: int) -> int:
+    """Tokens an image of `size` takes: the base tile's, then the unpadded (downscaled) grid with its row ends."""
+    rows, cols = grid_of(size, config.grid_pinpoints, config.tile_size)
+    r, c = rows * side, cols * side
+    keep_r, keep_c = unpadded(r, c, size)
+    r, c = downscaled(_span(keep_r, r), _span(keep_c, c), side, config.max_tiles)
+    return side * side + r * (c + int(config.newline))
+
+
+def most_tokens(config: AnyResConfig, side: int) -> int:
+    """The most tokens any image can take after `arrange` (every grid, every unpadded shape of it)."""
+    most = 0
+    for ph, pw in config.grid_pinpoints:
+        rows, cols = ph // config.tile_size * side, pw // config.tile_size * side
+        shapes = [(rows, c) for c in range(1, cols + 1)] + [(r, cols) for r in range(1, rows)]
+        for r, c in shapes:
+            r2, c2 = downscaled(r, c, side, config.max_tiles)
+            most = max(most, r2 * (c2 + int(config.newline)))
+    return side * side + most
+
+
+def max_grid_tiles(config: AnyResConfig) -> int:
+    return max((ph // config.tile_size) * (pw // config.tile_size) for ph, pw in config.grid_pinpoints)
+
+
+class AnyResEncoder(Encoder):
+    """Any image tower over AnyRes tiles (LLaVA-NeXT / OneVision): a base image plus a grid fitted to the image."""
+
+    name: ClassVar[str] = "anyres"
+    Config: ClassVar[type[ComponentConfig]] = AnyResConfig
+    modalities_in: ClassVar[tuple[str, ...]] = ("image",)
+    out_dim_doc: ClassVar[str] = "the tower's width"
+    tokens_doc: ClassVar[str] = ("side^2 base tokens + the unpadded tile grid (rows x (cols + 1) with newline); "
+                                 "describe states the most over every pinpoint")
+    variable_tokens: ClassVar[bool] = True
+    example_settings: ClassVar[dict[str, Any]] = {
+        "tower": {"type": "hf_vision", "config": {
+            "model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "image_size": 32, "patch_size": 8}},
+        "grid_pinpoints": [[32, 64], [64, 32], [64, 64]], "tile_size": 32, "newline": False}
+
+    @classmethod
+    def tower_encoder(cls, config: AnyResConfig, ctx: BuildContext) -> tuple[type[Encoder], ComponentConfig]:
+        """The nested image encoder's class and validated settings."""
+        try:
+            tower_cls, tower_config = ctx.component("encoder", config.tower)
+        except Exception as exc:
+            raise ValueError(f"tower: {exc}") from exc
+        if "image" not in tower_cls.modalities_in or tower_cls.variable_tokens:
+            raise ValueError(f"tower: the {tower_cls.name!r} encoder is not a fixed-size image encoder; give one such "
+                             f"as hf_vision, open_clip or timm")
+        return tower_cls, tower_config
+
+    @classmethod
+    def _tile_facts(cls, config: AnyResConfig, ctx: BuildContext) -> tuple[EncoderFacts, int]:
+        tower_cls, tower_config = cls.tower_encoder(config, ctx)
+        facts = tower_cls.describe(tower_config, ctx)
+        per_tile = facts.tokens_for("image")
+        side = math.isqrt(per_tile)
+        if side * side != per_tile:
+            raise ValueError(f"tower: {per_tile} tokens per tile are not a square grid; AnyRes puts the tiles' tokens "
+                             f"back into one grid (drop the CLS token: e.g. hf_vision drop_cls: true)")
+        return facts, side
+
+    @classmethod
+    def describe(cls, config: AnyResConfig, ctx: BuildContext) -> EncoderFacts:
+        facts, side = cls._tile_facts(config, ctx)
+        raw = (1 + max_grid_tiles(config)) * side * side
+        return EncoderFacts(out_dim=facts.out_dim, tokens_per_item=max(most_tokens(config, side), raw))
+
+    def __init__(self, config: AnyResConfig, ctx: BuildContext):
+        super().__init__(config, ctx)
+        tower_cls, tower_config = self.tower_encoder(config, ctx)
+        self.tower = tower_cls(tower_config, ctx)
+        facts, self.side = self._tile_facts(config, ctx)
+        self.width = self.describe(config, ctx).tokens_per_item
+        self.max_tiles_in_item = 1 + max_grid_tiles(config)
+        self._mean = torch.tensor(config.mean) * (1.0 / config.rescale_factor)
+        self._std = torch.tensor(config.std) * (1.0 / config.rescale_factor)
+
+    @property
+    def out_dim(self) -> int:
+        return self.tower.out_dim
+
+    def has_weight_source(self) -> bool:
+        return self.tower.has_weight_source()
+
+    # -- preprocessing ------------------------------------------------------------------------------------------
+    def _resize(self, pixels: torch.Tensor, size: Size) -> torch.Tensor:
+        from torchvision.transforms.v2 import functional as tvF
+
+        mode = getattr(tvF.InterpolationMode, self.config.interpolation.upper())
+        return tvF.resize(pixels, list(size), interpolation=mode, antialias=True)
+
+    def tiles(self, item: Any) -> tuple[torch.Tensor, Size]:
+        """One image -> ((1 + rows*cols, 3, S, S) normalised base + tiles, its (height, width))."""
+        from torchvision.transforms.v2 import functional as tvF
+
+        image = load_image(item)
+        pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).contiguous()  # (3, H, W) uint8
+        size = (int(pixels.shape[1]), int(pixels.shape[2]))
+        s = self.config.tile_size
+        target = best_resolution(size, self.config.grid_pinpoints)
+        fitted = fitted_size(size, target)
+        canvas = self._resize(pixels, fitted)
+        left, extra_x = divmod(target[1] - fitted[1], 2)
+        top, extra_y = divmod(target[0] - fitted[0], 2)
+        canvas = tvF.pad(canvas, [left, top, left + extra_x, top + extra_y])
+        parts = [self._resize(pixels, (s, s))]
+        parts += [canvas[:, i:i + s, j:j + s] for i in range(0, target[0], s) for j in range(0, target[1], s)]
+        stacked = torch.stack(parts).to(torch.float32)
+        return tvF.normalize(stacked, self._mean.tolist(), self._std.tolist()), size
+
+    def preprocess(self, item: Any, modality: str) -> torch.Tensor:
+        tiles, (height, width) = self.tiles(item)
+        s = self.config.tile_size
+        body = torch.zeros(self.max_tiles_in_item, 3, s, s)
+        body[: tiles.shape[0]] = tiles
+        head = torch.tensor([height, width, tiles.shape[0]], dtype=torch.float32)
+        return torch.cat([head, body.flatten()])  # (HEADER + max tiles * 3 * S * S,)
+
+    def _unpack(self, items: torch.Tensor) -> tuple[list[Size], list[int], torch.Tensor]:
+        s = self.config.tile_size
+        want = HEADER + self.max_tiles_in_item * 3 * s * s
+        if items.ndim != 2 or items.shape[1] != want or items.dtype != torch.float32:
+            raise InputError(f"anyres items must be (N, {want}) float32 vectors from this encoder's preprocess "
+                             f"(tile_size {s}, up to {self.max_tiles_in_item} tiles), got {tuple(items.shape)} "
+                             f"{items.dtype}")
+        head = items[:, :HEADER].round().long().tolist()
+        sizes = [(h, w) for h, w, _ in head]
+        counts = [n for _, _, n in head]
+        return sizes, counts, items[:, HEADER:].view(len(items), self.max_tiles_in_item, 3, s, s)
+
+    # -- model ---------------------------------------------------------------------------------------------------
+    def forward(self, pixels: torch.Tensor, modality: str) -> torch.Tensor:
+        """(N, L) preprocessed items -> (N, W, D): each item's tiles' tokens (base first, row-major), zero-padded."""
+        sizes, counts, tiles = self._unpack(pixels)
+        real = torch.cat([tiles[i, :n] for i, n in enumerate(counts)])  # (sum tiles, 3, S, S)
+        dtype = next(self.parameters()).dtype
+        feats = self.tower(real.to(dtype), "image")  # (sum tiles, side^2, D)
+        out = feats.new_zeros(len(counts), self.width, feats.shape[-1])
+        for i, chunk in enumerate(feats.split(counts)):
+            out[i, : chunk.shape[0] * chunk.shape[1]] = chunk.flatten(0, 1)
+        return out
+
+    def token_mask(self, items: torch.Tensor, modality: str) -> torch.Tensor:
+        sizes, _, _ = self._unpack(items)
+        counts = torch.tensor([item_tokens(size, self.config, self.side) for size in sizes], device=items.device)
+        return torch.arange(self.width, device=items.device)[None] < counts[:, None]  # (N, W)
+
+    def arrange(self, tokens: torch.Tensor, items: torch.Tensor, modality: str,
+                projector: torch.nn.Module) -> torch.Tensor:
+        """(N, W, H) projected tile tokens -> (N, W, H): base, then the unpadded grid rows (each ended by the
+        projector's image_newline), then zeros."""
+        sizes, counts, _ = self._unpack(items)
+        newline = getattr(projector, "image_newline", None) if self.config.newline else None
+        if self.config.newline and newline is None:
+            raise InputError(f"encoders.image (anyres) has newline: true, but the {projector.name} projector has no "
+                             f"image_newline; set newline: true on an mlp or linear projector (or newline: false here)")
+        out = torch.zeros_like(tokens)
+        t = self.side * self.side
+        for i, (size, n) in enumerate(zip(sizes, counts, strict=True)):
+            rows, cols = grid_of(size, self.config.grid_pinpoints, self.config.tile_size)
+            if n != 1 + rows * cols:
+                raise InputError(f"anyres item {i}: {n} tiles for a {size[0]}x{size[1]} image, whose grid is "
+                                 f"{rows}x{cols} + 1; the item was not made by this encoder's preprocess")
+            grid = tokens[i, t: n * t].view(rows, cols, self.side, self.side, -1)
+            grid = grid.permute(4, 0, 2, 1, 3).reshape(-1, rows * self.side, cols * self.side)  # (H, R, C)
+            keep_r, keep_c = unpadded(grid.shape[1], grid.shape[2], size)
+            grid = grid[:, keep_r, keep_c]
+            r, c = downscaled(grid.shape[1], grid.shape[2], self.side, self.config.max_tiles)
+            if (r, c) != tuple(grid.shape[1:]):
+                grid = F.interpolate(grid[None], [r, c], mode="bilinear")[0]
+            if newline is not None:
+                grid = torch.cat([grid, newline.to(grid.dtype)[:, None, None].expand(-1, r, 1)], dim=2)
+            seq = torch.cat([tokens[i, :t], grid.flatten(1).t()])
+            out[i, : seq.shape[0]] = seq
+        return out
