@@ -107,3 +107,23 @@ def tiny_blip_folder(folder: Path, family: Literal["blip-2", "instructblip"] = "
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+def hf_ids(model: Any, batch: dict[str, Any]) -> list[list[int]]:
+    """mmhub's prompt token ids per row (padding dropped) with each image placeholder repeated once per query token:
+    the ids transformers' BLIP processors give for the same text."""
+    pid, n = model.processor.placeholder_ids["image"], model.plan.tokens_per_item("image")
+    rows = []
+    for ids, mask, labels in zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist(),
+                                 batch["labels"].tolist(), strict=True):
+        rows.append([x for t, m, lab in zip(ids, mask, labels, strict=True) if m and lab == -100
+                     for x in ([pid] * n if t == pid else [t])])
+    return rows
+
+
+def first_stop(ids: list[int], stops: set[int]) -> list[int]:
+    """`ids` up to (not including) the first stop token."""
+    for i, t in enumerate(ids):
+        if t in stops:
+            return ids[:i]
+    return ids

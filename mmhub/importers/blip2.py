@@ -1,0 +1,134 @@
+"""The BLIP-2 family importer: transformers ``blip-2`` folders -> hf_vision -> qformer (layout blip2) -> OPT / Flan-T5.
+
+The parts, each an mmhub component with the checkpoint's weights:
+
+* ``hf_vision`` over transformers' BLIP-2 vision tower (built from ``vision_config``), every token of its last
+  block through ``post_layernorm`` (``select_layer: -1``, ``final_norm: true``, ``drop_cls: false``: exactly
+  transformers' ``last_hidden_state``), preprocessing from the folder's image processor;
+* ``qformer`` with ``layout: blip2``: ``query_tokens``, the Q-Former (`mmhub.projectors.qformer_blip2`) and
+  ``language_projection`` as its output linear;
+* ``hf_causal_lm`` (OPT, LLaMA, ...) or ``hf_seq2seq_lm`` (Flan-T5) from ``text_config``, tokenizer from the folder;
+* template ``blip-2`` (image tokens, then the prompt as the tokenizer encodes it: bos first) or ``blip-2-t5``
+  (eos last), the layouts of transformers' BLIP-2 processor.
+
+`blip_parts` is shared with the InstructBLIP importer (`mmhub.importers.instructblip`), which differs only in its
+instruction-aware Q-Former.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from mmhub.errors import CheckpointError
+from mmhub.export.hf_llava_import import META_KEYS
+from mmhub.export.image_processing import hf_vision_settings
+from mmhub.importers.base import Checkpoint, Imported, Importer, ImportOptions
+from mmhub.projectors.qformer_blip2 import qformer_state
+
+QFORMER_ACT = "gelu"  # the Q-Former's FFN activation mmhub's blip2 layout computes (BERT's erf GELU)
+
+
+def _settings(config: Any) -> dict[str, Any]:
+    """A transformers sub-config as mmhub ``config:`` settings (bookkeeping keys dropped)."""
+    return {k: v for k, v in config.to_dict().items() if k not in META_KEYS}
+
+
+def _image_settings(ckpt: Checkpoint) -> dict[str, Any]:
+    raw = ckpt.json("preprocessor_config.json")
+    where = "preprocessor_config.json"
+    if not isinstance(raw, dict):
+        raw = (ckpt.json("processor_config.json") or {}).get("image_processor")
+        where = "processor_config.json image_processor"
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{ckpt.folder}: no image processor config (preprocessor_config.json, or "
+                              f"image_processor in processor_config.json); save the model with its processor")
+    return hf_vision_settings(raw, f"{ckpt.folder}: {where}")
+
+
+def _qformer_settings(config: Any, ckpt: Checkpoint) -> dict[str, Any]:
+    q = config.qformer_config
+    problems = []
+    if q.hidden_act != QFORMER_ACT:
+        problems.append(f"qformer_config.hidden_act {q.hidden_act!r} (the blip2 layout computes {QFORMER_ACT!r})")
+    if getattr(q, "position_embedding_type", "absolute") != "absolute":
+        problems.append(f"qformer_config.position_embedding_type {q.position_embedding_type!r} (only absolute)")
+    if q.encoder_hidden_size != config.vision_config.hidden_size:
+        problems.append(f"qformer_config.encoder_hidden_size {q.encoder_hidden_size} != vision hidden_size "
+                        f"{config.vision_config.hidden_size}")
+    if problems:
+        raise CheckpointError(f"{ckpt.folder}: the Q-Former cannot be built as mmhub's qformer (layout blip2): "
+                              + "; ".join(problems))
+    return {"type": "qformer", "layout": "blip2", "num_queries": config.num_query_tokens,
+            "layers": q.num_hidden_layers, "width": q.hidden_size, "heads": q.num_attention_heads,
+            "cross_attention_every": q.cross_attention_frequency, "mlp_ratio": q.intermediate_size / q.hidden_size,
+            "norm_eps": q.layer_norm_eps}
+
+
+def _placeholder(ckpt: Checkpoint, config: Any) -> str:
+    """The image token string: the tokenizer's token at ``image_token_index`` (checked to be a single token)."""
+    tok = ckpt.tokenizer()
+    index = getattr(config, "image_token_index", None)
+    if index is None:
+        raise CheckpointError(f"{ckpt.folder}: config.json has no image_token_index, so the image tokens cannot be "
+                              f"found in the text; re-save the model with a transformers that writes it")
+    token = tok.convert_ids_to_tokens(int(index))
+    if not isinstance(token, str) or tok.convert_tokens_to_ids(token) != index:
+        raise CheckpointError(f"{ckpt.folder}: image_token_index {index} is not a token of the folder's tokenizer "
+                              f"({len(tok)} tokens); the folder is inconsistent")
+    return token
+
+
+Weights = dict[str, dict[str, torch.Tensor]]
+
+
+def blip_parts(ckpt: Checkpoint, options: ImportOptions,
+               qformer_extra: dict[str, Any] | None = None) -> tuple[dict[str, Any], Weights]:
+    """A BLIP-2-shaped checkpoint (BLIP-2, InstructBLIP) -> (mmhub spec, weight map). `qformer_extra` adds settings to
+    the Q-Former (InstructBLIP: instruction-aware, its tokenizer and text embeddings)."""
+    config = ckpt.hf_config()
+    qformer = _qformer_settings(config, ckpt) | (qformer_extra or {})
+    decoder_only = bool(config.use_decoder_only_language_model)
+    text = config.text_config
+    text_settings = _settings(text)
+    lm_state = ckpt.take(ckpt.first_prefix("language_model.", what="language model tensors"))
+    head_tied = bool(getattr(text, "tie_word_embeddings", True))
+    if not head_tied and "lm_head.weight" not in lm_state:
+        raise CheckpointError(f"{ckpt.folder}: no language_model.lm_head.weight and text_config.tie_word_embeddings "
+                              f"is false")
+    q_state = ckpt.take("qformer.")
+    text_ffn = bool(qformer.get("instruction_aware"))
+    projector = {f"qformer.{k}": v for k, v in qformer_state(q_state, ckpt.tensor("query_tokens"), text_ffn).items()}
+    projector |= {f"proj.{k}": v for k, v in ckpt.take("language_projection.").items()}
+    vision = config.vision_config
+    spec = {
+        "name": ckpt.folder.name,
+        "description": f"imported from the transformers {config.model_type} folder {ckpt.folder}",
+        "encoders": {"image": {"type": "hf_vision", "config": _settings(vision), "select_layer": -1,
+                               "final_norm": True, "drop_cls": False, "dtype": "float32", **_image_settings(ckpt)}},
+        "projectors": {"image": qformer},
+        "backbone": {"type": "hf_causal_lm" if decoder_only else "hf_seq2seq_lm", "config": text_settings,
+                     "tokenizer": str(ckpt.folder), "dtype": options.dtype},
+        "template": options.template or ("blip-2" if decoder_only else "blip-2-t5"),
+        "placeholders": {"image": _placeholder(ckpt, config)},
+    }
+    weights = {"encoders.image.model": ckpt.take("vision_model."), "projectors.image": projector,
+               "backbone.model": lm_state}
+    return spec, weights
+
+
+class Blip2Importer(Importer):
+    """BLIP-2 (Salesforce/blip2-opt-*, blip2-flan-t5-*): ViT-g tower -> Q-Former + projection -> OPT / Flan-T5."""
+
+    name: ClassVar[str] = "blip_2"
+    model_types: ClassVar[tuple[str, ...]] = ("blip-2",)
+    description: ClassVar[str] = ("BLIP-2: ViT tower (post-LN tokens) -> qformer (layout blip2) + language projection "
+                                  "-> OPT / Flan-T5")
+
+    def convert(self, ckpt: Checkpoint, options: ImportOptions) -> Imported:
+        spec, weights = blip_parts(ckpt, options)
+        notes = []
+        if getattr(ckpt.hf_config().qformer_config, "use_qformer_text_input", False):
+            notes.append("the Q-Former's text FFN (use_qformer_text_input) is not used for generation; dropped")
+        return Imported(spec=spec, weights=weights, notes=notes)

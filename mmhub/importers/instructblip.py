@@ -1,0 +1,39 @@
+"""The InstructBLIP family importer: transformers ``instructblip`` folders -> hf_vision -> instruction-aware qformer
+(layout blip2) -> Vicuna/LLaMA/OPT or Flan-T5.
+
+As BLIP-2 (`mmhub.importers.blip2`), except the Q-Former reads the instruction: the prompt text
+(`TextContext.instruction_text`, the prompt side of each sample decoded) is tokenized by the folder's own
+Q-Former tokenizer (``qformer_tokenizer/``, BERT) and enters through the Q-Former's word/position embeddings,
+with the separate text FFN per block, as transformers' ``InstructBlipQFormerModel`` computes it.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from mmhub.errors import CheckpointError
+from mmhub.importers.base import Checkpoint, Imported, Importer, ImportOptions
+from mmhub.importers.blip2 import blip_parts
+
+QFORMER_TOKENIZER = "qformer_tokenizer"  # where InstructBlipProcessor.save_pretrained writes the Q-Former's tokenizer
+
+
+class InstructBlipImporter(Importer):
+    """InstructBLIP (Salesforce/instructblip-vicuna-*, instructblip-flan-t5-*)."""
+
+    name: ClassVar[str] = "instructblip"
+    model_types: ClassVar[tuple[str, ...]] = ("instructblip",)
+    description: ClassVar[str] = ("InstructBLIP: ViT tower -> instruction-aware qformer (layout blip2, its own BERT "
+                                  "tokenizer) + language projection -> Vicuna / Flan-T5")
+
+    def convert(self, ckpt: Checkpoint, options: ImportOptions) -> Imported:
+        tokenizer = ckpt.folder / QFORMER_TOKENIZER
+        if not (tokenizer / "tokenizer_config.json").is_file():
+            raise CheckpointError(f"{ckpt.folder}: no {QFORMER_TOKENIZER}/ (the Q-Former's own tokenizer, which "
+                                  f"InstructBlipProcessor.save_pretrained writes); the instruction cannot be encoded "
+                                  f"without it: save the processor into the folder")
+        q = ckpt.hf_config().qformer_config
+        extra = {"instruction_aware": True, "text_tokenizer": str(tokenizer), "text_vocab_size": q.vocab_size,
+                 "text_positions": q.max_position_embeddings, "text_pad_id": q.pad_token_id or 0}
+        spec, weights = blip_parts(ckpt, options, extra)
+        return Imported(spec=spec, weights=weights)
