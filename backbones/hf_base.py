@@ -119,6 +119,7 @@ class HFBackboneBase(Backbone):
     """Shared plumbing of the transformers backbones (not registered itself)."""
 
     Config: ClassVar[type[ComponentConfig]] = HFBackboneConfig
+    published_weights: ClassVar[bool] = True  # loads the published transformers LLM in `source` (preset status)
     auto_class: ClassVar[Any] = None  # AutoModelForCausalLM / AutoModelForSeq2SeqLM
 
     @classmethod

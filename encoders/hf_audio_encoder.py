@@ -117,6 +117,7 @@ class HFAudioEncoder(Encoder):
 
     name: ClassVar[str] = "hf_audio"
     Config: ClassVar[type[ComponentConfig]] = HFAudioEncoderConfig
+    published_weights: ClassVar[bool] = True  # loads the published transformers tower in `source` (preset status)
     modalities_in: ClassVar[tuple[str, ...]] = ("audio",)
     library: ClassVar[str] = "transformers"
     out_dim_doc: ClassVar[str] = "the model's hidden_size (768 base, 1024 large)"

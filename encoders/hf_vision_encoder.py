@@ -250,6 +250,7 @@ class HFVisionEncoder(ImageEncoder):
 
     name: ClassVar[str] = "hf_vision"
     Config: ClassVar[type[ComponentConfig]] = HFVisionEncoderConfig
+    published_weights: ClassVar[bool] = True  # loads the published transformers tower in `source` (preset status)
     library: ClassVar[str] = "transformers"
     out_dim_doc: ClassVar[str] = "the tower's hidden_size"
     tokens_doc: ClassVar[str] = ("(image_size / patch_size)^2 patch tokens, + the prefix tokens (CLS, registers) "

@@ -141,6 +141,7 @@ class OpenClipEncoder(ImageEncoder):
 
     name: ClassVar[str] = "open_clip"
     Config: ClassVar[type[ComponentConfig]] = OpenClipEncoderConfig
+    published_weights: ClassVar[bool] = True  # loads the published open_clip checkpoint in `pretrained` (preset status)
     library: ClassVar[str] = "open_clip"
     out_dim_doc: ClassVar[str] = "the tower's width"
     tokens_doc: ClassVar[str] = "(image_size / patch_size)^2, +1 with the CLS token"

@@ -93,6 +93,7 @@ class TimmEncoder(ImageEncoder):
 
     name: ClassVar[str] = "timm"
     Config: ClassVar[type[ComponentConfig]] = TimmEncoderConfig
+    published_weights: ClassVar[bool] = True  # loads the published timm checkpoint in `pretrained` (preset status)
     library: ClassVar[str] = "timm"
     out_dim_doc: ClassVar[str] = "the model's feature width at the chosen layer"
     tokens_doc: ClassVar[str] = "h*w of the feature map (pool*pool when pooled), or the ViT patch count"

@@ -145,6 +145,7 @@ class WhisperAudioEncoder(Encoder):
 
     name: ClassVar[str] = "whisper"
     Config: ClassVar[type[ComponentConfig]] = WhisperEncoderConfig
+    published_weights: ClassVar[bool] = True  # loads the published Whisper encoder in `source` (preset status)
     modalities_in: ClassVar[tuple[str, ...]] = ("audio",)
     library: ClassVar[str] = "transformers (+ CTranslate2 files)"
     out_dim_doc: ClassVar[str] = "the model's d_model (384 for tiny, 1280 for large)"

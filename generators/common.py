@@ -204,6 +204,7 @@ class DiffusersGenerator(Generator):
     """Shared plumbing of the diffusers generators (not registered itself)."""
 
     Config: ClassVar[type] = DiffusersGeneratorConfig
+    published_weights: ClassVar[bool] = True  # loads the published diffusers pipeline in `source` (preset status)
     library: ClassVar[str] = "diffusers"
     modalities_in: ClassVar[tuple[str, ...]] = ("conditioning",)
     pipeline_class: ClassVar[str] = ""  # the diffusers pipeline class, by name (diffusers is imported lazily)
