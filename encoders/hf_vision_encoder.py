@@ -62,8 +62,9 @@ FAMILIES: dict[str, tuple[tuple[float, ...], tuple[float, ...], str, float, str]
     "vit": (HALF, HALF, "squash", 1.0, "bilinear"),
 }
 DEFAULT_FAMILY = (IMAGENET_MEAN, IMAGENET_STD, "crop", 1.0, "bicubic")
-PIL_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
-INTERPOLATION = {"nearest": "NEAREST", "bilinear": "BILINEAR", "bicubic": "BICUBIC"}  # torchvision InterpolationMode
+PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
+INTERPOLATION = {"nearest": "NEAREST", "bilinear": "BILINEAR", "bicubic": "BICUBIC",  # torchvision InterpolationMode
+                 "lanczos": "LANCZOS"}  # (LANCZOS: PIL images only, which preprocess resizes)
 
 
 class HFVisionEncoderConfig(ComponentConfig):
@@ -77,7 +78,7 @@ class HFVisionEncoderConfig(ComponentConfig):
     image_size: int | None = None
     resize: Literal["crop", "squash"] | None = None
     crop_pct: float | None = None
-    interpolation: Literal["bicubic", "bilinear", "nearest"] | None = None
+    interpolation: Literal["bicubic", "bilinear", "nearest", "lanczos"] | None = None
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
