@@ -161,7 +161,7 @@ class IdeficsImporter(Importer):
             (ckpt.tensor("lm_head.additional_fc.weight") if ckpt.has("lm_head.additional_fc.weight")
              else ckpt.tensor(p + "embed_tokens.additional_embedding.weight")) if extra else None,
             body)
-        tower = {f"vision_model.{k}": v for k, v in ckpt.take(p + "vision_model.").items()}
+        tower = ckpt.take(p + "vision_model.")  # CLIPVisionModel keys: embeddings., pre_layrnorm., encoder., ...
         resampler = perceiver_state(ckpt.take(p + "perceiver_resampler."))
         gated = gated_state(ckpt.take(p + "gated_cross_attn_layers."))
         spec = {

@@ -106,3 +106,142 @@ def test_gated_layer_idefics_layout_equals_idefics_layer(alpha_type: str, qk_nor
     assert diff <= 1e-5, f"gated layer ({alpha_type}, qk_norm={qk_norm}) max abs diff {diff:.3g} > 1e-5"
     # tokens with no image get no cross-attention update, only the gated MLP
     assert not torch.allclose(got[0, :2], x[0, :2])
+
+
+# --- the whole model -------------------------------------------------------------------------------------------------
+LOGIT_TOL = 1e-4
+IMAGE, FAKE = "<image>", "<fake_token_around_image>"
+
+
+def tiny_checkpoint(folder: Any, **over: Any) -> Any:
+    """A perturbed tiny IdeficsForVisionText2Text saved with its processor (byte tokenizer + IDEFICS's two extra
+    tokens as the additional vocabulary rows 261 and 262)."""
+    from transformers import IdeficsForVisionText2Text, IdeficsImageProcessor, IdeficsProcessor
+
+    from mmhub.backbones.byte_tokenizer import byte_tokenizer
+
+    tok = byte_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": [FAKE, IMAGE]})
+    assert tok.convert_tokens_to_ids([FAKE, IMAGE]) == [261, 262]
+    torch.manual_seed(0)
+    hf = IdeficsForVisionText2Text(tiny_config(**over))
+    perturb(hf, 0.2, seed=3)
+    hf.save_pretrained(folder)
+    IdeficsProcessor(IdeficsImageProcessor(image_size=28), tok).save_pretrained(folder)
+    return folder
+
+
+def picture(seed: int, size: tuple[int, int] = (37, 45)) -> Any:
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    pixels = (torch.rand(size[1], size[0], 3, generator=g) * 255).to(torch.uint8).numpy()
+    return Image.fromarray(pixels)
+
+
+def reference(folder: Any) -> tuple[Any, Any]:
+    from transformers import AutoProcessor, IdeficsForVisionText2Text
+
+    hf = IdeficsForVisionText2Text.from_pretrained(folder, dtype=torch.float32).eval()
+    # the PIL backend resizes with PIL as mmhub's hf_vision does (the torchvision one differs by a grey level)
+    return hf, AutoProcessor.from_pretrained(folder, backend="pil")
+
+
+CASES = {
+    "one_image": (["User:", 0, "Describe this image.\nAssistant:"],
+                  f"<s>User:{FAKE}{IMAGE}{FAKE}Describe this image.\nAssistant:"),
+    "two_interleaved": (["User:", 0, "What is this?", 1, "And this?\nAssistant:"],
+                        f"<s>User:{FAKE}{IMAGE}{FAKE}What is this?{FAKE}{IMAGE}{FAKE}And this?\nAssistant:"),
+}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: Any) -> Any:
+    return tiny_checkpoint(tmp_path_factory.mktemp("idefics") / "tiny-idefics")
+
+
+def prompt_for(case: str) -> tuple[list[Any], str, list[Any]]:
+    """(the IDEFICS processor's prompt list, the same prompt as mmhub text, its images)."""
+    parts, text = CASES[case]
+    images = [picture(i) for i in range(2)]
+    used = [images[p] for p in parts if isinstance(p, int)]
+    return [images[p] if isinstance(p, int) else p for p in parts], text, used
+
+
+def logits(model: Any, batch: dict[str, Any], **media: Any) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**{k: v for k, v in batch.items() if k != "labels"}, **media).logits
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_imported_idefics_equals_transformers(folder: Any, case: str) -> None:
+    from mmhub.importers import import_checkpoint
+
+    hf, processor = reference(folder)
+    model = import_checkpoint(folder)
+    prompt, text, used = prompt_for(case)
+    inputs = processor(text=[prompt], return_tensors="pt")
+    batch = model.batch([text], [{"image": used}])
+    assert batch["input_ids"].tolist() == inputs["input_ids"].tolist(), "token ids differ from the processor's"
+    pixel_diff = float((batch["media"]["image"] - inputs["pixel_values"][0]).abs().max())
+    assert pixel_diff == 0.0, f"pixels differ from the IDEFICS processor's by {pixel_diff}"
+    with torch.no_grad():
+        want = hf(**inputs).logits
+    got = logits(model, batch)
+    assert got.shape == want.shape, (got.shape, want.shape)
+    diff = float((got - want).abs().max())
+    assert diff <= LOGIT_TOL, f"{case}: logits max abs diff {diff:.3g} > {LOGIT_TOL}"
+    # the images matter: other pixels move the logits far more than the tolerance
+    flipped = logits(model, {**batch, "media": {"image": batch["media"]["image"].flip(-1)}})
+    assert float((flipped - got).abs().max()) > 100 * LOGIT_TOL, "the images do not reach the logits"
+    with torch.no_grad():
+        theirs = hf.generate(**inputs, max_new_tokens=16, do_sample=False)[0, inputs["input_ids"].shape[1]:].tolist()
+    ours = model.generate([text], [{"image": used}], max_new_tokens=16)[0].token_ids
+    eos = hf.generation_config.eos_token_id
+    theirs = theirs[: theirs.index(eos)] if eos in theirs else theirs
+    assert ours == theirs, f"{case}: greedy tokens differ: mmhub {ours} vs transformers {theirs}"
+    assert len(ours) == 16 and len(set(ours)) > 1, f"{case}: reply {ours} is too short or degenerate to compare"
+
+
+def test_saved_import_reloads_on_its_own(folder: Any, tmp_path: Any) -> None:
+    """Every weight is in the saved folder (no source: in the spec; the tokenizer is still read from the checkpoint
+    folder, which the reload is allowed to read): the reload computes the same logits."""
+    import mmhub
+    from mmhub.importers import import_checkpoint
+
+    model = import_checkpoint(folder)
+    _, text, used = prompt_for("two_interleaved")
+    batch = model.batch([text], [{"image": used}])
+    model.save_pretrained(tmp_path / "saved")
+    again = mmhub.load(tmp_path / "saved", allow_paths=[str(folder)])
+    assert torch.equal(logits(again, batch), logits(model, batch))
+
+
+def test_swap_the_llama_for_a_qwen2_and_train_a_step(folder: Any) -> None:
+    """The imported parts are ordinary mmhub components: the LLaMA swapped for a tiny Qwen2 of the same width keeps
+    the imported tower, resampler and gated cross-attention layers, and one training step moves the gates."""
+    from mmhub.assembly import build
+    from mmhub.importers import import_checkpoint
+
+    imported = import_checkpoint(folder)
+    spec = imported.spec.model_dump(exclude_none=True)
+    spec["backbone"] = {"type": "hf_causal_lm", "tokenizer": str(folder), "config": {
+        "model_type": "qwen2", "hidden_size": HIDDEN, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 263, "max_position_embeddings": 128}}
+    model = build(spec)
+    for part in ("encoders", "projectors", "injectors"):
+        getattr(model, part).load_state_dict(getattr(imported, part).state_dict())
+    _, text, used = prompt_for("one_image")
+    batch = model.batch([[{"role": "user", "content": text}, {"role": "assistant", "content": "A picture."}]],
+                        [{"image": used}])
+    model.train()
+    model.projectors.requires_grad_(True)  # what a stage training the projector and the gated layers unfreezes
+    model.injectors.requires_grad_(True)
+    gate = model.injectors["xattn"].layers[0].attn_gate
+    before = gate.detach().clone()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    loss = model(**batch).loss
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss) and not torch.equal(before, gate.detach())
+    assert type(model.backbone.model).__name__ == "Qwen2ForCausalLM"
