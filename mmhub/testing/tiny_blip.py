@@ -127,3 +127,58 @@ def first_stop(ids: list[int], stops: set[int]) -> list[int]:
         if t in stops:
             return ids[:i]
     return ids
+
+
+def logit_diff(model: Any, hf: Any, processor: Any, pictures: list[Any], prompts: list[str],
+               answers: list[str]) -> float:
+    """Max |mmhub - transformers| logit over every real position of a batch of (image, prompt, answer) samples, after
+    checking that mmhub's prompt token ids and pixels equal the family processor's (AssertionError otherwise)."""
+    convs = [[{"role": "user", "content": f"<image>{p}"}, {"role": "assistant", "content": a}]
+             for p, a in zip(prompts, answers, strict=True)]
+    batch = model.batch(convs, [{"image": [im]} for im in pictures])
+    enc = processor(images=pictures, text=prompts, padding=True, return_tensors="pt")
+    theirs_ids = [row[mask.bool()].tolist() for row, mask in zip(enc["input_ids"], enc["attention_mask"], strict=True)]
+    assert hf_ids(model, batch) == theirs_ids, "mmhub's prompt tokens differ from the processor's"
+    assert torch.allclose(batch["media"]["image"], enc["pixel_values"], atol=1e-6), "pixels differ"
+    extra = {k: v for k, v in enc.items() if k.startswith("qformer_")}
+    with torch.no_grad():
+        out = model(**batch)
+        if model.is_encoder_decoder:  # the decoder is teacher-forced on the answer behind the start token, as in mmhub
+            target, keep = out.labels, out.labels != -100
+            start = torch.full_like(target[:, :1], model.backbone.decoder_start_token_id)
+            dec = torch.cat([start, target[:, :-1].masked_fill(~keep[:, :-1], model.processor.pad_id)], 1)
+            dec_mask = torch.cat([torch.ones_like(keep[:, :1]), keep[:, :-1]], 1).long()
+            theirs = hf(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                        pixel_values=enc["pixel_values"], decoder_input_ids=dec, decoder_attention_mask=dec_mask,
+                        **extra).logits
+            real = keep
+            ours = out.logits
+        else:  # the whole sequence (prompt + answer) in one causal pass
+            full = [hf_ids(model, {**batch, "labels": torch.full_like(batch["labels"], -100)})[i]
+                    for i in range(len(prompts))]
+            ids = torch.full((len(full), max(map(len, full))), model.processor.pad_id)
+            mask = torch.zeros_like(ids)
+            for i, row in enumerate(full):
+                ids[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), 1
+            theirs = hf(input_ids=ids, attention_mask=mask, pixel_values=enc["pixel_values"], **extra).logits
+            real = mask.bool()
+            ours = out.logits[:, :ids.shape[1]]
+    vocab = ours.shape[-1]
+    return float((ours[real] - theirs[..., :vocab][real]).abs().max())
+
+
+def greedy_pair(model: Any, hf: Any, processor: Any, pictures: list[Any], prompts: list[str],
+                new_tokens: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Greedy tokens per prompt (stop tokens cut): mmhub's chat API (one batch) and transformers' generate (one
+    prompt at a time)."""
+    replies = model.generate([f"<image>{p}" for p in prompts], [{"image": [im]} for im in pictures],
+                             max_new_tokens=new_tokens)
+    stops = set(model.stop_token_ids())
+    theirs = []
+    for p, im in zip(prompts, pictures, strict=True):
+        enc = processor(images=[im], text=[p], return_tensors="pt")
+        with torch.no_grad():
+            out = hf.generate(**enc, max_new_tokens=new_tokens, do_sample=False)[0].tolist()
+        out = out[1:] if model.is_encoder_decoder else out[enc["input_ids"].shape[1]:]  # drop start token / prompt
+        theirs.append(first_stop(out, stops))
+    return [r.token_ids for r in replies], theirs

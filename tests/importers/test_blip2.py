@@ -16,7 +16,7 @@ from mmhub.importers import import_checkpoint
 from mmhub.interfaces import BuildContext
 from mmhub.projectors.qformer import QFormerProjector
 from mmhub.projectors.qformer_blip2 import qformer_state
-from mmhub.testing.tiny_blip import OPT, QFORMER, QUERIES, VISION, first_stop, hf_ids, perturb, tiny_blip_folder
+from mmhub.testing.tiny_blip import OPT, QFORMER, QUERIES, VISION, greedy_pair, logit_diff, perturb, tiny_blip_folder
 
 COMPONENT_TOL = 1e-5
 
@@ -81,63 +81,10 @@ def imported(request, tmp_path_factory) -> tuple[str, Path, Any, Any]:
     return request.param, folder, model, hf
 
 
-def parity(lm: str, model: Any, hf: Any, processor: Any, pictures: list[Image.Image], family: str) -> float:
-    """Max |mmhub - transformers| logit over every real position of a 2-sample batch (prompts + answers), after
-    checking that mmhub's token ids equal the family processor's."""
-    convs = [[{"role": "user", "content": f"<image>{p}"}, {"role": "assistant", "content": a}]
-             for p, a in zip(PROMPTS, ANSWERS, strict=True)]
-    batch = model.batch(convs, [{"image": [im]} for im in pictures])
-    enc = processor(images=pictures, text=PROMPTS, padding=True, return_tensors="pt")
-    theirs_ids = [row[mask.bool()].tolist() for row, mask in zip(enc["input_ids"], enc["attention_mask"], strict=True)]
-    assert hf_ids(model, batch) == theirs_ids, "mmhub's prompt tokens differ from the processor's"
-    assert torch.allclose(batch["media"]["image"], enc["pixel_values"], atol=1e-6), "pixels differ"
-    extra = {k: v for k, v in enc.items() if k.startswith("qformer_")}
-    with torch.no_grad():
-        out = model(**batch)
-        if lm == "t5":  # the decoder is teacher-forced on the answer, behind the start token, as mmhub does
-            target, keep = out.labels, out.labels != -100
-            start = torch.full_like(target[:, :1], model.backbone.decoder_start_token_id)
-            dec = torch.cat([start, target[:, :-1].masked_fill(~keep[:, :-1], model.processor.pad_id)], 1)
-            dec_mask = torch.cat([torch.ones_like(keep[:, :1]), keep[:, :-1]], 1).long()
-            theirs = hf(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                        pixel_values=enc["pixel_values"], decoder_input_ids=dec, decoder_attention_mask=dec_mask,
-                        **extra).logits
-            real = keep
-            ours = out.logits
-        else:  # the whole sequence (prompt + answer) in one causal pass
-            full = [hf_ids(model, {**batch, "labels": torch.full_like(batch["labels"], -100)})[i]
-                    for i in range(len(PROMPTS))]
-            ids = torch.full((len(full), max(map(len, full))), model.processor.pad_id)
-            mask = torch.zeros_like(ids)
-            for i, row in enumerate(full):
-                ids[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), 1
-            theirs = hf(input_ids=ids, attention_mask=mask, pixel_values=enc["pixel_values"], **extra).logits
-            real = mask.bool()
-            ours = out.logits[:, :ids.shape[1]]
-    vocab = ours.shape[-1]
-    diff = float((ours[real] - theirs[..., :vocab][real]).abs().max())
-    MEASURED[f"{family}-{lm} logits"] = diff
-    return diff
-
-
-def greedy(lm: str, model: Any, hf: Any, processor: Any, pictures: list[Image.Image]) -> tuple[list, list]:
-    """16 greedy tokens per prompt: mmhub's chat API (one batch) and transformers' generate (one prompt at a time)."""
-    replies = model.generate([f"<image>{p}" for p in PROMPTS], [{"image": [im]} for im in pictures],
-                             max_new_tokens=NEW_TOKENS)
-    stops = set(model.stop_token_ids())
-    theirs = []
-    for p, im in zip(PROMPTS, pictures, strict=True):
-        enc = processor(images=[im], text=[p], return_tensors="pt")
-        with torch.no_grad():
-            out = hf.generate(**enc, max_new_tokens=NEW_TOKENS, do_sample=False)[0].tolist()
-        out = out[1:] if lm == "t5" else out[enc["input_ids"].shape[1]:]  # drop the start token / the prompt
-        theirs.append(first_stop(out, stops))
-    return [r.token_ids for r in replies], theirs
-
-
 def test_blip2_import_logits_equal_transformers(imported, pictures) -> None:
     lm, folder, model, hf = imported
-    diff = parity(lm, model, hf, AutoProcessor.from_pretrained(folder), pictures, "blip_2")
+    diff = logit_diff(model, hf, AutoProcessor.from_pretrained(folder), pictures, PROMPTS, ANSWERS)
+    MEASURED[f"blip_2-{lm}"] = diff
     assert diff <= TOL, f"blip_2 ({lm}): max abs logit diff {diff:.3g} > {TOL}"
     assert model.imported_from["importer"] == "blip_2"
     assert model.spec.projectors["image"].type == "qformer"
@@ -145,7 +92,7 @@ def test_blip2_import_logits_equal_transformers(imported, pictures) -> None:
 
 def test_blip2_import_greedy_generation_equals_transformers(imported, pictures) -> None:
     lm, folder, model, hf = imported
-    ours, theirs = greedy(lm, model, hf, AutoProcessor.from_pretrained(folder), pictures)
+    ours, theirs = greedy_pair(model, hf, AutoProcessor.from_pretrained(folder), pictures, PROMPTS, NEW_TOKENS)
     assert ours == theirs, f"blip_2 ({lm}): greedy tokens differ: mmhub {ours} vs transformers {theirs}"
     assert all(len(row) >= NEW_TOKENS // 2 for row in ours), f"too few tokens generated to compare: {ours}"
 
