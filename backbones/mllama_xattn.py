@@ -242,10 +242,11 @@ class MllamaCrossAttention(Injector):
         allowed = key_mask(ctx.media_index[m], ctx.media_valid[m], getattr(ctx, "media_mask", {}).get(m), T)
         if allowed.shape[1] != x.shape[1]:  # cached generation: new tokens see what the prompt's last token sees
             allowed = allowed[:, -1:].expand(-1, x.shape[1], -1)
-        keys = media.reshape(B, M * T, H).to(x.dtype)
+        dtype = self.extra_rows.dtype  # the blocks compute in the injector's dtype, the LM's stays its own
+        keys, h = media.reshape(B, M * T, H).to(dtype), x.to(dtype)
         for r in ranks:
-            x = self.layers[r](x, keys, allowed)
-        return x
+            h = self.layers[r](h, keys, allowed)
+        return h.to(x.dtype)
 
     def _pre_hook(self, ranks: list[int]) -> Any:
         def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:

@@ -129,3 +129,95 @@ def test_encoder_equals_image_processor_and_vision_model() -> None:
     diff = float((want.reshape(4, 20, 96) - got).abs().max())
     MEASURED["vision_features"] = diff
     assert diff <= FEATURE_TOL, f"vision features differ from MllamaVisionModel's by {diff:.2e} (> {FEATURE_TOL})"
+
+
+CHAT = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+        "{{ m['content'] }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+LOGIT_TOL = 1e-4
+
+
+def tiny_tokenizer() -> Any:
+    """The byte tokenizer with Llama-3's special tokens; <|image|> last, so its id is the text vocab size (the first
+    of the embedding table's extra rows, as in Llama-3.2-Vision)."""
+    from mmhub.backbones.byte_tokenizer import byte_tokenizer
+
+    tok = byte_tokenizer()
+    tok.add_tokens(["<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>",
+                    "<|python_tag|>", "<|image|>"], special_tokens=True)
+    tok.bos_token, tok.eos_token = "<|begin_of_text|>", "<|eot_id|>"
+    tok.chat_template = CHAT
+    return tok
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A tiny random Llama-3.2-Vision saved by transformers with its processor (weights and gates perturbed)."""
+    from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaProcessor
+    from transformers.models.mllama.image_processing_mllama import MllamaImageProcessor
+
+    folder = tmp_path_factory.mktemp("mllama")
+    tok = tiny_tokenizer()
+    image_id = tok.convert_tokens_to_ids("<|image|>")
+    text = {**TEXT, "vocab_size": image_id, "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id}
+    cfg = MllamaConfig(vision_config=VISION, text_config=text, image_token_index=image_id)
+    model = MllamaForConditionalGeneration(cfg).eval()
+    perturb(model, 0.08)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "gate" in name:  # tanh gates well away from 0, so every gated branch counts
+                p.uniform_(0.5, 1.0)
+            elif "norm" in name and name.endswith("weight"):  # norms near 1 keep the signal alive through the stack
+                p.uniform_(0.8, 1.2)
+        model.lm_head.weight.normal_(0, 1.0)  # logits of order 1, so a 1e-4 tolerance is tight
+    model.save_pretrained(folder)
+    processor = MllamaProcessor(image_processor=MllamaImageProcessor(size={"height": 28, "width": 28},
+                                                                     max_image_tiles=4), tokenizer=tok)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def test_import_matches_transformers_logits_and_greedy_tokens(checkpoint: Any) -> None:
+    from transformers import AutoProcessor, MllamaForConditionalGeneration
+
+    from mmhub.importers.run import import_checkpoint
+
+    model = import_checkpoint(checkpoint)
+    hf = MllamaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    assert model.spec.injectors and model.plan.context_modalities == {"image": "xattn"}
+    # equal image counts per sample: transformers pads a shorter sample's image slots with a blank image's features
+    conversations = [[{"role": "user", "content": "<|image|><|image|>Describe both."}],
+                     [{"role": "user", "content": "First <|image|> then <|image|>: which is brighter?"}]]
+    images = [[picture(30, 61, 0), picture(20, 20, 1)], [picture(90, 40, 2), picture(41, 43, 3)]]  # 2, 1, 2, 4 tiles
+    texts = [processor.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+             for c in conversations]
+    inputs = processor(images=images, text=texts, padding=True, return_tensors="pt")
+    batch = model.batch(conversations, [{"image": ims} for ims in images], add_generation_prompt=True)
+    real = inputs["attention_mask"].bool()
+    for row in range(2):
+        assert batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist() == \
+            inputs["input_ids"][row][real[row]].tolist(), f"row {row}: mmhub's prompt ids differ from the processor's"
+    with torch.no_grad():
+        theirs = hf(**inputs).logits
+        ours = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     media=batch["media"]).logits
+    diffs = [float((ours[r][batch["attention_mask"][r].bool()] - theirs[r][real[r]]).abs().max()) for r in range(2)]
+    MEASURED["logits"] = max(diffs)
+    assert max(diffs) <= LOGIT_TOL, f"logits differ from transformers' by {diffs} at the real positions (> {LOGIT_TOL})"
+
+    prompt = [{"role": "user", "content": "<|image|>What is in this picture?"}]
+    image = picture(30, 61, 4)
+    reply = model.generate([prompt], [{"image": [image]}], max_new_tokens=16)[0]
+    one = processor(images=[[image]], text=[processor.tokenizer.apply_chat_template(prompt, tokenize=False,
+                                                                                      add_generation_prompt=True)],
+                    return_tensors="pt")
+    stops = model.stop_token_ids()
+    with torch.no_grad():
+        out = hf.generate(**one, max_new_tokens=16, do_sample=False, eos_token_id=stops,
+                          pad_token_id=processor.tokenizer.pad_token_id)
+    want = out[0, one["input_ids"].shape[1]:].tolist()
+    want = want[:next((i for i, t in enumerate(want) if t in stops), len(want))]
+    assert reply.token_ids == want, f"greedy tokens differ: mmhub {reply.token_ids} vs transformers {want}"
+    assert len(want) == 16, f"transformers stopped after {len(want)} tokens; the check wants 16 (reseed the weights)"
