@@ -25,6 +25,14 @@ the centres of ``num_frames`` equal segments of the clip, so a clip with fewer f
 has each frame repeated in order (2 frames for ``num_frames: 4`` -> f0 f0 f1 f1; a
 still image is one frame). Each frame goes through the nested encoder's own
 ``preprocess``, giving (num_frames, C, H, W) per item.
+
+Frame sampling: with ``fps`` set, frames are first taken at that rate along the clip's
+own timeline (an animated file's per-frame durations; ``source_fps`` for frame lists and
+arrays, or an item given as ``{"frames": ..., "fps": RATE}``), then ``num_frames`` of
+those are chosen as above (evenly when there are more, repeated in order when fewer),
+so the token count never depends on the clip. ``max_pixels`` downscales each frame
+(aspect kept) to at most that many pixels before the frame encoder sees it (a
+dynamic-resolution frame encoder then spends fewer tokens).
 """
 
 from __future__ import annotations
@@ -54,6 +62,9 @@ class VideoEncoderConfig(ComponentConfig):
     num_frames: int = Field(8, ge=1)
     temporal: Literal["mean", "video_chatgpt", "concat"] = "mean"
     tokens_per_frame: int | None = Field(None, ge=1, description="concat only: tokens kept per frame")
+    fps: float | None = Field(None, gt=0, le=1000, description="sample frames at this rate along the clip's timeline")
+    source_fps: float = Field(25.0, gt=0, le=1000, description="the frame rate of clips given as frame lists/arrays")
+    max_pixels: int | None = Field(None, ge=1, description="downscale each frame to at most this many pixels")
 
 
 def frame_indices(available: int, num_frames: int) -> np.ndarray:
@@ -78,8 +89,28 @@ def _open_animation(item: Any) -> Image.Image:
     return img
 
 
-def load_frames(item: Any, num_frames: int) -> list[Any]:
-    """`num_frames` frames (PIL images or arrays, as given) sampled uniformly from one video item."""
+def timed_indices(durations: list[float], fps: float) -> list[int]:
+    """The frame shown at each tick of a `fps` clock along a clip whose frames last `durations` seconds."""
+    starts = np.cumsum([0.0, *durations])
+    total = float(starts[-1])
+    ticks = np.arange(0.0, total, 1.0 / fps) if total > 0 else np.zeros(1)
+    return np.clip(np.searchsorted(starts, ticks, side="right") - 1, 0, len(durations) - 1).tolist()
+
+
+def load_frames(item: Any, num_frames: int, fps: float | None = None, source_fps: float = 25.0) -> list[Any]:
+    """`num_frames` frames (PIL images or arrays, as given) sampled from one video item: uniformly over its frames,
+    or (with `fps`) at that rate along its timeline first. An item may be ``{"frames": FRAMES, "fps": RATE}``."""
+    if isinstance(item, dict):
+        if "frames" not in item:
+            raise InputError(f"a video given as a dict needs 'frames' (and optionally 'fps'); got keys {sorted(item)}")
+        rate = item.get("fps", source_fps)
+        if not isinstance(rate, (int, float)) or not 0 < rate <= 1000:
+            raise InputError(f"video fps {rate!r} must be a number in (0, 1000]")
+        return load_frames(item["frames"], num_frames, fps, float(rate))
+    if fps is not None:
+        frames, durations = _all_frames(item, source_fps)
+        timed = [frames[i] for i in timed_indices(durations, fps)]
+        return [timed[i] for i in frame_indices(len(timed), num_frames)]
     if isinstance(item, torch.Tensor):
         item = item.detach().cpu().numpy()
     if isinstance(item, np.ndarray):
@@ -106,6 +137,37 @@ def load_frames(item: Any, num_frames: int) -> list[Any]:
         return [decoded[i] for i in frame_indices(available, num_frames)]
     raise InputError(f"cannot read a video from a {type(item).__name__}; pass a list of frames, a (F, H, W, 3) uint8 "
                      f"array, or an animated GIF/WebP/APNG path or bytes")
+
+
+def _all_frames(item: Any, source_fps: float) -> tuple[list[Any], list[float]]:
+    """Every frame of a clip and how long each is shown (seconds): an animation's own durations (``source_fps``
+    where a frame records none), ``1 / source_fps`` each for frame lists and arrays."""
+    if isinstance(item, (str, Path, bytes, bytearray)):
+        img = _open_animation(item)
+        frames, durations = [], []
+        try:
+            for i, frame in enumerate(ImageSequence.Iterator(img)):
+                if i >= MAX_FRAMES:
+                    break
+                ms = frame.info.get("duration")
+                durations.append(ms / 1000.0 if isinstance(ms, (int, float)) and ms > 0 else 1.0 / source_fps)
+                frames.append(frame.convert("RGB"))
+        except (OSError, EOFError) as exc:
+            raise InputError(f"video could not be decoded ({type(exc).__name__}: {exc})") from None
+        return frames, durations
+    frames = load_frames(item, 1)  # validates the item's form
+    frames = list(item.detach().cpu().numpy() if isinstance(item, torch.Tensor) else item)
+    return frames, [1.0 / source_fps] * len(frames)
+
+
+def limit_pixels(frame: Any, max_pixels: int) -> Any:
+    """`frame` downscaled (aspect kept, bicubic) so that width * height <= `max_pixels`; unchanged when it fits."""
+    img = frame if isinstance(frame, Image.Image) else Image.fromarray(np.asarray(frame)[..., :3].astype(np.uint8))
+    if img.width * img.height <= max_pixels:
+        return frame
+    scale = math.sqrt(max_pixels / (img.width * img.height))
+    size = (max(1, math.floor(img.width * scale)), max(1, math.floor(img.height * scale)))
+    return img.resize(size, Image.Resampling.BICUBIC)
 
 
 def _pick(frames: list[Any], num_frames: int) -> list[Any]:
@@ -184,7 +246,10 @@ class VideoEncoder(Encoder):
         return self.frames.has_weight_source()
 
     def preprocess(self, item: Any, modality: str) -> torch.Tensor:
-        frames = load_frames(item, self.config.num_frames)
+        cfg = self.config
+        frames = load_frames(item, cfg.num_frames, cfg.fps, cfg.source_fps)
+        if cfg.max_pixels is not None:
+            frames = [limit_pixels(f, cfg.max_pixels) for f in frames]
         out = []
         for i, frame in enumerate(frames):
             try:

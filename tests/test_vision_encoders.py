@@ -230,6 +230,44 @@ def test_video_items_gif_arrays_and_repeated_frames(ctx, tmp_path) -> None:
     torch.testing.assert_close(enc.preprocess(eight, "video"), enc.preprocess(eight[1::2], "video"))
 
 
+def test_video_frames_are_sampled_at_fps_along_the_clips_timeline(ctx, tmp_path) -> None:
+    from PIL import ImageSequence
+
+    enc, _ = build("video", {"frames": TINY_OPEN_CLIP, "num_frames": 4, "temporal": "mean", "fps": 2,
+                             "source_fps": 8}, ctx)
+    exact, _ = build("video", {"frames": TINY_OPEN_CLIP, "num_frames": 4, "temporal": "mean"}, ctx)  # takes 4 as given
+    clip = _frames(16, 7)  # 2 s at 8 frames/s: ticks at 0, 0.5, 1, 1.5 s show frames 0, 4, 8, 12
+    torch.testing.assert_close(enc.preprocess(clip, "video"), exact.preprocess(clip[0::4], "video"))
+    assert not torch.equal(exact.preprocess(clip, "video"), enc.preprocess(clip, "video"))  # uniform: 2, 6, 10, 14
+    # the item's own rate wins over source_fps: 16 frames at 4 frames/s is 4 s, 8 ticks, 4 of them evenly
+    ticks = clip[0::2]  # frames at 0, 0.5, ... 3.5 s
+    torch.testing.assert_close(enc.preprocess({"frames": clip, "fps": 4}, "video"),
+                               exact.preprocess([ticks[i] for i in (1, 3, 5, 7)], "video"))
+    # a short clip: 0.5 s at 2 ticks/s is one tick, repeated to num_frames
+    torch.testing.assert_close(enc.preprocess(clip[:4], "video"), exact.preprocess([clip[0]] * 4, "video"))
+    # an animation's own per-frame durations: 100, 100, 100, 1700 ms -> ticks at 0, 0.5, 1.0, 1.5 s show frames
+    # 0, 3, 3, 3 (uniform sampling would take 0, 1, 2, 3)
+    gif = tmp_path / "uneven.gif"
+    a, b, c = _frames(3, 8)
+    a.save(gif, save_all=True, append_images=[b, c, a], duration=[100, 100, 100, 1700], loop=0)
+    frames = [f.convert("RGB") for f in ImageSequence.Iterator(Image.open(gif))]
+    torch.testing.assert_close(enc.preprocess(str(gif), "video"), exact.preprocess([frames[0]] + [frames[3]] * 3,
+                                                                                   "video"))
+    with pytest.raises(InputError, match="fps 0 must be a number"):
+        enc.preprocess({"frames": clip, "fps": 0}, "video")
+
+
+def test_video_max_pixels_downscales_each_frame_before_the_frame_encoder(ctx) -> None:
+    from mmhub.encoders.video_encoder import limit_pixels
+
+    big = _frames(1, 9)[0].resize((200, 100))
+    small = limit_pixels(big, 5000)
+    assert small.size == (100, 50) and limit_pixels(small, 5000) is small
+    enc, _ = build("video", {"frames": TINY_OPEN_CLIP, "num_frames": 2, "max_pixels": 5000}, ctx)
+    plain, _ = build("video", {"frames": TINY_OPEN_CLIP, "num_frames": 2}, ctx)
+    torch.testing.assert_close(enc.preprocess([big, big], "video"), plain.preprocess([small, small], "video"))
+
+
 def test_video_rejects_bad_items_and_settings(ctx, tmp_path) -> None:
     enc, _ = build("video", {"frames": TINY_OPEN_CLIP, "num_frames": 2}, ctx)
     with pytest.raises(InputError, match="no frames"):
