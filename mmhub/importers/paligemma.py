@@ -61,9 +61,11 @@ def image_processor_config(ckpt: Checkpoint) -> tuple[dict[str, Any], str]:
                           f"processor_config.json): the image preprocessing is unknown")
 
 
-def language_tensors(ckpt: Checkpoint, tied: bool) -> dict[str, Any]:
-    """The LLM's tensors as a transformers causal LM names them (``model.``..., ``lm_head.weight`` when untied)."""
-    prefix = ckpt.first_prefix("model.language_model.", "language_model.model.", what="language model")
+def language_tensors(ckpt: Checkpoint, tied: bool,
+                     prefixes: tuple[str, ...] = ("model.language_model.", "language_model.model.")) -> dict[str, Any]:
+    """The LLM's tensors as a transformers causal LM names them (``model.``..., ``lm_head.weight`` when untied),
+    from under the first of `prefixes` present."""
+    prefix = ckpt.first_prefix(*prefixes, what="language model")
     state = {"model." + k: v for k, v in ckpt.take(prefix).items()}
     head = next((k for k in ("lm_head.weight", "language_model.lm_head.weight") if ckpt.has(k)), None)
     if tied:

@@ -5,12 +5,14 @@ from __future__ import annotations
 from mmhub.hookspecs import hookimpl
 from mmhub.importers.blip2 import Blip2Importer
 from mmhub.importers.idefics import IdeficsImporter
+from mmhub.importers.idefics3 import Idefics3Importer
 from mmhub.importers.instructblip import InstructBlipImporter
 from mmhub.importers.llava import LlavaImporter
 from mmhub.importers.mllama import MllamaImporter
 from mmhub.importers.paligemma import PaliGemmaImporter
 
-BUILTIN = [Blip2Importer, InstructBlipImporter, IdeficsImporter, LlavaImporter, MllamaImporter, PaliGemmaImporter]
+BUILTIN = [Blip2Importer, InstructBlipImporter, IdeficsImporter, Idefics3Importer, LlavaImporter, MllamaImporter,
+           PaliGemmaImporter]
 
 
 @hookimpl
