@@ -84,11 +84,15 @@ class PresetInfo:
     plugin: str
     io: str = ""
     description: str = ""
-    missing: str = ""  # what the spec cannot express yet (status "partial: ..."); empty when complete
+    missing: str = ""  # what the published system has that the spec lacks ("slot: reason; ..."), declared
 
     @property
     def status(self) -> str:
-        return f"partial: {self.missing}" if self.missing else "complete"
+        """Derived (`mmhub.presets.status`): ``complete`` only when every slot loads published weights, else
+        ``partial: <slot>: <what is missing>; ...`` (plus the declared `missing`)."""
+        from mmhub.presets.status import derive_status
+
+        return derive_status(self, get_registry())
 
     @property
     def key(self) -> str:

@@ -27,8 +27,10 @@ def test_all_26_systems_ship_in_both_sizes() -> None:
     assert len(ZOO) == 26
     for name in ZOO:
         assert f"{name}:tiny" in REG.presets and f"{name}:full" in REG.presets, name
-    statuses = {p.name: p.status for p in REG.presets.values()}
-    assert {n for n, s in statuses.items() if s != "complete"} == set()  # the any-to-any three got their output side
+    # tiny presets name no weights: their derived status says so (the full ones: tests/test_full_presets.py)
+    for name in ZOO:
+        assert REG.presets[f"{name}:tiny"].status == "partial: every slot starts randomly initialised (a test-size " \
+            "model)", name
 
 
 def _batch(model, modalities):
@@ -125,8 +127,10 @@ def test_presets_cli_lists_status_and_components(capsys) -> None:
     assert by["next-gpt:tiny"]["components"]["encoders.video"] == "=image"
     assert by["flamingo:tiny"]["components"]["injectors.xattn"] == "gated_xattn"
     assert by["blip-2:full"]["components"]["backbone"] == "hf_seq2seq_lm"
-    # all of the zoo, the any-to-any three included
-    assert sum(r["status"] == "complete" for r in rows if r["name"].endswith(":tiny")) == 26
+    # the status is derived from the spec: BLIP-2's full preset starts its Q-Former random
+    assert by["blip-2:full"]["status"].startswith("partial: ")
+    assert "projectors.image: qformer starts randomly initialised" in by["blip-2:full"]["status"]
+    assert all(r["status"] == "complete" or r["status"].startswith("partial: ") for r in rows)
 
 
 @pytest.mark.parametrize("name", ZOO)
