@@ -155,9 +155,19 @@ CASES = {
 }
 
 
+# the other switches: cross-attention before blocks 0 and 2 of 4, per-channel gates, q/k norms in both modules
+VARIANT = {"cross_layer_interval": 2, "num_hidden_layers": 4, "alpha_type": "vector", "qk_layer_norms": True,
+           "qk_perceiver": True}
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: Any) -> Any:
     return tiny_checkpoint(tmp_path_factory.mktemp("idefics") / "tiny-idefics")
+
+
+@pytest.fixture(scope="module")
+def variant_folder(tmp_path_factory: Any) -> Any:
+    return tiny_checkpoint(tmp_path_factory.mktemp("idefics") / "tiny-idefics-variant", **VARIANT)
 
 
 def prompt_for(case: str) -> tuple[list[Any], str, list[Any]]:
@@ -173,10 +183,12 @@ def logits(model: Any, batch: dict[str, Any], **media: Any) -> torch.Tensor:
         return model(**{k: v for k, v in batch.items() if k != "labels"}, **media).logits
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_imported_idefics_equals_transformers(folder: Any, case: str) -> None:
+@pytest.mark.parametrize(("config", "case"), [("base", "one_image"), ("base", "two_interleaved"),
+                                               ("variant", "two_interleaved")])
+def test_imported_idefics_equals_transformers(request: Any, config: str, case: str) -> None:
     from mmhub.importers import import_checkpoint
 
+    folder = request.getfixturevalue("folder" if config == "base" else "variant_folder")
     hf, processor = reference(folder)
     model = import_checkpoint(folder)
     prompt, text, used = prompt_for(case)
@@ -190,7 +202,7 @@ def test_imported_idefics_equals_transformers(folder: Any, case: str) -> None:
     got = logits(model, batch)
     assert got.shape == want.shape, (got.shape, want.shape)
     diff = float((got - want).abs().max())
-    assert diff <= LOGIT_TOL, f"{case}: logits max abs diff {diff:.3g} > {LOGIT_TOL}"
+    assert diff <= LOGIT_TOL, f"{config} {case}: logits max abs diff {diff:.3g} > {LOGIT_TOL}"
     # the images matter: other pixels move the logits far more than the tolerance
     flipped = logits(model, {**batch, "media": {"image": batch["media"]["image"].flip(-1)}})
     assert float((flipped - got).abs().max()) > 100 * LOGIT_TOL, "the images do not reach the logits"
@@ -199,8 +211,27 @@ def test_imported_idefics_equals_transformers(folder: Any, case: str) -> None:
     ours = model.generate([text], [{"image": used}], max_new_tokens=16)[0].token_ids
     eos = hf.generation_config.eos_token_id
     theirs = theirs[: theirs.index(eos)] if eos in theirs else theirs
-    assert ours == theirs, f"{case}: greedy tokens differ: mmhub {ours} vs transformers {theirs}"
-    assert len(ours) == 16 and len(set(ours)) > 1, f"{case}: reply {ours} is too short or degenerate to compare"
+    assert ours == theirs, f"{config} {case}: greedy tokens differ: mmhub {ours} vs transformers {theirs}"
+    assert len(ours) == 16 and len(set(ours)) > 1, f"{config} {case}: reply {ours} too short or degenerate"
+
+
+def test_a_padded_batch_of_one_and_two_images_equals_transformers(folder: Any) -> None:
+    """Two prompts in one batch (one image / two images, right-padded): IDEFICS pads the missing image with zeros
+    and masks it; mmhub's per-sample items do the same. Logits agree at every real position."""
+    from mmhub.importers import import_checkpoint
+
+    hf, processor = reference(folder)
+    model = import_checkpoint(folder)
+    prompts, texts, used = zip(*(prompt_for(c) for c in ("one_image", "two_interleaved")), strict=True)
+    inputs = processor(text=list(prompts), return_tensors="pt")
+    batch = model.batch(list(texts), [{"image": u} for u in used])
+    assert batch["input_ids"].tolist() == inputs["input_ids"].tolist(), "token ids differ from the processor's"
+    with torch.no_grad():
+        want = hf(**inputs).logits
+    got = logits(model, batch)
+    real = inputs["attention_mask"].bool()
+    diff = float((got - want)[real].abs().max())
+    assert diff <= LOGIT_TOL, f"batched: logits max abs diff {diff:.3g} > {LOGIT_TOL} at real positions"
 
 
 def test_saved_import_reloads_on_its_own(folder: Any, tmp_path: Any) -> None:
