@@ -8,11 +8,14 @@ from mmhub.importers.idefics import IdeficsImporter
 from mmhub.importers.idefics3 import Idefics3Importer
 from mmhub.importers.instructblip import InstructBlipImporter
 from mmhub.importers.llava import LlavaImporter
+from mmhub.importers.llava_next import LlavaNextImporter
+from mmhub.importers.llava_onevision import LlavaOnevisionImporter
 from mmhub.importers.mllama import MllamaImporter
 from mmhub.importers.paligemma import PaliGemmaImporter
 
 BUILTIN = [Blip2Importer, InstructBlipImporter, IdeficsImporter, Idefics3Importer, LlavaImporter, MllamaImporter,
-           PaliGemmaImporter]
+           PaliGemmaImporter, LlavaNextImporter,
+           LlavaOnevisionImporter]
 
 
 @hookimpl
