@@ -221,3 +221,55 @@ def test_import_matches_transformers_logits_and_greedy_tokens(checkpoint: Any) -
     want = want[:next((i for i, t in enumerate(want) if t in stops), len(want))]
     assert reply.token_ids == want, f"greedy tokens differ: mmhub {reply.token_ids} vs transformers {want}"
     assert len(want) == 16, f"transformers stopped after {len(want)} tokens; the check wants 16 (reseed the weights)"
+
+
+def test_swap_the_imported_llm_and_train_one_step(checkpoint: Any) -> None:
+    """The imported parts are plain mmhub parts: behind the imported tower, projector and cross-attention blocks put
+    another Llama (3 self-attention layers, a different MLP width; random), and one optimiser step trains the
+    cross-attention blocks while the imported tower and projector compute exactly as before."""
+    from mmhub import build
+    from mmhub.importers import Checkpoint, ImportOptions, import_checkpoint, load_strict
+    from mmhub.importers.mllama import MllamaImporter
+    from mmhub.train.trainable import apply_stage
+
+    imported = import_checkpoint(checkpoint)
+    parts = MllamaImporter().convert(Checkpoint(checkpoint), ImportOptions())
+    spec = parts.spec
+    spec["backbone"]["config"] = {**spec["backbone"]["config"], "num_hidden_layers": 3, "intermediate_size": 64}
+    spec["stages"] = [{"name": "xattn", "train": {"injectors": "full"}}]
+    model = build(spec)
+    for path in ("encoders.image.model", "projectors.image", "injectors.xattn"):
+        load_strict(model.get_submodule(path), parts.weights[path], path)
+    conversation = [{"role": "user", "content": "<|image|>What is this?"}, {"role": "assistant", "content": "tiles"}]
+    image = picture(30, 61, 5)
+    batch = model.batch([conversation], [{"image": [image]}])
+    with torch.no_grad():
+        ref = imported.encode_media(batch["media"])[0]["image"]
+        got = model.encode_media(batch["media"])[0]["image"]
+    assert float((ref - got).abs().max()) == 0.0
+    plan = apply_stage(model, model.spec.stages[0])
+    assert {k for k, n in plan.trainable.items() if n} == {"injectors.xattn"}, plan.trainable
+    gate = model.injectors["xattn"].layers[0].cross_attn_attn_gate
+    before = gate.detach().clone()
+    optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    loss = model(**batch).loss
+    loss.backward()
+    optimiser.step()
+    assert torch.isfinite(loss)
+    assert not torch.equal(before, gate.detach()), "the cross-attention gate did not train"
+
+
+def test_imported_model_saves_every_weight_and_reloads_alone(checkpoint: Any, tmp_path: Any) -> None:
+    import mmhub
+    from mmhub.importers import import_checkpoint
+
+    model = import_checkpoint(checkpoint)
+    conversation = [{"role": "user", "content": "<|image|><|image|>Two pictures."}]
+    batch = model.batch([conversation], [{"image": [picture(20, 20, 6), picture(90, 40, 7)]}])
+    out = model.save_pretrained(tmp_path / "saved")
+    again = mmhub.load(str(out), allow_paths=[str(checkpoint)])  # its tokenizer stays in the checkpoint folder
+    with torch.no_grad():
+        want = model(**batch).logits
+        got = again(**batch).logits
+    assert float((want - got).abs().max()) == 0.0
