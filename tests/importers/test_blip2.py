@@ -12,11 +12,16 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, Blip2Config, Blip2ForConditionalGeneration
 
-from mmhub.importers import import_checkpoint
+from mmhub import build
+from mmhub.importers import Checkpoint, ImportOptions, import_checkpoint, load_strict
+from mmhub.importers.blip2 import blip_parts
 from mmhub.interfaces import BuildContext
 from mmhub.projectors.qformer import QFormerProjector
 from mmhub.projectors.qformer_blip2 import qformer_state
 from mmhub.testing.tiny_blip import OPT, QFORMER, QUERIES, VISION, greedy_pair, logit_diff, perturb, tiny_blip_folder
+from mmhub.train.trainable import apply_stage
+
+from conftest import TINY_LLAMA
 
 COMPONENT_TOL = 1e-5
 
@@ -99,3 +104,38 @@ def test_blip2_import_greedy_generation_equals_transformers(imported, pictures) 
 
 def test_report_measured_differences() -> None:
     print("\nmeasured:", {k: f"{v:.3g}" for k, v in MEASURED.items()})
+
+
+def test_swap_the_imported_llm_and_train_one_step(tmp_path) -> None:
+    """The imported tower and Q-Former are plain mmhub parts: put a different LLM (LLaMA, another width) behind them,
+    and one optimiser step trains the Q-Former's new output projection while the imported parts compute as before."""
+    folder = tiny_blip_folder(tmp_path / "blip2", "blip-2", "opt", seed=9)
+    imported = import_checkpoint(folder)
+    spec, weights = blip_parts(Checkpoint(folder), ImportOptions())
+    spec["backbone"] = {"type": "hf_causal_lm", "config": {**TINY_LLAMA, "hidden_size": 64, "intermediate_size": 96},
+                        "tokenizer": "byte"}
+    spec["stages"] = [{"name": "align", "train": {"projectors": "full"}}]
+    model = build(spec)
+    load_strict(model.encoders["image"].model, weights["encoders.image.model"], "tower")
+    q_state = {k[len("qformer."):]: v for k, v in weights["projectors.image"].items() if k.startswith("qformer.")}
+    load_strict(model.projectors["image"].qformer, q_state, "Q-Former")
+    assert model.projectors["image"].proj.out_features == 64  # the projection re-inferred for the new LLM
+    picture = Image.fromarray(np.random.default_rng(3).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    pixels = imported.processor.preprocess["image"](picture)[None]
+    with torch.no_grad():  # the same tower + Q-Former states as the imported model
+        ref = imported.projectors["image"].query_states(imported.encoders["image"](pixels, "image"))
+        got = model.projectors["image"].query_states(model.encoders["image"](pixels, "image"))
+    assert float((ref - got).abs().max()) <= 1e-6
+    batch = model.batch([[{"role": "user", "content": "<image>What is this?"},
+                          {"role": "assistant", "content": "a square"}]], [{"image": [picture]}])
+    plan = apply_stage(model, model.spec.stages[0])
+    assert {k for k, n in plan.trainable.items() if n} == {"projectors.image"}, plan.trainable
+    train = [p for p in model.parameters() if p.requires_grad]
+    before = model.projectors["image"].proj.weight.detach().clone()
+    optimiser = torch.optim.AdamW(train, lr=1e-2)
+    model.train()
+    loss = model(**batch).loss
+    loss.backward()
+    optimiser.step()
+    assert torch.isfinite(loss)
+    assert not torch.equal(before, model.projectors["image"].proj.weight.detach())

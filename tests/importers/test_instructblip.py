@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, InstructBlipConfig, InstructBlipForConditionalGeneration
 
+from mmhub import load
 from mmhub.importers import import_checkpoint
 from mmhub.interfaces import BuildContext, TextContext
 from mmhub.projectors.qformer import QFormerProjector
@@ -131,3 +132,15 @@ def test_the_instruction_reaches_the_qformer(imported, pictures) -> None:
 
 def test_report_measured_differences() -> None:
     print("\nmeasured:", {k: f"{v:.3g}" for k, v in MEASURED.items()})
+
+
+def test_saved_import_reloads_with_equal_logits(imported, pictures, tmp_path) -> None:
+    """save_pretrained of the imported model writes every weight; the folder loads on its own with equal logits."""
+    _, model, _, _ = imported
+    model.save_pretrained(tmp_path / "saved")
+    # the tokenizers stay in the checkpoint folder, which a loaded folder may read only when allowed
+    again = load(tmp_path / "saved", allow_paths=[model.imported_from["folder"]])
+    batch = model.batch([f"<image>{p}" for p in PROMPTS], [{"image": [im]} for im in pictures])
+    with torch.no_grad():
+        diff = float((model(**batch).logits - again(**batch).logits).abs().max())
+    assert diff == 0.0, f"the reloaded import differs by {diff:.3g}"
