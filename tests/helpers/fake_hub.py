@@ -156,7 +156,7 @@ def _save_shrunk(folder: Path, cfg: dict[str, Any], auto: str | None) -> None:
     settings = dict(cfg)
     hf_cfg = AutoConfig.for_model(settings.pop("model_type"), **settings)
     torch.manual_seed(0)
-    model = getattr(transformers, auto or "AutoModel").from_config(hf_cfg)
+    model = transformers.AutoModel.from_config(hf_cfg) if auto is None else getattr(transformers, auto)(hf_cfg)
     model.save_pretrained(folder)
 
 
