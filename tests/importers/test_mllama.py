@@ -273,3 +273,30 @@ def test_imported_model_saves_every_weight_and_reloads_alone(checkpoint: Any, tm
         want = model(**batch).logits
         got = again(**batch).logits
     assert float((want - got).abs().max()) == 0.0
+
+
+def test_export_reloads_in_transformers_with_identical_logits(checkpoint: Any, tmp_path: Any) -> None:
+    """import -> train the cross-attention gates a little (so the export is not the checkpoint copied) -> export ->
+    transformers reload: logits equal mmhub's through the exported folder's own processor."""
+    from transformers import AutoProcessor, MllamaForConditionalGeneration
+
+    from mmhub.importers import import_checkpoint
+    from mmhub.importers.mllama import MllamaImporter
+
+    model = import_checkpoint(checkpoint)
+    with torch.no_grad():
+        for layer in model.injectors["xattn"].layers:
+            layer.cross_attn_attn_gate.add_(0.25)
+    out = MllamaImporter().export(model, tmp_path / "exported")
+    hf = MllamaForConditionalGeneration.from_pretrained(out).eval()
+    processor = AutoProcessor.from_pretrained(out)
+    conversation = [{"role": "user", "content": "<|image|>Name the colours."}]
+    image = picture(41, 43, 8)
+    text = processor.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    inputs = processor(images=[[image]], text=[text], return_tensors="pt")
+    batch = model.batch([conversation], [{"image": [image]}], add_generation_prompt=True)
+    assert batch["input_ids"].tolist() == inputs["input_ids"].tolist()
+    with torch.no_grad():
+        diff = float((hf(**inputs).logits - model(**batch).logits).abs().max())
+    MEASURED["export_logits"] = diff
+    assert diff <= LOGIT_TOL, f"exported folder's logits differ from mmhub's by {diff:.2e} (> {LOGIT_TOL})"
