@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 
 from mmhub.attention import HF_SDPA, HF_XFORMERS
 from mmhub.backbones.hf_base import HFBackboneBase, HFBackboneConfig
+from mmhub.errors import InputError
 from mmhub.interfaces import BuildContext, ComponentConfig
 
 HFCausalLMConfig = HFBackboneConfig  # kept as the public name of this backbone's settings
@@ -71,12 +72,23 @@ class HFCausalLM(HFBackboneBase):
 
     def _mask(self, attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """A (B, 1, Lq, Lk) boolean mask as this model's attention takes it (SDPA and mmhub_xformers: boolean, every
-        other implementation additive); a (B, L) padding mask as it is."""
+        other implementation additive); a (B, L) padding mask as it is. A prefix-LM's mask longer than a
+        sliding-window model's window is refused: it would reach past the window in the sliding-window layers."""
+        if self.prefix_lm and attention_mask.ndim == 4:
+            self._check_window(attention_mask.shape[-1])
         if attention_mask.ndim == 4 and attention_mask.dtype == torch.bool \
                 and self.model.config._attn_implementation not in ("sdpa", HF_SDPA, HF_XFORMERS):
             additive = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
             attention_mask = additive.masked_fill_(~attention_mask, torch.finfo(dtype).min)
         return attention_mask
+
+    def _check_window(self, length: int) -> None:
+        cfg = self.model.config.get_text_config()
+        window = getattr(cfg, "sliding_window", None)
+        if window and "sliding_attention" in (getattr(cfg, "layer_types", None) or ()) and length > window:
+            raise InputError(f"{length} positions with prefix-LM attention exceed the {cfg.model_type} sliding window "
+                             f"of {window}: mmhub's prefix-LM mask is not windowed for the sliding-window layers; keep "
+                             f"prompt and answer within {window} tokens")
 
     @contextmanager
     def only_at(self, needed: torch.Tensor) -> Iterator[bool]:

@@ -129,5 +129,9 @@ class PaliGemmaImporter(Importer):
             "placeholders": {"image": placeholder},
         }
         notes = ["positions count from 0 in mmhub and from 1 in PaliGemma: RoPE sees only their differences"]
+        if getattr(text, "attn_logit_softcapping", None):  # PaliGemma 2's Gemma-2: transformers runs it eagerly only
+            spec["attention"] = "eager"
+            notes.append("attention: eager (Gemma-2 soft-caps its attention logits, which only transformers' eager "
+                         "attention does)")
         return Imported(spec=spec, weights={"encoders.image.model": tower, "projectors.image": projector,
                                             "backbone.model": language}, notes=notes)
