@@ -17,12 +17,14 @@ IDEFICS is a CLIP-like vision tower -> a perceiver resampler -> a LLaMA whose bl
 
 Which image a token attends to is the IDEFICS processor's ``image_attention_mask``: the latest image at or before
 it (mmhub's ``media_index``); tokens before the first image attend to none and their cross-attention output is
-zero. Prompts are written as the IDEFICS processor writes them: ``<s>`` then text with each image as
+zero. `mmhub.importers.idefics_export` writes such a model back as an ``idefics`` folder. Prompts are written as
+the IDEFICS processor writes them: ``<s>`` then text with each image as
 ``<fake_token_around_image><image><fake_token_around_image>`` (template ``plain``, which adds nothing).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -193,3 +195,8 @@ class IdeficsImporter(Importer):
                  "inside it attends differently after that EOS"]
         return Imported(spec=spec, weights={"encoders.image.model": tower, "projectors.image": resampler,
                                             "injectors.xattn": gated, "backbone.model": language}, notes=notes)
+
+    def export(self, model: Any, out: Path) -> Path:
+        from mmhub.importers.idefics_export import export_idefics
+
+        return export_idefics(model, out)

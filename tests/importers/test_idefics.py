@@ -234,6 +234,40 @@ def test_a_padded_batch_of_one_and_two_images_equals_transformers(folder: Any) -
     assert diff <= LOGIT_TOL, f"batched: logits max abs diff {diff:.3g} > {LOGIT_TOL} at real positions"
 
 
+@pytest.mark.parametrize("config", ["base", "variant"])
+def test_export_reloads_in_transformers_with_identical_logits(request: Any, tmp_path: Any, config: str) -> None:
+    """import -> export -> IdeficsForVisionText2Text + AutoProcessor from the written folder: the same inputs and
+    exactly the original checkpoint's logits (the decoupled tables split back at the same row)."""
+    from mmhub.importers import import_checkpoint
+    from mmhub.importers.idefics import IdeficsImporter
+
+    folder = request.getfixturevalue("folder" if config == "base" else "variant_folder")
+    hf, processor = reference(folder)
+    out = IdeficsImporter().export(import_checkpoint(folder), tmp_path / "exported")
+    again, again_processor = reference(out)
+    assert again.config.additional_vocab_size == 2 and again.config.vocab_size == 261
+    prompt, _, _ = prompt_for("two_interleaved")
+    inputs = processor(text=[prompt], return_tensors="pt")
+    inputs_again = again_processor(text=[prompt], return_tensors="pt")
+    assert all(torch.equal(inputs[k], inputs_again[k]) for k in inputs), "the exported processor differs"
+    with torch.no_grad():
+        want, got = hf(**inputs).logits, again(**inputs).logits
+    diff = float((got - want).abs().max())
+    assert diff == 0.0, f"{config}: exported folder's logits differ from the original's by {diff:.3g}"
+
+
+def test_export_refuses_a_model_without_idefics_shape(folder: Any, tmp_path: Any) -> None:
+    from mmhub.errors import ExportError
+    from mmhub.importers import import_checkpoint
+    from mmhub.importers.idefics import IdeficsImporter
+
+    model = import_checkpoint(folder)
+    model.encoders["image"].config = model.encoders["image"].config.model_copy(update={"drop_cls": True})
+    with pytest.raises(ExportError, match="drop_cls True"):
+        IdeficsImporter().export(model, tmp_path / "exported")
+    assert not (tmp_path / "exported").exists()
+
+
 def test_saved_import_reloads_on_its_own(folder: Any, tmp_path: Any) -> None:
     """Every weight is in the saved folder (no source: in the spec; the tokenizer is still read from the checkpoint
     folder, which the reload is allowed to read): the reload computes the same logits."""
