@@ -121,8 +121,10 @@ def next_spec(ckpt: Checkpoint, options: ImportOptions, family: str, max_tiles: 
         raise CheckpointError(f"{folder}: no image_newline tensor (model.image_newline); a {family} checkpoint has one")
     proj_state["image_newline"] = ckpt.tensor(newline_key)
     tower_prefix = ckpt.first_prefix("model.vision_tower.", "vision_tower.", what="vision tower")
-    ckpt.ignore(tower_prefix + "vision_model.head.", "SigLIP's attention-pooling head: tokens are read before it")
-    tower = {k: v for k, v in ckpt.take(tower_prefix).items() if not k.startswith("vision_model.head.")}
+    heads = ("vision_model.head.", "head.")  # SigLIP's attention-pooling head (under either tower layout)
+    for head in heads:
+        ckpt.ignore(tower_prefix + head, "SigLIP's attention-pooling head: the tokens are read before it")
+    tower = {k: v for k, v in ckpt.take(tower_prefix).items() if not k.startswith(heads)}
     lm_prefix = ckpt.first_prefix("model.language_model.", "language_model.model.", what="language model")
     lm_state = ckpt.take(lm_prefix)
     head_key = "lm_head.weight" if lm_prefix == "model.language_model." else "language_model.lm_head.weight"
