@@ -146,7 +146,7 @@ def test_full_preset_builds_from_shrunk_stand_ins(name: str, shrunk_hub: Path, m
 def test_blip2_full_is_partial_because_its_qformer_starts_random() -> None:
     status = REG.presets["blip-2:full"].status
     assert status.startswith("partial: ")
-    assert "projectors.image: qformer starts randomly initialised (stage 'pretrain' trains it; no published " \
+    assert "projectors.image: qformer starts randomly initialised (stage 'pretrain' trains it, no published " \
            "weights)" in status
     assert "encoders.image" not in status and "backbone" not in status  # EVA-CLIP and Flan-T5 load published weights
 
@@ -168,9 +168,9 @@ def test_status_is_complete_only_when_every_slot_loads_published_weights() -> No
     assert derive_status(PresetInfo("t", "full", spec, "test"), REG) == "complete"
     spec["backbone"] = {"type": "hf_causal_lm", "config": {"model_type": "llama"}}
     assert derive_status(PresetInfo("t", "full", spec, "test"), REG) == \
-        "partial: backbone: hf_causal_lm starts randomly initialised (no stage trains it; no published weights)"
+        "partial: backbone: hf_causal_lm starts randomly initialised (no stage trains it, no published weights)"
     spec["backbone"]["source"] = "hf:lmsys/vicuna-7b-v1.5"
     spec["encoders"]["video"]["frames"] = {"type": "open_clip", "arch": "ViT-B-32"}
     assert derive_status(PresetInfo("t", "full", spec, "test", missing="stages: no feedback stage"), REG) == \
-        "partial: encoders.video.frames: open_clip starts randomly initialised (no stage trains it; no published " \
+        "partial: encoders.video.frames: open_clip starts randomly initialised (no stage trains it, no published " \
         "weights); stages: no feedback stage"

@@ -148,3 +148,14 @@ def test_readme_components_table_is_current() -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert components_table(REG, builtin_only=True) in readme, \
         "README's components table is stale: paste `mmhub plugins --markdown` into the Components section"
+
+
+def test_zoo_table_is_current() -> None:
+    from pathlib import Path
+
+    from mmhub.presets.table import zoo_markdown
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "zoo.md").read_text()
+    assert page == zoo_markdown(REG), "docs/zoo.md is stale: run `python -m mmhub.presets.table --write`"
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "(docs/zoo.md)" in readme

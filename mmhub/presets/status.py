@@ -48,7 +48,7 @@ def _slot_gap(reg: Registry, kind: str, path: str, settings: dict[str, Any], tra
         names = ", ".join(repr(t) for t in trained)
         by = (f"stage {names} trains it" if len(trained) == 1 else f"stages {names} train it") if trained \
             else "no stage trains it"
-        return [*gaps, f"{path}: {name} starts randomly initialised ({by}; no published weights)"]
+        return [*gaps, f"{path}: {name} starts randomly initialised ({by}, no published weights)"]
     if not getattr(cls, "published_weights", False):
         return [*gaps, f"{path}: {name} reads {weights}, which no parity-tested importer or converter produces "
                        f"from published weights"]
