@@ -18,6 +18,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from mmhub.attention import HF_SDPA, HF_XFORMERS
+from mmhub.backbones import mrope
 from mmhub.backbones.hf_base import HFBackboneBase, HFBackboneConfig
 from mmhub.errors import InputError
 from mmhub.interfaces import BuildContext, ComponentConfig
@@ -61,6 +62,22 @@ class HFCausalLM(HFBackboneBase):
     def __init__(self, config: HFBackboneConfig, ctx: BuildContext):
         super().__init__(config, ctx)
         self._softcap = getattr(self.model.config.get_text_config(), "final_logit_softcapping", None)
+
+    @classmethod
+    def hf_config(cls, config: HFBackboneConfig, ctx: BuildContext) -> Any:
+        cfg = super().hf_config(config, ctx)
+        mrope.register_causal_lm(cfg)  # M-RoPE text models (Qwen2-VL's) ship without a causal-LM class
+        return cfg
+
+    @property
+    def grid_positions(self) -> bool:
+        """M-RoPE models (rope_parameters.mrope_section: Qwen2-VL's text model) place media tokens by their grid."""
+        return mrope.is_mrope(self.model.config.get_text_config())
+
+    def media_position_ids(self, attention_mask: torch.Tensor,
+                           spans: list[tuple[int, int, tuple[int, int, int]]]) -> torch.Tensor:
+        """(3, B, L) M-RoPE position ids (`mmhub.backbones.mrope`)."""
+        return mrope.mrope_position_ids(attention_mask, spans)
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:

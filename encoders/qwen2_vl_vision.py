@@ -153,7 +153,7 @@ class Qwen2VLVisionEncoder(ImageEncoder):
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
         return (pixels - self._mean) / self._std  # (3, H, W)
 
-    def token_grid(self, item: torch.Tensor) -> tuple[int, int, int]:
+    def token_grid(self, item: torch.Tensor, modality: str = "image") -> tuple[int, int, int]:
         """A preprocessed image's (t, h, w) patch grid: its tokens in `forward`'s order."""
         _, h, w = item.shape
         if h % (self.patch * self.merge) or w % (self.patch * self.merge):

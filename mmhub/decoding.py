@@ -88,7 +88,7 @@ def _decode(model: Any, inputs_embeds: torch.Tensor, attention_mask: torch.Tenso
     first_mask = prefix_lm_mask(mask) if getattr(backbone, "prefix_lm", False) else mask
     hidden, cache = backbone.step(inputs_embeds, first_mask, position_ids, None)
     last = hidden[:, -1]
-    next_pos = position_ids[:, -1:] + 1
+    next_pos = position_ids[..., -1:] + 1  # (B, 1); (3, B, 1) for M-RoPE positions
     out = Decoded([[] for _ in range(B)], [{} for _ in range(B)], ["length"] * B)
     done = [False] * B
     forced: list[list[int]] = [[] for _ in range(B)]

@@ -57,18 +57,61 @@ def prepare(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     text = {m: text_context(model, input_ids, attention_mask, labels, text_embeds, m, segment_ids)
             for m in given if m in model.projectors and model.projectors[m].uses_text}
     tokens, aux = model.encode_media(media, text, features)
+    ragged = {m: pad_items(t) for m, t in tokens.items() if isinstance(t, list)}  # one tensor per item
+    tokens.update({m: t for m, (t, _) in ragged.items()})
     context = model.plan.context_modalities
     spliced_media = {}
     for m, t in tokens.items():
         if m in context:  # the injector cross-attends to the tokens; the text keeps one marker token per item
             t = model.injectors[context[m]].marker(m).to(t.dtype).expand(t.shape[0], 1, -1)
         spliced_media[ph_ids[m]] = t
-    masks = token_masks(model, media, features)
+    masks = {**token_masks(model, media, features), **{m: k for m, (_, k) in ragged.items()}}
     spliced_masks = {ph_ids[m]: k for m, k in masks.items() if m not in context}  # items of their own length
     sp = splice(input_ids, text_embeds, attention_mask, labels, spliced_media, padding_side, model.placeholder_names,
                 segment_ids, masks=spliced_masks)
+    if model.backbone.grid_positions:  # M-RoPE: media tokens placed by their (t, h, w) grid
+        sp.position_ids = grid_position_ids(model, input_ids, sp, media, segment_ids)
     injection = injection_context(model, input_ids, sp, tokens, masks) if len(model.injectors) else None
     return Prepared(sp, injection, aux)
+
+
+def pad_items(items: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[(T_i, H)] tokens of items of their own length -> (N, max T_i, H) zero-padded and (N, max T_i) real tokens."""
+    longest = max(t.shape[0] for t in items)
+    out = items[0].new_zeros(len(items), longest, items[0].shape[-1])
+    mask = torch.zeros(len(items), longest, dtype=torch.bool, device=items[0].device)
+    for i, t in enumerate(items):
+        out[i, :t.shape[0]], mask[i, :t.shape[0]] = t, True
+    return out, mask
+
+
+def grid_position_ids(model: Any, input_ids: torch.Tensor, sp: Spliced, media: Mapping[str, Any],
+                      segment_ids: torch.Tensor | None) -> torch.Tensor:
+    """The backbone's position ids for a spliced sequence whose media tokens are placed by their (t, h, w) grid:
+    each item's grid from its encoder (`Encoder.token_grid`) through its projector (`Projector.grid_out`); tokens
+    without a grid (another tower, cached features) count as one row (1, 1, T)."""
+    if segment_ids is not None:
+        raise InputError(f"sequence packing (segment_ids) is not supported with the {model.backbone.name} backbone's "
+                         "grid positions (M-RoPE positions do not restart per packed sample); collate unpacked")
+    spans = []
+    ph_ids = model.processor.placeholder_ids
+    for m in model.encoders:
+        if m in model.plan.context_modalities:
+            continue
+        rows, cols = (input_ids == ph_ids[m]).nonzero(as_tuple=True)  # row-major = item order
+        items = media.get(m)
+        for n, (b, t) in enumerate(zip(rows.tolist(), cols.tolist(), strict=True)):
+            where = ((sp.origin[b] == t) & sp.media_positions[b]).nonzero()[:, 0]
+            grid = model.encoders[m].token_grid(items[n], m) if items is not None else None
+            grid = model.projectors[m].grid_out(grid) if grid is not None else None
+            grid = grid if grid is not None else (1, 1, len(where))
+            if grid[0] * grid[1] * grid[2] != len(where):
+                raise InputError(f"{m} item {n}: token grid {grid} holds {grid[0] * grid[1] * grid[2]} tokens but "
+                                 f"{len(where)} were spliced in; the encoder's token_grid or the projector's grid_out "
+                                 "is wrong")
+            if len(where):
+                spans.append((b, int(where[0]), grid))
+    return model.backbone.media_position_ids(sp.attention_mask, spans)
 
 
 def project_media(model: Any, media: Mapping[str, torch.Tensor], text: Mapping[str, TextContext] | None = None,
@@ -84,7 +127,13 @@ def project_media(model: Any, media: Mapping[str, torch.Tensor], text: Mapping[s
             raise InputError(f"got {m!r} features, but this model accepts {', '.join(model.encoders) or 'text only'}")
         proj = model.projectors[m]
         proj.aux_loss = None
-        out[m] = proj(feats, (text or {}).get(m))  # (N, T', hidden)
+        if isinstance(feats, list):  # items of their own size (dynamic resolution): the projector per item
+            if proj.uses_text:
+                raise InputError(f"the {proj.name} projector reads the text, which is not split per {m} item; "
+                                 f"{m} items of different sizes need a projector that does not (patch_merger, mlp)")
+            out[m] = [proj(f[None])[0] for f in feats]  # [(T_i', hidden)]
+        else:
+            out[m] = proj(feats, (text or {}).get(m))  # (N, T', hidden)
         enc = model.encoders[m] if m in model.encoders else None
         if enc is not None and type(enc).arrange is not Encoder.arrange:  # e.g. AnyRes: tiles -> rows, after projection
             if m not in media or m in features:
@@ -198,7 +247,8 @@ def injection_context(model: Any, input_ids: torch.Tensor, sp: Spliced, tokens: 
                 token_mask[m] = torch.ones(B, M, T, dtype=torch.bool, device=input_ids.device)
                 token_mask[m][b, slot] = masks[m].to(input_ids.device)
     positions = sp.media_positions & ~is_marker.gather(1, origin)
-    return InjectionContext(media, valid, index, positions, token_mask)
+    token_ids = input_ids.gather(1, origin).masked_fill(sp.origin < 0, -1)
+    return InjectionContext(media, valid, index, positions, token_mask, token_ids)
 
 
 @contextmanager

@@ -72,8 +72,14 @@ class Encoder(Component):
 
     # True when an item's token count depends on the item (AnyRes tiles, dynamic resolution): `describe` states the
     # most any item can take (what the budget counts), `forward` pads every item to it and `token_mask` marks the real
-    # tokens; such features are never cached (they need the preprocessed items)
+    # tokens (or, for items preprocessed to different shapes, which `collate` keeps as a list, `forward` takes the list
+    # and returns one (T_i, out_dim) tensor per item); such features are never cached (they need the preprocessed items)
     variable_tokens: ClassVar[bool] = False
+
+    def token_grid(self, item: torch.Tensor, modality: str) -> tuple[int, int, int] | None:
+        """A preprocessed item's (t, h, w) grid of output tokens, in `forward`'s row-major order, for backbones that
+        place media tokens by their grid (M-RoPE); None (the default) when the tokens have no such grid."""
+        return None
 
     def arrange(self, tokens: torch.Tensor, items: torch.Tensor, modality: str,
                 projector: torch.nn.Module) -> torch.Tensor:
@@ -145,6 +151,12 @@ class Projector(Component):
         token count is unchanged (a per-token map). Projectors that pool or resample override it."""
         return in_tokens
 
+    def grid_out(self, grid: tuple[int, int, int]) -> tuple[int, int, int] | None:
+        """An item's (t, h, w) input token grid -> the grid of the tokens emitted for it, or None when they have none.
+        By default a projector that keeps the token count keeps the grid; merging projectors override it."""
+        t, h, w = grid
+        return grid if type(self).num_tokens(self.config, t * h * w) == t * h * w else None
+
     @abstractmethod
     def forward(self, features: torch.Tensor, text: TextContext | None = None) -> torch.Tensor:
         """(N, T, in_dim) -> (N, T', out_dim); `text` is given only to projectors with ``uses_text``."""
@@ -173,7 +185,9 @@ class Backbone(Component):
     * `language_model`: the wrapped transformers model (embedding tables, export), when there is one;
     * `decoder_start_token_id`: the decoder's first input token (encoder-decoder backbones);
     * `prefix_lm`: the prompt attends bidirectionally and only the answer causally (PaliGemma); `forward` and the
-      first `step` then take a (B, 1, L, L) boolean mask (`mmhub.passes.prefix_lm_mask`).
+      first `step` then take a (B, 1, L, L) boolean mask (`mmhub.passes.prefix_lm_mask`);
+    * `grid_positions`: media tokens are placed by their (t, h, w) grid (M-RoPE); `media_position_ids` gives the
+      (3, B, L) position ids `forward` and `step` take.
     """
 
     kind: ClassVar[Kind] = "backbone"
@@ -236,6 +250,19 @@ class Backbone(Component):
         """Whether the prompt (media tokens and text up to the first answer token) attends bidirectionally."""
         return False
 
+    @property
+    def grid_positions(self) -> bool:
+        """Whether media tokens take their positions from their (t, h, w) grid (M-RoPE: Qwen2-VL): `forward` and
+        `step` then take the position ids `media_position_ids` gives."""
+        return False
+
+    def media_position_ids(self, attention_mask: torch.Tensor,
+                           spans: list[tuple[int, int, tuple[int, int, int]]]) -> torch.Tensor:
+        """(B, L) attention mask of the spliced sequence and its media items as (row, first position, token grid
+        (t, h, w)) -> the position ids `forward` takes (backbones with `grid_positions`)."""
+        raise NotImplementedError(f"the {self.name} backbone does not place media tokens by their grid "
+                                  "(grid_positions is False)")
+
     @contextmanager
     def only_at(self, needed: torch.Tensor) -> Iterator[bool]:
         """While active, `forward` may leave the final hidden states wrong wherever `needed` (B, L) is False.
@@ -263,7 +290,10 @@ class InjectionContext:
     * ``media_positions``: (B, L) True where the sequence holds spliced media tokens
       (CogVLM's visual experts route these);
     * ``media_mask``: (B, M, T) True at the real tokens of each item, for modalities whose
-      encoder marks padding tokens (`Encoder.token_mask`; Mllama's unused tiles).
+      encoder marks padding tokens (`Encoder.token_mask`; Mllama's unused tiles);
+    * ``token_ids``: (B, L) the text token id at each position (a spliced item's tokens carry
+      its placeholder's id; -1 on padding), for injectors whose masking reads the text (IDEFICS
+      stops image attention after an end-of-sequence token).
     """
 
     media: dict[str, torch.Tensor]
@@ -271,6 +301,7 @@ class InjectionContext:
     media_index: dict[str, torch.Tensor]
     media_positions: torch.Tensor
     media_mask: dict[str, torch.Tensor] = field(default_factory=dict)
+    token_ids: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

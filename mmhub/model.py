@@ -109,7 +109,9 @@ class MMModel(nn.Module):
         for m, items in media.items():
             if m not in self.encoders:
                 raise InputError(f"got {m!r} items, but this model accepts {', '.join(self.encoders) or 'text only'}")
-            out[m] = self.encoders[m](items.to(self.device), m)
+            # items preprocessed to different shapes (dynamic resolution) come as a list
+            items = [t.to(self.device) for t in items] if isinstance(items, list) else items.to(self.device)
+            out[m] = self.encoders[m](items, m)
         return out
 
     def encode_media(self, media: Mapping[str, torch.Tensor], text: Mapping[str, TextContext] | None = None,

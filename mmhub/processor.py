@@ -133,8 +133,8 @@ class MMProcessor:
         media: dict[str, torch.Tensor] = {}
         for m in self.placeholders:
             items = [t for s in samples for t in s.media.get(m, [])]
-            if items:
-                media[m] = torch.stack(items)
+            if items:  # items preprocessed to different shapes (dynamic resolution) stay a list
+                media[m] = torch.stack(items) if all(t.shape == items[0].shape for t in items) else items
         batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "media": media,
                  "padding_side": padding_side}
         if self.signal_groups:

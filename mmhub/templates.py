@@ -161,12 +161,22 @@ TEMPLATES: dict[str, Any] = {
                               around="<fake_token_around_image><global-img>{marker}<fake_token_around_image>",
                               required_tokens=("<end_of_utterance>", "<fake_token_around_image>"),
                               stop=("<end_of_utterance>", "{eos}"), needs=("bos", "eos")),
+    # Qwen2-VL's chat template (chatml with its default system prompt): each image pad wrapped in its vision markers
+    "qwen2-vl": MediaTemplate(name="qwen2-vl", add_bos=False, system="You are a helpful assistant.",
+                              system_fmt="<|im_start|>system\n{system}<|im_end|>\n",
+                              user_fmt="<|im_start|>user\n{content}<|im_end|>\n",
+                              assistant_prefix="<|im_start|>assistant\n", assistant_fmt="{content}<|im_end|>\n",
+                              marker="<|image_pad|>", around="<|vision_start|>{marker}<|vision_end|>",
+                              required_tokens=("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>"),
+                              stop=("<|im_end|>", "{eos}"), needs=()),
     # BLIP-2 / InstructBLIP's processors: the image tokens, then tokenizer(prompt) (bos first for OPT/LLaMA/Vicuna;
     # "blip-2-t5": eos last for Flan-T5, whose encoder reads the prompt); the answer then eos
     "blip-2": MediaTemplate(name="blip-2", add_bos=False, user_fmt="{content}", assistant_fmt="{content}{eos}",
                             bos_after_media=True, needs=("bos", "eos")),
     "blip-2-t5": MediaTemplate(name="blip-2-t5", add_bos=False, user_fmt="{content}{eos}",
                                assistant_fmt="{content}{eos}", needs=("eos",)),
+    "blip-2-video": MediaTemplate(name="blip-2-video", marker="<video>", add_bos=False, user_fmt="{content}",
+                                  assistant_fmt="{content}{eos}", bos_after_media=True, needs=("bos", "eos")),
 }
 
 

@@ -12,10 +12,11 @@ from mmhub.importers.llava_next import LlavaNextImporter
 from mmhub.importers.llava_onevision import LlavaOnevisionImporter
 from mmhub.importers.mllama import MllamaImporter
 from mmhub.importers.paligemma import PaliGemmaImporter
+from mmhub.importers.qwen2_vl import Qwen2VLImporter
 
 BUILTIN = [Blip2Importer, InstructBlipImporter, IdeficsImporter, Idefics3Importer, LlavaImporter, MllamaImporter,
            PaliGemmaImporter, LlavaNextImporter,
-           LlavaOnevisionImporter]
+           LlavaOnevisionImporter, Qwen2VLImporter]
 
 
 @hookimpl

