@@ -145,6 +145,19 @@ class QueryTransformer(nn.Module):
         return self.ln_out(h[:, :Q])
 
 
+def repeat_text(text: TextContext | None, times: int) -> TextContext | None:
+    """`text` with every item's row repeated `times` times in place (one copy per frame of the item)."""
+    if text is None:
+        return None
+
+    def rep(t: torch.Tensor | None) -> torch.Tensor | None:
+        return t.repeat_interleave(times, 0) if t is not None else None
+
+    texts = [t for t in text.instruction_text for _ in range(times)] if text.instruction_text is not None else None
+    return TextContext(text.instruction.repeat_interleave(times, 0), text.instruction_mask.repeat_interleave(times, 0),
+                       rep(text.target), rep(text.target_mask), texts)
+
+
 class QFormerConfig(ProjectorConfig):
     """Settings of `QFormerProjector`; defaults are BLIP-2's (32 queries, 12 layers, width 768, cross-attn every 2nd)"""
 
@@ -163,6 +176,8 @@ class QFormerConfig(ProjectorConfig):
     text_vocab_size: int = Field(30523, ge=1, description="blip2 + instruction_aware: BERT word embeddings")
     text_positions: int = Field(512, ge=1, description="blip2 + instruction_aware: BERT position embeddings")
     text_pad_id: int = Field(0, ge=0, description="blip2 + instruction_aware: the tokenizer's padding id")
+    frames: int = Field(1, ge=1, description="the input holds this many frames' tokens in time order; each frame is "
+                        "read on its own, outputs concatenated (InstructBLIP-Video): frames x num_queries tokens")
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> "QFormerConfig":
@@ -199,7 +214,11 @@ class QFormerProjector(Projector):
         if in_tokens < 1:
             raise ValueError(f"{cls.name} needs at least 1 input token to attend to, got {in_tokens}; "
                              "fix: check the encoder's token count")
-        return config.num_queries
+        if in_tokens % config.frames:
+            raise ValueError(f"{cls.name} reads {config.frames} frames, but {in_tokens} input tokens are not "
+                             f"{config.frames} equal frames; fix: set frames to the video encoder's num_frames "
+                             "(with temporal: concat)")
+        return config.frames * config.num_queries
 
     def __init__(self, config: QFormerConfig, ctx: BuildContext):
         super().__init__(config, ctx)
@@ -273,4 +292,13 @@ class QFormerProjector(Projector):
         return self.qformer(features, ids, mask)
 
     def forward(self, features: torch.Tensor, text: TextContext | None = None) -> torch.Tensor:
-        return self.proj(self.query_states(features, text))  # (N, T, in) -> (N, num_queries, out)
+        frames = self.config.frames  # type: ignore[attr-defined]
+        if frames == 1:
+            return self.proj(self.query_states(features, text))  # (N, T, in) -> (N, num_queries, out)
+        N, T, D = features.shape
+        if T % frames:
+            raise ValueError(f"{self.name}: {T} feature tokens are not {frames} equal frames; fix: set frames to the "
+                             "video encoder's num_frames (with temporal: concat)")
+        frame_features = features.reshape(N * frames, T // frames, D)
+        per_frame = self.proj(self.query_states(frame_features, repeat_text(text, frames)))
+        return per_frame.reshape(N, frames * per_frame.shape[1], -1)  # frame after frame, each frame's queries

@@ -35,15 +35,19 @@ def _settings(config: Any) -> dict[str, Any]:
     return {k: v for k, v in config.to_dict().items() if k not in META_KEYS}
 
 
-def _image_settings(ckpt: Checkpoint) -> dict[str, Any]:
-    raw = ckpt.json("preprocessor_config.json")
-    where = "preprocessor_config.json"
+def _image_settings(ckpt: Checkpoint, kind: str = "image") -> dict[str, Any]:
+    """hf_vision preprocessing from the folder's image (or video: per frame) processor config."""
+    own = "preprocessor_config.json" if kind == "image" else "video_preprocessor_config.json"
+    raw, where = ckpt.json(own), own
     if not isinstance(raw, dict):
-        raw = (ckpt.json("processor_config.json") or {}).get("image_processor")
-        where = "processor_config.json image_processor"
+        raw = (ckpt.json("processor_config.json") or {}).get(f"{kind}_processor")
+        where = f"processor_config.json {kind}_processor"
     if not isinstance(raw, dict):
-        raise CheckpointError(f"{ckpt.folder}: no image processor config (preprocessor_config.json, or "
-                              f"image_processor in processor_config.json); save the model with its processor")
+        raise CheckpointError(f"{ckpt.folder}: no {kind} processor config ({own}, or {kind}_processor in "
+                              f"processor_config.json); save the model with its processor")
+    if kind == "video" and raw.get("do_sample_frames"):
+        raise CheckpointError(f"{ckpt.folder}: {where} samples frames itself (do_sample_frames: true); mmhub's video "
+                              f"encoder samples num_frames evenly instead")
     return hf_vision_settings(raw, f"{ckpt.folder}: {where}")
 
 
@@ -66,13 +70,14 @@ def _qformer_settings(config: Any, ckpt: Checkpoint) -> dict[str, Any]:
             "norm_eps": q.layer_norm_eps}
 
 
-def _placeholder(ckpt: Checkpoint, config: Any) -> str:
-    """The image token string: the tokenizer's token at ``image_token_index`` (checked to be a single token)."""
+def _placeholder(ckpt: Checkpoint, config: Any, modality: str = "image") -> str:
+    """The media token string: the tokenizer's token at ``image_token_index`` (``video_token_index``), checked to be a
+    single token."""
     tok = ckpt.tokenizer()
-    index = getattr(config, "image_token_index", None)
+    index = getattr(config, f"{modality}_token_index", None)
     if index is None:
-        raise CheckpointError(f"{ckpt.folder}: config.json has no image_token_index, so the image tokens cannot be "
-                              f"found in the text; re-save the model with a transformers that writes it")
+        raise CheckpointError(f"{ckpt.folder}: config.json has no {modality}_token_index, so the {modality} tokens "
+                              f"cannot be found in the text; re-save the model with a transformers that writes it")
     token = tok.convert_ids_to_tokens(int(index))
     if not isinstance(token, str) or tok.convert_tokens_to_ids(token) != index:
         raise CheckpointError(f"{ckpt.folder}: image_token_index {index} is not a token of the folder's tokenizer "
@@ -83,10 +88,12 @@ def _placeholder(ckpt: Checkpoint, config: Any) -> str:
 Weights = dict[str, dict[str, torch.Tensor]]
 
 
-def blip_parts(ckpt: Checkpoint, options: ImportOptions,
-               qformer_extra: dict[str, Any] | None = None) -> tuple[dict[str, Any], Weights]:
+def blip_parts(ckpt: Checkpoint, options: ImportOptions, qformer_extra: dict[str, Any] | None = None,
+               frames: int | None = None) -> tuple[dict[str, Any], Weights]:
     """A BLIP-2-shaped checkpoint (BLIP-2, InstructBLIP) -> (mmhub spec, weight map). `qformer_extra` adds settings to
-    the Q-Former (InstructBLIP: instruction-aware, its tokenizer and text embeddings)."""
+    the Q-Former (InstructBLIP: instruction-aware, its tokenizer and text embeddings). With `frames` the input is
+    video (InstructBLIP-Video): the tower reads `frames` frames (``video`` encoder, ``temporal: concat``) and the
+    Q-Former reads each frame on its own."""
     config = ckpt.hf_config()
     qformer = _qformer_settings(config, ckpt) | (qformer_extra or {})
     decoder_only = bool(config.use_decoder_only_language_model)
@@ -101,20 +108,26 @@ def blip_parts(ckpt: Checkpoint, options: ImportOptions,
     text_ffn = bool(qformer.get("instruction_aware"))
     projector = {f"qformer.{k}": v for k, v in qformer_state(q_state, ckpt.tensor("query_tokens"), text_ffn).items()}
     projector |= {f"proj.{k}": v for k, v in ckpt.take("language_projection.").items()}
-    vision = config.vision_config
+    m = "image" if frames is None else "video"
+    tower = {"type": "hf_vision", "config": _settings(config.vision_config), "select_layer": -1, "final_norm": True,
+             "drop_cls": False, "dtype": "float32", **_image_settings(ckpt, m)}
+    encoder = tower if frames is None else {"type": "video", "frames": tower, "num_frames": frames,
+                                            "temporal": "concat"}
+    if frames is not None:
+        qformer["frames"] = frames
+    template = "blip-2" if m == "image" else "blip-2-video"
     spec = {
         "name": ckpt.folder.name,
         "description": f"imported from the transformers {config.model_type} folder {ckpt.folder}",
-        "encoders": {"image": {"type": "hf_vision", "config": _settings(vision), "select_layer": -1,
-                               "final_norm": True, "drop_cls": False, "dtype": "float32", **_image_settings(ckpt)}},
-        "projectors": {"image": qformer},
+        "encoders": {m: encoder},
+        "projectors": {m: qformer},
         "backbone": {"type": "hf_causal_lm" if decoder_only else "hf_seq2seq_lm", "config": text_settings,
                      "tokenizer": str(ckpt.folder), "dtype": options.dtype},
-        "template": options.template or ("blip-2" if decoder_only else "blip-2-t5"),
-        "placeholders": {"image": _placeholder(ckpt, config)},
+        "template": options.template or (template if decoder_only else "blip-2-t5"),
+        "placeholders": {m: _placeholder(ckpt, config, m)},
     }
-    weights = {"encoders.image.model": ckpt.take("vision_model."), "projectors.image": projector,
-               "backbone.model": lm_state}
+    tower_path = f"encoders.{m}.model" if frames is None else f"encoders.{m}.frames.model"
+    weights = {tower_path: ckpt.take("vision_model."), f"projectors.{m}": projector, "backbone.model": lm_state}
     return spec, weights
 
 

@@ -6,7 +6,7 @@ from mmhub.hookspecs import hookimpl
 from mmhub.importers.blip2 import Blip2Importer
 from mmhub.importers.idefics import IdeficsImporter
 from mmhub.importers.idefics3 import Idefics3Importer
-from mmhub.importers.instructblip import InstructBlipImporter
+from mmhub.importers.instructblip import InstructBlipImporter, InstructBlipVideoImporter
 from mmhub.importers.llava import LlavaImporter
 from mmhub.importers.llava_next import LlavaNextImporter
 from mmhub.importers.llava_onevision import LlavaOnevisionImporter
@@ -14,7 +14,8 @@ from mmhub.importers.mllama import MllamaImporter
 from mmhub.importers.paligemma import PaliGemmaImporter
 from mmhub.importers.qwen2_vl import Qwen2VLImporter
 
-BUILTIN = [Blip2Importer, InstructBlipImporter, IdeficsImporter, Idefics3Importer, LlavaImporter, MllamaImporter,
+BUILTIN = [Blip2Importer, InstructBlipImporter, InstructBlipVideoImporter, IdeficsImporter, Idefics3Importer,
+           LlavaImporter, MllamaImporter,
            PaliGemmaImporter, LlavaNextImporter,
            LlavaOnevisionImporter, Qwen2VLImporter]
 

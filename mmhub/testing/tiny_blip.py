@@ -67,9 +67,10 @@ def perturb(model: torch.nn.Module, seed: int, std: float = 0.1) -> None:
             p.copy_((1.0 + noise) if scale else noise)
 
 
-def tiny_blip_folder(folder: Path, family: Literal["blip-2", "instructblip"] = "blip-2", lm: str = "opt",
-                     seed: int = 0) -> Path:
-    """Write a tiny random BLIP-2 / InstructBLIP checkpoint with its processor to `folder`; returns the folder."""
+def tiny_blip_folder(folder: Path, family: Literal["blip-2", "instructblip", "instructblipvideo"] = "blip-2",
+                     lm: str = "opt", seed: int = 0) -> Path:
+    """Write a tiny random BLIP-2 / InstructBLIP / InstructBLIP-Video checkpoint with its processor to `folder`;
+    returns the folder."""
     from transformers import BlipImageProcessor
 
     folder = Path(folder)
@@ -92,6 +93,23 @@ def tiny_blip_folder(folder: Path, family: Literal["blip-2", "instructblip"] = "
                              num_query_tokens=QUERIES, image_token_index=image_id)
         model = Blip2ForConditionalGeneration(config)
         processor = Blip2Processor(images, tok, num_query_tokens=QUERIES)
+    elif family == "instructblipvideo":
+        from transformers import (
+            InstructBlipVideoConfig,
+            InstructBlipVideoForConditionalGeneration,
+            InstructBlipVideoProcessor,
+            InstructBlipVideoVideoProcessor,
+        )
+
+        tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<image>", "<video>"]})
+        qtok = bert_tokenizer()
+        qformer = {**QFORMER, "vocab_size": len(qtok) + 3, "pad_token_id": qtok.pad_token_id}
+        config = InstructBlipVideoConfig(vision_config=VISION, qformer_config=qformer,
+                                         text_config={"model_type": kind, **text, **special}, num_query_tokens=QUERIES,
+                                         video_token_index=tok.convert_tokens_to_ids("<video>"))
+        model = InstructBlipVideoForConditionalGeneration(config)
+        frames = InstructBlipVideoVideoProcessor(size={"height": VISION["image_size"], "width": VISION["image_size"]})
+        processor = InstructBlipVideoProcessor(frames, tok, qtok, num_query_tokens=QUERIES)
     else:
         from transformers import InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipProcessor
 
@@ -109,10 +127,10 @@ def tiny_blip_folder(folder: Path, family: Literal["blip-2", "instructblip"] = "
     return folder
 
 
-def hf_ids(model: Any, batch: dict[str, Any]) -> list[list[int]]:
-    """mmhub's prompt token ids per row (padding dropped) with each image placeholder repeated once per query token:
-    the ids transformers' BLIP processors give for the same text."""
-    pid, n = model.processor.placeholder_ids["image"], model.plan.tokens_per_item("image")
+def hf_ids(model: Any, batch: dict[str, Any], modality: str = "image") -> list[list[int]]:
+    """mmhub's prompt token ids per row (padding dropped) with each media placeholder repeated once per projected
+    token: the ids transformers' BLIP processors give for the same text."""
+    pid, n = model.processor.placeholder_ids[modality], model.plan.tokens_per_item(modality)
     rows = []
     for ids, mask, labels in zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist(),
                                  batch["labels"].tolist(), strict=True):
@@ -130,16 +148,17 @@ def first_stop(ids: list[int], stops: set[int]) -> list[int]:
 
 
 def logit_diff(model: Any, hf: Any, processor: Any, pictures: list[Any], prompts: list[str],
-               answers: list[str]) -> float:
+               answers: list[str], modality: str = "image") -> float:
     """Max |mmhub - transformers| logit over every real position of a batch of (image, prompt, answer) samples, after
     checking that mmhub's prompt token ids and pixels equal the family processor's (AssertionError otherwise)."""
-    convs = [[{"role": "user", "content": f"<image>{p}"}, {"role": "assistant", "content": a}]
+    mark = model.spec.placeholder(modality)
+    convs = [[{"role": "user", "content": f"{mark}{p}"}, {"role": "assistant", "content": a}]
              for p, a in zip(prompts, answers, strict=True)]
-    batch = model.batch(convs, [{"image": [im]} for im in pictures])
+    batch = model.batch(convs, [{modality: [im]} for im in pictures])
     enc = processor(images=pictures, text=prompts, padding=True, return_tensors="pt")
     theirs_ids = [row[mask.bool()].tolist() for row, mask in zip(enc["input_ids"], enc["attention_mask"], strict=True)]
-    assert hf_ids(model, batch) == theirs_ids, "mmhub's prompt tokens differ from the processor's"
-    assert torch.allclose(batch["media"]["image"], enc["pixel_values"], atol=1e-6), "pixels differ"
+    assert hf_ids(model, batch, modality) == theirs_ids, "mmhub's prompt tokens differ from the processor's"
+    assert torch.allclose(batch["media"][modality], enc["pixel_values"], atol=1e-6), "pixels differ"
     extra = {k: v for k, v in enc.items() if k.startswith("qformer_")}
     with torch.no_grad():
         out = model(**batch)
@@ -154,7 +173,7 @@ def logit_diff(model: Any, hf: Any, processor: Any, pictures: list[Any], prompts
             real = keep
             ours = out.logits
         else:  # the whole sequence (prompt + answer) in one causal pass
-            full = [hf_ids(model, {**batch, "labels": torch.full_like(batch["labels"], -100)})[i]
+            full = [hf_ids(model, {**batch, "labels": torch.full_like(batch["labels"], -100)}, modality)[i]
                     for i in range(len(prompts))]
             ids = torch.full((len(full), max(map(len, full))), model.processor.pad_id)
             mask = torch.zeros_like(ids)
@@ -168,10 +187,11 @@ def logit_diff(model: Any, hf: Any, processor: Any, pictures: list[Any], prompts
 
 
 def greedy_pair(model: Any, hf: Any, processor: Any, pictures: list[Any], prompts: list[str],
-                new_tokens: int) -> tuple[list[list[int]], list[list[int]]]:
+                new_tokens: int, modality: str = "image") -> tuple[list[list[int]], list[list[int]]]:
     """Greedy tokens per prompt (stop tokens cut): mmhub's chat API (one batch) and transformers' generate (one
     prompt at a time)."""
-    replies = model.generate([f"<image>{p}" for p in prompts], [{"image": [im]} for im in pictures],
+    mark = model.spec.placeholder(modality)
+    replies = model.generate([f"{mark}{p}" for p in prompts], [{modality: [im]} for im in pictures],
                              max_new_tokens=new_tokens)
     stops = set(model.stop_token_ids())
     theirs = []

@@ -1,0 +1,55 @@
+"""InstructBLIP-Video: the `instructblipvideo` import (video encoder over the BLIP tower, 4 frames, qformer with
+frames: 4) matches transformers' InstructBlipVideoForConditionalGeneration in logits and greedy generation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from transformers import AutoProcessor, InstructBlipVideoForConditionalGeneration
+
+from mmhub.importers import import_checkpoint
+from mmhub.testing.tiny_blip import QUERIES, VISION, greedy_pair, logit_diff, tiny_blip_folder
+
+TOL = 1e-4
+NEW_TOKENS = 16
+FRAMES = 4
+PROMPTS = ["What happens in the video?", "How many red squares?"]
+ANSWERS = ["a red square moves", "two"]
+MEASURED: dict[str, float] = {}
+
+
+@pytest.fixture(scope="module")
+def clips() -> list[np.ndarray]:
+    rng = np.random.default_rng(7)
+    side = VISION["image_size"]
+    return [rng.integers(0, 255, (FRAMES, side, side, 3), dtype=np.uint8) for _ in PROMPTS]
+
+
+@pytest.fixture(scope="module", params=["opt", "t5"])
+def imported(request, tmp_path_factory) -> tuple[str, Any, Any, Any]:
+    folder = tiny_blip_folder(tmp_path_factory.mktemp(f"instructblipvideo-{request.param}"), "instructblipvideo",
+                              request.param, seed=10)
+    model = import_checkpoint(folder)
+    hf = InstructBlipVideoForConditionalGeneration.from_pretrained(folder).eval()
+    return request.param, model, hf, AutoProcessor.from_pretrained(folder)
+
+
+def test_instructblipvideo_import_logits_equal_transformers(imported, clips) -> None:
+    lm, model, hf, processor = imported
+    assert model.plan.tokens_per_item("video") == FRAMES * QUERIES
+    diff = logit_diff(model, hf, processor, clips, PROMPTS, ANSWERS, modality="video")
+    MEASURED[f"instructblipvideo-{lm}"] = diff
+    assert diff <= TOL, f"instructblipvideo ({lm}): max abs logit diff {diff:.3g} > {TOL}"
+
+
+def test_instructblipvideo_import_greedy_generation_equals_transformers(imported, clips) -> None:
+    lm, model, hf, processor = imported
+    ours, theirs = greedy_pair(model, hf, processor, clips, PROMPTS, NEW_TOKENS, modality="video")
+    assert ours == theirs, f"instructblipvideo ({lm}): greedy tokens differ: mmhub {ours} vs transformers {theirs}"
+    assert all(len(row) >= NEW_TOKENS // 2 for row in ours), f"too few tokens generated to compare: {ours}"
+
+
+def test_report_measured_differences() -> None:
+    print("\nmeasured:", {k: f"{v:.3g}" for k, v in MEASURED.items()})
