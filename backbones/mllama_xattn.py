@@ -11,10 +11,12 @@ key/value heads, no RoPE) to the image tokens -> ``tanh(attn_gate)``-scaled resi
 Which image tokens a text position sees is Mllama's processor rule: the images of the latest run of consecutive
 ``<|image|>`` tokens at or before it (an image's own token included), only its real tiles (the encoder's
 `token_mask`), and never a batch's padding slots. A position that sees no image (text before the first image)
-attends with no mask at all, to every key of the row, as transformers does (it zeroes the whole bias row); only its
-MLP branch is zeroed. Generated tokens see what the prompt's last token sees. (One difference remains: in a batch
-whose samples hold different numbers of images, transformers' padding image slots hold the tower's output for a
-blank image where mmhub's hold zeros, so only the no-image rows of the shorter samples can differ.)
+attends with no mask at all, to every key of its sample's images (padding tiles included), as transformers does (it
+zeroes the whole bias row); only its MLP branch is zeroed. Generated tokens see what the prompt's last token sees.
+Each sample computes what transformers computes for it alone: in a batch whose samples hold different numbers of
+images, transformers fills a shorter sample's missing image slots with a blank image's features, which that sample's
+no-image rows then attend to, so its output there depends on its batch-mates; here those slots are never attended,
+and a sample with no image at all gets no cross-attention update (transformers skips the layers for text alone).
 
 Mllama's embedding table has ``vocab_size + 8`` rows; the LM keeps the first ``vocab_size`` (its head has as many
 columns) and this injector keeps the 8 extra rows (``extra_rows``): the image token's row is the marker embedding
@@ -139,11 +141,17 @@ class MllamaXAttnLayer(nn.Module):
         self.mlp = GatedMLP(dim, intermediate, act)
         self.cross_attn_mlp_gate = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """x (B, L, H); keys (B, K, H); allowed (B, L, K): which keys each position may see. A row with none
-        attends to every key and gets no MLP update (transformers' full-text-row mask)."""
+    def forward(self, x: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor,
+                present: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, L, H); keys (B, K, H); allowed (B, L, K): which keys each position may see; present (B, K): the keys
+        of the sample's own images (None: all). A row that may see none attends to every present key and gets no
+        MLP update (transformers' full-text-row mask); a sample with no present key gets no update at all."""
         sees = allowed.any(-1)  # (B, L)
-        attn = self.cross_attn(self.input_layernorm(x), keys, allowed | ~sees[..., None])
+        if present is None:
+            present = torch.ones_like(allowed[:, 0])
+        mask = torch.where(sees[..., None], allowed, present[:, None, :])
+        empty = ~mask.any(-1, keepdim=True)  # (B, L, 1): no image in the whole sample
+        attn = self.cross_attn(self.input_layernorm(x), keys, mask | empty) * (~empty).to(x.dtype)
         x = x + self.cross_attn_attn_gate.tanh() * attn
         h = self.mlp(self.post_attention_layernorm(x)) * sees[..., None].to(x.dtype)
         return x + self.cross_attn_mlp_gate.tanh() * h
@@ -242,10 +250,11 @@ class MllamaCrossAttention(Injector):
         allowed = key_mask(ctx.media_index[m], ctx.media_valid[m], getattr(ctx, "media_mask", {}).get(m), T)
         if allowed.shape[1] != x.shape[1]:  # cached generation: new tokens see what the prompt's last token sees
             allowed = allowed[:, -1:].expand(-1, x.shape[1], -1)
+        present = ctx.media_valid[m].repeat_interleave(T, dim=1)  # (B, M*T): keys of the sample's own images
         dtype = self.extra_rows.dtype  # the blocks compute in the injector's dtype, the LM's stays its own
         keys, h = media.reshape(B, M * T, H).to(dtype), x.to(dtype)
         for r in ranks:
-            h = self.layers[r](h, keys, allowed)
+            h = self.layers[r](h, keys, allowed, present)
         return h.to(x.dtype)
 
     def _pre_hook(self, ranks: list[int]) -> Any:

@@ -303,9 +303,9 @@ def test_export_reloads_in_transformers_with_identical_logits(checkpoint: Any, t
 
 
 def test_batched_and_text_only_generation_match_transformers(checkpoint: Any) -> None:
-    """Prompts with 1 and 2 images (alone) and two left-padded prompts of different lengths (batched) generate
-    transformers' greedy tokens, and a text-only prompt (transformers skips the cross-attention layers) gives its
-    logits and tokens."""
+    """A batch of a 1-image and a 2-image prompt gives each row what transformers gives it alone (logits and greedy
+    tokens), a left-padded batch of two 2-image prompts of different lengths generates transformers' batched greedy
+    tokens, and a text-only prompt (transformers skips the cross-attention layers) gives its logits and tokens."""
     from transformers import AutoProcessor, MllamaForConditionalGeneration
 
     from mmhub.importers import import_checkpoint
@@ -329,12 +329,21 @@ def test_batched_and_text_only_generation_match_transformers(checkpoint: Any) ->
     conversations = [[{"role": "user", "content": "<|image|>What is it?"}],
                      [{"role": "user", "content": "Look: <|image|> and <|image|>. Which one is wider, and why?"}]]
     images = [[picture(30, 61, 10)], [picture(20, 20, 11), picture(90, 40, 12)]]
-    # 1 and 2 images: batched, transformers would give the first row a padding image slot holding a blank image's
-    # features, which its tokens before the image attend to (mmhub's slot is zeros), so these rows go one at a time;
-    # the batched check uses rows with equal image counts
-    for conv, ims in zip(conversations, images, strict=True):
-        ours = model.generate([conv], [{"image": ims}], max_new_tokens=16)[0].token_ids
-        assert ours == theirs([conv], [ims])[0], f"greedy tokens differ for {conv[0]['content']!r}"
+    # 1 and 2 images in one batch: transformers would fill the first row's missing slot with a blank image's
+    # features (its tokens before the image attend to them), so each row is compared with transformers alone
+    alone = [theirs([conv], [ims])[0] for conv, ims in zip(conversations, images, strict=True)]
+    ours = [r.token_ids for r in model.generate(conversations, [{"image": ims} for ims in images], max_new_tokens=16)]
+    assert ours == alone, "mixed-count batch: greedy tokens differ from transformers' per sample"
+    batch = model.batch(conversations, [{"image": ims} for ims in images])
+    with torch.no_grad():
+        logits = model(**batch).logits
+        for row, (conv, ims) in enumerate(zip(conversations, images, strict=True)):
+            text = processor.tokenizer.apply_chat_template(conv, tokenize=False)
+            want = hf(**processor(images=[ims], text=[text], return_tensors="pt")).logits[0]
+            got = logits[row][batch["attention_mask"][row].bool()]
+            diff = float((want - got).abs().max())
+            MEASURED[f"mixed_batch_row{row}_logits"] = diff
+            assert diff <= LOGIT_TOL, f"mixed-count batch row {row}: logits differ from transformers' alone by {diff}"
     pair = [conversations[1], [{"role": "user", "content": "<|image|>Then <|image|>?"}]]
     pair_images = [images[1], [picture(41, 43, 13), picture(30, 61, 14)]]
     ours = [r.token_ids for r in model.generate(pair, [{"image": ims} for ims in pair_images], max_new_tokens=16)]
