@@ -15,7 +15,8 @@ before blocks 0, k, 2k, ... (``cross_layer_interval``), RMSNorm (``norm_eps``) -
 RMSNorm on queries and keys) -> zeroed where a token attends to no item -> ``tanh(alpha)`` gate
 (a scalar, or a vector per channel with ``gate: vector``), then RMSNorm -> the LLaMA MLP
 (``ff_dim``, ``activation``) -> ``tanh(alpha_dense)``. Which item a token attends to is
-IDEFICS's image_attention_mask: the latest item at or before it. ``marker_token`` makes each
+IDEFICS's image_attention_mask: the latest item at or before it, and none after an end-of-sequence
+token until the next item (``reset_token``, IDEFICS's packed documents). ``marker_token`` makes each
 item's marker in the text the embedding of that vocabulary token (IDEFICS's ``<image>``)
 instead of a learned vector.
 """
@@ -60,6 +61,8 @@ class GatedXAttnConfig(InjectorConfig):
     gate: Literal["float", "vector"] = Field("float", description="idefics layout: one gate value or one per channel")
     marker_token: str | None = Field(None, description="the items' marker is this vocabulary token's embedding "
                                                        "(IDEFICS: <image>) instead of a learned vector")
+    reset_token: str | None = Field(None, description="after this token (IDEFICS: its end-of-sequence </s>) "
+                                                      "positions attend to no item until the next item")
 
 
 class GatedXAttnLayer(nn.Module):
@@ -153,6 +156,19 @@ class IdeficsGatedLayer(nn.Module):
         return x + torch.tanh(self.ff_gate) * self.ff_down(self.act(self.ff_gate_proj(h)) * self.ff_up(h))
 
 
+def reset_after(index: torch.Tensor, token_ids: torch.Tensor, reset_id: int) -> torch.Tensor:
+    """(B, L) latest-item indices -> -1 at positions after a `reset_id` token with no item starting in between
+    (IDEFICS's processor: a token after ``</s>`` sees no image until the next ``<image>``)."""
+    pos = torch.arange(index.shape[1], device=index.device).expand_as(index)
+    start = torch.ones_like(index, dtype=torch.bool)  # where an item starts: its marker, where the index changes
+    start[:, 1:] = index[:, 1:] != index[:, :-1]
+    start[:, 0] = index[:, 0] >= 0
+    last_start = torch.where(start, pos, -1).cummax(1).values
+    last_reset = torch.where(token_ids == reset_id, pos, -1).cummax(1).values
+    before = torch.cat([torch.full_like(last_reset[:, :1], -1), last_reset[:, :-1]], 1)  # strictly before
+    return index.masked_fill(before > last_start, -1)
+
+
 def _item_mask(M: int, T: int, valid: torch.Tensor, index: torch.Tensor, only_immediate: bool) -> torch.Tensor:
     """(B, L, M*T) True where a position may attend to a key: its latest item's (or every earlier item's) tokens."""
     item = torch.arange(M, device=index.device).repeat_interleave(T)  # (M*T,) item of each key
@@ -230,6 +246,22 @@ class GatedCrossAttention(Injector):
         ids = torch.tensor([[token_id]], device=self._device(backbone))
         return backbone.embed(ids)[0, 0]
 
+    def _token_id(self, token: str) -> int:
+        """The backbone tokenizer's id of `token`; ValueError naming the setting when it has none."""
+        tokenizer = self._backbone[0].tokenizer if self._backbone else None
+        token_id = tokenizer.convert_tokens_to_ids(token) if tokenizer is not None else None
+        if not isinstance(token_id, int) or token_id == tokenizer.unk_token_id:
+            raise ValueError(f"gated_xattn reset_token {token!r} is not a token of the backbone's tokenizer (id "
+                             f"{token_id}); fix: name one of its tokens (IDEFICS: its eos token) or leave it out")
+        return token_id
+
+    @staticmethod
+    def _token_ids(ctx: Any) -> torch.Tensor:
+        if ctx.token_ids is None:
+            raise ValueError("gated_xattn reset_token needs the text's token ids in the injection context "
+                             "(InjectionContext.token_ids), which this caller did not give")
+        return ctx.token_ids
+
     @staticmethod
     def _device(backbone: Backbone) -> torch.device:
         return next(backbone.parameters()).device
@@ -258,6 +290,8 @@ class GatedCrossAttention(Injector):
                 if m not in ctx.media:
                     continue
                 index = ctx.media_index[m]
+                if self.config.reset_token is not None:
+                    index = reset_after(index, self._token_ids(ctx), self._token_id(self.config.reset_token))
                 if index.shape[1] != x.shape[1]:  # cached generation: new tokens follow the whole prompt
                     index = index[:, -1:].expand(-1, x.shape[1])
                 x = layer(x, ctx.media[m], ctx.media_valid[m], index, self.config.only_immediate)

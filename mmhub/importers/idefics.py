@@ -16,10 +16,11 @@ IDEFICS is a CLIP-like vision tower -> a perceiver resampler -> a LLaMA whose bl
   the decoupled tables are concatenated (base rows first), so every id keeps its row.
 
 Which image a token attends to is the IDEFICS processor's ``image_attention_mask``: the latest image at or before
-it (mmhub's ``media_index``); tokens before the first image attend to none and their cross-attention output is
-zero. `mmhub.importers.idefics_export` writes such a model back as an ``idefics`` folder. Prompts are written as
-the IDEFICS processor writes them: ``<s>`` then text with each image as
-``<fake_token_around_image><image><fake_token_around_image>`` (template ``plain``, which adds nothing).
+it (mmhub's ``media_index``), and none after an end-of-sequence token until the next image (``reset_token``);
+tokens that attend to no image get a zero cross-attention output. `mmhub.importers.idefics_export` writes such a
+model back as an ``idefics`` folder. Prompts are written as the IDEFICS processor writes them: ``<s>`` then text
+with each image as ``<fake_token_around_image><image><fake_token_around_image>`` (template ``plain``, which adds
+nothing).
 """
 
 from __future__ import annotations
@@ -183,16 +184,14 @@ class IdeficsImporter(Importer):
                                     "kv_dim": vision.embed_dim, "ff_dim": cfg.intermediate_size,
                                     "activation": cfg.hidden_act, "norm_eps": cfg.rms_norm_eps,
                                     "qk_norm": bool(cfg.qk_layer_norms), "gate": cfg.alpha_type,
-                                    "marker_token": IMAGE_TOKEN, "only_immediate": True}},
+                                    "marker_token": IMAGE_TOKEN, "reset_token": tokenizer.eos_token,
+                                    "only_immediate": True}},
             "template": options.template or "plain",
             "placeholders": {"image": IMAGE_TOKEN},
         }
         notes = [f"write each image as {FAKE_TOKEN}{IMAGE_TOKEN}{FAKE_TOKEN} (IDEFICS's processor format; "
                  f"{IMAGE_TOKEN}{FAKE_TOKEN} for an image right after another) and start prompts with "
-                 f"{tokenizer.bos_token or '(no bos token)'}",
-                 "IDEFICS's processor stops a token's image attention after an end-of-sequence token until the "
-                 "next image (packed documents); mmhub's latest-image rule does not, so a prompt with an EOS "
-                 "inside it attends differently after that EOS"]
+                 f"{tokenizer.bos_token or '(no bos token)'}"]
         return Imported(spec=spec, weights={"encoders.image.model": tower, "projectors.image": resampler,
                                             "injectors.xattn": gated, "backbone.model": language}, notes=notes)
 

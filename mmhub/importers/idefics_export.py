@@ -64,7 +64,7 @@ def _parts(model: Any) -> tuple[Any, Any, Any, Any]:
         c = inj.config
         want = {"heads": text.num_attention_heads, "ff_dim": text.intermediate_size, "activation": text.hidden_act,
                 "norm_eps": text.rms_norm_eps, "marker_token": IMAGE_TOKEN, "modalities": ["image"],
-                "only_immediate": True}
+                "only_immediate": True, "reset_token": model.tokenizer.eos_token}
         have = {**c.model_dump(), "ff_dim": c.ff_dim or c.dim * c.ff_mult}
         problems += [f"injector {k} {have[k]!r} != {v!r}" for k, v in want.items() if have[k] != v]
         if c.num_layers % c.every:

@@ -152,6 +152,12 @@ CASES = {
                   f"<s>User:{FAKE}{IMAGE}{FAKE}Describe this image.\nAssistant:"),
     "two_interleaved": (["User:", 0, "What is this?", 1, "And this?\nAssistant:"],
                         f"<s>User:{FAKE}{IMAGE}{FAKE}What is this?{FAKE}{IMAGE}{FAKE}And this?\nAssistant:"),
+    # after </s> IDEFICS's processor lets no token see an image until the next one (packed documents)
+    "eos_then_image": (["User:", 0, "What is it?\nAssistant: A cat.</s>User: And this?", 1, "Say.\nAssistant:"],
+                       f"<s>User:{FAKE}{IMAGE}{FAKE}What is it?\nAssistant: A cat.</s>User: And this?"
+                       f"{FAKE}{IMAGE}{FAKE}Say.\nAssistant:"),
+    "eos_then_text": (["User:", 0, "What is it?\nAssistant: A cat.</s>User: Tell me more.\nAssistant:"],
+                      f"<s>User:{FAKE}{IMAGE}{FAKE}What is it?\nAssistant: A cat.</s>User: Tell me more.\nAssistant:"),
 }
 
 
@@ -184,6 +190,7 @@ def logits(model: Any, batch: dict[str, Any], **media: Any) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(("config", "case"), [("base", "one_image"), ("base", "two_interleaved"),
+                                               ("base", "eos_then_image"), ("base", "eos_then_text"),
                                                ("variant", "two_interleaved")])
 def test_imported_idefics_equals_transformers(request: Any, config: str, case: str) -> None:
     from mmhub.importers import import_checkpoint
@@ -203,6 +210,12 @@ def test_imported_idefics_equals_transformers(request: Any, config: str, case: s
     assert got.shape == want.shape, (got.shape, want.shape)
     diff = float((got - want).abs().max())
     assert diff <= LOGIT_TOL, f"{config} {case}: logits max abs diff {diff:.3g} > {LOGIT_TOL}"
+    if case.startswith("eos"):  # the reset is what makes them equal
+        inj = model.injectors["xattn"]
+        inj.config = inj.config.model_copy(update={"reset_token": None})
+        without = float((logits(model, batch) - want).abs().max())
+        inj.config = inj.config.model_copy(update={"reset_token": "</s>"})
+        assert without > 100 * LOGIT_TOL, f"{case}: attending past </s> changes nothing ({without:.3g})"
     # the images matter: other pixels move the logits far more than the tolerance
     flipped = logits(model, {**batch, "media": {"image": batch["media"]["image"].flip(-1)}})
     assert float((flipped - got).abs().max()) > 100 * LOGIT_TOL, "the images do not reach the logits"
