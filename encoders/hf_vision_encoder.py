@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import model_validator
+from pydantic import Field, model_validator
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModel, PretrainedConfig
 
@@ -78,6 +78,10 @@ class HFVisionEncoderConfig(ComponentConfig):
     image_size: int | None = None
     resize: Literal["crop", "squash"] | None = None
     crop_pct: float | None = None
+    longest_edge: int | None = Field(
+        None, ge=1, description="first resize the longest side to this many pixels, keeping the aspect ratio (the "
+        "other side truncated, then rounded up to even), before the resize to the tower's square: Idefics3's and "
+        "SmolVLM's processors")
     interpolation: Literal["bicubic", "bilinear", "nearest", "lanczos"] | None = None
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
@@ -202,7 +206,28 @@ def preprocessing(config: HFVisionEncoderConfig, cfg: PretrainedConfig, folder: 
     chosen = {"image_size": cfg.image_size, **dict(zip(names, family, strict=True))}
     chosen.update(_preprocessor(folder))
     chosen.update({k: getattr(config, k) for k in chosen if getattr(config, k) is not None})
+    if config.longest_edge is not None:
+        chosen["longest_edge"] = config.longest_edge
     return chosen
+
+
+class LongestEdge:
+    """PIL image -> the same image with its longest side `size` px, aspect ratio kept, the other side truncated and
+    rounded up to even (Idefics3's and SmolVLM's first resize); `resample` is PIL's filter code."""
+
+    def __init__(self, size: int, resample: int):
+        self.size, self.resample = size, resample
+
+    def __call__(self, image: Any) -> Any:
+        width, height = image.size
+        aspect = width / height
+        if width >= height:
+            width, height = self.size, int(self.size / aspect)
+            height += height % 2
+        else:
+            width, height = int(self.size * aspect), self.size
+            width += width % 2
+        return image.resize((max(width, 1), max(height, 1)), self.resample)
 
 
 def build_transform(chosen: dict[str, Any]) -> Any:
@@ -216,6 +241,9 @@ def build_transform(chosen: dict[str, Any]) -> Any:
         steps = [T.Resize(int(math.floor(size / chosen["crop_pct"])), interpolation=mode), T.CenterCrop(size)]
     else:
         steps = [T.Resize((size, size), interpolation=mode)]
+    if chosen.get("longest_edge"):
+        resample = {v: k for k, v in PIL_RESAMPLE.items()}[chosen["interpolation"]]
+        steps.insert(0, LongestEdge(chosen["longest_edge"], resample))
     return T.Compose([*steps, T.ToTensor(), T.Normalize(chosen["mean"], chosen["std"])])
 
 

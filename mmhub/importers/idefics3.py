@@ -12,11 +12,11 @@ How the pieces map:
   wrapped as the processor wraps a whole image: ``<fake_token_around_image><global-img>`` ... image tokens ...
   ``<fake_token_around_image>``).
 
-Images: mmhub feeds each image whole, resized to the tower's square (``max_image_size``) with the processor's filter
-and normalisation, as the processor does with ``do_image_splitting: false``; square images are then preprocessed
-exactly as transformers' PIL backend does. Image splitting (tiles + global image with row/column tokens) is not
-reproduced, and the processor's first aspect-keeping resize to ``size.longest_edge`` is not either (for images that
-are not square, the pixels differ): both are stated in the import notes when the folder's processor uses them.
+Images: mmhub feeds each image whole as the processor does with ``do_image_splitting: false``: its longest side
+resized to ``size.longest_edge`` keeping the aspect ratio (hf_vision ``longest_edge``), then to the tower's square
+(``max_image_size``), with the processor's filter (LANCZOS) and normalisation: the pixels of transformers' PIL
+backend (its torchvision backend resizes tensors and differs slightly). Image splitting (tiles plus the whole image
+with row/column tokens) is not reproduced: the import notes say so when the folder's processor splits.
 """
 
 from __future__ import annotations
@@ -56,9 +56,8 @@ def preprocessing(image_cfg: dict[str, Any], tower_size: int, where: str) -> tup
         notes.append("the processor splits images into tiles plus the whole image; mmhub feeds the whole image only "
                       "(as the processor with do_image_splitting: false)")
     longest = (image_cfg.get("size") or {}).get("longest_edge")
-    if image_cfg.get("do_resize", True) and longest not in (None, side):
-        notes.append(f"the processor first resizes the longest side to {longest} px keeping the aspect ratio; mmhub "
-                     f"resizes straight to {side} x {side} (the same pixels for square images only)")
+    if image_cfg.get("do_resize", True) and longest is not None:  # the processor's first, aspect-keeping resize
+        settings["longest_edge"] = int(longest)
     return settings, notes
 
 
