@@ -150,20 +150,18 @@ def tiny_tokenizer() -> Any:
     return tok
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Any:
+def save_checkpoint(folder: Any, text_overrides: dict[str, Any] | None = None, seed: int = 0) -> Any:
     """A tiny random Llama-3.2-Vision saved by transformers with its processor (weights and gates perturbed)."""
     from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaProcessor
     from transformers.models.mllama.image_processing_mllama import MllamaImageProcessor
 
-    folder = tmp_path_factory.mktemp("mllama")
     tok = tiny_tokenizer()
     image_id = tok.convert_tokens_to_ids("<|image|>")
     text = {**TEXT, "vocab_size": image_id, "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id,
-            "eos_token_id": tok.eos_token_id}
+            "eos_token_id": tok.eos_token_id, **(text_overrides or {})}
     cfg = MllamaConfig(vision_config=VISION, text_config=text, image_token_index=image_id)
     model = MllamaForConditionalGeneration(cfg).eval()
-    perturb(model, 0.08)
+    perturb(model, 0.08, seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "gate" in name:  # tanh gates well away from 0, so every gated branch counts
@@ -176,6 +174,11 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Any:
                                                                      max_image_tiles=4), tokenizer=tok)
     processor.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    return save_checkpoint(tmp_path_factory.mktemp("mllama"))
 
 
 def test_import_matches_transformers_logits_and_greedy_tokens(checkpoint: Any) -> None:
@@ -356,3 +359,26 @@ def test_batched_and_text_only_generation_match_transformers(checkpoint: Any) ->
     MEASURED["text_only_logits"] = diff
     assert diff <= LOGIT_TOL, f"text-only logits differ by {diff:.2e}"
     assert model.generate([text_only], max_new_tokens=16)[0].token_ids == theirs([text_only], None)[0]
+
+
+@pytest.mark.parametrize("layers", [[0, 2, 3], [4]])
+def test_cross_layers_anywhere_in_the_stack(layers: list[int], tmp_path: Any) -> None:
+    """Cross-attention layers first, consecutive (one hook runs two blocks) or last (after the final self layer):
+    the imported model's logits equal transformers'."""
+    from transformers import AutoProcessor, MllamaForConditionalGeneration
+
+    from mmhub.importers import import_checkpoint
+
+    folder = save_checkpoint(tmp_path / "ckpt", {"cross_attention_layers": layers}, seed=3)
+    model = import_checkpoint(folder)
+    hf = MllamaForConditionalGeneration.from_pretrained(folder).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    conversation = [{"role": "user", "content": "<|image|>Tell me."}]
+    image = picture(90, 40, 15)
+    text = processor.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    batch = model.batch([conversation], [{"image": [image]}], add_generation_prompt=True)
+    with torch.no_grad():
+        want = hf(**processor(images=[[image]], text=[text], return_tensors="pt")).logits
+        diff = float((want - model(**batch).logits).abs().max())
+    MEASURED[f"layers_{layers}_logits"] = diff
+    assert diff <= LOGIT_TOL, f"cross layers {layers}: logits differ from transformers' by {diff:.2e}"
