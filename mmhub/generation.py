@@ -71,6 +71,10 @@ def transformers_generate(model: Any, input_ids: torch.Tensor, attention_mask: t
         raise InputError(f"generation settings {', '.join(sorted(set(settings) - OWN_LOOP_SETTINGS)) or '-'} need "
                          f"transformers' generate, which cannot give the {model.backbone.name} backbone its prefix-LM "
                          f"mask (the prompt read bidirectionally); use only {', '.join(sorted(OWN_LOOP_SETTINGS))}")
+    if model.backbone.grid_positions and media:
+        raise InputError(f"generation settings {', '.join(sorted(set(settings) - OWN_LOOP_SETTINGS)) or '-'} need "
+                         f"transformers' generate, which cannot give the {model.backbone.name} backbone the grid "
+                         f"(M-RoPE) positions of the media tokens; use only {', '.join(sorted(OWN_LOOP_SETTINGS))}")
     prep = prepare(model, input_ids, attention_mask, None, media, padding_side="left")
     sp = prep.spliced
     stop_ids = stop_token_ids(model)

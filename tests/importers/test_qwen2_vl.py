@@ -262,6 +262,78 @@ def test_greedy_generation_equals_transformers(case: int, imported) -> None:
     assert len(want) == 16, f"only {len(want)} tokens before a stop token; pick another prompt or seed"
 
 
+def test_published_key_layout_and_tied_head(tmp_path) -> None:
+    """The layout the published checkpoints use (visual., model., lm_head.) with a tied head imports to the same
+    logits as transformers' model from the current layout (same weights)."""
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+    from mmhub.importers.run import import_checkpoint
+
+    model = import_checkpoint(qwen2_vl_folder(tmp_path / "legacy", tied=True, legacy_keys=True))
+    reference = qwen2_vl_folder(tmp_path / "current", tied=True)
+    hf = Qwen2VLForConditionalGeneration.from_pretrained(str(reference)).eval()
+    processor = AutoProcessor.from_pretrained(str(reference))
+    text = processor.apply_chat_template(hf_messages(CONVERSATIONS[1]), tokenize=False)
+    inputs = processor(images=IMAGES[1], text=[text], return_tensors="pt")
+    with torch.no_grad():
+        theirs = hf(**inputs).logits[0]
+        ours = model(**model.batch(CONVERSATIONS[1:], [{"image": IMAGES[1]}])).logits[0]
+    diff = float((ours - theirs).abs().max())
+    MEASURED["logits-published-layout-tied"] = diff
+    assert ours.shape == theirs.shape and diff <= LOGIT_TOL, f"logits differ by {diff}"
+
+
+def test_transformers_generate_fallback_is_refused_with_images(imported) -> None:
+    """transformers' generate would give the media tokens text positions: settings that need it are refused."""
+    from mmhub.errors import MMHubError
+
+    model = imported[0]
+    ours = model.batch([CONVERSATIONS[0][0]["content"]], [{"image": IMAGES[0]}], add_generation_prompt=True,
+                       padding_side="left")
+    with pytest.raises(MMHubError, match="M-RoPE"):
+        model.generate_ids(ours["input_ids"], ours["attention_mask"], ours["media"], max_new_tokens=4, num_beams=2)
+
+
+CLIP = {"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "image_size": 32, "patch_size": 8}
+LLAMA = {"model_type": "llama", "hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300, "max_position_embeddings": 256}
+
+
+@pytest.mark.parametrize("swap", ["llm", "tower"])
+def test_swap_a_part_and_train_a_step(swap: str, imported) -> None:
+    """The imported model is ordinary mmhub parts. ``llm``: its M-RoPE Qwen2 swapped for a tiny Llama (the dynamic-
+    resolution tower and merger kept with their imported weights, two image sizes in one batch); ``tower``: a CLIP
+    tower + mlp in front of the imported M-RoPE LM (its tokens, without a grid, take one row of positions). Each
+    trains one step."""
+    from mmhub import build
+
+    model0 = imported[0]
+    spec = model0.spec.model_dump(exclude_none=True)
+    if swap == "llm":
+        spec["backbone"] = {"type": "hf_causal_lm", "tokenizer": "byte", "config": LLAMA}
+        spec["template"] = "chatml"
+    else:
+        spec["encoders"]["image"] = {"type": "hf_vision", "config": CLIP}
+        spec["projectors"]["image"] = {"type": "mlp", "depth": 2}
+    model = build(spec)
+    kept = model.encoders if swap == "llm" else model.backbone
+    kept.load_state_dict((model0.encoders if swap == "llm" else model0.backbone).state_dict())
+    assert model.backbone.grid_positions == (swap == "tower")
+    batch = model.batch(CONVERSATIONS, [{"image": ims} for ims in IMAGES])
+    model.train()
+    trained = list(model.projectors.parameters()) + list(model.backbone.parameters())
+    for p in trained:
+        p.requires_grad_(True)
+    before = [p.detach().clone() for p in model.projectors.parameters()]
+    optimizer = torch.optim.SGD(trained, lr=0.1)
+    loss = model(**batch).loss
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss)
+    assert not all(torch.equal(b, p) for b, p in zip(before, model.projectors.parameters(), strict=True))
+
+
 def test_report_measured_differences() -> None:
     """Prints what the tests above measured (pytest -s); runs last in this module."""
     print("\nqwen2_vl measured:", {k: f"{v:.2e}" for k, v in MEASURED.items()})
