@@ -39,19 +39,17 @@ def _components(spec: dict) -> str:
 
 
 def zoo_markdown(reg: Registry) -> str:
-    """The docs/zoo.md page for the presets registered in `reg` (systems with a ``full`` size)."""
+    """The docs/zoo.md page for the shipped (built-in) presets in `reg` that have a ``full`` size."""
     lines = [HEADER, "| system | I/O | full preset | status |", "|---|---|---|---|"]
-    for _key, preset in sorted(reg.presets.items()):
-        if preset.size != "full":
-            continue
+    shipped = [p for _, p in sorted(reg.presets.items()) if p.size == "full" and reg.is_builtin(p.plugin)]
+    for preset in shipped:
         status = derive_status(preset, reg)
         head, _, reasons = status.partition(": ")
         shown = f"**{head}**" + (": " + "<br>".join(_cell(r.strip()) for r in reasons.split("; ")) if reasons else "")
         lines.append(f"| {preset.name} | {preset.io} | {_cell(_components(preset.spec))} | {shown} |")
-    done = sum(derive_status(p, reg) == "complete" for p in reg.presets.values() if p.size == "full")
-    total = sum(p.size == "full" for p in reg.presets.values())
+    done = sum(derive_status(p, reg) == "complete" for p in shipped)
     lines.append("")
-    lines.append(f"{done} of {total} full presets complete.")
+    lines.append(f"{done} of {len(shipped)} full presets complete.")
     return "\n".join(lines) + "\n"
 
 
