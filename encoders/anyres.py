@@ -252,8 +252,9 @@ class AnyResEncoder(Encoder):
     def _unpack(self, items: torch.Tensor) -> tuple[list[Size], list[int], torch.Tensor]:
         s = self.config.tile_size
         want = HEADER + self.max_tiles_in_item * 3 * s * s
-        if items.ndim != 2 or items.shape[1] != want or items.dtype != torch.float32:
-            raise InputError(f"anyres items must be (N, {want}) float32 vectors from this encoder's preprocess "
+        if items.ndim != 2 or items.shape[1] != want or items.dtype not in (torch.float32, torch.float64):
+            raise InputError(f"anyres items must be (N, {want}) float32 (or float64: the image sizes they carry must "
+                             f"stay exact) vectors from this encoder's preprocess "
                              f"(tile_size {s}, up to {self.max_tiles_in_item} tiles), got {tuple(items.shape)} "
                              f"{items.dtype}")
         head = items[:, :HEADER].round().long().tolist()

@@ -15,6 +15,7 @@ from mmhub.encoders.anyres import AnyResConfig, AnyResEncoder, best_resolution, 
 from mmhub.interfaces import BuildContext
 from mmhub.registry import get_registry
 from mmhub.splice import splice
+from mmhub.testing import EncoderTests
 
 TILE = 32
 PINPOINTS = [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]
@@ -119,3 +120,51 @@ def test_splice_takes_each_item_at_its_own_length() -> None:
     assert sp.inputs_embeds[1, :, 0].tolist() == [11.0, 5.0, 12.0, 12.0, 12.0, 7.0]
     assert sp.inputs_embeds[1, 2:5, 1].tolist() == [0.0, 1.0, 2.0]
     assert sp.media_positions.sum().item() == 2 + 1 + 3
+
+
+def test_token_budget_counts_the_most_an_image_can_take() -> None:
+    """Before anything runs: the budget check counts every image at AnyRes' worst case (a 64x64 image: 16 base
+    tokens + 8 rows of 8 + a newline each = 88), not at one tile's 16."""
+    from mmhub.errors import SpecError
+    from mmhub.spec import load_spec
+    from mmhub.validation import plan_spec
+
+    llama = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "vocab_size": 300, "max_position_embeddings": 256}
+    spec = {"name": "anyres-budget",
+            "encoders": {"image": {"type": "anyres", "tower": TOWER, "grid_pinpoints": PINPOINTS, "tile_size": TILE}},
+            "projectors": {"image": {"type": "mlp", "newline": True}},
+            "backbone": {"type": "hf_causal_lm", "config": llama, "tokenizer": "byte"},
+            "template": "chatml", "max_items": {"image": 2}}
+    plan = plan_spec(load_spec(spec))
+    settings = {k: v for k, v in spec["encoders"]["image"].items() if k != "type"}
+    assert plan.tokens_per_item("image") == 88 == item_tokens((64, 64), AnyResConfig.model_validate(settings), 4)
+    with pytest.raises(SpecError, match=r"token budget \d+ \(image: 3 x 88"):
+        plan_spec(load_spec({**spec, "max_items": {"image": 3}}))
+
+
+def test_a_saved_anyres_model_reloads_with_the_same_logits(tmp_path) -> None:
+    from mmhub import build, load
+
+    llama = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "vocab_size": 300, "max_position_embeddings": 512}
+    model = build({"name": "anyres-save",
+                   "encoders": {"image": {"type": "anyres", "tower": TOWER, "grid_pinpoints": PINPOINTS,
+                                          "tile_size": TILE}},
+                   "projectors": {"image": {"type": "mlp", "newline": True}},
+                   "backbone": {"type": "hf_causal_lm", "config": llama, "tokenizer": "byte"},
+                   "template": "chatml"})
+    batch = model.batch(["<image>\nHi", "A <image> B"], [{"image": [picture(40, 90)]}, {"image": [picture(90, 40)]}])
+    with torch.no_grad():
+        want = model(**batch).logits
+        back = load(model.save_pretrained(tmp_path / "m"))
+        got = back(**back.batch(["<image>\nHi", "A <image> B"],
+                                [{"image": [picture(40, 90)]}, {"image": [picture(90, 40)]}])).logits
+    assert torch.equal(want, got)
+    assert torch.equal(back.projectors["image"].image_newline, model.projectors["image"].image_newline)
+
+
+class TestAnyResContract(EncoderTests):
+    """The shared encoder checks (describe = forward's shape, settings, dtype moves, gradients) on the example."""
+
+    component = AnyResEncoder
