@@ -67,6 +67,29 @@ def test_perceiver_idefics_layout_equals_idefics_resampler(qk_norm: bool) -> Non
     assert diff <= 1e-5, f"perceiver (qk_norm={qk_norm}) max abs diff {diff:.3g} > 1e-5"
 
 
+def test_hf_vision_on_clip_config_equals_idefics_vision_transformer() -> None:
+    """IdeficsVisionTransformer is CLIP's vision transformer: hf_vision on the clip_vision_model config, last block,
+    CLS kept, no final LayerNorm, gives its last_hidden_state."""
+    from transformers.models.idefics.vision import IdeficsVisionTransformer
+
+    from mmhub.encoders.hf_vision_encoder import HFVisionEncoder
+    from mmhub.importers.idefics import vision_settings
+
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    ref = IdeficsVisionTransformer(cfg.vision_config).eval()
+    perturb(ref, 0.2)
+    enc = HFVisionEncoder(HFVisionEncoder.Config.model_validate(
+        {"config": vision_settings(cfg.vision_config), "select_layer": -1, "drop_cls": False}), ctx()).eval()
+    load_strict(enc.model, ref.state_dict(), "tower")
+    pixels = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want, got = ref(pixels).last_hidden_state, enc(pixels, "image")
+    assert got.shape == want.shape == (2, 5, VISION)
+    diff = float((got - want).abs().max())
+    assert diff <= 1e-5, f"vision tower max abs diff {diff:.3g} > 1e-5"
+
+
 def idefics_masks(index: torch.Tensor, valid: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
     """What IdeficsModel.forward builds from the processor's image_attention_mask: the additive (B, 1, L, M*T) mask
     and the cross_attention_gate (B, L)."""
