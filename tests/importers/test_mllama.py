@@ -382,3 +382,30 @@ def test_cross_layers_anywhere_in_the_stack(layers: list[int], tmp_path: Any) ->
         diff = float((want - model(**batch).logits).abs().max())
     MEASURED[f"layers_{layers}_logits"] = diff
     assert diff <= LOGIT_TOL, f"cross layers {layers}: logits differ from transformers' by {diff:.2e}"
+
+
+def test_both_key_layouts_import_the_same(checkpoint: Any, tmp_path: Any) -> None:
+    """transformers 5 saves Mllama under the older names (vision_model., language_model.model.,
+    language_model.lm_head., multi_modal_projector.) and loads both; the same tensors under the in-memory names
+    (model.vision_model., model.language_model., model.multi_modal_projector., lm_head.) import to the same model."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from mmhub.importers import import_checkpoint
+
+    other = tmp_path / "other-layout"
+    shutil.copytree(checkpoint, other)
+    older_to_current = {"vision_model.": "model.vision_model.", "language_model.model.": "model.language_model.",
+                        "multi_modal_projector.": "model.multi_modal_projector.", "language_model.lm_head.": "lm_head."}
+    state = load_file(str(other / "model.safetensors"))
+    saved_older = any(k.startswith("language_model.model.") for k in state)
+    renames = older_to_current if saved_older else {v: k for k, v in older_to_current.items()}
+    moved = {}
+    for key, value in state.items():
+        prefix = next(p for p in renames if key.startswith(p))
+        moved[renames[prefix] + key[len(prefix):]] = value
+    save_file(moved, str(other / "model.safetensors"), metadata={"format": "pt"})
+    a, b = import_checkpoint(checkpoint), import_checkpoint(other)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
