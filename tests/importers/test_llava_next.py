@@ -161,6 +161,19 @@ def test_imported_llava_next_logits_equal_transformers(folder: Path, pictures) -
     assert compare_logits(model, hf, processor, pictures, CONVS) > 1e-2
 
 
+def test_saved_import_reloads_on_its_own(folder: Path, pictures, tmp_path) -> None:
+    """save_pretrained writes every imported weight (tower, projector with image_newline, LLM): the folder reloads
+    with the same logits."""
+    from mmhub import load
+
+    model = import_checkpoint(folder)
+    batch = model.batch(CONVS, [{"image": [p]} for p in pictures])
+    back = load(model.save_pretrained(tmp_path / "saved"), allow_paths=[str(folder)])  # its tokenizer is there
+    assert back.spec.encoders["image"].type == "anyres"
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, back(**back.batch(CONVS, [{"image": [p]} for p in pictures])).logits)
+
+
 def test_greedy_generation_equals_transformers(folder: Path, pictures) -> None:
     model = import_checkpoint(folder)
     hf, processor = reference(folder)
