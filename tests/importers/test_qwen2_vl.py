@@ -283,6 +283,20 @@ def test_published_key_layout_and_tied_head(tmp_path) -> None:
     assert ours.shape == theirs.shape and diff <= LOGIT_TOL, f"logits differ by {diff}"
 
 
+def test_saved_import_reloads_with_the_same_outputs(imported, tmp_path) -> None:
+    """save_pretrained writes every weight (the spec has no source:), and the folder reloads on its own (reading
+    the tokenizer from the checkpoint folder, a path outside it that the caller allows)."""
+    import mmhub
+
+    model = imported[0]
+    out = model.save_pretrained(tmp_path / "saved")
+    tokenizer_folder = model.spec.backbone.model_dump()["tokenizer"]
+    again = mmhub.load(str(out), allow_paths=[tokenizer_folder]).eval()
+    batch = model.batch(CONVERSATIONS, [{"image": ims} for ims in IMAGES])
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, again(**batch).logits)
+
+
 def test_transformers_generate_fallback_is_refused_with_images(imported) -> None:
     """transformers' generate would give the media tokens text positions: settings that need it are refused."""
     from mmhub.errors import MMHubError
