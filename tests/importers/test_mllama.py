@@ -409,3 +409,19 @@ def test_both_key_layouts_import_the_same(checkpoint: Any, tmp_path: Any) -> Non
     a, b = import_checkpoint(checkpoint), import_checkpoint(other)
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_a_processor_mllama_vision_cannot_follow_is_refused_by_name(checkpoint: Any, tmp_path: Any) -> None:
+    import json
+    import shutil
+
+    from mmhub.errors import CheckpointError
+    from mmhub.importers import import_checkpoint
+
+    bad = tmp_path / "bad"
+    shutil.copytree(checkpoint, bad)
+    cfg = json.loads((bad / "processor_config.json").read_text())
+    cfg["image_processor"].update(max_image_tiles=2, resample=3)
+    (bad / "processor_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"max_image_tiles 2 != the tower's max_num_tiles 4.*resample 3"):
+        import_checkpoint(bad)
