@@ -98,6 +98,24 @@ class MediaTemplate(Template):
 
 
 @dataclass(frozen=True)
+class SharedEdgeTemplate(MediaTemplate):
+    """A `MediaTemplate` laying a user turn out as IDEFICS's processor lays out its prompt list: the text split at
+    the markers, each piece stripped of spaces at its ends, each item between two ``edge`` tokens, an item right
+    after another sharing the edge between them (``<fake><image><fake><image><fake>``)."""
+
+    edge: str = ""
+
+    def user_content(self, content: str, fill: dict[str, str]) -> str:
+        pieces = content.split(self.marker)
+        out, after_item = pieces[0].strip(" "), False
+        for piece in pieces[1:]:
+            out += self.marker + self.edge if after_item else self.edge + self.marker + self.edge
+            out += piece.strip(" ")
+            after_item = piece == ""
+        return out
+
+
+@dataclass(frozen=True)
 class TokenizerTemplate:
     """The tokenizer's own Jinja chat template; targets found by diffing rendered prefixes."""
 
@@ -175,6 +193,10 @@ TEMPLATES: dict[str, Any] = {
                             bos_after_media=True, needs=("bos", "eos")),
     "blip-2-t5": MediaTemplate(name="blip-2-t5", add_bos=False, user_fmt="{content}{eos}",
                                assistant_fmt="{content}{eos}", needs=("eos",)),
+    # IDEFICS's processor: bos, then the prompt pieces with each image as <fake><image><fake> (no chat format)
+    "idefics": SharedEdgeTemplate(name="idefics", user_fmt="{content}", assistant_fmt="{content}{eos}",
+                                  edge="<fake_token_around_image>", required_tokens=("<fake_token_around_image>",),
+                                  needs=("bos", "eos")),
     "blip-2-video": MediaTemplate(name="blip-2-video", marker="<video>", add_bos=False, user_fmt="{content}",
                                   assistant_fmt="{content}{eos}", bos_after_media=True, needs=("bos", "eos")),
 }

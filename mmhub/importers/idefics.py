@@ -18,9 +18,11 @@ IDEFICS is a CLIP-like vision tower -> a perceiver resampler -> a LLaMA whose bl
 Which image a token attends to is the IDEFICS processor's ``image_attention_mask``: the latest image at or before
 it (mmhub's ``media_index``), and none after an end-of-sequence token until the next image (``reset_token``);
 tokens that attend to no image get a zero cross-attention output. `mmhub.importers.idefics_export` writes such a
-model back as an ``idefics`` folder. Prompts are written as the IDEFICS processor writes them: ``<s>`` then text
-with each image as ``<fake_token_around_image><image><fake_token_around_image>`` (template ``plain``, which adds
-nothing).
+model back as an ``idefics`` folder. The template ``idefics`` lays prompts out as the IDEFICS processor does
+(``<s>``, then the text with each ``<image>`` as ``<fake_token_around_image><image><fake_token_around_image>``, the
+pieces stripped of spaces at their ends), so ``"User:<image>Describe this image.\nAssistant:"`` gives the ids of
+the processor's ``["User:", image, "Describe this image.\nAssistant:"]``; with ``template="plain"`` prompts are
+taken verbatim.
 """
 
 from __future__ import annotations
@@ -186,12 +188,11 @@ class IdeficsImporter(Importer):
                                     "qk_norm": bool(cfg.qk_layer_norms), "gate": cfg.alpha_type,
                                     "marker_token": IMAGE_TOKEN, "reset_token": tokenizer.eos_token,
                                     "only_immediate": True}},
-            "template": options.template or "plain",
+            "template": options.template or "idefics",
             "placeholders": {"image": IMAGE_TOKEN},
         }
-        notes = [f"write each image as {FAKE_TOKEN}{IMAGE_TOKEN}{FAKE_TOKEN} (IDEFICS's processor format; "
-                 f"{IMAGE_TOKEN}{FAKE_TOKEN} for an image right after another) and start prompts with "
-                 f"{tokenizer.bos_token or '(no bos token)'}"]
+        notes = [f"template {spec['template']}: write {IMAGE_TOKEN} where an image goes (IDEFICS's processor format "
+                 f"{FAKE_TOKEN}{IMAGE_TOKEN}{FAKE_TOKEN} is what template idefics writes)"]
         return Imported(spec=spec, weights={"encoders.image.model": tower, "projectors.image": resampler,
                                             "injectors.xattn": gated, "backbone.model": language}, notes=notes)
 

@@ -170,17 +170,17 @@ def reference(folder: Any) -> tuple[Any, Any]:
     return hf, AutoProcessor.from_pretrained(folder, backend="pil")
 
 
+# the IDEFICS processor's prompt list (ints: images) and the same prompt as mmhub text (template idefics)
 CASES = {
-    "one_image": (["User:", 0, "Describe this image.\nAssistant:"],
-                  f"<s>User:{FAKE}{IMAGE}{FAKE}Describe this image.\nAssistant:"),
+    "one_image": (["User:", 0, "Describe this image.\nAssistant:"], f"User:{IMAGE}Describe this image.\nAssistant:"),
     "two_interleaved": (["User:", 0, "What is this?", 1, "And this?\nAssistant:"],
-                        f"<s>User:{FAKE}{IMAGE}{FAKE}What is this?{FAKE}{IMAGE}{FAKE}And this?\nAssistant:"),
+                        f"User: {IMAGE} What is this? {IMAGE} And this?\nAssistant:"),
+    "two_in_a_row": (["User:", 0, 1, "Compare them.\nAssistant:"], f"User:{IMAGE}{IMAGE}Compare them.\nAssistant:"),
     # after </s> IDEFICS's processor lets no token see an image until the next one (packed documents)
     "eos_then_image": (["User:", 0, "What is it?\nAssistant: A cat.</s>User: And this?", 1, "Say.\nAssistant:"],
-                       f"<s>User:{FAKE}{IMAGE}{FAKE}What is it?\nAssistant: A cat.</s>User: And this?"
-                       f"{FAKE}{IMAGE}{FAKE}Say.\nAssistant:"),
+                       f"User:{IMAGE}What is it?\nAssistant: A cat.</s>User: And this?{IMAGE}Say.\nAssistant:"),
     "eos_then_text": (["User:", 0, "What is it?\nAssistant: A cat.</s>User: Tell me more.\nAssistant:"],
-                      f"<s>User:{FAKE}{IMAGE}{FAKE}What is it?\nAssistant: A cat.</s>User: Tell me more.\nAssistant:"),
+                      f"User:{IMAGE}What is it?\nAssistant: A cat.</s>User: Tell me more.\nAssistant:"),
 }
 
 
@@ -213,7 +213,8 @@ def logits(model: Any, batch: dict[str, Any], **media: Any) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(("config", "case"), [("base", "one_image"), ("base", "two_interleaved"),
-                                               ("base", "eos_then_image"), ("base", "eos_then_text"),
+                                               ("base", "two_in_a_row"), ("base", "eos_then_image"),
+                                               ("base", "eos_then_text"),
                                                ("variant", "two_interleaved")])
 def test_imported_idefics_equals_transformers(request: Any, config: str, case: str) -> None:
     from mmhub.importers import import_checkpoint
@@ -302,6 +303,17 @@ def test_export_refuses_a_model_without_idefics_shape(folder: Any, tmp_path: Any
     with pytest.raises(ExportError, match="drop_cls True"):
         IdeficsImporter().export(model, tmp_path / "exported")
     assert not (tmp_path / "exported").exists()
+
+
+def test_template_plain_takes_the_processor_text_verbatim(folder: Any) -> None:
+    from mmhub.importers import import_checkpoint
+
+    _, processor = reference(folder)
+    model = import_checkpoint(folder, template="plain")
+    prompt, _, used = prompt_for("two_in_a_row")
+    text = f"<s>User:{FAKE}{IMAGE}{FAKE}{IMAGE}{FAKE}Compare them.\nAssistant:"
+    assert model.batch([text], [{"image": used}])["input_ids"].tolist() == \
+        processor(text=[prompt], return_tensors="pt")["input_ids"].tolist()
 
 
 def test_saved_import_reloads_on_its_own(folder: Any, tmp_path: Any) -> None:
