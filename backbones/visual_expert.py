@@ -4,7 +4,8 @@ In every block, the attention (QKV, output) and MLP linears get an expert copy; 
 the sequence positions that hold spliced media tokens the expert's output replaces
 the original's, text positions use the original frozen weights. Experts start as
 copies of the LM's weights (as CogVLM initialises them), so before training the
-model computes exactly what it did without them. Media tokens are still spliced
+model computes exactly what it did without them. With ``last_token_text`` the last
+token of each media run keeps the text weights (CogVLM's routing of its eoi token). Media tokens are still spliced
 into the sequence (a prefix of image tokens as in LLaVA); the experts hook onto the
 linears with forward hooks, so the backbone's own modules are unchanged and LoRA can
 still target them.
@@ -40,6 +41,9 @@ class VisualExpertConfig(InjectorConfig):
     targets: list[str] = Field(default_factory=lambda: list(LLAMA_TARGETS), min_length=1,
                                description="linear names inside each block that get an expert copy")
     layers: list[int] | None = Field(None, description="block indices with experts (default: all)")
+    last_token_text: bool = Field(False, description="the last token of each run of media tokens uses the original "
+                                  "(text) weights, as CogVLM routes its eoi token: a position takes the expert only "
+                                  "when it and the next position both hold media")
 
 
 class VisualExperts(Injector):
@@ -90,6 +94,8 @@ class VisualExperts(Injector):
             if ctx is None:
                 return None
             pos = ctx.media_positions
+            if self.config.last_token_text:
+                pos = torch.cat([pos[:, :-1] & pos[:, 1:], torch.zeros_like(pos[:, :1])], 1)
             x = args[0]
             if pos.shape != x.shape[:2] or not bool(pos.any()):  # cached generation steps hold text only
                 return None

@@ -1,6 +1,7 @@
 """Registers mmhub's built-in encoders (through the same hook a third-party plugin uses)."""
 
 from mmhub.encoders.anyres import AnyResEncoder
+from mmhub.encoders.eva2_clip import Eva2ClipEncoder
 from mmhub.encoders.hf_audio_encoder import HFAudioEncoder
 from mmhub.encoders.hf_vision_encoder import HFVisionEncoder
 from mmhub.encoders.imagebind_like import ImageBindLike
@@ -27,3 +28,4 @@ def register_encoders(register):
     register(MllamaVisionEncoder)
     register(Qwen2VLVisionEncoder)
     register(AnyResEncoder)
+    register(Eva2ClipEncoder)

@@ -98,6 +98,18 @@ class MediaTemplate(Template):
 
 
 @dataclass(frozen=True)
+class LeadingMediaTemplate(MediaTemplate):
+    """A `MediaTemplate` that moves a user turn's media markers in front of the turn and puts ``lead`` before its
+    text (CogVLM's prompt: bos, the image tokens, then "Question: {text} Answer:")."""
+
+    lead: str = ""
+
+    def user_content(self, content: str, fill: dict[str, str]) -> str:
+        marks = self.around.format(marker=self.marker) * content.count(self.marker)
+        return marks + self.lead + content.replace(self.marker, "").strip()
+
+
+@dataclass(frozen=True)
 class SharedEdgeTemplate(MediaTemplate):
     """A `MediaTemplate` laying a user turn out as IDEFICS's processor lays out its prompt list: the text split at
     the markers, each piece stripped of spaces at its ends, each item between two ``edge`` tokens, an item right
@@ -193,6 +205,10 @@ TEMPLATES: dict[str, Any] = {
                             bos_after_media=True, needs=("bos", "eos")),
     "blip-2-t5": MediaTemplate(name="blip-2-t5", add_bos=False, user_fmt="{content}{eos}",
                                assistant_fmt="{content}{eos}", needs=("eos",)),
+    # CogVLM's chat prompt (template_version "chat"): bos, the image tokens, "Question: {q} Answer:"; history turns
+    # end with "\n"
+    "cogvlm": LeadingMediaTemplate(name="cogvlm", user_fmt="{content} Answer:", lead="Question: ",
+                                   assistant_fmt=" {content}{eos}\n", needs=("bos", "eos")),
     # IDEFICS's processor: bos, then the prompt pieces with each image as <fake><image><fake> (no chat format)
     "idefics": SharedEdgeTemplate(name="idefics", user_fmt="{content}", assistant_fmt="{content}{eos}",
                                   edge="<fake_token_around_image>", required_tokens=("<fake_token_around_image>",),

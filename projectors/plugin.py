@@ -3,6 +3,7 @@
 from mmhub.hookspecs import hookimpl
 from mmhub.projectors.c_abstractor import CAbstractorProjector
 from mmhub.projectors.cross_attn_resampler import CrossAttnResamplerProjector
+from mmhub.projectors.glu import GLUProjector
 from mmhub.projectors.ldp import LDPProjector
 from mmhub.projectors.linear import LinearProjector
 from mmhub.projectors.mlp import MLPProjector
@@ -28,6 +29,7 @@ def register_projectors(register):
     register(LDPProjector)
     register(PixelShuffleProjector)
     register(PatchMergerProjector)
+    register(GLUProjector)
 
 
 @hookimpl

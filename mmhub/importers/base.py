@@ -183,6 +183,11 @@ class Importer:
     name: ClassVar[str] = ""
     model_types: ClassVar[tuple[str, ...]] = ()
     description: ClassVar[str] = ""
+    # config.json ``architectures`` values it takes when the folder states no model_type (remote-code folders)
+    architectures: ClassVar[tuple[str, ...]] = ()
+    # False for a converter that reads only config.json and tensors of a remote-code (auto_map) folder and never
+    # imports its Python: such an import runs no checkpoint code, so it needs no trust_remote_code
+    runs_checkpoint_code: ClassVar[bool] = True
 
     def convert(self, ckpt: Checkpoint, options: ImportOptions) -> Imported:
         """The checkpoint as an mmhub spec plus its weight map."""

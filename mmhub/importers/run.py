@@ -38,11 +38,17 @@ def supported_model_types(registry: Registry | None = None) -> dict[str, str]:
     return {mt: name for name, cls in importers(registry).items() for mt in cls.model_types}
 
 
-def find_importer(model_type: str | None, where: str, registry: Registry | None = None) -> Importer:
-    """The importer registered for `model_type`; else an error listing the supported families."""
+def find_importer(model_type: str | None, where: str, registry: Registry | None = None,
+                  architectures: list[str] | None = None) -> Importer:
+    """The importer registered for `model_type` (or, for a folder without one, for one of its `architectures`);
+    else an error listing the supported families."""
     table = supported_model_types(registry)
     if model_type in table:
         return importers(registry)[table[model_type]]()
+    if not model_type:
+        for cls in importers(registry).values():
+            if set(architectures or ()) & set(cls.architectures):
+                return cls()
     listed = ", ".join(sorted(table)) or "none"
     raise UnsupportedModelError(f"{where}: no importer for model_type {model_type!r}; mmhub imports {listed}. "
                                 f"To add one, {HOW_TO_ADD}.")
@@ -53,9 +59,9 @@ def _names(items: list[str]) -> str:
     return shown + (f" ... and {len(items) - SHOWN} more" if len(items) > SHOWN else "")
 
 
-def _check_remote_code(ckpt: Checkpoint, options: ImportOptions) -> None:
+def _check_remote_code(ckpt: Checkpoint, options: ImportOptions, importer: Importer) -> None:
     auto_map = ckpt.config.get("auto_map")
-    if auto_map and not options.trust_remote_code:
+    if auto_map and not options.trust_remote_code and importer.runs_checkpoint_code:
         raise CheckpointError(f"{ckpt.folder}: config.json has an auto_map ({_names(sorted(auto_map))}), so this "
                               f"model's own Python would run to build it; mmhub never runs a checkpoint's code "
                               f"unless asked. Read that code, then pass trust_remote_code=True "
@@ -102,8 +108,10 @@ def import_checkpoint(folder: str | Path, *, template: str | None = None, dtype:
 
     options = ImportOptions(template=template, dtype=dtype, trust_remote_code=trust_remote_code)
     ckpt = Checkpoint(folder)
-    _check_remote_code(ckpt, options)
-    importer = find_importer(ckpt.model_type, str(ckpt.folder / "config.json"), registry)
+    archs = ckpt.config.get("architectures")
+    importer = find_importer(ckpt.model_type, str(ckpt.folder / "config.json"), registry,
+                             archs if isinstance(archs, list) else None)
+    _check_remote_code(ckpt, options, importer)
     imported = importer.convert(ckpt, options)
     left = ckpt.unused()
     if left:
