@@ -174,3 +174,12 @@ def test_status_is_complete_only_when_every_slot_loads_published_weights() -> No
     assert derive_status(PresetInfo("t", "full", spec, "test", missing="stages: no feedback stage"), REG) == \
         "partial: encoders.video.frames: open_clip starts randomly initialised (no stage trains it, no published " \
         "weights); stages: no feedback stage"
+
+
+def test_published_models_in_the_zoo_table_load_through_a_registered_importer() -> None:
+    from mmhub.presets.table import importer_for, published_models
+
+    published = published_models()
+    assert set(published) == {"blip-2", "instructblip", "llava-1.5"}
+    found = {name: importer_for(REG, p["model_type"]) for name, p in published.items()}
+    assert found == {"blip-2": "blip_2", "instructblip": "instructblip", "llava-1.5": "llava"}
