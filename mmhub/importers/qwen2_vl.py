@@ -14,6 +14,7 @@ published checkpoints use (``visual.``, ``model.``, ``lm_head.``). Video inputs 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, ClassVar
 
 from mmhub.errors import CheckpointError
@@ -121,3 +122,8 @@ class Qwen2VLImporter(Importer):
             "placeholders": {"image": placeholder},
         }
         return Imported(spec=spec, weights=weights, notes=notes)
+
+    def export(self, model: Any, out: Path) -> Path:
+        from mmhub.importers.qwen2_vl_export import export_qwen2_vl
+
+        return export_qwen2_vl(model, out)

@@ -4,6 +4,7 @@ greedy generation against ``Qwen2VLForConditionalGeneration`` through the family
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -297,6 +298,31 @@ def test_saved_import_reloads_with_the_same_outputs(imported, tmp_path) -> None:
         assert torch.equal(model(**batch).logits, again(**batch).logits)
 
 
+def test_export_reloads_in_transformers_with_identical_logits(imported, tmp_path) -> None:
+    """import -> export -> transformers' Qwen2VLForConditionalGeneration + AutoProcessor from the exported folder:
+    the same inputs and logits as the original checkpoint's."""
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+    from mmhub.importers.qwen2_vl import Qwen2VLImporter
+
+    model, hf, processor = imported
+    out = Qwen2VLImporter().export(model, tmp_path / "exported")
+    back = Qwen2VLForConditionalGeneration.from_pretrained(str(out)).eval()
+    back_processor = AutoProcessor.from_pretrained(str(out))
+    texts = [processor.apply_chat_template(hf_messages(c), tokenize=False) for c in CONVERSATIONS]
+    images = [im for ims in IMAGES for im in ims]
+    inputs = processor(images=images, text=texts, padding=True, return_tensors="pt")
+    again = back_processor(images=images, text=[back_processor.apply_chat_template(hf_messages(c), tokenize=False)
+                                               for c in CONVERSATIONS], padding=True, return_tensors="pt")
+    assert torch.equal(inputs["input_ids"], again["input_ids"]) and torch.equal(inputs["image_grid_thw"],
+                                                                              again["image_grid_thw"])
+    assert float((inputs["pixel_values"] - again["pixel_values"]).abs().max()) < 1e-6
+    with torch.no_grad():
+        diff = float((hf(**inputs).logits - back(**again).logits).abs().max())
+    MEASURED["export-reload-logits"] = diff
+    assert diff <= 1e-5, f"exported model's logits differ by {diff}"
+
+
 def test_transformers_generate_fallback_is_refused_with_images(imported) -> None:
     """transformers' generate would give the media tokens text positions: settings that need it are refused."""
     from mmhub.errors import MMHubError
@@ -315,11 +341,11 @@ LLAMA = {"model_type": "llama", "hidden_size": 48, "intermediate_size": 96, "num
 
 
 @pytest.mark.parametrize("swap", ["llm", "tower"])
-def test_swap_a_part_and_train_a_step(swap: str, imported) -> None:
+def test_swap_a_part_and_train_a_step(swap: str, imported, tmp_path) -> None:
     """The imported model is ordinary mmhub parts. ``llm``: its M-RoPE Qwen2 swapped for a tiny Llama (the dynamic-
     resolution tower and merger kept with their imported weights, two image sizes in one batch); ``tower``: a CLIP
     tower + mlp in front of the imported M-RoPE LM (its tokens, without a grid, take one row of positions). Each
-    trains one step."""
+    trains one step; the result is no longer a Qwen2-VL, and export says which part."""
     from mmhub import build
 
     model0 = imported[0]
@@ -346,6 +372,12 @@ def test_swap_a_part_and_train_a_step(swap: str, imported) -> None:
     optimizer.step()
     assert torch.isfinite(loss)
     assert not all(torch.equal(b, p) for b, p in zip(before, model.projectors.parameters(), strict=True))
+    from mmhub.errors import ExportError
+    from mmhub.importers.qwen2_vl import Qwen2VLImporter
+
+    blocking = "backbone (hf_causal_lm, model_type llama)" if swap == "llm" else "encoders image (hf_vision)"
+    with pytest.raises(ExportError, match=re.escape(blocking)):
+        Qwen2VLImporter().export(model, tmp_path / "refused")
 
 
 def test_report_measured_differences() -> None:
