@@ -22,6 +22,7 @@ most any image can take.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any, ClassVar
 
 from mmhub.errors import CheckpointError
@@ -168,3 +169,8 @@ class LlavaNextImporter(Importer):
 
     def convert(self, ckpt: Checkpoint, options: ImportOptions) -> Imported:
         return next_spec(ckpt, options, "llava_next")
+
+    def export(self, model: Any, out: Path) -> Path:
+        from mmhub.importers.llava_next_export import export_next
+
+        return export_next(model, out)

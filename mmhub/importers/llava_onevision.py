@@ -13,7 +13,8 @@ checkpoint is the same tower, so nothing is left unread).
 
 from __future__ import annotations
 
-from typing import ClassVar
+from pathlib import Path
+from typing import Any, ClassVar
 
 from mmhub.importers.base import Checkpoint, Imported, Importer, ImportOptions
 from mmhub.importers.llava_next import max_tiles_of, next_spec
@@ -33,3 +34,8 @@ class LlavaOnevisionImporter(Importer):
         imported.notes.append("one image per sample: transformers' multi-image (base only) and video paths are not "
                               "imported")
         return imported
+
+    def export(self, model: Any, out: Path) -> Path:
+        from mmhub.importers.llava_next_export import export_next
+
+        return export_next(model, out)

@@ -174,6 +174,22 @@ def test_saved_import_reloads_on_its_own(folder: Path, pictures, tmp_path) -> No
         assert torch.equal(model(**batch).logits, back(**back.batch(CONVS, [{"image": [p]} for p in pictures])).logits)
 
 
+def test_export_reloads_in_transformers_with_identical_logits(folder: Path, pictures, tmp_path) -> None:
+    """import -> export (the family's folder: config, weights, processor) -> transformers -> the same logits as
+    mmhub on the exported processor's inputs, and as the original checkpoint."""
+    from mmhub.importers.run import find_importer
+
+    model = import_checkpoint(folder)
+    out = find_importer("llava_next", "test").export(model, tmp_path / "exported")
+    hf, processor = reference(out)
+    diff = compare_logits(model, hf, processor, pictures, CONVS)
+    original, _ = reference(folder)
+    same = all(torch.equal(a, b) for a, b in zip(hf.state_dict().values(), original.state_dict().values(),
+                                                  strict=True))
+    print(f"llava_next export: max abs logit diff {diff:.3g}")
+    assert diff <= TOL and same, f"llava_next export: max abs logit diff {diff:.3g}, same weights {same}"
+
+
 def test_greedy_generation_equals_transformers(folder: Path, pictures) -> None:
     model = import_checkpoint(folder)
     hf, processor = reference(folder)

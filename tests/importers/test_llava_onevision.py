@@ -101,3 +101,15 @@ def test_greedy_generation_equals_transformers(folder: Path, pictures) -> None:
     for ours, theirs in greedy_pairs(model, hf, processor, pictures, QWEN2["eos_token_id"]):
         assert ours == theirs, f"greedy tokens differ: mmhub {ours} vs transformers {theirs}"
         assert len(ours) == 16 and len(set(ours)) > 1, f"degenerate generation {ours}: the test would not see much"
+
+
+def test_export_reloads_in_transformers_with_identical_logits(folder: Path, pictures, tmp_path) -> None:
+    from mmhub.importers.run import find_importer
+
+    model = import_checkpoint(folder)
+    out = find_importer("llava_onevision", "test").export(model, tmp_path / "exported")
+    hf, processor = reference(out, "LlavaOnevisionForConditionalGeneration")
+    assert hf.config.vision_aspect_ratio == f"anyres_max_{MAX_TILES}"
+    diff = compare_logits(model, hf, processor, pictures, CONVS, extra=("image_sizes", "batch_num_images"))
+    print(f"llava_onevision export: max abs logit diff {diff:.3g}")
+    assert diff <= TOL, f"llava_onevision export: max abs logit diff {diff:.3g}"
