@@ -183,3 +183,12 @@ def test_published_models_in_the_zoo_table_load_through_a_registered_importer() 
     assert set(published) == {"blip-2", "instructblip", "llava-1.5"}
     found = {name: importer_for(REG, p["model_type"]) for name, p in published.items()}
     assert found == {"blip-2": "blip_2", "instructblip": "instructblip", "llava-1.5": "llava"}
+
+
+def test_mmhub_validate_passes_a_full_preset_with_the_cache(fake_hub: Path, monkeypatch, capsys) -> None:
+    from mmhub.cli import main as cli_main
+
+    _use(monkeypatch, fake_hub)
+    assert cli_main(["validate", "qwen-vl:full", "--trust-remote-code"]) == 0
+    out = capsys.readouterr().out
+    assert "OK qwen-vl-full" in out and "256 tokens/item" in out and "context 8192" in out, out
