@@ -316,6 +316,22 @@ def test_template_plain_takes_the_processor_text_verbatim(folder: Any) -> None:
         processor(text=[prompt], return_tensors="pt")["input_ids"].tolist()
 
 
+def test_validation_names_a_resampler_width_the_injector_does_not_take(folder: Any) -> None:
+    """The idefics perceiver emits the vision width; an injector reading LM-wide context cannot take it."""
+    from mmhub.assembly import build
+    from mmhub.errors import SpecError
+    from mmhub.importers import import_checkpoint
+
+    spec = import_checkpoint(folder).spec.model_dump(exclude_none=True)
+    xattn = spec["injectors"]["xattn"]
+    for key in ("kv_dim", "ff_dim", "activation", "norm_eps", "qk_norm", "gate"):
+        xattn.pop(key)
+    xattn["layout"] = "flamingo"
+    with pytest.raises(SpecError, match=rf"projectors.image: perceiver layout idefics: out_dim {HIDDEN} != in_dim "
+                                        rf"{VISION}.*kv_dim: {VISION}"):
+        build(spec)
+
+
 def test_saved_import_reloads_on_its_own(folder: Any, tmp_path: Any) -> None:
     """Every weight is in the saved folder (no source: in the spec; the tokenizer is still read from the checkpoint
     folder, which the reload is allowed to read): the reload computes the same logits."""
