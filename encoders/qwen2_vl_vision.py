@@ -1,4 +1,4 @@
-"""Dynamic-resolution image encoder over Qwen2-VL's vision tower (2D rotary ViT on 14-pixel patches).
+"""Dynamic-resolution image encoder over Qwen2-VL's (or Qwen2.5-VL's) vision tower (2D rotary ViT on 14-pixel patches).
 
 Each image is resized to a multiple of ``patch_size * merge_size`` (28) on both sides, its pixel count kept within
 ``min_pixels``..``max_pixels`` (Qwen2-VL's ``smart_resize``), so the number of tokens depends on the image: an
@@ -11,9 +11,10 @@ is a one-frame video) and runs all of them through the tower in one call (attent
 returns one (T_i, embed_dim) tensor per image. `token_grid` states an item's (t, h, w) patch grid, which
 M-RoPE backbones place the image's tokens by.
 
-The tower is transformers' ``Qwen2VisionTransformerPretrainedModel`` (a standard tower, driven like ``hf_vision``
-drives CLIP: the 2D rotary embedding and variable-length attention are transformers' own); its built-in patch merger
-is left out (replaced by the identity): in mmhub the merger is the ``patch_merger`` projector.
+The tower is transformers' ``Qwen2VisionTransformerPretrainedModel`` (``Qwen2_5_VisionTransformerPretrainedModel``
+for a ``qwen2_5_vl_vision`` config: RMSNorm, SwiGLU, window attention) — a standard tower, driven like ``hf_vision``
+drives CLIP: the 2D rotary embedding and variable-length attention are transformers' own. Its built-in patch merger
+is left out (`MergeUnits` stands in): in mmhub the merger is the ``patch_merger`` projector.
 """
 
 from __future__ import annotations
@@ -31,14 +32,18 @@ from mmhub.media import load_image
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-TOWERS = ("qwen2_vl", "qwen2_vl_vision")
+# vision config model_type -> (transformers module, config class, tower class, config field of the token width)
+TOWERS = {"qwen2_vl_vision": ("qwen2_vl", "Qwen2VLVisionConfig", "Qwen2VisionTransformerPretrainedModel", "embed_dim"),
+          "qwen2_5_vl_vision": ("qwen2_5_vl", "Qwen2_5_VLVisionConfig", "Qwen2_5_VisionTransformerPretrainedModel",
+                                "hidden_size")}
 
 
 class Qwen2VLVisionConfig(ComponentConfig):
     """Settings of `Qwen2VLVisionEncoder`: the tower's transformers vision config and the resize budget."""
 
-    config: dict[str, Any] = Field(description="a transformers Qwen2-VL vision config (model_type qwen2_vl_vision: "
-                                               "depth, embed_dim, num_heads, patch_size, spatial_merge_size, ...)")
+    config: dict[str, Any] = Field(description="a transformers Qwen2-VL or Qwen2.5-VL vision config (model_type "
+                                               "qwen2_vl_vision, the default, or qwen2_5_vl_vision: depth, widths, "
+                                               "num_heads, patch_size, spatial_merge_size, ...)")
     min_pixels: int = Field(56 * 56, ge=1)
     max_pixels: int = Field(28 * 28 * 1280, ge=1)
     mean: tuple[float, float, float] = CLIP_MEAN
@@ -56,12 +61,34 @@ class Qwen2VLVisionConfig(ComponentConfig):
         return self
 
 
-def tower_config(settings: dict[str, Any]) -> Any:
-    """The transformers ``Qwen2VLVisionConfig`` of a settings dict (model_type optional)."""
-    from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig as HFConfig
+def _family(settings: dict[str, Any]) -> tuple[str, str, str, str]:
+    return TOWERS[settings.get("model_type", "qwen2_vl_vision")]
 
-    values = {k: v for k, v in settings.items() if k != "model_type"}
-    return HFConfig(**values)
+
+def tower_config(settings: dict[str, Any]) -> Any:
+    """The transformers vision config (``Qwen2VLVisionConfig`` / ``Qwen2_5_VLVisionConfig``) of a settings dict."""
+    import importlib
+
+    module, config_name, _, _ = _family(settings)
+    configs = importlib.import_module(f"transformers.models.{module}.configuration_{module}")
+    return getattr(configs, config_name)(**{k: v for k, v in settings.items() if k != "model_type"})
+
+
+def token_width(settings: dict[str, Any], cfg: Any) -> int:
+    """The width of the tower's patch tokens (Qwen2-VL's embed_dim, Qwen2.5-VL's hidden_size)."""
+    return int(getattr(cfg, _family(settings)[3]))
+
+
+class MergeUnits(nn.Module):
+    """Stands in for the tower's own merger: each merge unit's patch features side by side, so the tower's put-back
+    of whole units (Qwen2.5-VL's window attention reorders them) applies; `forward` unfolds them into patches."""
+
+    def __init__(self, unit: int):
+        super().__init__()
+        self.unit = unit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1, self.unit * x.shape[-1])
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -98,7 +125,7 @@ class Qwen2VLVisionEncoder(ImageEncoder):
     name: ClassVar[str] = "qwen2_vl_vision"
     Config: ClassVar[type[ComponentConfig]] = Qwen2VLVisionConfig
     library: ClassVar[str] = "transformers"
-    out_dim_doc: ClassVar[str] = "the tower's embed_dim"
+    out_dim_doc: ClassVar[str] = "the tower's embed_dim (Qwen2.5-VL: hidden_size)"
     tokens_doc: ClassVar[str] = ("(H/patch) x (W/patch) patch tokens for the image resized to multiples of "
                                  "patch x merge within min_pixels..max_pixels; at most max_pixels / patch^2")
     variable_tokens: ClassVar[bool] = True
@@ -113,20 +140,22 @@ class Qwen2VLVisionEncoder(ImageEncoder):
         # the most tokens an image can take: the pixel budget in whole merge blocks (a resize up to min_pixels rounds
         # up, so with min_pixels close to max_pixels a very oblong image may take a block or two more)
         most = max(config.max_pixels // (factor * factor), 1) * cfg.spatial_merge_size ** 2
-        return EncoderFacts(out_dim=cfg.embed_dim, tokens_per_item=most)
+        return EncoderFacts(out_dim=token_width(config.config, cfg), tokens_per_item=most)
 
     def __init__(self, config: Qwen2VLVisionConfig, ctx: BuildContext):
-        from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+        import importlib
 
         from mmhub.attention import hf_attn_implementation
 
         super().__init__(config, ctx)
         self.hf_config = tower_config(config.config)
         self.hf_config._attn_implementation = hf_attn_implementation(ctx.attention)
-        self.model = Qwen2VisionTransformerPretrainedModel._from_config(self.hf_config,
-                                                                         dtype=DTYPES[config.dtype])
-        self.model.merger = nn.Identity()  # the merger is mmhub's patch_merger projector
-        self._out_dim = self.hf_config.embed_dim
+        module, _, tower_name, _ = _family(config.config)
+        tower_cls = getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), tower_name)
+        self.model = tower_cls._from_config(self.hf_config, dtype=DTYPES[config.dtype])
+        # the merger is mmhub's patch_merger projector
+        self.model.merger = MergeUnits(self.hf_config.spatial_merge_size ** 2)
+        self._out_dim = token_width(config.config, self.hf_config)
         self.patch = self.hf_config.patch_size
         self.merge = self.hf_config.spatial_merge_size
         self.temporal = self.hf_config.temporal_patch_size
@@ -168,7 +197,8 @@ class Qwen2VLVisionEncoder(ImageEncoder):
         items = list(pixels)
         grids = torch.tensor([self.token_grid(x) for x in items], dtype=torch.long)
         patches = torch.cat([patchify(x, self.patch, self.merge, self.temporal) for x in items]).to(dtype)
-        out = self.model(patches, grid_thw=grids.to(patches.device)).last_hidden_state  # (sum T_i, embed_dim)
+        units = self.model(patches, grid_thw=grids.to(patches.device)).pooler_output  # (sum T_i / unit, unit * D)
+        out = units.reshape(-1, self._out_dim)  # (sum T_i, D), in each image's merge-block order
         per_item = list(out.split(grids.prod(-1).tolist()))
         same = all(t.shape == per_item[0].shape for t in per_item)
         return torch.stack(per_item) if same else per_item

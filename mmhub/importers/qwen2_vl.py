@@ -1,15 +1,17 @@
-"""The Qwen2-VL family importer: transformers ``qwen2_vl`` folders -> qwen2_vl_vision -> patch_merger -> hf_causal_lm.
+"""The Qwen2-VL family importer: ``qwen2_vl`` and ``qwen2_5_vl`` folders -> qwen2_vl_vision -> patch_merger -> LLM.
 
-Qwen2-VL's parts become mmhub components: the vision tower (2D rotary ViT at dynamic resolution) is the
-``qwen2_vl_vision`` encoder, with the folder's resize budget (``min_pixels``/``max_pixels``) and normalisation; its
-``merger`` is the ``patch_merger`` projector; the language model (Qwen2 with M-RoPE) is ``hf_causal_lm`` over
-transformers' ``qwen2_vl_text`` model, whose positions mmhub computes from where each image's tokens sit and their
-grid (`mmhub.backbones.mrope`). The chat template is mmhub's ``qwen2-vl`` (chatml, each ``<|image_pad|>`` wrapped in
-``<|vision_start|>``/``<|vision_end|>``), the placeholder ``<|image_pad|>``: a prompt reads
+Qwen2-VL's parts become mmhub components: the vision tower (2D rotary ViT at dynamic resolution; Qwen2.5-VL's has
+RMSNorm, SwiGLU and window attention) is the ``qwen2_vl_vision`` encoder, with the folder's resize budget
+(``min_pixels``/``max_pixels``) and normalisation; its ``merger`` is the ``patch_merger`` projector (LayerNorm;
+RMSNorm for Qwen2.5-VL); the language model (Qwen2 with M-RoPE) is ``hf_causal_lm`` over transformers'
+``qwen2_vl_text`` (``qwen2_5_vl_text``) model, whose positions mmhub computes from where each image's tokens sit and
+their grid (`mmhub.backbones.mrope`). The chat template is mmhub's ``qwen2-vl`` (chatml, each ``<|image_pad|>``
+wrapped in ``<|vision_start|>``/``<|vision_end|>``), the placeholder ``<|image_pad|>``: a prompt reads
 ``"<|image_pad|>What is this?"`` and mmhub expands the pad into the image's tokens as the family's processor does.
 
 Both key layouts load: transformers 5's (``model.visual.``, ``model.language_model.``, ``lm_head.``) and the one the
 published checkpoints use (``visual.``, ``model.``, ``lm_head.``). Video inputs are not imported (images only).
+Export (`mmhub.importers.qwen2_vl_export`) writes the family's folder back.
 """
 
 from __future__ import annotations
@@ -65,12 +67,12 @@ def _template(ckpt: Checkpoint, tokenizer: Any, options: ImportOptions) -> str:
 
 
 class Qwen2VLImporter(Importer):
-    """Qwen2-VL (dynamic-resolution ViT, patch merger, Qwen2 with M-RoPE); images."""
+    """Qwen2-VL and Qwen2.5-VL (dynamic-resolution ViT, patch merger, Qwen2 with M-RoPE); images."""
 
     name: ClassVar[str] = "qwen2_vl"
-    model_types: ClassVar[tuple[str, ...]] = ("qwen2_vl",)
-    description: ClassVar[str] = ("Qwen2-VL: dynamic-resolution 2D-RoPE ViT -> patch_merger (2x2) -> Qwen2 LM with "
-                                  "M-RoPE")
+    model_types: ClassVar[tuple[str, ...]] = ("qwen2_vl", "qwen2_5_vl")
+    description: ClassVar[str] = ("Qwen2-VL / Qwen2.5-VL: dynamic-resolution 2D-RoPE ViT -> patch_merger (2x2) -> "
+                                  "Qwen2 LM with M-RoPE")
 
     def convert(self, ckpt: Checkpoint, options: ImportOptions) -> Imported:
         cfg = ckpt.hf_config()
@@ -81,9 +83,11 @@ class Qwen2VLImporter(Importer):
         if not isinstance(image_cfg, dict):
             raise CheckpointError(f"{where}: no image processor config (preprocessor_config.json, or image_processor "
                                   "in processor_config.json): the resize budget and normalisation are unknown")
-        if vision.hidden_size != text.hidden_size:
-            raise CheckpointError(f"{where}: vision_config.hidden_size {vision.hidden_size} (the merger's output) != "
-                                  f"text_config.hidden_size {text.hidden_size}")
+        qwen25 = cfg.model_type == "qwen2_5_vl"
+        merged = "out_hidden_size" if qwen25 else "hidden_size"  # the merger's output width
+        if getattr(vision, merged) != text.hidden_size:
+            raise CheckpointError(f"{where}: vision_config.{merged} {getattr(vision, merged)} (the merger's output) "
+                                  f"!= text_config.hidden_size {text.hidden_size}")
         tokenizer = ckpt.tokenizer()
         placeholder = getattr(tokenizer, "image_token", None) or PLACEHOLDER
         if tokenizer.convert_tokens_to_ids(placeholder) != cfg.image_token_id:
@@ -112,10 +116,11 @@ class Qwen2VLImporter(Importer):
                      f"prompts place each image as {PLACEHOLDER}")
         spec = {
             "name": ckpt.folder.name,
-            "description": f"imported from the transformers Qwen2-VL folder {ckpt.folder}",
+            "description": f"imported from the transformers {cfg.model_type} folder {ckpt.folder}",
             "encoders": {"image": {"type": "qwen2_vl_vision", "config": vision_settings, "dtype": "float32",
                                    **image_settings(image_cfg, vision, where)}},
-            "projectors": {"image": {"type": "patch_merger", "merge": vision.spatial_merge_size}},
+            "projectors": {"image": {"type": "patch_merger", "merge": vision.spatial_merge_size,
+                                     "norm": "rmsnorm" if qwen25 else "layernorm"}},
             "backbone": {"type": "hf_causal_lm", "config": text_settings, "tokenizer": str(ckpt.folder),
                          "dtype": options.dtype},
             "template": _template(ckpt, tokenizer, options),

@@ -1,11 +1,12 @@
-"""Export of a Qwen2-VL-shaped mmhub model back to a transformers ``qwen2_vl`` folder (the reverse of the importer).
+"""Export of a Qwen2-VL-shaped mmhub model back to a transformers ``qwen2_vl`` (or ``qwen2_5_vl``) folder.
 
-A model whose image encoder is ``qwen2_vl_vision``, projector a LayerNorm ``patch_merger`` (its width the LLM's)
-and backbone ``hf_causal_lm`` over ``qwen2_vl_text`` with the ``qwen2-vl`` template is written as
-``Qwen2VLForConditionalGeneration`` weights (``model.visual.*`` with the merger under ``model.visual.merger.``,
-``model.language_model.*``, ``lm_head.weight``), its config, and a ``Qwen2VLProcessor`` (the image processor with the
-encoder's pixel budget and normalisation, the tokenizer, Qwen2-VL's chat template), so transformers loads the folder
-and computes what mmhub computes. LoRA adapters are merged into a copy first. Anything else is refused by name.
+A model whose image encoder is ``qwen2_vl_vision``, projector a ``patch_merger`` (LayerNorm; Qwen2.5-VL: RMSNorm) of
+the LLM's width and backbone ``hf_causal_lm`` over ``qwen2_vl_text`` (``qwen2_5_vl_text``) with the ``qwen2-vl``
+template is written as the family's ``...ForConditionalGeneration`` weights (``model.visual.*`` with the merger under
+``model.visual.merger.``, ``model.language_model.*``, ``lm_head.weight``), its config, and a ``Qwen2VLProcessor``
+(the image processor with the encoder's pixel budget and normalisation, the tokenizer, Qwen2-VL's chat template), so
+transformers loads the folder and computes what mmhub computes. LoRA adapters are merged into a copy first. Anything
+else is refused by name.
 """
 
 from __future__ import annotations
@@ -25,21 +26,27 @@ CHAT_TEMPLATE = (
     "<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
     "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
+# text model_type -> (family, transformers config / model class names, the merger's norm, vision config output width)
+FAMILIES = {"qwen2_vl_text": ("qwen2_vl", "Qwen2VLConfig", "Qwen2VLForConditionalGeneration", "layernorm",
+                              "hidden_size"),
+            "qwen2_5_vl_text": ("qwen2_5_vl", "Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", "rmsnorm",
+                                "out_hidden_size")}
 
 
 def _check(model: Any) -> None:
     problems = []
+    text = model.backbone.model.config if model.backbone.name == "hf_causal_lm" else None
+    if text is None or text.model_type not in FAMILIES:
+        problems.append(f"backbone ({model.backbone.name}"
+                        f"{', model_type ' + text.model_type if text is not None else ''}): Qwen2-VL's LLM is "
+                        "hf_causal_lm over qwen2_vl_text (Qwen2.5-VL: qwen2_5_vl_text)")
+    norm = FAMILIES[text.model_type][3] if text is not None and text.model_type in FAMILIES else "layernorm"
     if set(model.encoders) != {"image"} or model.encoders["image"].name != "qwen2_vl_vision":
         problems.append(f"encoders {', '.join(f'{m} ({e.name})' for m, e in model.encoders.items())}: Qwen2-VL has "
                         "one qwen2_vl_vision image encoder")
-    elif model.projectors["image"].name != "patch_merger" or model.projectors["image"].config.norm != "layernorm":
-        problems.append(f"projectors.image ({model.projectors['image'].name}): Qwen2-VL's merger is a LayerNorm "
+    elif model.projectors["image"].name != "patch_merger" or model.projectors["image"].config.norm != norm:
+        problems.append(f"projectors.image ({model.projectors['image'].name}): this family's merger is a {norm} "
                         "patch_merger")
-    text = model.backbone.model.config if model.backbone.name == "hf_causal_lm" else None
-    if text is None or text.model_type != "qwen2_vl_text":
-        problems.append(f"backbone ({model.backbone.name}"
-                        f"{', model_type ' + text.model_type if text is not None else ''}): Qwen2-VL's LLM is "
-                        "hf_causal_lm over qwen2_vl_text")
     if len(model.injectors) or len(model.generators):
         problems.append("injectors/generators: Qwen2-VL has none")
     if model.plan.template.name != "qwen2-vl":
@@ -52,7 +59,9 @@ def _check(model: Any) -> None:
 
 def export_qwen2_vl(model: Any, out_dir: str | Path) -> Path:
     """Write `model` (a Qwen2-VL-shaped `MMModel`) as a transformers ``qwen2_vl`` folder with its processor."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+    import importlib
+
+    from transformers import Qwen2VLProcessor
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
@@ -68,14 +77,17 @@ def export_qwen2_vl(model: Any, out_dir: str | Path) -> Path:
     missing = [t for t, i in ids.items() if not isinstance(i, int) or i == tok.unk_token_id]
     if missing:
         raise ExportError(f"the tokenizer has no {', '.join(missing)} token(s), which a Qwen2-VL processor needs")
+    family, config_name, model_name, _, width = FAMILIES[lm.config.model_type]
+    modeling = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    configs = importlib.import_module(f"transformers.models.{family}.configuration_{family}")
     vision = enc.hf_config.to_dict()
-    vision["hidden_size"] = merger.config.out_dim
+    vision[width] = merger.config.out_dim
     text = lm.config.to_dict()
     tied = bool(getattr(lm.config, "tie_word_embeddings", False))
-    config = Qwen2VLConfig(vision_config=vision, text_config=text, image_token_id=ids["<|image_pad|>"],
+    config = getattr(configs, config_name)(vision_config=vision, text_config=text, image_token_id=ids["<|image_pad|>"],
                            video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
                            vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=tied)
-    hf = Qwen2VLForConditionalGeneration(config).to(lm.dtype)
+    hf = getattr(modeling, model_name)(config).to(lm.dtype)
     state = {**{f"model.visual.{k}": v for k, v in enc.model.state_dict().items()},
              **{f"model.visual.merger.{k}": v for k, v in merger.state_dict().items()},
              **{f"model.language_model.{k}": v for k, v in lm.model.state_dict().items()},

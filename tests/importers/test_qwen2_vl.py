@@ -1,6 +1,7 @@
 """Qwen2-VL in mmhub: the dynamic-resolution tower (``qwen2_vl_vision``) + ``patch_merger`` against transformers'
 visual model, M-RoPE positions against transformers' ``get_rope_index``, and the ``qwen2_vl`` importer's logits and
-greedy generation against ``Qwen2VLForConditionalGeneration`` through the family's own processor."""
+greedy generation against ``Qwen2VLForConditionalGeneration`` (and Qwen2.5-VL's) through the family's own processor,
+export back to transformers, part swaps that train."""
 
 from __future__ import annotations
 
@@ -18,6 +19,12 @@ from mmhub.projectors.patch_merger import PatchMergerProjector
 
 VISION = {"depth": 2, "embed_dim": 32, "num_heads": 2, "mlp_ratio": 2, "hidden_size": 48, "patch_size": 14,
           "spatial_merge_size": 2, "temporal_patch_size": 2}
+# Qwen2.5-VL's tower: RMSNorm, SwiGLU, window attention (56 px windows: 2x2 merge units) except in block 1
+VISION_25 = {"model_type": "qwen2_5_vl_vision", "depth": 2, "hidden_size": 32, "intermediate_size": 64,
+             "num_heads": 2, "out_hidden_size": 48, "window_size": 56, "fullatt_block_indexes": [1],
+             "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}
+VISIONS = {"qwen2_vl": VISION, "qwen2_5_vl": VISION_25}
+FAMILIES = list(VISIONS)
 PIXELS = {"min_pixels": 28 * 28, "max_pixels": 28 * 28 * 12}
 FEATURE_TOL = 1e-5
 MEASURED: dict[str, float] = {}
@@ -38,20 +45,28 @@ def perturb(module: torch.nn.Module, std: float, seed: int = 0) -> None:
                 p.add_(1.0)
 
 
-def hf_visual() -> Any:
+def hf_visual(family: str = "qwen2_vl") -> Any:
+    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
     from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
     from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
-    model = Qwen2VisionTransformerPretrainedModel._from_config(Qwen2VLVisionConfig(**VISION)).eval()
-    perturb(model, 0.2)
+    settings = {k: v for k, v in VISIONS[family].items() if k != "model_type"}
+    if family == "qwen2_vl":
+        model = Qwen2VisionTransformerPretrainedModel._from_config(Qwen2VLVisionConfig(**settings))
+    else:
+        model = Qwen2_5_VisionTransformerPretrainedModel._from_config(Qwen2_5_VLVisionConfig(**settings))
+    perturb(model.eval(), 0.2)
     return model
 
 
-def mmhub_parts(visual: Any) -> tuple[Qwen2VLVisionEncoder, PatchMergerProjector]:
+def mmhub_parts(visual: Any, family: str = "qwen2_vl") -> tuple[Qwen2VLVisionEncoder, PatchMergerProjector]:
     """mmhub's encoder and projector holding `visual`'s weights (its merger in the projector)."""
     ctx = BuildContext(resolve=lambda uri: uri)
-    enc = Qwen2VLVisionEncoder(Qwen2VLVisionEncoder.Config.model_validate({"config": VISION, **PIXELS}), ctx).eval()
-    proj_cfg = PatchMergerProjector.Config.model_validate({"in_dim": 32, "out_dim": 48, "merge": 2})
+    settings = {"config": VISIONS[family], **PIXELS}
+    enc = Qwen2VLVisionEncoder(Qwen2VLVisionEncoder.Config.model_validate(settings), ctx).eval()
+    norm = "layernorm" if family == "qwen2_vl" else "rmsnorm"
+    proj_cfg = PatchMergerProjector.Config.model_validate({"in_dim": 32, "out_dim": 48, "merge": 2, "norm": norm})
     proj = PatchMergerProjector(proj_cfg, ctx).eval()
     state = visual.state_dict()
     enc.model.load_state_dict({k: v for k, v in state.items() if not k.startswith("merger.")}, strict=True)
@@ -59,13 +74,14 @@ def mmhub_parts(visual: Any) -> tuple[Qwen2VLVisionEncoder, PatchMergerProjector
     return enc, proj
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("backend", ["torchvision", "pil"])
-def test_tower_and_merger_equal_transformers_visual_model(backend: str) -> None:
+def test_tower_and_merger_equal_transformers_visual_model(backend: str, family: str) -> None:
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 
-    visual = hf_visual()
-    enc, proj = mmhub_parts(visual)
+    visual = hf_visual(family)
+    enc, proj = mmhub_parts(visual, family)
     # multiples of 28 need no resampling (any backend); other sizes are resized (PIL's bicubic, as mmhub does)
     sizes = [(56, 84), (28, 56)] if backend == "torchvision" else [(50, 70), (90, 33)]
     images = [picture(h, w, seed=i) for i, (h, w) in enumerate(sizes)]
@@ -83,7 +99,7 @@ def test_tower_and_merger_equal_transformers_visual_model(backend: str) -> None:
         assert isinstance(feats, list) and [f.shape[0] for f in feats] == grids.prod(-1).tolist()
         ours = torch.cat([proj(f[None])[0] for f in feats])
     diff = float((ours - theirs).abs().max())
-    MEASURED[f"tower+merger-{backend}"] = diff
+    MEASURED[f"{family}-tower+merger-{backend}"] = diff
     assert ours.shape == theirs.shape and diff <= FEATURE_TOL, f"{backend}: merged features differ by {diff}"
 
 
@@ -154,24 +170,34 @@ def tokenizer() -> Any:
     return tok
 
 
-def qwen2_vl_folder(folder: Any, tied: bool = False, legacy_keys: bool = False) -> Any:
-    """A tiny random Qwen2-VL written by transformers itself, with its processor (image processor + tokenizer +
-    Qwen2-VL's chat template); `legacy_keys` rewrites the tensors in the published checkpoints' layout."""
+def hf_classes(family: str) -> tuple[Any, Any, Any]:
+    """transformers' (config, model, processor) classes of `family`."""
+    import transformers
+
+    if family == "qwen2_vl":
+        return transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration, transformers.Qwen2VLProcessor
+    return (transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration,
+            transformers.Qwen2_5_VLProcessor)
+
+
+def qwen2_vl_folder(folder: Any, tied: bool = False, legacy_keys: bool = False, family: str = "qwen2_vl") -> Any:
+    """A tiny random Qwen2-VL (or Qwen2.5-VL) written by transformers itself, with its processor (image processor +
+    tokenizer + Qwen2-VL's chat template); `legacy_keys` rewrites the tensors in the published checkpoints' layout."""
     from safetensors.torch import load_file, save_file
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
+    config_cls, model_cls, processor_cls = hf_classes(family)
     tok = tokenizer()
-    config = Qwen2VLConfig(vision_config=VISION, text_config=text_config(tied), image_token_id=IMAGE_ID,
-                           video_token_id=IDS["<|video_pad|>"],
-                           vision_start_token_id=IDS["<|vision_start|>"], vision_end_token_id=IDS["<|vision_end|>"],
-                           tie_word_embeddings=tied)
-    model = Qwen2VLForConditionalGeneration(config)
+    vision = {k: v for k, v in VISIONS[family].items() if k != "model_type"}
+    config = config_cls(vision_config=vision, text_config=text_config(tied), image_token_id=IMAGE_ID,
+                        video_token_id=IDS["<|video_pad|>"], vision_start_token_id=IDS["<|vision_start|>"],
+                        vision_end_token_id=IDS["<|vision_end|>"], tie_word_embeddings=tied)
+    model = model_cls(config)
     perturb(model, 0.3)
     model.save_pretrained(str(folder))
-    Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**PIXELS), tokenizer=tok,
-                     video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE).save_pretrained(str(folder))
+    processor_cls(image_processor=Qwen2VLImageProcessor(**PIXELS), tokenizer=tok,
+                  video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE).save_pretrained(str(folder))
     if legacy_keys:
         state = load_file(str(folder / "model.safetensors"))
         rename = {"model.visual.": "visual.", "model.language_model.": "model."}
@@ -180,16 +206,16 @@ def qwen2_vl_folder(folder: Any, tied: bool = False, legacy_keys: bool = False) 
     return folder
 
 
-@pytest.fixture(scope="module")
-def imported(tmp_path_factory) -> tuple[Any, Any, Any]:
-    """(mmhub model imported from the folder, transformers' model, transformers' processor)."""
-    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+@pytest.fixture(scope="module", params=FAMILIES)
+def imported(request, tmp_path_factory) -> tuple[Any, Any, Any]:
+    """(mmhub model imported from the folder, transformers' model, transformers' processor), per family."""
+    from transformers import AutoProcessor
 
     from mmhub.importers.run import import_checkpoint
 
-    folder = qwen2_vl_folder(tmp_path_factory.mktemp("qwen2-vl"))
+    folder = qwen2_vl_folder(tmp_path_factory.mktemp(request.param), family=request.param)
     model = import_checkpoint(folder).eval()
-    hf = Qwen2VLForConditionalGeneration.from_pretrained(str(folder)).eval()
+    hf = hf_classes(request.param)[1].from_pretrained(str(folder)).eval()
     return model, hf, AutoProcessor.from_pretrained(str(folder))
 
 
@@ -238,7 +264,7 @@ def test_imported_logits_equal_transformers_through_its_processor(imported) -> N
         assert (spliced_ids == IMAGE_ID).sum() == len(IMAGES[row])
         diffs.append(float((ours[row, :n] - theirs[row][real]).abs().max()))
     diff = max(diffs)
-    MEASURED["logits"] = diff
+    MEASURED[f"{hf.config.model_type}-logits"] = diff
     assert diff <= LOGIT_TOL, f"logits differ by {diffs} (tolerance {LOGIT_TOL})"
 
 
@@ -258,7 +284,7 @@ def test_greedy_generation_equals_transformers(case: int, imported) -> None:
     theirs = gen[0, inputs["input_ids"].shape[1]:].tolist()
     theirs = theirs[:next((i for i, t in enumerate(theirs) if t in stops), len(theirs))]
     want = model.generate_ids(ours["input_ids"], ours["attention_mask"], ours["media"], max_new_tokens=16)[0]
-    MEASURED[f"greedy-{case}"] = float(len(want))
+    MEASURED[f"{hf.config.model_type}-greedy-{case}-tokens-equal"] = float(len(want))
     assert want == theirs, (want, theirs)
     assert len(want) == 16, f"only {len(want)} tokens before a stop token; pick another prompt or seed"
 
@@ -299,15 +325,15 @@ def test_saved_import_reloads_with_the_same_outputs(imported, tmp_path) -> None:
 
 
 def test_export_reloads_in_transformers_with_identical_logits(imported, tmp_path) -> None:
-    """import -> export -> transformers' Qwen2VLForConditionalGeneration + AutoProcessor from the exported folder:
+    """import -> export -> transformers' model class + AutoProcessor from the exported folder:
     the same inputs and logits as the original checkpoint's."""
-    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+    from transformers import AutoProcessor
 
     from mmhub.importers.qwen2_vl import Qwen2VLImporter
 
     model, hf, processor = imported
     out = Qwen2VLImporter().export(model, tmp_path / "exported")
-    back = Qwen2VLForConditionalGeneration.from_pretrained(str(out)).eval()
+    back = type(hf).from_pretrained(str(out)).eval()
     back_processor = AutoProcessor.from_pretrained(str(out))
     texts = [processor.apply_chat_template(hf_messages(c), tokenize=False) for c in CONVERSATIONS]
     images = [im for ims in IMAGES for im in ims]
@@ -319,7 +345,7 @@ def test_export_reloads_in_transformers_with_identical_logits(imported, tmp_path
     assert float((inputs["pixel_values"] - again["pixel_values"]).abs().max()) < 1e-6
     with torch.no_grad():
         diff = float((hf(**inputs).logits - back(**again).logits).abs().max())
-    MEASURED["export-reload-logits"] = diff
+    MEASURED[f"{hf.config.model_type}-export-reload-logits"] = diff
     assert diff <= 1e-5, f"exported model's logits differ by {diff}"
 
 
