@@ -164,6 +164,42 @@ def test_a_saved_anyres_model_reloads_with_the_same_logits(tmp_path) -> None:
     assert torch.equal(back.projectors["image"].image_newline, model.projectors["image"].image_newline)
 
 
+@pytest.mark.parametrize("pack", [None, 1024])
+def test_the_trainer_runs_anyres_images_of_many_sizes(pack: int | None, tmp_path) -> None:
+    """mmhub's trainer on images of different sizes (each its own token count), the tower frozen: its features are
+    not cached (they need the images after the projector), plain and packed rows, the projector and newline learn."""
+    from mmhub.data import Sample
+    from mmhub.train.run import train
+
+    llama = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "vocab_size": 300, "max_position_embeddings": 1024, "initializer_range": 0.02}
+    sizes = [(40, 90), (90, 40), (64, 64), (20, 25)]
+    data = [Sample(str(i), [{"role": "user", "content": "<image>\nWhat is it?"},
+                            {"role": "assistant", "content": f"Picture {i}."}], {"image": [picture(*sizes[i % 4], i)]})
+            for i in range(8)]
+    stage = {"name": "align", "train": {"projectors": "full"}, "max_steps": 2, "batch_size": 4, "lr": 1e-2,
+             "save_every": None, **({"pack": pack} if pack else {})}
+    spec = {"name": "anyres-train", "seed": 1,
+            "encoders": {"image": {"type": "anyres", "tower": TOWER, "grid_pinpoints": PINPOINTS, "tile_size": TILE}},
+            "projectors": {"image": {"type": "mlp", "newline": True}},
+            "backbone": {"type": "hf_causal_lm", "config": llama, "tokenizer": "byte"},
+            "template": "chatml", "stages": [stage]}
+    summary = train(spec, out=tmp_path / "run", datasets={"align": data}, progress_bar=False)
+    assert summary["align"]["samples"] == 8, summary
+    from safetensors.torch import load_file
+
+    start = build_model(spec)
+    trained = load_file(str(tmp_path / "run" / "align" / "model" / "model.safetensors"))
+    assert not torch.equal(trained["projectors.image.image_newline"], start.projectors["image"].image_newline)
+    assert summary["align"]["feature_cache"] == {} and summary["align"]["steps"] == 2  # the frozen tower: no cache
+
+
+def build_model(spec: dict) -> object:
+    from mmhub import build
+
+    return build({k: v for k, v in spec.items() if k != "stages"})
+
+
 class TestAnyResContract(EncoderTests):
     """The shared encoder checks (describe = forward's shape, settings, dtype moves, gradients) on the example."""
 
