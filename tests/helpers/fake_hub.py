@@ -390,6 +390,8 @@ REPOS: dict[str, Writer] = {
     "lmsys/vicuna-7b-v1.3": llama(4096, 11008, 32, 32, 2048, 1e-6),
     "lmsys/vicuna-7b-v1.5": llama(4096, 11008, 32, 32, 4096, 1e-5),
     "lmsys/vicuna-13b-v1.5": llama(5120, 13824, 40, 40, 4096, 1e-5),
+    "Vision-CAIR/vicuna": llama(5120, 13824, 40, 40, 2048, 1e-6),  # Vicuna v0 13B, merged
+    "Vision-CAIR/vicuna-7b": llama(4096, 11008, 32, 32, 2048, 1e-6),  # Vicuna v0 7B, merged
     "meta-llama/Llama-2-7b-hf": llama(4096, 11008, 32, 32, 4096, 1e-5, pad=None),
     "meta-llama/Llama-2-7b-chat-hf": llama(4096, 11008, 32, 32, 4096, 1e-5, chat=True, pad=None),
     "facebook/opt-2.7b": hf_model(
@@ -458,7 +460,6 @@ REPOS: dict[str, Writer] = {
 # delta, merged by FastChat) and checkpoints no published repo holds in this layout (empty here)
 HOME: dict[str, Writer] = {
     "models/vicuna-7b-v1.1": llama(4096, 11008, 32, 32, 2048, 1e-6),
-    "models/vicuna-13b-v1.1": llama(5120, 13824, 40, 40, 2048, 1e-6),
     "models/imagebind_huge_mmhub.safetensors": state_file(""),
     "models/ulip2_pointbert_mmhub.safetensors": state_file(""),
 }
@@ -466,7 +467,7 @@ HOME: dict[str, Writer] = {
 SHRINKABLE = ("openai/clip-vit-large-patch14", "openai/clip-vit-large-patch14-336", "google/siglip-so400m-patch14-384",
               "huggyllama/llama-7b", "lmsys/vicuna-7b-v1.3", "lmsys/vicuna-7b-v1.5", "lmsys/vicuna-13b-v1.5",
               "meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-7b-chat-hf", "google/flan-t5-xl", "google/ul2",
-              "models/vicuna-7b-v1.1", "models/vicuna-13b-v1.1")
+              "models/vicuna-7b-v1.1")
 
 
 def build_fake_hub(root: Path, shrink: bool = False, repos: tuple[str, ...] | None = None) -> Path:
