@@ -9,6 +9,7 @@ from mmhub.encoders.mllama_vision import MllamaVisionEncoder
 from mmhub.encoders.open_clip_encoder import OpenClipEncoder
 from mmhub.encoders.point_encoder import PointEncoder
 from mmhub.encoders.qwen2_vl_vision import Qwen2VLVisionEncoder
+from mmhub.encoders.qwen_vl_vit import QwenVLViTEncoder
 from mmhub.encoders.timm_encoder import TimmEncoder
 from mmhub.encoders.video_encoder import VideoEncoder
 from mmhub.encoders.whisper_encoder import WhisperAudioEncoder
@@ -29,3 +30,4 @@ def register_encoders(register):
     register(Qwen2VLVisionEncoder)
     register(AnyResEncoder)
     register(Eva2ClipEncoder)
+    register(QwenVLViTEncoder)

@@ -199,6 +199,14 @@ TEMPLATES: dict[str, Any] = {
                               marker="<|image_pad|>", around="<|vision_start|>{marker}<|vision_end|>",
                               required_tokens=("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>"),
                               stop=("<|im_end|>", "{eos}"), needs=()),
+    # Qwen-VL-Chat's prompt (chatml with its default system prompt): each image between its <img> and </img> tokens
+    "qwen-vl": MediaTemplate(name="qwen-vl", add_bos=False, system="You are a helpful assistant.",
+                             system_fmt="<|im_start|>system\n{system}<|im_end|>\n",
+                             user_fmt="<|im_start|>user\n{content}<|im_end|>\n",
+                             assistant_prefix="<|im_start|>assistant\n", assistant_fmt="{content}<|im_end|>\n",
+                             around="<img>{marker}</img>\n",
+                             required_tokens=("<|im_start|>", "<|im_end|>", "<img>", "</img>"),
+                             stop=("<|im_end|>", "{eos}"), needs=()),
     # BLIP-2 / InstructBLIP's processors: the image tokens, then tokenizer(prompt) (bos first for OPT/LLaMA/Vicuna;
     # "blip-2-t5": eos last for Flan-T5, whose encoder reads the prompt); the answer then eos
     "blip-2": MediaTemplate(name="blip-2", add_bos=False, user_fmt="{content}", assistant_fmt="{content}{eos}",

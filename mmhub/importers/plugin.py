@@ -5,6 +5,7 @@ from __future__ import annotations
 from mmhub.hookspecs import hookimpl
 from mmhub.importers.blip2 import Blip2Importer
 from mmhub.importers.convert_cogvlm import CogVLMImporter
+from mmhub.importers.convert_qwen_vl import QwenVLImporter
 from mmhub.importers.idefics import IdeficsImporter
 from mmhub.importers.idefics3 import Idefics3Importer
 from mmhub.importers.instructblip import InstructBlipImporter, InstructBlipVideoImporter
@@ -18,7 +19,7 @@ from mmhub.importers.qwen2_vl import Qwen2VLImporter
 BUILTIN = [Blip2Importer, InstructBlipImporter, InstructBlipVideoImporter, IdeficsImporter, Idefics3Importer,
            LlavaImporter, MllamaImporter,
            PaliGemmaImporter, LlavaNextImporter,
-           LlavaOnevisionImporter, Qwen2VLImporter, CogVLMImporter]
+           LlavaOnevisionImporter, Qwen2VLImporter, CogVLMImporter, QwenVLImporter]
 
 
 @hookimpl
