@@ -425,3 +425,29 @@ def test_a_processor_mllama_vision_cannot_follow_is_refused_by_name(checkpoint: 
     (bad / "processor_config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=r"max_image_tiles 2 != the tower's max_num_tiles 4.*resample 3"):
         import_checkpoint(bad)
+
+
+def test_placeholder_ids_past_the_table_pass_validation_other_extra_tokens_do_not() -> None:
+    """A placeholder may lie past the embedding table (Mllama's <|image|> is row vocab_size of the injector's extra
+    rows); any other token past it, or a placeholder that is an ordinary token, is still refused."""
+    from mmhub import build
+    from mmhub.errors import SpecError
+
+    def spec(vocab: int, placeholder: str) -> dict[str, Any]:
+        llama = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                 "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": vocab,
+                 "max_position_embeddings": 128, "pad_token_id": 0}
+        return {"name": "xattn", "encoders": {"image": {"type": "mllama_vision",
+                                                        **MllamaVisionEncoder.example_settings}},
+                "projectors": {"image": {"type": "linear"}},
+                "backbone": {"type": "hf_causal_lm", "config": llama, "tokenizer": "byte"},
+                "injectors": {"x": {"type": "mllama_xattn", "layers": [1], "heads": 4, "kv_heads": 2,
+                                    "intermediate_size": 64}},
+                "template": "plain", "placeholders": {"image": placeholder}}
+
+    model = build(spec(261, "<|image|>"))  # the byte tokenizer's 261 tokens, the placeholder added as id 261
+    assert model.processor.placeholder_ids["image"] == 261
+    with pytest.raises(SpecError, match=r"tokenizer has 261 tokens > the model's vocabulary size 260"):
+        build(spec(260, "<|image|>"))
+    with pytest.raises(SpecError, match=r"placeholder 'a' is an ordinary token"):
+        build(spec(261, "a"))
