@@ -10,6 +10,10 @@ the backbone runs with ``prefix_lm: true``. How the pieces map:
 * projector: ``linear`` (with bias) from ``multi_modal_projector.linear``;
 * LLM: ``hf_causal_lm`` over the text config, ``prefix_lm: true``, the head tied or from ``lm_head``.
 
+Export writes such a model back as a transformers PaliGemma folder (config, safetensors, ``PaliGemmaProcessor`` with a
+``SiglipImageProcessor`` doing the tower's resize and the tokenizer), refusing, by name, a part that PaliGemma has no
+place for.
+
 The image-feature scale: older transformers divided the projected features by sqrt(hidden_size) and then scaled the
 whole sequence by sqrt(hidden_size) inside Gemma; current Gemma scales only the token embeddings (in its embedding
 layer). Both leave the image features unscaled, and so does mmhub (the backbone's ``embed`` is Gemma's scaled
@@ -22,9 +26,15 @@ must stay causal).
 
 from __future__ import annotations
 
+import copy
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any, ClassVar
 
-from mmhub.errors import CheckpointError
+import torch
+
+from mmhub.errors import CheckpointError, ExportError
 from mmhub.importers.base import Checkpoint, Imported, Importer, ImportOptions
 
 # config keys that do not shape a sub-model (bookkeeping and classification-head fields)
@@ -135,3 +145,83 @@ class PaliGemmaImporter(Importer):
                          "attention does)")
         return Imported(spec=spec, weights={"encoders.image.model": tower, "projectors.image": projector,
                                             "backbone.model": language}, notes=notes)
+
+    def export(self, model: Any, out: Path) -> Path:
+        """`model` (SigLIP hf_vision at its last layer -> linear -> prefix-LM Gemma) as a transformers PaliGemma folder
+        at `out`, written through a temporary folder beside it."""
+        from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
+
+        from mmhub.export.image_processing import image_processor, read_transform
+
+        tower, proj, lm = export_parts(model)
+        text_cfg = lm.config.to_dict() | {"use_bidirectional_attention": None}  # PaliGemma sets it itself
+        vision_cfg = tower.hf_config.to_dict() | {"vision_use_head": False}
+        hidden = lm.config.hidden_size
+        placeholder = model.spec.placeholder("image")
+        config = PaliGemmaConfig(vision_config=vision_cfg, text_config=text_cfg, projection_dim=hidden,
+                                 hidden_size=hidden, vocab_size=lm.config.vocab_size,
+                                 tie_word_embeddings=bool(lm.config.tie_word_embeddings),
+                                 image_token_index=model.tokenizer.convert_tokens_to_ids(placeholder))
+        hf = PaliGemmaForConditionalGeneration(config).eval()
+        load_exact(hf.model.vision_tower, tower.model.state_dict(), "vision tower")
+        load_exact(hf.model.multi_modal_projector.linear, proj.proj.state_dict(), "projector")
+        load_exact(hf.model.language_model, lm.base_model.state_dict(), "language model")
+        if not lm.config.tie_word_embeddings:
+            load_exact(hf.lm_head, lm.get_output_embeddings().state_dict(), "lm_head")
+        prep = read_transform(tower.transform, "encoders.image")
+        images = image_processor(prep, "siglip")
+        images.image_seq_length = model.plan.tokens_per_item("image")
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        try:
+            hf.save_pretrained(str(tmp))
+            tokenizer = copy.deepcopy(model.tokenizer)  # the processor adds its tokens and switches bos off in place
+            PaliGemmaProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(str(tmp))
+            if out.exists():
+                shutil.rmtree(out)
+            tmp.rename(out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return out
+
+
+def export_parts(model: Any) -> tuple[Any, Any, Any]:
+    """The tower, projector and transformers LM of a PaliGemma-shaped model; anything else names the blocking part."""
+    enc, proj, backbone = model.spec.encoders.get("image"), model.spec.projectors.get("image"), model.spec.backbone
+    problems = []
+    if list(model.spec.encoders) != ["image"] or enc is None or enc.type != "hf_vision":
+        problems.append(f"encoders {', '.join(model.spec.encoders) or '-'} (PaliGemma has one hf_vision image tower)")
+    else:
+        tower = model.encoders["image"]
+        settings = tower.config
+        if not tower.hf_config.model_type.startswith("siglip"):
+            problems.append(f"encoders.image: a {tower.hf_config.model_type} tower (PaliGemma's is SigLIP)")
+        if settings.select_layer not in (-1, tower.hf_config.num_hidden_layers) or not settings.final_norm:
+            problems.append(f"encoders.image: select_layer {settings.select_layer}, final_norm {settings.final_norm} "
+                            f"(PaliGemma reads the last layer after the final LayerNorm)")
+    if proj is None or proj.type != "linear":
+        problems.append(f"projectors.image: {proj.type if proj else 'none'} (PaliGemma's is one linear with bias)")
+    elif not model.projectors["image"].config.bias:
+        problems.append("projectors.image: linear without bias (PaliGemma's has one)")
+    lm = model.backbone.language_model() if backbone.type == "hf_causal_lm" else None
+    if lm is None or not lm.config.model_type.startswith("gemma"):
+        problems.append(f"backbone: {backbone.type} {getattr(getattr(lm, 'config', None), 'model_type', '')} "
+                        f"(PaliGemma's LLM is Gemma or Gemma-2, hf_causal_lm)")
+    elif not model.backbone.prefix_lm:
+        problems.append("backbone: prefix_lm false (PaliGemma reads the prompt bidirectionally)")
+    if model.spec.template != "paligemma":
+        problems.append(f"template {model.spec.template!r} (PaliGemma's processor lays out images, bos, prompt, "
+                        f"newline: template paligemma)")
+    if len(model.injectors) or len(model.generators):
+        problems.append("injectors or generators (PaliGemma has neither)")
+    if problems:
+        raise ExportError("this model cannot be written as a transformers PaliGemma: " + "; ".join(problems))
+    return model.encoders["image"], model.projectors["image"], lm
+
+
+def load_exact(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Copy `state` into `module` strictly (tied parameters count as loaded)."""
+    from mmhub.importers.run import load_strict
+
+    load_strict(module, {k: v.detach().to(torch.float32) for k, v in state.items()}, f"PaliGemma export: {what}")

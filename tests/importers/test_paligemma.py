@@ -174,3 +174,37 @@ def test_a_prefix_longer_than_the_sliding_window_is_refused(tmp_path, pictures) 
     batch = model.batch([PROMPTS[0]], [{"image": [pictures[0]]}])
     with pytest.raises(MMHubError, match="exceed the gemma2 sliding window of 8"):
         model(**batch)
+
+
+def test_export_reloads_in_transformers_with_the_same_logits(folder: Path, pictures, tmp_path) -> None:
+    """import -> export -> transformers reload: the folder's own processor gives the same inputs and the reloaded model
+    the original's logits; mmhub's import matches it as it matched the original."""
+    from mmhub.importers.paligemma import PaliGemmaImporter
+
+    model = import_checkpoint(folder)
+    out = PaliGemmaImporter().export(model, tmp_path / "exported")
+    assert not list(tmp_path.glob(".exported.*"))  # written through a temporary folder, nothing left behind
+    original, processor = reference(folder)
+    exported, exported_processor = reference(out)
+    keys = ("input_ids", "attention_mask", "pixel_values", "token_type_ids")
+    ours = processor(images=[[p] for p in pictures], text=PROMPTS, suffix=ANSWERS, padding="longest",
+                     return_tensors="pt")
+    theirs = exported_processor(images=[[p] for p in pictures], text=PROMPTS, suffix=ANSWERS, padding="longest",
+                                return_tensors="pt")
+    assert all(torch.equal(ours[k], theirs[k]) for k in keys)
+    with torch.no_grad():
+        diff = float((original(**{k: ours[k] for k in keys}).logits
+                      - exported(**{k: ours[k] for k in keys}).logits).abs().max())
+    assert diff <= TOL, f"{folder.parent.name}: exported vs original max abs logit diff {diff:.3g}"
+    assert logit_diff(model, exported, exported_processor, pictures) <= TOL
+
+
+def test_export_names_what_paligemma_has_no_place_for(folder: Path) -> None:
+    from mmhub.errors import ExportError
+    from mmhub.importers.paligemma import PaliGemmaImporter
+
+    spec = import_checkpoint(folder).spec.model_dump(exclude_none=True)
+    spec["projectors"]["image"] = {"type": "mlp", "depth": 2}
+    spec["template"] = "plain"
+    with pytest.raises(ExportError, match="projectors.image: mlp .*template 'plain'"):
+        PaliGemmaImporter().export(build(spec), Path("unused"))
