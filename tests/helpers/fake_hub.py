@@ -426,7 +426,7 @@ REPOS: dict[str, Writer] = {
         "StableDiffusionPipeline",
         {"unet": sd_unet(1024, 96, [5, 10, 20, 20], True), "vae": {**SD_VAE, "sample_size": 768},
          "text_encoder": OPENCLIP_H_TEXT}, 77, sd_scheduler("DDIMScheduler", "v_prediction")),
-    "stabilityai/stable-diffusion-2-base": diffusers_pipeline(
+    "stabilityai/stable-diffusion-2-1-base": diffusers_pipeline(
         "StableDiffusionPipeline",
         {"unet": sd_unet(1024, 64, [5, 10, 20, 20], True), "vae": {**SD_VAE, "sample_size": 512},
          "text_encoder": OPENCLIP_H_TEXT}, 77, sd_scheduler("PNDMScheduler")),
