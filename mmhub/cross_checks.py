@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from mmhub.errors import Problem, WeightsNotFoundError, close_matches
 from mmhub.interfaces import (
+    Encoder,
     ProjectorFacts,
 )
 from mmhub.spec import PART_KEYS, LoraRegime
@@ -117,6 +118,17 @@ def check_projectors(plan: Plan, problems: list[Problem]) -> None:
         except ValueError as exc:
             problems.append(
                 Problem(f"projectors.{m}", str(exc), "adjust the projector settings to the encoder's token count")
+            )
+            continue
+        enc_cls = plan.encoders[m].info.cls if m in plan.encoders else None
+        if enc_cls is not None and enc_cls.arrange is not Encoder.arrange and out_tokens != enc.tokens_for(m):
+            problems.append(  # e.g. AnyRes puts the projected tile tokens back into their grid
+                Problem(
+                    f"projectors.{m}",
+                    f"the {enc_cls.name} encoder arranges its tokens after the projector, which must keep their count "
+                    f"({enc.tokens_for(m)} in, {slot.info.name} gives {out_tokens})",
+                    "use a per-token projector (mlp, linear)",
+                )
             )
             continue
         plan.projector_facts[m] = ProjectorFacts(enc.out_dim, hidden, out_tokens)

@@ -143,6 +143,22 @@ def test_token_budget_counts_the_most_an_image_can_take() -> None:
         plan_spec(load_spec({**spec, "max_items": {"image": 3}}))
 
 
+def test_a_projector_that_changes_the_token_count_is_refused_before_building() -> None:
+    from mmhub.errors import SpecError
+    from mmhub.spec import load_spec
+    from mmhub.validation import plan_spec
+
+    llama = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "vocab_size": 300, "max_position_embeddings": 512}
+    spec = {"name": "anyres-resampler",
+            "encoders": {"image": {"type": "anyres", "tower": TOWER, "grid_pinpoints": PINPOINTS, "tile_size": TILE}},
+            "projectors": {"image": {"type": "perceiver", "num_latents": 8}},
+            "backbone": {"type": "hf_causal_lm", "config": llama, "tokenizer": "byte"}, "template": "chatml"}
+    with pytest.raises(SpecError, match=r"projectors.image: the anyres encoder arranges its tokens after the "
+                                        r"projector, which must keep their count \(88 in, perceiver gives 8\)"):
+        plan_spec(load_spec(spec))
+
+
 def test_a_saved_anyres_model_reloads_with_the_same_logits(tmp_path) -> None:
     from mmhub import build, load
 
