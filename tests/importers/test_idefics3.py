@@ -191,3 +191,16 @@ def test_what_is_not_reproduced_is_in_the_notes() -> None:
     assert len(notes) == 1 and "tiles" in notes[0]
     with pytest.raises(Exception, match="max_image_size.longest_edge 512 != the tower's image_size 364"):
         preprocessing({"max_image_size": {"longest_edge": 512}}, 364, "here")
+
+
+def test_saved_import_reloads_with_the_same_logits(folder: Path, pictures, tmp_path) -> None:
+    """save_pretrained writes every weight (the imported spec has no source:) and the folder reloads on its own,
+    reading the tokenizer from the checkpoint folder (a path outside it that the caller allows)."""
+    import mmhub
+
+    model = import_checkpoint(folder)
+    out = model.save_pretrained(tmp_path / "saved")
+    again = mmhub.load(str(out), allow_paths=[str(folder)]).eval()
+    batch = model.batch(["<image>Is it red?"], [{"image": [pictures[0]]}])
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, again(**batch).logits)

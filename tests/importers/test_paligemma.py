@@ -208,3 +208,16 @@ def test_export_names_what_paligemma_has_no_place_for(folder: Path) -> None:
     spec["template"] = "plain"
     with pytest.raises(ExportError, match="projectors.image: mlp .*template 'plain'"):
         PaliGemmaImporter().export(build(spec), Path("unused"))
+
+
+def test_saved_import_reloads_with_the_same_logits(folder: Path, pictures, tmp_path) -> None:
+    """save_pretrained writes every weight (the imported spec has no source:) and the folder reloads on its own,
+    reading the tokenizer from the checkpoint folder (a path outside it that the caller allows)."""
+    import mmhub
+
+    model = import_checkpoint(folder)
+    out = model.save_pretrained(tmp_path / "saved")
+    again = mmhub.load(str(out), allow_paths=[str(folder)]).eval()
+    batch = model.batch(["<image>Is it red?"], [{"image": [pictures[0]]}])
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, again(**batch).logits)
