@@ -182,3 +182,33 @@ def tokenize_instructions(tokenizer: Any, texts: list[str], max_len: int,
     enc = tokenizer(list(texts), padding="longest", truncation=True, max_length=max_len, padding_side="right",
                     return_tensors="pt")
     return enc["input_ids"].to(device), enc["attention_mask"].to(device).bool()
+
+
+def hf_qformer_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The inverse of `qformer_state`: a `BertQFormer` state dict -> (transformers' Q-Former tensors, without the
+    ``qformer.`` prefix; ``query_tokens`` (1, Q, width)). The embedding norm is BLIP-2's ``layernorm``, or
+    InstructBLIP's ``embeddings.layernorm`` when the state holds text embeddings."""
+    instruct = "word_embeddings.weight" in state
+    embed = {v: k for k, v in _EMBED.items() if k.startswith("embeddings.") == instruct or k.endswith("_embeddings")}
+    attn = {v: k for k, v in _ATTN.items()}
+    ffn = {v: k for k, v in _FFN.items()}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key == "queries":
+            continue
+        stem, _, leaf = key.rpartition(".")
+        if stem in embed:
+            out[f"{embed[stem]}.{leaf}"] = value
+            continue
+        _, index, rest = key.split(".", 2)  # blocks.{i}.{rest}
+        name, _, leaf = rest.rpartition(".")
+        hf = None
+        for ours, theirs in (("self", "attention"), ("cross", "crossattention")):
+            if name.startswith(f"{ours}_attn."):
+                proj = name[len(ours) + len("_attn."):]
+                hf = f"{theirs}.output.dense" if proj == "out" else f"{theirs}.attention.{attn[proj]}"
+            elif name == f"{ours}_norm":
+                hf = f"{theirs}.output.LayerNorm"
+        hf = hf or ffn[name]
+        out[f"encoder.layer.{index}.{hf}.{leaf}"] = value
+    return out, state["queries"][None]

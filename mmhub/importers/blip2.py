@@ -17,6 +17,7 @@ instruction-aware Q-Former.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -145,3 +146,8 @@ class Blip2Importer(Importer):
         if getattr(ckpt.hf_config().qformer_config, "use_qformer_text_input", False):
             notes.append("the Q-Former's text FFN (use_qformer_text_input) is not used for generation; dropped")
         return Imported(spec=spec, weights=weights, notes=notes)
+
+    def export(self, model: Any, out: Path) -> Path:
+        from mmhub.importers.blip2_export import export_blip
+
+        return export_blip(model, out, self.name)

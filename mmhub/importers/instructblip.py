@@ -13,7 +13,8 @@ with the separate text FFN per block, as transformers' ``InstructBlipQFormerMode
 
 from __future__ import annotations
 
-from typing import ClassVar
+from pathlib import Path
+from typing import Any, ClassVar
 
 from mmhub.errors import CheckpointError
 from mmhub.importers.base import Checkpoint, Imported, Importer, ImportOptions
@@ -44,6 +45,11 @@ class InstructBlipImporter(Importer):
                  "text_positions": q.max_position_embeddings, "text_pad_id": q.pad_token_id or 0}
         spec, weights = blip_parts(ckpt, options, extra, self.frames)
         return Imported(spec=spec, weights=weights)
+
+    def export(self, model: Any, out: Path) -> Path:
+        from mmhub.importers.blip2_export import export_blip
+
+        return export_blip(model, out, self.name)
 
 
 class InstructBlipVideoImporter(InstructBlipImporter):

@@ -13,8 +13,10 @@ from PIL import Image
 from transformers import AutoProcessor, Blip2Config, Blip2ForConditionalGeneration
 
 from mmhub import build
+from mmhub.errors import ExportError
 from mmhub.importers import Checkpoint, ImportOptions, import_checkpoint, load_strict
-from mmhub.importers.blip2 import blip_parts
+from mmhub.importers.blip2 import Blip2Importer, blip_parts
+from mmhub.importers.instructblip import InstructBlipImporter
 from mmhub.interfaces import BuildContext
 from mmhub.projectors.qformer import QFormerProjector
 from mmhub.projectors.qformer_blip2 import qformer_state
@@ -102,10 +104,6 @@ def test_blip2_import_greedy_generation_equals_transformers(imported, pictures) 
     assert all(len(row) >= NEW_TOKENS // 2 for row in ours), f"too few tokens generated to compare: {ours}"
 
 
-def test_report_measured_differences() -> None:
-    print("\nmeasured:", {k: f"{v:.3g}" for k, v in MEASURED.items()})
-
-
 def test_swap_the_imported_llm_and_train_one_step(tmp_path) -> None:
     """The imported tower and Q-Former are plain mmhub parts: put a different LLM (LLaMA, another width) behind them,
     and one optimiser step trains the Q-Former's new output projection while the imported parts compute as before."""
@@ -139,3 +137,26 @@ def test_swap_the_imported_llm_and_train_one_step(tmp_path) -> None:
     optimiser.step()
     assert torch.isfinite(loss)
     assert not torch.equal(before, model.projectors["image"].proj.weight.detach())
+
+
+def test_blip2_export_reloads_in_transformers_with_equal_logits(imported, pictures, tmp_path) -> None:
+    """mmhub -> transformers' BLIP-2 folder (config, weights, processor) -> Blip2ForConditionalGeneration: the same
+    logits as mmhub through the exported processor, identical weights to the original checkpoint."""
+    lm, folder, model, hf = imported
+    out = Blip2Importer().export(model, tmp_path / "exported")
+    again = Blip2ForConditionalGeneration.from_pretrained(out).eval()
+    diff = logit_diff(model, again, AutoProcessor.from_pretrained(out), pictures, PROMPTS, ANSWERS)
+    MEASURED[f"blip_2-{lm} export"] = diff
+    assert diff <= TOL, f"blip_2 ({lm}) export: max abs logit diff {diff:.3g} > {TOL}"
+    ours, theirs = again.state_dict(), hf.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_export_refuses_a_model_blip2_cannot_hold(imported, tmp_path) -> None:
+    _, _, model, _ = imported
+    with pytest.raises(ExportError, match="instruction_aware"):
+        InstructBlipImporter().export(model, tmp_path / "wrong")
+
+
+def test_report_measured_differences() -> None:
+    print("\nmeasured:", {k: f"{v:.3g}" for k, v in MEASURED.items()})

@@ -13,6 +13,7 @@ from transformers import AutoProcessor, InstructBlipConfig, InstructBlipForCondi
 
 from mmhub import load
 from mmhub.importers import import_checkpoint
+from mmhub.importers.instructblip import InstructBlipImporter
 from mmhub.interfaces import BuildContext, TextContext
 from mmhub.projectors.qformer import QFormerProjector
 from mmhub.projectors.qformer_blip2 import qformer_state
@@ -130,10 +131,6 @@ def test_the_instruction_reaches_the_qformer(imported, pictures) -> None:
     assert float((same.inputs_embeds[0, :q] - diff.inputs_embeds[0, :q]).abs().max()) > 1e-3
 
 
-def test_report_measured_differences() -> None:
-    print("\nmeasured:", {k: f"{v:.3g}" for k, v in MEASURED.items()})
-
-
 def test_saved_import_reloads_with_equal_logits(imported, pictures, tmp_path) -> None:
     """save_pretrained of the imported model writes every weight; the folder loads on its own with equal logits."""
     _, model, _, _ = imported
@@ -144,3 +141,19 @@ def test_saved_import_reloads_with_equal_logits(imported, pictures, tmp_path) ->
     with torch.no_grad():
         diff = float((model(**batch).logits - again(**batch).logits).abs().max())
     assert diff == 0.0, f"the reloaded import differs by {diff:.3g}"
+
+
+def test_instructblip_export_reloads_in_transformers_with_equal_logits(imported, pictures, tmp_path) -> None:
+    """mmhub -> transformers' InstructBLIP folder (with its Q-Former tokenizer) -> identical weights, equal logits."""
+    lm, model, hf, _ = imported
+    out = InstructBlipImporter().export(model, tmp_path / "exported")
+    again = InstructBlipForConditionalGeneration.from_pretrained(out).eval()
+    diff = logit_diff(model, again, AutoProcessor.from_pretrained(out), pictures, PROMPTS, ANSWERS)
+    MEASURED[f"instructblip-{lm} export"] = diff
+    assert diff <= TOL, f"instructblip ({lm}) export: max abs logit diff {diff:.3g} > {TOL}"
+    ours, theirs = again.state_dict(), hf.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_report_measured_differences() -> None:
+    print("\nmeasured:", {k: f"{v:.3g}" for k, v in MEASURED.items()})

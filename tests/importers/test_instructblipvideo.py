@@ -7,9 +7,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from transformers import AutoProcessor, InstructBlipVideoForConditionalGeneration
 
 from mmhub.importers import import_checkpoint
+from mmhub.importers.instructblip import InstructBlipVideoImporter
 from mmhub.testing.tiny_blip import QUERIES, VISION, greedy_pair, logit_diff, tiny_blip_folder
 
 TOL = 1e-4
@@ -49,6 +51,17 @@ def test_instructblipvideo_import_greedy_generation_equals_transformers(imported
     ours, theirs = greedy_pair(model, hf, processor, clips, PROMPTS, NEW_TOKENS, modality="video")
     assert ours == theirs, f"instructblipvideo ({lm}): greedy tokens differ: mmhub {ours} vs transformers {theirs}"
     assert all(len(row) >= NEW_TOKENS // 2 for row in ours), f"too few tokens generated to compare: {ours}"
+
+
+def test_instructblipvideo_export_reloads_in_transformers_with_equal_logits(imported, clips, tmp_path) -> None:
+    lm, model, hf, _ = imported
+    out = InstructBlipVideoImporter().export(model, tmp_path / "exported")
+    again = InstructBlipVideoForConditionalGeneration.from_pretrained(out).eval()
+    diff = logit_diff(model, again, AutoProcessor.from_pretrained(out), clips, PROMPTS, ANSWERS, modality="video")
+    MEASURED[f"instructblipvideo-{lm} export"] = diff
+    assert diff <= TOL, f"instructblipvideo ({lm}) export: max abs logit diff {diff:.3g} > {TOL}"
+    ours, theirs = again.state_dict(), hf.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 def test_report_measured_differences() -> None:
