@@ -294,7 +294,9 @@ class GatedCrossAttention(Injector):
                     index = reset_after(index, self._token_ids(ctx), self._token_id(self.config.reset_token))
                 if index.shape[1] != x.shape[1]:  # cached generation: new tokens follow the whole prompt
                     index = index[:, -1:].expand(-1, x.shape[1])
-                x = layer(x, ctx.media[m], ctx.media_valid[m], index, self.config.only_immediate)
+                # the layer computes in its own dtype (float32 beside a bfloat16 LM), the block gets the LM's back
+                dtype = next(layer.parameters()).dtype
+                x = layer(x.to(dtype), ctx.media[m], ctx.media_valid[m], index, self.config.only_immediate).to(x.dtype)
             if where == 0:
                 return (x, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": x}

@@ -332,6 +332,19 @@ def test_validation_names_a_resampler_width_the_injector_does_not_take(folder: A
         build(spec)
 
 
+def test_a_bfloat16_backbone_runs_with_float32_gated_layers(folder: Any) -> None:
+    """dtype bfloat16 is the LM's; the gated layers compute in their float32 and hand bfloat16 back to the blocks."""
+    from mmhub.importers import import_checkpoint
+
+    half, full = import_checkpoint(folder, dtype="bfloat16"), import_checkpoint(folder)
+    _, text, used = prompt_for("two_interleaved")
+    batch = full.batch([text], [{"image": used}])
+    got, want = logits(half, batch), logits(full, batch)
+    assert got.dtype == torch.bfloat16
+    diff = float((got.float() - want).abs().max())
+    assert diff < 0.3, f"bfloat16 logits are {diff:.3g} from float32's (scale {float(want.abs().max()):.3g})"
+
+
 def test_saved_import_reloads_on_its_own(folder: Any, tmp_path: Any) -> None:
     """Every weight is in the saved folder (no source: in the spec; the tokenizer is still read from the checkpoint
     folder, which the reload is allowed to read): the reload computes the same logits."""
