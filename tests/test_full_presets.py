@@ -42,7 +42,7 @@ EXPECTED = {
     "minigpt-5": ({"image": 32}, 2048, 4096),
     "minigpt-v2": ({"image": 256}, 4096, 4096),
     "mplug-owl": ({"image": 64}, 2048, 4096),
-    "next-gpt": ({"image": 256, "video": 256, "audio": 228}, 4096, 4096),
+    "next-gpt": ({"image": 256, "video": 256, "audio": 228}, 2048, 4096),
     "pali-x": ({"image": 729}, 1024, 4096),
     "pandagpt": ({"image": 1}, 2048, 5120),
     "qwen-vl": ({"image": 256}, 8192, 4096),
