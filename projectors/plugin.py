@@ -14,6 +14,7 @@ from mmhub.projectors.pixel_shuffle import PixelShuffleProjector
 from mmhub.projectors.pformer import PFormerProjector
 from mmhub.projectors.qformer import QFormerProjector
 from mmhub.projectors.token_merge import TokenMergeProjector
+from mmhub.projectors.video_qformer import VideoQFormerProjector
 
 
 @hookimpl
@@ -30,6 +31,7 @@ def register_projectors(register):
     register(PixelShuffleProjector)
     register(PatchMergerProjector)
     register(GLUProjector)
+    register(VideoQFormerProjector)
 
 
 @hookimpl
