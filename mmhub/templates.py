@@ -128,6 +128,31 @@ class SharedEdgeTemplate(MediaTemplate):
 
 
 @dataclass(frozen=True)
+class PrefixMediaTemplate(MediaTemplate):
+    """A `MediaTemplate` for processors that put the media tokens in front of ``tokenizer(prompt)`` (BLIP-2,
+    InstructBLIP): a user turn's leading markers (and the bos after them) become a segment of their own, so the text
+    is tokenized alone, as the processor tokenizes it (a SentencePiece tokenizer then starts it with its word marker,
+    which it does not do right after a special token)."""
+
+    def render(self, messages: Sequence[dict[str, str]], tokenizer: Any,
+               add_generation_prompt: bool = False) -> list[Segment]:
+        bos = tokenizer.bos_token or "" if self.bos_after_media else ""
+        out: list[Segment] = []
+        for text, target in super().render(messages, tokenizer, add_generation_prompt):
+            head = text
+            while head.startswith(self.marker):
+                head = head[len(self.marker):]
+            if bos and head.startswith(bos):
+                head = head[len(bos):]
+            cut = len(text) - len(head)
+            if target or cut == 0 or not head:
+                out.append((text, target))
+            else:
+                out += [(text[:cut], False), (head, False)]
+        return out
+
+
+@dataclass(frozen=True)
 class TokenizerTemplate:
     """The tokenizer's own Jinja chat template; targets found by diffing rendered prefixes."""
 
@@ -209,10 +234,10 @@ TEMPLATES: dict[str, Any] = {
                              stop=("<|im_end|>", "{eos}"), needs=()),
     # BLIP-2 / InstructBLIP's processors: the image tokens, then tokenizer(prompt) (bos first for OPT/LLaMA/Vicuna;
     # "blip-2-t5": eos last for Flan-T5, whose encoder reads the prompt); the answer then eos
-    "blip-2": MediaTemplate(name="blip-2", add_bos=False, user_fmt="{content}", assistant_fmt="{content}{eos}",
-                            bos_after_media=True, needs=("bos", "eos")),
-    "blip-2-t5": MediaTemplate(name="blip-2-t5", add_bos=False, user_fmt="{content}{eos}",
-                               assistant_fmt="{content}{eos}", needs=("eos",)),
+    "blip-2": PrefixMediaTemplate(name="blip-2", add_bos=False, user_fmt="{content}", assistant_fmt="{content}{eos}",
+                                  bos_after_media=True, needs=("bos", "eos")),
+    "blip-2-t5": PrefixMediaTemplate(name="blip-2-t5", add_bos=False, user_fmt="{content}{eos}",
+                                     assistant_fmt="{content}{eos}", needs=("eos",)),
     # CogVLM's chat prompt (template_version "chat"): bos, the image tokens, "Question: {q} Answer:"; history turns
     # end with "\n"
     "cogvlm": LeadingMediaTemplate(name="cogvlm", user_fmt="{content} Answer:", lead="Question: ",
@@ -221,8 +246,8 @@ TEMPLATES: dict[str, Any] = {
     "idefics": SharedEdgeTemplate(name="idefics", user_fmt="{content}", assistant_fmt="{content}{eos}",
                                   edge="<fake_token_around_image>", required_tokens=("<fake_token_around_image>",),
                                   needs=("bos", "eos")),
-    "blip-2-video": MediaTemplate(name="blip-2-video", marker="<video>", add_bos=False, user_fmt="{content}",
-                                  assistant_fmt="{content}{eos}", bos_after_media=True, needs=("bos", "eos")),
+    "blip-2-video": PrefixMediaTemplate(name="blip-2-video", marker="<video>", add_bos=False, user_fmt="{content}",
+                                        assistant_fmt="{content}{eos}", bos_after_media=True, needs=("bos", "eos")),
 }
 
 

@@ -160,3 +160,26 @@ def test_export_refuses_a_model_blip2_cannot_hold(imported, tmp_path) -> None:
 
 def test_report_measured_differences() -> None:
     print("\nmeasured:", {k: f"{v:.3g}" for k, v in MEASURED.items()})
+
+
+@pytest.mark.parametrize("template,scheme", [("blip-2", "first"), ("blip-2", "always"), ("blip-2-t5", "first")])
+def test_blip_templates_tokenize_the_prompt_as_the_processor_does(template: str, scheme: str) -> None:
+    """With a SentencePiece-style tokenizer (word marker "▁" prepended only at the start of a text, as LLaMA's and
+    T5's fast tokenizers may do), mmhub's ids equal the processor's: the media tokens, then tokenizer(prompt)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from mmhub.processor import MMProcessor
+    from mmhub.templates import resolve_template
+
+    vocab = {c: i for i, c in enumerate(["<unk>", "<s>", "</s>", "▁", *map(chr, range(32, 127))])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=False)
+    special = "$A </s>" if template.endswith("t5") else "<s> $A"
+    tok.post_processor = processors.TemplateProcessing(single=special, special_tokens=[("<s>", 1), ("</s>", 2)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    processor = MMProcessor(fast, resolve_template(template, fast), {"image": "<image>"}, {})
+    prompt = "What is in the image? Answer:"
+    ours = processor.encode(f"<image>{prompt}", {"image": ["an item"]}, preprocess=False).input_ids
+    assert ours == fast.convert_tokens_to_ids(["<image>"]) + fast(prompt)["input_ids"]
