@@ -93,7 +93,7 @@ def pictures() -> list[Image.Image]:
             for _ in PROMPTS]
 
 
-@pytest.fixture(scope="module", params=["t5", "opt"])
+@pytest.fixture(scope="module", params=["t5", "opt", "llama"])
 def imported(request, tmp_path_factory) -> tuple[str, Any, Any, Any]:
     folder = tiny_blip_folder(tmp_path_factory.mktemp(f"instructblip-{request.param}"), "instructblip",
                               request.param, seed=8)
