@@ -23,6 +23,12 @@ embedding space (LLaVA-NeXT adds it after projection and it never passes through
 projector's output width; a different tower keeps it valid, a different LLM replaces it together with the projector,
 and it trains whenever the projector does (a frozen, feature-cached tower cannot hold a learned vector).
 
+With ``video_frames: F`` the same encoder also reads ``video`` items as LLaVA-OneVision does (share it:
+``encoders: {image: {type: anyres, ...}, video: image}``): F frames sampled uniformly (a clip of exactly F frames
+is taken as is), each resized to S x S and through the tower, and after the projector each frame's token grid is
+downscaled by ``video_pool`` (bilinear, sides rounded up), the frames' tokens follow each other and one
+``image_newline`` ends the video: F * ceil(side / pool)^2 + 1 tokens.
+
 The token count depends on the image: `describe` states the most any image can take (what the token budget counts;
 with ``max_tiles`` it is the larger of that and the tiles' raw count, which `forward` pads every item to), and
 `token_mask` marks each item's real tokens, which is what the prompt receives. A preprocessed item is one float32
@@ -64,6 +70,9 @@ class AnyResConfig(ComponentConfig):
     std: tuple[float, float, float] = CLIP_STD
     rescale_factor: float = Field(1 / 255, gt=0)
     interpolation: Literal["bicubic", "bilinear", "nearest"] = "bicubic"
+    video_frames: int | None = Field(None, ge=1, description="frames per video item (OneVision's video path); "
+                                     "None: no video")
+    video_pool: int = Field(2, ge=1, description="video: each frame's token grid downscaled by this factor")
 
     @model_validator(mode="after")
     def _whole_tiles(self) -> "AnyResConfig":
@@ -158,16 +167,17 @@ class AnyResEncoder(Encoder):
 
     name: ClassVar[str] = "anyres"
     Config: ClassVar[type[ComponentConfig]] = AnyResConfig
-    modalities_in: ClassVar[tuple[str, ...]] = ("image",)
+    modalities_in: ClassVar[tuple[str, ...]] = ("image", "video")
     out_dim_doc: ClassVar[str] = "the tower's width"
     tokens_doc: ClassVar[str] = ("side^2 base tokens + the unpadded tile grid (rows x (cols + 1) with newline); "
-                                 "describe states the most over every pinpoint")
+                                 "describe states the most over every pinpoint; video: frames * side^2 + 1 before "
+                                 "pooling")
     variable_tokens: ClassVar[bool] = True
     example_settings: ClassVar[dict[str, Any]] = {
         "tower": {"type": "hf_vision", "config": {
             "model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
             "num_attention_heads": 2, "image_size": 32, "patch_size": 8}},
-        "grid_pinpoints": [[32, 64], [64, 32], [64, 64]], "tile_size": 32, "newline": False}
+        "grid_pinpoints": [[32, 64], [64, 32], [64, 64]], "tile_size": 32, "newline": False, "video_frames": 2}
 
     @classmethod
     def tower_encoder(cls, config: AnyResConfig, ctx: BuildContext) -> tuple[type[Encoder], ComponentConfig]:
@@ -196,14 +206,17 @@ class AnyResEncoder(Encoder):
     def describe(cls, config: AnyResConfig, ctx: BuildContext) -> EncoderFacts:
         facts, side = cls._tile_facts(config, ctx)
         raw = (1 + max_grid_tiles(config)) * side * side
-        return EncoderFacts(out_dim=facts.out_dim, tokens_per_item=max(most_tokens(config, side), raw))
+        video = {"video": config.video_frames * side * side + 1} if config.video_frames else {}
+        return EncoderFacts(out_dim=facts.out_dim, tokens_per_item=max(most_tokens(config, side), raw),
+                            tokens_by_modality=video)
 
     def __init__(self, config: AnyResConfig, ctx: BuildContext):
         super().__init__(config, ctx)
         tower_cls, tower_config = self.tower_encoder(config, ctx)
         self.tower = tower_cls(tower_config, ctx)
         facts, self.side = self._tile_facts(config, ctx)
-        self.width = self.describe(config, ctx).tokens_per_item
+        described = self.describe(config, ctx)
+        self.width, self.video_width = described.tokens_per_item, described.tokens_for("video")
         self.max_tiles_in_item = 1 + max_grid_tiles(config)
         self._mean = torch.tensor(config.mean) * (1.0 / config.rescale_factor)
         self._std = torch.tensor(config.std) * (1.0 / config.rescale_factor)
@@ -241,7 +254,28 @@ class AnyResEncoder(Encoder):
         stacked = torch.stack(parts).to(torch.float32)
         return tvF.normalize(stacked, self._mean.tolist(), self._std.tolist()), size
 
+    def _video_frames(self) -> int:
+        if self.config.video_frames is None:
+            raise InputError("this anyres encoder reads no video (video_frames is not set); set video_frames: N for "
+                             "LLaVA-OneVision's video path")
+        return self.config.video_frames
+
+    def frames(self, item: Any) -> torch.Tensor:
+        """One video (frames list, (F, H, W, 3) array, animation) -> (video_frames, 3, S, S) normalised frames."""
+        from torchvision.transforms.v2 import functional as tvF
+
+        from mmhub.encoders.video_encoder import load_frames
+
+        s = self.config.tile_size
+        out = []
+        for frame in load_frames(item, self._video_frames()):
+            pixels = torch.from_numpy(np.asarray(load_image(frame)).copy()).permute(2, 0, 1).contiguous()
+            out.append(self._resize(pixels, (s, s)))
+        return tvF.normalize(torch.stack(out).to(torch.float32), self._mean.tolist(), self._std.tolist())
+
     def preprocess(self, item: Any, modality: str) -> torch.Tensor:
+        if modality == "video":
+            return self.frames(item)  # (F, 3, S, S)
         tiles, (height, width) = self.tiles(item)
         s = self.config.tile_size
         body = torch.zeros(self.max_tiles_in_item, 3, s, s)
@@ -264,7 +298,17 @@ class AnyResEncoder(Encoder):
 
     # -- model ---------------------------------------------------------------------------------------------------
     def forward(self, pixels: torch.Tensor, modality: str) -> torch.Tensor:
-        """(N, L) preprocessed items -> (N, W, D): each item's tiles' tokens (base first, row-major), zero-padded."""
+        """(N, L) preprocessed items -> (N, W, D): each item's tiles' tokens (base first, row-major), zero-padded;
+        videos (N, F, 3, S, S) -> (N, F * side^2 + 1, D): every frame's tokens and a slot for the newline."""
+        if modality == "video":
+            n, f = pixels.shape[:2]
+            if f != self._video_frames():
+                raise InputError(f"video items must be ({self._video_frames()}, 3, S, S) frames from this encoder's "
+                                 f"preprocess, got {tuple(pixels.shape[1:])}")
+            dtype = next(self.parameters()).dtype
+            feats = self.tower(pixels.flatten(0, 1).to(dtype), "image")  # (N*F, side^2, D)
+            feats = feats.reshape(n, -1, feats.shape[-1])
+            return torch.cat([feats, feats.new_zeros(n, 1, feats.shape[-1])], dim=1)
         sizes, counts, tiles = self._unpack(pixels)
         real = torch.cat([tiles[i, :n] for i, n in enumerate(counts)])  # (sum tiles, 3, S, S)
         dtype = next(self.parameters()).dtype
@@ -274,7 +318,13 @@ class AnyResEncoder(Encoder):
             out[i, : chunk.shape[0] * chunk.shape[1]] = chunk.flatten(0, 1)
         return out
 
+    def _pooled_side(self) -> int:
+        return math.ceil(self.side / self.config.video_pool)
+
     def token_mask(self, items: torch.Tensor, modality: str) -> torch.Tensor:
+        if modality == "video":
+            real = self._video_frames() * self._pooled_side() ** 2 + int(self.config.newline)
+            return (torch.arange(self.video_width, device=items.device) < real).expand(items.shape[0], -1)
         sizes, _, _ = self._unpack(items)
         counts = torch.tensor([item_tokens(size, self.config, self.side) for size in sizes], device=items.device)
         return torch.arange(self.width, device=items.device)[None] < counts[:, None]  # (N, W)
@@ -282,12 +332,15 @@ class AnyResEncoder(Encoder):
     def arrange(self, tokens: torch.Tensor, items: torch.Tensor, modality: str,
                 projector: torch.nn.Module) -> torch.Tensor:
         """(N, W, H) projected tile tokens -> (N, W, H): base, then the unpadded grid rows (each ended by the
-        projector's image_newline), then zeros."""
-        sizes, counts, _ = self._unpack(items)
+        projector's image_newline), then zeros; videos: each frame's grid pooled, then one newline."""
         newline = getattr(projector, "image_newline", None) if self.config.newline else None
         if self.config.newline and newline is None:
-            raise InputError(f"encoders.image (anyres) has newline: true, but the {projector.name} projector has no "
-                             f"image_newline; set newline: true on an mlp or linear projector (or newline: false here)")
+            raise InputError(f"encoders.{modality} (anyres) has newline: true, but the {projector.name} projector has "
+                             f"no image_newline; set newline: true on an mlp or linear projector (or newline: false "
+                             f"here)")
+        if modality == "video":
+            return self._arrange_video(tokens, newline)
+        sizes, counts, _ = self._unpack(items)
         out = torch.zeros_like(tokens)
         t = self.side * self.side
         for i, (size, n) in enumerate(zip(sizes, counts, strict=True)):
@@ -306,4 +359,17 @@ class AnyResEncoder(Encoder):
                 grid = torch.cat([grid, newline.to(grid.dtype)[:, None, None].expand(-1, r, 1)], dim=2)
             seq = torch.cat([tokens[i, :t], grid.flatten(1).t()])
             out[i, : seq.shape[0]] = seq
+        return out
+
+    def _arrange_video(self, tokens: torch.Tensor, newline: torch.Tensor | None) -> torch.Tensor:
+        """(N, F * side^2 + 1, H) -> each frame's side x side grid downscaled bilinearly (OneVision's apply_pooling),
+        the frames in order, one newline at the end."""
+        n, f, side, hidden = tokens.shape[0], self._video_frames(), self.side, tokens.shape[-1]
+        grid = tokens[:, : f * side * side].reshape(n * f, side, side, hidden).permute(0, 3, 1, 2)
+        pooled = self._pooled_side()
+        grid = F.interpolate(grid, [pooled, pooled], mode="bilinear").permute(0, 2, 3, 1).reshape(n, -1, hidden)
+        out = torch.zeros_like(tokens)
+        out[:, : grid.shape[1]] = grid
+        if newline is not None:
+            out[:, grid.shape[1]] = newline.to(out.dtype)
         return out

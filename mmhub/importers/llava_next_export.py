@@ -40,8 +40,11 @@ def next_problems(model: Any) -> list[str]:
     """Every slot that keeps `model` from being a transformers LLaVA-NeXT / OneVision, with why."""
     problems = []
     spec = model.spec
-    if set(spec.encoders) != {"image"}:
-        problems.append(f"encoders: {', '.join(spec.encoders) or 'none'}; LLaVA-NeXT reads one image modality")
+    video_ok = spec.encoders.get("video") == "image" and _same_projectors(model)
+    if set(spec.encoders) - ({"video"} if video_ok else set()) != {"image"}:
+        problems.append(f"encoders: {', '.join(spec.encoders) or 'none'}; LLaVA-NeXT reads one image modality (and "
+                        f"OneVision a video through the image encoder, with one projector: a video slot that shares "
+                        f"the image encoder and whose projector equals the image one)")
     elif _slot_type(model, "encoders") != "anyres":
         problems.append(f"encoders.image ({_slot_type(model, 'encoders')}): LLaVA-NeXT tiles with AnyRes (anyres)")
     else:
@@ -73,6 +76,15 @@ def next_problems(model: Any) -> list[str]:
         for name, cs in getattr(spec, part).items():
             problems.append(f"{part}.{name} ({cs.type}): LLaVA-NeXT has no counterpart")
     return problems
+
+
+def _same_projectors(model: Any) -> bool:
+    """Whether the video projector holds exactly the image projector's settings and weights."""
+    if "video" not in model.projectors or "image" not in model.projectors:
+        return False
+    image, video = model.projectors["image"], model.projectors["video"]
+    a, b = image.state_dict(), video.state_dict()
+    return (image.config == video.config and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a))
 
 
 def _projector_state(proj: nn.Module, hidden: int) -> tuple[dict[str, torch.Tensor], str]:
@@ -113,7 +125,8 @@ def config_and_tensors(model: Any) -> tuple[Any, dict[str, torch.Tensor], str]:
     emb, head = lm.get_input_embeddings(), lm.get_output_embeddings()
     tied = emb.weight.data_ptr() == head.weight.data_ptr()
     image_id = model.processor.placeholder_ids["image"]
-    rows = max(0, image_id + 1 - text_cfg.vocab_size)
+    video_id = model.processor.placeholder_ids.get("video")
+    rows = max(0, max(image_id, video_id or 0) + 1 - text_cfg.vocab_size)
     text_cfg.vocab_size += rows
     text_cfg.tie_word_embeddings = tied
     proj_state, act = _projector_state(proj, text_cfg.hidden_size)
@@ -125,7 +138,8 @@ def config_and_tensors(model: Any) -> tuple[Any, dict[str, torch.Tensor], str]:
                   vision_feature_select_strategy="default" if clip and enc.tower.config.drop_cls else "full",
                   tie_word_embeddings=tied)
     if family == "llava_onevision":
-        config = LlavaOnevisionConfig(**common, vision_aspect_ratio=f"anyres_max_{enc.config.max_tiles}")
+        video = {"video_token_index": video_id} if video_id is not None else {}
+        config = LlavaOnevisionConfig(**common, vision_aspect_ratio=f"anyres_max_{enc.config.max_tiles}", **video)
         cls = LlavaOnevisionForConditionalGeneration
     else:
         config = LlavaNextConfig(**common)
@@ -160,9 +174,11 @@ def _processor(model: Any, family: str, config: Any) -> Any:
 
     enc = model.encoders["image"]
     placeholder = model.spec.placeholder("image")
+    video_mark = model.spec.placeholder("video") if "video" in model.spec.encoders else None
     tokenizer = copy.deepcopy(model.tokenizer)
-    if placeholder not in tokenizer.all_special_tokens:
-        tokenizer.add_special_tokens({"extra_special_tokens": [placeholder]}, replace_extra_special_tokens=False)
+    for mark in (placeholder, video_mark):
+        if mark is not None and mark not in tokenizer.all_special_tokens:  # same id; read back as special
+            tokenizer.add_special_tokens({"extra_special_tokens": [mark]}, replace_extra_special_tokens=False)
     chat = jinja_template(model.plan.template, tokenizer, placeholder)
     if chat is not None:
         tokenizer.chat_template = chat
@@ -172,12 +188,15 @@ def _processor(model: Any, family: str, config: Any) -> Any:
     clip = config.vision_config.model_type == "clip_vision_model"
     if family == "llava_onevision":
         images = transformers.LlavaOnevisionImageProcessor(size={"height": s, "width": s}, **prep)
-        videos = transformers.LlavaOnevisionVideoProcessor(size={"height": s, "width": s})
+        frames = {"num_frames": c.video_frames} if c.video_frames else {}
+        videos = transformers.LlavaOnevisionVideoProcessor(size={"height": s, "width": s}, **frames, **{
+            k: v for k, v in prep.items() if k != "image_grid_pinpoints"})
         side = s // config.vision_config.patch_size
         return transformers.LlavaOnevisionProcessor(
             image_processor=images, tokenizer=tokenizer, video_processor=videos, num_image_tokens=side * side,
             vision_feature_select_strategy=config.vision_feature_select_strategy, chat_template=chat,
-            vision_aspect_ratio=config.vision_aspect_ratio, image_token=placeholder)
+            vision_aspect_ratio=config.vision_aspect_ratio, image_token=placeholder,
+            video_token=video_mark or "<video>")
     images = transformers.LlavaNextImageProcessor(size={"shortest_edge": s}, crop_size={"height": s, "width": s},
                                                   **prep)
     return transformers.LlavaNextProcessor(

@@ -33,6 +33,8 @@ SIGLIP = {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_
 QWEN2 = {"model_type": "qwen2", "hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2,
          "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 320, "max_position_embeddings": 512,
          "bos_token_id": 256, "eos_token_id": 257, "pad_token_id": 258, "tie_word_embeddings": False}
+FRAMES = 4  # per video: the video processor's num_frames, which the import reads
+VIDEO_CONV = [{"role": "user", "content": "<video>\nWhat happens?"}, {"role": "assistant", "content": "A dance."}]
 SHAPES = ((96, 70, 3), (30, 64, 3))  # tall (a 3x3 grid, downscaled) and wide (1x2, kept as is)
 
 
@@ -61,7 +63,7 @@ def onevision_folder(folder: Path, seed: int = 0) -> Path:
     perturb(hf, 0.2, seed)
     hf.save_pretrained(str(folder))
     image_processor = LlavaOnevisionImageProcessor(size={"height": TILE, "width": TILE}, image_grid_pinpoints=PINPOINTS)
-    video_processor = LlavaOnevisionVideoProcessor(size={"height": TILE, "width": TILE})
+    video_processor = LlavaOnevisionVideoProcessor(size={"height": TILE, "width": TILE}, num_frames=FRAMES)
     LlavaOnevisionProcessor(image_processor=image_processor, tokenizer=tok, video_processor=video_processor,
                             num_image_tokens=(TILE // 8) ** 2,
                             vision_feature_select_strategy="full", vision_aspect_ratio=f"anyres_max_{MAX_TILES}",
@@ -103,7 +105,7 @@ def test_greedy_generation_equals_transformers(folder: Path, pictures) -> None:
         assert len(ours) == 16 and len(set(ours)) > 1, f"degenerate generation {ours}: the test would not see much"
 
 
-def test_export_reloads_in_transformers_with_identical_logits(folder: Path, pictures, tmp_path) -> None:
+def test_export_reloads_in_transformers_with_identical_logits(folder: Path, pictures, clip, tmp_path) -> None:
     from mmhub.importers.run import find_importer
 
     model = import_checkpoint(folder)
@@ -111,5 +113,43 @@ def test_export_reloads_in_transformers_with_identical_logits(folder: Path, pict
     hf, processor = reference(out, "LlavaOnevisionForConditionalGeneration")
     assert hf.config.vision_aspect_ratio == f"anyres_max_{MAX_TILES}"
     diff = compare_logits(model, hf, processor, pictures, CONVS, extra=("image_sizes", "batch_num_images"))
-    print(f"llava_onevision export: max abs logit diff {diff:.3g}")
-    assert diff <= TOL, f"llava_onevision export: max abs logit diff {diff:.3g}"
+    video = video_logit_diff(model, hf, processor, clip)
+    print(f"llava_onevision export: max abs logit diff {diff:.3g} (images), {video:.3g} (video)")
+    assert diff <= TOL and video <= TOL, f"llava_onevision export: max abs logit diff {diff:.3g} / {video:.3g}"
+
+
+@pytest.fixture(scope="module")
+def clip() -> list[Image.Image]:
+    rng = np.random.default_rng(7)
+    return [Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)) for _ in range(FRAMES)]
+
+
+def video_logit_diff(model, hf, processor, frames: list[Image.Image]) -> float:
+    """Max |mmhub - transformers| logit at every position of a video conversation, after checking the sequences."""
+    text = processor.apply_chat_template(VIDEO_CONV, tokenize=False)
+    theirs_in = processor(videos=[frames], text=[text], return_tensors="pt")
+    batch = model.batch([VIDEO_CONV], [{"video": [frames]}])
+    sp = model.prepare_inputs(batch["input_ids"], batch["attention_mask"], media=batch["media"])
+    ids = batch["input_ids"].gather(1, sp.origin.clamp(min=0))
+    ids = ids.masked_fill(sp.media_positions, model.processor.placeholder_ids["video"])
+    assert torch.equal(ids, theirs_in["input_ids"]), (
+        f"video sequence differs: mmhub {ids.shape[1]} tokens vs processor {theirs_in['input_ids'].shape[1]}")
+    with torch.no_grad():
+        ours = model(**batch).logits
+        theirs = hf(**theirs_in).logits
+    return float((ours - theirs).abs().max())
+
+
+def test_imported_onevision_video_logits_equal_transformers(folder: Path, clip) -> None:
+    """A video (4 frames, resized to the tile): the shared tower, each frame's grid pooled 2x after the projector,
+    one image_newline at the end; then the video projector trained apart from the image one changes the logits."""
+    model = import_checkpoint(folder)
+    assert model.spec.encoders["video"] == "image" and model.encoders["video"] is model.encoders["image"]
+    assert model.encoders["image"].config.video_frames == FRAMES
+    hf, processor = reference(folder, "LlavaOnevisionForConditionalGeneration")
+    diff = video_logit_diff(model, hf, processor, clip)
+    print(f"llava_onevision video: {FRAMES} frames x 4 pooled tokens + newline, max abs logit diff {diff:.3g}")
+    assert diff <= TOL, f"llava_onevision video: max abs logit diff {diff:.3g} > {TOL}"
+    with torch.no_grad():
+        model.projectors["video"].net[0].weight.mul_(1.5)
+    assert video_logit_diff(model, hf, processor, clip) > 1e-2  # the video path goes through its own projector
