@@ -204,7 +204,7 @@ class QFormerProjector(Projector):
 
     name: ClassVar[str] = "qformer"
     Config: ClassVar[type[ComponentConfig]] = QFormerConfig
-    tokens_doc: ClassVar[str] = "num_queries (32 by default), whatever the input token count"
+    tokens_doc: ClassVar[str] = "num_queries (32 by default) x frames (1 by default), whatever the input token count"
     example_settings: ClassVar[dict[str, Any]] = {"num_queries": 4, "layers": 2, "width": 16, "heads": 2,
                                                   "cross_attention_every": 2, "instruction_aware": True}
     uses_text: ClassVar[bool] = True
