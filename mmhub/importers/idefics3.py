@@ -17,18 +17,33 @@ resized to ``size.longest_edge`` keeping the aspect ratio (hf_vision ``longest_e
 (``max_image_size``), with the processor's filter (LANCZOS) and normalisation: the pixels of transformers' PIL
 backend (its torchvision backend resizes tensors and differs slightly). Image splitting (tiles plus the whole image
 with row/column tokens) is not reproduced: the import notes say so when the folder's processor splits.
+
+Export writes such a model back as the family's transformers folder (Idefics3 or SmolVLM by its tower: config,
+safetensors, the processor without image splitting and the chat template template ``idefics3`` renders); a part the
+family has no place for is named.
 """
 
 from __future__ import annotations
 
+import copy
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any, ClassVar
 
-from mmhub.errors import CheckpointError
+from mmhub.errors import CheckpointError, ExportError
 from mmhub.importers.base import Checkpoint, Imported, Importer, ImportOptions
-from mmhub.importers.paligemma import image_processor_config, language_tensors, settings_of, tower_tensors
+from mmhub.importers.paligemma import image_processor_config, language_tensors, load_exact, settings_of, tower_tensors
 
 FILTERS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}  # PIL resample codes hf_vision resizes with
 RESCALE = 1 / 255
+# Idefics3's chat template (list content), bos written by the template; SmolVLM's is the same with its bos <|im_start|>
+CHAT_TEMPLATE = ("{bos}{{% for message in messages %}}{{{{message['role'] | capitalize}}}}"
+                 "{{% if message['content'][0]['type'] == 'image' %}}{{{{':'}}}}{{% else %}}{{{{': '}}}}{{% endif %}}"
+                 "{{% for line in message['content'] %}}{{% if line['type'] == 'text' %}}{{{{line['text']}}}}"
+                 "{{% elif line['type'] == 'image' %}}{{{{ '<image>' }}}}{{% endif %}}{{% endfor %}}"
+                 "<end_of_utterance>\n{{% endfor %}}"
+                 "{{% if add_generation_prompt %}}{{{{ 'Assistant:' }}}}{{% endif %}}")
 MARKERS = ("<image>", "<fake_token_around_image>", "<end_of_utterance>")  # the tokens template idefics3 writes
 
 
@@ -113,3 +128,102 @@ class Idefics3Importer(Importer):
         }
         return Imported(spec=spec, weights={"encoders.image.model": tower, "projectors.image": projector,
                                             "backbone.model": language}, notes=notes)
+
+    def export(self, model: Any, out: Path) -> Path:
+        """`model` (an Idefics3-like tower at its last layer -> pixel_shuffle -> causal LM, template idefics3) as the
+        family's transformers folder at `out` (SmolVLM for a smolvlm_vision tower), written through a temporary
+        folder beside it."""
+        from transformers import AutoConfig
+
+        tower, proj, lm = export_parts(model)
+        smolvlm = tower.hf_config.model_type.startswith("smolvlm")
+        family = "smolvlm" if smolvlm else "idefics3"
+        tok = copy.deepcopy(model.tokenizer)  # the processor adds its tokens in place
+        config = AutoConfig.for_model(family, vision_config=tower.hf_config.to_dict(), text_config=lm.config.to_dict(),
+                                      scale_factor=proj.config.scale_factor,
+                                      image_token_id=tok.convert_tokens_to_ids(model.spec.placeholder("image")),
+                                      tie_word_embeddings=bool(lm.config.tie_word_embeddings))
+        hf = model_class(family)(config).eval()
+        load_exact(hf.model.vision_model, tower.model.state_dict(), "vision tower")
+        load_exact(hf.model.connector.modality_projection.proj, proj.proj.state_dict(), "connector")
+        load_exact(hf.model.text_model, lm.base_model.state_dict(), "language model")
+        if not lm.config.tie_word_embeddings:
+            load_exact(hf.lm_head, lm.get_output_embeddings().state_dict(), "lm_head")
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        try:
+            hf.save_pretrained(str(tmp))
+            processor(family, tower, tok, model.plan.tokens_per_item("image")).save_pretrained(str(tmp))
+            if out.exists():
+                shutil.rmtree(out)
+            tmp.rename(out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return out
+
+
+def model_class(family: str) -> Any:
+    from transformers import Idefics3ForConditionalGeneration, SmolVLMForConditionalGeneration
+
+    return SmolVLMForConditionalGeneration if family == "smolvlm" else Idefics3ForConditionalGeneration
+
+
+def processor(family: str, tower: Any, tokenizer: Any, image_seq_len: int) -> Any:
+    """The family's processor doing the tower's preprocessing (read off its transform), without image splitting."""
+    steps = {type(s).__name__: s for s in tower.transform.transforms}
+    resize, normalize = steps.get("Resize"), steps.get("Normalize")
+    first = steps.get("LongestEdge")
+    resample = {v: k for k, v in FILTERS.items()}[tower.config.interpolation or "lanczos"]
+    side = resize.size[0] if resize is not None and isinstance(resize.size, (list, tuple)) else None
+    if side is None or normalize is None:
+        raise ExportError(f"encoders.image: preprocessing {' -> '.join(steps)} is not the whole-image resize "
+                          f"{family}'s processor does")
+    kwargs = {"size": {"longest_edge": first.size if first is not None else side},
+              "max_image_size": {"longest_edge": side}, "do_image_splitting": False, "resample": resample,
+              "image_mean": list(normalize.mean), "image_std": list(normalize.std)}
+    template = CHAT_TEMPLATE.format(bos=tokenizer.bos_token or "")
+    if family == "smolvlm":
+        from transformers import SmolVLMProcessor, SmolVLMVideoProcessor
+        from transformers.models.smolvlm.image_processing_smolvlm import SmolVLMImageProcessor
+
+        return SmolVLMProcessor(image_processor=SmolVLMImageProcessor(**kwargs), tokenizer=tokenizer,
+                                video_processor=SmolVLMVideoProcessor(), image_seq_len=image_seq_len,
+                                chat_template=template)
+    from transformers import Idefics3Processor
+    from transformers.models.idefics3.image_processing_idefics3 import Idefics3ImageProcessor
+
+    return Idefics3Processor(image_processor=Idefics3ImageProcessor(**kwargs), tokenizer=tokenizer,
+                             image_seq_len=image_seq_len, chat_template=template)
+
+
+def export_parts(model: Any) -> tuple[Any, Any, Any]:
+    """The tower, connector and transformers LM of an Idefics3-shaped model; anything else names the blocking part."""
+    enc, proj, backbone = model.spec.encoders.get("image"), model.spec.projectors.get("image"), model.spec.backbone
+    problems = []
+    if list(model.spec.encoders) != ["image"] or enc is None or enc.type != "hf_vision":
+        problems.append(f"encoders {', '.join(model.spec.encoders) or '-'} (Idefics3 has one hf_vision image tower)")
+    else:
+        tower = model.encoders["image"]
+        kind = tower.hf_config.model_type
+        if kind not in ("idefics3_vision", "smolvlm_vision"):
+            problems.append(f"encoders.image: a {kind} tower (Idefics3's is idefics3_vision, SmolVLM's smolvlm_vision)")
+        if tower.config.select_layer not in (-1, tower.hf_config.num_hidden_layers) or not tower.config.final_norm:
+            problems.append(f"encoders.image: select_layer {tower.config.select_layer}, final_norm "
+                            f"{tower.config.final_norm} (Idefics3 reads the last layer after the final LayerNorm)")
+    if proj is None or proj.type != "pixel_shuffle":
+        problems.append(f"projectors.image: {proj.type if proj else 'none'} (Idefics3's connector is pixel_shuffle)")
+    elif model.projectors["image"].config.bias:
+        problems.append("projectors.image: pixel_shuffle with a bias (Idefics3's connector has none)")
+    lm = model.backbone.language_model() if backbone.type == "hf_causal_lm" else None
+    if lm is None:
+        problems.append(f"backbone: {backbone.type} (Idefics3's LLM is a causal LM, hf_causal_lm)")
+    elif model.backbone.prefix_lm:
+        problems.append("backbone: prefix_lm (Idefics3 reads the prompt causally)")
+    if model.spec.template != "idefics3":
+        problems.append(f"template {model.spec.template!r} (Idefics3's processor and chat template: idefics3)")
+    if len(model.injectors) or len(model.generators):
+        problems.append("injectors or generators (Idefics3 has neither)")
+    if problems:
+        raise ExportError("this model cannot be written as a transformers Idefics3/SmolVLM: " + "; ".join(problems))
+    return model.encoders["image"], model.projectors["image"], lm

@@ -204,3 +204,35 @@ def test_saved_import_reloads_with_the_same_logits(folder: Path, pictures, tmp_p
     batch = model.batch(["<image>Is it red?"], [{"image": [pictures[0]]}])
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, again(**batch).logits)
+
+
+def test_export_reloads_in_transformers_with_the_same_logits(folder: Path, pictures, tmp_path) -> None:
+    """import -> export -> transformers reload (Idefics3 or SmolVLM, by the tower): the exported processor and chat
+    template give the same text, ids and pixels, and the reloaded model the original's logits."""
+    from mmhub.importers.idefics3 import Idefics3Importer
+
+    out = Idefics3Importer().export(import_checkpoint(folder), tmp_path / "exported")
+    assert not list(tmp_path.glob(".exported.*"))  # written through a temporary folder, nothing left behind
+    original, processor = reference(folder)
+    exported, exported_processor = reference(out)
+    assert type(exported) is type(original)
+    inputs = []
+    for proc in (processor, exported_processor):
+        texts = [proc.apply_chat_template(hf_messages(q, a)) for q, a in zip(QUESTIONS, ANSWERS, strict=True)]
+        inputs.append(proc(images=[[p] for p in pictures], text=texts, padding="longest", return_tensors="pt"))
+    assert set(inputs[0]) == set(inputs[1]) and all(torch.equal(inputs[0][k], inputs[1][k]) for k in inputs[0])
+    with torch.no_grad():
+        diff = float((original(**inputs[0]).logits - exported(**inputs[0]).logits).abs().max())
+    assert diff <= TOL, f"exported vs original max abs logit diff {diff:.3g}"
+
+
+def test_export_names_what_idefics3_has_no_place_for(folder: Path) -> None:
+    from mmhub import build
+    from mmhub.errors import ExportError
+    from mmhub.importers.idefics3 import Idefics3Importer
+
+    spec = import_checkpoint(folder).spec.model_dump(exclude_none=True)
+    spec["projectors"]["image"] = {"type": "linear"}
+    spec["backbone"]["prefix_lm"] = True
+    with pytest.raises(ExportError, match="projectors.image: linear .*backbone: prefix_lm"):
+        Idefics3Importer().export(build(spec), Path("unused"))
