@@ -12,6 +12,7 @@ from PIL import Image
 from transformers import AutoProcessor, InstructBlipConfig, InstructBlipForConditionalGeneration
 
 from mmhub import load
+from mmhub.errors import CheckpointError
 from mmhub.importers import import_checkpoint
 from mmhub.importers.instructblip import InstructBlipImporter
 from mmhub.interfaces import BuildContext, TextContext
@@ -153,6 +154,18 @@ def test_instructblip_export_reloads_in_transformers_with_equal_logits(imported,
     assert diff <= TOL, f"instructblip ({lm}) export: max abs logit diff {diff:.3g} > {TOL}"
     ours, theirs = again.state_dict(), hf.state_dict()
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_instruction_aware_blip2_layout_needs_its_tokenizer(tmp_path) -> None:
+    with pytest.raises(ValueError, match="text_tokenizer"):
+        QFormerProjector.Config.model_validate({"layout": "blip2", "instruction_aware": True, "in_dim": 8,
+                                                "out_dim": 8})
+    folder = tiny_blip_folder(tmp_path / "ib", "instructblip", "t5", seed=1)
+    import shutil
+
+    shutil.rmtree(folder / "qformer_tokenizer")
+    with pytest.raises(CheckpointError, match="qformer_tokenizer"):
+        import_checkpoint(folder)
 
 
 def test_report_measured_differences() -> None:

@@ -64,5 +64,27 @@ def test_instructblipvideo_export_reloads_in_transformers_with_equal_logits(impo
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
+@pytest.mark.parametrize("layout", ["pre_ln", "blip2"])
+def test_qformer_frames_reads_each_frame_on_its_own(layout: str) -> None:
+    """frames: 3 -> each frame's tokens through the Q-Former alone, outputs concatenated in time order."""
+    from mmhub.interfaces import BuildContext
+    from mmhub.projectors.qformer import QFormerProjector
+
+    settings = {"num_queries": 2, "layers": 2, "width": 16, "heads": 2, "in_dim": 8, "out_dim": 12, "layout": layout}
+    ctx = BuildContext(resolve=lambda uri: uri)
+    torch.manual_seed(0)
+    video = QFormerProjector(QFormerProjector.Config.model_validate({**settings, "frames": 3}), ctx).eval()
+    image = QFormerProjector(QFormerProjector.Config.model_validate(settings), ctx).eval()
+    image.load_state_dict(video.state_dict())
+    feats = torch.randn(2, 3 * 5, 8, generator=torch.Generator().manual_seed(1))
+    assert QFormerProjector.num_tokens(video.config, 15) == 6
+    with torch.no_grad():
+        out = video(feats)
+        per_frame = torch.cat([image(feats[:, 5 * f:5 * (f + 1)]) for f in range(3)], 1)
+    assert out.shape == (2, 6, 12) and torch.allclose(out, per_frame, atol=1e-6)
+    with pytest.raises(ValueError, match="not 3 equal frames"):
+        QFormerProjector.num_tokens(video.config, 16)
+
+
 def test_report_measured_differences() -> None:
     print("\nmeasured:", {k: f"{v:.3g}" for k, v in MEASURED.items()})
