@@ -29,8 +29,8 @@ is taken as is), each resized to S x S and through the tower, and after the proj
 downscaled by ``video_pool`` (bilinear, sides rounded up), the frames' tokens follow each other and one
 ``image_newline`` ends the video: F * ceil(side / pool)^2 + 1 tokens.
 
-The token count depends on the image: `describe` states the most any image can take (what the token budget counts;
-with ``max_tiles`` it is the larger of that and the tiles' raw count, which `forward` pads every item to), and
+The token count depends on the image: `describe` states the most any image can take in the sequence (what the token
+budget counts) and how many `forward` pads every item to (with ``max_tiles`` the tiles' raw count can be more), and
 `token_mask` marks each item's real tokens, which is what the prompt receives. A preprocessed item is one float32
 vector: the image's height and width, its tile count (base included), then the base and the tiles (zeros past the
 real ones), so items of any size stack into one batch.
@@ -206,9 +206,13 @@ class AnyResEncoder(Encoder):
     def describe(cls, config: AnyResConfig, ctx: BuildContext) -> EncoderFacts:
         facts, side = cls._tile_facts(config, ctx)
         raw = (1 + max_grid_tiles(config)) * side * side
-        video = {"video": config.video_frames * side * side + 1} if config.video_frames else {}
-        return EncoderFacts(out_dim=facts.out_dim, tokens_per_item=max(most_tokens(config, side), raw),
-                            tokens_by_modality=video)
+        most = most_tokens(config, side)
+        video, spliced = {}, {"image": most}
+        if config.video_frames:
+            video["video"] = config.video_frames * side * side + 1
+            spliced["video"] = config.video_frames * math.ceil(side / config.video_pool) ** 2 + int(config.newline)
+        return EncoderFacts(out_dim=facts.out_dim, tokens_per_item=max(most, raw), tokens_by_modality=video,
+                            spliced_by_modality=spliced)
 
     def __init__(self, config: AnyResConfig, ctx: BuildContext):
         super().__init__(config, ctx)

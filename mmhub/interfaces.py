@@ -30,16 +30,24 @@ class EncoderFacts:
 
     An encoder that accepts several modalities (an ImageBind-like one) may emit a
     different number of tokens for each: ``tokens_by_modality`` overrides
-    ``tokens_per_item`` for those modalities.
+    ``tokens_per_item`` for those modalities. An encoder whose `Encoder.arrange` leaves fewer real
+    tokens than `forward` emits (pooling after the projector: OneVision's video frames, AnyRes'
+    ``anyres_max_N``) states the most an item can occupy in the sequence in ``spliced_by_modality``:
+    the token budget counts that.
     """
 
     out_dim: int
     tokens_per_item: int
     tokens_by_modality: dict[str, int] = field(default_factory=dict)
+    spliced_by_modality: dict[str, int] = field(default_factory=dict)
 
     def tokens_for(self, modality: str) -> int:
         """Tokens per item of `modality`."""
         return self.tokens_by_modality.get(modality, self.tokens_per_item)
+
+    def spliced_for(self, modality: str) -> int:
+        """The most sequence tokens an item of `modality` occupies (at most `tokens_for`)."""
+        return min(self.spliced_by_modality.get(modality, self.tokens_for(modality)), self.tokens_for(modality))
 
 
 class Encoder(Component):

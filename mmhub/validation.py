@@ -103,7 +103,11 @@ class Plan:
         """Sequence tokens one item of `modality` occupies (1 when an injector takes it as context)."""
         if modality in self.context_modalities:
             return 1
-        return self.projector_facts[modality].out_tokens
+        out = self.projector_facts[modality].out_tokens
+        enc = self.encoder_facts.get(modality)
+        if enc is not None and modality in enc.spliced_by_modality and out == enc.tokens_for(modality):
+            return enc.spliced_for(modality)  # a per-token projector before a layout that pools (AnyRes, OneVision)
+        return out
 
 
 def _slot(kind: str, path: str, cs: Any, registry: Registry, problems: list[Problem]) -> Slot | None:

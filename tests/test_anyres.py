@@ -143,6 +143,30 @@ def test_token_budget_counts_the_most_an_image_can_take() -> None:
         plan_spec(load_spec({**spec, "max_items": {"image": 3}}))
 
 
+def test_budget_counts_what_is_left_after_pooling() -> None:
+    """With anyres_max_N and OneVision video pooling, forward emits more tokens than an item can occupy: the plan's
+    tokens per item (the budget, packing) is the most an item really takes."""
+    from mmhub.spec import load_spec
+    from mmhub.validation import plan_spec
+
+    llama = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "vocab_size": 300, "max_position_embeddings": 1024}
+    pins = [[TILE * r, TILE * c] for r in range(1, 5) for c in range(1, 5)]
+    anyres = {"type": "anyres", "tower": TOWER, "grid_pinpoints": pins, "tile_size": TILE, "max_tiles": 2,
+              "video_frames": 3}
+    plan = plan_spec(load_spec({"name": "pooled", "encoders": {"image": anyres, "video": "image"},
+                                "projectors": {"image": {"type": "mlp", "newline": True},
+                                               "video": {"type": "mlp", "newline": True}},
+                                "backbone": {"type": "hf_causal_lm", "config": llama, "tokenizer": "byte"},
+                                "template": "chatml"}))
+    cfg = AnyResConfig.model_validate({k: v for k, v in anyres.items() if k != "type"})
+    assert plan.encoder_facts["image"].tokens_per_item == (1 + 16) * 16  # forward: every tile of a 4x4 grid
+    assert plan.tokens_per_item("image") == most_tokens(cfg, 4) < (1 + 16) * 16
+    assert plan.tokens_per_item("video") == 3 * 2 * 2 + 1 < 3 * 16 + 1  # frames x pooled 2x2 + newline
+    assert all(item_tokens((h, w), cfg, 4) <= plan.tokens_per_item("image")
+               for h in (10, 40, 90, 128, 200) for w in (10, 40, 90, 128, 200))
+
+
 def test_a_projector_that_changes_the_token_count_is_refused_before_building() -> None:
     from mmhub.errors import SpecError
     from mmhub.spec import load_spec
