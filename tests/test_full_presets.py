@@ -176,13 +176,17 @@ def test_status_is_complete_only_when_every_slot_loads_published_weights() -> No
         "weights); stages: no feedback stage"
 
 
-def test_published_models_in_the_zoo_table_load_through_a_registered_importer() -> None:
-    from mmhub.presets.table import importer_for, published_models
+def test_published_models_in_the_zoo_table_load_through_an_importer_or_converter() -> None:
+    from mmhub.presets.table import converter_exists, importer_for, published_models
 
     published = published_models()
-    assert set(published) == {"blip-2", "instructblip", "llava-1.5"}
-    found = {name: importer_for(REG, p["model_type"]) for name, p in published.items()}
-    assert found == {"blip-2": "blip_2", "instructblip": "instructblip", "llava-1.5": "llava"}
+    found = {name: importer_for(REG, p["model_type"]) for name, p in published.items() if "model_type" in p}
+    assert found == {"blip-2": "blip_2", "instructblip": "instructblip", "llava-1.5": "llava", "cogvlm": "cogvlm",
+                     "qwen-vl": "qwen_vl"}
+    converters = {name: p["converter"] for name, p in published.items() if "converter" in p}
+    assert set(converters) == {"minigpt-4", "video-llama"}
+    assert all(converter_exists(ref) for ref in converters.values()), converters
+    assert not converter_exists("mmhub.importers.minigpt4:no_such_function")
 
 
 def test_mmhub_validate_passes_a_full_preset_with_the_cache(fake_hub: Path, monkeypatch, capsys) -> None:
