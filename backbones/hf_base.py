@@ -51,6 +51,11 @@ class HFBackboneConfig(ComponentConfig):
         False, description="prefix-LM attention (PaliGemma): the prompt (media tokens and the text before the first "
         "answer token; all of it without labels) attends bidirectionally, the answer causally; decoder-only models",
     )
+    media_positions: Literal["sequential", "cogvlm"] = Field(
+        "sequential", description="RoPE positions of spliced media tokens: sequential (0, 1, 2, ... along the "
+        "sequence), or cogvlm (CogVLM's build_position_ids: an item's first token (boi), second token and last token "
+        "(eoi) each advance the position, the tokens between share the second's); decoder-only models",
+    )
     trust_remote_code: bool = Field(
         False,
         description="never set in a spec: a spec or model folder someone hands you must not run its own code. "

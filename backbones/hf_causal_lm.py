@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 from mmhub.attention import HF_SDPA, HF_XFORMERS
 from mmhub.backbones import mrope
 from mmhub.backbones.hf_base import HFBackboneBase, HFBackboneConfig
+from mmhub.backbones.visual_expert import cogvlm_position_ids
 from mmhub.errors import InputError
 from mmhub.interfaces import BuildContext, ComponentConfig
 
@@ -71,12 +72,16 @@ class HFCausalLM(HFBackboneBase):
 
     @property
     def grid_positions(self) -> bool:
-        """M-RoPE models (rope_parameters.mrope_section: Qwen2-VL's text model) place media tokens by their grid."""
-        return mrope.is_mrope(self.model.config.get_text_config())
+        """M-RoPE models (rope_parameters.mrope_section: Qwen2-VL's text model) place media tokens by their grid;
+        ``media_positions: cogvlm`` places them as CogVLM does."""
+        return self.config.media_positions != "sequential" or mrope.is_mrope(self.model.config.get_text_config())
 
     def media_position_ids(self, attention_mask: torch.Tensor,
                            spans: list[tuple[int, int, tuple[int, int, int]]]) -> torch.Tensor:
-        """(3, B, L) M-RoPE position ids (`mmhub.backbones.mrope`)."""
+        """(3, B, L) M-RoPE position ids (`mmhub.backbones.mrope`), or (B, L) CogVLM positions
+        (`mmhub.backbones.visual_expert.cogvlm_position_ids`)."""
+        if self.config.media_positions == "cogvlm":
+            return cogvlm_position_ids(attention_mask, spans)
         return mrope.mrope_position_ids(attention_mask, spans)
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,

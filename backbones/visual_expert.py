@@ -35,6 +35,19 @@ from mmhub.interfaces import (
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def cogvlm_position_ids(attention_mask: torch.Tensor, spans: list[tuple[int, int, tuple[int, int, int]]]
+                        ) -> torch.Tensor:
+    """(B, L) position ids as CogVLM's ``build_position_ids`` gives them: every real token advances the position by
+    one, except an item's tokens after its second and before its last (the patches after the first share the first
+    patch's position; boi and eoi advance). `spans`: (row, first position, grid) per spliced item."""
+    step = attention_mask.to(torch.long).clone()
+    for row, first, (t, h, w) in spans:
+        count = t * h * w
+        if count > 3:
+            step[row, first + 2:first + count - 1] = 0
+    return (step.cumsum(1) - 1).clamp(min=0)
+
+
 class VisualExpertConfig(InjectorConfig):
     """Settings of `VisualExperts`."""
 
@@ -56,6 +69,8 @@ class VisualExperts(Injector):
     out_dim_doc: ClassVar[str] = "same as each target linear"
     tokens_doc: ClassVar[str] = "unchanged: media tokens stay spliced in the sequence"
     example_settings: ClassVar[dict[str, Any]] = {"dim": 32, "num_layers": 2}
+    # cached generation steps hold text only, which the hooks leave alone: mmhub's decode loop computes the same
+    own_loop_safe: ClassVar[bool] = True
 
     @classmethod
     def describe(cls, config: VisualExpertConfig, ctx: BuildContext, backbone: BackboneFacts) -> InjectorFacts:

@@ -24,7 +24,9 @@ def uses_own_loop(model: Any, settings: Mapping[str, Any]) -> bool:
     """Whether `decode_batch` runs mmhub's decode loop for these settings (else `transformers_generate`)."""
     if model.signal_tokens is not None:
         return True
-    return (not model.is_encoder_decoder and not len(model.injectors) and model.backbone.supports_step
+    # injectors whose hooks compute the same under mmhub's loop (``own_loop_safe``: CogVLM's visual experts) keep it
+    injectors_ok = all(getattr(inj, "own_loop_safe", False) for inj in model.injectors.values())
+    return (not model.is_encoder_decoder and injectors_ok and model.backbone.supports_step
             and set(settings) <= OWN_LOOP_SETTINGS)
 
 
@@ -56,11 +58,13 @@ def decode_batch(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
 def own_loop(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
              media: Mapping[str, torch.Tensor] | None, seed: int | None = None, **settings: Any) -> Decoded:
     """mmhub's decode loop (`mmhub.decoding.decode`) over the prepared prompt."""
-    sp = prepare(model, input_ids, attention_mask, None, media, padding_side="left").spliced
+    prep = prepare(model, input_ids, attention_mask, None, media, padding_side="left")
+    sp = prep.spliced
     suppress = [i for i in model.processor.placeholder_ids.values()
                 if model.signal_tokens is not None or i < model.backbone_vocab_size]
-    return decode(model, sp.inputs_embeds, sp.attention_mask, sp.position_ids, stop_ids=stop_token_ids(model),
-                  suppress_ids=suppress, seed=seed, **settings)
+    with injected(model, prep.injection):
+        return decode(model, sp.inputs_embeds, sp.attention_mask, sp.position_ids, stop_ids=stop_token_ids(model),
+                      suppress_ids=suppress, seed=seed, **settings)
 
 
 def transformers_generate(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,

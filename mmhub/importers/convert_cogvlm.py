@@ -17,9 +17,8 @@ never imports that code. Key layout (the authors' module structure):
   ``visual_expert`` injector's copies of those linears, with ``last_token_text`` (CogVLM's ``get_expert_mask``: a
   token takes the vision expert only when it and the next token are image tokens, so eoi uses the language weights).
 
-Not reproduced (stated in the notes of every import): CogVLM's ``build_position_ids`` gives all patch tokens of an
-image one shared RoPE position (bos 0, boi 1, every patch 2, eoi 3, text 4, ...); mmhub's backbone numbers the spliced
-sequence 0, 1, 2, ... The rotary ``inv_freq`` buffers some checkpoints carry are recomputed, not loaded.
+Positions: the backbone takes ``media_positions: cogvlm``, CogVLM's ``build_position_ids`` (bos 0, boi 1, every
+patch 2, eoi 3, text 4, ...). The rotary ``inv_freq`` buffers some checkpoints carry are recomputed, not loaded.
 """
 
 from __future__ import annotations
@@ -35,9 +34,6 @@ from mmhub.importers.base import Checkpoint, Imported, Importer, ImportOptions
 
 VISION_KEYS = ("image_size", "patch_size", "hidden_size", "num_hidden_layers", "num_heads", "intermediate_size",
                "layer_norm_eps", "in_channels")
-POSITION_NOTE = ("CogVLM gives every patch token of an image one shared RoPE position (its build_position_ids); "
-                 "mmhub numbers the spliced sequence consecutively, so logits differ from the authors' code wherever "
-                 "text follows an image")
 TOKENIZER_FALLBACK = "hf:lmsys/vicuna-7b-v1.5"  # cogvlm-chat-hf ships no tokenizer; the authors' demos load this one
 LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 INV_FREQ = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
@@ -150,13 +146,14 @@ def convert_cogvlm(state_dict: Mapping[str, torch.Tensor], config: Mapping[str, 
         "encoders": {"image": _vision_settings(config, where)},
         "projectors": {"image": {"type": "glu", "intermediate_size": llama["intermediate_size"],
                                  "boundary_tokens": True}},
-        "backbone": {"type": "hf_causal_lm", "config": llama, "tokenizer": tokenizer, "dtype": dtype},
+        "backbone": {"type": "hf_causal_lm", "config": llama, "tokenizer": tokenizer, "dtype": dtype,
+                     "media_positions": "cogvlm"},
         "injectors": {"experts": {"type": "visual_expert", "last_token_text": True}},
         "template": template,
     }
     weights = {"encoders.image": tower, "projectors.image": projector, "backbone.model": lm,
                "injectors.experts": experts}
-    notes = [POSITION_NOTE]
+    notes = []
     if dropped:
         notes.append(f"{len(dropped)} rotary inv_freq buffer(s) recomputed from head_dim and base 10000, not loaded")
     return Imported(spec=spec, weights=weights, notes=notes)

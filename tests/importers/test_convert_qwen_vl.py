@@ -244,3 +244,26 @@ def test_a_text_only_qwen_folder_is_refused(tmp_path: Path) -> None:
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="without a visual config is the text-only Qwen"):
         import_checkpoint(folder)
+
+
+def test_greedy_generation_equals_the_authors_forward_token_by_token(tmp_path: Path) -> None:
+    folder, state = qwen_vl_folder(tmp_path, seed=1)
+    model = import_checkpoint(folder)
+    image = Image.fromarray((torch.rand(30, 41, 3) * 255).to(torch.uint8).numpy())
+    mark = model.spec.placeholder("image")
+    reply = model.generate([f"{mark}Describe it."], [{"image": [image]}], max_new_tokens=16)[0].token_ids
+    batch = model.batch([[{"role": "user", "content": f"{mark}Describe it."}]], [{"image": [image]}],
+                        add_generation_prompt=True)
+    ids, pid = batch["input_ids"][0].tolist(), model.processor.placeholder_ids["image"]
+    stops, theirs = set(model.stop_token_ids()), []
+    with torch.no_grad():
+        for _ in range(16):
+            logits = ref_logits(state, CONFIG, ids, pid, batch["media"]["image"][0])[-1]
+            logits[pid] = float("-inf")  # nobody writes the image placeholder
+            token = int(logits.argmax())
+            if token in stops:
+                break
+            theirs.append(token)
+            ids.append(token)
+    assert len(theirs) >= 4, f"the reference stopped after {len(theirs)} tokens; pick another seed"
+    assert reply == theirs, f"mmhub {reply} vs the authors' forward {theirs}"
