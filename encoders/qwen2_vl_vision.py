@@ -108,6 +108,18 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     return h_bar, w_bar
 
 
+def most_blocks(min_pixels: int, max_pixels: int, factor: int) -> int:
+    """The most `factor` x `factor` blocks `smart_resize` gives any image (aspect ratio <= 200): what the token budget
+    counts before an image is seen."""
+    within = max_pixels // factor ** 2  # sides rounded or scaled down within the budget
+    # scaled down, a short side below one block is kept at one: the long side reaches sqrt(200 * max_pixels)
+    oblong = int(math.sqrt(200 * max_pixels) // factor)
+    # scaled up to min_pixels, each side rounds up: at most one more block along each
+    a = math.sqrt(200) + 1 / math.sqrt(200)
+    up = math.ceil(min_pixels / factor ** 2 + math.sqrt(min_pixels) * a / factor + 1)
+    return max(within, oblong, up, 1)
+
+
 def patchify(image: torch.Tensor, patch: int, merge: int, temporal: int) -> torch.Tensor:
     """(3, H, W) image -> (H/patch * W/patch, 3 * temporal * patch * patch) patch vectors, in merge x merge blocks
     (row-major over blocks, then within a block), each patch repeated `temporal` times as one still frame."""
@@ -127,7 +139,8 @@ class Qwen2VLVisionEncoder(ImageEncoder):
     library: ClassVar[str] = "transformers"
     out_dim_doc: ClassVar[str] = "the tower's embed_dim (Qwen2.5-VL: hidden_size)"
     tokens_doc: ClassVar[str] = ("(H/patch) x (W/patch) patch tokens for the image resized to multiples of "
-                                 "patch x merge within min_pixels..max_pixels; at most max_pixels / patch^2")
+                                 "patch x merge within min_pixels..max_pixels; the budget counts the most any image "
+                                 "takes (max_pixels / patch^2, more for very oblong images)")
     variable_tokens: ClassVar[bool] = True
     example_settings: ClassVar[dict[str, Any]] = {
         "config": {"depth": 2, "embed_dim": 32, "num_heads": 2, "hidden_size": 32, "mlp_ratio": 2},
@@ -136,10 +149,8 @@ class Qwen2VLVisionEncoder(ImageEncoder):
     @classmethod
     def describe(cls, config: Qwen2VLVisionConfig, ctx: BuildContext) -> EncoderFacts:
         cfg = tower_config(config.config)
-        factor = cfg.patch_size * cfg.spatial_merge_size
-        # the most tokens an image can take: the pixel budget in whole merge blocks (a resize up to min_pixels rounds
-        # up, so with min_pixels close to max_pixels a very oblong image may take a block or two more)
-        most = max(config.max_pixels // (factor * factor), 1) * cfg.spatial_merge_size ** 2
+        blocks = most_blocks(config.min_pixels, config.max_pixels, cfg.patch_size * cfg.spatial_merge_size)
+        most = blocks * cfg.spatial_merge_size ** 2
         return EncoderFacts(out_dim=token_width(config.config, cfg), tokens_per_item=most)
 
     def __init__(self, config: Qwen2VLVisionConfig, ctx: BuildContext):
