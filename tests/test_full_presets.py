@@ -55,8 +55,8 @@ EXPECTED = {
     "x-llm": ({"image": 32, "video": 32, "audio": 32}, 2048, 4096),
 }
 REMOTE_CODE = ("qwen-vl", "x-llm")  # their LLMs ship their own modeling code
-# made of transformers towers and LLMs with inferred widths: cheap to build from shrunk stand-ins
-BUILDS = ("llava", "llava-1.5", "shikra", "chatspot", "vila", "pali-x", "video-chatgpt")
+# made of transformers towers and LLMs (mplug-owl: plus a 768-wide Q-Former): cheap to build from shrunk stand-ins
+BUILDS = ("llava", "llava-1.5", "shikra", "chatspot", "vila", "pali-x", "video-chatgpt", "mplug-owl")
 
 
 def _use(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
