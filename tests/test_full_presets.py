@@ -169,7 +169,9 @@ def test_status_is_complete_only_when_every_slot_loads_published_weights() -> No
     spec["backbone"] = {"type": "hf_causal_lm", "config": {"model_type": "llama"}}
     assert derive_status(PresetInfo("t", "full", spec, "test"), REG) == \
         "partial: backbone: hf_causal_lm starts randomly initialised (no stage trains it, no published weights)"
-    spec["backbone"]["source"] = "hf:lmsys/vicuna-7b-v1.5"
+    spec["backbone"] = {"type": "hf_causal_lm", "source": "hf:lmsys/vicuna-7b-v1.5",
+                        "rope_scaling": {"type": "dynamic", "factor": 2.0}}  # a setting with a type, not a slot
+    assert derive_status(PresetInfo("t", "full", spec, "test"), REG) == "complete"
     spec["encoders"]["video"]["frames"] = {"type": "open_clip", "arch": "ViT-B-32"}
     assert derive_status(PresetInfo("t", "full", spec, "test", missing="stages: no feedback stage"), REG) == \
         "partial: encoders.video.frames: open_clip starts randomly initialised (no stage trains it, no published " \

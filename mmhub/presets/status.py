@@ -39,7 +39,8 @@ def _slot_gap(reg: Registry, kind: str, path: str, settings: dict[str, Any], tra
         cls = reg.get(kind, str(name)).cls  # type: ignore[arg-type]
     except Exception:  # an unknown type is validation's business; here it simply loads nothing known
         return [f"{path}: {name!r} is not a registered {kind}"]
-    nested = [(f"{path}.{k}", v) for k, v in settings.items() if isinstance(v, dict) and "type" in v]
+    nested = [(f"{path}.{k}", v) for k, v in settings.items()
+              if isinstance(v, dict) and str(v.get("type")) in reg.names(kind)]  # not rope_scaling: {type: ...}
     gaps = [g for p, v in nested for g in _slot_gap(reg, kind, p, v, trained)]
     if not getattr(cls, "has_own_weights", not nested):
         return gaps
