@@ -5,6 +5,7 @@ export back to transformers, part swaps that train."""
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmhub.encoders.qwen2_vl_vision import Qwen2VLVisionEncoder, patchify
+from mmhub.encoders.qwen2_vl_vision import CLIP_MEAN, CLIP_STD, Qwen2VLVisionEncoder, patchify
 from mmhub.interfaces import BuildContext
 from mmhub.projectors.patch_merger import PatchMergerProjector
 
@@ -198,11 +199,25 @@ def qwen2_vl_folder(folder: Any, tied: bool = False, legacy_keys: bool = False, 
     model.save_pretrained(str(folder))
     processor_cls(image_processor=Qwen2VLImageProcessor(**PIXELS), tokenizer=tok,
                   video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE).save_pretrained(str(folder))
-    if legacy_keys:
+    if legacy_keys:  # as Qwen/Qwen2-VL-2B-Instruct is published: its key names, config.json, preprocessor_config
         state = load_file(str(folder / "model.safetensors"))
         rename = {"model.visual.": "visual.", "model.language_model.": "model."}
         state = {next((n + k[len(o):] for o, n in rename.items() if k.startswith(o)), k): v for k, v in state.items()}
         save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        text = text_config(tied)
+        rope = text.pop("rope_parameters")
+        published = {"architectures": [model_cls.__name__], "model_type": family, **text,
+                     "rope_theta": rope["rope_theta"], "rope_scaling": {"type": "mrope",
+                                                                        "mrope_section": rope["mrope_section"]},
+                     "image_token_id": IMAGE_ID, "video_token_id": IDS["<|video_pad|>"],
+                     "vision_start_token_id": IDS["<|vision_start|>"], "vision_end_token_id": IDS["<|vision_end|>"],
+                     "vision_config": {**vision, "in_chans": 3, "spatial_patch_size": 14},
+                     "torch_dtype": "float32", "transformers_version": "4.45.0"}
+        (folder / "config.json").write_text(json.dumps(published))
+        (folder / "preprocessor_config.json").write_text(json.dumps({
+            **PIXELS, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2, "image_mean": list(CLIP_MEAN),
+            "image_std": list(CLIP_STD), "image_processor_type": "Qwen2VLImageProcessor",
+            "processor_class": processor_cls.__name__}))
     return folder
 
 
@@ -334,8 +349,9 @@ def test_left_padded_batch_generates_what_each_prompt_does(imported) -> None:
 
 
 def test_published_key_layout_and_tied_head(tmp_path) -> None:
-    """The layout the published checkpoints use (visual., model., lm_head.) with a tied head imports to the same
-    logits as transformers' model from the current layout (same weights)."""
+    """A folder as the published checkpoints are (visual., model., lm_head. keys; transformers 4's config.json with
+    the text settings at the top and rope_scaling mrope; preprocessor_config.json with min/max_pixels) with a tied
+    head imports to the same logits as transformers' model from the current layout (same weights)."""
     from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
     from mmhub.importers.run import import_checkpoint
