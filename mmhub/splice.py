@@ -24,7 +24,7 @@ class Spliced:
 
     inputs_embeds: torch.Tensor  # (B, L', H)
     attention_mask: torch.Tensor  # (B, L')
-    position_ids: torch.Tensor  # (B, L')
+    position_ids: torch.Tensor  # (B, L'); (3, B, L') for grid (M-RoPE) positions (`inputs.grid_position_ids`)
     labels: torch.Tensor | None  # (B, L') or None
     origin: torch.Tensor | None = None  # (B, L') index of the input token each position came from (-1 = padding)
     media_positions: torch.Tensor | None = None  # (B, L') True where a media item's tokens were spliced in
