@@ -104,6 +104,11 @@ def next_spec(ckpt: Checkpoint, options: ImportOptions, family: str, max_tiles: 
         raise CheckpointError(f"{folder} cannot be imported as an mmhub model: " + "; ".join(problems))
     image_cfg, image_where = image_processor_config(ckpt)
     anyres = anyres_settings(image_cfg, f"{folder}: {image_where}", vision.image_size)
+    model_pins = [[int(h), int(w)] for h, w in (config.image_grid_pinpoints or [])]
+    if model_pins != anyres["grid_pinpoints"]:
+        raise CheckpointError(f"{folder}: config.json image_grid_pinpoints {model_pins} differ from the image "
+                              f"processor's {anyres['grid_pinpoints']} ({image_where}); transformers would reassemble "
+                              f"tiles on another grid than it cut them, so the folder is inconsistent")
     tokenizer = ckpt.tokenizer()
     processor_cfg = ckpt.json("processor_config.json") or {}
     placeholder = getattr(tokenizer, "image_token", None) or processor_cfg.get("image_token") or "<image>"

@@ -198,6 +198,26 @@ def test_greedy_generation_equals_transformers(folder: Path, pictures) -> None:
         assert len(ours) == 16 and len(set(ours)) > 1, f"degenerate generation {ours}: the test would not see much"
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"image_grid_pinpoints": [[32, 64], [64, 32]]}, r"image_grid_pinpoints \[\[32, 64\], \[64, 32\]\] differ"),
+    ({"vision_feature_select_strategy": "full"}, r"vision_feature_select_strategy full on a CLIP tower"),
+    ({"vision_feature_layer": [-2, -1]}, r"vision_feature_layer \[-2, -1\] \(several layers"),
+])
+def test_folders_mmhub_cannot_reproduce_are_refused_with_the_reason(folder: Path, tmp_path, change: dict,
+                                                                    message: str) -> None:
+    import json
+    import shutil
+
+    from mmhub.errors import CheckpointError
+
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(CheckpointError, match=message):
+        import_checkpoint(bad)
+
+
 def test_anyres_in_front_of_another_tower_trains_a_step(folder: Path, pictures) -> None:
     """The imported model is ordinary mmhub parts: its AnyRes block around an open_clip tower instead of the CLIP one
     (the projector re-sized to it, a fresh image_newline) builds, splices each image at its own count and trains."""
