@@ -292,14 +292,16 @@ def test_imported_logits_equal_transformers_through_its_processor(imported) -> N
     assert diff <= LOGIT_TOL, f"logits differ by {diffs} (tolerance {LOGIT_TOL})"
 
 
-@pytest.mark.parametrize("case", [0, 1])
+@pytest.mark.parametrize("case", [0, 1, 2])
 def test_greedy_generation_equals_transformers(case: int, imported) -> None:
+    """Case 0: an image then text; 1: two images of different sizes inside the text; 2: text only."""
     model, hf, processor = imported
-    prompt = CONVERSATIONS[case][0]["content"]
+    prompt = CONVERSATIONS[case][0]["content"] if case < 2 else "Tell me a story about the sea."
+    images = IMAGES[case] if case < 2 else []
     text = processor.apply_chat_template([{"role": "user", "content": listed(prompt)}], add_generation_prompt=True,
                                          tokenize=False)
-    inputs = processor(images=IMAGES[case], text=[text], return_tensors="pt")
-    ours = model.batch([prompt], [{"image": IMAGES[case]}], add_generation_prompt=True, padding_side="left")
+    inputs = processor(images=images or None, text=[text], return_tensors="pt")
+    ours = model.batch([prompt], [{"image": images}], add_generation_prompt=True, padding_side="left")
     assert collapsed(inputs["input_ids"][0]) == ours["input_ids"][0].tolist()  # the same prompt tokens
     stops = model.stop_token_ids()
     with torch.no_grad():
