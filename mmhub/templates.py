@@ -232,6 +232,12 @@ TEMPLATES: dict[str, Any] = {
                              around="<img>{marker}</img>\n",
                              required_tokens=("<|im_start|>", "<|im_end|>", "<img>", "</img>"),
                              stop=("<|im_end|>", "{eos}"), needs=()),
+    # mPLUG-Owl's prompt (its README): the system line, each image on a "Human: <image>" line of its own, "AI: "
+    "mplug-owl": MediaTemplate(name="mplug-owl", system="The following is a conversation between a curious human and "
+                               "AI assistant. The assistant gives helpful, detailed, and polite answers to the user's "
+                               "questions.", system_fmt="{system}\n", user_fmt="Human: {content}\n",
+                               assistant_prefix="AI: ", assistant_fmt="{content}{eos}\n",
+                               around="{marker}\nHuman: ", needs=("bos", "eos")),
     # BLIP-2 / InstructBLIP's processors: the image tokens, then tokenizer(prompt) (bos first for OPT/LLaMA/Vicuna;
     # "blip-2-t5": eos last for Flan-T5, whose encoder reads the prompt); the answer then eos
     "blip-2": PrefixMediaTemplate(name="blip-2", add_bos=False, user_fmt="{content}", assistant_fmt="{content}{eos}",

@@ -15,6 +15,7 @@ from mmhub.projectors.pformer import PFormerProjector
 from mmhub.projectors.qformer import QFormerProjector
 from mmhub.projectors.token_merge import TokenMergeProjector
 from mmhub.projectors.video_qformer import VideoQFormerProjector
+from mmhub.projectors.visual_abstractor import VisualAbstractorProjector
 
 
 @hookimpl
@@ -32,6 +33,7 @@ def register_projectors(register):
     register(PatchMergerProjector)
     register(GLUProjector)
     register(VideoQFormerProjector)
+    register(VisualAbstractorProjector)
 
 
 @hookimpl

@@ -5,6 +5,7 @@ from __future__ import annotations
 from mmhub.hookspecs import hookimpl
 from mmhub.importers.blip2 import Blip2Importer
 from mmhub.importers.convert_cogvlm import CogVLMImporter
+from mmhub.importers.convert_mplug_owl import MplugOwlImporter
 from mmhub.importers.convert_qwen_vl import QwenVLImporter
 from mmhub.importers.idefics import IdeficsImporter
 from mmhub.importers.idefics3 import Idefics3Importer
@@ -19,7 +20,7 @@ from mmhub.importers.qwen2_vl import Qwen2VLImporter
 BUILTIN = [Blip2Importer, InstructBlipImporter, InstructBlipVideoImporter, IdeficsImporter, Idefics3Importer,
            LlavaImporter, MllamaImporter,
            PaliGemmaImporter, LlavaNextImporter,
-           LlavaOnevisionImporter, Qwen2VLImporter, CogVLMImporter, QwenVLImporter]
+           LlavaOnevisionImporter, Qwen2VLImporter, CogVLMImporter, QwenVLImporter, MplugOwlImporter]
 
 
 @hookimpl
