@@ -22,7 +22,9 @@ from __future__ import annotations
 import math
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 import torch
+from PIL import Image
 from pydantic import Field, model_validator
 from torch import nn
 
@@ -184,12 +186,8 @@ class Qwen2VLVisionEncoder(ImageEncoder):
     def preprocess(self, item: Any, modality: str) -> torch.Tensor:
         image = load_image(item).convert("RGB")
         h, w = self.target_size(image.height, image.width)
-        if (h, w) != (image.height, image.width):
-            from PIL import Image
-
+        if (h, w) != (image.height, image.width):  # PIL's bicubic, as Qwen2-VL's PIL image processor resizes
             image = image.resize((w, h), Image.Resampling.BICUBIC)
-        import numpy as np
-
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
         return (pixels - self._mean) / self._std  # (3, H, W)
 
