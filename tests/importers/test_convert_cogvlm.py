@@ -287,3 +287,20 @@ def test_mmhub_decode_loop_with_visual_experts_equals_transformers_generate(tmp_
     own = model.generate_ids(*args, max_new_tokens=8)
     hf = model.generate_ids(*args, max_new_tokens=8, repetition_penalty=1.0)  # not a loop setting: generate()
     assert own == hf and any(len(r) > 2 for r in own), (own, hf)
+
+
+def test_the_saved_import_reloads_on_its_own_with_equal_logits(tmp_path: Path) -> None:
+    """save_pretrained writes every converted weight (tower, GLU with boi/eoi, LLaMA, the experts) and the CogVLM
+    positions setting: the folder reloads without the checkpoint's code and gives the same logits."""
+    from mmhub import load
+
+    folder, _ = cogvlm_folder(tmp_path)
+    model = import_checkpoint(folder)
+    image = Image.fromarray((torch.rand(30, 30, 3) * 255).to(torch.uint8).numpy())
+    conv = [{"role": "user", "content": f"{model.spec.placeholder('image')}What?"},
+            {"role": "assistant", "content": "Hm."}]
+    back = load(model.save_pretrained(tmp_path / "saved"), allow_paths=[str(folder)])  # its tokenizer is there
+    assert back.backbone.config.media_positions == "cogvlm"
+    with torch.no_grad():
+        assert torch.equal(model(**model.batch([conv], [{"image": [image]}])).logits,
+                           back(**back.batch([conv], [{"image": [image]}])).logits)

@@ -178,3 +178,17 @@ def test_an_mplug_owl_folder_imports_and_matches_the_authors_forward(tmp_path: P
     logit_diff = float((logits - ref).abs().max())
     assert logits.shape == ref.shape and logit_diff <= 1e-4, f"max abs logit diff {logit_diff:.2e}"
     print(f"mplug_owl: image tokens max abs diff {diff:.2e}, logits {logit_diff:.2e}")
+
+
+def test_the_saved_import_reloads_on_its_own_with_equal_logits(tmp_path: Path) -> None:
+    from mmhub import load
+
+    folder = folder_with(tmp_path, random_state(1))
+    model = import_checkpoint(folder)
+    image = Image.fromarray((torch.rand(30, 30, 3) * 255).to(torch.uint8).numpy())
+    conv = [{"role": "user", "content": f"{model.spec.placeholder('image')}What?"},
+            {"role": "assistant", "content": "Hm."}]
+    back = load(model.save_pretrained(tmp_path / "saved"), allow_paths=[str(folder)])
+    with torch.no_grad():
+        assert torch.equal(model(**model.batch([conv], [{"image": [image]}])).logits,
+                           back(**back.batch([conv], [{"image": [image]}])).logits)

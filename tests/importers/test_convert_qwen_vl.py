@@ -267,3 +267,65 @@ def test_greedy_generation_equals_the_authors_forward_token_by_token(tmp_path: P
             ids.append(token)
     assert len(theirs) >= 4, f"the reference stopped after {len(theirs)} tokens; pick another seed"
     assert reply == theirs, f"mmhub {reply} vs the authors' forward {theirs}"
+
+
+def test_the_saved_import_reloads_on_its_own_with_equal_logits(tmp_path: Path) -> None:
+    """save_pretrained writes every converted weight, the resampler's stored sin-cos table included."""
+    from mmhub import load
+
+    folder, _ = qwen_vl_folder(tmp_path)
+    model = import_checkpoint(folder)
+    image = Image.fromarray((torch.rand(30, 30, 3) * 255).to(torch.uint8).numpy())
+    conv = [{"role": "user", "content": f"{model.spec.placeholder('image')}What?"},
+            {"role": "assistant", "content": "Hm."}]
+    back = load(model.save_pretrained(tmp_path / "saved"), allow_paths=[str(folder)])
+    with torch.no_grad():
+        assert torch.equal(model(**model.batch([conv], [{"image": [image]}])).logits,
+                           back(**back.batch([conv], [{"image": [image]}])).logits)
+
+
+def test_swap_the_llm_behind_the_imported_vit_and_resampler_and_train_one_step(tmp_path: Path) -> None:
+    """The converted ViT and resampler are plain mmhub parts: behind a LLaMA of another width they compute the same
+    resampled states, and one optimiser step trains the resampler (its output linear re-inferred for the new LLM)."""
+    from mmhub import build
+    from mmhub.importers import load_strict
+    from mmhub.train.trainable import apply_stage
+
+    folder, state = qwen_vl_folder(tmp_path)
+    imported = import_checkpoint(folder)
+    converted = convert_qwen_vl(state, CONFIG)
+    spec = dict(converted.spec)
+    spec["backbone"] = {"type": "hf_causal_lm", "tokenizer": "byte", "config": {
+        "model_type": "llama", "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300, "max_position_embeddings": 512}}
+    spec["template"] = "chatml"
+    spec["stages"] = [{"name": "align", "train": {"projectors": "full"}}]
+    model = build(spec)
+    load_strict(model.encoders["image"], converted.weights["encoders.image"], "ViT")
+    pool = {k: v for k, v in converted.weights["projectors.image"].items() if not k.startswith("proj.")}
+    proj = model.projectors["image"]
+    load_strict(proj, {**pool, "proj.weight": proj.proj.weight.detach().clone()}, "resampler")
+    assert proj.proj.out_features == 64 and proj.proj.bias is None
+    image = Image.fromarray((torch.rand(30, 30, 3) * 255).to(torch.uint8).numpy())
+    pixels = imported.processor.preprocess["image"](image)[None]
+
+    def states(m: torch.nn.Module) -> torch.Tensor:  # the resampler output before its output linear
+        seen = {}
+        handle = m.projectors["image"].proj.register_forward_hook(lambda mod, args, out: seen.update(x=args[0]))
+        m.projectors["image"](m.encoders["image"](pixels, "image"))
+        handle.remove()
+        return seen["x"]
+
+    with torch.no_grad():
+        assert float((states(imported) - states(model)).abs().max()) <= 1e-6
+    plan = apply_stage(model, model.spec.stages[0])
+    assert {k for k, n in plan.trainable.items() if n} == {"projectors.image"}, plan.trainable
+    batch = model.batch([[{"role": "user", "content": "<image>What is this?"}, {"role": "assistant", "content": "a"}]],
+                        [{"image": [image]}])
+    before = proj.query.detach().clone()
+    optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    loss = model(**batch).loss
+    loss.backward()
+    optimiser.step()
+    assert torch.isfinite(loss) and not torch.equal(before, proj.query.detach())
