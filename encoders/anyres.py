@@ -32,8 +32,9 @@ downscaled by ``video_pool`` (bilinear, sides rounded up), the frames' tokens fo
 The token count depends on the image: `describe` states the most any image can take in the sequence (what the token
 budget counts) and how many `forward` pads every item to (with ``max_tiles`` the tiles' raw count can be more), and
 `token_mask` marks each item's real tokens, which is what the prompt receives. A preprocessed item is one float32
-vector: the image's height and width, its tile count (base included), then the base and the tiles (zeros past the
-real ones), so items of any size stack into one batch.
+vector: the image's height and width, its tile count (base included), then the base and its tiles; images with the
+same grid stack into one batch tensor, others come as a list (`MMProcessor.collate` keeps differing shapes apart),
+and `forward` takes either.
 """
 
 from __future__ import annotations
@@ -281,28 +282,29 @@ class AnyResEncoder(Encoder):
         if modality == "video":
             return self.frames(item)  # (F, 3, S, S)
         tiles, (height, width) = self.tiles(item)
-        s = self.config.tile_size
-        body = torch.zeros(self.max_tiles_in_item, 3, s, s)
-        body[: tiles.shape[0]] = tiles
         head = torch.tensor([height, width, tiles.shape[0]], dtype=torch.float32)
-        return torch.cat([head, body.flatten()])  # (HEADER + max tiles * 3 * S * S,)
+        return torch.cat([head, tiles.flatten()])  # (HEADER + tiles * 3 * S * S,): only the image's own tiles
 
-    def _unpack(self, items: torch.Tensor) -> tuple[list[Size], list[int], torch.Tensor]:
+    def _unpack(self, items: torch.Tensor | list[torch.Tensor]) -> tuple[list[Size], list[int], list[torch.Tensor]]:
+        """Items (stacked, or a list when their tile counts differ) -> sizes, tile counts, (n, 3, S, S) tiles each."""
         s = self.config.tile_size
-        want = HEADER + self.max_tiles_in_item * 3 * s * s
-        if items.ndim != 2 or items.shape[1] != want or items.dtype not in (torch.float32, torch.float64):
-            raise InputError(f"anyres items must be (N, {want}) float32 (or float64: the image sizes they carry must "
-                             f"stay exact) vectors from this encoder's preprocess "
-                             f"(tile_size {s}, up to {self.max_tiles_in_item} tiles), got {tuple(items.shape)} "
-                             f"{items.dtype}")
-        head = items[:, :HEADER].round().long().tolist()
-        sizes = [(h, w) for h, w, _ in head]
-        counts = [n for _, _, n in head]
-        return sizes, counts, items[:, HEADER:].view(len(items), self.max_tiles_in_item, 3, s, s)
+        sizes, counts, tiles = [], [], []
+        for k, item in enumerate(items):
+            n = int(round(float(item[2]))) if item.ndim == 1 and item.numel() > HEADER else -1
+            if (n < 2 or n > self.max_tiles_in_item or item.numel() != HEADER + n * 3 * s * s
+                    or item.dtype not in (torch.float32, torch.float64)):
+                raise InputError(f"anyres item {k}: {tuple(item.shape)} {item.dtype} is not a float32 (or float64: "
+                                 f"the image size it carries must stay exact) vector from this encoder's preprocess "
+                                 f"(height, width, tiles, then 2..{self.max_tiles_in_item} tiles of 3 x {s} x {s})")
+            sizes.append((int(round(float(item[0]))), int(round(float(item[1])))))
+            counts.append(n)
+            tiles.append(item[HEADER:].view(n, 3, s, s))
+        return sizes, counts, tiles
 
     # -- model ---------------------------------------------------------------------------------------------------
-    def forward(self, pixels: torch.Tensor, modality: str) -> torch.Tensor:
-        """(N, L) preprocessed items -> (N, W, D): each item's tiles' tokens (base first, row-major), zero-padded;
+    def forward(self, pixels: torch.Tensor | list[torch.Tensor], modality: str) -> torch.Tensor:
+        """(N, L) preprocessed items (a list when their tile counts differ) -> (N, W, D): each item's tiles' tokens
+        (base first, row-major), zero-padded;
         videos (N, F, 3, S, S) -> (N, F * side^2 + 1, D): every frame's tokens and a slot for the newline."""
         if modality == "video":
             n, f = pixels.shape[:2]
@@ -314,7 +316,7 @@ class AnyResEncoder(Encoder):
             feats = feats.reshape(n, -1, feats.shape[-1])
             return torch.cat([feats, feats.new_zeros(n, 1, feats.shape[-1])], dim=1)
         sizes, counts, tiles = self._unpack(pixels)
-        real = torch.cat([tiles[i, :n] for i, n in enumerate(counts)])  # (sum tiles, 3, S, S)
+        real = torch.cat(tiles)  # (sum tiles, 3, S, S)
         dtype = next(self.parameters()).dtype
         feats = self.tower(real.to(dtype), "image")  # (sum tiles, side^2, D)
         out = feats.new_zeros(len(counts), self.width, feats.shape[-1])
@@ -325,15 +327,16 @@ class AnyResEncoder(Encoder):
     def _pooled_side(self) -> int:
         return math.ceil(self.side / self.config.video_pool)
 
-    def token_mask(self, items: torch.Tensor, modality: str) -> torch.Tensor:
+    def token_mask(self, items: torch.Tensor | list[torch.Tensor], modality: str) -> torch.Tensor:
+        device = items[0].device
         if modality == "video":
             real = self._video_frames() * self._pooled_side() ** 2 + int(self.config.newline)
-            return (torch.arange(self.video_width, device=items.device) < real).expand(items.shape[0], -1)
+            return (torch.arange(self.video_width, device=device) < real).expand(len(items), -1)
         sizes, _, _ = self._unpack(items)
-        counts = torch.tensor([item_tokens(size, self.config, self.side) for size in sizes], device=items.device)
-        return torch.arange(self.width, device=items.device)[None] < counts[:, None]  # (N, W)
+        counts = torch.tensor([item_tokens(size, self.config, self.side) for size in sizes], device=device)
+        return torch.arange(self.width, device=device)[None] < counts[:, None]  # (N, W)
 
-    def arrange(self, tokens: torch.Tensor, items: torch.Tensor, modality: str,
+    def arrange(self, tokens: torch.Tensor, items: torch.Tensor | list[torch.Tensor], modality: str,
                 projector: torch.nn.Module) -> torch.Tensor:
         """(N, W, H) projected tile tokens -> (N, W, H): base, then the unpadded grid rows (each ended by the
         projector's image_newline), then zeros; videos: each frame's grid pooled, then one newline."""

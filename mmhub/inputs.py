@@ -75,6 +75,11 @@ def prepare(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
     return Prepared(sp, injection, aux)
 
 
+def on_device(items: torch.Tensor | list[torch.Tensor], device: torch.device) -> torch.Tensor | list[torch.Tensor]:
+    """A modality's preprocessed items (stacked, or a list when their shapes differ) on `device`."""
+    return [t.to(device) for t in items] if isinstance(items, list) else items.to(device)
+
+
 def pad_items(items: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """[(T_i, H)] tokens of items of their own length -> (N, max T_i, H) zero-padded and (N, max T_i) real tokens."""
     longest = max(t.shape[0] for t in items)
@@ -144,7 +149,7 @@ def project_media(model: Any, media: Mapping[str, torch.Tensor], text: Mapping[s
                 raise InputError(f"the {enc.name} encoder arranges its {feats.shape[1]} tokens per {m} item after the "
                                  f"projector, but the {proj.name} projector turned them into {out[m].shape[1]}; use a "
                                  f"per-token projector (mlp, linear) with it")
-            out[m] = enc.arrange(out[m], media[m].to(model.device), m, proj)
+            out[m] = enc.arrange(out[m], on_device(media[m], model.device), m, proj)
         if proj.aux_loss is not None:
             aux.append(proj.aux_loss)
     return out, (torch.stack(aux).sum() if aux else None)
@@ -212,7 +217,7 @@ def token_masks(model: Any, media: Mapping[str, torch.Tensor], features: Mapping
                              f"tokens from the preprocessed items (token_mask), which features do not carry; pass "
                              f"the {m} items themselves (cache_features: false for this stage)")
         if m in media:
-            mask = enc.token_mask(media[m].to(model.device), m)
+            mask = enc.token_mask(on_device(media[m], model.device), m)
             if mask is not None:
                 out[m] = mask
     return out

@@ -99,8 +99,8 @@ def collate_packed(processor: MMProcessor, samples: Sequence[Encoded], rows: Seq
     media: dict[str, torch.Tensor] = {}
     for m in processor.placeholders:
         items = [t for r in rows for i in r for t in samples[i].media.get(m, [])]
-        if items:
-            media[m] = torch.stack(items)
+        if items:  # items preprocessed to different shapes stay a list, as in MMProcessor.collate
+            media[m] = torch.stack(items) if all(t.shape == items[0].shape for t in items) else items
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "media": media, "padding_side": "right",
             "segment_ids": segs}
 
