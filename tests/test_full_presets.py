@@ -184,7 +184,7 @@ def test_published_models_in_the_zoo_table_load_through_an_importer_or_converter
     published = published_models()
     found = {name: importer_for(REG, p["model_type"]) for name, p in published.items() if "model_type" in p}
     assert found == {"blip-2": "blip_2", "instructblip": "instructblip", "llava-1.5": "llava", "cogvlm": "cogvlm",
-                     "qwen-vl": "qwen_vl"}
+                     "qwen-vl": "qwen_vl", "mplug-owl": "mplug_owl"}
     converters = {name: p["converter"] for name, p in published.items() if "converter" in p}
     assert set(converters) == {"minigpt-4", "video-llama"}
     assert all(converter_exists(ref) for ref in converters.values()), converters
