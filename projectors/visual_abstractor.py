@@ -32,15 +32,16 @@ class VisualAbstractorConfig(ProjectorConfig):
 
     num_queries: int = Field(64, ge=1)
     layers: int = Field(6, ge=1)
-    width: int = Field(1024, ge=1)
+    width: int | None = Field(None, ge=1, description="the abstractor's width: the features' (mPLUG-Owl: 1024)")
     heads: int = Field(16, ge=1)
     intermediate_size: int = Field(2816, ge=1, description="the SwiGLU hidden width")
     norm_eps: float = Field(1e-6, gt=0, description="epsilon of the SwiGLU's ffn_ln")
 
     @model_validator(mode="after")
     def _heads(self) -> "VisualAbstractorConfig":
-        if self.width % self.heads:
-            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        width = self.width or self.in_dim
+        if width is not None and width % self.heads:
+            raise ValueError(f"width {width} is not divisible by heads {self.heads}")
         return self
 
 
@@ -87,12 +88,12 @@ class CrossOutput(nn.Module):
 class CrossAttentionBlock(nn.Module):
     """One abstractor block (the authors' ``crossattention``: ``attention``, ``output``, ``norm1``, ``normk``)."""
 
-    def __init__(self, config: VisualAbstractorConfig, backend: str):
+    def __init__(self, config: VisualAbstractorConfig, width: int, backend: str):
         super().__init__()
-        self.attention = AbstractorAttention(config.width, config.heads, backend)
-        self.output = CrossOutput(config.width, config.intermediate_size, config.norm_eps)
-        self.norm1 = nn.LayerNorm(config.width)
-        self.normk = nn.LayerNorm(config.width)
+        self.attention = AbstractorAttention(width, config.heads, backend)
+        self.output = CrossOutput(width, config.intermediate_size, config.norm_eps)
+        self.norm1 = nn.LayerNorm(width)
+        self.normk = nn.LayerNorm(width)
 
     def forward(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         h = self.norm1(x)
@@ -100,15 +101,15 @@ class CrossAttentionBlock(nn.Module):
 
 
 class AbstractorLayer(nn.Module):
-    def __init__(self, config: VisualAbstractorConfig, backend: str):
+    def __init__(self, config: VisualAbstractorConfig, width: int, backend: str):
         super().__init__()
-        self.crossattention = CrossAttentionBlock(config, backend)
+        self.crossattention = CrossAttentionBlock(config, width, backend)
 
 
 class AbstractorEncoder(nn.Module):
-    def __init__(self, config: VisualAbstractorConfig, backend: str):
+    def __init__(self, config: VisualAbstractorConfig, width: int, backend: str):
         super().__init__()
-        self.layers = nn.ModuleList(AbstractorLayer(config, backend) for _ in range(config.layers))
+        self.layers = nn.ModuleList(AbstractorLayer(config, width, backend) for _ in range(config.layers))
 
 
 class VisualAbstractorProjector(Projector):
@@ -117,8 +118,7 @@ class VisualAbstractorProjector(Projector):
     name: ClassVar[str] = "visual_abstractor"
     Config: ClassVar[type[ComponentConfig]] = VisualAbstractorConfig
     tokens_doc: ClassVar[str] = "num_queries + 1 (the vit_eos token), whatever the input token count"
-    example_settings: ClassVar[dict[str, Any]] = {"num_queries": 4, "layers": 2, "width": 16, "heads": 2,
-                                                  "intermediate_size": 24}
+    example_settings: ClassVar[dict[str, Any]] = {"num_queries": 4, "layers": 2, "heads": 2, "intermediate_size": 24}
 
     @classmethod
     def num_tokens(cls, config: VisualAbstractorConfig, in_tokens: int) -> int:
@@ -127,14 +127,15 @@ class VisualAbstractorProjector(Projector):
     def __init__(self, config: VisualAbstractorConfig, ctx: BuildContext):
         super().__init__(config, ctx)
         assert config.in_dim is not None and config.out_dim is not None, "in_dim/out_dim are filled in by validation"
-        if config.in_dim != config.width:
-            raise ValueError(f"{self.name}: the features are {config.in_dim} wide but the abstractor is {config.width} "
+        width = config.width or config.in_dim
+        if config.in_dim != width:
+            raise ValueError(f"{self.name}: the features are {config.in_dim} wide but the abstractor is {width} "
                              f"wide; its keys read [queries; LayerNorm(features)], so the encoder's width must be the "
-                             f"abstractor's: set width: {config.in_dim}")
-        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_queries, config.width))
+                             f"abstractor's: set width: {config.in_dim} (or leave it unset)")
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_queries, width))
         nn.init.normal_(self.query_tokens, std=0.02)
-        self.encoder = AbstractorEncoder(config, ctx.attention)
-        self.visual_fc = nn.Linear(config.width, config.out_dim)
+        self.encoder = AbstractorEncoder(config, width, ctx.attention)
+        self.visual_fc = nn.Linear(width, config.out_dim)
         self.vit_eos = nn.Parameter(torch.randn(1, 1, config.out_dim) * 0.02)
 
     def forward(self, features: torch.Tensor, text: TextContext | None = None) -> torch.Tensor:
