@@ -319,6 +319,10 @@ class AnyResEncoder(Encoder):
         real = torch.cat(tiles)  # (sum tiles, 3, S, S)
         dtype = next(self.parameters()).dtype
         feats = self.tower(real.to(dtype), "image")  # (sum tiles, side^2, D)
+        if feats.shape[1] != self.side * self.side:
+            raise InputError(f"the {self.tower.name} tower gave {feats.shape[1]} tokens per "
+                             f"{self.config.tile_size}-pixel tile but describes {self.side * self.side} at its own "
+                             f"input size; set tile_size to the tower's image size")
         out = feats.new_zeros(len(counts), self.width, feats.shape[-1])
         for i, chunk in enumerate(feats.split(counts)):
             out[i, : chunk.shape[0] * chunk.shape[1]] = chunk.flatten(0, 1)

@@ -240,6 +240,19 @@ def build_model(spec: dict) -> object:
     return build({k: v for k, v in spec.items() if k != "stages"})
 
 
+def test_a_tile_size_other_than_the_towers_is_named() -> None:
+    from mmhub import build
+    from mmhub.errors import SpecError
+
+    llama = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "vocab_size": 300, "max_position_embeddings": 1024}
+    with pytest.raises(SpecError, match=r"gave 36 tokens per 48-pixel tile but describes 16 .* set tile_size"):
+        build({"name": "bad-tile", "encoders": {"image": {"type": "anyres", "tower": TOWER, "tile_size": 48,
+                                                          "grid_pinpoints": [[48, 96], [96, 48]]}},
+               "projectors": {"image": {"type": "mlp", "newline": True}},
+               "backbone": {"type": "hf_causal_lm", "config": llama, "tokenizer": "byte"}, "template": "chatml"})
+
+
 class TestAnyResContract(EncoderTests):
     """The shared encoder checks (describe = forward's shape, settings, dtype moves, gradients) on the example."""
 
