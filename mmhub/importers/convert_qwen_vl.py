@@ -153,6 +153,17 @@ def convert_qwen_vl(state_dict: Mapping[str, torch.Tensor], config: Mapping[str,
     return Imported(spec=spec, weights=weights, notes=notes)
 
 
+def _check_image_tokens(ckpt: Checkpoint) -> None:
+    """The tokenizer's <img> and </img> must be the ids the model's visual config names (image_start_id, + 1)."""
+    start = (ckpt.config.get("visual") or {}).get("image_start_id")
+    if start is None:
+        return
+    ids = ckpt.tokenizer().convert_tokens_to_ids(["<img>", "</img>"])
+    if ids != [start, start + 1]:
+        raise CheckpointError(f"{ckpt.folder}: the tokenizer gives <img>, </img> the ids {ids}, but config.json's "
+                              f"visual.image_start_id says {[start, start + 1]}; the tokenizer is not this model's")
+
+
 class QwenVLImporter(Importer):
     """Qwen-VL v1 (Qwen/Qwen-VL, Qwen-VL-Chat): a remote-code folder converted without running its model code."""
 
@@ -173,6 +184,8 @@ class QwenVLImporter(Importer):
                                   f"any of its code, but the tokenizer cannot. Read tokenization_qwen.py and pass "
                                   f"trust_remote_code=True (--trust-remote-code) to let it load, or put a "
                                   f"transformers tokenizer.json with the same vocabulary in the folder")
+        if (ckpt.folder / "tokenizer.json").is_file():
+            _check_image_tokens(ckpt)
         imported = convert_qwen_vl(ckpt.take(""), ckpt.config, tokenizer=str(ckpt.folder),
                                    template=options.template or "qwen-vl", dtype=options.dtype,
                                    where=str(ckpt.folder))

@@ -329,3 +329,10 @@ def test_swap_the_llm_behind_the_imported_vit_and_resampler_and_train_one_step(t
     loss.backward()
     optimiser.step()
     assert torch.isfinite(loss) and not torch.equal(before, proj.query.detach())
+
+
+def test_a_tokenizer_whose_image_markers_are_not_the_models_is_refused(tmp_path: Path) -> None:
+    cfg = {**CONFIG, "visual": {**VISUAL, "image_start_id": 270}}
+    folder, _ = qwen_vl_folder(tmp_path, cfg=cfg)
+    with pytest.raises(CheckpointError, match=r"<img>, </img> the ids \[261, 262\], but .* says \[270, 271\]"):
+        import_checkpoint(folder)
