@@ -29,6 +29,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from mmhub.encoders.image_base import ImageEncoder
+from mmhub.errors import InputError
 from mmhub.interfaces import BuildContext, ComponentConfig, EncoderFacts
 from mmhub.media import load_image
 
@@ -51,15 +52,22 @@ class Qwen2VLVisionConfig(ComponentConfig):
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    video_frames: int | None = Field(None, ge=1, description="frames sampled uniformly from each video item (rounded "
+                                     "up to whole temporal patches by repeating the last); None: no video")
+    video_min_pixels: int = Field(128 * 28 * 28, ge=1, description="a video frame's pixel budget, as min_pixels")
+    video_max_pixels: int = Field(768 * 28 * 28, ge=1, description="a video frame's pixel budget, as max_pixels")
 
     @model_validator(mode="after")
     def _budget(self) -> "Qwen2VLVisionConfig":
         if self.config.get("model_type", "qwen2_vl_vision") not in TOWERS:
             raise ValueError(f"config.model_type {self.config.get('model_type')!r} is not a Qwen2-VL vision tower "
                              f"({' or '.join(TOWERS)})")
-        if self.min_pixels > self.max_pixels:
-            raise ValueError(f"min_pixels {self.min_pixels} > max_pixels {self.max_pixels}; set min_pixels <= "
-                             "max_pixels")
+        if self.video_frames is not None and self.config.get("model_type") == "qwen2_5_vl_vision":
+            raise ValueError("video_frames: Qwen2.5-VL spaces a video's temporal positions by its frame rate, which "
+                             "mmhub does not carry; video is supported for Qwen2-VL towers only (remove video_frames)")
+        if self.min_pixels > self.max_pixels or self.video_min_pixels > self.video_max_pixels:
+            raise ValueError(f"min_pixels {self.min_pixels} > max_pixels {self.max_pixels} (or video_min_pixels "
+                             f"{self.video_min_pixels} > video_max_pixels {self.video_max_pixels}); set min <= max")
         return self
 
 
@@ -123,20 +131,22 @@ def most_blocks(min_pixels: int, max_pixels: int, factor: int) -> int:
 
 
 def patchify(image: torch.Tensor, patch: int, merge: int, temporal: int) -> torch.Tensor:
-    """(3, H, W) image -> (H/patch * W/patch, 3 * temporal * patch * patch) patch vectors, in merge x merge blocks
-    (row-major over blocks, then within a block), each patch repeated `temporal` times as one still frame."""
-    c, h, w = image.shape
-    gh, gw = h // patch, w // patch
-    x = image.reshape(c, gh // merge, merge, patch, gw // merge, merge, patch)
-    x = x.permute(1, 4, 2, 5, 0, 3, 6)  # (gh/m, gw/m, m, m, C, p, p)
-    x = x.unsqueeze(5).expand(*x.shape[:5], temporal, patch, patch)
-    return x.reshape(gh * gw, c * temporal * patch * patch)
+    """(3, H, W) image, or (F, 3, H, W) frames (F a multiple of `temporal`) -> (F/temporal * H/patch * W/patch,
+    3 * temporal * patch * patch) patch vectors, per temporal patch in merge x merge blocks (row-major over blocks,
+    then within a block); a still image is one temporal patch of `temporal` copies of itself."""
+    frames = image.unsqueeze(0).expand(temporal, *image.shape) if image.ndim == 3 else image
+    f, c, h, w = frames.shape
+    gt, gh, gw = f // temporal, h // patch, w // patch
+    x = frames.reshape(gt, temporal, c, gh // merge, merge, patch, gw // merge, merge, patch)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # (t, gh/m, gw/m, m, m, C, temporal, p, p)
+    return x.reshape(gt * gh * gw, c * temporal * patch * patch)
 
 
 class Qwen2VLVisionEncoder(ImageEncoder):
-    """Qwen2-VL's vision tower at dynamic resolution: an image's token count follows its size."""
+    """Qwen2-VL's vision tower at dynamic resolution: an image's token count follows its size (videos: and frames)."""
 
     name: ClassVar[str] = "qwen2_vl_vision"
+    modalities_in: ClassVar[tuple[str, ...]] = ("image", "video")
     Config: ClassVar[type[ComponentConfig]] = Qwen2VLVisionConfig
     library: ClassVar[str] = "transformers"
     out_dim_doc: ClassVar[str] = "the tower's embed_dim (Qwen2.5-VL: hidden_size)"
@@ -146,14 +156,21 @@ class Qwen2VLVisionEncoder(ImageEncoder):
     variable_tokens: ClassVar[bool] = True
     example_settings: ClassVar[dict[str, Any]] = {
         "config": {"depth": 2, "embed_dim": 32, "num_heads": 2, "hidden_size": 32, "mlp_ratio": 2},
-        "min_pixels": 28 * 28, "max_pixels": 56 * 28}
+        "min_pixels": 28 * 28, "max_pixels": 56 * 28, "video_frames": 2, "video_min_pixels": 28 * 28,
+        "video_max_pixels": 56 * 28}
 
     @classmethod
     def describe(cls, config: Qwen2VLVisionConfig, ctx: BuildContext) -> EncoderFacts:
         cfg = tower_config(config.config)
         blocks = most_blocks(config.min_pixels, config.max_pixels, cfg.patch_size * cfg.spatial_merge_size)
         most = blocks * cfg.spatial_merge_size ** 2
-        return EncoderFacts(out_dim=token_width(config.config, cfg), tokens_per_item=most)
+        video = {}
+        if config.video_frames is not None:
+            frame_blocks = most_blocks(config.video_min_pixels, config.video_max_pixels,
+                                       cfg.patch_size * cfg.spatial_merge_size)
+            video["video"] = -(-config.video_frames // cfg.temporal_patch_size) * frame_blocks * \
+                cfg.spatial_merge_size ** 2
+        return EncoderFacts(out_dim=token_width(config.config, cfg), tokens_per_item=most, tokens_by_modality=video)
 
     def __init__(self, config: Qwen2VLVisionConfig, ctx: BuildContext):
         import importlib
@@ -184,20 +201,42 @@ class Qwen2VLVisionEncoder(ImageEncoder):
         return smart_resize(height, width, factor, self.config.min_pixels, self.config.max_pixels)
 
     def preprocess(self, item: Any, modality: str) -> torch.Tensor:
-        image = load_image(item).convert("RGB")
-        h, w = self.target_size(image.height, image.width)
+        if modality == "video":
+            return self.frames(item)
+        return self.picture(load_image(item).convert("RGB"), self.target_size)
+
+    def frames(self, item: Any) -> torch.Tensor:
+        """One video -> (F, 3, H, W) normalised frames: `video_frames` sampled uniformly, each resized to the first's
+        target size within the video pixel budget, the last repeated up to whole temporal patches."""
+        from mmhub.encoders.video_encoder import load_frames
+
+        if self.config.video_frames is None:
+            raise InputError(f"the {self.name} encoder takes no video: set video_frames (frames per video item)")
+        frames = [load_image(f).convert("RGB") for f in load_frames(item, self.config.video_frames)]
+        first = frames[0]
+        size = smart_resize(first.height, first.width, self.patch * self.merge, self.config.video_min_pixels,
+                            self.config.video_max_pixels)
+        out = torch.stack([self.picture(f, lambda h, w: size) for f in frames])
+        if pad := -len(frames) % self.temporal:
+            out = torch.cat([out, out[-1:].expand(pad, *out.shape[1:])])
+        return out
+
+    def picture(self, image: Image.Image, target: Any) -> torch.Tensor:
+        """One RGB image -> (3, H, W) normalised at ``target(height, width)``."""
+        h, w = target(image.height, image.width)
         if (h, w) != (image.height, image.width):  # PIL's bicubic, as Qwen2-VL's PIL image processor resizes
             image = image.resize((w, h), Image.Resampling.BICUBIC)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
         return (pixels - self._mean) / self._std  # (3, H, W)
 
     def token_grid(self, item: torch.Tensor, modality: str = "image") -> tuple[int, int, int]:
-        """A preprocessed image's (t, h, w) patch grid: its tokens in `forward`'s order."""
-        _, h, w = item.shape
-        if h % (self.patch * self.merge) or w % (self.patch * self.merge):
-            raise ValueError(f"a {tuple(item.shape)} image is not in whole {self.patch * self.merge}-pixel blocks; "
-                             "pass images through this encoder's preprocess")
-        return 1, h // self.patch, w // self.patch
+        """A preprocessed image's or video's (t, h, w) patch grid: its tokens in `forward`'s order."""
+        h, w = item.shape[-2:]
+        frames = item.shape[0] if item.ndim == 4 else self.temporal
+        if h % (self.patch * self.merge) or w % (self.patch * self.merge) or frames % self.temporal:
+            raise ValueError(f"a {tuple(item.shape)} item is not in whole {self.patch * self.merge}-pixel blocks and "
+                             f"{self.temporal}-frame temporal patches; pass items through this encoder's preprocess")
+        return frames // self.temporal, h // self.patch, w // self.patch
 
     def forward(self, pixels: torch.Tensor | list[torch.Tensor], modality: str) -> torch.Tensor | list[torch.Tensor]:
         """(N, 3, H, W) images, or a list of (3, H_i, W_i) -> (N, T, embed_dim) tokens, or a list of (T_i, embed_dim)

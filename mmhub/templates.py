@@ -82,18 +82,21 @@ class MediaTemplate(Template):
     ``marker`` becomes ``around`` (Idefics3: ``<fake_token_around_image><global-img><image><fake_token_around_image>``),
     the bos token follows the last marker with ``bos_after_media`` (PaliGemma: images, bos, prompt; bos first when
     there is no marker), and ``sep`` starts a turn that does not open with a marker (Idefics3's "User: text" but
-    "User:<image>text")."""
+    "User:<image>text"). ``more_markers`` lays out other modalities' markers the same way (Qwen2-VL's video pad)."""
 
     marker: str = "<image>"
     around: str = "{marker}"
     bos_after_media: bool = False
     sep: str = ""
+    more_markers: tuple[str, ...] = ()
 
     def user_content(self, content: str, fill: dict[str, str]) -> str:
         lead = "" if content.startswith(self.marker) else self.sep
         if self.bos_after_media:
             at = content.rfind(self.marker) + len(self.marker) if self.marker in content else 0
             content = content[:at] + fill["bos"] + content[at:]
+        for other in self.more_markers:
+            content = content.replace(other, self.around.format(marker=other))
         return lead + content.replace(self.marker, self.around.format(marker=self.marker))
 
 
@@ -222,6 +225,7 @@ TEMPLATES: dict[str, Any] = {
                               user_fmt="<|im_start|>user\n{content}<|im_end|>\n",
                               assistant_prefix="<|im_start|>assistant\n", assistant_fmt="{content}<|im_end|>\n",
                               marker="<|image_pad|>", around="<|vision_start|>{marker}<|vision_end|>",
+                              more_markers=("<|video_pad|>",),
                               required_tokens=("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>"),
                               stop=("<|im_end|>", "{eos}"), needs=()),
     # Qwen-VL-Chat's prompt (chatml with its default system prompt): each image between its <img> and </img> tokens

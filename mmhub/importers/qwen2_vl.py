@@ -10,7 +10,9 @@ wrapped in ``<|vision_start|>``/``<|vision_end|>``), the placeholder ``<|image_p
 ``"<|image_pad|>What is this?"`` and mmhub expands the pad into the image's tokens as the family's processor does.
 
 Both key layouts load: transformers 5's (``model.visual.``, ``model.language_model.``, ``lm_head.``) and the one the
-published checkpoints use (``visual.``, ``model.``, ``lm_head.``). Video inputs are not imported (images only).
+published checkpoints use (``visual.``, ``model.``, ``lm_head.``). Qwen2-VL's videos come through the same tower (a
+shared encoder, ``video: image``) at a fixed frame count, placed as ``<|video_pad|>``; Qwen2.5-VL imports images only
+(its video positions follow the frame rate, which mmhub does not carry).
 Export (`mmhub.importers.qwen2_vl_export`) writes the family's folder back.
 """
 
@@ -26,6 +28,8 @@ from mmhub.importers.base import Checkpoint, Imported, Importer, ImportOptions
 META_KEYS = ("transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype", "output_attentions",
              "output_hidden_states", "return_dict", "id2label", "label2id", "problem_type", "chunk_size_feed_forward")
 PLACEHOLDER = "<|image_pad|>"
+VIDEO_PLACEHOLDER = "<|video_pad|>"
+VIDEO_FRAMES = 8  # frames per video item when the folder does not say (transformers' processor takes all it is given)
 WRAPPED = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
@@ -52,6 +56,33 @@ def image_settings(image_cfg: dict[str, Any], vision: Any, where: str) -> dict[s
     return out
 
 
+def video_settings(ckpt: Checkpoint, cfg: Any, tokenizer: Any, notes: list[str]) -> dict[str, Any] | None:
+    """The qwen2_vl_vision encoder's video settings from the folder's video processor config, or None (with a note)
+    when the folder's videos cannot be read as transformers reads them."""
+    video_cfg = ckpt.json("video_preprocessor_config.json") or (ckpt.json("processor_config.json") or {}).get(
+        "video_processor")
+    pad = getattr(tokenizer, "video_token", None) or VIDEO_PLACEHOLDER
+    why = None
+    if not isinstance(video_cfg, dict):
+        why = "the folder has no video processor config"
+    elif cfg.model_type != "qwen2_vl":
+        why = "Qwen2.5-VL spaces video positions by frame rate, which mmhub does not carry"
+    elif video_cfg.get("cap_pixels_per_frame"):
+        why = "its video processor caps pixels per frame by the whole video's budget, which mmhub does not"
+    elif tokenizer.convert_tokens_to_ids(pad) != getattr(cfg, "video_token_id", None):
+        why = f"the tokenizer's {pad} id is not config.video_token_id"
+    if why is not None:
+        notes.append(f"images only: {why}")
+        return None
+    size = video_cfg.get("size") if isinstance(video_cfg.get("size"), dict) else {}
+    frames = int(video_cfg.get("num_frames") or VIDEO_FRAMES)
+    notes.append(f"videos: {frames} frames sampled uniformly per item, placed as {pad}; the video merger starts as "
+                 "a copy of the image one (Qwen2-VL shares it)")
+    return {"video_frames": frames,
+            "video_min_pixels": int(video_cfg.get("min_pixels") or size.get("shortest_edge") or 128 * 28 * 28),
+            "video_max_pixels": int(video_cfg.get("max_pixels") or size.get("longest_edge") or 768 * 28 * 28)}
+
+
 def _template(ckpt: Checkpoint, tokenizer: Any, options: ImportOptions) -> str:
     if options.template is not None:
         return options.template
@@ -67,7 +98,8 @@ def _template(ckpt: Checkpoint, tokenizer: Any, options: ImportOptions) -> str:
 
 
 class Qwen2VLImporter(Importer):
-    """Qwen2-VL and Qwen2.5-VL (dynamic-resolution ViT, patch merger, Qwen2 with M-RoPE); images."""
+    """Qwen2-VL and Qwen2.5-VL (dynamic-resolution ViT, patch merger, Qwen2 with M-RoPE); images, and Qwen2-VL's
+    videos."""
 
     name: ClassVar[str] = "qwen2_vl"
     model_types: ClassVar[tuple[str, ...]] = ("qwen2_vl", "qwen2_5_vl")
@@ -114,18 +146,26 @@ class Qwen2VLImporter(Importer):
         vision_settings = _settings(vision)
         notes.append(f"images resized to multiples of {vision.patch_size * vision.spatial_merge_size} px; "
                      f"prompts place each image as {PLACEHOLDER}")
+        merger_settings = {"type": "patch_merger", "merge": vision.spatial_merge_size,
+                           "norm": "rmsnorm" if qwen25 else "layernorm"}
         spec = {
             "name": ckpt.folder.name,
             "description": f"imported from the transformers {cfg.model_type} folder {ckpt.folder}",
             "encoders": {"image": {"type": "qwen2_vl_vision", "config": vision_settings, "dtype": "float32",
                                    **image_settings(image_cfg, vision, where)}},
-            "projectors": {"image": {"type": "patch_merger", "merge": vision.spatial_merge_size,
-                                     "norm": "rmsnorm" if qwen25 else "layernorm"}},
+            "projectors": {"image": merger_settings},
             "backbone": {"type": "hf_causal_lm", "config": text_settings, "tokenizer": str(ckpt.folder),
                          "dtype": options.dtype},
             "template": _template(ckpt, tokenizer, options),
             "placeholders": {"image": placeholder},
         }
+        video = video_settings(ckpt, cfg, tokenizer, notes)
+        if video is not None:  # one tower for both (a shared encoder); the video merger a copy of the image one
+            spec["encoders"]["image"].update(video)
+            spec["encoders"]["video"] = "image"
+            spec["projectors"]["video"] = dict(merger_settings)
+            spec["placeholders"]["video"] = getattr(tokenizer, "video_token", None) or VIDEO_PLACEHOLDER
+            weights["projectors.video"] = {k: v.clone() for k, v in merger.items()}
         return Imported(spec=spec, weights=weights, notes=notes)
 
     def export(self, model: Any, out: Path) -> Path:

@@ -14,6 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mmhub.checkpoint import atomic_dir
 from mmhub.errors import ExportError
 
@@ -23,7 +25,8 @@ CHAT_TEMPLATE = (
     "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}"
     "{% for content in message['content'] %}{% if content['type'] == 'image' %}"
-    "<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' %}"
+    "<|vision_start|><|video_pad|><|vision_end|>{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
     "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>")
 # text model_type -> (family, transformers config / model class names, the merger's norm, vision config output width)
@@ -41,12 +44,21 @@ def _check(model: Any) -> None:
                         f"{', model_type ' + text.model_type if text is not None else ''}): Qwen2-VL's LLM is "
                         "hf_causal_lm over qwen2_vl_text (Qwen2.5-VL: qwen2_5_vl_text)")
     norm = FAMILIES[text.model_type][3] if text is not None and text.model_type in FAMILIES else "layernorm"
-    if set(model.encoders) != {"image"} or model.encoders["image"].name != "qwen2_vl_vision":
-        problems.append(f"encoders {', '.join(f'{m} ({e.name})' for m, e in model.encoders.items())}: Qwen2-VL has "
-                        "one qwen2_vl_vision image encoder")
+    encoders = model.encoders
+    if set(encoders) not in ({"image"}, {"image", "video"}) or encoders["image"].name != "qwen2_vl_vision" \
+            or ("video" in encoders and encoders["video"] is not encoders["image"]):
+        problems.append(f"encoders {', '.join(f'{m} ({e.name})' for m, e in encoders.items())}: Qwen2-VL has one "
+                        "qwen2_vl_vision encoder for images (and videos)")
     elif model.projectors["image"].name != "patch_merger" or model.projectors["image"].config.norm != norm:
         problems.append(f"projectors.image ({model.projectors['image'].name}): this family's merger is a {norm} "
                         "patch_merger")
+    elif "video" in encoders:
+        image, video = model.projectors["image"].state_dict(), model.projectors["video"].state_dict()
+        if image.keys() != video.keys() or not all(torch.equal(image[k], video[k]) for k in image):
+            problems.append("projectors.video: Qwen2-VL has one merger for images and videos, but the video "
+                            "projector's weights differ from the image one's (trained apart)")
+        if model.spec.placeholder("video") != "<|video_pad|>":
+            problems.append(f"placeholder {model.spec.placeholder('video')!r}: Qwen2-VL's video one is <|video_pad|>")
     if len(model.injectors) or len(model.generators):
         problems.append("injectors/generators: Qwen2-VL has none")
     if model.plan.template.name != "qwen2-vl":
@@ -100,7 +112,10 @@ def export_qwen2_vl(model: Any, out_dir: str | Path) -> Path:
     images = Qwen2VLImageProcessor(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels, image_mean=list(cfg.mean),
                                    image_std=list(cfg.std), patch_size=enc.patch, merge_size=enc.merge,
                                    temporal_patch_size=enc.temporal)
-    processor = Qwen2VLProcessor(image_processor=images, tokenizer=tok, video_processor=Qwen2VLVideoProcessor(),
+    videos = Qwen2VLVideoProcessor(size={"shortest_edge": cfg.video_min_pixels, "longest_edge": cfg.video_max_pixels},
+                                   image_mean=list(cfg.mean), image_std=list(cfg.std), patch_size=enc.patch,
+                                   merge_size=enc.merge, temporal_patch_size=enc.temporal)
+    processor = Qwen2VLProcessor(image_processor=images, tokenizer=tok, video_processor=videos,
                                  chat_template=CHAT_TEMPLATE)
     with atomic_dir(out) as tmp:
         hf.save_pretrained(str(tmp))

@@ -150,7 +150,8 @@ CHAT_TEMPLATE = (
     "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}"
     "{% for content in message['content'] %}{% if content['type'] == 'image' %}"
-    "<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' %}"
+    "<|vision_start|><|video_pad|><|vision_end|>{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
     "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
@@ -198,7 +199,9 @@ def qwen2_vl_folder(folder: Any, tied: bool = False, legacy_keys: bool = False, 
     perturb(model, 0.3)
     model.save_pretrained(str(folder))
     processor_cls(image_processor=Qwen2VLImageProcessor(**PIXELS), tokenizer=tok,
-                  video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE).save_pretrained(str(folder))
+                  video_processor=Qwen2VLVideoProcessor(size={"shortest_edge": PIXELS["min_pixels"],
+                                                              "longest_edge": PIXELS["max_pixels"]}),
+                  chat_template=CHAT_TEMPLATE).save_pretrained(str(folder))
     if legacy_keys:  # as Qwen/Qwen2-VL-2B-Instruct is published: its key names, config.json, preprocessor_config
         state = load_file(str(folder / "model.safetensors"))
         rename = {"model.visual.": "visual.", "model.language_model.": "model."}
@@ -237,10 +240,10 @@ def imported(request, tmp_path_factory) -> tuple[Any, Any, Any]:
 def listed(content: str) -> list[dict[str, str]]:
     """mmhub's prompt text (placeholders inline) as transformers' list content."""
     parts: list[dict[str, str]] = []
-    for i, piece in enumerate(content.split("<|image_pad|>")):
-        if i:
-            parts.append({"type": "image"})
-        if piece:
+    for piece in re.split(r"(<\|image_pad\|>|<\|video_pad\|>)", content):
+        if piece in ("<|image_pad|>", "<|video_pad|>"):
+            parts.append({"type": "image" if piece == "<|image_pad|>" else "video"})
+        elif piece:
             parts.append({"type": "text", "text": piece})
     return parts
 
@@ -313,6 +316,44 @@ def test_greedy_generation_equals_transformers(case: int, imported) -> None:
     MEASURED[f"{hf.config.model_type}-greedy-{case}-tokens-equal"] = float(len(want))
     assert want == theirs, (want, theirs)
     assert len(want) == 16, f"only {len(want)} tokens before a stop token; pick another prompt or seed"
+
+
+VIDEO = [picture(56, 84, seed=10 + i) for i in range(8)]  # 8 frames at a size no processor resamples
+VIDEO_CONVERSATION = [{"role": "user", "content": "Watch <|video_pad|> then look at <|image_pad|>. What changed?"},
+                      {"role": "assistant", "content": "The colours."}]
+
+
+def test_video_logits_and_greedy_generation_equal_transformers(imported) -> None:
+    """Qwen2-VL's videos: 8 frames -> 4 temporal patches through the shared tower, M-RoPE with a time axis, beside
+    an image in the same prompt: logits at every position and greedy tokens equal transformers'."""
+    model, hf, processor = imported
+    if hf.config.model_type != "qwen2_vl":
+        assert "video" not in model.encoders  # Qwen2.5-VL imports images only
+        return
+    media = {"image": IMAGES[0], "video": [VIDEO]}
+    text = processor.apply_chat_template(hf_messages(VIDEO_CONVERSATION), tokenize=False)
+    inputs = processor(images=IMAGES[0], videos=[VIDEO], text=[text], return_tensors="pt")
+    assert inputs["video_grid_thw"].tolist() == [[4, 4, 6]]
+    batch = model.batch([VIDEO_CONVERSATION], [media])
+    with torch.no_grad():
+        theirs = hf(**inputs).logits[0]
+        ours = model(**batch).logits[0]
+    diff = float((ours - theirs).abs().max())
+    MEASURED["qwen2_vl-video-logits"] = diff
+    assert ours.shape == theirs.shape and diff <= LOGIT_TOL, f"video logits differ by {diff}"
+    prompt = VIDEO_CONVERSATION[0]["content"]
+    text = processor.apply_chat_template([{"role": "user", "content": listed(prompt)}], add_generation_prompt=True,
+                                         tokenize=False)
+    inputs = processor(images=IMAGES[0], videos=[VIDEO], text=[text], return_tensors="pt")
+    ours_in = model.batch([prompt], [media], add_generation_prompt=True, padding_side="left")
+    stops = model.stop_token_ids()
+    with torch.no_grad():
+        gen = hf.generate(**inputs, max_new_tokens=16, do_sample=False, eos_token_id=stops,
+                          suppress_tokens=[IMAGE_ID, IDS["<|video_pad|>"]], pad_token_id=0)
+    theirs_ids = gen[0, inputs["input_ids"].shape[1]:].tolist()
+    theirs_ids = theirs_ids[:next((i for i, t in enumerate(theirs_ids) if t in stops), len(theirs_ids))]
+    want = model.generate_ids(ours_in["input_ids"], ours_in["attention_mask"], ours_in["media"], max_new_tokens=16)[0]
+    assert want == theirs_ids and len(want) == 16, (want, theirs_ids)
 
 
 def test_the_budget_counts_the_largest_image(imported) -> None:
@@ -408,6 +449,13 @@ def test_export_reloads_in_transformers_with_identical_logits(imported, tmp_path
     with torch.no_grad():
         diff = float((hf(**inputs).logits - back(**again).logits).abs().max())
     MEASURED[f"{hf.config.model_type}-export-reload-logits"] = diff
+    if "video" in model.encoders:  # the exported video processor reads videos as the original does
+        text = processor.apply_chat_template(hf_messages(VIDEO_CONVERSATION), tokenize=False)
+        one, two = (p(images=IMAGES[0], videos=[VIDEO], text=[text], return_tensors="pt")
+                    for p in (processor, back_processor))
+        assert torch.equal(one["input_ids"], two["input_ids"])
+        assert torch.equal(one["video_grid_thw"], two["video_grid_thw"])
+        assert float((one["pixel_values_videos"] - two["pixel_values_videos"]).abs().max()) < 1e-6
     assert diff <= 1e-5, f"exported model's logits differ by {diff}"
 
 
@@ -425,7 +473,7 @@ def test_transformers_generate_fallback_is_refused_with_images(imported) -> None
 CLIP = {"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
         "num_attention_heads": 2, "image_size": 32, "patch_size": 8}
 LLAMA = {"model_type": "llama", "hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2,
-         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300, "max_position_embeddings": 256}
+         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300, "max_position_embeddings": 512}
 
 
 @pytest.mark.parametrize("swap", ["llm", "tower"])
@@ -441,9 +489,10 @@ def test_swap_a_part_and_train_a_step(swap: str, imported, tmp_path) -> None:
     if swap == "llm":
         spec["backbone"] = {"type": "hf_causal_lm", "tokenizer": "byte", "config": LLAMA}
         spec["template"] = "chatml"
-    else:
-        spec["encoders"]["image"] = {"type": "hf_vision", "config": CLIP}
-        spec["projectors"]["image"] = {"type": "mlp", "depth": 2}
+    else:  # CLIP reads images only: the video slot goes
+        spec["encoders"] = {"image": {"type": "hf_vision", "config": CLIP}}
+        spec["projectors"] = {"image": {"type": "mlp", "depth": 2}}
+        spec["placeholders"] = {"image": spec["placeholders"]["image"]}
     model = build(spec)
     kept = model.encoders if swap == "llm" else model.backbone
     kept.load_state_dict((model0.encoders if swap == "llm" else model0.backbone).state_dict())
