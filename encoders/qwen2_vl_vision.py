@@ -54,6 +54,8 @@ class Qwen2VLVisionConfig(ComponentConfig):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     video_frames: int | None = Field(None, ge=1, description="frames sampled uniformly from each video item (rounded "
                                      "up to whole temporal patches by repeating the last); None: no video")
+    video_fps: float | None = Field(None, gt=0, description="frames taken at this rate along the video's timeline "
+                                    "first (an item {frames, fps} states its own rate), then video_frames of them")
     video_min_pixels: int = Field(128 * 28 * 28, ge=1, description="a video frame's pixel budget, as min_pixels")
     video_max_pixels: int = Field(768 * 28 * 28, ge=1, description="a video frame's pixel budget, as max_pixels")
 
@@ -206,13 +208,15 @@ class Qwen2VLVisionEncoder(ImageEncoder):
         return self.picture(load_image(item).convert("RGB"), self.target_size)
 
     def frames(self, item: Any) -> torch.Tensor:
-        """One video -> (F, 3, H, W) normalised frames: `video_frames` sampled uniformly, each resized to the first's
-        target size within the video pixel budget, the last repeated up to whole temporal patches."""
+        """One video -> (F, 3, H, W) normalised frames: `video_frames` sampled uniformly (at `video_fps` along its
+        timeline first, when set), each resized to the first's target size within the video pixel budget, the last
+        repeated up to whole temporal patches."""
         from mmhub.encoders.video_encoder import load_frames
 
         if self.config.video_frames is None:
             raise InputError(f"the {self.name} encoder takes no video: set video_frames (frames per video item)")
-        frames = [load_image(f).convert("RGB") for f in load_frames(item, self.config.video_frames)]
+        frames = [load_image(f).convert("RGB")
+                  for f in load_frames(item, self.config.video_frames, fps=self.config.video_fps)]
         first = frames[0]
         size = smart_resize(first.height, first.width, self.patch * self.merge, self.config.video_min_pixels,
                             self.config.video_max_pixels)

@@ -356,6 +356,29 @@ def test_video_logits_and_greedy_generation_equal_transformers(imported) -> None
     assert want == theirs_ids and len(want) == 16, (want, theirs_ids)
 
 
+def test_video_frame_sampling_controls() -> None:
+    """video_frames samples uniformly; video_fps takes frames at that rate along the timeline first (a {frames, fps}
+    item states its own rate); the frame count rounds up to whole temporal patches; no video_frames, no video."""
+    from mmhub.errors import MMHubError
+
+    ctx = BuildContext(resolve=lambda uri: uri)
+
+    def encoder(**video: Any) -> Qwen2VLVisionEncoder:
+        return Qwen2VLVisionEncoder(Qwen2VLVisionEncoder.Config.model_validate(
+            {"config": VISION, **PIXELS, "video_min_pixels": 784, "video_max_pixels": 28 * 28 * 12, **video}), ctx)
+
+    clip = [picture(28, 56, seed=i) for i in range(12)]
+    out = encoder(video_frames=3).preprocess(clip, "video")
+    assert out.shape == (4, 3, 28, 56) and torch.equal(out[3], out[2])  # 3 frames, the last repeated
+    picked = encoder(video_frames=4).preprocess(clip, "video")
+    assert torch.equal(picked[0], encoder(video_frames=1).preprocess(clip[1:2], "video")[0])  # centres of 4 segments
+    slow = encoder(video_frames=2, video_fps=1.0).preprocess({"frames": clip, "fps": 4.0}, "video")
+    fast = encoder(video_frames=2).preprocess(clip, "video")
+    assert not torch.equal(slow, fast)  # 1 frame/s of a 4 frames/s clip: 3 frames, then 2 of them
+    with pytest.raises(MMHubError, match="video_frames"):
+        encoder().preprocess(clip, "video")
+
+
 def test_the_budget_counts_the_largest_image(imported) -> None:
     """Before anything runs, the plan counts an image at the most tokens any image can take (the pixel budget in
     28x28 merge blocks, or more: a very oblong image keeps one block across); large and oblong images stay within."""
