@@ -31,6 +31,14 @@ FEATURE_TOL = 1e-5
 MEASURED: dict[str, float] = {}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def report_measured() -> Any:
+    """After this module's tests: what they measured (seen with pytest -s)."""
+    yield
+    if MEASURED:
+        print("\nqwen2_vl measured:", {k: f"{v:.2e}" for k, v in MEASURED.items()})
+
+
 def picture(height: int, width: int, seed: int) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
@@ -538,8 +546,3 @@ def test_swap_a_part_and_train_a_step(swap: str, imported, tmp_path) -> None:
     blocking = "backbone (hf_causal_lm, model_type llama)" if swap == "llm" else "encoders image (hf_vision)"
     with pytest.raises(ExportError, match=re.escape(blocking)):
         Qwen2VLImporter().export(model, tmp_path / "refused")
-
-
-def test_report_measured_differences() -> None:
-    """Prints what the tests above measured (pytest -s); runs last in this module."""
-    print("\nqwen2_vl measured:", {k: f"{v:.2e}" for k, v in MEASURED.items()})
