@@ -490,6 +490,18 @@ def test_export_reloads_in_transformers_with_identical_logits(imported, tmp_path
     assert diff <= 1e-5, f"exported model's logits differ by {diff}"
 
 
+def test_packed_rows_are_refused_with_grid_positions(imported) -> None:
+    """M-RoPE positions do not restart per packed sample: packed rows are refused by name, not mispositioned."""
+    from mmhub.errors import MMHubError
+    from mmhub.packing import collate_packed
+
+    model = imported[0]
+    samples = [model.processor.encode(c, {"image": ims}) for c, ims in zip(CONVERSATIONS, IMAGES, strict=True)]
+    batch = collate_packed(model.processor, samples, [[0, 1]])
+    with pytest.raises(MMHubError, match="M-RoPE"):
+        model(**batch)
+
+
 def test_transformers_generate_fallback_is_refused_with_images(imported) -> None:
     """transformers' generate would give the media tokens text positions: settings that need it are refused."""
     from mmhub.errors import MMHubError
