@@ -153,12 +153,12 @@ def convert_qwen_vl(state_dict: Mapping[str, torch.Tensor], config: Mapping[str,
     return Imported(spec=spec, weights=weights, notes=notes)
 
 
-def _check_image_tokens(ckpt: Checkpoint) -> None:
+def _check_image_tokens(ckpt: Checkpoint, tokenizer: Any) -> None:
     """The tokenizer's <img> and </img> must be the ids the model's visual config names (image_start_id, + 1)."""
     start = (ckpt.config.get("visual") or {}).get("image_start_id")
     if start is None:
         return
-    ids = ckpt.tokenizer().convert_tokens_to_ids(["<img>", "</img>"])
+    ids = tokenizer.convert_tokens_to_ids(["<img>", "</img>"])
     if ids != [start, start + 1]:
         raise CheckpointError(f"{ckpt.folder}: the tokenizer gives <img>, </img> the ids {ids}, but config.json's "
                               f"visual.image_start_id says {[start, start + 1]}; the tokenizer is not this model's")
@@ -178,16 +178,34 @@ class QwenVLImporter(Importer):
         if "visual" not in ckpt.config:
             raise CheckpointError(f"{ckpt.folder}: a model_type 'qwen' folder without a visual config is the "
                                   f"text-only Qwen; mmhub imports Qwen-VL (config.json with 'visual')")
-        if not (ckpt.folder / "tokenizer.json").is_file() and not options.trust_remote_code:
-            raise CheckpointError(f"{ckpt.folder}: Qwen-VL's tokenizer is the checkpoint's own Python "
-                                  f"(tokenization_qwen.py over qwen.tiktoken); the model converts without running "
-                                  f"any of its code, but the tokenizer cannot. Read tokenization_qwen.py and pass "
-                                  f"trust_remote_code=True (--trust-remote-code) to let it load, or put a "
-                                  f"transformers tokenizer.json with the same vocabulary in the folder")
-        if (ckpt.folder / "tokenizer.json").is_file():
-            _check_image_tokens(ckpt)
-        imported = convert_qwen_vl(ckpt.take(""), ckpt.config, tokenizer=str(ckpt.folder),
+        tokenizer, note = self._tokenizer(ckpt, options)
+        imported = convert_qwen_vl(ckpt.take(""), ckpt.config, tokenizer=tokenizer,
                                    template=options.template or "qwen-vl", dtype=options.dtype,
                                    where=str(ckpt.folder))
         imported.spec["name"] = ckpt.folder.name
+        imported.notes += [note] if note else []
         return imported
+
+    @staticmethod
+    def _tokenizer(ckpt: Checkpoint, options: ImportOptions) -> tuple[str, str | None]:
+        """The backbone's tokenizer: the folder's tokenizer.json; else its qwen.tiktoken converted without its code;
+        else (only with trust_remote_code) the folder's own tokenizer code."""
+        if (ckpt.folder / "tokenizer.json").is_file():
+            _check_image_tokens(ckpt, ckpt.tokenizer())
+            return str(ckpt.folder), None
+        rank_file = ckpt.folder / "qwen.tiktoken"
+        if rank_file.is_file():
+            from transformers import AutoTokenizer
+
+            from mmhub.importers.convert_qwen_tiktoken import qwen_tokenizer_folder
+
+            folder = qwen_tokenizer_folder(rank_file)
+            _check_image_tokens(ckpt, AutoTokenizer.from_pretrained(str(folder), local_files_only=True))
+            return str(folder), (f"the tokenizer is qwen.tiktoken converted to a transformers tokenizer ({folder}); "
+                                 f"tokenization_qwen.py did not run")
+        if not options.trust_remote_code:
+            raise CheckpointError(f"{ckpt.folder}: no tokenizer.json and no qwen.tiktoken; Qwen-VL's tokenizer is "
+                                  f"then only the checkpoint's own Python (tokenization_qwen.py). Read it and pass "
+                                  f"trust_remote_code=True (--trust-remote-code) to let it load, or put qwen.tiktoken "
+                                  f"or a transformers tokenizer.json in the folder")
+        return str(ckpt.folder), "the tokenizer is the folder's own code (trust_remote_code)"
