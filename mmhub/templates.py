@@ -113,6 +113,19 @@ class LeadingMediaTemplate(MediaTemplate):
 
 
 @dataclass(frozen=True)
+class NumberedMediaTemplate(MediaTemplate):
+    """A `MediaTemplate` whose ``around`` numbers the turn's media items from 1 (``{n}``): Qwen-VL's
+    "Picture {n}: <img>...</img>" lines."""
+
+    def user_content(self, content: str, fill: dict[str, str]) -> str:
+        pieces = content.split(self.marker)
+        out = pieces[0]
+        for n, rest in enumerate(pieces[1:], 1):
+            out += self.around.format(marker=self.marker, n=n) + rest
+        return out
+
+
+@dataclass(frozen=True)
 class SharedEdgeTemplate(MediaTemplate):
     """A `MediaTemplate` laying a user turn out as IDEFICS's processor lays out its prompt list: the text split at
     the markers, each piece stripped of spaces at its ends, each item between two ``edge`` tokens, an item right
@@ -229,13 +242,14 @@ TEMPLATES: dict[str, Any] = {
                               required_tokens=("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>"),
                               stop=("<|im_end|>", "{eos}"), needs=()),
     # Qwen-VL-Chat's prompt (chatml with its default system prompt): each image between its <img> and </img> tokens
-    "qwen-vl": MediaTemplate(name="qwen-vl", add_bos=False, system="You are a helpful assistant.",
-                             system_fmt="<|im_start|>system\n{system}<|im_end|>\n",
-                             user_fmt="<|im_start|>user\n{content}<|im_end|>\n",
-                             assistant_prefix="<|im_start|>assistant\n", assistant_fmt="{content}<|im_end|>\n",
-                             around="<img>{marker}</img>\n",
-                             required_tokens=("<|im_start|>", "<|im_end|>", "<img>", "</img>"),
-                             stop=("<|im_end|>", "{eos}"), needs=()),
+    # (its tokenizer's from_list_format: "Picture {n}: <img>...</img>\n" per image, numbered within the turn)
+    "qwen-vl": NumberedMediaTemplate(name="qwen-vl", add_bos=False, system="You are a helpful assistant.",
+                                     system_fmt="<|im_start|>system\n{system}<|im_end|>\n",
+                                     user_fmt="<|im_start|>user\n{content}<|im_end|>\n",
+                                     assistant_prefix="<|im_start|>assistant\n",
+                                     assistant_fmt="{content}<|im_end|>\n", around="Picture {n}: <img>{marker}</img>\n",
+                                     required_tokens=("<|im_start|>", "<|im_end|>", "<img>", "</img>"),
+                                     stop=("<|im_end|>", "{eos}"), needs=()),
     # mPLUG-Owl's prompt (its README): the system line, each image on a "Human: <image>" line of its own, "AI: "
     "mplug-owl": MediaTemplate(name="mplug-owl", system="The following is a conversation between a curious human and "
                                "AI assistant. The assistant gives helpful, detailed, and polite answers to the user's "
@@ -252,6 +266,9 @@ TEMPLATES: dict[str, Any] = {
     # end with "\n"
     "cogvlm": LeadingMediaTemplate(name="cogvlm", user_fmt="{content} Answer:", lead="Question: ",
                                    assistant_fmt=" {content}{eos}\n", needs=("bos", "eos")),
+    # CogVLM's base models (template_version "base"): bos, the image tokens, the query as it is
+    "cogvlm-base": LeadingMediaTemplate(name="cogvlm-base", user_fmt="{content}", assistant_fmt="{content}{eos}",
+                                        needs=("bos", "eos")),
     # IDEFICS's processor: bos, then the prompt pieces with each image as <fake><image><fake> (no chat format)
     "idefics": SharedEdgeTemplate(name="idefics", user_fmt="{content}", assistant_fmt="{content}{eos}",
                                   edge="<fake_token_around_image>", required_tokens=("<fake_token_around_image>",),

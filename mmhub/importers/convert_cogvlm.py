@@ -176,7 +176,9 @@ class CogVLMImporter(Importer):
     def convert(self, ckpt: Checkpoint, options: ImportOptions) -> Imported:
         state = ckpt.take("")
         tokenizer = str(ckpt.folder) if _has_tokenizer(ckpt) else TOKENIZER_FALLBACK
-        imported = convert_cogvlm(state, ckpt.config, tokenizer=tokenizer, template=options.template or "cogvlm",
+        base = ckpt.config.get("template_version") == "base"
+        template = options.template or ("cogvlm-base" if base else "cogvlm")
+        imported = convert_cogvlm(state, ckpt.config, tokenizer=tokenizer, template=template,
                                   dtype=options.dtype, where=str(ckpt.folder))
         imported.spec["name"] = ckpt.folder.name
         if tokenizer == TOKENIZER_FALLBACK:

@@ -13,8 +13,9 @@ imports that code. Key layout (the authors' module structure):
   ``transformer.ln_f``, ``lm_head`` -> a Qwen2 ``hf_causal_lm`` (``c_attn`` split into q/k/v with their biases;
   Qwen's MLP ``c_proj(w1(x) * silu(w2(x)))`` is Qwen2's ``down(up(x) * silu(gate(x)))`` with up = w1, gate = w2).
 
-Each image is ``<img>``, its 256 resampler tokens, ``</img>`` (template ``qwen-vl``), as the authors' forward writes
-the image features between the two marker tokens. Qwen-7B's ``use_logn_attn`` and ``use_dynamic_ntk`` change nothing
+Each image is ``Picture N: <img>``, its 256 resampler tokens, ``</img>`` and a newline (template ``qwen-vl``, as the
+tokenizer's ``from_list_format`` writes it), the authors' forward putting the image features between the two markers.
+Qwen-7B's ``use_logn_attn`` and ``use_dynamic_ntk`` change nothing
 up to ``seq_length`` (2048) tokens; beyond it the converted model keeps plain RoPE (stated in the notes).
 """
 
@@ -144,9 +145,7 @@ def convert_qwen_vl(state_dict: Mapping[str, torch.Tensor], config: Mapping[str,
         "template": template,
     }
     notes = [f"Qwen's use_logn_attn / use_dynamic_ntk act only past seq_length ({config.get('seq_length', 2048)} "
-             f"tokens); the converted Qwen2 keeps plain RoPE and attention there",
-             "the template writes each image as <img>, its tokens, </img>; Qwen-VL's 'Picture N: ' prefix is text the "
-             "prompt itself should carry"]
+             f"tokens); the converted Qwen2 keeps plain RoPE and attention there"]
     if dropped:
         notes.append(f"{len(dropped)} rotary inv_freq buffer(s) recomputed, not loaded")
     weights = {"encoders.image": tower, "projectors.image": pool, "backbone.model": lm}

@@ -230,6 +230,7 @@ def test_a_cogvlm_folder_imports_without_running_its_code_and_matches_the_author
     ids = batch["input_ids"][0].tolist()
     pid = model.processor.placeholder_ids["image"]
     assert ids[0] == CONFIG["bos_token_id"] and ids[1] == pid  # bos, the image, then "Question: ... Answer:"
+    assert model.tokenizer.decode(ids[2:]) == "Question: What is here? Answer: A dog.</s>\n"
     with torch.no_grad():
         ours = model(**batch).logits[0]
         assert ours.shape == (len(ids) - 1 + grid + 2, CONFIG["vocab_size"])
@@ -304,3 +305,13 @@ def test_the_saved_import_reloads_on_its_own_with_equal_logits(tmp_path: Path) -
     with torch.no_grad():
         assert torch.equal(model(**model.batch([conv], [{"image": [image]}])).logits,
                            back(**back.batch([conv], [{"image": [image]}])).logits)
+
+
+def test_a_base_checkpoint_gets_the_base_prompt(tmp_path: Path) -> None:
+    folder, _ = cogvlm_folder(tmp_path, cfg={**CONFIG, "template_version": "base"})
+    model = import_checkpoint(folder)
+    mark = model.spec.placeholder("image")
+    batch = model.batch([[{"role": "user", "content": f"A photo of{mark}"}]], [{"image": [Image.new("RGB", (9, 9))]}])
+    ids = batch["input_ids"][0].tolist()
+    assert model.spec.template == "cogvlm-base" and ids[1] == model.processor.placeholder_ids["image"]
+    assert model.tokenizer.decode(ids[2:]) == "A photo of"

@@ -223,6 +223,8 @@ def test_a_qwen_vl_folder_imports_without_running_its_code_and_matches_the_autho
     at = ids.index(pid)
     img, end = model.tokenizer.convert_tokens_to_ids(["<img>", "</img>"])
     assert ids[at - 1] == img == VISUAL["image_start_id"] and ids[at + 1] == end
+    text = model.tokenizer.decode([t for t in ids if t != pid])
+    assert "<|im_start|>user\nPicture 1: <img></img>\nWhat is here?<|im_end|>" in text, text
     with torch.no_grad():
         ours = model(**batch).logits[0]
         assert ours.shape == (len(ids) - 1 + QUERIES, CONFIG["vocab_size"])
