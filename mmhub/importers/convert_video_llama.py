@@ -129,5 +129,6 @@ def convert_video_llama(state_dict: Mapping[str, torch.Tensor], config: Mapping[
     if frames > 1:
         notes.append(f"Video-LLaMA encodes an image as a 1-frame clip; this spec reads {frames}-frame clips (a still "
                      f"image would be repeated to {frames} frames, which Video-LLaMA does not do): convert again with "
-                     f"config frames: 1 for its image path over the same weights")
+                     f"config frames: 1 for its image path over the same weights, and give each image as a one-frame "
+                     f"clip ([image])")
     return Imported(spec=spec, weights=weights, notes=notes)

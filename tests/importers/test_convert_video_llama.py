@@ -166,3 +166,20 @@ def test_an_unknown_key_is_named() -> None:
     state = {**video_llama_state(), "video_Qformer.adapter.weight": torch.zeros(2)}
     with pytest.raises(CheckpointError, match=r"1 key\(s\) with no place in mmhub \(video_Qformer.adapter.weight\)"):
         convert_video_llama(state, SETTINGS, text_config=LLAMA)
+
+
+def test_the_image_path_is_the_same_weights_read_as_one_frame_clips() -> None:
+    """Video-LLaMA encodes an image as a 1-frame clip: converted with frames 1, a still image's tokens equal
+    encode_videoQformer_visual on that single frame (frame position 0 only)."""
+    state = video_llama_state(seed=4)
+    imported = convert_video_llama(state, {**SETTINGS, "frames": 1}, text_config=LLAMA)
+    model = build(imported.spec)
+    apply_imported(model, imported, "Video-LLaMA state dict")
+    model.eval()
+    video = model.encoders["video"]
+    still = Image.fromarray(np.random.default_rng(5).integers(0, 256, (36, 30, 3), dtype=np.uint8))
+    pixels = torch.stack([video.preprocess([still], "video")])  # a one-frame clip: (1, 1, 3, H, W)
+    with torch.no_grad():
+        ours = model.projectors["video"](video(pixels, "video"))
+        theirs = reference_video_tokens(state, pixels[0])
+    assert pixels.shape[1] == 1 and float((ours - theirs).abs().max()) <= 1e-5
