@@ -130,7 +130,7 @@ def build_manifest(model: Any, saved: str, n_tensors: int) -> SavedManifest:
         weights={uri: WeightRecord(path=str(p), sha256=sha256_path(p))
                  for uri, p in model.plan.ctx.weight_files.items()},
         saved=saved, tensors=n_tensors, trained=list(model.spec.trained), adapters=dict(model.spec.adapters),
-        components=component_origins(model.plan))
+        components=component_origins(model.plan), imported_from=getattr(model, "imported_from", None))
 
 
 def layered_base(model: Any, full: bool) -> Path | None:

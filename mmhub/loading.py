@@ -98,6 +98,8 @@ def load_folder(path: str | Path, registry: Registry | None = None, verify: bool
     if verify:
         verify_sources(plan.ctx.weight_files, manifest)
     apply_weights(model, path, manifest, allow_nonfinite=allow_nonfinite)
+    if manifest.imported_from is not None:  # the family it was imported from, for `mmhub export`
+        model.imported_from = dict(manifest.imported_from)
     model.eval()
     return model
 

@@ -490,6 +490,27 @@ def test_export_reloads_in_transformers_with_identical_logits(imported, tmp_path
     assert diff <= 1e-5, f"exported model's logits differ by {diff}"
 
 
+def test_cli_import_then_export_of_the_saved_folder(tmp_path, capsys) -> None:
+    """`mmhub import FOLDER OUT` then `mmhub export OUT BACK --format hf`: the saved folder remembers the family it
+    was imported from, so the export writes a Qwen2-VL folder transformers loads with the original's logits."""
+    from transformers import AutoProcessor
+
+    from mmhub.cli import main
+
+    folder = qwen2_vl_folder(tmp_path / "ckpt")
+    assert main(["import", str(folder), str(tmp_path / "mm")]) == 0
+    assert main(["export", str(tmp_path / "mm"), str(tmp_path / "back"), "--format", "hf",
+                 "--allow-path", str(folder)]) == 0
+    assert "transformers qwen2_vl folder" in capsys.readouterr().out
+    config_cls, model_cls, _ = hf_classes("qwen2_vl")
+    original, back = (model_cls.from_pretrained(str(f)).eval() for f in (folder, tmp_path / "back"))
+    processor = AutoProcessor.from_pretrained(str(folder))
+    text = processor.apply_chat_template(hf_messages(CONVERSATIONS[1]), tokenize=False)
+    inputs = processor(images=IMAGES[1], text=[text], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(original(**inputs).logits, back(**inputs).logits)
+
+
 def test_packed_rows_are_refused_with_grid_positions(imported) -> None:
     """M-RoPE positions do not restart per packed sample: packed rows are refused by name, not mispositioned."""
     from mmhub.errors import MMHubError
