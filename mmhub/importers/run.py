@@ -124,7 +124,7 @@ def import_checkpoint(folder: str | Path, *, template: str | None = None, dtype:
         raise CheckpointError(f"{ckpt.folder}: the {importer.name} importer's spec does not build: {exc}") from None
     apply_imported(model, imported, str(ckpt.folder))
     model.import_notes = [*imported.notes, *(f"ignored {p}: {r}" for p, r in ckpt.ignored.items())]
-    model.imported_from = {"folder": str(ckpt.folder), "importer": importer.name, "model_type": ckpt.model_type}
+    model.imported_from = {"folder": str(ckpt.folder), "importer": importer.name, "model_type": ckpt.model_type or ""}
     model.eval()
     return model
 
