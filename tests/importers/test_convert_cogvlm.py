@@ -315,3 +315,18 @@ def test_a_base_checkpoint_gets_the_base_prompt(tmp_path: Path) -> None:
     ids = batch["input_ids"][0].tolist()
     assert model.spec.template == "cogvlm-base" and ids[1] == model.processor.placeholder_ids["image"]
     assert model.tokenizer.decode(ids[2:]) == "A photo of"
+
+
+def test_batched_left_padded_generation_equals_one_by_one(tmp_path: Path) -> None:
+    """CogVLM's positions under left padding: a batch of prompts of different lengths generates what each prompt
+    generates alone."""
+    folder, _ = cogvlm_folder(tmp_path, seed=3)
+    model = import_checkpoint(folder)
+    mark = model.spec.placeholder("image")
+    rng = torch.Generator().manual_seed(0)
+    images = [Image.fromarray((torch.rand(28, 40, 3, generator=rng) * 255).to(torch.uint8).numpy()) for _ in range(2)]
+    prompts = [f"{mark}Describe this picture in detail, please.", f"{mark}What?"]
+    media = [{"image": [im]} for im in images]
+    batched = [r.token_ids for r in model.generate(prompts, media, max_new_tokens=8)]
+    single = [model.generate([p], [m], max_new_tokens=8)[0].token_ids for p, m in zip(prompts, media, strict=True)]
+    assert batched == single and any(len(r) > 2 for r in single), (batched, single)

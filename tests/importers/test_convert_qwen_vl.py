@@ -338,3 +338,15 @@ def test_a_tokenizer_whose_image_markers_are_not_the_models_is_refused(tmp_path:
     folder, _ = qwen_vl_folder(tmp_path, cfg=cfg)
     with pytest.raises(CheckpointError, match=r"<img>, </img> the ids \[261, 262\], but .* says \[270, 271\]"):
         import_checkpoint(folder)
+
+
+def test_the_template_numbers_the_pictures_of_a_turn(tmp_path: Path) -> None:
+    folder, _ = qwen_vl_folder(tmp_path)
+    model = import_checkpoint(folder)
+    mark, pid = model.spec.placeholder("image"), model.processor.placeholder_ids["image"]
+    image = Image.new("RGB", (20, 20), (10, 200, 30))
+    batch = model.batch([[{"role": "user", "content": f"{mark}{mark}Compare them."}]], [{"image": [image, image]}],
+                        add_generation_prompt=True)
+    text = model.tokenizer.decode([t for t in batch["input_ids"][0].tolist() if t != pid])
+    assert "user\nPicture 1: <img></img>\nPicture 2: <img></img>\nCompare them.<|im_end|>\n<|im_start|>assistant\n" \
+        in text, text
