@@ -262,6 +262,10 @@ TEMPLATES: dict[str, Any] = {
                                   bos_after_media=True, needs=("bos", "eos")),
     "blip-2-t5": PrefixMediaTemplate(name="blip-2-t5", add_bos=False, user_fmt="{content}{eos}",
                                      assistant_fmt="{content}{eos}", needs=("eos",)),
+    # Video-LLaMA's demo conversation (Vicuna): "###Human: <Video>{tokens}</Video> {question}###Assistant:"
+    "video-llama": MediaTemplate(name="video-llama", marker="<video>", around="<Video>{marker}</Video> ",
+                                 user_fmt="###Human: {content}", assistant_prefix="###Assistant:",
+                                 assistant_fmt=" {content}", stop=("###", "{eos}"), needs=("bos",)),
     # CogVLM's chat prompt (template_version "chat"): bos, the image tokens, "Question: {q} Answer:"; history turns
     # end with "\n"
     "cogvlm": LeadingMediaTemplate(name="cogvlm", user_fmt="{content} Answer:", lead="Question: ",

@@ -67,7 +67,7 @@ def _qformer_shape(q: Mapping[str, torch.Tensor], what: str) -> tuple[int, int]:
 
 def convert_video_llama(state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any] | None = None, *,
                         backbone: dict[str, Any] | None = None, text_config: dict[str, Any] | None = None,
-                        drop_audio: bool = False, template: str = "vicuna_v1") -> Imported:
+                        drop_audio: bool = False, template: str = "video-llama") -> Imported:
     """A Video-LLaMA state dict (its own key names) -> the mmhub spec and weight map. `config` holds the settings a
     state dict cannot tell: ``frames`` (8), ``vision_heads`` (16), ``qformer_heads`` (12). Every key must be placed,
     dropped as unused or (the audio branch, with `drop_audio`) dropped on request; any other is an error naming it."""

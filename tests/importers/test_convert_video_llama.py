@@ -152,6 +152,10 @@ def test_video_llama_keys_all_placed_and_the_video_tokens_equal_encode_video_qfo
     with torch.no_grad():
         logits = model(**batch).logits
     assert logits.shape == (1, batch["input_ids"].shape[1] - 1 + VQ, LLAMA["vocab_size"])
+    pid = model.processor.placeholder_ids["video"]
+    ids = [t for t in batch["input_ids"][0].tolist() if t != pid]
+    # the demo's prompt: bos, "###Human: <Video>", the video tokens, "</Video> What happens?###Assistant:", the answer
+    assert model.tokenizer.decode(ids[1:]) == "###Human: <Video></Video> What happens?###Assistant: x"
 
 
 def test_the_audio_branch_is_named_and_refused_unless_dropped() -> None:
