@@ -193,6 +193,12 @@ def ref_logits(sd: dict[str, torch.Tensor], cfg: dict, ids: list[int], placehold
     return F.linear(rms(x, sd["transformer.ln_f.weight"]), sd["lm_head.weight"])[0]
 
 
+@pytest.fixture(autouse=True)
+def _seeded() -> None:
+    """The test pictures are random: the same ones every run, so the recorded differences repeat."""
+    torch.manual_seed(0)
+
+
 # --- tests -----------------------------------------------------------------------------------------------------------
 
 def test_the_resampler_table_is_maes_sincos_and_the_key_table_is_what_the_converter_places() -> None:
