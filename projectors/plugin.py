@@ -10,8 +10,8 @@ from mmhub.projectors.mlp import MLPProjector
 from mmhub.projectors.output import OUTPUT_PROJECTORS
 from mmhub.projectors.patch_merger import PatchMergerProjector
 from mmhub.projectors.perceiver import PerceiverProjector
-from mmhub.projectors.pixel_shuffle import PixelShuffleProjector
 from mmhub.projectors.pformer import PFormerProjector
+from mmhub.projectors.pixel_shuffle import PixelShuffleProjector
 from mmhub.projectors.qformer import QFormerProjector
 from mmhub.projectors.token_merge import TokenMergeProjector
 from mmhub.projectors.video_qformer import VideoQFormerProjector
