@@ -117,7 +117,17 @@ def _apply_rope(cfg: PretrainedConfig, rope: RopeScaling) -> None:
     params = dict(text.rope_parameters or {})
     params.update(rope_type=rope.type, factor=float(rope.factor), original_max_position_embeddings=int(original))
     text.rope_parameters = params
-    text.max_position_embeddings = int(original * rope.factor)
+    if rope.type != "dynamic":  # linear and YaRN: the config states the extended context
+        text.max_position_embeddings = int(original * rope.factor)
+    # dynamic NTK: transformers reads max_position_embeddings as the *original* length and rescales from there on
+    # (base * (factor * L / original - (factor - 1)) ** (d / (d - 2)) at sequence length L); stating the extended
+    # context there would start the scaling only past it. `scaled_context` gives the advertised context instead.
+
+
+def scaled_context(context: int, rope: RopeScaling | None) -> int:
+    """The context a backbone advertises: the config's, times the dynamic-NTK factor (whose config keeps the
+    original length, `_apply_rope`)."""
+    return int(context * rope.factor) if rope is not None and rope.type == "dynamic" else context
 
 
 class HFBackboneBase(Backbone):
@@ -165,7 +175,7 @@ class HFBackboneBase(Backbone):
         layers = getattr(cfg, "num_decoder_layers", None) or getattr(cfg, "num_hidden_layers", 0)
         return BackboneFacts(
             hidden_size=cfg.hidden_size,
-            context_length=cls.context_length(cfg),
+            context_length=scaled_context(cls.context_length(cfg), config.rope_scaling),
             vocab_size=cfg.vocab_size,
             is_encoder_decoder=bool(getattr(cfg, "is_encoder_decoder", False)),
             num_layers=int(layers or 0),
