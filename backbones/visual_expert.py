@@ -9,6 +9,11 @@ token of each media run keeps the text weights (CogVLM's routing of its eoi toke
 into the sequence (a prefix of image tokens as in LLaVA); the experts hook onto the
 linears with forward hooks, so the backbone's own modules are unchanged and LoRA can
 still target them.
+
+LoRA: each hook sits on whatever module is at the linear's place when the backbone runs, so once peft wraps a
+linear in a LoRA layer the hook moves onto the wrapper (and back after merging). A text adapter on the backbone
+therefore acts on text positions only, as CogVLM's LoRA on its language weights does; media positions take the
+expert's output, and the experts get an adapter of their own only when a stage trains the injector with LoRA.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from mmhub.interfaces import (
     BackboneFacts,
     BuildContext,
     ComponentConfig,
+    InjectionContext,
     Injector,
     InjectorConfig,
     InjectorFacts,
@@ -85,7 +91,19 @@ class VisualExperts(Injector):
     def __init__(self, config: VisualExpertConfig, ctx: BuildContext):
         super().__init__(config, ctx)
         self.experts = nn.ModuleDict()  # filled by attach(): expert copies need the backbone's linears
-        self._handles: list[Any] = []
+        self._routes: list[_ExpertRoute] = []
+
+    @property
+    def context(self) -> InjectionContext | None:
+        return self.__dict__.get("_context")
+
+    @context.setter
+    def context(self, value: InjectionContext | None) -> None:
+        # before each backbone call: put every hook on the module now at its linear's place (a LoRA wrapper)
+        if value is not None:
+            for route in self._routes:
+                route.follow()
+        self.__dict__["_context"] = value
 
     def attach(self, backbone: Backbone) -> None:
         blocks = transformer_blocks(backbone, self.config.num_layers)
@@ -98,23 +116,43 @@ class VisualExperts(Injector):
                     expert = copy.deepcopy(lin)
                     expert.requires_grad_(True)
                     self.experts[key] = expert
-                    self._handles.append(lin.register_forward_hook(self._hook(expert)))
+                    self._routes.append(_ExpertRoute(self, key, blocks[i], name))
+                    self._routes[-1].follow()
         if not len(self.experts):
             raise ValueError(f"none of the targets {self.config.targets} is a linear inside the backbone's blocks; "
                              "set `targets` to the names of its attention/MLP linears")
 
-    def _hook(self, expert: nn.Linear) -> Any:
-        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
-            ctx = self.context
-            if ctx is None:
-                return None
-            pos = ctx.media_positions
-            if self.config.last_token_text:
-                pos = torch.cat([pos[:, :-1] & pos[:, 1:], torch.zeros_like(pos[:, :1])], 1)
-            x = args[0]
-            if pos.shape != x.shape[:2] or not bool(pos.any()):  # cached generation steps hold text only
-                return None
-            out = out.clone()
-            out[pos] = expert(x[pos]).to(out.dtype)
-            return out
-        return hook
+
+class _ExpertRoute:
+    """The forward hook of one target linear: at media positions its output becomes the expert's.
+
+    It hooks the module at the linear's place in its block; `follow` moves it when peft has put a LoRA wrapper there
+    (or merged it away), so that the text adapter's delta, added by the wrapper, is replaced at media positions too.
+    The expert is looked up by key at each call: an adapter peft injects into the injector is used."""
+
+    def __init__(self, owner: VisualExperts, key: str, block: nn.Module, path: str):
+        self.owner, self.key, self.block, self.path = owner, key, block, path
+        self.hooked: nn.Module | None = None
+        self.handle: Any = None
+
+    def follow(self) -> None:
+        current = self.block.get_submodule(self.path)
+        if current is not self.hooked:
+            if self.handle is not None:
+                self.handle.remove()
+            self.handle = current.register_forward_hook(self)
+            self.hooked = current
+
+    def __call__(self, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+        ctx = self.owner.context
+        if ctx is None:
+            return None
+        pos = ctx.media_positions
+        if self.owner.config.last_token_text:
+            pos = torch.cat([pos[:, :-1] & pos[:, 1:], torch.zeros_like(pos[:, :1])], 1)
+        x = args[0]
+        if pos.shape != x.shape[:2] or not bool(pos.any()):  # cached generation steps hold text only
+            return None
+        out = out.clone()
+        out[pos] = self.owner.experts[self.key](x[pos]).to(out.dtype)
+        return out
