@@ -2,6 +2,7 @@
 
 from mmhub.hookspecs import hookimpl
 from mmhub.projectors.c_abstractor import CAbstractorProjector
+from mmhub.projectors.cif import CIFProjector
 from mmhub.projectors.cross_attn_resampler import CrossAttnResamplerProjector
 from mmhub.projectors.glu import GLUProjector
 from mmhub.projectors.ldp import LDPProjector
@@ -34,6 +35,7 @@ def register_projectors(register):
     register(GLUProjector)
     register(VideoQFormerProjector)
     register(VisualAbstractorProjector)
+    register(CIFProjector)
 
 
 @hookimpl
