@@ -268,7 +268,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     task = get_task(args.task)  # an unknown task fails before any model loads
     model = load(args.model, trust_remote_code=args.trust_remote_code, allow_paths=args.allow_path)
-    result = task.run(model, split=args.split, limit=args.limit, blind=args.blind, batch_size=args.batch_size,
+    blind = (args.blind or "").replace("-", "_") or False
+    result = task.run(model, split=args.split, limit=args.limit, blind=blind, batch_size=args.batch_size,
                       max_new_tokens=args.max_new_tokens, on_result=lambda r: print(json.dumps(r), flush=True))
     print(json.dumps({**result, "model": args.model}), flush=True)
     return 0
@@ -339,7 +340,9 @@ def _add_model_commands(sub: Any) -> None:
     _trust_flag(s, folders=True)
     s.add_argument("--task", required=True, help="a registered eval task, e.g. easy-vqa")
     s.add_argument("--split", default="test")
-    s.add_argument("--blind", action="store_true", help="replace every image by a blank (mid-grey) one")
+    s.add_argument("--blind", nargs="?", const="image", default=None, choices=["image", "no-image"],
+                   help="the blind ablation: `--blind` (or `--blind image`) replaces every image by an empty canvas "
+                        "(no answer colour, no shape); `--blind no-image` asks with no image at all")
     s.add_argument("--limit", type=int, default=None, help="only the first N items")
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--max-new-tokens", type=int, default=8)

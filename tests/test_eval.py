@@ -67,12 +67,12 @@ def test_normalize_answer(text: str, one_word: bool, expected: str) -> None:
 
 @pytest.mark.parametrize("prediction, answer, ok", [
     ("Circle.", "circle", True),
-    ("yes, there is one", "yes", True),
+    ("yes, there is one", "yes", False),  # strict: the whole reply (the lenient first-word score says yes)
     ("The triangle", "triangle", True),
     ("RED", "red", True),
     ("no", "yes", False),
     ("", "yes", False),
-    ("the answer is red", "red", False),  # first word only: "answer"
+    ("the answer is red", "red", False),
     ("grey", "gray", False),  # no synonyms
     ("new york city", "New York", False),  # several-word answers compare whole
     ("the new-york", "new york", True),
@@ -85,10 +85,14 @@ def test_score_overall_and_per_type() -> None:
     triples = [("circle", "circle", "shape"), ("Square", "rectangle", "shape"), ("Red.", "red", "color"),
                ("yes", "no", "yes_no"), ("No, it is not.", "no", "yes_no"), ("no", "no", "yes_no")]
     out = score(triples)
-    assert out["n"] == 6 and out["correct"] == 4 and out["accuracy"] == pytest.approx(4 / 6)
-    assert out["per_type"] == {"color": {"n": 1, "correct": 1, "accuracy": 1.0},
-                               "shape": {"n": 2, "correct": 1, "accuracy": 0.5},
-                               "yes_no": {"n": 3, "correct": 2, "accuracy": pytest.approx(2 / 3)}}
+    # strict: "No, it is not." says more than "no"; the lenient first-word score counts it
+    assert out["n"] == 6 and out["correct"] == 3 and out["accuracy"] == pytest.approx(3 / 6)
+    assert out["correct_lenient"] == 4 and out["accuracy_lenient"] == pytest.approx(4 / 6)
+    assert out["per_type"] == {
+        "color": {"n": 1, "correct": 1, "accuracy": 1.0, "correct_lenient": 1, "accuracy_lenient": 1.0},
+        "shape": {"n": 2, "correct": 1, "accuracy": 0.5, "correct_lenient": 1, "accuracy_lenient": 0.5},
+        "yes_no": {"n": 3, "correct": 1, "accuracy": pytest.approx(1 / 3), "correct_lenient": 2,
+                   "accuracy_lenient": pytest.approx(2 / 3)}}
     assert score([])["accuracy"] == 0.0 and score([])["n"] == 0
 
 

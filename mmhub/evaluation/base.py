@@ -13,8 +13,11 @@ Answer normalisation (`normalize_answer`), exactly:
 4. with ``one_word=True``, keep only the first remaining word (so "Circle." -> "circle",
    "Yes, it is." -> "yes", "a red one" -> "red"); else join the words with single spaces.
 
-`exact_match(prediction, answer)` normalises both, using ``one_word`` when the normalised
-answer is a single word, and compares them for equality; an empty prediction never matches.
+`exact_match(prediction, answer)` normalises both and compares them whole: strict, so a reply
+naming two answers ("yes no") or saying more than the answer ("yes, it is") is wrong. With
+``lenient=True`` a one-word answer is compared with the reply's first word only (``one_word``), so
+"yes no" and "a red one" count as "yes" and "red". An empty prediction never matches. `score`
+reports both: ``accuracy`` (strict) and ``accuracy_lenient``, overall and per type.
 """
 
 from __future__ import annotations
@@ -37,28 +40,33 @@ def normalize_answer(text: str, one_word: bool = False) -> str:
     return " ".join(words)
 
 
-def exact_match(prediction: str, answer: str) -> bool:
-    """Whether `prediction` matches the reference `answer` after normalisation."""
+def exact_match(prediction: str, answer: str, lenient: bool = False) -> bool:
+    """Whether `prediction` matches the reference `answer` after normalisation: the whole reply (strict), or with
+    `lenient` its first word when the answer is one word (see the module docstring)."""
     ref = normalize_answer(answer)
-    pred = normalize_answer(prediction, one_word=len(ref.split()) == 1)
+    pred = normalize_answer(prediction, one_word=lenient and len(ref.split()) == 1)
     return bool(pred) and pred == ref
 
 
 def score(items: Iterable[tuple[str, str, str]]) -> dict[str, Any]:
-    """(prediction, answer, type) triples -> ``{n, correct, accuracy, per_type: {type: {n, correct, accuracy}}}``."""
-    n = correct = 0
+    """(prediction, answer, type) triples -> ``{n, correct, accuracy, correct_lenient, accuracy_lenient,
+    per_type: {type: {the same five}}}``: strict exact match, and the lenient first-word score beside it."""
+    total = {"n": 0, "correct": 0, "correct_lenient": 0}
     per: dict[str, dict[str, Any]] = {}
     for prediction, answer, kind in items:
-        ok = exact_match(prediction, answer)
-        n += 1
-        correct += ok
-        bucket = per.setdefault(kind, {"n": 0, "correct": 0})
-        bucket["n"] += 1
-        bucket["correct"] += ok
-    for bucket in per.values():
-        bucket["accuracy"] = bucket["correct"] / bucket["n"]
-    return {"n": n, "correct": correct, "accuracy": correct / n if n else 0.0,
-            "per_type": {k: per[k] for k in sorted(per)}}
+        strict, lenient = exact_match(prediction, answer), exact_match(prediction, answer, lenient=True)
+        for bucket in (total, per.setdefault(kind, {"n": 0, "correct": 0, "correct_lenient": 0})):
+            bucket["n"] += 1
+            bucket["correct"] += strict
+            bucket["correct_lenient"] += lenient
+    for bucket in (total, *per.values()):
+        n = bucket["n"]
+        bucket["accuracy"] = bucket["correct"] / n if n else 0.0
+        bucket["accuracy_lenient"] = bucket["correct_lenient"] / n if n else 0.0
+    return {"n": total["n"], "correct": total["correct"], "accuracy": total["accuracy"],
+            "correct_lenient": total["correct_lenient"], "accuracy_lenient": total["accuracy_lenient"],
+            "per_type": {k: {f: per[k][f] for f in ("n", "correct", "accuracy", "correct_lenient",
+                                                    "accuracy_lenient")} for k in sorted(per)}}
 
 
 class EvalConfig(BaseModel):
