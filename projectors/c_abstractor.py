@@ -1,18 +1,22 @@
 """C-Abstractor input projector: convolutions on the token grid, pooled to a fixed square of tokens.
 
-Honeybee's locality-preserving C-Abstractor: the encoder's patch tokens are laid out as
-their square grid; ``depth`` ResNet-style residual bottleneck blocks (1x1 -> 3x3 -> 1x1
-convolutions with channel LayerNorm and SiLU, as Honeybee's RegNet stages) mix each token
-with its neighbours, an adaptive average pool brings the grid to ``sqrt(num_queries)`` per
-side, ``depth`` more blocks refine it, and an MLP (``mlp_depth`` linears with SiLU) maps
-each token to the LLM width. Unlike a resampler's attention, each output token summarises
-one region of the image, so spatial layout survives. Used by Honeybee (C-Abstractor, 144
-or 256 queries); Honeybee's D-Abstractor and LLaVA-style conv pools are close relatives.
+Honeybee's locality-enhanced C-Abstractor, built as Honeybee builds it (``CAbstractor.build_net`` in
+kakaobrain/honeybee): the encoder's patch tokens are laid out as their square grid; a timm RegNet stage
+(`timm.models.regnet.RegStage`, stride 1, SiLU, timm's ``LayerNorm2d``, which its conv blocks build as
+``LayerNormAct2d``) of ``depth`` Bottleneck blocks (1x1 ->
+depthwise 3x3 -> squeeze-excitation (ratio 0.25) -> 1x1, with a residual; a 1x1 projection shortcut when the width
+changes) mixes each token with its neighbours, an adaptive average pool brings the grid to ``sqrt(num_queries)``
+per side, a second stage of ``depth`` blocks refines it, and an MLP (``mlp_depth`` linears with SiLU) maps each
+token to the LLM width. Each output token summarises one region of the image through the convolutions (only the
+squeeze-excitation's channel gates read the whole grid), so spatial layout survives, unlike a resampler's
+attention. Parameter names follow Honeybee's (``net.0`` / ``net.2`` stages, ``readout``). Used by Honeybee
+(C-Abstractor, 144 or 256 queries); Honeybee's D-Abstractor and LLaVA-style conv pools are close relatives.
 
 ``input_tokens`` adds Honeybee's learned position embedding of the input tokens (then
 exactly that many tokens are accepted). The input token count must be a perfect square;
 ``num_queries`` must be one too. A grid smaller than the pooled size is repeated by the
-adaptive pool, so the output is always ``num_queries`` tokens.
+adaptive pool, so the output is always ``num_queries`` tokens. Honeybee's optional prenorm and end-of-sequence
+tokens (``num_eos_tokens``) are not offered.
 """
 
 from __future__ import annotations
@@ -22,27 +26,18 @@ from typing import Any, ClassVar
 
 import torch
 from pydantic import Field, field_validator
+from timm.layers import LayerNorm2d
+from timm.models.regnet import RegStage
 from torch import nn
 
 from mmhub.interfaces import BuildContext, ComponentConfig, Projector, ProjectorConfig, TextContext
-from mmhub.projectors.grid import LayerNorm2d, from_grid, grid_side, to_grid
+from mmhub.projectors.grid import from_grid, grid_side, to_grid
 
 
-class ResBlock(nn.Module):
-    """Residual bottleneck: 1x1 -> 3x3 -> 1x1 convs with channel LayerNorm and SiLU; 1x1 shortcut when widths differ."""
-
-    def __init__(self, in_ch: int, out_ch: int):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(in_ch, out_ch, 1, bias=False), LayerNorm2d(out_ch), nn.SiLU(),
-            nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False), LayerNorm2d(out_ch), nn.SiLU(),
-            nn.Conv2d(out_ch, out_ch, 1, bias=False), LayerNorm2d(out_ch))
-        self.shortcut = (nn.Identity() if in_ch == out_ch
-                         else nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, bias=False), LayerNorm2d(out_ch)))
-        self.act = nn.SiLU()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.body(x) + self.shortcut(x))
+def reg_stage(depth: int, in_ch: int, out_ch: int) -> RegStage:
+    """A timm RegNet stage as Honeybee configures it: `depth` Bottleneck blocks (bottle ratio 1, group size 1 so the
+    3x3 is depthwise, SE ratio 0.25), stride 1, dilation 1, SiLU, timm's LayerNorm2d."""
+    return RegStage(depth, in_ch, out_ch, stride=1, dilation=1, act_layer=nn.SiLU, norm_layer=LayerNorm2d)
 
 
 class CAbstractorConfig(ProjectorConfig):
@@ -65,7 +60,7 @@ class CAbstractorConfig(ProjectorConfig):
 
 
 class CAbstractorProjector(Projector):
-    """Honeybee C-Abstractor: residual conv blocks on the token grid, adaptive pool to num_queries, conv blocks, MLP."""
+    """Honeybee C-Abstractor: a RegNet stage on the token grid, adaptive pool to num_queries, a RegNet stage, MLP."""
 
     name: ClassVar[str] = "c_abstractor"
     Config: ClassVar[type[ComponentConfig]] = CAbstractorConfig
@@ -87,10 +82,10 @@ class CAbstractorProjector(Projector):
         self.pos = nn.Parameter(torch.zeros(config.input_tokens, config.in_dim)) if config.input_tokens else None
         if self.pos is not None:
             nn.init.trunc_normal_(self.pos, std=0.02)
-        widths = [config.in_dim] + [config.width] * config.depth
-        self.stage1 = nn.Sequential(*(ResBlock(widths[i], widths[i + 1]) for i in range(config.depth)))
-        self.pool = nn.AdaptiveAvgPool2d(math.isqrt(config.num_queries))
-        self.stage2 = nn.Sequential(*(ResBlock(config.width, config.width) for _ in range(config.depth)))
+        side = math.isqrt(config.num_queries)
+        self.net = nn.Sequential(reg_stage(config.depth, config.in_dim, config.width),
+                                 nn.AdaptiveAvgPool2d((side, side)),
+                                 reg_stage(config.depth, config.width, config.width))
         layers: list[nn.Module] = [nn.Linear(config.width, config.out_dim)]
         for _ in range(config.mlp_depth - 1):
             layers += [nn.SiLU(), nn.Linear(config.out_dim, config.out_dim)]
@@ -100,5 +95,5 @@ class CAbstractorProjector(Projector):
         self.num_tokens(self.config, features.shape[1])  # type: ignore[arg-type]  # raises on unusable counts
         x = features if self.pos is None else features + self.pos
         x = to_grid(x, math.isqrt(features.shape[1]))  # (N, in, s, s)
-        x = self.stage2(self.pool(self.stage1(x)))  # (N, width, q, q)
+        x = self.net(x)  # (N, width, q, q)
         return self.readout(from_grid(x))  # (N, T, in) -> (N, num_queries, out)
