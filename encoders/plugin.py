@@ -4,7 +4,7 @@ from mmhub.encoders.anyres import AnyResEncoder
 from mmhub.encoders.eva2_clip import Eva2ClipEncoder
 from mmhub.encoders.hf_audio_encoder import HFAudioEncoder
 from mmhub.encoders.hf_vision_encoder import HFVisionEncoder
-from mmhub.encoders.imagebind_like import ImageBindLike
+from mmhub.encoders.imagebind import ImageBindEncoder
 from mmhub.encoders.mllama_vision import MllamaVisionEncoder
 from mmhub.encoders.open_clip_encoder import OpenClipEncoder
 from mmhub.encoders.point_encoder import PointEncoder
@@ -25,7 +25,7 @@ def register_encoders(register):
     register(HFVisionEncoder)
     register(VideoEncoder)
     register(PointEncoder)
-    register(ImageBindLike)
+    register(ImageBindEncoder)
     register(MllamaVisionEncoder)
     register(Qwen2VLVisionEncoder)
     register(AnyResEncoder)

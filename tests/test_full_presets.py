@@ -155,9 +155,11 @@ def test_declared_and_derived_gaps_both_show() -> None:
     flamingo = REG.presets["flamingo:full"].status
     assert "injectors.xattn: gated_xattn starts randomly initialised" in flamingo
     assert "ImageNet-classification NFNet-F6" in flamingo  # declared: a published part stands in for Flamingo's
-    pandagpt = REG.presets["pandagpt:full"].status
-    assert "encoders.image: imagebind_like reads file:~/models/imagebind_huge_mmhub.safetensors, which no " \
-           "parity-tested importer or converter produces" in pandagpt
+    points = REG.presets["x-instructblip:full"].status
+    assert "encoders.points: pointnet reads file:~/models/ulip2_pointbert_mmhub.safetensors, which no " \
+           "parity-tested importer or converter produces" in points
+    # ImageBind-huge's file is what mmhub.importers.convert_imagebind writes from the published checkpoint
+    assert "encoders.image" not in REG.presets["pandagpt:full"].status
 
 
 def test_status_is_complete_only_when_every_slot_loads_published_weights() -> None:

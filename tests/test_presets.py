@@ -70,7 +70,7 @@ def _distinctive(name: str, model, out) -> None:
         assert proj["image"].name == "cross_attn_resampler" and model.plan.tokens_per_item("image") == 16
     elif name in ("next-gpt", "codi-2"):
         assert model.encoders["image"] is model.encoders["video"] is model.encoders["audio"]
-        assert model.encoders["image"].name == "imagebind_like"
+        assert model.encoders["image"].name == "imagebind"
     elif name == "video-chatgpt":
         enc = model.encoders["video"]
         assert enc.config.temporal == "video_chatgpt"

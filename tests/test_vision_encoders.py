@@ -1,8 +1,8 @@
-"""Image, video, 3D and ImageBind-like encoders: behaviour beyond the shared component contract.
+"""Image, video and 3D encoders: behaviour beyond the shared component contract.
 
 hf_vision (CLIP/SigLIP/DINOv2/ViT towers, local HF folders), NFNet and EVA through the
 existing timm/open_clip encoders, the video encoder's temporal modes, the PointNet-style
-point encoder, the ImageBind-like multi-modality encoder, and (slow, real weights)
+point encoder (ImageBind: tests/test_imagebind.py), and (slow, real weights)
 EfficientNet-Lite0 classifying real photos through the timm encoder.
 """
 
@@ -331,81 +331,6 @@ def test_pointnet_rejects_bad_clouds(ctx, tmp_path) -> None:
         enc.preprocess(tmp_path / "cloud.obj", "points")
     with pytest.raises(ValueError, match="num_groups"):
         build("pointnet", {**POINTS, "num_groups": 300}, ctx)
-
-
-# ---------------------------------------------------------------- imagebind_like
-
-IMAGEBIND = {"image_size": 32, "patch_size": 8, "num_frames": 4, "clip_seconds": 1.0, "mel_bins": 32,
-             "audio_patch": 16, "audio_stride": 16, "width": 32, "depth": 2, "heads": 2, "embed_dim": 24}
-
-
-def test_imagebind_like_tokens_per_modality(ctx) -> None:
-    enc, facts = build("imagebind_like", IMAGEBIND, ctx)
-    # image 4x4 patches; video 4 frames -> 2 tubelets x 16; audio 1 s -> 32 x 98 log-mel -> 2 x 6 patches of 16
-    assert facts.tokens_by_modality == {"image": 16, "video": 32, "audio": 12} and facts.tokens_per_item == 16
-    for modality in ("image", "video", "audio"):
-        out = run(enc, [sample_item(modality, 0), sample_item(modality, 1)], modality)
-        assert out.shape == (2, facts.tokens_for(modality), 24), modality
-    pooled, facts = build("imagebind_like", {**IMAGEBIND, "output": "pooled"}, ctx)
-    assert facts.tokens_by_modality == {"image": 1, "video": 1, "audio": 1}
-    for modality in ("image", "video", "audio"):
-        out = run(pooled, [sample_item(modality)], modality)
-        assert out.shape == (1, 1, 24)
-        torch.testing.assert_close(out.norm(dim=-1), torch.ones(1, 1))  # L2-normalised like ImageBind's embeddings
-    # the real ImageBind geometry: 224 px / 14 -> 256 patches; 2 s at 16 kHz, 128 mel bins, 16-patches every 10 -> 228
-    real = REG.get("encoder", "imagebind_like").cls
-    assert real.describe(real.Config(), ctx).tokens_by_modality == {"image": 256, "video": 256, "audio": 228}
-
-
-def test_imagebind_like_shares_one_trunk(ctx) -> None:
-    enc, _ = build("imagebind_like", IMAGEBIND, ctx)
-    seen: list[tuple[int, int]] = []
-    hooks = [block.register_forward_hook(lambda m, i, o: seen.append((id(m), o.shape[1]))) for block in enc.trunk]
-    run(enc, [sample_item("image")], "image")
-    run(enc, [sample_item("audio")], "audio")
-    run(enc, [sample_item("video")], "video")
-    for h in hooks:
-        h.remove()
-    trunk_ids = [id(b) for b in enc.trunk]
-    # every modality ran through the very same block objects (CLS + patch tokens each)
-    assert seen == [(i, 17) for i in trunk_ids] + [(i, 13) for i in trunk_ids] + [(i, 33) for i in trunk_ids]
-    names = [n for n, _ in enc.named_parameters()]
-    assert not any(n.startswith(("stems.", "heads.")) and ".attn." in n for n in names)  # no per-modality trunks
-    assert {n.split(".")[1] for n in names if n.startswith(("stems.", "heads."))} == {"image", "video", "audio"}
-
-
-def test_imagebind_like_audio_front_end(ctx, tmp_path) -> None:
-    from mmhub.encoders.imagebind_like import mel_filterbank
-
-    enc, _ = build("imagebind_like", {**IMAGEBIND, "mel_bins": 64}, ctx)
-    t = np.arange(16000, dtype=np.float32) / 16000
-    spec = enc.preprocess(0.5 * np.sin(2 * np.pi * 1000 * t), "audio")[0]  # (64, 98)
-    fb = mel_filterbank(64, 512, 16000)
-    peak_bin = int(fb[:, round(1000 * 512 / 16000)].argmax())  # the filter that covers 1 kHz most
-    assert int(spec.mean(1).argmax()) == peak_bin
-    # a WAV file at another rate gives (nearly) the same spectrogram after resampling
-    import wave
-
-    pcm = (0.5 * np.sin(2 * np.pi * 1000 * np.arange(8000) / 8000) * 32767).astype("<i2")
-    with wave.open(str(tmp_path / "tone.wav"), "wb") as w:
-        w.setnchannels(1), w.setsampwidth(2), w.setframerate(8000), w.writeframes(pcm.tobytes())
-    from_wav = enc.preprocess(str(tmp_path / "tone.wav"), "audio")[0]
-    assert int(from_wav.mean(1).argmax()) == peak_bin
-    with pytest.raises(InputError):
-        enc.preprocess("missing.wav", "audio")
-    with pytest.raises(InputError, match="imagebind_like takes"):
-        enc.preprocess(sample_item("points"), "points")
-
-
-def test_imagebind_like_loads_pretrained_weights(ctx, tmp_path) -> None:
-    from safetensors.torch import save_file
-
-    enc, _ = build("imagebind_like", IMAGEBIND, ctx, seed=1)
-    save_file({k: v.contiguous() for k, v in enc.state_dict().items()}, str(tmp_path / "ib.safetensors"))
-    loaded, _ = build("imagebind_like", {**IMAGEBIND, "pretrained": str(tmp_path / "ib.safetensors")}, ctx, seed=2)
-    assert loaded.has_weight_source()
-    audio = [sample_item("audio")]
-    assert torch.equal(run(loaded, audio, "audio"), run(enc, audio, "audio"))
 
 
 # ---------------------------------------------------------------- real weights (slow)
