@@ -13,10 +13,10 @@ image Q-Former, the LLM is a separate Vicuna; merge the tensors into one dict, f
 * ``llama_model.*`` -> an ``hf_causal_lm`` LLaMA from `text_config`, or any `backbone` spec the caller gives.
 
 Not convertible into mmhub components today (the converter names these keys and stops, unless ``drop_audio``):
-the audio branch, ``audio_encoder.*`` (ImageBind-huge's own audio trunk: mmhub's ``imagebind_like`` shares one trunk
-across modalities and cannot hold it), ``audio_position_embedding``, ``audio_query_tokens``, ``audio_Qformer.*`` and
-``audio_llama_proj``. BLIP-2 pre-training leftovers the model never runs (the Q-Formers' text embeddings and text
-FFNs, ``Qformer.cls``) are dropped and named in the notes.
+the audio branch, ``audio_encoder.*`` (ImageBind-huge, whose audio trunk the ``imagebind`` encoder holds under the
+same names; this converter does not map the branch yet), ``audio_position_embedding``, ``audio_query_tokens``,
+``audio_Qformer.*`` and ``audio_llama_proj``. BLIP-2 pre-training leftovers the model never runs (the Q-Formers'
+text embeddings and text FFNs, ``Qformer.cls``) are dropped and named in the notes.
 """
 
 from __future__ import annotations
@@ -77,8 +77,9 @@ def convert_video_llama(state_dict: Mapping[str, torch.Tensor], config: Mapping[
     if audio and not drop_audio:
         raise CheckpointError(f"Video-LLaMA state dict: {len(audio)} audio-branch tensor(s) ({', '.join(audio[:4])}"
                               f"{' ...' if len(audio) > 4 else ''}) have no mmhub component that holds them "
-                              f"(ImageBind-huge's audio trunk is not imagebind_like's shared trunk); convert the "
-                              f"video branch alone with drop_audio=True")
+                              f"(this converter maps the video branch only; ImageBind-huge's audio trunk loads into "
+                              f"the imagebind encoder through mmhub.importers.convert_imagebind); convert the video "
+                              f"branch alone with drop_audio=True")
     read = _Reader(state_dict)
     unused = sorted(k for k in state_dict if re.match(UNUSED, k))
     vision_config, tower = eva_tower(read, int(config.get("vision_heads", 16)))
