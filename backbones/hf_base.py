@@ -22,6 +22,7 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
 from mmhub.attention import hf_attn_implementation
 from mmhub.backbones.byte_tokenizer import byte_tokenizer
+from mmhub.backbones.moe import routing_of
 from mmhub.interfaces import Backbone, BackboneFacts, BuildContext, ComponentConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -44,6 +45,10 @@ class HFBackboneConfig(ComponentConfig):
     tokenizer: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     rope_scaling: RopeScaling | None = None
+    router_aux_loss_coef: float | None = Field(
+        None, ge=0, description="mixture-of-experts models (Mixtral, Qwen2-MoE): the weight of the load-balancing "
+        "router loss added to the training loss; default: the model config's router_aux_loss_coef; 0 leaves it out",
+    )
     quantize: Literal["nf4", "fp4"] | None = Field(
         None, description="load the blocks' linears in 4 bits (bitsandbytes): the frozen base of QLoRA; needs `source`"
     )
@@ -172,6 +177,10 @@ class HFBackboneBase(Backbone):
         if config.prefix_lm and getattr(cfg, "is_encoder_decoder", False):
             raise ValueError(f"prefix_lm: the {cfg.model_type} model is an encoder-decoder, whose encoder already "
                              "reads the whole prompt bidirectionally; remove prefix_lm (it is for decoder-only models)")
+        if config.router_aux_loss_coef is not None and routing_of(cfg) is None:
+            raise ValueError(f"router_aux_loss_coef: the {cfg.model_type} model routes no tokens to experts (no "
+                             f"num_experts_per_tok and expert count); remove the setting, or use a mixture-of-experts "
+                             f"config such as mixtral (num_local_experts) or qwen2_moe (num_experts)")
         layers = getattr(cfg, "num_decoder_layers", None) or getattr(cfg, "num_hidden_layers", 0)
         return BackboneFacts(
             hidden_size=cfg.hidden_size,

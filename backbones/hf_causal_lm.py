@@ -3,7 +3,8 @@
 Llama/Vicuna, Qwen2, Mistral, OPT, Phi, GLM (ChatGLM-like), and mixture-of-experts
 models (Mixtral, Qwen2-MoE) all come through ``AutoModelForCausalLM``; see
 `mmhub.backbones.hf_base` for the shared settings (source, tokenizer, dtype,
-rope_scaling).
+rope_scaling). A mixture-of-experts model's training forward also computes its
+load-balancing router loss (`mmhub.backbones.moe`), which `MMModel` adds to the loss.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from mmhub.attention import HF_SDPA, HF_XFORMERS
-from mmhub.backbones import mrope
+from mmhub.backbones import moe, mrope
 from mmhub.backbones.hf_base import HFBackboneBase, HFBackboneConfig
 from mmhub.backbones.visual_expert import cogvlm_position_ids
 from mmhub.errors import InputError
@@ -63,6 +64,7 @@ class HFCausalLM(HFBackboneBase):
     def __init__(self, config: HFBackboneConfig, ctx: BuildContext):
         super().__init__(config, ctx)
         self._softcap = getattr(self.model.config.get_text_config(), "final_logit_softcapping", None)
+        self.routing = moe.routing_of(self.model.config.get_text_config(), config.router_aux_loss_coef)
 
     @classmethod
     def hf_config(cls, config: HFBackboneConfig, ctx: BuildContext) -> Any:
@@ -87,9 +89,20 @@ class HFCausalLM(HFBackboneBase):
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """`attention_mask`: (B, L) padding mask, or (B, 1, L, L) with True = attend (packed rows), which transformers
-        uses as is: SDPA (and mmhub_xformers) take it boolean, every other implementation additive."""
+        uses as is: SDPA (and mmhub_xformers) take it boolean, every other implementation additive.
+        A mixture-of-experts model in training mode with gradients on sets ``router_loss``: the coefficient times
+        the load-balancing loss of this forward's routing (`mmhub.backbones.moe`; padding left out of a (B, L)
+        mask); None otherwise."""
+        r = self.routing
+        route = r is not None and r.coef > 0 and self.training and torch.is_grad_enabled()
         out = self.model.base_model(inputs_embeds=inputs_embeds, attention_mask=self._mask(attention_mask,
-                                    inputs_embeds.dtype), position_ids=position_ids, use_cache=False)
+                                    inputs_embeds.dtype), position_ids=position_ids, use_cache=False,
+                                    **({"output_router_logits": True} if route else {}))
+        self.router_loss = None
+        if route:
+            balance = moe.load_balancing_loss(out.router_logits, r.num_experts, r.top_k,
+                                              moe.real_positions(attention_mask))
+            self.router_loss = r.coef * balance
         return out.last_hidden_state  # (B, L, H)
 
     def _mask(self, attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

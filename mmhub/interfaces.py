@@ -195,7 +195,9 @@ class Backbone(Component):
     * `prefix_lm`: the prompt attends bidirectionally and only the answer causally (PaliGemma); `forward` and the
       first `step` then take a (B, 1, L, L) boolean mask (`mmhub.passes.prefix_lm_mask`);
     * `grid_positions`: media tokens are placed by their (t, h, w) grid (M-RoPE); `media_position_ids` gives the
-      (3, B, L) position ids `forward` and `step` take.
+      (3, B, L) position ids `forward` and `step` take;
+    * ``router_loss``: set by `forward` to a scalar tensor the training loss includes (a mixture-of-experts
+      model's weighted load-balancing loss), or None; `MMModel.forward` adds it when there are labels.
     """
 
     kind: ClassVar[Kind] = "backbone"
@@ -203,6 +205,7 @@ class Backbone(Component):
     modalities_out: ClassVar[tuple[str, ...]] = ("text",)
     supports_packing: ClassVar[bool] = False
     supports_step: ClassVar[bool] = False
+    router_loss: torch.Tensor | None = None  # set by a training forward of a mixture-of-experts backbone
 
     @classmethod
     @abstractmethod

@@ -34,6 +34,7 @@ class MMOutput:
     labels: torch.Tensor | None  # (B, L') spliced labels (-100 where ignored); decoder targets for enc-dec
     num_target_tokens: int = 0
     aux_loss: torch.Tensor | None = None  # sum of the projectors' auxiliary losses (included in `loss`)
+    router_loss: torch.Tensor | None = None  # a mixture-of-experts backbone's weighted balance loss (in `loss`)
     sequence_logprobs: torch.Tensor | None = None  # (B,) summed log-probability of each row's labelled tokens (DPO)
     output_loss: torch.Tensor | None = None  # decoding-side alignment: MSE of signal states vs captions' features
 
@@ -150,15 +151,19 @@ class MMModel(nn.Module):
         prep = inputs.prepare(self, input_ids, attention_mask, labels, media, padding_side, features, segment_ids)
         sp = prep.spliced
         aligned = bool(outputs and any(outputs.values()))
+        self.backbone.router_loss = None
         if self.is_encoder_decoder:
             hidden, target, keep = passes.encoder_decoder(self, sp)
         else:
             hidden, target, keep = passes.decoder_only(self, prep, all_states=return_logits or aligned)
+        router_loss = self.backbone.router_loss
         loss, n_target, seq_logp = None, 0, None
         if sp.labels is not None:
             loss, n_target, seq_logp = losses.label_losses(self, hidden, target, keep)
             if prep.aux_loss is not None:
                 loss = loss + prep.aux_loss
+            if router_loss is not None:
+                loss = loss + router_loss
         output_loss = None
         if aligned and not self.is_encoder_decoder:
             output_loss = losses.output_loss(self, input_ids.to(self.device), sp, hidden, outputs)
@@ -166,7 +171,7 @@ class MMModel(nn.Module):
         logits = self.head(hidden) if return_logits else None
         labels_out = target if (self.is_encoder_decoder and sp.labels is not None) else sp.labels
         return MMOutput(loss=loss, logits=logits, labels=labels_out, num_target_tokens=n_target, aux_loss=prep.aux_loss,
-                        sequence_logprobs=seq_logp, output_loss=output_loss)
+                        sequence_logprobs=seq_logp, output_loss=output_loss, router_loss=router_loss)
 
     # -- heads and losses (mmhub.losses) ------------------------------------------------
     def head(self, hidden: torch.Tensor) -> torch.Tensor:

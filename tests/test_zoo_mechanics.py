@@ -195,14 +195,41 @@ def test_causal_lm_families_build_and_train(tiny_spec, images, config):
         size = {"hidden_size": 48, "num_hidden_layers": 2, "vocab_size": 300, "max_position_embeddings": 512}
     spec = copy.deepcopy(tiny_spec)
     spec["backbone"]["config"] = {**size, **config}
-    model = build(spec)
+    model = build(spec).eval()
+    hf = model.backbone.model
     conv = [[{"role": "user", "content": "<image>\nWhat?"}, {"role": "assistant", "content": "A cat."}]]
     b = model.batch(conv, [{"image": images[:1]}])
     model.backbone.requires_grad_(True)
     out = model(b["input_ids"], b["attention_mask"], b["labels"], b["media"])
-    assert torch.isfinite(out.loss)
+    # the spliced sequence through transformers' own causal LM gives the same logits and loss
+    sp = model.prepare_inputs(b["input_ids"], b["attention_mask"], b["labels"], b["media"])
+    ref = hf(inputs_embeds=sp.inputs_embeds, attention_mask=sp.attention_mask, labels=sp.labels, use_cache=False)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-5)
     out.loss.backward()
-    assert model.generate(["<image>\nHi"], [{"image": images[:1]}], max_new_tokens=3) is not None
+    grads = {n: p.grad for n, p in hf.named_parameters() if ".layers.0." in n}  # the first block learns, and its
+    assert sum(float(g.abs().sum()) for g in grads.values() if g is not None) > 0  # router or gate projection too
+    assert all(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "gate" in n)
+    moe = config["model_type"] in ("mixtral", "qwen2_moe")
+    assert (model.backbone.routing is not None) == moe
+    if moe:  # in training the loss includes the router's load-balancing term (tests/test_moe_router_loss.py)
+        train = model.train()(b["input_ids"], b["attention_mask"], b["labels"], b["media"])
+        assert train.router_loss is not None and float(train.router_loss) > 0
+        torch.testing.assert_close(train.loss, out.loss + train.router_loss, rtol=1e-5, atol=1e-5)
+        model.eval()
+    # greedy generation (mmhub's KV-cached loop) equals argmax decoding by full transformers forwards
+    p = model.batch(["<image>\nHi"], [{"image": images[:1]}], add_generation_prompt=True, padding_side="left")
+    ours = model.generate_ids(p["input_ids"], p["attention_mask"], p["media"], max_new_tokens=4, min_new_tokens=4)
+    banned = set(model.stop_token_ids()) | {i for i in model.processor.placeholder_ids.values() if i < 300}
+    embeds = model.prepare_inputs(p["input_ids"], p["attention_mask"], None, p["media"], "left").inputs_embeds
+    tokens = []
+    with torch.no_grad():
+        for _ in range(4):
+            logits = hf(inputs_embeds=embeds, use_cache=False).logits[0, -1]
+            logits[list(banned)] = float("-inf")
+            tokens.append(int(logits.argmax()))
+            embeds = torch.cat([embeds, model.backbone.embed(torch.tensor([tokens[-1:]]))], 1)
+    assert ours == [tokens]
 
 
 def test_hf_weight_source_reads_the_local_cache_and_never_downloads(tmp_path, monkeypatch):

@@ -44,20 +44,28 @@ def forward(model: Any, batch: dict[str, Any]) -> Any:
 
 
 class NextTokenLoss:
-    """Next-token cross-entropy on assistant tokens, summed over the micro-batch's target tokens."""
+    """Next-token cross-entropy on assistant tokens, summed over the micro-batch's target tokens (plus a
+    mixture-of-experts backbone's router loss, which `stats` reports as ``router_loss``, per target token)."""
 
     count_key = "target_tokens"
     pairs = False
+
+    def __init__(self) -> None:
+        self._router = [0.0, 0]  # router loss x target tokens, target tokens: since the last `stats`
 
     def prepare(self, batch: dict[str, Any], ordered: list[Any]) -> None:
         pass
 
     def loss(self, model: Any, batch: dict[str, Any], stage: StageSpec) -> tuple[torch.Tensor, int]:
         out = forward(model, batch)
+        if out.router_loss is not None:
+            self._router[0] += float(out.router_loss.detach()) * out.num_target_tokens
+            self._router[1] += out.num_target_tokens
         return out.loss.float() * out.num_target_tokens, out.num_target_tokens
 
     def stats(self) -> dict[str, float]:
-        return {}
+        (total, n), self._router = self._router, [0.0, 0]
+        return {"router_loss": total / n} if n else {}
 
 
 class PreferenceLoss:
