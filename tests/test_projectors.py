@@ -303,7 +303,9 @@ def test_ldp_rejects_non_square_counts() -> None:
 # --- all of them -----------------------------------------------------------------------------------------------------
 
 # parameters that legitimately get no gradient from a loss on the output (documented in the module docstrings)
-NO_GRAD = {"pformer": ("pformer.", "pformer_proj.")}  # P-Former: stop-gradient, a frozen teacher in this phase
+# P-Former: stop-gradient, a frozen teacher in this phase (its contrastive head and temperature serve the
+# language-only phase only)
+NO_GRAD = {"pformer": ("pformer.", "pformer_proj.", "pformer_contrast.", "pformer_temp")}
 
 
 @pytest.mark.parametrize("name,settings", [(n, {}) for n in NEW] + [("qformer", {"instruction_aware": True}),

@@ -134,6 +134,8 @@ class BatchBuilder:
         pair = []
         for conv in convs:
             enc = proc.encode(conv, sample.media, index=i, preprocess=False)
+            if not getattr(self.objective, "reads_media", True):  # a text-only objective: media never load
+                enc.media = {}
             for m, items in enc.media.items():
                 if m in caches:
                     enc.media[m] = [("key", item_key(x), x) for x in items]

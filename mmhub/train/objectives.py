@@ -9,7 +9,8 @@ record, ``count_key`` names the count there.
 * `PreferenceLoss` (``objective: dpo``): sigmoid DPO against a frozen reference copy of the model;
 * `OutputAlignment`: wraps either of them for models with an output side, adding each sample's
   output captions to the batch so the forward adds the decoding-side alignment loss;
-* `DiffusionLoss`: a generator's own denoising loss on (pixels, caption ids) batches.
+* `DiffusionLoss`: a generator's own denoising loss on (pixels, caption ids) batches;
+* `PFormerLanguageLoss` (``objective: pformer``, `mmhub.train.pformer_phase`): DLP's language-only phase.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, Protocol
 import torch
 
 from mmhub.spec import StageSpec
+from mmhub.train.pformer_phase import PFormerLanguageLoss
 
 
 class Objective(Protocol):
@@ -140,6 +142,8 @@ class DiffusionLoss:
 
 def objective_for(stage: StageSpec, model: Any, reference: torch.nn.Module | None = None) -> Objective:
     """The objective a stage names (``sft`` / ``dpo``), plus the output-side alignment when the model makes media."""
+    if stage.objective == "pformer":  # text alone through the frozen LLM: no output side either
+        return PFormerLanguageLoss(model, stage)
     inner: Objective = PreferenceLoss(reference) if stage.objective == "dpo" else NextTokenLoss()
     if len(model.output_projectors):
         return OutputAlignment(inner, list(model.output_projectors))
