@@ -7,6 +7,7 @@ from mmhub.encoders.hf_vision_encoder import HFVisionEncoder
 from mmhub.encoders.imagebind import ImageBindEncoder
 from mmhub.encoders.mllama_vision import MllamaVisionEncoder
 from mmhub.encoders.open_clip_encoder import OpenClipEncoder
+from mmhub.encoders.point_bert import PointBertEncoder
 from mmhub.encoders.point_encoder import PointEncoder
 from mmhub.encoders.qwen2_vl_vision import Qwen2VLVisionEncoder
 from mmhub.encoders.qwen_vl_vit import QwenVLViTEncoder
@@ -25,6 +26,7 @@ def register_encoders(register):
     register(HFVisionEncoder)
     register(VideoEncoder)
     register(PointEncoder)
+    register(PointBertEncoder)
     register(ImageBindEncoder)
     register(MllamaVisionEncoder)
     register(Qwen2VLVisionEncoder)
