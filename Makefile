@@ -3,22 +3,33 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARCH := $(shell uname -m)
 # torch + torchvision pairs that install on this kind of machine (x86_64 from local disk); pyproject keeps a range
+# XFORMERS=1 (`make install XFORMERS=1`, x86_64 Linux with CUDA): torch 2.10.0, the release xformers 0.0.35 (its
+# newest wheel) was built for, plus xformers itself (the `xformers` extra); beside torch 2.14 xformers imports without
+# its CUDA kernels and mmhub runs SDPA (it logs one line saying so). Each choice has its own stamp, so switching reinstalls.
+EXTRAS := test
 ifeq ($(ARCH),x86_64)
+ifeq ($(XFORMERS),1)
+TORCH := torch==2.10.0 torchvision==0.25.0
+EXTRAS := test,xformers
+else
 TORCH := torch==2.14.1 torchvision==0.29.1
+endif
 else
 TORCH := torch==2.9.1 torchvision==0.24.1
 endif
+STAMP := $(VENV)/.installed$(if $(filter 1,$(XFORMERS)),-xformers)
 
 .PHONY: install weights browser demo test clean
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]" $(TORCH)
+	rm -f $(VENV)/.installed $(VENV)/.installed-xformers
 	touch $@
 
-install: $(VENV)/.installed
+install: $(STAMP)
 
 # the Gradio demo on http://127.0.0.1:7860 (the default model needs the weights below)
 demo: install weights

@@ -19,6 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+from mmhub.xformers_probe import silence_xformers_import_warning  # noqa: E402  (standard library only)
+
+# xformers built for another torch logs six lines on every import (diffusers imports it); mmhub says it in one line
+silence_xformers_import_warning()
+
 # public name -> the module that defines it; one line per name
 _LAZY: dict[str, str] = {
     "load": "mmhub.loading",

@@ -8,9 +8,15 @@ all call `attention(q, k, v, mask, backend)`. The backend is chosen per spec
   for CUDA tensors, so asking for it elsewhere is an error that says so;
 * ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention``;
 * ``eager``: the plain softmax(QK^T/sqrt(d))V, for debugging and as the reference;
-* ``auto``: xformers where it runs (CUDA tensors and an importable xformers), SDPA
-  otherwise, and SDPA also for inputs this xformers build has no kernel for (a build
-  for another torch imports without its C++ kernels); each fallback is logged once.
+* ``auto``: xformers where it runs (CUDA tensors and an xformers whose C++/CUDA extensions
+  loaded), SDPA otherwise, and SDPA also for inputs this xformers build has no kernel for;
+  each fallback is logged once.
+
+xformers counts only when its extensions loaded: a wheel built for another torch imports without
+them (`mmhub.xformers_probe.xformers_status` finds out once and logs one line with the fix,
+``make install XFORMERS=1``). Which kernel actually ran is counted: ``with attention_kernels() as
+ran: ...`` gives e.g. ``{"sdpa": 12}``, and the first run of each (requested, kernel, device) is
+logged once (``attention: auto on cuda ran xformers``).
 
 Inside transformers backbones and towers the same choice goes through `hf_attn_implementation`:
 ``xformers`` (and ``auto`` on a CUDA machine with xformers) registers `hf_xformers_attention` as
@@ -29,15 +35,16 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from contextlib import contextmanager
 from contextvars import ContextVar
-from functools import lru_cache
 from typing import Any, Iterator, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from mmhub.errors import MMHubError
+from mmhub.xformers_probe import FIX, XformersStatus, xformers_status
 
 Backend = Literal["auto", "xformers", "sdpa", "eager"]
 BACKENDS: tuple[str, ...] = ("auto", "xformers", "sdpa", "eager")
@@ -48,19 +55,40 @@ class AttentionBackendError(MMHubError):
     """The requested attention backend cannot run on these tensors."""
 
 
-@lru_cache(maxsize=1)
 def xformers_importable() -> bool:
-    """True when ``xformers.ops`` imports (it is imported lazily: importing it is slow and noisy)."""
-    try:
-        import xformers.ops  # noqa: F401
-    except Exception:  # ImportError, or a build for another torch failing at import
-        return False
-    return True
+    """True when xformers imports with its C++/CUDA extensions loaded (`xformers_status`, imported once, lazily:
+    importing it is slow). A wheel built for another torch imports without them and counts as not importable."""
+    return xformers_status().usable
 
 
 def xformers_runs(device: torch.device) -> bool:
     """True when xformers' memory-efficient kernels run on `device` (CUDA only; no CPU kernels)."""
     return device.type == "cuda" and xformers_importable()
+
+
+_kernels: ContextVar[Counter[str] | None] = ContextVar("mmhub_attention_kernels", default=None)
+
+
+@contextmanager
+def attention_kernels() -> Iterator[Counter[str]]:
+    """Count the attention kernels that actually run inside the block: ``xformers``, ``sdpa``, ``eager`` and
+    ``segment_sdpa`` (`hf_sdpa_attention` over packed rows), one count per call of `attention`,
+    `hf_xformers_attention` or `hf_sdpa_attention` (transformers' own ``sdpa``/``eager`` are not seen)."""
+    ran: Counter[str] = Counter()
+    token = _kernels.set(ran)
+    try:
+        yield ran
+    finally:
+        _kernels.reset(token)
+
+
+def _ran(kernel: str, requested: str, device: torch.device) -> None:
+    """Record that `kernel` ran for a call that asked for `requested`; the first of each kind is logged once."""
+    ran = _kernels.get()
+    if ran is not None:
+        ran[kernel] += 1
+    _log_once(f"ran: {requested} {kernel} {device.type}", "attention: %s on %s ran %s", requested, device.type,
+              kernel)
 
 
 _warned: set[str] = set()
@@ -90,11 +118,22 @@ def select_backend(requested: str, device: torch.device) -> str:
             why = (f"xformers' memory_efficient_attention has kernels for CUDA only and these tensors are on "
                    f"{device.type}")
         else:
-            why = "xformers is not installed or fails to import (a build for another torch/CUDA)"
+            why = f"xformers is not installed or fails to import, or its C++/CUDA kernels did not load ({_why_not()})"
         raise AttentionBackendError(f"attention backend 'xformers' cannot run here: {why}. "
                                     "Set `attention: auto` (uses xformers where it runs, SDPA otherwise) "
                                     "or `attention: sdpa`.")
     return requested
+
+
+def _why_not(status: XformersStatus | None = None) -> str:
+    """Why xformers' kernels are not there, with the fix."""
+    st = status or xformers_status()
+    if not st.installed:
+        return "no xformers package: `pip install xformers` on a Linux x86_64 CUDA machine"
+    if st.kernels:
+        return f"xformers {st.version} loaded its kernels, but not in this check"
+    built = f"built for torch {st.built_for}" if st.built_for else "built for another torch"
+    return f"xformers {st.version} was {built}, this is torch {st.torch}; `{FIX}` installs the torch it was built for"
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
@@ -114,11 +153,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         else:
             empty_rows = None
     out = _xformers_or_none(q, k, v, mask, dropout_p, backend) if chosen == "xformers" else None
+    kernel = "xformers"
     if out is None:
+        kernel = "eager" if chosen == "eager" else "sdpa"
         if chosen == "eager":
             out = _eager(q, k, v, mask, dropout_p)
         else:  # sdpa, or auto where this xformers build has no kernel for these inputs
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    _ran(kernel, backend, q.device)
     if empty_rows is not None:
         out = out.masked_fill(empty_rows, 0.0)
     return out
@@ -282,7 +324,9 @@ def hf_xformers_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     elif key_ not in _xformers_unsupported:
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         try:
-            return _hf_xformers(query, key, value, attention_mask, dropout, scaling, causal), None
+            out = _hf_xformers(query, key, value, attention_mask, dropout, scaling, causal)
+            _ran("xformers", HF_XFORMERS, query.device)
+            return out, None
         except NotImplementedError as exc:
             _xformers_unsupported.add(key_)
             log.info("attention: mmhub_xformers -> sdpa for %s (xformers has no kernel for these inputs: %s)", key_,
@@ -307,8 +351,10 @@ def hf_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     B, h, L, d = query.shape
     if (seqlens is None or key.shape[2] != L or L == 1 or sum(seqlens) != B * L
             or any(kwargs.get(k) is not None and kwargs.get(k) is not False for k in _SPECIAL)):
+        _ran("sdpa", HF_SDPA, query.device)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
+    _ran("segment_sdpa", HF_SDPA, query.device)
     return segment_sdpa(query, key, value, seqlens, dropout, scaling), None
 
 

@@ -16,7 +16,6 @@ from typing import Any
 from pydantic import ValidationError
 
 from mmhub import weights as weight_sources
-from mmhub.attention import xformers_importable
 from mmhub.cross_checks import (
     check_budget,
     check_injectors,
@@ -40,6 +39,7 @@ from mmhub.interfaces import (
 )
 from mmhub.registry import ComponentInfo, Registry, get_registry
 from mmhub.spec import Spec, problems_from_validation
+from mmhub.xformers_probe import xformers_status
 
 
 @dataclass
@@ -191,7 +191,8 @@ def plan_spec(
     plan = Plan(spec=spec, ctx=ctx, sandbox=sandbox)
     problems: list[Problem] = []
 
-    if spec.attention == "xformers" and not xformers_importable():
+    # installed is enough to build: backbones fall back to SDPA (logged) where xformers' kernels cannot run
+    if spec.attention == "xformers" and not xformers_status().installed:
         problems.append(
             Problem(
                 "attention",
