@@ -155,11 +155,14 @@ def test_declared_and_derived_gaps_both_show() -> None:
     flamingo = REG.presets["flamingo:full"].status
     assert "injectors.xattn: gated_xattn starts randomly initialised" in flamingo
     assert "ImageNet-classification NFNet-F6" in flamingo  # declared: a published part stands in for Flamingo's
-    points = REG.presets["x-instructblip:full"].status
-    assert "encoders.points: pointnet reads file:~/models/ulip2_pointbert_mmhub.safetensors, which no " \
-           "parity-tested importer or converter produces" in points
-    # ImageBind-huge's file is what mmhub.importers.convert_imagebind writes from the published checkpoint
+    spec = {"encoders": {"points": {"type": "pointnet", "pretrained": "file:~/models/pointnet.safetensors"}},
+            "backbone": {"type": "hf_causal_lm", "source": "hf:lmsys/vicuna-7b-v1.5"}}
+    assert derive_status(PresetInfo("t", "full", spec, "test"), REG) == \
+        "partial: encoders.points: pointnet reads file:~/models/pointnet.safetensors, which no parity-tested " \
+        "importer or converter produces from published weights"
+    # ImageBind-huge's and ULIP-2's files are what mmhub.importers.convert_imagebind / convert_ulip_pointbert write
     assert "encoders.image" not in REG.presets["pandagpt:full"].status
+    assert "reads file" not in REG.presets["x-instructblip:full"].status
 
 
 def test_status_is_complete_only_when_every_slot_loads_published_weights() -> None:
