@@ -2,7 +2,8 @@
 
 `MMProcessor.encode` handles one sample (checking its placeholders against its
 media); `MMProcessor.collate` pads a list of samples into a batch. Labels are
--100 everywhere except assistant replies. For models with an output side, a group
+-100 everywhere except assistant replies (not those of turns marked ``train: false``,
+which are context). For models with an output side, a group
 marker (``<img_out>``) in the text expands into that modality's signal tokens, and
 each sample's output captions (the media its assistant turns generate) are carried
 into the batch as ``outputs``.
@@ -47,6 +48,26 @@ def check_text(messages: Messages, where: str) -> None:
                              f"character {exc.start} of message {k} ({msg.get('role')!r}); the data was decoded from "
                              "broken UTF-16 or an escaped '\\ud8xx': fix the text to valid UTF-8 or drop the sample"
                              ) from None
+
+
+def context_replies(segments: list[tuple[str, bool]], messages: Messages, where: str,
+                    template: str) -> list[tuple[str, bool]]:
+    """`segments` with the replies of assistant turns marked ``train: false`` turned into context (no loss): an
+    earlier reply a later turn responds to, as in a critique-and-refinement conversation (DRESS's NLF data)."""
+    replies = [m for m in messages if m.get("role") == "assistant"]
+    for k, m in enumerate(replies):
+        if not isinstance(m.get("train", True), bool):
+            raise InputError(f"{where}: assistant turn {k} has train: {m.get('train')!r}; give true (a target, the "
+                             "default) or false (context only)")
+    if all(m.get("train", True) for m in replies):
+        return segments
+    targets = [i for i, (_, target) in enumerate(segments) if target]
+    if len(targets) != len(replies):
+        raise InputError(f"{where}: template {template!r} renders {len(targets)} target piece(s) for {len(replies)} "
+                         "assistant turn(s), so `train: false` cannot be matched to its turn; use a named template "
+                         "(chatml, vicuna_v1, llama-2, plain)")
+    context = {i for i, m in zip(targets, replies, strict=True) if m.get("train", True) is False}
+    return [(text, target and i not in context) for i, (text, target) in enumerate(segments)]
 
 
 class MMProcessor:
@@ -96,7 +117,9 @@ class MMProcessor:
                 messages = [{**msg, "content": msg["content"].replace(marker, tokens)} for msg in messages]
         ids: list[int] = []
         labels: list[int] = []
-        for text, target in self.template.render(messages, self.tokenizer, add_generation_prompt=add_generation_prompt):
+        segments = context_replies(self.template.render(messages, self.tokenizer, add_generation_prompt),
+                                   messages, where, getattr(self.template, "name", "?"))
+        for text, target in segments:
             piece = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             ids += piece
             labels += piece if target else [IGNORE] * len(piece)

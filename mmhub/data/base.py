@@ -12,10 +12,10 @@ for shards that are read as a stream, ``streaming = True`` and ``__iter__``
 * a dict ``{type: NAME, ...settings}``; without ``type`` the format is sniffed from ``path``;
 * a path string (sniffing, see `sniff_format`): ``.json`` -> ``sharegpt`` when the head of the
   file has ``"messages"``/``"images"``/``"audios"``/``"videos"`` keys, else ``llava_json``;
-  ``.jsonl`` -> ``preference`` when the first record has ``chosen`` and ``rejected``,
-  ``sharegpt`` when it has ``messages``/``conversations``, else ``captions``; ``.csv`` ->
-  ``captions``; ``.tar`` files, globs (``shards/*.tar``) and brace ranges
-  (``shard-{000..009}.tar``) -> ``webdataset``;
+  ``.jsonl`` -> ``preference`` when the first record has ``chosen`` and ``rejected``, ``nlf``
+  when it has ``refined`` and ``critique`` (or ``rounds``), ``sharegpt`` when it has
+  ``messages``/``conversations``, else ``captions``; ``.csv`` -> ``captions``; ``.tar`` files,
+  globs (``shards/*.tar``) and brace ranges (``shard-{000..009}.tar``) -> ``webdataset``;
 * a list of those: a `MixtureDataset`. Each element may carry ``weight`` (default 1): the
   element contributes ``round(weight * len)`` samples per pass, whole repeats first and a
   fixed (seeded) subset for the fractional part, so 2 means every sample twice and 0.5 a
@@ -334,6 +334,8 @@ def sniff_format(path: str | Sequence[str], base_dir: Path | None = None) -> str
         raise InputError(f"{p}: the first line is not valid JSON, so the format cannot be told") from None
     if isinstance(rec, dict) and "chosen" in rec and "rejected" in rec:
         return "preference"
+    if isinstance(rec, dict) and "refined" in rec and ("critique" in rec or "rounds" in rec):
+        return "nlf"
     if isinstance(rec, dict) and ("messages" in rec or "conversations" in rec):
         return "sharegpt"
     return "captions"

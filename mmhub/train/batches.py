@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from mmhub.data.nlf import has_feedback
 from mmhub.errors import InputError
 from mmhub.packing import collate_packed, pack, spliced_length
 from mmhub.spec import StageSpec
@@ -28,6 +29,10 @@ MAX_WARNINGS = 10  # per reason; later skips of that reason are only counted
 
 class NoAssistantTurn(InputError):
     """A training conversation has no assistant turn: nothing to learn from it."""
+
+
+class NoFeedbackTurn(InputError):
+    """An ``objective: nlf`` stage's conversation has no feedback round (context reply, feedback, refined reply)."""
 
 
 def printable(text: str) -> str:
@@ -46,6 +51,8 @@ class BadSamples:
 
     @staticmethod
     def reason(exc: Exception) -> str:
+        if isinstance(exc, NoFeedbackTurn):
+            return "no_feedback_turn"
         return "no_assistant_turn" if isinstance(exc, NoAssistantTurn) else type(exc).__name__
 
     def add(self, where: str, exc: Exception) -> None:
@@ -131,6 +138,10 @@ class BatchBuilder:
                 raise NoAssistantTurn(f"sample id {sample.id!r} has no assistant turn ({len(sample.messages)} "
                                       "message(s), roles " + ", ".join(str(m.get("role")) for m in sample.messages)
                                       + "): its loss would be 0; add the assistant's reply or drop the sample")
+            if getattr(self.objective, "needs_feedback", False) and not has_feedback(sample.messages):
+                raise NoFeedbackTurn(f"sample id {sample.id!r} has no feedback round (an assistant reply marked "
+                                     "train: false, the user's critique, then the refined reply), which an nlf stage "
+                                     "trains on; give it as nlf data (`type: nlf`) or train it in an sft stage")
         pair = []
         for conv in convs:
             enc = proc.encode(conv, sample.media, index=i, preprocess=False)

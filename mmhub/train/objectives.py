@@ -10,7 +10,8 @@ record, ``count_key`` names the count there.
 * `OutputAlignment`: wraps either of them for models with an output side, adding each sample's
   output captions to the batch so the forward adds the decoding-side alignment loss;
 * `DiffusionLoss`: a generator's own denoising loss on (pixels, caption ids) batches;
-* `PFormerLanguageLoss` (``objective: pformer``, `mmhub.train.pformer_phase`): DLP's language-only phase.
+* `PFormerLanguageLoss` (``objective: pformer``, `mmhub.train.pformer_phase`): DLP's language-only phase;
+* `FeedbackRefinementLoss` (``objective: nlf``, `mmhub.train.nlf`): DRESS's natural-language-feedback alignment.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any, Protocol
 import torch
 
 from mmhub.spec import StageSpec
+from mmhub.train.nlf import FeedbackRefinementLoss
 from mmhub.train.pformer_phase import PFormerLanguageLoss
 
 
@@ -111,6 +113,7 @@ class OutputAlignment:
         self.modalities = modalities
         self.count_key = inner.count_key
         self.pairs = inner.pairs
+        self.needs_feedback = getattr(inner, "needs_feedback", False)
 
     def prepare(self, batch: dict[str, Any], ordered: list[Any]) -> None:
         self.inner.prepare(batch, ordered)
@@ -145,6 +148,8 @@ def objective_for(stage: StageSpec, model: Any, reference: torch.nn.Module | Non
     if stage.objective == "pformer":  # text alone through the frozen LLM: no output side either
         return PFormerLanguageLoss(model, stage)
     inner: Objective = PreferenceLoss(reference) if stage.objective == "dpo" else NextTokenLoss()
+    if stage.objective == "nlf":  # DRESS: the refined replies of feedback conversations
+        inner = FeedbackRefinementLoss(inner)
     if len(model.output_projectors):
         return OutputAlignment(inner, list(model.output_projectors))
     return inner
