@@ -61,11 +61,12 @@ class BertQFormerBlock(nn.Module):
 
     def forward(self, h: torch.Tensor, n_queries: int, mask: torch.Tensor | None, features: torch.Tensor,
                 last: bool = False) -> torch.Tensor:
-        """h: (N, Q + L, width), queries first; mask: (N, Q + L) True = real token; features: (N, T, cross_dim).
+        """h: (N, Q + L, width), queries first; mask: (N, Q + L) True = real token, or (N, Q + L, Q + L) True = row may
+        attend to column; features: (N, T, cross_dim) (unused when ``n_queries`` is 0: BERT's text-only pass).
         With `last` only the query positions are returned (the text positions of the last block are never read)."""
         h = self.self_norm(h + self.self_attn(h, mask=mask))
         queries, text = h[:, :n_queries], h[:, n_queries:]
-        if self.cross_attn is not None and self.cross_norm is not None:
+        if self.cross_attn is not None and self.cross_norm is not None and n_queries:  # text alone: no image
             queries = self.cross_norm(queries + self.cross_attn(queries, features))
         queries = self.ffn(queries)
         if last or text.shape[1] == 0:
@@ -101,8 +102,28 @@ class BertQFormer(nn.Module):
     def forward(self, features: torch.Tensor, text_ids: torch.Tensor | None = None,
                 text_mask: torch.Tensor | None = None) -> torch.Tensor:
         """features (N, T, feature_dim); text_ids/text_mask (N, L) right-padded Q-Former token ids -> (N, Q, width)."""
-        N, Q = features.shape[0], self.num_queries
-        h = self.queries.to(features.dtype).expand(N, -1, -1)
+        return self._run(features, text_ids, text_mask, None, True, last=True)
+
+    def states(self, features: torch.Tensor | None, text_ids: torch.Tensor | None = None,
+               text_mask: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last block's (query states (N, Q, width), text states (N, L, width)), as the first-stage losses read
+        them. With `features` None only the text goes through (no queries, no cross-attention: BLIP-2's text
+        encoder, Q = 0). `attn_mask` (N, Q + L, Q + L), True = may attend, replaces the padding mask (ITG's
+        multimodal causal mask); without it every position attends to every real one (ITM's bidirectional mask)."""
+        if features is None and text_ids is None:
+            raise ValueError("BertQFormer.states needs features, text ids or both")
+        h = self._run(features, text_ids, text_mask, attn_mask, features is not None, last=False)
+        Q = self.num_queries if features is not None else 0
+        return h[:, :Q], h[:, Q:]
+
+    def _run(self, features: torch.Tensor | None, text_ids: torch.Tensor | None, text_mask: torch.Tensor | None,
+             attn_mask: torch.Tensor | None, with_queries: bool, last: bool) -> torch.Tensor:
+        ref = features if features is not None else text_ids
+        assert ref is not None
+        N, Q = ref.shape[0], self.num_queries if with_queries else 0
+        dtype = features.dtype if features is not None else self.queries.dtype
+        h = self.queries.to(dtype).expand(N, -1, -1)[:, :Q]
         mask = None
         if text_ids is not None:
             if self.word_embeddings is None or self.position_embeddings is None:
@@ -118,10 +139,15 @@ class BertQFormer(nn.Module):
             if text_mask is None:
                 text_mask = torch.ones_like(text_ids, dtype=torch.bool)
             mask = torch.cat([torch.ones(N, Q, dtype=torch.bool, device=h.device), text_mask.to(torch.bool)], 1)
+        if attn_mask is not None:
+            if attn_mask.shape != (N, h.shape[1], h.shape[1]):
+                raise ValueError(f"attn_mask {tuple(attn_mask.shape)} does not match {N} rows of {Q} queries + "
+                                 f"{h.shape[1] - Q} text tokens; give (N, Q + L, Q + L)")
+            mask = attn_mask.to(torch.bool)
         h = self.embed_norm(h)
         for i, block in enumerate(self.blocks):
-            h = block(h, Q, mask, features, last=i == len(self.blocks) - 1)
-        return h[:, :Q]
+            h = block(h, Q, mask, features, last=last and i == len(self.blocks) - 1)
+        return h[:, :Q] if last else h
 
 
 # transformers' names inside one Q-Former layer -> BertQFormerBlock's

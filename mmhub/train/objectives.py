@@ -10,6 +10,7 @@ record, ``count_key`` names the count there.
 * `OutputAlignment`: wraps either of them for models with an output side, adding each sample's
   output captions to the batch so the forward adds the decoding-side alignment loss;
 * `DiffusionLoss`: a generator's own denoising loss on (pixels, caption ids) batches;
+* `Blip2QFormerLoss` (``objective: blip2_qformer``, `mmhub.train.blip2_qformer`): BLIP-2's first stage;
 * `PFormerLanguageLoss` (``objective: pformer``, `mmhub.train.pformer_phase`): DLP's language-only phase;
 * `FeedbackRefinementLoss` (``objective: nlf``, `mmhub.train.nlf`): DRESS's natural-language-feedback alignment.
 """
@@ -22,6 +23,7 @@ import torch
 
 from mmhub.spec import StageSpec
 from mmhub.train.nlf import FeedbackRefinementLoss
+from mmhub.train.blip2_qformer import Blip2QFormerLoss
 from mmhub.train.pformer_phase import PFormerLanguageLoss
 
 
@@ -144,7 +146,10 @@ class DiffusionLoss:
 
 
 def objective_for(stage: StageSpec, model: Any, reference: torch.nn.Module | None = None) -> Objective:
-    """The objective a stage names (``sft`` / ``dpo``), plus the output-side alignment when the model makes media."""
+    """The objective a stage names (``sft`` / ``dpo`` / ``blip2_qformer``), plus the output-side alignment when the
+    model makes media (not for blip2_qformer, which does not run the LLM)."""
+    if stage.objective == "blip2_qformer":
+        return Blip2QFormerLoss(model, stage)
     if stage.objective == "pformer":  # text alone through the frozen LLM: no output side either
         return PFormerLanguageLoss(model, stage)
     inner: Objective = PreferenceLoss(reference) if stage.objective == "dpo" else NextTokenLoss()
