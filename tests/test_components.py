@@ -95,7 +95,9 @@ def test_every_component_has_metadata() -> None:
             meta = info.metadata()
             assert meta["plugin"] and meta["doc"], f"{kind} {name} lacks plugin or docs line"
             assert meta["out_dim"] and meta["tokens"], f"{kind} {name} does not say how width/tokens are determined"
-            assert info.cls.example_settings is not None
+            example = info.cls.example_settings
+            assert isinstance(example, dict), f"{kind} {name}: example_settings is {type(example).__name__}, not a dict"
+            info.cls.Config.model_validate(example)  # a tiny instance's settings: valid settings of this component
 
 
 def test_builtins_cover_the_first_components() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from mmhub.apps.demo import model_key
 from mmhub.apps.models import DEFAULT, LoadedModel, ModelPool, model_choices
 from mmhub.apps.uploads import Limits, check_prompt, modality_of, read_upload
 from mmhub.errors import InputError
+from mmhub.plugins import FailedPlugin
 
 LIMITS = Limits()
 
@@ -251,7 +253,17 @@ def test_catalog_lists_builtins_and_failures(registry):
             ("dataset", "easy_vqa"), ("eval task", "easy_vqa")} <= named
     assert all(len(r) == len(catalog.COMPONENT_COLUMNS) for r in rows)
     assert any(r[0] == "mmhub.encoders" for r in catalog.plugin_rows())
-    assert "No plugin failed" in catalog.summary() or "failed to load" in catalog.summary()
+    # the summary states what the registry holds: either no failure or how many failed, never both
+    clean = replace(registry, plugins=replace(registry.plugins, failed=[]))
+    assert catalog.summary(clean).endswith(". No plugin failed to load.")
+    bad = FailedPlugin("bad_plugin", "bad-dist", "ImportError: no module named nope")
+    broken = replace(registry, plugins=replace(registry.plugins, failed=[bad]))
+    text = catalog.summary(broken)
+    assert text.endswith(". **1 plugin(s) failed to load** (below).") and "No plugin failed" not in text
+    assert catalog.failed_rows(broken) == [["bad_plugin", "bad-dist", "ImportError: no module named nope"]]
+    n = len(registry.failed)  # the installed plugins: the text follows their count
+    expected = f"**{n} plugin(s) failed to load** (below)." if n else "No plugin failed to load."
+    assert catalog.summary().endswith(expected)
 
 
 def test_app_builds(loaded):

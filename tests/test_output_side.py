@@ -94,9 +94,13 @@ def test_signal_tokens_are_added_with_their_own_rows(out_spec) -> None:
     assert model.signal_tokens.embed.shape == (3, 48) and model.signal_tokens.head.shape == (3, 48)
     enc = model.processor.encode([{"role": "user", "content": "draw"},
                                   {"role": "assistant", "content": "ok <img_out>"}])
-    assert enc.input_ids[-len(ids) - 1:-1] == ids or all(i in enc.input_ids for i in ids)
-    # the text the model returns never shows them
-    assert model.tokenizer.decode(ids + [ord("a")], skip_special_tokens=True).strip() in ("a", "")
+    # <img_out> becomes the signal tokens once, in place: right after "ok " and before the turn's end
+    end = model.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    at = enc.input_ids.index(ids[0])
+    assert enc.input_ids[at - 3:at + len(ids) + 1] == [ord("o"), ord("k"), ord(" "), *ids, end]  # byte ids
+    assert sum(i in ids for i in enc.input_ids) == len(ids)
+    # the text the model returns never shows them, and keeps everything else
+    assert model.tokenizer.decode(ids + [ord("a")], skip_special_tokens=True) == "a"
     hidden = torch.randn(2, 48)
     logits = model.head(hidden)
     assert logits.shape == (2, 300 + 3)

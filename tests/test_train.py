@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -231,6 +232,8 @@ def test_dpo_grows_the_chosen_over_rejected_margin(tmp_path: Path) -> None:
     assert float((c1 > r1).float().mean()) >= 0.9, "the chosen reply should out-rank the rejected one"
     metrics = (tmp_path / "dpo" / "prefer" / "metrics.jsonl").read_text().splitlines()
     steps = [json.loads(x) for x in metrics if '"loss"' in x]
+    # step 1 is computed before any update: the reference equals the policy, every margin is 0, the loss ln 2
+    assert abs(steps[0]["loss"] - math.log(2)) < 1e-5 and steps[0]["reward_margin"] == pytest.approx(0, abs=1e-5)
     assert steps[-1]["reward_accuracy"] >= steps[0]["reward_accuracy"] and "reward_margin" in steps[-1]
 
 
