@@ -31,6 +31,16 @@ separate text FFN per block. transformers' ``Blip2QFormerModel`` / ``InstructBli
 weights load into it (`qformer_state`) and give the same outputs; ``proj`` is BLIP-2's
 ``language_projection``.
 
+Video (the input: a video encoder's ``temporal: concat`` output, ``frames`` frames' tokens in time order):
+``read_frames: each`` (the default) reads every frame on its own and concatenates the frames' query outputs
+(InstructBLIP-Video, X-InstructBLIP: ``frames x num_queries`` tokens, ordered for the LLM by its own positions);
+``read_frames: together`` reads all frames' tokens at once (VideoChat: ``num_queries`` tokens), which by itself
+cannot tell a clip from its reverse, since cross-attention does not see the order of its keys.
+``frame_positions: N`` adds learned frame-position embeddings (`mmhub.projectors.frame_positions`, an N-row
+table, Video-LLaMA's ``video_frame_position_embedding``): to each frame's query outputs when frames are read on
+their own (where Video-LLaMA adds them), to each frame's (normalised) feature tokens when they are read together
+(as Flamingo adds its learned time embeddings to the frame features before its resampler).
+
 The building blocks (`QFormerBlock`, `QueryTransformer`, `TextIn`) are reused by the
 P-Former of `mmhub.projectors.pformer`.
 """
@@ -46,14 +56,8 @@ from torch import nn
 
 from mmhub.attention import MultiheadAttention
 from mmhub.interfaces import BuildContext, ComponentConfig, Projector, ProjectorConfig, TextContext
+from mmhub.projectors.frame_positions import FramePositions
 from mmhub.projectors.qformer_blip2 import BertQFormer, tokenize_instructions
-from mmhub.projectors.qformer_pretrain import (
-    QFormerPretrainHeads,
-    TextBatch,
-    image_embeddings,
-    pretrain_losses,
-    text_embeddings,
-)
 
 
 def sinusoid(positions: torch.Tensor, width: int) -> torch.Tensor:
@@ -185,14 +189,12 @@ class QFormerConfig(ProjectorConfig):
     text_pad_id: int = Field(0, ge=0, description="blip2 + instruction_aware: the tokenizer's padding id")
     frames: int = Field(1, ge=1, description="the input holds this many frames' tokens in time order; each frame is "
                         "read on its own, outputs concatenated (InstructBLIP-Video): frames x num_queries tokens")
-    pretrain_heads: bool = Field(
-        False, description="blip2: BLIP-2's first-stage side (the Q-Former's text embeddings and text FFNs, ITC "
-                           "projections, ITM head, ITG LM head, temperature) for a stage with objective: blip2_qformer")
-    embed_dim: int = Field(256, ge=1, description="pretrain_heads: the ITC embedding width (BLIP-2: 256)")
-    max_text_len: int = Field(32, ge=2, description="pretrain_heads: captions are cut to this many Q-Former tokens")
-    text_cls_token: str = Field("[CLS]", description="pretrain_heads: the first token of a caption (its ITC embedding)")
-    text_dec_token: str = Field("[DEC]", description="pretrain_heads: ITG's first token; added to the tokenizer "
-                                "when missing, as LAVIS adds [DEC] to BERT's")
+    read_frames: Literal["each", "together"] = Field(
+        "each", description="frames > 1: each: every frame through the Q-Former on its own (frames x num_queries "
+        "tokens); together: all frames' tokens at once (num_queries tokens; order-blind without frame_positions)")
+    frame_positions: int | None = Field(
+        None, ge=1, description="rows of a learned frame-position table (the most frames; Video-LLaMA: 32), added "
+        "to each frame's query outputs (read_frames: each) or feature tokens (together); needs frames > 1")
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> "QFormerConfig":
@@ -202,14 +204,14 @@ class QFormerConfig(ProjectorConfig):
         if self.layout == "blip2" and self.instruction_aware and self.text_tokenizer is None:
             raise ValueError("layout blip2 with instruction_aware: true reads the instruction as the Q-Former's own "
                              "token ids; fix: set text_tokenizer to its (BERT) tokenizer folder")
-        if self.pretrain_heads and (self.layout != "blip2" or self.text_tokenizer is None):
-            raise ValueError("pretrain_heads (BLIP-2's first stage) needs layout: blip2 (the Q-Former with BERT text "
-                             "embeddings) and text_tokenizer (its tokenizer folder or weight source, or byte); "
-                             f"got layout {self.layout}, text_tokenizer {self.text_tokenizer}")
-        if self.pretrain_heads and self.frames != 1:
-            raise ValueError(f"pretrain_heads trains on images (frames: 1), got frames: {self.frames}")
         if self.layout == "blip2" and self.text_pad_id >= self.text_vocab_size:
             raise ValueError(f"text_pad_id {self.text_pad_id} is outside text_vocab_size {self.text_vocab_size}")
+        if self.frame_positions is not None and self.frames == 1:
+            raise ValueError(f"frame_positions {self.frame_positions} needs the frame count: set frames to the video "
+                             "encoder's num_frames (temporal: concat), or drop frame_positions for images")
+        if self.frame_positions is not None and self.frames > self.frame_positions:
+            raise ValueError(f"frames {self.frames} exceeds the {self.frame_positions}-row frame-position table; fix: "
+                             f"set frame_positions >= {self.frames}")
         return self
 
 
@@ -239,7 +241,7 @@ class QFormerProjector(Projector):
             raise ValueError(f"{cls.name} reads {config.frames} frames, but {in_tokens} input tokens are not "
                              f"{config.frames} equal frames; fix: set frames to the video encoder's num_frames "
                              "(with temporal: concat)")
-        return config.frames * config.num_queries
+        return config.num_queries if config.read_frames == "together" else config.frames * config.num_queries
 
     def __init__(self, config: QFormerConfig, ctx: BuildContext):
         super().__init__(config, ctx)
@@ -248,6 +250,7 @@ class QFormerProjector(Projector):
         if config.layout == "blip2":
             self._build_blip2(config, ctx)
             self.proj = nn.Linear(config.width, config.out_dim)  # transformers' language_projection
+            self._add_frame_positions(config)
             return
         self.ln_features = nn.LayerNorm(config.in_dim)  # BLIP-2's ln_vision
         self.qformer = QueryTransformer(config.num_queries, config.width, config.layers, config.heads, config.mlp_ratio,
@@ -259,33 +262,40 @@ class QFormerProjector(Projector):
             for module in self.modules():
                 if isinstance(module, nn.LayerNorm):
                     module.eps = config.norm_eps
+        self._add_frame_positions(config)
+
+    def _add_frame_positions(self, config: QFormerConfig) -> None:
+        """The frame-position table (`mmhub.projectors.frame_positions`), as wide as what it is added to."""
+        if config.frame_positions is None:
+            self.frame_position = None
+            return
+        assert config.in_dim is not None, "in_dim is filled in by validation"
+        width = config.in_dim if config.read_frames == "together" else config.width
+        self.frame_position = FramePositions(config.frame_positions, width)
+
+    def _timed(self, features: torch.Tensor) -> torch.Tensor:
+        """Reading frames together: (N, T, D) features with each frame's row of the table added to its tokens."""
+        config: QFormerConfig = self.config  # type: ignore[assignment]
+        if self.frame_position is None or config.read_frames != "together":
+            return features
+        n, t, d = features.shape
+        return self.frame_position.add(features.reshape(n, config.frames, t // config.frames, d)).reshape(n, t, d)
 
     def _build_blip2(self, config: QFormerConfig, ctx: BuildContext) -> None:
         """The published layout (`mmhub.projectors.qformer_blip2`), and the Q-Former tokenizer when it reads text."""
         from transformers import AutoTokenizer
 
         hidden = max(1, round(config.width * config.mlp_ratio))
-        reads_text = config.instruction_aware or config.pretrain_heads
         self.qformer = BertQFormer(config.num_queries, config.width, config.layers, config.heads, hidden,
                                    config.norm_eps or 1e-12, ctx.attention, feature_dim=config.in_dim,
                                    cross_every=config.cross_attention_every,
-                                   text_vocab=config.text_vocab_size if reads_text else None,
+                                   text_vocab=config.text_vocab_size if config.instruction_aware else None,
                                    text_positions=config.text_positions, text_pad_id=config.text_pad_id)
         self.text_tokenizer = None
-        if reads_text and config.text_tokenizer == "byte":  # test-size models: no tokenizer files
-            from mmhub.backbones.byte_tokenizer import byte_tokenizer
-
-            self.text_tokenizer = byte_tokenizer()
-        elif reads_text and config.text_tokenizer is not None:
+        if config.instruction_aware and config.text_tokenizer is not None:
             folder = ctx.weights(config.text_tokenizer)
             self.text_tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True,
                                                                 trust_remote_code=False)
-        if config.pretrain_heads:
-            self.pretrain = QFormerPretrainHeads(config.width, config.embed_dim, config.text_vocab_size,
-                                                 config.norm_eps or 1e-12)
-            if self.text_tokenizer is not None and config.text_dec_token not in self.text_tokenizer.get_vocab():
-                self.text_tokenizer.add_special_tokens({"bos_token": config.text_dec_token})
-        if self.text_tokenizer is not None:
             if len(self.text_tokenizer) > config.text_vocab_size:
                 raise ValueError(f"text_tokenizer {config.text_tokenizer} has {len(self.text_tokenizer)} tokens but "
                                  f"text_vocab_size is {config.text_vocab_size}; fix: set text_vocab_size to the "
@@ -306,10 +316,11 @@ class QFormerProjector(Projector):
             if instruction.shape[-1] != config.out_dim or instruction.shape[0] != features.shape[0]:
                 raise ValueError(f"{self.name}: instruction embeddings {tuple(instruction.shape)} do not match "
                                  f"{features.shape[0]} items of LLM width {config.out_dim}")
-        return self.qformer(self.ln_features(features), instruction, mask)
+        return self.qformer(self._timed(self.ln_features(features)), instruction, mask)
 
     def _blip2_states(self, features: torch.Tensor, text: TextContext | None) -> torch.Tensor:
         config: QFormerConfig = self.config  # type: ignore[assignment]
+        features = self._timed(features)
         if not config.instruction_aware:
             return self.qformer(features)
         texts = text.instruction_text if text is not None else None
@@ -323,54 +334,17 @@ class QFormerProjector(Projector):
         ids, mask = tokenize_instructions(self.text_tokenizer, list(texts), config.text_positions, features.device)
         return self.qformer(features, ids, mask)
 
-    # -- BLIP-2's first stage (pretrain_heads; `mmhub.projectors.qformer_pretrain`) ----------------
-    def caption_ids(self, texts: list[str], device: torch.device) -> TextBatch:
-        """Captions -> the Q-Former's own ids: [CLS] tokens [SEP] (the tokenizer's sep, else eos), cut to
-        max_text_len, right-padded with text_pad_id; plus ITG's [DEC] id."""
-        config: QFormerConfig = self.config  # type: ignore[assignment]
-        tok = self.text_tokenizer
-        if not config.pretrain_heads or tok is None:
-            raise ValueError(f"{self.name}: captions need the first-stage text side; set pretrain_heads: true "
-                             "(layout: blip2, text_tokenizer: ...)")
-        vocab = tok.get_vocab()
-        if config.text_cls_token not in vocab:
-            raise ValueError(f"text_cls_token {config.text_cls_token!r} is not in the Q-Former tokenizer "
-                             f"({config.text_tokenizer}); set text_cls_token to its first-token marker")
-        end = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
-        if end is None:
-            raise ValueError(f"the Q-Former tokenizer ({config.text_tokenizer}) has neither a sep nor an eos token "
-                             "to end a caption with")
-        body = tok(list(texts), add_special_tokens=False)["input_ids"]
-        rows = [[vocab[config.text_cls_token], *b[:config.max_text_len - 2], end] for b in body]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), config.text_pad_id, dtype=torch.long)
-        mask = torch.zeros(len(rows), width, dtype=torch.bool)
-        for i, r in enumerate(rows):
-            ids[i, :len(r)] = torch.tensor(r)
-            mask[i, :len(r)] = True
-        return TextBatch(ids.to(device), mask.to(device), vocab[config.text_dec_token])
-
-    def pretrain_losses(self, features: torch.Tensor, captions: list[str],
-                        generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """BLIP-2's first-stage losses {"itc", "itm", "itg"} of N (image features (N, T, in_dim), caption) pairs."""
-        return pretrain_losses(self.qformer, self.pretrain, features, self.caption_ids(captions, features.device),
-                               generator)
-
-    def similarity(self, features: torch.Tensor, captions: list[str]) -> torch.Tensor:
-        """ITC's image-text similarity (images, captions): the max over queries of the normalised embeddings' dot
-        products (before the temperature), BLIP-2's retrieval score."""
-        image = image_embeddings(self.qformer, self.pretrain, features)
-        text = text_embeddings(self.qformer, self.pretrain, self.caption_ids(captions, features.device))
-        return torch.einsum("iqd,td->itq", image, text).amax(-1)
-
     def forward(self, features: torch.Tensor, text: TextContext | None = None) -> torch.Tensor:
-        frames = self.config.frames  # type: ignore[attr-defined]
-        if frames == 1:
-            return self.proj(self.query_states(features, text))  # (N, T, in) -> (N, num_queries, out)
+        config: QFormerConfig = self.config  # type: ignore[assignment]
+        frames = config.frames
         N, T, D = features.shape
         if T % frames:
             raise ValueError(f"{self.name}: {T} feature tokens are not {frames} equal frames; fix: set frames to the "
                              "video encoder's num_frames (with temporal: concat)")
-        frame_features = features.reshape(N * frames, T // frames, D)
-        per_frame = self.proj(self.query_states(frame_features, repeat_text(text, frames)))
-        return per_frame.reshape(N, frames * per_frame.shape[1], -1)  # frame after frame, each frame's queries
+        if frames == 1 or config.read_frames == "together":
+            return self.proj(self.query_states(features, text))  # (N, T, in) -> (N, num_queries, out)
+        states = self.query_states(features.reshape(N * frames, T // frames, D), repeat_text(text, frames))
+        states = states.reshape(N, frames, states.shape[1], -1)  # (N, F, Q, width)
+        if self.frame_position is not None:
+            states = self.frame_position.add(states)  # Video-LLaMA's placement: on each frame's query outputs
+        return self.proj(states.reshape(N, -1, states.shape[-1]))  # frame after frame, each frame's queries

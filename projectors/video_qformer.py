@@ -5,8 +5,9 @@ frame tower and ``ln_vision``, in mmhub's BLIP-2 Q-Former modules (`mmhub.projec
 
 1. every frame's tokens through BLIP-2's image Q-Former (``frame_qformer``: ``num_queries`` queries, post-LN BERT
    blocks, cross-attention every ``cross_attention_every`` blocks) -> (frames, num_queries, width);
-2. a learned frame-position embedding (``frame_position``, ``max_frame_pos`` rows) added to all of a frame's query
-   states; the frames' states concatenated in time order -> (frames * num_queries, width);
+2. a learned frame-position embedding (``frame_position``, ``max_frame_pos`` rows,
+   `mmhub.projectors.frame_positions`) added to all of a frame's query states; the frames' states concatenated
+   in time order -> (frames * num_queries, width);
 3. the video Q-Former (``video_qformer``: ``video_queries`` queries, ``video_layers`` blocks, cross-attention in
    every block) over them -> (video_queries, width);
 4. ``proj`` (Video-LLaMA's ``llama_proj``) to the LLM width.
@@ -24,6 +25,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from mmhub.interfaces import BuildContext, ComponentConfig, Projector, ProjectorConfig, TextContext
+from mmhub.projectors.frame_positions import FramePositions
 from mmhub.projectors.qformer_blip2 import BertQFormer
 
 
@@ -77,7 +79,7 @@ class VideoQFormerProjector(Projector):
         self.frame_qformer = BertQFormer(config.num_queries, config.width, config.layers, config.heads, hidden,
                                          config.norm_eps, ctx.attention, feature_dim=config.in_dim,
                                          cross_every=config.cross_attention_every)
-        self.frame_position = nn.Embedding(config.max_frame_pos, config.width)
+        self.frame_position = FramePositions(config.max_frame_pos, config.width)
         self.video_qformer = BertQFormer(config.video_queries, config.width, config.video_layers, config.heads,
                                          hidden, config.norm_eps, ctx.attention, feature_dim=config.width,
                                          cross_every=config.video_cross_attention_every)
@@ -89,6 +91,5 @@ class VideoQFormerProjector(Projector):
         type(self).num_tokens(self.config, tokens)
         states = self.frame_qformer(features.reshape(n * frames, tokens // frames, dim))  # (N*F, Q, W)
         states = states.reshape(n, frames, states.shape[1], -1)
-        positions = self.frame_position(torch.arange(frames, device=features.device)).to(states.dtype)
-        states = (states + positions[None, :, None]).reshape(n, -1, states.shape[-1])  # (N, F*Q, W)
+        states = self.frame_position.add(states).reshape(n, -1, states.shape[-1])  # (N, F*Q, W)
         return self.proj(self.video_qformer(states))  # (N, video_queries, out)

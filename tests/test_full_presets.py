@@ -35,7 +35,7 @@ EXPECTED = {
     "dlp": ({"image": 32}, 2048, 4096),
     "dress": ({"image": 256}, 4096, 5120),
     "flamingo": ({"image": 1, "video": 1}, 2048, 4096),
-    "instructblip": ({"image": 32, "video": 32}, 2048, 4096),
+    "instructblip": ({"image": 32, "video": 4 * 32}, 2048, 4096),  # video: 4 frames read one by one
     "llava": ({"image": 256}, 2048, 4096),
     "llava-1.5": ({"image": 576}, 4096, 4096),
     "minigpt-4": ({"image": 32}, 2048, 5120),
@@ -51,8 +51,8 @@ EXPECTED = {
     "video-llama": ({"image": 32, "video": 32, "audio": 8}, 2048, 4096),
     "videochat": ({"video": 32}, 2048, 4096),
     "vila": ({"image": 576}, 4096, 4096),
-    "x-instructblip": ({"image": 32, "video": 32, "audio": 32, "points": 32}, 2048, 4096),
-    "x-llm": ({"image": 32, "video": 32, "audio": 32}, 2048, 4096),
+    "x-instructblip": ({"image": 32, "video": 4 * 32, "audio": 32, "points": 32}, 2048, 4096),
+    "x-llm": ({"image": 32, "video": 8 * 32, "audio": 32}, 2048, 4096),
 }
 REMOTE_CODE = ("qwen-vl", "x-llm")  # their LLMs ship their own modeling code
 # made of transformers towers and LLMs (mplug-owl: plus a 768-wide Q-Former): cheap to build from shrunk stand-ins
