@@ -64,6 +64,7 @@ class CAbstractorProjector(Projector):
 
     name: ClassVar[str] = "c_abstractor"
     Config: ClassVar[type[ComponentConfig]] = CAbstractorConfig
+    library: ClassVar[str] = "timm"
     tokens_doc: ClassVar[str] = "num_queries (144 by default, a square); the input token count must be a square"
     example_settings: ClassVar[dict[str, Any]] = {"num_queries": 4, "width": 8, "depth": 1, "mlp_depth": 2}
 
