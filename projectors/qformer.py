@@ -58,6 +58,13 @@ from mmhub.attention import MultiheadAttention
 from mmhub.interfaces import BuildContext, ComponentConfig, Projector, ProjectorConfig, TextContext
 from mmhub.projectors.frame_positions import FramePositions
 from mmhub.projectors.qformer_blip2 import BertQFormer, tokenize_instructions
+from mmhub.projectors.qformer_pretrain import (
+    QFormerPretrainHeads,
+    TextBatch,
+    image_embeddings,
+    pretrain_losses,
+    text_embeddings,
+)
 
 
 def sinusoid(positions: torch.Tensor, width: int) -> torch.Tensor:
@@ -195,6 +202,14 @@ class QFormerConfig(ProjectorConfig):
     frame_positions: int | None = Field(
         None, ge=1, description="rows of a learned frame-position table (the most frames; Video-LLaMA: 32), added "
         "to each frame's query outputs (read_frames: each) or feature tokens (together); needs frames > 1")
+    pretrain_heads: bool = Field(
+        False, description="blip2: BLIP-2's first-stage side (the Q-Former's text embeddings and text FFNs, ITC "
+                           "projections, ITM head, ITG LM head, temperature) for a stage with objective: blip2_qformer")
+    embed_dim: int = Field(256, ge=1, description="pretrain_heads: the ITC embedding width (BLIP-2: 256)")
+    max_text_len: int = Field(32, ge=2, description="pretrain_heads: captions are cut to this many Q-Former tokens")
+    text_cls_token: str = Field("[CLS]", description="pretrain_heads: the first token of a caption (its ITC embedding)")
+    text_dec_token: str = Field("[DEC]", description="pretrain_heads: ITG's first token; added to the tokenizer "
+                                "when missing, as LAVIS adds [DEC] to BERT's")
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> "QFormerConfig":
@@ -204,6 +219,12 @@ class QFormerConfig(ProjectorConfig):
         if self.layout == "blip2" and self.instruction_aware and self.text_tokenizer is None:
             raise ValueError("layout blip2 with instruction_aware: true reads the instruction as the Q-Former's own "
                              "token ids; fix: set text_tokenizer to its (BERT) tokenizer folder")
+        if self.pretrain_heads and (self.layout != "blip2" or self.text_tokenizer is None):
+            raise ValueError("pretrain_heads (BLIP-2's first stage) needs layout: blip2 (the Q-Former with BERT text "
+                             "embeddings) and text_tokenizer (its tokenizer folder or weight source, or byte); "
+                             f"got layout {self.layout}, text_tokenizer {self.text_tokenizer}")
+        if self.pretrain_heads and self.frames != 1:
+            raise ValueError(f"pretrain_heads trains on images (frames: 1), got frames: {self.frames}")
         if self.layout == "blip2" and self.text_pad_id >= self.text_vocab_size:
             raise ValueError(f"text_pad_id {self.text_pad_id} is outside text_vocab_size {self.text_vocab_size}")
         if self.frame_positions is not None and self.frames == 1:
@@ -286,16 +307,27 @@ class QFormerProjector(Projector):
         from transformers import AutoTokenizer
 
         hidden = max(1, round(config.width * config.mlp_ratio))
+        reads_text = config.instruction_aware or config.pretrain_heads
         self.qformer = BertQFormer(config.num_queries, config.width, config.layers, config.heads, hidden,
                                    config.norm_eps or 1e-12, ctx.attention, feature_dim=config.in_dim,
                                    cross_every=config.cross_attention_every,
-                                   text_vocab=config.text_vocab_size if config.instruction_aware else None,
+                                   text_vocab=config.text_vocab_size if reads_text else None,
                                    text_positions=config.text_positions, text_pad_id=config.text_pad_id)
         self.text_tokenizer = None
-        if config.instruction_aware and config.text_tokenizer is not None:
+        if reads_text and config.text_tokenizer == "byte":  # test-size models: no tokenizer files
+            from mmhub.backbones.byte_tokenizer import byte_tokenizer
+
+            self.text_tokenizer = byte_tokenizer()
+        elif reads_text and config.text_tokenizer is not None:
             folder = ctx.weights(config.text_tokenizer)
             self.text_tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True,
                                                                 trust_remote_code=False)
+        if config.pretrain_heads:
+            self.pretrain = QFormerPretrainHeads(config.width, config.embed_dim, config.text_vocab_size,
+                                                 config.norm_eps or 1e-12)
+            if self.text_tokenizer is not None and config.text_dec_token not in self.text_tokenizer.get_vocab():
+                self.text_tokenizer.add_special_tokens({"bos_token": config.text_dec_token})
+        if self.text_tokenizer is not None:
             if len(self.text_tokenizer) > config.text_vocab_size:
                 raise ValueError(f"text_tokenizer {config.text_tokenizer} has {len(self.text_tokenizer)} tokens but "
                                  f"text_vocab_size is {config.text_vocab_size}; fix: set text_vocab_size to the "
@@ -333,6 +365,46 @@ class QFormerProjector(Projector):
                              "give one per item")
         ids, mask = tokenize_instructions(self.text_tokenizer, list(texts), config.text_positions, features.device)
         return self.qformer(features, ids, mask)
+
+    # -- BLIP-2's first stage (pretrain_heads; `mmhub.projectors.qformer_pretrain`) ----------------
+    def caption_ids(self, texts: list[str], device: torch.device) -> TextBatch:
+        """Captions -> the Q-Former's own ids: [CLS] tokens [SEP] (the tokenizer's sep, else eos), cut to
+        max_text_len, right-padded with text_pad_id; plus ITG's [DEC] id."""
+        config: QFormerConfig = self.config  # type: ignore[assignment]
+        tok = self.text_tokenizer
+        if not config.pretrain_heads or tok is None:
+            raise ValueError(f"{self.name}: captions need the first-stage text side; set pretrain_heads: true "
+                             "(layout: blip2, text_tokenizer: ...)")
+        vocab = tok.get_vocab()
+        if config.text_cls_token not in vocab:
+            raise ValueError(f"text_cls_token {config.text_cls_token!r} is not in the Q-Former tokenizer "
+                             f"({config.text_tokenizer}); set text_cls_token to its first-token marker")
+        end = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
+        if end is None:
+            raise ValueError(f"the Q-Former tokenizer ({config.text_tokenizer}) has neither a sep nor an eos token "
+                             "to end a caption with")
+        body = tok(list(texts), add_special_tokens=False)["input_ids"]
+        rows = [[vocab[config.text_cls_token], *b[:config.max_text_len - 2], end] for b in body]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), config.text_pad_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.bool)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = torch.tensor(r)
+            mask[i, :len(r)] = True
+        return TextBatch(ids.to(device), mask.to(device), vocab[config.text_dec_token])
+
+    def pretrain_losses(self, features: torch.Tensor, captions: list[str],
+                        generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """BLIP-2's first-stage losses {"itc", "itm", "itg"} of N (image features (N, T, in_dim), caption) pairs."""
+        return pretrain_losses(self.qformer, self.pretrain, features, self.caption_ids(captions, features.device),
+                               generator)
+
+    def similarity(self, features: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        """ITC's image-text similarity (images, captions): the max over queries of the normalised embeddings' dot
+        products (before the temperature), BLIP-2's retrieval score."""
+        image = image_embeddings(self.qformer, self.pretrain, features)
+        text = text_embeddings(self.qformer, self.pretrain, self.caption_ids(captions, features.device))
+        return torch.einsum("iqd,td->itq", image, text).amax(-1)
 
     def forward(self, features: torch.Tensor, text: TextContext | None = None) -> torch.Tensor:
         config: QFormerConfig = self.config  # type: ignore[assignment]
