@@ -19,6 +19,13 @@ registry and described with its own ``describe``. ``temporal`` is the step over 
   when both counts are perfect squares, else over the token sequence; all T tokens
   when ``tokens_per_frame`` is not set), num_frames * tokens_per_frame tokens.
 
+Frame order: ``mean`` averages it away; ``video_chatgpt`` and ``concat`` keep the frames in time order, which the
+LLM reads through its own positions when the tokens reach it one for one (``linear``, ``mlp``). A connector that
+reads all frames' tokens as one set (the ``qformer`` with ``read_frames: together``, a resampler) needs to be told
+which frame each token came from: the ``qformer``'s ``frame_positions``, the ``video_qformer`` (Video-LLaMA's frame
+positions), the ``perceiver``'s ``max_input_tokens``; or a Q-Former that reads each frame on its own
+(``read_frames: each``, ``frames`` = ``num_frames``).
+
 Items: a list of frames (PIL images, HxWx3 arrays, image paths), a (F, H, W, 3) uint8
 array, or an animated GIF/WebP/APNG path or bytes. ``num_frames`` frames are taken at
 the centres of ``num_frames`` equal segments of the clip, so a clip with fewer frames
