@@ -82,7 +82,8 @@ def build_app(pool: ModelPool, limits: Limits = DEFAULT_LIMITS, folders: list[st
                 rows = catalog.component_rows()
                 data_kinds = ("dataset", "eval task")
                 gr.Dataframe(value=[r for r in rows if r[0] not in data_kinds], headers=catalog.COMPONENT_COLUMNS,
-                             wrap=True, interactive=False, label="Registered components", elem_id="components-table")
+                             wrap=True, interactive=False, label="Registered components", elem_id="components-table",
+                             show_search="search")  # a long list: the search box finds a component by any column
                 gr.Dataframe(value=[r for r in rows if r[0] in data_kinds], headers=catalog.COMPONENT_COLUMNS,
                              wrap=True, interactive=False, label="Datasets and eval tasks", elem_id="data-table")
                 gr.Dataframe(value=catalog.plugin_rows(), headers=catalog.PLUGIN_COLUMNS, interactive=False,
