@@ -56,6 +56,12 @@ class Qwen2VLVisionConfig(ComponentConfig):
                                      "up to whole temporal patches by repeating the last); None: no video")
     video_fps: float | None = Field(None, gt=0, description="frames taken at this rate along the video's timeline "
                                     "first (an item {frames, fps} states its own rate), then video_frames of them")
+    video_max_frames: int | None = Field(None, ge=1, description="with video_fps: as many frames as the clip's length "
+                                         "at that rate gives, at most this many (Qwen2-VL's max_frames), so a short "
+                                         "clip takes fewer tokens; the budget counts this many; instead of "
+                                         "video_frames")
+    video_min_frames: int = Field(4, ge=1, description="with video_max_frames: at least this many frames (Qwen2-VL's "
+                                  "min_frames), never more than the clip has")
     video_min_pixels: int = Field(128 * 28 * 28, ge=1, description="a video frame's pixel budget, as min_pixels")
     video_max_pixels: int = Field(768 * 28 * 28, ge=1, description="a video frame's pixel budget, as max_pixels")
 
@@ -64,6 +70,13 @@ class Qwen2VLVisionConfig(ComponentConfig):
         if self.config.get("model_type", "qwen2_vl_vision") not in TOWERS:
             raise ValueError(f"config.model_type {self.config.get('model_type')!r} is not a Qwen2-VL vision tower "
                              f"({' or '.join(TOWERS)})")
+        if self.video_max_frames is not None and (self.video_frames is not None or self.video_fps is None):
+            raise ValueError(f"video_max_frames {self.video_max_frames} caps the frames video_fps takes: set "
+                             f"video_fps (e.g. 2.0, Qwen2-VL's default) and drop video_frames "
+                             f"({self.video_frames}), which fixes the count instead")
+        if self.video_max_frames is not None and self.video_min_frames > self.video_max_frames:
+            raise ValueError(f"video_min_frames {self.video_min_frames} > video_max_frames {self.video_max_frames}; "
+                             f"set min <= max")
         if self.video_frames is not None and self.config.get("model_type") == "qwen2_5_vl_vision":
             raise ValueError("video_frames: Qwen2.5-VL spaces a video's temporal positions by its frame rate, which "
                              "mmhub does not carry; video is supported for Qwen2-VL towers only (remove video_frames)")
@@ -167,10 +180,11 @@ class Qwen2VLVisionEncoder(ImageEncoder):
         blocks = most_blocks(config.min_pixels, config.max_pixels, cfg.patch_size * cfg.spatial_merge_size)
         most = blocks * cfg.spatial_merge_size ** 2
         video = {}
-        if config.video_frames is not None:
+        frames = config.video_frames or config.video_max_frames
+        if frames is not None:
             frame_blocks = most_blocks(config.video_min_pixels, config.video_max_pixels,
                                        cfg.patch_size * cfg.spatial_merge_size)
-            video["video"] = -(-config.video_frames // cfg.temporal_patch_size) * frame_blocks * \
+            video["video"] = -(-frames // cfg.temporal_patch_size) * frame_blocks * \
                 cfg.spatial_merge_size ** 2
         return EncoderFacts(out_dim=token_width(config.config, cfg), tokens_per_item=most, tokens_by_modality=video)
 
@@ -209,14 +223,23 @@ class Qwen2VLVisionEncoder(ImageEncoder):
 
     def frames(self, item: Any) -> torch.Tensor:
         """One video -> (F, 3, H, W) normalised frames: `video_frames` sampled uniformly (at `video_fps` along its
-        timeline first, when set), each resized to the first's target size within the video pixel budget, the last
-        repeated up to whole temporal patches."""
-        from mmhub.encoders.video_encoder import load_frames
+        timeline first, when set), or with `video_max_frames` as many as the clip's length at `video_fps` gives
+        (Qwen2-VL's rule: within video_min_frames..video_max_frames, whole temporal patches), each resized to the
+        first's target size within the video pixel budget, the last repeated up to whole temporal patches."""
+        from mmhub.encoders.video_encoder import load_frames, rate_capped_indices, whole_clip
 
-        if self.config.video_frames is None:
-            raise InputError(f"the {self.name} encoder takes no video: set video_frames (frames per video item)")
-        frames = [load_image(f).convert("RGB")
-                  for f in load_frames(item, self.config.video_frames, fps=self.config.video_fps)]
+        cfg = self.config
+        if cfg.video_max_frames is not None:
+            clip, clip_fps = whole_clip(item)
+            picked = rate_capped_indices(len(clip), clip_fps, cfg.video_fps, cfg.video_min_frames,
+                                         cfg.video_max_frames, self.temporal)
+            chosen = [clip[i] for i in picked]
+        elif cfg.video_frames is None:
+            raise InputError(f"the {self.name} encoder takes no video: set video_frames (frames per video item), or "
+                             f"video_fps with video_max_frames")
+        else:
+            chosen = load_frames(item, cfg.video_frames, fps=cfg.video_fps)
+        frames = [load_image(f).convert("RGB") for f in chosen]
         first = frames[0]
         size = smart_resize(first.height, first.width, self.patch * self.merge, self.config.video_min_pixels,
                             self.config.video_max_pixels)

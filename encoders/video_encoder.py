@@ -146,6 +146,35 @@ def load_frames(item: Any, num_frames: int, fps: float | None = None, source_fps
                      f"array, or an animated GIF/WebP/APNG path or bytes")
 
 
+def whole_clip(item: Any, source_fps: float = 25.0) -> tuple[list[Any], float]:
+    """Every frame of one video item and its frame rate: ``{"frames": ..., "fps": RATE}`` states its rate, an
+    animation's rate is its frame count over its shown time, frame lists and arrays run at `source_fps`."""
+    if isinstance(item, dict):
+        if "frames" not in item:
+            raise InputError(f"a video given as a dict needs 'frames' (and optionally 'fps'); got keys {sorted(item)}")
+        rate = item.get("fps", source_fps)
+        if not isinstance(rate, (int, float)) or not 0 < rate <= 1000:
+            raise InputError(f"video fps {rate!r} must be a number in (0, 1000]")
+        return whole_clip(item["frames"], float(rate))
+    frames, durations = _all_frames(item, source_fps)
+    if not frames:
+        raise InputError("the video has no frames; pass at least one frame")
+    total = float(sum(durations))
+    return frames, (len(frames) / total if total > 0 else source_fps)
+
+
+def rate_capped_indices(total: int, clip_fps: float, fps: float, min_frames: int, max_frames: int,
+                        multiple: int) -> list[int]:
+    """Qwen2-VL's frame sampling by rate: ``total / clip_fps * fps`` frames (the clip's length in seconds times the
+    rate), kept within ``min_frames..max_frames`` and the clip's own frame count, floored to a whole `multiple`
+    (temporal patches, at least one), taken at even steps from frame 0."""
+    most = max(multiple, (min(max_frames, total) // multiple) * multiple)
+    count = min(max(total / clip_fps * fps, min_frames), most, total)
+    count = max(multiple, int(count // multiple) * multiple)
+    step = total / count
+    return [min(total - 1, int(i * step)) for i in range(count)]
+
+
 def _all_frames(item: Any, source_fps: float) -> tuple[list[Any], list[float]]:
     """Every frame of a clip and how long each is shown (seconds): an animation's own durations (``source_fps``
     where a frame records none), ``1 / source_fps`` each for frame lists and arrays."""

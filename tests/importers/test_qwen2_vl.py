@@ -16,6 +16,7 @@ from PIL import Image
 
 from mmhub.encoders.qwen2_vl_vision import CLIP_MEAN, CLIP_STD, Qwen2VLVisionEncoder, patchify
 from mmhub.interfaces import BuildContext
+from mmhub.media import load_image
 from mmhub.projectors.patch_merger import PatchMergerProjector
 
 VISION = {"depth": 2, "embed_dim": 32, "num_heads": 2, "mlp_ratio": 2, "hidden_size": 48, "patch_size": 14,
@@ -579,3 +580,46 @@ def test_swap_a_part_and_train_a_step(swap: str, imported, tmp_path) -> None:
     blocking = "backbone (hf_causal_lm, model_type llama)" if swap == "llm" else "encoders image (hf_vision)"
     with pytest.raises(ExportError, match=re.escape(blocking)):
         Qwen2VLImporter().export(model, tmp_path / "refused")
+
+
+@pytest.mark.parametrize(("frames", "clip_fps", "fps", "most"), [
+    (12, 4.0, 1.0, 8),  # 3 s at 1 frame/s: 3 frames, floored to 2
+    (12, 4.0, 2.0, 8),  # 6 frames
+    (40, 4.0, 2.0, 8),  # 20 frames capped at 8
+    (5, 10.0, 2.0, 8),  # 1 frame by rate, raised to min_frames 4
+    (3, 1.0, 2.0, 8),  # more than the clip has: all 3, floored to 2
+])
+def test_video_max_frames_samples_as_qwen2_vl_video_processor(frames: int, clip_fps: float, fps: float,
+                                                             most: int) -> None:
+    """video_fps + video_max_frames take the frames transformers' Qwen2-VL video processor takes (its sample_frames
+    with the clip's metadata): the count follows the clip's length, so a short clip costs fewer tokens, and the
+    budget counts video_max_frames."""
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+    from transformers.video_utils import VideoMetadata
+
+    ctx = BuildContext(resolve=lambda uri: uri)
+    settings = {"config": VISION, **PIXELS, "video_min_pixels": 784, "video_max_pixels": 28 * 28 * 12,
+                "video_fps": fps, "video_max_frames": most, "video_min_frames": 4}
+    enc = Qwen2VLVisionEncoder(Qwen2VLVisionEncoder.Config.model_validate(settings), ctx)
+    clip = [picture(28, 56, seed=i) for i in range(frames)]
+    ours = enc.preprocess({"frames": clip, "fps": clip_fps}, "video")
+    processor = Qwen2VLVideoProcessor(temporal_patch_size=2, min_frames=4, max_frames=most)
+    meta = VideoMetadata(total_num_frames=frames, fps=clip_fps, duration=frames / clip_fps)
+    picked = processor.sample_frames(meta, fps=fps).tolist()
+    want = torch.stack([enc.picture(load_image(clip[i]).convert("RGB"), lambda h, w: (28, 56)) for i in picked])
+    assert ours.shape == want.shape and torch.equal(ours, want), (ours.shape, picked)
+    facts = Qwen2VLVisionEncoder.describe(enc.config, ctx)
+    fixed = Qwen2VLVisionEncoder.describe(Qwen2VLVisionEncoder.Config.model_validate(
+        {**{k: v for k, v in settings.items() if k not in ("video_fps", "video_max_frames")}, "video_frames": most}),
+        ctx)
+    assert facts.tokens_for("video") == fixed.tokens_for("video")  # the budget counts the cap
+
+
+def test_video_max_frames_needs_video_fps() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="video_fps"):
+        Qwen2VLVisionEncoder.Config.model_validate({"config": VISION, "video_max_frames": 8})
+    with pytest.raises(ValidationError, match="video_min_frames 9 > video_max_frames 8"):
+        Qwen2VLVisionEncoder.Config.model_validate({"config": VISION, "video_fps": 2.0, "video_max_frames": 8,
+                                                    "video_min_frames": 9})
