@@ -123,6 +123,26 @@ def user_spec(model: Any) -> dict[str, Any]:
     return data
 
 
+TOKENIZER_DIR = "tokenizer"
+
+
+def bundled_tokenizer(model: Any, spec: dict[str, Any]) -> Any:
+    """The tokenizer an imported model's folder carries in ``tokenizer/`` (None for other models), with `spec`'s
+    backbone pointed at it: the checkpoint it was imported from may be moved, deleted, or lie outside where a loaded
+    folder may read (`mmhub.weights.sandbox`), so `mmhub import FOLDER OUT` gives a folder that loads by itself."""
+    from mmhub.weights import split_uri
+
+    backbone = spec.get("backbone")
+    name = backbone.get("tokenizer") if isinstance(backbone, dict) else None
+    if getattr(model, "imported_from", None) is None or not isinstance(name, str) or split_uri(name)[0] != "file":
+        return None
+    tokenizer = getattr(model.backbone, "tokenizer", None)
+    if not hasattr(tokenizer, "save_pretrained"):
+        return None
+    backbone["tokenizer"] = TOKENIZER_DIR
+    return tokenizer
+
+
 def build_manifest(model: Any, saved: str, n_tensors: int) -> SavedManifest:
     """What mmhub records beside the spec: versions, source hashes, trained slots, adapters, provenance."""
     return SavedManifest(
@@ -159,6 +179,7 @@ def save_model(model: Any, path: Path, full: bool = False) -> Path:
                          and torch.equal(inherited[k], v.detach().cpu()))}
     state, aliases = _dedupe(state)
     spec = user_spec(model)
+    tokenizer = bundled_tokenizer(model, spec)
     manifest = build_manifest(model, "full" if full else "not-recoverable", len(state) + len(aliases))
     if base is not None:
         spec["init_from"] = model.spec.init_from
@@ -167,7 +188,11 @@ def save_model(model: Any, path: Path, full: bool = False) -> Path:
     with atomic_dir(path) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "aliases": json.dumps(aliases)})
         (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=2))
-        manifest.files = {name: sha256_path(tmp / name) for name in (WEIGHTS_FILE, SPEC_FILE)}
+        names = [WEIGHTS_FILE, SPEC_FILE]
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
+            names += sorted(str(f.relative_to(tmp)) for f in (tmp / TOKENIZER_DIR).rglob("*") if f.is_file())
+        manifest.files = {name: sha256_path(tmp / name) for name in names}
         (tmp / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2))
     return path
 

@@ -41,7 +41,8 @@ def resolve(uri: str, registry=None, sandbox=None) -> Path:
     """Resolve a weight-source URI to an existing local path, or raise `WeightsNotFoundError`.
 
     The path must be a regular file or a folder and, for a scheme, stay inside it (no ``..``); with a `sandbox`
-    (`mmhub.weights.sandbox.Sandbox`, set when a model folder is loaded) it must also lie inside its roots."""
+    (`mmhub.weights.sandbox.Sandbox`, set when a model folder is loaded) it must also lie inside its roots, and a
+    relative path is the folder's own (``tokenizer`` -> FOLDER/tokenizer)."""
     from mmhub.weights.sandbox import no_climbing, regular
 
     if registry is None:
@@ -57,6 +58,8 @@ def resolve(uri: str, registry=None, sandbox=None) -> Path:
             f"Install the plugin that provides it or use a local path.")
     if scheme != "file":
         no_climbing(uri, rest)
+    elif sandbox is not None and not Path(rest).expanduser().is_absolute():
+        rest = str(sandbox.folder / rest)  # a loaded folder's relative paths are its own files (its tokenizer/)
     path = regular(uri, info.resolver(rest))
     return sandbox.check(uri, path) if sandbox is not None else path
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -446,17 +447,26 @@ def test_published_key_layout_and_tied_head(tmp_path) -> None:
 
 
 def test_saved_import_reloads_with_the_same_outputs(imported, tmp_path) -> None:
-    """save_pretrained writes every weight (the spec has no source:), and the folder reloads on its own (reading
-    the tokenizer from the checkpoint folder, a path outside it that the caller allows)."""
+    """save_pretrained writes every weight (the spec has no source:) and the tokenizer into the folder's tokenizer/,
+    so the folder loads by itself, moved elsewhere, with nothing allowed outside it; the tokenizer files are hashed
+    in the manifest like the weights."""
+    import json
+    import shutil
+
     import mmhub
 
     model = imported[0]
     out = model.save_pretrained(tmp_path / "saved")
-    tokenizer_folder = model.spec.backbone.model_dump()["tokenizer"]
-    again = mmhub.load(str(out), allow_paths=[tokenizer_folder]).eval()
+    spec = json.loads((out / "mmhub_spec.json").read_text())
+    assert spec["backbone"]["tokenizer"] == "tokenizer" and (out / "tokenizer" / "tokenizer_config.json").is_file()
+    manifest = json.loads((out / "mmhub_manifest.json").read_text())
+    assert any(name.startswith("tokenizer/") for name in manifest["files"])
+    moved = Path(shutil.move(str(out), str(tmp_path / "elsewhere")))
+    again = mmhub.load(str(moved)).eval()
     batch = model.batch(CONVERSATIONS, [{"image": ims} for ims in IMAGES])
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, again(**batch).logits)
+    assert again.backbone.tokenizer("a b c")["input_ids"] == model.backbone.tokenizer("a b c")["input_ids"]
 
 
 def test_export_reloads_in_transformers_with_identical_logits(imported, tmp_path) -> None:
@@ -500,8 +510,7 @@ def test_cli_import_then_export_of_the_saved_folder(tmp_path, capsys) -> None:
 
     folder = qwen2_vl_folder(tmp_path / "ckpt")
     assert main(["import", str(folder), str(tmp_path / "mm")]) == 0
-    assert main(["export", str(tmp_path / "mm"), str(tmp_path / "back"), "--format", "hf",
-                 "--allow-path", str(folder)]) == 0
+    assert main(["export", str(tmp_path / "mm"), str(tmp_path / "back"), "--format", "hf"]) == 0
     assert "transformers qwen2_vl folder" in capsys.readouterr().out
     config_cls, model_cls, _ = hf_classes("qwen2_vl")
     original, back = (model_cls.from_pretrained(str(f)).eval() for f in (folder, tmp_path / "back"))
