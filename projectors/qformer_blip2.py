@@ -89,6 +89,11 @@ class BertQFormer(nn.Module):
         nn.init.trunc_normal_(self.queries, std=0.02)
         self.word_embeddings = nn.Embedding(text_vocab, width, padding_idx=text_pad_id) if text_vocab else None
         self.position_embeddings = nn.Embedding(text_positions, width) if text_vocab else None
+        for table in (self.word_embeddings, self.position_embeddings):  # BERT's init (initializer_range 0.02)
+            if table is not None:
+                nn.init.normal_(table.weight, std=0.02)
+                if table.padding_idx is not None:
+                    nn.init.zeros_(table.weight[table.padding_idx])
         self.embed_norm = nn.LayerNorm(width, eps=eps)
         self.blocks = nn.ModuleList(
             BertQFormerBlock(width, heads, hidden, eps, backend,

@@ -217,6 +217,7 @@ def test_the_preset_first_stage_runs_in_the_trainer(tmp_path) -> None:
 
     spec = load_spec("blip-2:tiny").model_dump(mode="json", exclude={"resolved"})
     first = spec["stages"][0]["name"]
+    spec["stages"][0]["batch_size"] = 4  # the trainer needs a whole batch in the data (8 samples here)
     model = build(spec)
     summary = Trainer(model, tmp_path, datasets={first: _captioned(8, 0)}, progress_bar=False,
                       log=lambda *_: None).run(stage=first, max_steps=2)
