@@ -31,6 +31,10 @@ separate text FFN per block. transformers' ``Blip2QFormerModel`` / ``InstructBli
 weights load into it (`qformer_state`) and give the same outputs; ``proj`` is BLIP-2's
 ``language_projection``.
 
+``pretrain_heads: true`` (layout blip2) adds BLIP-2's first-stage side, which stages with
+``objective: blip2_qformer`` train: the Q-Former's BERT text embeddings and text FFNs, the ITC
+projections, the ITM head and the tied ITG LM head (`mmhub.projectors.qformer_pretrain`).
+
 Video (the input: a video encoder's ``temporal: concat`` output, ``frames`` frames' tokens in time order):
 ``read_frames: each`` (the default) reads every frame on its own and concatenates the frames' query outputs
 (InstructBLIP-Video, X-InstructBLIP: ``frames x num_queries`` tokens, ordered for the LLM by its own positions);
