@@ -146,7 +146,8 @@ def test_full_preset_builds_from_shrunk_stand_ins(name: str, shrunk_hub: Path, m
 def test_blip2_full_is_partial_because_its_qformer_starts_random() -> None:
     status = REG.presets["blip-2:full"].status
     assert status.startswith("partial: ")
-    assert "projectors.image: qformer starts randomly initialised (stage 'pretrain' trains it, no published " \
+    assert "projectors.image: qformer starts randomly initialised (stages 'qformer_pretrain', 'pretrain' train " \
+           "it, no published " \
            "weights)" in status
     assert "encoders.image" not in status and "backbone" not in status  # EVA-CLIP and Flan-T5 load published weights
 
