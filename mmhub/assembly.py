@@ -16,8 +16,8 @@ from mmhub.interfaces import BuildContext
 from mmhub.model import MMModel
 from mmhub.probe import check_encoder_output
 from mmhub.registry import Registry, get_registry
-from mmhub.spec import Spec, load_spec
-from mmhub.validation import Plan, Slot, plan_spec
+from mmhub.spec import Spec
+from mmhub.validation import Plan, Slot, plan_source
 
 
 def build(spec: str | Path | dict[str, Any] | Spec, registry: Registry | None = None,
@@ -31,8 +31,7 @@ def build(spec: str | Path | dict[str, Any] | Spec, registry: Registry | None = 
         raise MMHubError(f"{spec} is a saved model folder; build() assembles a spec with fresh weights and would drop "
                          f"its trained ones. Load it with mmhub.load({str(spec)!r}) (or MMModel.from_pretrained).")
     registry = registry or get_registry()
-    source = str(spec) if isinstance(spec, (str, Path)) else None
-    plan = plan_spec(load_spec(spec, registry), registry, source=source, trust_remote_code=trust_remote_code)
+    plan = plan_source(spec, registry, trust_remote_code=trust_remote_code)
     return build_from_plan(plan)
 
 

@@ -197,11 +197,10 @@ def _trust_flag(parser: argparse.ArgumentParser, folders: bool = False) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from mmhub.spec import load_spec
-    from mmhub.validation import plan_spec
+    from mmhub.validation import plan_source
 
-    spec = load_spec(args.spec)
-    plan = plan_spec(spec, source=args.spec, trust_remote_code=args.trust_remote_code)
+    plan = plan_source(args.spec, trust_remote_code=args.trust_remote_code)
+    spec = plan.spec
     mods = ", ".join(f"{m}: {plan.encoders[m].info.name} -> {plan.projectors[m].info.name} "
                      f"({plan.tokens_per_item(m)} tokens/item)" for m in plan.encoders) or "text only"
     bf = plan.backbone_facts

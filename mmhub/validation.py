@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -330,3 +331,33 @@ def _describe_all(plan: Plan, problems: list[Problem]) -> None:
                         "check backbone.tokenizer / backbone.source",
                     )
                 )
+
+
+# top-level fields that only label a spec: when one is missing, the rest of the spec can still be checked
+LABELS = {"name": "unnamed"}
+
+
+def plan_source(source: Any, registry: Registry | None = None, **options: Any) -> Plan:
+    """`plan_spec(load_spec(source))`, except that a spec missing only a label (``name``) is checked in full too:
+    the missing label is reported together with every other problem, instead of hiding them."""
+    from mmhub.spec import load_spec, parse_text, spec_from_dict
+    from mmhub.spec_file import read_text
+
+    registry = registry or get_registry()
+    where = str(source) if isinstance(source, (str, Path)) else None
+    try:
+        spec = load_spec(source, registry)
+    except SpecError as exc:
+        labels = [p for p in exc.problems if p.path in LABELS and "missing" in p.message]
+        path = Path(str(source)).expanduser() if isinstance(source, (str, Path)) else None
+        data = source if isinstance(source, dict) else \
+            parse_text(read_text(path), str(path)) if path is not None and path.is_file() else None
+        if not labels or len(labels) != len(exc.problems) or not isinstance(data, dict):
+            raise
+        try:
+            plan_spec(spec_from_dict({**data, **{p.path: LABELS[p.path] for p in labels}}), registry,
+                      source=where, **options)
+        except SpecError as more:
+            raise SpecError(exc.problems + more.problems, exc.source) from None
+        raise
+    return plan_spec(spec, registry, source=where, **options)

@@ -134,3 +134,26 @@ def test_build_same_spec_twice_gives_identical_weights(tiny_spec) -> None:
     a, b = build(tiny_spec), build(tiny_spec)
     for (k, v), (_, w) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert (v == w).all(), k
+
+
+def test_a_missing_name_is_reported_with_every_other_problem(tiny_spec, tmp_path) -> None:
+    """A spec without `name` is still checked in full: the missing name comes with the unknown projector and the
+    repeated stage, from a file (`mmhub validate`) and from a dict (`build`); other structural errors still stop
+    at the structure."""
+    from mmhub.cli import main
+
+    del tiny_spec["name"]
+    tiny_spec["projectors"]["image"]["type"] = "mpl"
+    tiny_spec["stages"] = [{"name": "a", "train": {"projectors": "full"}}] * 2
+    path = tmp_path / "noname.json"
+    path.write_text(json.dumps(tiny_spec))
+    for source in (str(path), tiny_spec):
+        with pytest.raises(SpecError) as exc:
+            build(source)
+        found = [p.path for p in exc.value.problems]
+        assert found[0] == "name" and "projectors.image.type" in found and "stages" in found, found
+    assert main(["validate", str(path)]) == 2
+    tiny_spec["seed"] = -1  # a structural error beside the missing name: both, and nothing checked deeper
+    with pytest.raises(SpecError) as exc:
+        build(tiny_spec)
+    assert sorted(p.path for p in exc.value.problems) == ["name", "seed"]
