@@ -69,12 +69,15 @@ class StageSpec(BaseModel):
     epochs: float = Field(1.0, gt=0)
     warmup_ratio: float = Field(0.03, ge=0, le=1)
     weight_decay: float = Field(0.0, ge=0)
-    objective: Literal["sft", "dpo", "blip2_qformer", "pformer"] = Field(
+    objective: Literal["sft", "dpo", "blip2_qformer", "pformer", "nlf"] = Field(
         "sft", description="sft: next-token loss on assistant turns; dpo: preference pairs against the model as the "
                            "stage began; blip2_qformer: BLIP-2's first stage, the Q-Former's ITC + ITM + ITG on "
                            "(image, caption) samples (a qformer projector with pretrain_heads); pformer: DLP's "
                            "language-only phase (pformer projectors learn, from the assistant text alone, the prompt "
-                           "from which the frozen LLM reconstructs it)")
+                           "from which the frozen LLM reconstructs it); "
+                           "nlf: DRESS's natural-language-feedback alignment, next-token loss on the replies refined "
+                           "after feedback (the earlier reply and the critique are context; samples without a "
+                           "feedback round are skipped)")
     beta: float = Field(0.1, gt=0, description="DPO temperature")
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     max_grad_norm: float | None = Field(1.0, gt=0)

@@ -22,8 +22,8 @@ from typing import Any, Protocol
 import torch
 
 from mmhub.spec import StageSpec
-from mmhub.train.nlf import FeedbackRefinementLoss
 from mmhub.train.blip2_qformer import Blip2QFormerLoss
+from mmhub.train.nlf import FeedbackRefinementLoss
 from mmhub.train.pformer_phase import PFormerLanguageLoss
 
 
