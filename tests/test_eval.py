@@ -215,10 +215,11 @@ def test_plugins_lists_datasets_and_eval_tasks(capsys) -> None:
     assert names["easy_vqa"]["settings"] == ["balanced_yes_no", "caption_prompt", "data_dir", "draw_reply", "limit",
                                              "seed", "split", "task"]
     assert names["webdataset"]["streaming"] is True and names["easy_vqa"]["plugin"] == "mmhub.datasets"
-    assert [t["name"] for t in out["eval_tasks"]] == ["easy_vqa", "easy_vqa_draw"]
+    assert [t["name"] for t in out["eval_tasks"]] == ["easy_vqa", "easy_vqa_draw", "easy_vqa_followup",
+                                                       "easy_vqa_reworded", "photo_refusal"]
     assert main(["plugins"]) == 0
     text = capsys.readouterr().out
-    assert "datasets (" in text and "eval tasks (2)" in text and "easy_vqa" in text
+    assert "datasets (" in text and "eval tasks (5)" in text and "easy_vqa" in text
 
 
 def test_the_reference_answer_never_reaches_the_model() -> None:
