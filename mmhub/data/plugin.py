@@ -9,6 +9,7 @@ from mmhub.hookspecs import hookimpl
 def register_datasets(register):
     from mmhub.data.captions import CaptionsDataset
     from mmhub.data.easy_vqa import EasyVQADataset
+    from mmhub.data.easy_vqa_varied import EasyVQAVariedDataset
     from mmhub.data.llava_json import LlavaJsonDataset
     from mmhub.data.nlf import NLFDataset
     from mmhub.data.preference import PreferenceDataset
@@ -16,5 +17,5 @@ def register_datasets(register):
     from mmhub.data.webdataset import WebDataset
 
     for cls in (LlavaJsonDataset, ShareGPTDataset, CaptionsDataset, PreferenceDataset, WebDataset, EasyVQADataset,
-                NLFDataset):
+                NLFDataset, EasyVQAVariedDataset):
         register(cls)

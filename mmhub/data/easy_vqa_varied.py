@@ -1,0 +1,135 @@
+"""``easy_vqa_varied``: easy-VQA train images with grammar-generated questions and conversations (plus chat replay).
+
+The questions come from `mmhub.data.easy_vqa_grammar` (many frames per question type, synonyms, negation,
+and/or, polite and indirect forms); each image's shape and colour from `mmhub.data.easy_vqa` (its questions,
+the rest read from its pixels). Only the **train** split's images are used: the test split stays for evaluation.
+
+Settings:
+
+* ``samples`` (default 40,000): the dataset's length. Sample ``i`` is drawn from its own generator seeded
+  by ``(seed, i)``, so random access is deterministic and the same ``seed`` gives the same samples.
+* ``question_types`` (default ``{yes_no: 2, shape: 1, color: 1}``): relative weights of the single-turn
+  question types; within a type the answer is drawn uniformly (yes/no, the 3 shapes, the 8 colours).
+* ``conversations`` (default 0.25): share of the image samples that are conversations of 2..``max_turns``
+  turns (follow-ups about the same image, or, share ``cross_image`` of them, about two images; the second
+  is shown in the second turn and later turns name "the first" / "the second" image or compare them).
+* ``replay_fraction`` (default 0): share of the samples taken, evenly spread, from ``replay_path`` (a
+  ShareGPT file, default the recipes' text-only ``chat_replay.jsonl``), so the language model keeps its chat.
+* ``seed``, ``data_dir`` (as for ``easy_vqa``).
+
+Each image sample's ``meta``: ``kind`` (``single`` / ``conversation``), ``image_ids``, and ``turns``: per turn
+``question``, ``answer``, ``question_type`` (``yes_no``/``shape``/``color``), ``construction`` (the frame's
+id), ``form`` (the logical form) and ``image`` (which of ``image_ids`` it asks about). Single-turn samples also
+carry ``question``, ``answer``, ``question_type`` and ``image_id`` like ``easy_vqa``'s. Replay samples have
+``meta = {kind: replay, source: <the replay sample's id>}``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from mmhub.data.base import Dataset, DatasetConfig
+from mmhub.data.easy_vqa import SOURCE, EasyVQAConfig, EasyVQADataset
+from mmhub.data.easy_vqa_grammar import ImagePool, Turn, conversation, single_turn
+from mmhub.data.sample import Sample
+from mmhub.errors import InputError
+
+QuestionType = Literal["yes_no", "shape", "color"]
+
+
+class EasyVQAVariedConfig(DatasetConfig):
+    split: Literal["train"] = "train"  # train images only; the test split is kept for evaluation
+    samples: int = Field(40_000, ge=1)
+    question_types: dict[QuestionType, float] = Field(default_factory=lambda: {"yes_no": 2.0, "shape": 1.0,
+                                                                               "color": 1.0})
+    conversations: float = Field(0.25, ge=0, le=1)
+    cross_image: float = Field(0.5, ge=0, le=1)
+    max_turns: int = Field(4, ge=2, le=8)
+    replay_fraction: float = Field(0.0, ge=0, lt=1)
+    replay_path: str = "mmhub:recipes/chat_replay.jsonl"
+    seed: int = 0
+    data_dir: str = SOURCE  # a weight-source URI or a folder
+
+
+class EasyVQAVariedDataset(Dataset):
+    """easy-VQA train images with grammar-varied questions, follow-up conversations and optional chat replay."""
+
+    name = "easy_vqa_varied"
+    Config = EasyVQAVariedConfig
+    modalities = ("image",)
+
+    def __init__(self, config: EasyVQAVariedConfig | None = None, base_dir: Path | None = None, registry=None):
+        super().__init__(config, base_dir)
+        c = self.config
+        weights = {k: float(v) for k, v in c.question_types.items() if v > 0}
+        if not weights:
+            raise InputError(f"easy_vqa_varied: question_types {c.question_types} gives no type a positive weight; "
+                             "e.g. question_types: {yes_no: 2, shape: 1, color: 1}")
+        self.types = sorted(weights)
+        self.type_p = np.array([weights[t] for t in self.types]) / sum(weights.values())
+        self.images = EasyVQADataset(EasyVQAConfig(split="train", task="caption", data_dir=c.data_dir), base_dir,
+                                     registry)
+        self.pool = ImagePool({i: self.images.full_facts(i) for i in self.images.image_ids})
+        self.replay: Dataset | None = None
+        if c.replay_fraction > 0:
+            from mmhub.data.sharegpt import ShareGPTConfig, ShareGPTDataset
+
+            self.replay = ShareGPTDataset(ShareGPTConfig(path=c.replay_path), base_dir)
+            if len(self.replay) == 0:
+                raise InputError(f"easy_vqa_varied: replay_path {c.replay_path} has no samples; "
+                                 "point it at a ShareGPT file or set replay_fraction: 0")
+            self.replay_order = np.random.default_rng([c.seed, 1]).permutation(len(self.replay))
+
+    @property
+    def source(self) -> str:
+        return f"easy_vqa_varied dataset (train images in {self.images.root})"
+
+    def __len__(self) -> int:
+        return self.config.samples
+
+    def _replay_slot(self, index: int) -> int | None:
+        """The replay sample at `index` (every 1/replay_fraction-th position), or None for an image sample."""
+        f = self.config.replay_fraction
+        if self.replay is None or math.floor((index + 1) * f) == math.floor(index * f):
+            return None
+        return int(self.replay_order[math.floor(index * f) % len(self.replay_order)])
+
+    def __getitem__(self, index: int) -> Sample:
+        n = len(self)
+        if index < 0:
+            index += n
+        if not 0 <= index < n:
+            raise IndexError(f"index {index} out of range for {self.source} ({n} samples)")
+        sid = f"easy_vqa_varied/{self.config.seed}/{index}"
+        slot = self._replay_slot(index)
+        if slot is not None:
+            s = self.replay[slot]
+            return Sample(id=sid, messages=s.messages, media=s.media, meta={"kind": "replay", "source": s.id})
+        c = self.config
+        rng = np.random.default_rng([c.seed, index])
+        if rng.random() < c.conversations:
+            image_ids, turns = conversation(self.pool, rng, c.max_turns, c.cross_image)
+            kind = "conversation"
+        else:
+            turn = single_turn(self.pool, rng, str(rng.choice(self.types, p=self.type_p)))
+            image_ids, turns, kind = [turn.image_id], [turn], "single"
+        messages = []
+        for t in turns:
+            messages += [{"role": "user", "content": t.user}, {"role": "assistant", "content": t.answer}]
+        meta = {"kind": kind, "image_ids": image_ids, "turns": [_turn_meta(t) for t in turns]}
+        if kind == "single":
+            meta |= {"question": turns[0].question, "answer": turns[0].answer,
+                     "question_type": turns[0].form.question_type, "image_id": image_ids[0]}
+        return Sample(id=sid, messages=messages, media={"image": [self.images.image_path(i) for i in image_ids]},
+                      meta=meta)
+
+
+def _turn_meta(turn: Turn) -> dict:
+    return {"question": turn.question, "answer": turn.answer, "question_type": turn.form.question_type,
+            "construction": turn.construction, "form": asdict(turn.form), "image": turn.form.image}
