@@ -28,6 +28,7 @@ whatever the turns could confuse.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -338,7 +339,8 @@ def usable(construction: Construction, form: Form) -> bool:
 def realize(construction: Construction, form: Form, rng: np.random.Generator, img: str | None = None) -> str:
     """One wording of `form` in `construction`'s frame: synonyms, wrapper, casing and punctuation drawn from `rng`."""
     imgw = _pick(rng, IMAGE_WORDS)
-    noun, nouns = _pick(rng, NOUNS)
+    literal = re.sub(r"\{[^}]*\}", "", construction.direct)  # "what shape does the shape have?" reads badly
+    noun, nouns = _pick(rng, NOUNS[1:] if "shape" in literal else NOUNS)
     slots = {"img": img if img is not None else f"{_pick(rng, ('the', 'the', 'this'))} {imgw}", "imgw": imgw,
              "imgs": imgw + "s", "noun": noun, "a_noun": _a(noun), "nouns": nouns, "cnoun": _pick(rng, COLOR_NOUNS),
              "coloured": _pick(rng, ("coloured", "colored"))}

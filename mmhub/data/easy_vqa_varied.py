@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from mmhub.data.base import Dataset, DatasetConfig
 from mmhub.data.easy_vqa import SOURCE, EasyVQAConfig, EasyVQADataset
@@ -44,17 +44,26 @@ QuestionType = Literal["yes_no", "shape", "color"]
 
 
 class EasyVQAVariedConfig(DatasetConfig):
-    split: Literal["train"] = "train"  # train images only; the test split is kept for evaluation
-    samples: int = Field(40_000, ge=1)
-    question_types: dict[QuestionType, float] = Field(default_factory=lambda: {"yes_no": 2.0, "shape": 1.0,
-                                                                               "color": 1.0})
-    conversations: float = Field(0.25, ge=0, le=1)
-    cross_image: float = Field(0.5, ge=0, le=1)
-    max_turns: int = Field(4, ge=2, le=8)
-    replay_fraction: float = Field(0.0, ge=0, lt=1)
-    replay_path: str = "mmhub:recipes/chat_replay.jsonl"
+    split: Literal["train"] = Field("train", description="train images only; the test split is kept for evaluation")
+    samples: int = Field(40_000, ge=1, description="the dataset's length (sample i is seeded by (seed, i))")
+    question_types: dict[QuestionType, float] = Field(
+        default_factory=lambda: {"yes_no": 2.0, "shape": 1.0, "color": 1.0},
+        description="relative weights of the single-turn question types")
+    conversations: float = Field(0.25, ge=0, le=1, description="share of image samples that are conversations")
+    cross_image: float = Field(0.5, ge=0, le=1, description="share of conversations about two images")
+    max_turns: int = Field(4, ge=2, le=8, description="most turns per conversation (at least 2)")
+    replay_fraction: float = Field(0.0, ge=0, lt=1, description="share of samples taken from replay_path")
+    replay_path: str = Field("mmhub:recipes/chat_replay.jsonl", description="text-only ShareGPT chat to replay")
     seed: int = 0
-    data_dir: str = SOURCE  # a weight-source URI or a folder
+    data_dir: str = Field(SOURCE, description="easy-VQA's data: a weight-source URI or a folder")
+
+    @field_validator("split", mode="before")
+    @classmethod
+    def _train_only(cls, value):
+        if value != "train":
+            raise ValueError(f"split {value!r}: easy_vqa_varied asks about the train split's images only (the test "
+                             "split is kept for evaluation); remove split or set split: train")
+        return value
 
 
 class EasyVQAVariedDataset(Dataset):
