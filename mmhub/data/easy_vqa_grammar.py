@@ -18,6 +18,9 @@ Conventions:
   always among the options.
 * What-questions may name the image's true colour or shape ("which figure is red?" -> ``circle``), never a
   false one.
+* Indirect questions are answered as the question they embed: "do you know what colour the disc is?" -> ``red``,
+  "could you tell me whether there is a box?" -> ``yes``/``no``.
+* No count questions ("how many ...?"): their answers would leave the canonical set; presence covers them.
 
 Balance (`single_turn`): the answer is drawn first (uniform over yes/no, the shapes or the colours), then an
 image and the asked values that make it true, so no construction's wording predicts its answer. Conversations
