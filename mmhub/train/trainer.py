@@ -190,7 +190,7 @@ class Trainer:
         logger = StageLogger(Metrics(folder, acc.is_main_process), st.name, st.log_every, total, objective.count_key,
                              bar)
         return StageRun(index, st, folder, plan, data, total, per_step, objective, wrapped, optimizer, scheduler,
-                        progress, self._caches(plan, st), BadSamples(st.max_bad_fraction), logger)
+                        progress, self._caches(plan, st, objective), BadSamples(st.max_bad_fraction), logger)
 
     def _reference(self, st: StageSpec) -> torch.nn.Module:
         """DPO's frozen reference: the same components and adapters, with the weights as the stage begins."""
@@ -262,8 +262,9 @@ class Trainer:
             prune(run.folder, run.stage.keep_last)
         acc.wait_for_everyone()
 
-    def _caches(self, plan: StagePlan, st: StageSpec) -> dict[str, FeatureCache]:
-        if not st.cache_features:
+    def _caches(self, plan: StagePlan, st: StageSpec, objective: Objective) -> dict[str, FeatureCache]:
+        # a text-only objective (DLP's language phase) loads no media: hashing the frozen encoders would be wasted
+        if not st.cache_features or not getattr(objective, "reads_media", True):
             return {}
         caches = {}
         for m in plan.frozen_encoders():
