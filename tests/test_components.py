@@ -9,6 +9,7 @@ import pytest
 
 from mmhub.data.captions import CaptionsDataset
 from mmhub.data.llava_json import LlavaJsonDataset
+from mmhub.data.nlf import NLFDataset
 from mmhub.data.preference import PreferenceDataset
 from mmhub.data.sharegpt import ShareGPTDataset
 from mmhub.registry import get_registry
@@ -75,6 +76,16 @@ class TestDataset_preference(DatasetTests):
                                                 "rejected": "A circle."},
                                                {"prompt": "2+2?", "chosen": "4", "rejected": "5"}]
     bad_record: ClassVar[dict[str, Any]] = {"prompt": "no rejected", "chosen": "x"}
+
+
+class TestDataset_nlf(DatasetTests):
+    component = NLFDataset
+    records: ClassVar[list[dict[str, Any]]] = [
+        {"id": "a", "prompt": "What shape?", "images": ["s.png"], "response": "A circle.",
+         "critique": "Look at the corners.", "refinement": "Count them.", "refined": "A triangle."},
+        {"id": "b", "prompt": "2+2?", "rounds": [{"response": "5", "critique": "Add again."}], "refined": "4"}]
+    bad_record: ClassVar[dict[str, Any]] = {"id": "bad", "prompt": "no refined reply", "response": "x",
+                                            "critique": "y"}
 
 
 # formats whose records are not a single file of records: tested in tests/test_data.py
