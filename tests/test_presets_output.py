@@ -36,9 +36,11 @@ def teach(model, modalities) -> tuple[float, float, float]:
     opt = torch.optim.Adam([p for n, p in model.named_parameters() if not n.startswith(("generators.", "encoders."))],
                            3e-3)
     first = None
-    for _ in range(100):
+    for step in range(300):  # at least 100 steps; on until each reply's marker is learnt (the LM loss is small)
         out = model(b["input_ids"], b["attention_mask"], b["labels"], outputs=b["outputs"])
         first = float(out.output_loss.detach()) if first is None else first
+        if step >= 100 and float((out.loss - out.output_loss).detach()) < 0.02:
+            break
         opt.zero_grad()
         out.loss.backward()
         opt.step()
