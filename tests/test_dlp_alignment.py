@@ -13,8 +13,14 @@ Three text and picture generators keep the measurement honest:
   drawn at 56 px on mid-grey);
 - the held-out pairs: method B (forms `FORMS_B`, pictures drawn at 112 px on a darker grey, then downscaled).
 
-The two arms of the alignment stage start from the same weights, see the same batches in the same order and run the
-same steps; only ``align_weight`` differs (1.0, DLP's, vs 0.0).
+The arms of the alignment stage start from the same weights, see the same batches in the same order and run the
+same steps: DLP's (``align_weight`` 1.0, the P-Former after its language-only phase), no P-Former loss
+(``align_weight`` 0.0), and the same loss towards the P-Former as it was before its phase (a random target).
+
+What this does not show: that the gain comes from the prompt carrying *its* caption. Aligning each image to another
+caption's trained prompt (rolled by one in the batch) gained as much (held-out 0.492 vs 0.507 with its own), so at
+this size the trained P-Former helps by where its prompts lie (prompts the frozen LLM reads well), not by what each
+one says.
 """
 
 from __future__ import annotations
@@ -152,6 +158,7 @@ def test_alignment_to_the_trained_pformer_lowers_the_held_out_caption_loss(tmp_p
     pretrain_llm(model, LM_STEPS)
     phase = InMemoryDataset([sample(i, cap, f"/nonexistent/{i}.png")  # text alone: pictures are never read
                              for i, (_, _, cap) in enumerate(captions_a(PHASE_STEPS * 16, seed=2))])
+    untrained = copy.deepcopy(model.state_dict())
     Trainer(model, tmp_path / "language", datasets={"language": phase}, progress_bar=False,
             log=lambda *_: None).run()
     state = copy.deepcopy(model.state_dict())
@@ -163,16 +170,20 @@ def test_alignment_to_the_trained_pformer_lowers_the_held_out_caption_loss(tmp_p
              "max_steps": ALIGN_STEPS, "warmup_ratio": 0.0, "cache_features": False}
     held = held_out_pairs()
     losses = {}
-    for weight in (1.0, 0.0):
+    for arm_name, weight, weights in (("dlp", 1.0, state), ("none", 0.0, state), ("random target", 1.0, untrained)):
         arm = build(dlp_spec([align], align_weight=weight))
-        arm.load_state_dict(state)  # same LLM, P-Former and starting Q-Former in both arms
+        arm.load_state_dict(weights)  # same LLM and starting Q-Former in every arm
         start = caption_loss(arm, held)
         Trainer(arm, tmp_path / f"align{weight}", datasets={"pretrain": pairs}, progress_bar=False,
                 log=lambda *_: None).run()
-        losses[weight] = caption_loss(arm, held)
+        losses[arm_name] = caption_loss(arm, held)
     print(f"\nheld-out caption loss (method B pairs): start {start:.3f}; after {ALIGN_STEPS} steps with the P-Former "
-          f"loss {losses[1.0]:.3f}, without {losses[0.0]:.3f}")
-    assert losses[1.0] < losses[0.0] - 0.02, losses
+          f"loss {losses['dlp']:.3f}, without {losses['none']:.3f}, towards the untrained P-Former "
+          f"{losses['random target']:.3f}")
+    # measured: start 0.852; DLP 0.507, no P-Former loss 0.552, untrained P-Former's target 0.551 (with every seed
+    # shifted, DLP 0.340 vs no P-Former loss 0.414)
+    assert losses["dlp"] < losses["none"] - 0.02, losses
+    assert losses["dlp"] < losses["random target"] - 0.02, losses
 
 
 def test_a_pformer_stage_with_cache_features_fingerprints_no_encoder(tmp_path: Path,
