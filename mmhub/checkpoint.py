@@ -375,11 +375,15 @@ def package_path(path: str) -> Path:
     return Path(path).expanduser()
 
 
-def init_from_model(model: Any, source: str, sandbox: Any = None) -> None:
+MAX_BASE_DEPTH = 8  # layered saves on layered saves: deeper chains (or a folder naming itself) are refused
+
+
+def init_from_model(model: Any, source: str, sandbox: Any = None, _depth: int = 0) -> None:
     """Load a saved model's weights (and its LoRA adapters) into the matching slots of `model` (spec ``init_from``).
 
     Every tensor of the source must find a parameter of the same shape (the new spec may add slots,
-    not drop or reshape them); slots the source lacks keep their fresh weights."""
+    not drop or reshape them); slots the source lacks keep their fresh weights. A source saved on top of a shipped
+    folder (its manifest's ``init_from``) brings that folder's weights first, then its own."""
     from mmhub.adapters import inject_adapter  # adapters pull in peft; only init_from needs them
 
     try:
@@ -390,6 +394,11 @@ def init_from_model(model: Any, source: str, sandbox: Any = None) -> None:
     except (CheckpointError, WeightsNotFoundError) as exc:
         raise CheckpointError(f"init_from: {exc}") from None
     _, manifest = read_manifest(folder)
+    if manifest.init_from is not None:  # a layered save: its base folder's weights first, then its own
+        if _depth >= MAX_BASE_DEPTH:
+            raise CheckpointError(f"init_from {folder}: more than {MAX_BASE_DEPTH} folders saved on top of each other "
+                                  f"(or one naming itself as its base); save the model self-contained (full=True)")
+        init_from_model(model, manifest.init_from.source, sandbox, _depth + 1)
     for slot, lora in manifest.adapters.items():
         inject_adapter(model, slot, lora)
     state = load_file(str(folder / WEIGHTS_FILE))

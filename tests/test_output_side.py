@@ -267,6 +267,34 @@ def test_a_model_grown_from_a_shipped_folder_stores_only_what_it_changed(tiny_sp
         MMModel.from_pretrained(tmp_path / "grown")
 
 
+def test_a_model_grown_from_a_layered_folder_gets_every_base_below_it(tiny_spec, out_spec, tmp_path,
+                                                                       monkeypatch) -> None:
+    """base <- mid (saved on top of base) <- top: growing from mid brings base's weights too (it used to bring
+    only mid's own tensors, leaving base's trained projector at its fresh initialisation)."""
+    import mmhub.checkpoint as ckpt
+
+    monkeypatch.setattr(ckpt, "PACKAGE_ROOT", tmp_path)
+    base = build(tiny_spec)
+    with torch.no_grad():
+        base.projectors["image"].net[0].weight.add_(1.0)
+    base.save_pretrained(tmp_path / "demo_model" / "base")
+    spec = copy.deepcopy(out_spec)
+    spec["init_from"] = "mmhub:demo_model/base"
+    mid = build(spec)
+    mid.save_pretrained(tmp_path / "demo_model" / "mid")
+    spec["init_from"] = "mmhub:demo_model/mid"
+    top = build(spec)
+    assert torch.equal(top.projectors["image"].net[0].weight, base.projectors["image"].net[0].weight)
+    for k, v in mid.state_dict().items():
+        assert torch.equal(v, top.state_dict()[k]), k
+    with torch.no_grad():
+        top.projectors["image"].net[0].weight.add_(0.5)
+    top.save_pretrained(tmp_path / "top")
+    again = MMModel.from_pretrained(tmp_path / "top")
+    for k, v in top.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k]), k
+
+
 def test_easy_vqa_draw_samples_and_task_guard(tiny_spec) -> None:
     from mmhub.data import load_dataset
     from mmhub.evaluation.runner import get_task
