@@ -79,6 +79,21 @@ def test_every_answer_follows_from_the_image_facts() -> None:
             assert turn.form.color in words or (turn.form.color == "gray" and "grey" in words), turn
 
 
+def test_confirmation_questions_are_answered_by_the_positive_statement() -> None:
+    """"Isn't the shape a circle?" is answered yes for a circle (as in English), unlike "is the shape not a circle?"."""
+    confirm = [c for kind in ("has_shape", "has_color", "has_both") for c in CONSTRUCTIONS[kind] if "-confirm/" in c.id]
+    assert len(confirm) >= 20 and all(not c.negated for c in confirm)
+    asked = [t for t in singles(6000, seed=4) if "-confirm/" in t.construction]
+    assert len(asked) >= 300
+    for t in asked:
+        shape, color = FACTS[t.image_id]
+        f = t.form
+        positive = ((f.shape is None or f.shape == shape) and (f.color is None or f.color == color))
+        assert re.search(r"n't\b|, right\b", t.question.lower()), t.question
+        assert t.answer == ("yes" if positive else "no"), t
+    assert {t.answer for t in asked} == {"yes", "no"}
+
+
 def test_answers_are_balanced_and_no_wording_predicts_them() -> None:
     turns = singles(30000, seed=2)
     train, test = turns[:20000], turns[20000:]
@@ -91,7 +106,8 @@ def test_answers_are_balanced_and_no_wording_predicts_them() -> None:
         share = np.array([counts[a] for a in ANSWERS[qtype]]) / sum(counts.values())
         assert share.max() < 1.15 / len(ANSWERS[qtype]) and share.min() > 0.85 / len(ANSWERS[qtype]), (qtype, counts)
     for construction, counts in by_construction.items():  # every frame's answers are balanced (4 sigma)
-        n, k = sum(counts.values()), len(ANSWERS[Form(construction.split("/")[0].removesuffix("-not")).question_type])
+        kind = re.sub(r"-(not|confirm)$", "", construction.split("/")[0])
+        n, k = sum(counts.values()), len(ANSWERS[Form(kind).question_type])
         assert n >= 100 and max(counts.values()) / n <= 1 / k + 4 * math.sqrt((1 / k) * (1 - 1 / k) / n), \
             (construction, counts)
     # a reader that knows only the frame: its majority answer (on other questions) is right at chance level

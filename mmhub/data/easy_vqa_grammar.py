@@ -11,7 +11,9 @@ Conventions:
 
 * A yes/no answer says whether the asked proposition holds. Negated questions ask a negated proposition:
   "is there no circle?" and "does the picture lack a circle?" are answered ``yes`` when there is no circle.
-  Contracted negative questions ("isn't there a circle?"), whose English answer is ambiguous, are not used.
+  Negative questions asking for confirmation ("isn't the shape a circle?", "doesn't the picture show a red
+  disc?", tag questions "the figure is round, isn't it?") put forward the positive statement the asker expects,
+  as in ordinary English: they are answered ``yes`` when it is a circle (constructions ``KIND-confirm/N``).
 * ``and``: both the colour and the shape hold; ``or``: at least one holds (the frames say "or both" /
   "either ... or" so the question is a yes/no one, not a choice).
 * Choice questions ("is it a disc or a triangle?") are answered with the canonical shape or colour, which is
@@ -278,12 +280,38 @@ _FRAMES: dict[tuple[str, bool], list[tuple[str, str | None]]] = {
 }
 
 
+# Negative questions asking to confirm the positive statement: answered as the un-negated frames above.
+_CONFIRM_FRAMES: dict[str, list[str]] = {
+    "has_shape": [
+        "isn't the {noun} {a_shape}?", "isn't that {a_shape}?", "doesn't {img} show {a_shape}?",
+        "isn't there {a_shape} in {img}?", "don't you see {a_shape} here?", "the {noun} is {a_shape}, isn't it?",
+        "there's {a_shape} in {img}, isn't there?", "isn't the {noun} {shape_adj}?",
+        "wouldn't you agree the {noun} is {shape_adj}?", "doesn't the {noun} look {shape_adj}?",
+        "aren't there any {shapes} in {img}?", "that's {a_shape}, right?",
+    ],
+    "has_color": [
+        "isn't the {noun} {color}?", "isn't it {color}?", "doesn't the {noun} look {color}?",
+        "the {noun} is {color}, isn't it?", "isn't there something {color} in {img}?",
+        "don't you see anything {color}?", "that {noun} is {color}, right?", "isn't the {cnoun} {color}?",
+        "wasn't the {noun} {coloured} {color}?",
+    ],
+    "has_both": [
+        "isn't it a {color} {shape}?", "isn't there a {color} {shape} in {img}?",
+        "doesn't {img} show a {color} {shape}?", "that's a {color} {shape}, isn't it?",
+        "isn't the {noun} a {color} {shape}?",
+    ],
+}
+
+
 def _constructions() -> dict[str, list[Construction]]:
     out: dict[str, list[Construction]] = {}
     for (kind, negated), frames in _FRAMES.items():
         for k, (direct, embedded) in enumerate(frames):
             cid = f"{kind}{'-not' if negated else ''}/{k}"
             out.setdefault(kind, []).append(Construction(cid, kind, direct, embedded, negated))
+    for kind, frames in _CONFIRM_FRAMES.items():
+        for k, direct in enumerate(frames):
+            out[kind].append(Construction(f"{kind}-confirm/{k}", kind, direct, None, False))
     return out
 
 
