@@ -13,6 +13,10 @@ Settings:
 * ``conversations`` (default 0.25): share of the image samples that are conversations of 2..``max_turns``
   turns (follow-ups about the same image, or, share ``cross_image`` of them, about two images; the second
   is shown in the second turn and later turns name "the first" / "the second" image or compare them).
+* ``negatives`` (default 0): share of the image samples that show a picture which is not an easy-VQA scene
+  (`mmhub.data.negatives`: crops of the bundled train photos in ``negative_photos``, noise, text, flat colours,
+  patterns), asked a grammar question or an open one ("describe this photo") and answered with the refusal
+  (`mmhub.data.negatives.REFUSAL`). ``negative_photos: []`` keeps the synthetic kinds only.
 * ``replay_fraction`` (default 0): share of the samples taken, evenly spread, from ``replay_path`` (a
   ShareGPT file, default the recipes' text-only ``chat_replay.jsonl``), so the language model keeps its chat.
 * ``seed``, ``data_dir`` (as for ``easy_vqa``).
@@ -21,7 +25,8 @@ Each image sample's ``meta``: ``kind`` (``single`` / ``conversation``), ``image_
 ``question``, ``answer``, ``question_type`` (``yes_no``/``shape``/``color``), ``construction`` (the frame's
 id), ``form`` (the logical form) and ``image`` (which of ``image_ids`` it asks about). Single-turn samples also
 carry ``question``, ``answer``, ``question_type`` and ``image_id`` like ``easy_vqa``'s. Replay samples have
-``meta = {kind: replay, source: <the replay sample's id>}``.
+``meta = {kind: replay, source: <the replay sample's id>}``; negatives ``meta = {kind: negative, picture: <photo,
+noise, text, blank or pattern>, question, answer}``.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from pydantic import Field, field_validator
 from mmhub.data.base import Dataset, DatasetConfig
 from mmhub.data.easy_vqa import SOURCE, EasyVQAConfig, EasyVQADataset
 from mmhub.data.easy_vqa_grammar import ImagePool, Turn, conversation, single_turn
+from mmhub.data.negatives import REFUSAL, TRAIN_PHOTOS, negative_image, open_question
 from mmhub.data.sample import Sample
 from mmhub.errors import InputError
 
@@ -52,6 +58,10 @@ class EasyVQAVariedConfig(DatasetConfig):
     conversations: float = Field(0.25, ge=0, le=1, description="share of image samples that are conversations")
     cross_image: float = Field(0.5, ge=0, le=1, description="share of conversations about two images")
     max_turns: int = Field(4, ge=2, le=8, description="most turns per conversation (at least 2)")
+    negatives: float = Field(0.0, ge=0, lt=1, description="share of image samples showing a non-easy-VQA picture, "
+                             "answered with the refusal")
+    negative_photos: list[str] = Field(default_factory=lambda: list(TRAIN_PHOTOS),
+                                       description="bundled photos the negatives crop (mmhub.data.photos sources)")
     replay_fraction: float = Field(0.0, ge=0, lt=1, description="share of samples taken from replay_path")
     replay_path: str = Field("mmhub:recipes/chat_replay.jsonl", description="text-only ShareGPT chat to replay")
     seed: int = 0
@@ -85,6 +95,11 @@ class EasyVQAVariedDataset(Dataset):
         self.images = EasyVQADataset(EasyVQAConfig(split="train", task="caption", data_dir=c.data_dir), base_dir,
                                      registry)
         self.pool = ImagePool({i: self.images.full_facts(i) for i in self.images.image_ids})
+        if c.negatives > 0:  # a photo that cannot load is named now, not in the middle of a run
+            from mmhub.data.negatives import _photo
+
+            for source in c.negative_photos:
+                _photo(source)
         self.replay: Dataset | None = None
         if c.replay_fraction > 0:
             from mmhub.data.sharegpt import ShareGPTConfig, ShareGPTDataset
@@ -122,6 +137,8 @@ class EasyVQAVariedDataset(Dataset):
             return Sample(id=sid, messages=s.messages, media=s.media, meta={"kind": "replay", "source": s.id})
         c = self.config
         rng = np.random.default_rng([c.seed, index])
+        if c.negatives and rng.random() < c.negatives:
+            return self._negative(sid, rng)
         if rng.random() < c.conversations:
             image_ids, turns = conversation(self.pool, rng, c.max_turns, c.cross_image)
             kind = "conversation"
@@ -137,6 +154,15 @@ class EasyVQAVariedDataset(Dataset):
                      "question_type": turns[0].form.question_type, "image_id": image_ids[0]}
         return Sample(id=sid, messages=messages, media={"image": [self.images.image_path(i) for i in image_ids]},
                       meta=meta)
+
+    def _negative(self, sid: str, rng: np.random.Generator) -> Sample:
+        """A non-easy-VQA picture, a grammar or open question about it, and the refusal."""
+        picture, image = negative_image(rng, self.config.negative_photos)
+        question = single_turn(self.pool, rng).question if rng.random() < 0.6 else open_question(rng)
+        return Sample(id=sid, messages=[{"role": "user", "content": "<image>\n" + question},
+                                        {"role": "assistant", "content": REFUSAL}],
+                      media={"image": [image]},
+                      meta={"kind": "negative", "picture": picture, "question": question, "answer": REFUSAL})
 
 
 def _turn_meta(turn: Turn) -> dict:
