@@ -70,6 +70,13 @@ def test_score_reports_strict_and_lenient() -> None:
     assert out["correct_lenient"] == 3 and out["accuracy_lenient"] == 0.75
     assert out["per_type"]["yes_no"] == {"n": 1, "correct": 0, "accuracy": 0.0, "correct_lenient": 1,
                                          "accuracy_lenient": 1.0}
+    assert out["refusals"] == 0 and out["refusal_rate"] == 0.0
+
+
+def test_score_counts_refusals_as_wrong_and_reports_them() -> None:
+    out = score([("I can only answer questions about simple coloured shapes.", "red", "color"),
+                 ("I can't see a circle", "no", "yes_no"), ("no", "no", "yes_no"), ("I don't know", "yes", "yes_no")])
+    assert out["refusals"] == 2 and out["refusal_rate"] == 0.5 and out["correct"] == 1
 
 
 def test_blind_image_shows_no_easy_vqa_colour_or_shape(tmp_path: Path) -> None:

@@ -17,7 +17,9 @@ Answer normalisation (`normalize_answer`), exactly:
 naming two answers ("yes no") or saying more than the answer ("yes, it is") is wrong. With
 ``lenient=True`` a one-word answer is compared with the reply's first word only (``one_word``), so
 "yes no" and "a red one" count as "yes" and "red". An empty prediction never matches. `score`
-reports both: ``accuracy`` (strict) and ``accuracy_lenient``, overall and per type.
+reports both: ``accuracy`` (strict) and ``accuracy_lenient``, overall and per type, and ``refusals`` /
+``refusal_rate``: the replies that decline to answer (`mmhub.evaluation.refusal.is_refusal`), false refusals on
+questions every one of which has an answer.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from abc import ABC, abstractmethod
 from typing import Any, Callable, ClassVar, Iterable
 
 from pydantic import BaseModel, ConfigDict
+
+from mmhub.evaluation.refusal import is_refusal
 
 ARTICLES = frozenset({"a", "an", "the"})
 _PUNCT = str.maketrans({c: " " for c in string.punctuation})
@@ -50,11 +54,14 @@ def exact_match(prediction: str, answer: str, lenient: bool = False) -> bool:
 
 def score(items: Iterable[tuple[str, str, str]]) -> dict[str, Any]:
     """(prediction, answer, type) triples -> ``{n, correct, accuracy, correct_lenient, accuracy_lenient,
-    per_type: {type: {the same five}}}``: strict exact match, and the lenient first-word score beside it."""
+    per_type: {type: {the same five}}, refusals, refusal_rate}``: strict exact match, the lenient first-word score
+    beside it, and the replies that are refusals."""
     total = {"n": 0, "correct": 0, "correct_lenient": 0}
+    refusals = 0
     per: dict[str, dict[str, Any]] = {}
     for prediction, answer, kind in items:
         strict, lenient = exact_match(prediction, answer), exact_match(prediction, answer, lenient=True)
+        refusals += is_refusal(prediction)
         for bucket in (total, per.setdefault(kind, {"n": 0, "correct": 0, "correct_lenient": 0})):
             bucket["n"] += 1
             bucket["correct"] += strict
@@ -66,7 +73,8 @@ def score(items: Iterable[tuple[str, str, str]]) -> dict[str, Any]:
     return {"n": total["n"], "correct": total["correct"], "accuracy": total["accuracy"],
             "correct_lenient": total["correct_lenient"], "accuracy_lenient": total["accuracy_lenient"],
             "per_type": {k: {f: per[k][f] for f in ("n", "correct", "accuracy", "correct_lenient",
-                                                    "accuracy_lenient")} for k in sorted(per)}}
+                                                    "accuracy_lenient")} for k in sorted(per)},
+            "refusals": refusals, "refusal_rate": refusals / total["n"] if total["n"] else 0.0}
 
 
 class EvalConfig(BaseModel):

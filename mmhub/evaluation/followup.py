@@ -76,7 +76,8 @@ class EasyVQAFollowupTask(EvalTask):
                                                                                   lenient=True)})
         result = score(triples)
         return {"task": self.name, "split": split, **{k: result[k] for k in (
-                    "n", "correct", "accuracy", "correct_lenient", "accuracy_lenient", "per_type")},
+                    "n", "correct", "accuracy", "correct_lenient", "accuracy_lenient", "per_type", "refusals",
+                    "refusal_rate")},
                 "per_turn": score(by_turn)["per_type"], "n_conversations": len(convs),
                 "conversations_correct": (len(convs) - len(wrong)) / len(convs) if convs else 0.0,
                 "blind": mode is not None, "blind_input": mode, "max_new_tokens": max_new_tokens,

@@ -81,6 +81,7 @@ class EasyVQARewordedTask(EvalTask):
                                "correct_lenient": exact_match(reply.text, it["answer"], lenient=True)})
         result = score(triples)
         return {"task": self.name, "split": split, **{k: result[k] for k in (
-                    "n", "correct", "accuracy", "correct_lenient", "accuracy_lenient", "per_type")},
+                    "n", "correct", "accuracy", "correct_lenient", "accuracy_lenient", "per_type", "refusals",
+                    "refusal_rate")},
                 "blind": mode is not None, "blind_input": mode, "max_new_tokens": max_new_tokens,
                 "batch_size": batch_size, "seconds": round(time.perf_counter() - t0, 3)}
