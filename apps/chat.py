@@ -4,19 +4,23 @@ A conversation is a list of `Turn`s kept per browser session. A user turn holds 
 text typed, the uploaded files (for display) and the decoded media (for the model);
 an assistant turn holds the reply as it streams in. `prompt_for` turns the whole
 conversation into the messages + media the model takes, one placeholder per item,
-so a follow-up question still sees the earlier images.
+so a follow-up question still sees the earlier images. What the model draws is shown
+enlarged (`display_copy`) with its original pixels linked for download beside it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from mmhub.apps.models import LoadedModel
 from mmhub.apps.uploads import Limits, check_prompt, read_upload
 from mmhub.errors import InputError
 from mmhub.reply import Reply
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
 
 
 @dataclass
@@ -25,6 +29,7 @@ class Turn:
     text: str
     files: list[str] = field(default_factory=list)  # uploaded paths, shown in the chat
     media: dict[str, list[Any]] = field(default_factory=dict)  # decoded items, given to the model
+    originals: dict[str, str] = field(default_factory=dict)  # shown file -> its original pixels, linked for download
 
 
 @dataclass(frozen=True)
@@ -99,23 +104,52 @@ def reply(turns: list[Turn], loaded: LoadedModel, settings: Settings) -> Iterato
         yield from loaded.model.stream(messages, media, **kwargs)
 
 
-def save_media(media: dict[str, list[Any]], folder: str | Path | None = None) -> list[str]:
-    """Generated media -> files the chat can show: images as PNG, videos as animated GIF, audio as WAV."""
+DISPLAY_SIZE = 256  # px on the longer side of a drawing as shown in the chat
+DOWNLOAD_MIME = "application/octet-stream"  # the chat lists such a file as a download link, not as a picture
+
+
+@dataclass
+class SavedMedia:
+    """Files of one reply's media: `shown` inline in the chat, in order, and for a drawing shown enlarged, the file
+    with its original pixels (`originals`: shown file -> original file)."""
+
+    shown: list[str] = field(default_factory=list)
+    originals: dict[str, str] = field(default_factory=dict)
+
+
+def display_copy(image: Image, size: int = DISPLAY_SIZE) -> Image:
+    """A PIL image enlarged with nearest-neighbour to `size` px on its longer side, keeping its aspect, so each
+    pixel stays a sharp block; an image already that large or larger is returned as it is (never shrunk)."""
+    from PIL.Image import Resampling
+
+    w, h = image.size
+    if max(w, h) >= size:
+        return image
+    scale = size / max(w, h)
+    return image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Resampling.NEAREST)
+
+
+def save_media(media: dict[str, list[Any]], folder: str | Path | None = None) -> SavedMedia:
+    """Generated media -> files the chat can show: images as PNG (a display copy enlarged to `DISPLAY_SIZE`, and
+    the original as ``image-N-original.png``), videos as animated GIF, audio as WAV."""
     import tempfile
     import wave
 
     import numpy as np
 
     if not media:
-        return []
+        return SavedMedia()
     out_dir = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="mmhub-demo-"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
+    saved = SavedMedia()
     for m, items in media.items():
         for i, item in enumerate(items):
             if m == "image":
                 path = out_dir / f"image-{i}.png"
-                item.save(path)
+                original = out_dir / f"image-{i}-original.png"
+                item.save(original)
+                display_copy(item).save(path)
+                saved.originals[str(path)] = str(original)
             elif m == "video":
                 path = out_dir / f"video-{i}.gif"
                 item[0].save(path, save_all=True, append_images=list(item[1:]), duration=125, loop=0)
@@ -129,15 +163,22 @@ def save_media(media: dict[str, list[Any]], folder: str | Path | None = None) ->
                     fh.writeframes(pcm.tobytes())
             else:
                 continue
-            paths.append(str(path))
-    return paths
+            saved.shown.append(str(path))
+    return saved
 
 
 def render(turns: list[Turn]) -> list[dict[str, Any]]:
-    """Turns -> the Chatbot's messages: uploaded (user) or generated (assistant) files shown inline, and the text."""
+    """Turns -> the Chatbot's messages: uploaded (user) or generated (assistant) files shown inline, each followed
+    by a download link to its original when it has one, and the text."""
     out = []
     for t in turns:
-        content: list[Any] = [{"path": p, "alt_text": Path(p).name} for p in t.files]
+        content: list[Any] = []
+        for p in t.files:
+            content.append({"path": p, "alt_text": Path(p).name})
+            if p in t.originals:
+                o = t.originals[p]
+                content.append({"file": {"path": o, "orig_name": Path(o).name, "mime_type": DOWNLOAD_MIME},
+                                "alt_text": f"{Path(o).name} (the original pixels)"})
         if t.role == "user":
             if t.text:
                 content.append(t.text)

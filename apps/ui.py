@@ -132,7 +132,8 @@ def build_app(pool: ModelPool, limits: Limits = DEFAULT_LIMITS, folders: list[st
             try:
                 for part in chat.reply(history[:-1], current(k), chat.Settings(int(n), float(t), float(p))):
                     answer.text = part.text
-                    answer.files = chat.save_media(part.media)  # what the model's generators drew
+                    saved = chat.save_media(part.media)  # what the model's generators drew
+                    answer.files, answer.originals = saved.shown, saved.originals
                     yield history, chat.render(history), "_generating…_"
             except MMHubError as exc:
                 history = history[:-1]

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -261,3 +262,40 @@ def test_the_default_model_draws_on_request(server, browser):
     page.screenshot(path=str(ARTIFACTS / "08-drawing.png"), full_page=True)
     img.screenshot(path=str(ARTIFACTS / "08-drawn-image.png"))
     assert dominant_color(Image.open(ARTIFACTS / "08-drawn-image.png").convert("RGB")) == "red"
+
+
+def test_a_drawing_shows_at_a_readable_size(server, browser):
+    """A drawing (64x64 px from the default model) shows at least 200 px wide in the chat, and its original pixels
+    are linked for download beside it."""
+    from mmhub.demo_model import find_default
+
+    found = find_default()
+    spec = json.loads((found.path / "mmhub_spec.json").read_text())
+    if "image" not in (spec.get("generators") or {}):
+        pytest.skip(f"the default model here ({found.name}) has no image generator")
+    page = _open(browser, server)
+    _send(page, "draw a blue circle")
+    _wait_answer(page, 1)
+    img = page.locator("#chatbot .bot img").first
+    img.wait_for(timeout=60_000)
+    page.wait_for_function("el => el.complete && el.naturalWidth > 0", arg=img.element_handle(), timeout=30_000)
+    page.screenshot(path=str(ARTIFACTS / "09-drawing-size.png"), full_page=True)
+    box = img.bounding_box()
+    assert box and box["width"] >= 200, f"the drawing shows {box} in the chat; expected at least 200 px wide"
+    link = page.locator("#chatbot .bot a", has_text="image-0-original.png")
+    assert link.count() == 1, f"no download link for the original; the reply reads {_answers(page)}"
+    # the link serves the model's own pixels; the picture shown is their nearest-neighbour enlargement
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from mmhub.apps.chat import display_copy
+
+    def fetch(url: str) -> Image.Image:
+        with urllib.request.urlopen(urllib.parse.urljoin(server, url), timeout=30) as r:
+            return Image.open(io.BytesIO(r.read())).convert("RGB")
+
+    original, shown = fetch(link.get_attribute("href")), fetch(img.get_attribute("src"))
+    assert max(original.size) < 200 and max(shown.size) == 256, (original.size, shown.size)
+    assert np.array_equal(np.asarray(display_copy(original)), np.asarray(shown))

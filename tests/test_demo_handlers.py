@@ -165,6 +165,39 @@ def test_render_and_undo(red_circle):
     assert chat.undo([chat.Turn("user", "only")]) == []
 
 
+def test_drawings_show_enlarged_with_the_original_for_download(tmp_path):
+    rng = np.random.default_rng(0)
+    drawn = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))  # noise: any smoothing shows
+    wide = Image.fromarray(rng.integers(0, 256, (200, 300, 3), dtype=np.uint8))  # 300x200: larger than the display
+    small_wide = Image.new("RGB", (64, 32), (0, 0, 255))
+    saved = chat.save_media({"image": [drawn, wide, small_wide]}, tmp_path)
+    assert [Path(p).name for p in saved.shown] == ["image-0.png", "image-1.png", "image-2.png"]
+    shown = np.asarray(Image.open(saved.shown[0]))
+    assert shown.shape == (256, 256, 3)  # 256 px on the longer side, each pixel a 4x4 block (nearest-neighbour)
+    assert np.array_equal(shown, np.repeat(np.repeat(np.asarray(drawn), 4, axis=0), 4, axis=1))
+    original = saved.originals[saved.shown[0]]
+    assert Path(original).name == "image-0-original.png"
+    assert np.array_equal(np.asarray(Image.open(original)), np.asarray(drawn))
+    assert np.array_equal(np.asarray(Image.open(saved.shown[1])), np.asarray(wide))  # never shrunk nor enlarged
+    assert Image.open(saved.shown[2]).size == (256, 128)  # the aspect is kept
+    # the chat shows the enlarged copy, then a download link (not a second picture) to the original
+    turns = [chat.Turn("user", "draw"), chat.Turn("assistant", "Here.", saved.shown[:1], originals=saved.originals)]
+    content = chat.render(turns)[1]["content"]
+    assert content[:2] == ["Here.", {"path": saved.shown[0], "alt_text": "image-0.png"}]
+    link = content[2]["file"]
+    assert link["path"] == original and link["orig_name"] == "image-0-original.png"
+    assert "image" not in link["mime_type"]  # gradio picks the component by mime type: a file link
+    import gradio as gr
+
+    assert gr.Chatbot().postprocess(chat.render(turns))  # a message the Chatbot takes
+
+
+def test_uploaded_images_are_shown_as_they_are(loaded, red_circle):
+    turn = chat.user_turn("what colour?", [str(red_circle)], loaded, LIMITS)
+    assert turn.originals == {}
+    assert chat.render([turn])[0]["content"] == [{"path": str(red_circle), "alt_text": "circle.png"}, "what colour?"]
+
+
 # -- models ----------------------------------------------------------------------------------------
 def test_model_choices_and_keys(tmp_path, registry):
     choices = dict((k, label) for label, k in model_choices())

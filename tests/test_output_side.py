@@ -174,9 +174,12 @@ def test_trained_model_emits_signals_and_draws(out_spec, tmp_path) -> None:
     # the demo shows it: saved to files, rendered after the reply's text
     from mmhub.apps import chat
 
-    files = chat.save_media(parts[-1].media, tmp_path / "shown")
-    assert [Path(f).suffix for f in files] == [".png"] and Image.open(files[0]).size == (8, 8)
-    rendered = chat.render([chat.Turn("user", "draw a red circle"), chat.Turn("assistant", parts[-1].text, files)])
+    saved = chat.save_media(parts[-1].media, tmp_path / "shown")
+    files = saved.shown
+    assert [Path(f).suffix for f in files] == [".png"] and Image.open(files[0]).size == (256, 256)  # enlarged
+    assert Image.open(saved.originals[files[0]]).size == (8, 8)
+    rendered = chat.render([chat.Turn("user", "draw a red circle"),
+                            chat.Turn("assistant", parts[-1].text, files, originals=saved.originals)])
     assert rendered[1]["content"][0] == parts[-1].text and rendered[1]["content"][1]["path"] == files[0]
 
 
@@ -204,7 +207,7 @@ def test_demo_saves_video_and_audio_media(tmp_path) -> None:
 
     frames = [Image.new("RGB", (8, 8), (i * 60, 0, 0)) for i in range(3)]
     tone = Audio(np.sin(np.linspace(0, 100, 1600)).astype(np.float32), 16000)
-    files = chat.save_media({"video": [frames], "audio": [tone]}, tmp_path)
+    files = chat.save_media({"video": [frames], "audio": [tone]}, tmp_path).shown
     assert [Path(f).suffix for f in files] == [".gif", ".wav"]
     assert Image.open(files[0]).n_frames == 3
     with wave.open(files[1]) as fh:
