@@ -1,16 +1,19 @@
-"""Registers mmhub's built-in generators (through the same hook a third-party plugin uses)."""
+"""Registers mmhub's built-in generators (through the same hook a third-party plugin uses).
+
+Each is registered by reference (``module:Class``) under its name; a module loads when a spec uses it.
+"""
 
 from mmhub.hookspecs import hookimpl
+
+GENERATORS = (
+    ("stable_diffusion", "mmhub.generators.stable_diffusion:StableDiffusionGenerator"),
+    ("text_to_video", "mmhub.generators.text_to_video:TextToVideoGenerator"),
+    ("audioldm", "mmhub.generators.audioldm:AudioLDMGenerator"),
+    ("pixel_diffusion", "mmhub.generators.pixel_diffusion:PixelDiffusionGenerator"),
+)
 
 
 @hookimpl
 def register_generators(register):
-    from mmhub.generators.audioldm import AudioLDMGenerator
-    from mmhub.generators.pixel_diffusion import PixelDiffusionGenerator
-    from mmhub.generators.stable_diffusion import StableDiffusionGenerator
-    from mmhub.generators.text_to_video import TextToVideoGenerator
-
-    register(StableDiffusionGenerator)
-    register(TextToVideoGenerator)
-    register(AudioLDMGenerator)
-    register(PixelDiffusionGenerator)
+    for name, ref in GENERATORS:
+        register(ref, name=name)

@@ -4,6 +4,9 @@ Every hook receives a `register` callback; a plugin calls it once per component.
 Built-in components use exactly these hooks, through the same `mmhub` entry-point
 group as third-party packages. Results of the hooks are ignored: registration
 happens through the callback, so the registry can validate each entry as it arrives.
+Every hook that registers a class also takes a reference to one,
+``register("package.module:Class", name="...")``: the entry is known by that name at once and its
+module is imported only when the class is first used (docs/plugins.md, "Registering by reference").
 """
 
 from __future__ import annotations

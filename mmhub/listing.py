@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from mmhub.errors import UnknownComponentError
+from mmhub.errors import PluginError, UnknownComponentError
 from mmhub.plugins import ALLOW_ENV, GROUP
 from mmhub.weights import mmhub_home
 
@@ -32,17 +32,24 @@ FORMAT = 1  # bump when the listing's shape changes
 def listing(reg: Any) -> dict[str, Any]:
     """Every registered entry (by kind plural), the kinds themselves, and what loaded, failed or was left out."""
     from mmhub.registry import (
-        KIND_TABLE,  # the registry imports torch; callers with a cache hit never need it
+        KIND_TABLE,  # building the registry imports torch; callers with a cache hit never need it
     )
 
     out: dict[str, Any] = {}
+    failed = [vars(f) for f in reg.failed]
     for kind in KIND_TABLE:
         table = reg.entries[kind.key]
         keys = sorted(table) if kind.sort else list(table)
-        out[kind.plural] = [table[k].metadata() for k in keys]
+        out[kind.plural] = []
+        for k in keys:
+            try:
+                out[kind.plural].append(table[k].metadata())
+            except PluginError as exc:  # a class registered by reference that does not load: listed as failed
+                plugin = table[k].plugin
+                failed.append({"name": plugin, "dist": reg.dist_of(plugin), "error": str(exc)})
     ps = reg.plugins
     out["plugins"] = [vars(p) for p in ps.loaded] if ps else []
-    out["failed"] = [vars(f) for f in reg.failed]
+    out["failed"] = failed
     out["disabled"] = list(ps.disabled) if ps else []
     out["warnings"] = list(ps.warnings) if ps else []
     out["kinds"] = [{"key": k.key, "plural": k.plural, "hook": k.hook, "component": k.component} for k in KIND_TABLE]
@@ -147,7 +154,7 @@ def settings_of(cls: type) -> list[dict[str, Any]]:
 def describe(reg: Any, name: str) -> list[dict[str, Any]]:
     """Every entry called `name` (a component, dataset, eval task, weight source or preset; ``-`` = ``_``)."""
     from mmhub.registry import (
-        KIND_TABLE,  # the registry imports torch; only `mmhub plugins show` needs it
+        KIND_TABLE,  # building the registry imports torch; only `mmhub plugins show` needs it
     )
 
     found = []

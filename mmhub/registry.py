@@ -4,8 +4,11 @@ Every kind of entry a plugin can add is one `EntryKind` row of `KIND_TABLE` (its
 key, hook, plural and how an entry is built and keyed); registration, the hook
 loop and the listings are derived from that table. The registry is filled by
 calling every plugin's hooks with a ``register`` callback bound to that plugin,
-so each entry knows its origin. Lookups never return ``None``: an unknown name
-raises `UnknownComponentError` listing close matches, everything registered and
+so each entry knows its origin. A plugin may register a class by reference
+(``register("package.module:Class", name="...")``): the entry is known by name and kind at once and
+its module is imported only when the class is first used (`ComponentInfo.cls`), so discovering the
+plugins imports no model code; the built-ins register this way. Lookups never return ``None``: an
+unknown name raises `UnknownComponentError` listing close matches, everything registered and
 the plugins that failed to load. A name registered twice never takes the hub
 down: built-ins win over third parties (even against ``override=True``), between
 third parties the first wins unless the later one asks for ``override=True``,
@@ -19,21 +22,32 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mmhub.errors import DuplicateComponentError, MMHubError, UnknownComponentError
-from mmhub.interfaces import Component, Kind
+from mmhub.classref import ClassRef
+from mmhub.errors import DuplicateComponentError, MMHubError, PluginError, UnknownComponentError
 from mmhub.plugins import FailedPlugin, PluginSet, discover
+
+if TYPE_CHECKING:  # the component contracts import torch; the registry loads them only to check a class
+    from mmhub.interfaces import Component, Kind
 
 
 @dataclass(frozen=True)
 class ComponentInfo:
-    """A registered component: its class and the metadata shown to users."""
+    """A registered component: its class (or a `ClassRef` to it, imported on first use) and its metadata."""
 
     name: str
     kind: Kind
-    cls: type[Component]
+    source: type[Component] | ClassRef
     plugin: str
+
+    @property
+    def cls(self) -> type[Component]:
+        """The component class; a class registered by reference is imported (and checked) here, once."""
+        src = self.source
+        if isinstance(src, ClassRef):
+            return src.load(check=lambda cls: _check_component(self.kind, self.plugin, cls, self.name, src.ref))
+        return src
 
     @property
     def key(self) -> str:
@@ -104,11 +118,22 @@ class PresetInfo:
 
 @dataclass(frozen=True)
 class PluginClassInfo:
-    """A registered dataset format or evaluation task: its class and the plugin it came from."""
+    """A registered dataset format, evaluation task or importer: its class (or a `ClassRef` to it) and plugin."""
 
     name: str
-    cls: type
+    source: type | ClassRef
     plugin: str
+    base: str = ""  # ``module:Class`` the class must subclass (checked when a reference is loaded)
+    what: str = ""  # "dataset", "eval task", "importer": for messages
+
+    @property
+    def cls(self) -> type:
+        """The class; one registered by reference is imported (and checked) here, once."""
+        src = self.source
+        if isinstance(src, ClassRef):
+            return src.load(check=lambda cls: _check_subclass(self.what, self.base, self.plugin, cls, self.name,
+                                                              src.ref))
+        return src
 
     @property
     def key(self) -> str:
@@ -131,16 +156,52 @@ def _class_name(cls: Any, plugin: str) -> str:
     return name
 
 
+def _lazy_name(what: str, plugin: str, ref: ClassRef, name: Any) -> str:
+    """The name a class registered by reference is listed under: it must be given, as ``name=``."""
+    if not isinstance(name, str) or not name:
+        raise MMHubError(f"plugin {plugin!r} registered the {what} {ref.ref!r} by reference without a name; pass "
+                         f"the class's `name` too: register({ref.ref!r}, name='...').")
+    return name
+
+
+def _same_name(plugin: str, cls: type, registered: str | None, ref: str | None) -> str:
+    """The class's own ``name``, which must equal the name it was registered under (when one was given)."""
+    name = _class_name(cls, plugin)
+    if registered is not None and name != registered:
+        what = f"{ref!r}" if ref else cls.__name__
+        raise (PluginError if ref else MMHubError)(
+            f"plugin {plugin!r} registered {what} under the name {registered!r}, but the class's `name` is "
+            f"{name!r}; make them agree (register(..., name={name!r}) or rename the class's `name`).")
+    return name
+
+
+def _check_component(kind: str, plugin: str, cls: Any, name: str | None = None, ref: str | None = None) -> str:
+    """Checks that `cls` is a mmhub component of `kind` whose ``name`` is `name` (when given); returns its name.
+
+    A class registered directly fails with `MMHubError` while its plugin registers; one registered by
+    reference (`ref`) is checked when first loaded and fails with `PluginError`.
+    """
+    from mmhub.interfaces import Component  # imports torch: only when a class is checked
+
+    error = PluginError if ref else MMHubError
+    what = repr(ref) if ref else repr(cls)
+    if not isinstance(cls, type) or not issubclass(cls, Component):
+        raise error(f"plugin {plugin!r} registered {what} as a {kind}, but it is not a mmhub component "
+                    f"class (subclass one of mmhub.interfaces.Encoder/Projector/Backbone/...).")
+    if cls.kind != kind:
+        raise error(f"plugin {plugin!r} registered {what if ref else cls.__name__} through the {kind} hook, but it "
+                    f"is a {cls.kind}; register it from {ENTRY_KINDS[cls.kind].hook}.")
+    return _same_name(plugin, cls, name, ref)
+
+
 def _component(kind: Kind) -> Callable[..., ComponentInfo]:
-    """The entry builder of a component kind: checks the class is a mmhub component of that kind with a name."""
-    def make(plugin: str, cls: type[Component]) -> ComponentInfo:
-        if not isinstance(cls, type) or not issubclass(cls, Component):
-            raise MMHubError(f"plugin {plugin!r} registered {cls!r} as a {kind}, but it is not a mmhub component "
-                             f"class (subclass one of mmhub.interfaces.Encoder/Projector/Backbone/...).")
-        if cls.kind != kind:
-            raise MMHubError(f"plugin {plugin!r} registered {cls.__name__} through the {kind} hook, but it is a "
-                             f"{cls.kind}; register it from {ENTRY_KINDS[cls.kind].hook}.")
-        return ComponentInfo(name=_class_name(cls, plugin), kind=kind, cls=cls, plugin=plugin)
+    """The entry builder of a component kind: a component class of that kind with a name, or a reference to one
+    (``"module:Class"`` with ``name=``), checked when first used."""
+    def make(plugin: str, cls: type[Component] | str, name: str | None = None) -> ComponentInfo:
+        if isinstance(cls, str):
+            ref = ClassRef(cls, plugin)
+            return ComponentInfo(name=_lazy_name(kind, plugin, ref, name), kind=kind, source=ref, plugin=plugin)
+        return ComponentInfo(name=_check_component(kind, plugin, cls, name), kind=kind, source=cls, plugin=plugin)
     return make
 
 
@@ -154,16 +215,28 @@ def _preset(plugin: str, name: str, size: str, spec: dict[str, Any], io: str = "
     return PresetInfo(name=name, size=size, spec=spec, plugin=plugin, io=io, description=description, missing=missing)
 
 
+def _check_subclass(what: str, base: str, plugin: str, cls: Any, name: str | None = None,
+                    ref: str | None = None) -> str:
+    """Checks that `cls` subclasses `base` (``module:Class``) and is called `name` (when given); returns its name."""
+    module, attr = base.split(":")
+    base_cls = getattr(importlib.import_module(module), attr)  # the data/evaluation layers load only when used
+    if not isinstance(cls, type) or not issubclass(cls, base_cls):
+        public = module.rsplit(".", 1)[0]
+        raise (PluginError if ref else MMHubError)(
+            f"plugin {plugin!r} registered {ref or cls!r} as a {what}, but it is not a subclass of {public}.{attr}.")
+    return _same_name(plugin, cls, name, ref)
+
+
 def _plugin_class(what: str, base: str) -> Callable[..., PluginClassInfo]:
-    """The entry builder of a class registered by name (`base`: ``module:Class`` it must subclass)."""
-    def make(plugin: str, cls: type) -> PluginClassInfo:
-        module, attr = base.split(":")
-        base_cls = getattr(importlib.import_module(module), attr)  # the data/evaluation layers load only when used
-        if not isinstance(cls, type) or not issubclass(cls, base_cls):
-            public = module.rsplit(".", 1)[0]
-            raise MMHubError(f"plugin {plugin!r} registered {cls!r} as a {what}, but it is not a subclass of "
-                             f"{public}.{attr}.")
-        return PluginClassInfo(name=_class_name(cls, plugin), cls=cls, plugin=plugin)
+    """The entry builder of a class registered by name (`base`: ``module:Class`` it must subclass), or by reference
+    (``"module:Class"`` with ``name=``, checked when first used)."""
+    def make(plugin: str, cls: type | str, name: str | None = None) -> PluginClassInfo:
+        if isinstance(cls, str):
+            ref = ClassRef(cls, plugin)
+            return PluginClassInfo(name=_lazy_name(what, plugin, ref, name), source=ref, plugin=plugin, base=base,
+                                   what=what)
+        return PluginClassInfo(name=_check_subclass(what, base, plugin, cls, name), source=cls, plugin=plugin,
+                               base=base, what=what)
     return make
 
 

@@ -27,7 +27,7 @@ from mmhub.cross_checks import (
     describe_slot,
     hint,
 )
-from mmhub.errors import Problem, SpecError, UnknownComponentError
+from mmhub.errors import PluginError, Problem, SpecError, UnknownComponentError
 from mmhub.interfaces import (
     BackboneFacts,
     BuildContext,
@@ -124,9 +124,14 @@ def _slot(kind: str, path: str, cs: Any, registry: Registry, problems: list[Prob
         )
         return None
     try:
-        config = info.cls.Config.model_validate(cs.settings())
+        cls = info.cls  # a class registered by reference is imported here, the first time a spec uses it
+    except PluginError as exc:
+        problems.append(Problem(f"{path}.type", str(exc), f"fix or reinstall the plugin {info.plugin!r}"))
+        return None
+    try:
+        config = cls.Config.model_validate(cs.settings())
     except ValidationError as exc:
-        problems.extend(problems_from_validation(exc, prefix=path, fields=info.cls.Config.model_fields))
+        problems.extend(problems_from_validation(exc, prefix=path, fields=cls.Config.model_fields))
         return None
     before = len(problems)
     check_sizes(path, config.model_dump(), problems)

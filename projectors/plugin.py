@@ -1,44 +1,42 @@
-"""Registers mmhub's built-in input and output projectors (through the same hook a third-party plugin uses)."""
+"""Registers mmhub's built-in input and output projectors (through the same hook a third-party plugin uses).
+
+Each is registered by reference (``module:Class``) under its name, so discovering the plugin imports none of
+the projectors' modules (torch, timm); a module loads when a spec uses it.
+"""
 
 from mmhub.hookspecs import hookimpl
-from mmhub.projectors.c_abstractor import CAbstractorProjector
-from mmhub.projectors.cif import CIFProjector
-from mmhub.projectors.cross_attn_resampler import CrossAttnResamplerProjector
-from mmhub.projectors.glu import GLUProjector
-from mmhub.projectors.ldp import LDPProjector
-from mmhub.projectors.linear import LinearProjector
-from mmhub.projectors.mlp import MLPProjector
-from mmhub.projectors.output import OUTPUT_PROJECTORS
-from mmhub.projectors.patch_merger import PatchMergerProjector
-from mmhub.projectors.perceiver import PerceiverProjector
-from mmhub.projectors.pformer import PFormerProjector
-from mmhub.projectors.pixel_shuffle import PixelShuffleProjector
-from mmhub.projectors.qformer import QFormerProjector
-from mmhub.projectors.token_merge import TokenMergeProjector
-from mmhub.projectors.video_qformer import VideoQFormerProjector
-from mmhub.projectors.visual_abstractor import VisualAbstractorProjector
+
+PROJECTORS = (
+    ("linear", "mmhub.projectors.linear:LinearProjector"),
+    ("mlp", "mmhub.projectors.mlp:MLPProjector"),
+    ("qformer", "mmhub.projectors.qformer:QFormerProjector"),
+    ("perceiver", "mmhub.projectors.perceiver:PerceiverProjector"),
+    ("cross_attn_resampler", "mmhub.projectors.cross_attn_resampler:CrossAttnResamplerProjector"),
+    ("token_merge", "mmhub.projectors.token_merge:TokenMergeProjector"),
+    ("pformer", "mmhub.projectors.pformer:PFormerProjector"),
+    ("c_abstractor", "mmhub.projectors.c_abstractor:CAbstractorProjector"),
+    ("ldp", "mmhub.projectors.ldp:LDPProjector"),
+    ("pixel_shuffle", "mmhub.projectors.pixel_shuffle:PixelShuffleProjector"),
+    ("patch_merger", "mmhub.projectors.patch_merger:PatchMergerProjector"),
+    ("glu", "mmhub.projectors.glu:GLUProjector"),
+    ("video_qformer", "mmhub.projectors.video_qformer:VideoQFormerProjector"),
+    ("visual_abstractor", "mmhub.projectors.visual_abstractor:VisualAbstractorProjector"),
+    ("cif", "mmhub.projectors.cif:CIFProjector"),
+)
+OUTPUT_PROJECTORS = (
+    ("output_mlp", "mmhub.projectors.output:OutputMLPProjector"),
+    ("output_transformer", "mmhub.projectors.output:OutputTransformerProjector"),
+    ("output_qformer", "mmhub.projectors.output:OutputQFormerProjector"),
+)
 
 
 @hookimpl
 def register_projectors(register):
-    register(LinearProjector)
-    register(MLPProjector)
-    register(QFormerProjector)
-    register(PerceiverProjector)
-    register(CrossAttnResamplerProjector)
-    register(TokenMergeProjector)
-    register(PFormerProjector)
-    register(CAbstractorProjector)
-    register(LDPProjector)
-    register(PixelShuffleProjector)
-    register(PatchMergerProjector)
-    register(GLUProjector)
-    register(VideoQFormerProjector)
-    register(VisualAbstractorProjector)
-    register(CIFProjector)
+    for name, ref in PROJECTORS:
+        register(ref, name=name)
 
 
 @hookimpl
 def register_output_projectors(register):
-    for cls in OUTPUT_PROJECTORS:
-        register(cls)
+    for name, ref in OUTPUT_PROJECTORS:
+        register(ref, name=name)

@@ -1,21 +1,25 @@
-"""The built-in dataset formats, registered through the same hook as any plugin's."""
+"""The built-in dataset formats, registered through the same hook as any plugin's.
+
+Each is registered by reference (``module:Class``) under its name; a format's module loads when it is used.
+"""
 
 from __future__ import annotations
 
 from mmhub.hookspecs import hookimpl
 
+DATASETS = (
+    ("llava_json", "mmhub.data.llava_json:LlavaJsonDataset"),
+    ("sharegpt", "mmhub.data.sharegpt:ShareGPTDataset"),
+    ("captions", "mmhub.data.captions:CaptionsDataset"),
+    ("preference", "mmhub.data.preference:PreferenceDataset"),
+    ("webdataset", "mmhub.data.webdataset:WebDataset"),
+    ("easy_vqa", "mmhub.data.easy_vqa:EasyVQADataset"),
+    ("nlf", "mmhub.data.nlf:NLFDataset"),
+    ("easy_vqa_varied", "mmhub.data.easy_vqa_varied:EasyVQAVariedDataset"),
+)
+
 
 @hookimpl
 def register_datasets(register):
-    from mmhub.data.captions import CaptionsDataset
-    from mmhub.data.easy_vqa import EasyVQADataset
-    from mmhub.data.easy_vqa_varied import EasyVQAVariedDataset
-    from mmhub.data.llava_json import LlavaJsonDataset
-    from mmhub.data.nlf import NLFDataset
-    from mmhub.data.preference import PreferenceDataset
-    from mmhub.data.sharegpt import ShareGPTDataset
-    from mmhub.data.webdataset import WebDataset
-
-    for cls in (LlavaJsonDataset, ShareGPTDataset, CaptionsDataset, PreferenceDataset, WebDataset, EasyVQADataset,
-                NLFDataset, EasyVQAVariedDataset):
-        register(cls)
+    for name, ref in DATASETS:
+        register(ref, name=name)

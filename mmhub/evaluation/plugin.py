@@ -1,20 +1,22 @@
-"""The built-in evaluation tasks, registered through the same hook as any plugin's."""
+"""The built-in evaluation tasks, registered through the same hook as any plugin's.
+
+Each is registered by reference (``module:Class``) under its name; a task's module loads when it is used.
+"""
 
 from __future__ import annotations
 
 from mmhub.hookspecs import hookimpl
 
+EVAL_TASKS = (
+    ("easy_vqa", "mmhub.evaluation.easy_vqa:EasyVQATask"),
+    ("easy_vqa_draw", "mmhub.evaluation.easy_vqa_draw:EasyVQADrawTask"),
+    ("easy_vqa_reworded", "mmhub.evaluation.reworded:EasyVQARewordedTask"),
+    ("easy_vqa_followup", "mmhub.evaluation.followup:EasyVQAFollowupTask"),
+    ("photo_refusal", "mmhub.evaluation.photo_refusal:PhotoRefusalTask"),
+)
+
 
 @hookimpl
 def register_eval_tasks(register):
-    from mmhub.evaluation.easy_vqa import EasyVQATask
-    from mmhub.evaluation.easy_vqa_draw import EasyVQADrawTask
-    from mmhub.evaluation.followup import EasyVQAFollowupTask
-    from mmhub.evaluation.photo_refusal import PhotoRefusalTask
-    from mmhub.evaluation.reworded import EasyVQARewordedTask
-
-    register(EasyVQATask)
-    register(EasyVQADrawTask)
-    register(EasyVQARewordedTask)
-    register(EasyVQAFollowupTask)
-    register(PhotoRefusalTask)
+    for name, ref in EVAL_TASKS:
+        register(ref, name=name)

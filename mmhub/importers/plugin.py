@@ -1,29 +1,32 @@
-"""The built-in family importers, registered through the same ``register_importers`` hook a plugin uses."""
+"""The built-in family importers, registered through the same ``register_importers`` hook a plugin uses.
+
+Each is registered by reference (``module:Class``) under its name, in the order importers are tried; an
+importer's module (and the transformers code it reads) loads when it is used.
+"""
 
 from __future__ import annotations
 
 from mmhub.hookspecs import hookimpl
-from mmhub.importers.blip2 import Blip2Importer
-from mmhub.importers.convert_cogvlm import CogVLMImporter
-from mmhub.importers.convert_mplug_owl import MplugOwlImporter
-from mmhub.importers.convert_qwen_vl import QwenVLImporter
-from mmhub.importers.idefics import IdeficsImporter
-from mmhub.importers.idefics3 import Idefics3Importer
-from mmhub.importers.instructblip import InstructBlipImporter, InstructBlipVideoImporter
-from mmhub.importers.llava import LlavaImporter
-from mmhub.importers.llava_next import LlavaNextImporter
-from mmhub.importers.llava_onevision import LlavaOnevisionImporter
-from mmhub.importers.mllama import MllamaImporter
-from mmhub.importers.paligemma import PaliGemmaImporter
-from mmhub.importers.qwen2_vl import Qwen2VLImporter
 
-BUILTIN = [Blip2Importer, InstructBlipImporter, InstructBlipVideoImporter, IdeficsImporter, Idefics3Importer,
-           LlavaImporter, MllamaImporter,
-           PaliGemmaImporter, LlavaNextImporter,
-           LlavaOnevisionImporter, Qwen2VLImporter, CogVLMImporter, QwenVLImporter, MplugOwlImporter]
+BUILTIN = (
+    ("blip_2", "mmhub.importers.blip2:Blip2Importer"),
+    ("instructblip", "mmhub.importers.instructblip:InstructBlipImporter"),
+    ("instructblipvideo", "mmhub.importers.instructblip:InstructBlipVideoImporter"),
+    ("idefics", "mmhub.importers.idefics:IdeficsImporter"),
+    ("idefics3", "mmhub.importers.idefics3:Idefics3Importer"),
+    ("llava", "mmhub.importers.llava:LlavaImporter"),
+    ("mllama", "mmhub.importers.mllama:MllamaImporter"),
+    ("paligemma", "mmhub.importers.paligemma:PaliGemmaImporter"),
+    ("llava_next", "mmhub.importers.llava_next:LlavaNextImporter"),
+    ("llava_onevision", "mmhub.importers.llava_onevision:LlavaOnevisionImporter"),
+    ("qwen2_vl", "mmhub.importers.qwen2_vl:Qwen2VLImporter"),
+    ("cogvlm", "mmhub.importers.convert_cogvlm:CogVLMImporter"),
+    ("qwen_vl", "mmhub.importers.convert_qwen_vl:QwenVLImporter"),
+    ("mplug_owl", "mmhub.importers.convert_mplug_owl:MplugOwlImporter"),
+)
 
 
 @hookimpl
 def register_importers(register):
-    for cls in BUILTIN:
-        register(cls)
+    for name, ref in BUILTIN:
+        register(ref, name=name)
