@@ -3,6 +3,10 @@
 The trained models that live here, each a folder written by `MMModel.save_pretrained`
 (the resolved spec plus only the tensors the weight sources cannot restore):
 
+* ``easyvqa-smollm2-varied``: the drawing model below taught the questions rather than easy-VQA's templates
+  (grammar-varied questions, follow-up conversations, non-easy-VQA pictures answered with a refusal; recipe
+  ``mmhub/recipes/easyvqa-smollm2-varied.yaml``); it stores its projector, LoRA, signal rows and output projector
+  and loads ``easyvqa-smollm2-draw`` (and so ``easyvqa-smollm2``) under them;
 * ``easyvqa-smollm2-draw``: the real-weights model below taught to draw (4 signal tokens ->
   output transformer -> the ``easyvqa-draw`` pixel diffusion model; recipe
   ``mmhub/recipes/easyvqa-smollm2-draw.yaml``); it stores only its new parts and loads
@@ -26,6 +30,8 @@ from mmhub.errors import MMHubError
 
 HERE = Path(__file__).parent
 CHOICES = (
+    ("easyvqa-smollm2-varied", "EfficientNet-Lite0 + MLP + SmolLM2-135M-Instruct (LoRA): answers questions about "
+                               "easy-VQA shapes however they are worded, follows up, declines other pictures, draws"),
     ("easyvqa-smollm2-draw", "EfficientNet-Lite0 + MLP + SmolLM2-135M-Instruct (LoRA), trained on easy-VQA, and draws "
                              "easy-VQA shapes on request (signal tokens -> output projector -> pixel diffusion)"),
     ("easyvqa-smollm2", "EfficientNet-Lite0 + MLP + SmolLM2-135M-Instruct (LoRA), trained on easy-VQA"),
