@@ -299,3 +299,41 @@ def test_a_drawing_shows_at_a_readable_size(server, browser):
     original, shown = fetch(link.get_attribute("href")), fetch(img.get_attribute("src"))
     assert max(original.size) < 200 and max(shown.size) == 256, (original.size, shown.size)
     assert np.array_equal(np.asarray(display_copy(original)), np.asarray(shown))
+
+
+def _heldout(name: str) -> list[dict]:
+    path = ROOT / "mmhub" / "recipes" / "heldout" / name
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_reworded_question_follow_ups_and_a_refused_photo(server, browser, tmp_path):
+    """The default model in the browser, on held-out material (mmhub/recipes/heldout/, never trained on): a
+    reworded which-figure question, a three-turn conversation about one image (the last turn the kind that failed
+    before: "Is there a circle in this picture?" after a colour and a shape question), and a held-out real photo,
+    which it declines."""
+    pytest.importorskip("skimage")
+    from mmhub.data.easy_vqa import SOURCE
+    from mmhub.data.photos import load_photo
+    from mmhub.evaluation.refusal import is_refusal
+    from mmhub.weights import resolve
+
+    images = resolve(SOURCE) / "test" / "images"
+    item = next(r for r in _heldout("easy_vqa_reworded.jsonl") if r["type"] == "which_shape")
+    page = _open(browser, server)
+    _send(page, item["question"], [images / f"{item['image']}.png"])
+    assert _wait_answer(page, 1).lower().strip(" .") == item["answer"], item
+    conv = next(c for c in _heldout("easy_vqa_followup.jsonl") if len(c["images"]) == 1 and len(c["turns"]) >= 3)
+    page = _open(browser, server)
+    for k, turn in enumerate(conv["turns"][:3]):
+        _send(page, turn["question"], [images / f"{conv['images'][0]}.png"] if k == 0 else [])
+        shown = _wait_answer(page, k + 1)
+        assert shown.lower().strip(" .") == turn["answer"], (conv["id"], k, turn, shown)
+    page.screenshot(path=str(ARTIFACTS / "09-follow-ups.png"), full_page=True)
+    held = json.loads((ROOT / "mmhub" / "recipes" / "heldout" / "photos.json").read_text())["held_out"][0]
+    photo = tmp_path / f"{held['name']}.png"
+    load_photo(held["source"]).save(photo)
+    page = _open(browser, server)
+    _send(page, "What shape is in the image?", [photo])
+    shown = _wait_answer(page, 1)
+    page.screenshot(path=str(ARTIFACTS / "10-refused-photo.png"), full_page=True)
+    assert is_refusal(shown), f"{held['name']}: {shown!r}"
