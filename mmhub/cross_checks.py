@@ -136,6 +136,16 @@ def check_projectors(plan: Plan, problems: list[Problem]) -> None:
 
 def check_output_side(plan: Plan, problems: list[Problem]) -> None:
     """Pairs of output projector + generator per output modality, their shapes, and the signal tokens."""
+    _check_output_pairs(plan, problems)
+    if not plan.spec.generators:
+        return
+    _check_output_backbone(plan, problems)
+    for m, slot in plan.generators.items():
+        _check_generator(plan, m, slot, problems)
+
+
+def _check_output_pairs(plan: Plan, problems: list[Problem]) -> None:
+    """Each generator has an output projector and each output projector a generator; signal tokens name both."""
     spec = plan.spec
     for m in spec.generators.keys() - spec.output_projectors.keys():
         problems.append(
@@ -166,8 +176,11 @@ def check_output_side(plan: Plan, problems: list[Problem]) -> None:
             problems.append(
                 Problem(f"signal_tokens.{m}", f"{k} signal tokens cannot carry anything", "use at least 1 (4 is usual)")
             )
-    if not spec.generators:
-        return
+
+
+def _check_output_backbone(plan: Plan, problems: list[Problem]) -> None:
+    """What an output side asks of the backbone and tokenizer: decoder-only, no injectors, signal names unused."""
+    spec = plan.spec
     facts = plan.backbone_facts
     if facts is not None and facts.is_encoder_decoder:
         problems.append(
@@ -202,59 +215,63 @@ def check_output_side(plan: Plan, problems: list[Problem]) -> None:
                             "use a tokenizer without it (signal token names are fixed)",
                         )
                     )
-    for m, slot in plan.generators.items():
-        gen = describe_slot(slot, plan.ctx, problems)
-        if gen is None:
-            continue
-        if gen.modality != m:
+
+
+def _check_generator(plan: Plan, m: str, slot: Any, problems: list[Problem]) -> None:
+    """One output modality: the generator's modality and conditioning shape, the output projector inferred to it."""
+    spec, facts = plan.spec, plan.backbone_facts
+    gen = describe_slot(slot, plan.ctx, problems)
+    if gen is None:
+        return
+    if gen.modality != m:
+        problems.append(
+            Problem(
+                f"generators.{m}.type",
+                f"{slot.info.name} produces {gen.modality}, not {m}",
+                f"key it as generators.{gen.modality}, or use a {m} generator",
+            )
+        )
+        return
+    plan.generator_facts[m] = gen
+    op = plan.output_projectors.get(m)
+    if op is None or facts is None:
+        return
+    cfg, fill, bad = op.config, {}, False
+    for key, want, what in (
+        ("in_dim", facts.hidden_size, "the backbone hidden size"),
+        ("in_len", spec.signal_count(m), f"signal_tokens.{m}"),
+        ("out_len", gen.cond_len, f"generators.{m} ({slot.info.name}) conditioning length"),
+        ("out_dim", gen.cond_dim, f"generators.{m} ({slot.info.name}) conditioning width"),
+    ):
+        have = getattr(cfg, key)
+        if have is not None and have != want:
             problems.append(
                 Problem(
-                    f"generators.{m}.type",
-                    f"{slot.info.name} produces {gen.modality}, not {m}",
-                    f"key it as generators.{gen.modality}, or use a {m} generator",
+                    f"output_projectors.{m}.{key}",
+                    f"{have} != {what} {want}",
+                    f"set output_projectors.{m}.{key}: {want} or leave it out to infer it",
                 )
             )
-            continue
-        plan.generator_facts[m] = gen
-        op = plan.output_projectors.get(m)
-        if op is None or facts is None:
-            continue
-        cfg, fill, bad = op.config, {}, False
-        for key, want, what in (
-            ("in_dim", facts.hidden_size, "the backbone hidden size"),
-            ("in_len", spec.signal_count(m), f"signal_tokens.{m}"),
-            ("out_len", gen.cond_len, f"generators.{m} ({slot.info.name}) conditioning length"),
-            ("out_dim", gen.cond_dim, f"generators.{m} ({slot.info.name}) conditioning width"),
-        ):
-            have = getattr(cfg, key)
-            if have is not None and have != want:
-                problems.append(
-                    Problem(
-                        f"output_projectors.{m}.{key}",
-                        f"{have} != {what} {want}",
-                        f"set output_projectors.{m}.{key}: {want} or leave it out to infer it",
-                    )
-                )
-                bad = True
-            fill[key] = want
-        if bad:
-            continue
-        op.config = cfg.model_copy(update=fill)
-        out = describe_slot(op, plan.ctx, problems)
-        if out is None:
-            continue
-        if (out.out_len, out.out_dim) != (gen.cond_len, gen.cond_dim):
-            problems.append(
-                Problem(
-                    f"output_projectors.{m}",
-                    f"{op.info.name} produces {out.out_len} x {out.out_dim} "
-                    f"per item but generators.{m} ({slot.info.name}) takes "
-                    f"{gen.cond_len} x {gen.cond_dim}",
-                    "use an output projector that can produce the generator's conditioning shape",
-                )
+            bad = True
+        fill[key] = want
+    if bad:
+        return
+    op.config = cfg.model_copy(update=fill)
+    out = describe_slot(op, plan.ctx, problems)
+    if out is None:
+        return
+    if (out.out_len, out.out_dim) != (gen.cond_len, gen.cond_dim):
+        problems.append(
+            Problem(
+                f"output_projectors.{m}",
+                f"{op.info.name} produces {out.out_len} x {out.out_dim} "
+                f"per item but generators.{m} ({slot.info.name}) takes "
+                f"{gen.cond_len} x {gen.cond_dim}",
+                "use an output projector that can produce the generator's conditioning shape",
             )
-            continue
-        plan.output_facts[m] = out
+        )
+        return
+    plan.output_facts[m] = out
 
 
 def check_budget(plan: Plan, problems: list[Problem]) -> None:
