@@ -65,3 +65,11 @@ class ClassRef:
 
     def __repr__(self) -> str:
         return f"ClassRef({self.ref!r})"
+
+    def __copy__(self) -> ClassRef:
+        return self
+
+    def __deepcopy__(self, memo: dict) -> ClassRef:
+        """One reference per registered entry: a copied model (a DPO reference, a merged export) shares it (its lock
+        cannot be copied, and a second import state would be wrong)."""
+        return self

@@ -157,3 +157,17 @@ def test_listing_names_a_component_that_does_not_load_as_failed() -> None:
     out = listing(reg)
     assert "ghost" not in [p["name"] for p in out["projectors"]]
     assert any(f["name"] == "shaky" and "no_such_module_for_mmhub" in f["error"] for f in out["failed"])
+
+
+def test_a_model_built_from_lazily_registered_components_deep_copies(tiny_spec) -> None:
+    """A DPO reference policy and a merged export deep-copy the model, which reaches the registry's entries: a
+    class reference (with its lock) must survive that (it raised "cannot pickle '_thread.lock' object")."""
+    import torch
+
+    from mmhub import build
+    from mmhub.adapters import merged_copy
+
+    model = build(tiny_spec)
+    twin = merged_copy(model)
+    for (k, a), (_, b) in zip(model.state_dict().items(), twin.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
