@@ -140,14 +140,15 @@ def test_assemble_cli_works_for_every_tiny_preset(name: str, capsys) -> None:
     assert data["components"] and data["stages"] and data["total_params"] > 0, data.keys()
 
 
-def test_readme_components_table_is_current() -> None:
+def test_components_table_is_current() -> None:
     from pathlib import Path
 
     from mmhub.cli import components_table
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert components_table(REG, builtin_only=True) in readme, \
-        "README's components table is stale: paste `mmhub plugins --markdown` into the Components section"
+    page = (Path(__file__).resolve().parents[1] / "docs" / "components.md").read_text()
+    assert components_table(REG, builtin_only=True) in page, \
+        "docs/components.md's table is stale: paste `mmhub plugins --markdown` (built-ins) into it"
+    assert "(docs/components.md)" in (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
 
 def test_zoo_table_is_current() -> None:
