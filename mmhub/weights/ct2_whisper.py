@@ -139,6 +139,13 @@ def _attention(get, src: str, dst: str, fused: str, d: int, out: dict[str, torch
     out[f"{dst}.out_proj.weight"], out[f"{dst}.out_proj.bias"] = get(f"{last}/weight"), get(f"{last}/bias")
 
 
+def _ffn(get, src: str, dst: str, out: dict[str, torch.Tensor]) -> None:
+    """A layer's feed-forward block: CT2 ``ffn/linear_0`` / ``linear_1`` -> transformers ``fc1`` / ``fc2``."""
+    for k, fc in ((0, "fc1"), (1, "fc2")):
+        out[f"{dst}.{fc}.weight"] = get(f"{src}/ffn/linear_{k}/weight")
+        out[f"{dst}.{fc}.bias"] = get(f"{src}/ffn/linear_{k}/bias")
+
+
 def _norm(get, src: str, dst: str, out: dict[str, torch.Tensor]) -> None:
     out[f"{dst}.weight"], out[f"{dst}.bias"] = get(f"{src}/gamma"), get(f"{src}/beta")
 
@@ -177,10 +184,7 @@ def load_ct2_whisper(path: str | Path,
                 _norm(get, f"{s}/self_attention/layer_norm", f"{t}.self_attn_layer_norm", out)
                 _attention(get, f"{s}/self_attention", f"{t}.self_attn", "qkv", d, out)
                 _norm(get, f"{s}/ffn/layer_norm", f"{t}.final_layer_norm", out)
-                out[f"{t}.fc1.weight"], out[f"{t}.fc1.bias"] = (get(f"{s}/ffn/linear_0/weight"),
-                                                                get(f"{s}/ffn/linear_0/bias"))
-                out[f"{t}.fc2.weight"], out[f"{t}.fc2.bias"] = (get(f"{s}/ffn/linear_1/weight"),
-                                                                get(f"{s}/ffn/linear_1/bias"))
+                _ffn(get, s, t, out)
             _norm(get, "encoder/layer_norm", f"{e}.layer_norm", out)
         if "decoder" in parts:
             m = "model.decoder"
@@ -193,10 +197,7 @@ def load_ct2_whisper(path: str | Path,
                 _norm(get, f"{s}/attention/layer_norm", f"{t}.encoder_attn_layer_norm", out)
                 _attention(get, f"{s}/attention", f"{t}.encoder_attn", "kv", d, out)
                 _norm(get, f"{s}/ffn/layer_norm", f"{t}.final_layer_norm", out)
-                out[f"{t}.fc1.weight"], out[f"{t}.fc1.bias"] = (get(f"{s}/ffn/linear_0/weight"),
-                                                                get(f"{s}/ffn/linear_0/bias"))
-                out[f"{t}.fc2.weight"], out[f"{t}.fc2.bias"] = (get(f"{s}/ffn/linear_1/weight"),
-                                                                get(f"{s}/ffn/linear_1/bias"))
+                _ffn(get, s, t, out)
             _norm(get, "decoder/layer_norm", f"{m}.layer_norm", out)
             if config.tie_word_embeddings:
                 out["proj_out.weight"] = out[f"{m}.embed_tokens.weight"]
