@@ -42,7 +42,7 @@ from pydantic import Field, field_validator
 from mmhub.data.base import Dataset, DatasetConfig
 from mmhub.data.easy_vqa import SOURCE, EasyVQAConfig, EasyVQADataset
 from mmhub.data.easy_vqa_grammar import ImagePool, Turn, conversation, single_turn
-from mmhub.data.negatives import REFUSAL, TRAIN_PHOTOS, negative_image, open_question
+from mmhub.data.negatives import REFUSAL, TRAIN_PHOTOS, load_photos, negative_image, open_question
 from mmhub.data.sample import Sample
 from mmhub.errors import InputError
 
@@ -96,10 +96,7 @@ class EasyVQAVariedDataset(Dataset):
                                      registry)
         self.pool = ImagePool({i: self.images.full_facts(i) for i in self.images.image_ids})
         if c.negatives > 0:  # a photo that cannot load is named now, not in the middle of a run
-            from mmhub.data.negatives import _photo
-
-            for source in c.negative_photos:
-                _photo(source)
+            load_photos(c.negative_photos)
         self.replay: Dataset | None = None
         if c.replay_fraction > 0:
             from mmhub.data.sharegpt import ShareGPTConfig, ShareGPTDataset

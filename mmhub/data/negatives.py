@@ -55,6 +55,12 @@ def _photo(source: str) -> Image.Image:
     return load_photo(source)
 
 
+def load_photos(sources: Sequence[str]) -> None:
+    """Load (and cache) each photo in `sources` now, so a source that cannot load is named before a run starts."""
+    for source in sources:
+        _photo(source)
+
+
 def _pick(rng: np.random.Generator, items: Sequence):
     return items[int(rng.integers(len(items)))]
 
