@@ -284,3 +284,30 @@ def test_bf16_on_a_cpu_without_bf16_matmul_warns_and_names_the_fix(monkeypatch, 
     with caplog.at_level(logging.WARNING, logger="mmhub.train.run"):
         run._precision(spec, None)
     assert not caplog.text
+
+
+def test_a_step_the_loss_scaler_skipped_does_not_advance_the_lr_schedule(tmp_path: Path, monkeypatch) -> None:
+    """fp16 loss scaling skips the optimizer step when the scaled gradients overflow (on CUDA, typically the first
+    steps at scale 65536); the LR schedule must not move past a step the optimizer never took."""
+    from accelerate import Accelerator
+
+    from mmhub.train.run import train
+
+    skipped_steps = {1, 2, 5}
+    calls = {"n": 0}
+
+    def was_skipped(self) -> bool:  # asked once per optimizer step, after it
+        calls["n"] += 1
+        return calls["n"] in skipped_steps
+
+    monkeypatch.setattr(Accelerator, "optimizer_step_was_skipped", property(was_skipped))
+    spec = train_script.spec(8)
+    spec["stages"] = spec["stages"][:1]
+    spec["stages"][0].update(save_every=1000)
+    out = tmp_path / "run"
+    train(spec, out=out, datasets={"align": train_script.dataset(16)}, progress_bar=False)
+    steps = json.loads((out / "align" / "metrics.jsonl").read_text().splitlines()[-1])["summary"]["steps"]
+    ckpt = sorted((out / "align" / "checkpoints").iterdir())[-1]
+    sched = json.loads((ckpt / "scheduler.json").read_text())
+    assert calls["n"] == steps, (calls, steps)
+    assert sched["last_epoch"] == steps - len(skipped_steps), sched

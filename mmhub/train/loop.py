@@ -87,6 +87,7 @@ class SingleProcess:
 
     num_processes = 1
     device = torch.device("cpu")
+    optimizer_step_was_skipped = False  # no loss scaler: every step is taken
 
     def no_sync(self, model: Any) -> nullcontext:
         return nullcontext()
@@ -124,7 +125,8 @@ def run_loop(loop: Loop) -> None:
         loop.nan_steps = 0
         progress.global_step += 1
         lr = loop.scheduler.get_last_lr()[0]
-        loop.scheduler.step()
+        if not loop.accelerator.optimizer_step_was_skipped:  # fp16 loss scaling skips overflowing steps
+            loop.scheduler.step()
         loop.after_step(progress, result, lr)
         if loop.save_due(progress.global_step):
             loop.save(progress)
