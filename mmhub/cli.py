@@ -298,6 +298,11 @@ def parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
     add_demo_arguments(s)
     s.set_defaults(func=cmd_demo)
+    s = sub.add_parser("serve", help="serve a model behind an OpenAI-compatible API (continuous batching)")
+    from mmhub.serve.cli import add_arguments as add_serve_arguments
+
+    add_serve_arguments(s)
+    s.set_defaults(func=cmd_serve)
     return p
 
 
@@ -353,6 +358,12 @@ def _add_model_commands(sub: Any) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from mmhub.apps.demo import run
+
+    return run(args)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from mmhub.serve.cli import run
 
     return run(args)
 

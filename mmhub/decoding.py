@@ -80,8 +80,8 @@ def _decode(model: Any, inputs_embeds: torch.Tensor, attention_mask: torch.Tenso
     device = inputs_embeds.device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     pad = model.processor.pad_id
-    first = _group_starts(sig)
-    suppress, stops = _head_columns(sig, suppress_ids, stop_ids, device)
+    first = group_starts(sig)
+    suppress, stops = head_columns(sig, suppress_ids, stop_ids, device)
 
     mask = attention_mask.clone()
     # a prefix-LM reads the whole prompt bidirectionally; every generated token then attends causally
@@ -102,7 +102,7 @@ def _decode(model: Any, inputs_embeds: torch.Tensor, attention_mask: torch.Tenso
             logits[:, stops[stops < logits.shape[-1]]] = torch.finfo(logits.dtype).min
         cols = pick(logits, do_sample, temperature, top_p, generator)
         ids = (sig.token_ids(cols) if sig is not None else cols).tolist()
-        _take(ids, out, done, forced, pending, first, stop_ids, pad, within_limit=steps < max_new_tokens)
+        take(ids, out, done, forced, pending, first, stop_ids, pad, within_limit=steps < max_new_tokens)
         steps += 1  # tokens chosen so far
         if streamer is not None:
             streamer.put(torch.tensor([i if not d or i != pad else stop_ids[0] if stop_ids else pad
@@ -111,19 +111,19 @@ def _decode(model: Any, inputs_embeds: torch.Tensor, attention_mask: torch.Tenso
             break
         if steps >= max_new_tokens and not any(forced) and not any(p is not None for p in pending):
             break  # the last token's own state is not needed: no step for it (a token of a group still needs one)
-        emb = _embed(model, torch.tensor(ids, device=device)[:, None])
+        emb = embed_ids(model, torch.tensor(ids, device=device)[:, None])
         alive = torch.tensor([0 if d and not p else 1 for d, p in zip(done, pending, strict=True)], device=device)
         mask = torch.cat([mask, alive[:, None].to(mask.dtype)], 1)
         hidden, cache = backbone.step(emb, mask, next_pos, cache)
         last = hidden[:, -1]
         next_pos = next_pos + 1
-        _record_group_states(out, pending, last)
+        record_group_states(out, pending, last)
         if steps >= max_new_tokens and not any(forced) and not any(p is not None for p in pending):
             break
     return out
 
 
-def _group_starts(sig: Any) -> dict[int, tuple[str, list[int]]]:
+def group_starts(sig: Any) -> dict[int, tuple[str, list[int]]]:
     """First token id of each signal group -> (modality, the group's ids)."""
     first = {}
     if sig is not None:
@@ -133,7 +133,7 @@ def _group_starts(sig: Any) -> dict[int, tuple[str, list[int]]]:
     return first
 
 
-def _head_columns(sig: Any, suppress_ids: list[int] | None, stop_ids: list[int],
+def head_columns(sig: Any, suppress_ids: list[int] | None, stop_ids: list[int],
                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The head's columns of the suppressed ids and of the stop ids."""
     suppress = torch.tensor(sorted(set(suppress_ids or [])), dtype=torch.long, device=device)
@@ -148,7 +148,7 @@ def _head_columns(sig: Any, suppress_ids: list[int] | None, stop_ids: list[int],
     return suppress, stops
 
 
-def _take(ids: list[int], out: Decoded, done: list[bool], forced: list[list[int]], pending: list[Any],
+def take(ids: list[int], out: Decoded, done: list[bool], forced: list[list[int]], pending: list[Any],
           first: dict[int, tuple[str, list[int]]], stop_ids: list[int], pad: int, within_limit: bool) -> None:
     """Per row, in place: the chosen id becomes the row's next token (pad once the row is done), a forced group
     token overrides it, a stop id ends the row; a group's first token forces the rest of the group."""
@@ -170,7 +170,7 @@ def _take(ids: list[int], out: Decoded, done: list[bool], forced: list[list[int]
                 pending[b] = (m, [], len(group))
 
 
-def _embed(model: Any, step_ids: torch.Tensor) -> torch.Tensor:
+def embed_ids(model: Any, step_ids: torch.Tensor) -> torch.Tensor:
     """(B, 1) chosen ids -> their input embeddings (signal tokens from their own rows)."""
     emb = model.backbone.embed(step_ids.masked_fill(step_ids >= model.backbone_vocab_size, 0))
     if model.signal_tokens is not None:
@@ -178,7 +178,7 @@ def _embed(model: Any, step_ids: torch.Tensor) -> torch.Tensor:
     return emb
 
 
-def _record_group_states(out: Decoded, pending: list[Any], last: torch.Tensor) -> None:
+def record_group_states(out: Decoded, pending: list[Any], last: torch.Tensor) -> None:
     """The token just fed belongs to a group: its state (`last` (B, H)) is the group's; a full group is recorded."""
     for b in range(len(pending)):
         if pending[b] is not None:
