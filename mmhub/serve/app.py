@@ -22,6 +22,10 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
 from mmhub.serve.content import ContentLimits, to_model_input
 from mmhub.serve.engine import Delta, Engine, EngineError, Failed, Finished, Request, Sampling
 from mmhub.serve.protocol import APIError, ChatRequest, validation_error
@@ -40,9 +44,7 @@ class ServerSettings:
 
 def create_app(engine: Engine, settings: ServerSettings) -> Any:
     """The FastAPI app; `engine` must be started (`Engine.start`)."""
-    from fastapi import FastAPI
-    from fastapi import Request as HTTPRequest
-    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, PlainTextResponse
 
     app = FastAPI(title="mmhub", docs_url=None, redoc_url=None)
     model = engine.model
@@ -166,8 +168,6 @@ async def _next(queue: asyncio.Queue, request: Any, job: Request) -> Any:
 
 
 async def _complete(job: Request, queue: asyncio.Queue, rid: str, created: int, name: str, request: Any) -> Any:
-    from fastapi.responses import JSONResponse
-
     done: dict[int, Finished] = {}
     try:
         while len(done) < job.n:

@@ -1,0 +1,198 @@
+"""`mmhub serve` driven by the official `openai` client (and raw HTTP for what a client would never send)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from openai import OpenAI
+
+from mmhub import build
+from mmhub.serve.app import ServerSettings
+from mmhub.serve.content import ContentLimits
+from mmhub.serve.engine import Engine
+
+sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+from live_server import data_uri, live_server  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model():
+    import copy
+
+    from conftest import TINY_LLAMA
+
+    torch.manual_seed(0)
+    spec = copy.deepcopy({
+        "name": "serve-tiny",
+        "encoders": {"image": {"type": "open_clip", "arch": None, "embed_dim": 32,
+                               "vision_cfg": {"image_size": 32, "patch_size": 8, "layers": 2, "width": 32,
+                                              "head_width": 16}}},
+        "projectors": {"image": {"type": "mlp", "depth": 2}},
+        "backbone": {"type": "hf_causal_lm", "config": TINY_LLAMA, "tokenizer": "byte"},
+        "template": "chatml",
+    })
+    return build(spec).eval()
+
+
+@pytest.fixture(scope="module")
+def pictures():
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    return [Image.fromarray(rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)) for _ in range(4)]
+
+
+def client(base: str, key: str = "none") -> OpenAI:
+    return OpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def image_part(img) -> dict:
+    return {"type": "image_url", "image_url": {"url": data_uri(img)}}
+
+
+def test_models_chat_stream_usage_and_metrics(model, pictures) -> None:
+    with live_server(Engine(model)) as base:
+        c = client(base)
+        assert [m.id for m in c.models.list().data] == ["tiny"]
+        messages = [{"role": "user", "content": [image_part(pictures[0]), {"type": "text", "text": "describe"}]}]
+        plain = c.chat.completions.create(model="tiny", messages=messages, max_tokens=20, temperature=0)
+        text = plain.choices[0].message.content
+        assert plain.choices[0].finish_reason in ("stop", "length") and plain.usage.completion_tokens >= 1
+        # the prompt counts the image's 16 projected tokens in place of its placeholder (which the server puts on a
+        # line of its own before the text)
+        text_only = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "\ndescribe"}],
+                                              max_tokens=1, temperature=0)
+        assert plain.usage.prompt_tokens == text_only.usage.prompt_tokens + 16
+        chunks = list(c.chat.completions.create(model="tiny", messages=messages, max_tokens=20, temperature=0,
+                                                stream=True))
+        streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        assert streamed == text
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+        metrics = httpx.get(base + "/metrics").text
+        assert "mmhub_queue_length 0" in metrics and "mmhub_completion_tokens_total" in metrics
+        assert httpx.get(base + "/health").json()["batching"] == "continuous"
+
+
+def test_n_seed_and_stop(model, pictures) -> None:
+    with live_server(Engine(model)) as base:
+        c = client(base)
+        messages = [{"role": "user", "content": [image_part(pictures[1]), {"type": "text", "text": "hello"}]}]
+        a = c.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=1.0, seed=3, n=2)
+        b = c.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=1.0, seed=3, n=2)
+        texts = [ch.message.content for ch in a.choices]
+        assert texts == [ch.message.content for ch in b.choices] and texts[0] != texts[1]
+        full = c.chat.completions.create(model="tiny", messages=messages, max_tokens=30, temperature=0)
+        whole = full.choices[0].message.content
+        cut = c.chat.completions.create(model="tiny", messages=messages, max_tokens=30, temperature=0,
+                                        stop=[whole[3:5]])
+        assert cut.choices[0].finish_reason == "stop"
+        assert cut.choices[0].message.content == whole[:whole.index(whole[3:5])].strip()
+
+
+def test_sixteen_concurrent_clients_get_what_each_gets_alone(model, pictures) -> None:
+    jobs = []
+    for i in range(16):
+        content = [image_part(pictures[j % 4]) for j in range(i % 3)] + [{"type": "text", "text": "q" * (1 + 7 * i)}]
+        jobs.append(([{"role": "user", "content": content}], 4 + (i * 11) % 48))
+
+    def ask(base: str, job) -> str:
+        messages, k = job
+        return client(base).chat.completions.create(model="tiny", messages=messages, max_tokens=k,
+                                                    temperature=0).choices[0].message.content
+
+    with live_server(Engine(model, max_batch=1)) as base:
+        alone = [ask(base, job) for job in jobs]
+    engine = Engine(model, max_batch=16)
+    with live_server(engine) as base:
+        with ThreadPoolExecutor(16) as pool:
+            together = list(pool.map(lambda job: ask(base, job), jobs))
+        steps = engine.stats.steps
+    assert together == alone
+    assert steps < sum(4 + (i * 11) % 48 for i in range(16))  # decode steps were shared
+
+
+def test_errors_have_the_status_type_and_param_and_the_server_serves_on(model, pictures, tmp_path) -> None:
+    settings = ServerSettings(model_name="tiny", api_key="sekrit", limits=ContentLimits(max_images=2))
+    with live_server(Engine(model), settings) as base:
+        url, auth = base + "/v1/chat/completions", {"Authorization": "Bearer sekrit"}
+
+        def post(body, headers=auth, raw=None):
+            r = httpx.post(url, headers=headers, content=raw if raw is not None else json.dumps(body), timeout=60)
+            return r.status_code, r.json()["error"]
+
+        user = lambda *parts: {"messages": [{"role": "user", "content": list(parts)}]}  # noqa: E731
+        assert post({}, headers={})[0] == 401
+        assert post({}, headers={"Authorization": "Bearer nope"})[0] == 401
+        status, err = post(None, raw=b"{not json")
+        assert status == 400 and "not valid JSON" in err["message"]
+        status, err = post({"messages": []})
+        assert status == 400 and err["param"] == "messages"
+        status, err = post(user({"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}))
+        assert status == 400 and err["param"] == "messages[0].content[0].image_url.url" and "base64" in err["message"]
+        status, err = post(user({"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}))
+        assert status == 400 and "not a readable image" in err["message"]
+        status, err = post(user({"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}))
+        assert status == 400 and "fetches nothing" in err["message"]
+        status, err = post(user({"type": "image_url", "image_url": {"url": str(tmp_path / "x.png")}}))
+        assert status == 400 and "--allow-files" in err["message"]
+        status, err = post(user(*[image_part(pictures[0])] * 3))
+        assert status == 400 and "more than 2 images" in err["message"]
+        status, err = post({**user({"type": "text", "text": "hi"}), "max_tokens": 9999})
+        assert status == 400 and "context of 512" in err["message"]
+        status, err = post(user({"type": "text", "text": "x" * 600}))
+        assert status == 400 and "> the model's context of 512 tokens" in err["message"]
+        status, err = post({**user({"type": "text", "text": "hi"}), "tools": [{"type": "function"}]})
+        assert status == 400 and err["param"] == "tools"
+        status, err = post({**user({"type": "text", "text": "hi"}), "temperature": 7})
+        assert status == 400 and err["param"] == "temperature"
+        ok = client(base, "sekrit").chat.completions.create(model="tiny", max_tokens=3, temperature=0,
+                                                            messages=[{"role": "user", "content": "still there?"}])
+        assert ok.choices[0].finish_reason in ("stop", "length")
+
+
+def test_full_queue_is_429_and_a_slow_request_is_504(model) -> None:
+    engine = Engine(model, max_queue=1)  # never started: the first request waits in the queue
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    with live_server(engine, ServerSettings(model_name="tiny", timeout=1.0), start_engine=False) as base:
+        url = base + "/v1/chat/completions"
+        waiting = threading.Thread(target=lambda: httpx.post(url, json=body, timeout=30), daemon=True)
+        waiting.start()
+        deadline = time.monotonic() + 10
+        while engine.queue_length < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        r = httpx.post(url, json=body, timeout=30)
+        assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_exceeded"
+        engine.start()  # the queued request has expired by now: its client gets 504
+        waiting.join(timeout=30)
+    engine = Engine(model)
+    with live_server(engine, ServerSettings(model_name="tiny", timeout=1e-6)) as base:
+        r = httpx.post(base + "/v1/chat/completions", json=body, timeout=30)
+        assert r.status_code == 504 and "--timeout" in r.json()["error"]["message"]
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_rows(model) -> None:
+    engine = Engine(model, max_batch=2)
+    with live_server(engine) as base:
+        body = {"messages": [{"role": "user", "content": "go on"}], "max_tokens": 400, "temperature": 0,
+                "stream": True}
+        with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            first = [next(lines) for _ in range(3)]
+            assert first[0].startswith("data: ")
+            assert engine.running == 1
+        deadline = time.monotonic() + 10
+        while engine.running and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine.running == 0 and engine.stats.completion_tokens < 400
+        ok = client(base).chat.completions.create(model="tiny", max_tokens=2, temperature=0,
+                                                  messages=[{"role": "user", "content": "next"}])
+        assert ok.choices[0].message.content is not None
