@@ -182,7 +182,7 @@ def test_full_queue_is_429_and_a_slow_request_is_504(model) -> None:
 def test_a_client_that_disconnects_mid_stream_frees_its_rows(model) -> None:
     engine = Engine(model, max_batch=2)
     with live_server(engine) as base:
-        body = {"messages": [{"role": "user", "content": "go on"}], "max_tokens": 400, "temperature": 0,
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 400, "temperature": 0,
                 "stream": True}
         with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=60) as r:
             lines = r.iter_lines()
