@@ -196,3 +196,51 @@ def test_a_client_that_disconnects_mid_stream_frees_its_rows(model) -> None:
         ok = client(base).chat.completions.create(model="tiny", max_tokens=2, temperature=0,
                                                   messages=[{"role": "user", "content": "next"}])
         assert ok.choices[0].message.content is not None
+
+
+@pytest.mark.slow
+def test_the_shipped_demo_model_over_the_api_answers_follows_up_and_draws() -> None:
+    """`mmhub serve default` as a user meets it: easy-VQA test images sent as data URIs are answered correctly,
+    a follow-up turn about the earlier image too, and a drawing request returns its image as an extra part."""
+    from mmhub import weights
+    from mmhub.data.easy_vqa import SOURCE, facts_from_pixels
+    from mmhub.errors import WeightsNotFoundError
+    from mmhub.loading import load
+
+    try:
+        root = weights.resolve(SOURCE)
+    except WeightsNotFoundError:
+        pytest.skip(f"easy-VQA is not here; `mmhub weights fetch {SOURCE}` gets it")
+    from PIL import Image
+
+    paths = sorted((root / "test" / "images").glob("*.png"))[:6]
+    assert paths, f"no test images under {root}"
+    model = load("default")
+    if model.signal_tokens is None:
+        pytest.skip("the default model here does not draw")
+    with live_server(Engine(model, max_batch=8), ServerSettings(model_name="default")) as base:
+        c = client(base)
+
+        def ask(messages: list) -> str:
+            out = c.chat.completions.create(model="default", messages=messages, max_tokens=16, temperature=0)
+            return out.choices[0].message.content.lower()
+
+        with ThreadPoolExecutor(6) as pool:
+            colours = list(pool.map(lambda p: ask([{"role": "user", "content": [
+                image_part(Image.open(p).convert("RGB")), {"type": "text", "text": "What colour is the shape?"}]}]),
+                paths))
+        facts = [facts_from_pixels(p) for p in paths]  # (shape, colour) read off the pixels
+        assert [a.split()[0].strip(".") for a in colours] == [colour for _, colour in facts], (colours, facts)
+        shape = facts[0][0]
+        first = [{"role": "user", "content": [image_part(Image.open(paths[0]).convert("RGB")),
+                                              {"type": "text", "text": "What colour is the shape?"}]},
+                 {"role": "assistant", "content": colours[0]},
+                 {"role": "user", "content": f"Is the shape in that picture a {shape}?"}]
+        assert ask(first).startswith("yes")
+        other = next(s for s in ("circle", "rectangle", "triangle") if s != shape)
+        assert ask(first[:2] + [{"role": "user", "content": f"Is the shape in that picture a {other}?"}]).startswith("no")
+        drawn = c.chat.completions.create(model="default", max_tokens=24, temperature=0,
+                                          messages=[{"role": "user", "content": "Draw a blue circle."}])
+        message = drawn.choices[0].message
+        parts = (message.model_extra or {}).get("mmhub_media")
+        assert message.content and parts and parts[0]["image_url"]["url"].startswith("data:image/png;base64,")
