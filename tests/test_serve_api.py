@@ -238,7 +238,8 @@ def test_the_shipped_demo_model_over_the_api_answers_follows_up_and_draws() -> N
                  {"role": "user", "content": f"Is the shape in that picture a {shape}?"}]
         assert ask(first).startswith("yes")
         other = next(s for s in ("circle", "rectangle", "triangle") if s != shape)
-        assert ask(first[:2] + [{"role": "user", "content": f"Is the shape in that picture a {other}?"}]).startswith("no")
+        follow_up = {"role": "user", "content": f"Is the shape in that picture a {other}?"}
+        assert ask(first[:2] + [follow_up]).startswith("no")
         drawn = c.chat.completions.create(model="default", max_tokens=24, temperature=0,
                                           messages=[{"role": "user", "content": "Draw a blue circle."}])
         message = drawn.choices[0].message
