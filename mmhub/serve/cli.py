@@ -25,6 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take, queue included (504)")
     p.add_argument("--allow-files", type=Path, default=None,
                    help="let image_url parts name local files inside this folder")
+    p.add_argument("--allow-path", action="append", default=[], metavar="DIR",
+                   help="a folder the loaded model folder may read from besides itself and the weight caches")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="let transformers run Python shipped with the weights (auto_map)")
 
@@ -52,7 +54,7 @@ def build_server(args: argparse.Namespace) -> tuple[Any, Any]:
     from mmhub.serve.engine import Engine
 
     _check(args)
-    model = load(args.model, trust_remote_code=args.trust_remote_code)
+    model = load(args.model, trust_remote_code=args.trust_remote_code, allow_paths=args.allow_path or None)
     engine = Engine(model, max_batch=args.max_batch, max_queue=args.max_queue).start()
     name = args.served_name or getattr(getattr(model, "default_info", None), "name", None) or Path(args.model).name
     settings = ServerSettings(model_name=name, api_key=args.api_key, timeout=args.timeout,
