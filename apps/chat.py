@@ -98,10 +98,14 @@ def reply(turns: list[Turn], loaded: LoadedModel, settings: Settings) -> Iterato
     last one finished, with the media the model drew."""
     if not turns or turns[-1].role != "user":
         raise InputError("nothing to answer: send a message first")
+    from mmhub.serve.engine import Sampling, stream_replies
+
     messages, media = prompt_for(turns, loaded)
     kwargs = settings.generate_kwargs()
-    with loaded.lock:  # one generation at a time per model; the queue keeps the others waiting
-        yield from loaded.model.stream(messages, media, **kwargs)
+    sampling = Sampling(max_tokens=kwargs["max_new_tokens"], temperature=kwargs.get("temperature", 0.0),
+                        top_p=kwargs.get("top_p", 1.0))
+    # the model's engine batches this conversation with every other one on the same model (the API's too)
+    yield from stream_replies(loaded.engine(), messages, media, sampling)
 
 
 DISPLAY_SIZE = 256  # px on the longer side of a drawing as shown in the chat

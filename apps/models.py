@@ -5,8 +5,8 @@ A model is named by a key: ``default`` (the hub's trained demo model, see
 random weights, useful to see the assembly work, not to get answers), or
 ``folder:PATH`` (a model folder written by `MMModel.save_pretrained`, e.g. a training
 run's ``STAGE/model``). Each browser session picks its own key; the pool keeps the
-last few loaded models so switching back is instant, and a per-model lock runs one
-generation at a time on it (the queue lets other users wait their turn).
+last few loaded models so switching back is instant, and every session
+chats with it through its continuous-batching engine (`mmhub.serve.engine`): one queue per model.
 """
 
 from __future__ import annotations
@@ -31,6 +31,16 @@ class LoadedModel:
     note: str  # shown above the chat: what this model is and any caveat (fallback default, untrained)
     model: Any
     lock: threading.Lock = field(default_factory=threading.Lock)
+    _engine: Any = None  # mmhub.serve.engine.Engine, started on first use (or given: `mmhub serve --ui`)
+
+    def engine(self) -> Any:
+        """The model's continuous-batching engine: every chat on this model goes through its one queue."""
+        with self.lock:
+            if self._engine is None:
+                from mmhub.serve.engine import Engine
+
+                self._engine = Engine(self.model).start()
+            return self._engine
 
     @property
     def modalities(self) -> list[str]:

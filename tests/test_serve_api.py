@@ -245,3 +245,31 @@ def test_the_shipped_demo_model_over_the_api_answers_follows_up_and_draws() -> N
         message = drawn.choices[0].message
         parts = (message.model_extra or {}).get("mmhub_media")
         assert message.content and parts and parts[0]["image_url"]["url"].startswith("data:image/png;base64,")
+
+
+def test_the_command_checks_flags_and_serves_the_demo_page_on_the_same_engine(tmp_path) -> None:
+    import argparse
+
+    from fastapi.testclient import TestClient
+
+    from mmhub.errors import InputError
+    from mmhub.serve.cli import add_arguments, build_server
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    with pytest.raises(InputError, match="--max-batch 0: must be >= 1"):
+        build_server(p.parse_args(["llava-1.5:tiny", "--max-batch", "0"]))
+    with pytest.raises(InputError, match="--allow-files .*: not a folder"):
+        build_server(p.parse_args(["llava-1.5:tiny", "--allow-files", str(tmp_path / "nope")]))
+    app, engine = build_server(p.parse_args(["llava-1.5:tiny", "--ui", "--max-tokens", "4"]))
+    try:
+        with TestClient(app) as http:
+            assert http.get("/ui/").status_code == 200
+            assert http.get("/health").json()["batching"] == engine.mode
+            out = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                           "temperature": 0}).json()
+            assert out["usage"]["completion_tokens"] <= 4
+        served = app.state.mmhub_pool.get("preset:llava-1.5:tiny")
+        assert served.engine() is engine and served.model is engine.model  # one model, one queue
+    finally:
+        engine.stop()

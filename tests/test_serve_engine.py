@@ -85,7 +85,7 @@ def test_continuous_batching_answers_equal_each_request_alone(model, images) -> 
             got = c.wait().finished[0]
             assert got.text == want.text, (k, got.text, want.text)
             assert got.finish_reason == want.finish_reason
-            assert got.completion_tokens == len(want.token_ids)
+            assert got.completion_tokens == len(want.token_ids) and got.token_ids == want.token_ids
             assert c.streamed() == got.text  # the deltas add up to the final text
     finally:
         watch.set()
@@ -182,3 +182,26 @@ def test_kv_join_pads_left_and_select_trims() -> None:
     mask = kv.trim_left(a, mask)
     assert a.layers[0].keys.shape == (2, 2, 3, 4) and mask.tolist() == [[1, 1, 1], [1, 1, 1]]
     assert bool((a.layers[0].keys == 1).all())
+
+
+def test_models_that_cannot_share_a_batch_are_served_one_at_a_time_with_the_same_answers(images) -> None:
+    from mmhub.loading import load
+
+    model = load("flamingo:tiny")  # gated cross-attention injectors inside the backbone
+    engine = Engine(model, max_batch=4).start()
+    assert engine.mode == "serial" and engine.mode_reason == "injectors inside the backbone"
+    ph = model.processor.placeholders["image"]
+    prompts = [([{"role": "user", "content": f"{ph}\nwhat is it?"}], {"image": [images[i]]}) for i in range(3)]
+    try:
+        outs = []
+        for messages, media in prompts:
+            c = Collect()
+            engine.submit(Request(messages, media, Sampling(max_tokens=6, temperature=0), c))
+            outs.append(c)
+        got = [c.wait().finished[0] for c in outs]
+    finally:
+        engine.stop()
+    want = [model.generate([m], [media], max_new_tokens=6)[0] for m, media in prompts]
+    assert [g.text for g in got] == [w.text for w in want]
+    assert all(c.streamed() == g.text for c, g in zip(outs, got, strict=True))
+    assert all(c.failed is None for c in outs) and outs[0].events  # prompt tokens counted before decoding

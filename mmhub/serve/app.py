@@ -47,6 +47,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> Any:
     from fastapi.responses import JSONResponse, PlainTextResponse
 
     app = FastAPI(title="mmhub", docs_url=None, redoc_url=None)
+    app.state.mmhub_engine = engine
     model = engine.model
     placeholders = dict(model.processor.placeholders)
     started = int(time.time())

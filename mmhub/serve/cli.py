@@ -27,6 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="let image_url parts name local files inside this folder")
     p.add_argument("--allow-path", action="append", default=[], metavar="DIR",
                    help="a folder the loaded model folder may read from besides itself and the weight caches")
+    p.add_argument("--ui", action="store_true",
+                   help="also serve the Gradio demo at /ui: the same model in memory, the same queue")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="let transformers run Python shipped with the weights (auto_map)")
 
@@ -61,7 +63,31 @@ def build_server(args: argparse.Namespace) -> tuple[Any, Any]:
                               default_max_tokens=args.max_tokens,
                               limits=ContentLimits(max_image_mb=args.max_image_mb, max_images=args.max_images,
                                                    allow_files=args.allow_files))
-    return create_app(engine, settings), engine
+    app = create_app(engine, settings)
+    if getattr(args, "ui", False):
+        app = mount_ui(app, args.model, name, model, engine)
+    return app, engine
+
+
+def mount_ui(app: Any, ref: str, name: str, model: Any, engine: Any) -> Any:
+    """The Gradio demo at /ui, its chat on `engine` (so the page and the API share one model and one queue)."""
+    import gradio as gr
+
+    from mmhub.apps.demo import model_key
+    from mmhub.apps.models import LoadedModel, ModelPool
+    from mmhub.apps.models import load as load_key
+    from mmhub.apps.ui import build_app
+    from mmhub.apps.uploads import Limits
+
+    key = model_key(ref)
+    served = LoadedModel(key, f"served: {name}", f"**{name}**: the model `mmhub serve` serves (its API shares this "
+                                                 "queue).", model, _engine=engine)
+    pool = ModelPool(loader=lambda k: served if k == key else load_key(k))
+    pool.get(key)
+    folders = [ref] if key.startswith("folder:") else []
+    blocks = build_app(pool, Limits(), folders=folders, initial=key).queue(max_size=64)
+    app.state.mmhub_pool = pool
+    return gr.mount_gradio_app(app, blocks, path="/ui")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -20,18 +20,21 @@ token count and drawn media) and `Failed` (the whole request, with an `EngineErr
 from __future__ import annotations
 
 import logging
+import queue
 import random
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
 from mmhub.decoding import Decoded, embed_ids, group_starts, head_columns, pick, record_group_states, take
+from mmhub.errors import InputError, MMHubError
 from mmhub.generation import draw, stop_token_ids
 from mmhub.inputs import prepare
+from mmhub.reply import Reply
 from mmhub.serve import kv
 
 log = logging.getLogger(__name__)
@@ -75,6 +78,7 @@ class Finished:
     finish_reason: str
     completion_tokens: int
     media: dict[str, list[Any]] = field(default_factory=dict)
+    token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -126,13 +130,9 @@ class _Row:
 
 
 def _context_length(model: Any) -> int | None:
-    """The backbone's context in tokens, when its config says (``max_position_embeddings``)."""
-    cfg = getattr(getattr(model.backbone, "model", None), "config", None)
-    if cfg is None:
-        return None
-    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    value = getattr(text, "max_position_embeddings", None)
-    return int(value) if isinstance(value, int) else None
+    """The backbone's context in tokens (its validated facts), when known."""
+    value = getattr(getattr(getattr(model, "plan", None), "backbone_facts", None), "context_length", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
 
 
 def continuous_reason(model: Any) -> str | None:
@@ -453,7 +453,7 @@ class Engine:
         text = row.text.strip()
         if len(text) > row.sent:
             row.request.emit(Delta(row.choice, text[row.sent:]))
-        row.request.emit(Finished(row.choice, text, row.finish_reason, len(row.tokens), media))
+        row.request.emit(Finished(row.choice, text, row.finish_reason, len(row.tokens), media, list(row.tokens)))
         row.request.finished_choices += 1
 
     def _drop_cancelled(self) -> None:
@@ -498,8 +498,6 @@ def _generator(sampling: Sampling, choice: int, device: torch.device) -> torch.G
 
 def _as_error(exc: Exception) -> EngineError:
     """An exception from a request's prefill or decode as the error its client gets."""
-    from mmhub.errors import InputError
-
     if isinstance(exc, EngineError):
         return exc
     if isinstance(exc, InputError):
@@ -515,3 +513,29 @@ def _timeout(request: Request) -> EngineError:
 
 def _cancelled() -> EngineError:
     return EngineError("the client went away", 499, "cancelled")
+
+
+def stream_replies(engine: Engine, messages: list[dict[str, str]], media: dict[str, list[Any]],
+                   sampling: Sampling, timeout: float | None = None) -> Iterator[Reply]:
+    """One conversation through `engine`'s queue, as `MMModel.stream` gives it: growing `Reply`s, then the finished
+    one with what the model drew. For in-process callers (the Gradio demo); stopping early cancels the request."""
+    events: queue.Queue = queue.Queue()
+    request = Request(messages, media, sampling, events.put, timeout=timeout)
+    engine.submit(request)
+    text, finished = "", False
+    try:
+        while True:
+            ev = events.get()
+            if isinstance(ev, Delta):
+                text += ev.text
+                yield Reply(text)
+            elif isinstance(ev, Finished):
+                finished = True
+                yield Reply(ev.text, dict(ev.media), list(ev.token_ids), ev.finish_reason)  # type: ignore[arg-type]
+                return
+            elif isinstance(ev, Failed):
+                finished = True
+                raise (InputError if ev.error.status < 500 else MMHubError)(str(ev.error))
+    finally:
+        if not finished:
+            request.cancelled.set()
