@@ -273,3 +273,19 @@ def test_the_command_checks_flags_and_serves_the_demo_page_on_the_same_engine(tm
         assert served.engine() is engine and served.model is engine.model  # one model, one queue
     finally:
         engine.stop()
+
+
+def test_the_readme_client_snippet_runs_against_a_live_server(model, pictures, tmp_path, monkeypatch, capsys) -> None:
+    """The README's five-line `openai` call, as printed there, against a server on a free port."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"```python\n(import base64, openai\n.*?)```", readme, re.S)
+    assert block, "the README's serve snippet is missing"
+    pictures[0].save(tmp_path / "shape.png")
+    monkeypatch.chdir(tmp_path)
+    with live_server(Engine(model), ServerSettings(model_name="default", default_max_tokens=5)) as base:
+        code = block.group(1).replace("http://127.0.0.1:8000", base)
+        assert code != block.group(1)
+        exec(compile(code, "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip()
