@@ -289,3 +289,39 @@ def test_the_readme_client_snippet_runs_against_a_live_server(model, pictures, t
         assert code != block.group(1)
         exec(compile(code, "README.md", "exec"), {})
     assert capsys.readouterr().out.strip()
+
+
+def test_input_audio_parts_reach_a_model_that_reads_audio(tmp_path) -> None:
+    """x-llm:tiny reads audio: a base64 WAV part is decoded to 16 kHz and counted in the prompt; a model without an
+    audio encoder refuses the part by name."""
+    import base64
+    import io
+    import wave
+
+    import numpy as np
+
+    from mmhub.loading import load
+
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes((np.sin(np.arange(8000) / 5) * 8000).astype("<i2").tobytes())
+    part = {"type": "input_audio", "input_audio": {"data": base64.b64encode(buf.getvalue()).decode(), "format": "wav"}}
+    model = load("x-llm:tiny")
+    with live_server(Engine(model), ServerSettings(model_name="x")) as base:
+        c = client(base)
+        heard = c.chat.completions.create(model="x", max_tokens=3, temperature=0, messages=[
+            {"role": "user", "content": [part, {"type": "text", "text": "what is it?"}]}])
+        plain = c.chat.completions.create(model="x", max_tokens=3, temperature=0, messages=[
+            {"role": "user", "content": [{"type": "text", "text": "what is it?"}]}])
+        assert heard.usage.prompt_tokens > plain.usage.prompt_tokens + 1  # the clip's tokens, not one placeholder
+        bad = {**part, "input_audio": {"data": base64.b64encode(b"RIFF0000WAVEjunk").decode(), "format": "wav"}}
+        r = httpx.post(base + "/v1/chat/completions", timeout=60,
+                       json={"messages": [{"role": "user", "content": [bad]}]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content[0].input_audio.data"
+    with live_server(Engine(load("llava-1.5:tiny")), ServerSettings(model_name="v")) as base:
+        body = {"messages": [{"role": "user", "content": [part]}]}
+        r = httpx.post(base + "/v1/chat/completions", timeout=60, json=body)
+        assert r.status_code == 400 and "does not read audio" in r.json()["error"]["message"]
