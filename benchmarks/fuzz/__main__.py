@@ -1,7 +1,8 @@
 """``python -m benchmarks.fuzz [--cases N] [--seed S]``: run every fuzz family and write the counts.
 
 Writes benchmarks/results/fuzz.json (every case's ending) and the table in docs/reliability.md. `--cases` is the
-number of mutated specs; folders get N/10 and uploads N/5 (at least one pass over every corruption and file kind).
+number of mutated specs; folders get N/10, uploads N/5 and API bodies N/4 (at least one pass over every
+corruption, file and body kind).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.fuzz", description=__doc__.splitlines()[0])
     ap.add_argument("--cases", type=int, default=1000, help="mutated specs (folders get N/10, uploads N/5)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--families", default="specs,hostile_specs,folders,uploads")
+    ap.add_argument("--families", default="specs,hostile_specs,folders,uploads,api")
     ap.add_argument("--memory-gb", type=int, default=12, help="address-space limit of this process")
     ap.add_argument("--no-docs", action="store_true", help="do not rewrite docs/reliability.md")
     args = ap.parse_args(argv)
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     # a case that allocates without bound gets a MemoryError (counted as a traceback) instead of the OOM killer
     resource.setrlimit(resource.RLIMIT_AS, (args.memory_gb << 30, resource.RLIM_INFINITY))
     sizes = {"specs": args.cases, "hostile_specs": 0, "folders": max(args.cases // 10, 40),
-             "uploads": max(args.cases // 5, 30)}
+             "uploads": max(args.cases // 5, 30), "api": max(args.cases // 4, 40)}
     results, seconds = {}, {}
     for family in args.families.split(","):
         t0 = time.perf_counter()

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from benchmarks.fuzz import folders, specs, uploads
+from benchmarks.fuzz import api_bodies, folders, specs, uploads
 from benchmarks.fuzz.outcome import Outcome, run_case, watch
 
 Case = tuple[str, Callable[[], Any]]
@@ -86,6 +86,73 @@ def upload_cases(n: int, seed: int, where: Path) -> Iterator[Case]:
         yield f"{what}:{kind}#{i}", message
 
 
+class APIClient:
+    """`mmhub serve`'s app over the shipped easy-VQA tiny model, in process, with a check that it still answers."""
+
+    def __init__(self) -> None:
+        from fastapi.testclient import TestClient
+
+        from mmhub.loading import load
+        from mmhub.serve.app import ServerSettings, create_app
+        from mmhub.serve.content import ContentLimits
+        from mmhub.serve.engine import Engine
+
+        model = load(str(Path(__file__).resolve().parents[2] / "mmhub" / "demo_model" / "easyvqa-tiny"))
+        self.engine = Engine(model, max_batch=4, max_queue=8).start()
+        settings = ServerSettings(model_name="fuzz", timeout=30, default_max_tokens=4,
+                                  limits=ContentLimits(max_image_mb=2, max_images=8))
+        self.http = TestClient(create_app(self.engine, settings), raise_server_exceptions=False)
+
+    def post(self, raw: bytes) -> Any:
+        """One body; a 2xx completion returns, a clean 4xx raises InputError, anything else raises RuntimeError."""
+        from mmhub.errors import InputError
+
+        r = self.http.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+        if r.status_code == 200:
+            body = r.text
+            if '"choices"' not in body:
+                raise RuntimeError(f"200 without choices: {body[:200]}")
+            return body
+        try:
+            err = r.json()["error"]
+            message, kind = err["message"], err["type"]
+        except (ValueError, KeyError, TypeError):
+            raise RuntimeError(f"{r.status_code} without an OpenAI error body: {r.text[:200]}") from None
+        if 400 <= r.status_code < 500 and isinstance(message, str) and message and isinstance(kind, str):
+            raise InputError(f"{r.status_code} {kind}: {message}")
+        raise RuntimeError(f"{r.status_code} {kind}: {message}")
+
+    def alive(self) -> bool:
+        r = self.http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                         "max_tokens": 2, "temperature": 0})
+        return r.status_code == 200
+
+    def close(self) -> None:
+        self.engine.stop()
+
+
+def api_cases(n: int, seed: int, client: APIClient) -> Iterator[Case]:
+    """`n` hostile request bodies, cycling through `api_bodies.KINDS`; every tenth case also checks the server still
+    answers a plain request."""
+    rng = random.Random(seed)
+    kinds = sorted(api_bodies.KINDS)
+    for i in range(n):
+        kind = kinds[i % len(kinds)]
+        raw = api_bodies.body(kind, random.Random(rng.random()))
+
+        def post(raw: bytes = raw, check: bool = i % 10 == 9) -> Any:
+            from mmhub.errors import InputError
+
+            try:
+                return client.post(raw)
+            finally:
+                if check and not client.alive():
+                    raise RuntimeError("the server stopped answering after this body")  # noqa: B012
+            raise InputError("unreachable")
+
+        yield f"{kind}#{i}", post
+
+
 def run_family(family: str, n: int, seed: int = 0, timeout_s: float = 60.0) -> list[Outcome]:
     """Every case of one family, classified."""
     out: list[Outcome] = []
@@ -103,6 +170,13 @@ def run_family(family: str, n: int, seed: int = 0, timeout_s: float = 60.0) -> l
         elif family == "uploads":
             for name, fn in upload_cases(n, seed, where):
                 out.append(run_case(family, name, fn, timeout_s))
+        elif family == "api":
+            client = APIClient()
+            try:
+                for name, fn in api_cases(n, seed, client):
+                    out.append(run_case(family, name, fn, timeout_s))
+            finally:
+                client.close()
         else:
-            raise ValueError(f"unknown fuzz family {family!r}; choose specs, hostile_specs, folders or uploads")
+            raise ValueError(f"unknown fuzz family {family!r}; choose specs, hostile_specs, folders, uploads or api")
     return out

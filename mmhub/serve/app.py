@@ -117,6 +117,8 @@ async def _body(request: Any, max_body: int) -> ChatRequest:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise APIError(f"the body is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise APIError("the body's JSON is nested too deeply to read; a chat request needs a few levels") from None
     if not isinstance(data, dict):
         raise APIError(f"the body must be a JSON object, got {type(data).__name__}")
     try:

@@ -46,7 +46,10 @@ def to_model_input(body: ChatRequest, placeholders: dict[str, str],
             kind = p.get("type")
             at = f"{where}.content[{j}]"
             if kind == "text":
-                texts.append(p.get("text") or "")
+                text = p.get("text")
+                if not isinstance(text, str):
+                    raise APIError(f"{at}.text: must be a string, got {type(text).__name__}", param=f"{at}.text")
+                texts.append(text)
                 continue
             if kind not in ("image_url", "input_audio"):
                 raise APIError(f"{at}: content parts of type {kind!r} are not supported; send 'text', 'image_url' "

@@ -295,7 +295,7 @@ class Engine:
                 settings: dict[str, Any] = {"max_new_tokens": s.max_tokens}
                 if s.temperature > 0:
                     settings.update(do_sample=True, temperature=s.temperature, top_p=s.top_p)
-                seed = s.seed + choice if s.seed is not None else None
+                seed = (s.seed + choice) % 2**63 if s.seed is not None else None
                 row, media = _Row(request, choice, None), {}
                 for reply in stream_reply(self.model, request.messages, request.media, seed=seed, **settings):
                     now = time.monotonic()
@@ -492,7 +492,8 @@ class Engine:
 def _generator(sampling: Sampling, choice: int, device: torch.device) -> torch.Generator | None:
     if sampling.temperature <= 0:
         return None
-    seed = sampling.seed + choice if sampling.seed is not None else random.randrange(2**63)
+    # choice i samples with seed + i; torch takes seeds in [0, 2**63) here, so the sum wraps into that range
+    seed = (sampling.seed + choice) % 2**63 if sampling.seed is not None else random.randrange(2**63)
     return torch.Generator(device=device).manual_seed(seed)
 
 
