@@ -98,7 +98,8 @@ def reply(turns: list[Turn], loaded: LoadedModel, settings: Settings) -> Iterato
     last one finished, with the media the model drew."""
     if not turns or turns[-1].role != "user":
         raise InputError("nothing to answer: send a message first")
-    from mmhub.serve.engine import Sampling, stream_replies
+    from mmhub.serve.engine import Sampling
+    from mmhub.serve.local import stream_replies
 
     messages, media = prompt_for(turns, loaded)
     kwargs = settings.generate_kwargs()

@@ -20,92 +20,33 @@ token count and drawn media) and `Failed` (the whole request, with an `EngineErr
 from __future__ import annotations
 
 import logging
-import queue
 import random
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
 from mmhub.decoding import Decoded, embed_ids, group_starts, head_columns, pick, record_group_states, take
-from mmhub.errors import InputError, MMHubError
+from mmhub.errors import InputError
 from mmhub.generation import draw, stop_token_ids
 from mmhub.inputs import prepare
-from mmhub.reply import Reply
 from mmhub.serve import kv
+from mmhub.serve.types import (  # noqa: F401  (Event, Stats: re-exported with the engine's other vocabulary)
+    Delta,
+    EngineError,
+    Event,
+    Failed,
+    Finished,
+    QueueFull,
+    Request,
+    Sampling,
+    Stats,
+)
 
 log = logging.getLogger(__name__)
-
-
-class EngineError(Exception):
-    """A request the engine could not finish; ``status`` is the HTTP status it maps to."""
-
-    def __init__(self, message: str, status: int = 500, kind: str = "server_error") -> None:
-        super().__init__(message)
-        self.status, self.kind = status, kind
-
-
-class QueueFull(EngineError):
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"the server's queue is full ({limit} requests waiting); retry later", 429,
-                         "rate_limit_exceeded")
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """One request's decoding settings; temperature 0 is greedy."""
-
-    max_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-
-
-@dataclass
-class Delta:
-    choice: int
-    text: str
-
-
-@dataclass
-class Finished:
-    choice: int
-    text: str
-    finish_reason: str
-    completion_tokens: int
-    media: dict[str, list[Any]] = field(default_factory=dict)
-    token_ids: list[int] = field(default_factory=list)
-
-
-@dataclass
-class Failed:
-    error: EngineError
-
-
-Event = Delta | Finished | Failed
-
-
-@dataclass
-class Request:
-    """A chat to answer: messages with placeholders and their media in order (as `MMModel.batch` takes them)."""
-
-    messages: list[dict[str, str]]
-    media: dict[str, list[Any]]
-    sampling: Sampling
-    emit: Callable[[Event], None]
-    n: int = 1
-    timeout: float | None = None
-    prompt_tokens: int = 0  # set at prefill: text + media tokens
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    submitted: float = field(default_factory=time.monotonic)
-    finished_choices: int = 0
-
-    def expired(self, now: float) -> bool:
-        return self.timeout is not None and now - self.submitted > self.timeout
 
 
 @dataclass
@@ -149,24 +90,6 @@ def continuous_reason(model: Any) -> str | None:
     if getattr(backbone, "prefix_lm", False):
         return "a prefix-LM prompt"
     return None
-
-
-@dataclass
-class Stats:
-    """What /metrics reports."""
-
-    requests: int = 0
-    failed: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    steps: int = 0
-    recent: deque = field(default_factory=lambda: deque(maxlen=4096))  # (time, tokens) per step
-
-    def tokens_per_second(self, window: float = 10.0) -> float:
-        now = time.monotonic()
-        toks = sum(n for t, n in list(self.recent) if now - t <= window)
-        return toks / window
-
 
 class Engine:
     """Serves `model` from one thread; `submit` from any thread."""
@@ -515,28 +438,3 @@ def _timeout(request: Request) -> EngineError:
 def _cancelled() -> EngineError:
     return EngineError("the client went away", 499, "cancelled")
 
-
-def stream_replies(engine: Engine, messages: list[dict[str, str]], media: dict[str, list[Any]],
-                   sampling: Sampling, timeout: float | None = None) -> Iterator[Reply]:
-    """One conversation through `engine`'s queue, as `MMModel.stream` gives it: growing `Reply`s, then the finished
-    one with what the model drew. For in-process callers (the Gradio demo); stopping early cancels the request."""
-    events: queue.Queue = queue.Queue()
-    request = Request(messages, media, sampling, events.put, timeout=timeout)
-    engine.submit(request)
-    text, finished = "", False
-    try:
-        while True:
-            ev = events.get()
-            if isinstance(ev, Delta):
-                text += ev.text
-                yield Reply(text)
-            elif isinstance(ev, Finished):
-                finished = True
-                yield Reply(ev.text, dict(ev.media), list(ev.token_ids), ev.finish_reason)  # type: ignore[arg-type]
-                return
-            elif isinstance(ev, Failed):
-                finished = True
-                raise (InputError if ev.error.status < 500 else MMHubError)(str(ev.error))
-    finally:
-        if not finished:
-            request.cancelled.set()
