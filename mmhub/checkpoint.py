@@ -307,56 +307,67 @@ def verify_sources(weight_files: dict[str, Path], manifest: SavedManifest) -> No
                                   f"file or pass verify=False to accept the difference.")
 
 
-def check_tensors(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], file: Path,
-                  allow_nonfinite: bool = False) -> None:
-    """Every stored tensor must have the shape and dtype of the parameter it fills, and finite values (unless
+def check_tensor(name: str, tensor: torch.Tensor, want: torch.Tensor, file: Path,
+                 allow_nonfinite: bool = False) -> None:
+    """A stored tensor must have the shape and dtype of the parameter it fills, and finite values (unless
     `allow_nonfinite`): a changed file never loads as a silently different model."""
-    for name, tensor in state.items():
-        want = own.get(name)
-        if want is None:
-            continue  # reported with every other unexpected name by the caller
-        if tuple(tensor.shape) != tuple(want.shape):
-            raise CheckpointError(f"{file}: tensor {name!r} has shape {tuple(tensor.shape)} but the model's is "
-                                  f"{tuple(want.shape)}; the file does not belong to this spec, save the model again.")
-        if tensor.dtype != want.dtype:
-            raise CheckpointError(f"{file}: tensor {name!r} is stored as {tensor.dtype} but the model holds "
-                                  f"{want.dtype}; the file was changed or belongs to another build, save it again.")
-        if not allow_nonfinite and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())
-            raise CheckpointError(f"{file}: tensor {name!r} holds {bad} NaN/inf value(s); pass allow_nonfinite=True "
-                                  "to load it anyway (e.g. to inspect a diverged run).")
+    if tuple(tensor.shape) != tuple(want.shape):
+        raise CheckpointError(f"{file}: tensor {name!r} has shape {tuple(tensor.shape)} but the model's is "
+                              f"{tuple(want.shape)}; the file does not belong to this spec, save the model again.")
+    if tensor.dtype != want.dtype:
+        raise CheckpointError(f"{file}: tensor {name!r} is stored as {tensor.dtype} but the model holds "
+                              f"{want.dtype}; the file was changed or belongs to another build, save it again.")
+    if not allow_nonfinite and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise CheckpointError(f"{file}: tensor {name!r} holds {bad} NaN/inf value(s); pass allow_nonfinite=True "
+                              "to load it anyway (e.g. to inspect a diverged run).")
 
 
+def _read_aliases(fh: Any, file: Path) -> dict[str, str]:
+    aliases = json.loads((fh.metadata() or {}).get("aliases", "{}"))
+    if not isinstance(aliases, dict) or not all(isinstance(a, str) and isinstance(c, str) for a, c in aliases.items()):
+        raise CheckpointError(f"{file}: its 'aliases' metadata is not a name -> name mapping; the file is damaged, "
+                              "save the model again.")
+    return aliases
+
+
+@torch.no_grad()
 def apply_weights(model: Any, path: Path, manifest: SavedManifest, allow_nonfinite: bool = False) -> None:
     """Load the folder's tensors into a freshly built `model`, checking that nothing is extra, lacking, reshaped,
-    retyped or non-finite."""
+    retyped or non-finite. Tensors are read and copied one at a time, so loading holds the model plus one tensor
+    (not a second copy of every weight)."""
+    file = path / WEIGHTS_FILE
+    own = model.state_dict()  # views of the parameters and buffers: copy_ fills them in place
     try:
-        state = load_file(str(path / WEIGHTS_FILE))
-        with safe_open(str(path / WEIGHTS_FILE), "pt") as fh:
-            aliases = json.loads((fh.metadata() or {}).get("aliases", "{}"))
+        with safe_open(str(file), "pt") as fh:
+            aliases = _read_aliases(fh, file)
+            stored = set(fh.keys())
+            names = sorted(stored | set(aliases))
+            unexpected = [k for k in names if k not in own]
+            if unexpected:
+                raise CheckpointError(f"{file} has {len(unexpected)} tensor(s) the spec's model does not, e.g. "
+                                      f"{unexpected[:3]}; the spec and weights do not belong together.")
+            for alias, canonical in aliases.items():
+                if canonical not in stored:
+                    raise CheckpointError(f"{file}: alias {alias!r} names {canonical!r}, which the file lacks; "
+                                          "the file is damaged, save the model again.")
+            for name in names:
+                tensor = fh.get_tensor(aliases.get(name, name))
+                check_tensor(name, tensor, own[name], file, allow_nonfinite)
+                own[name].copy_(tensor)
+    except CheckpointError:
+        raise
     except Exception as exc:
-        raise CheckpointError(f"{path / WEIGHTS_FILE} cannot be read ({type(exc).__name__}: {exc}); "
+        raise CheckpointError(f"{file} cannot be read ({type(exc).__name__}: {exc}); "
                               f"the file is damaged, save the model again.") from None
-    if not isinstance(aliases, dict) or not all(isinstance(a, str) and isinstance(c, str) for a, c in aliases.items()):
-        raise CheckpointError(f"{path / WEIGHTS_FILE}: its 'aliases' metadata is not a name -> name mapping; "
-                              "the file is damaged, save the model again.")
-    for alias, canonical in aliases.items():
-        if canonical not in state:
-            raise CheckpointError(f"{path / WEIGHTS_FILE}: alias {alias!r} names {canonical!r}, which the file lacks; "
-                                  "the file is damaged, save the model again.")
-        state[alias] = state[canonical]
-    check_tensors(model.state_dict(), state, path / WEIGHTS_FILE, allow_nonfinite)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected:
-        raise CheckpointError(f"{path / WEIGHTS_FILE} has {len(unexpected)} tensor(s) the spec's model does not, e.g. "
-                              f"{unexpected[:3]}; the spec and weights do not belong together.")
+    missing = [k for k in own if k not in names]
     need = dict(tensors_to_save(model, full=False))
     if manifest.init_from is not None:  # what the init_from folder provided is covered too
         provided = set(load_file_keys(package_path(manifest.init_from.source)))
         need = {k: v for k, v in need.items() if k not in provided}
     lacking = [k for k in missing if k in need]
     if lacking:
-        raise CheckpointError(f"{path / WEIGHTS_FILE} lacks {len(lacking)} tensor(s) that no weight source provides, "
+        raise CheckpointError(f"{file} lacks {len(lacking)} tensor(s) that no weight source provides, "
                               f"e.g. {lacking[:3]}; save the model again (with full=True if in doubt).")
 
 
