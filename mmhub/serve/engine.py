@@ -30,10 +30,10 @@ from typing import Any
 import torch
 
 from mmhub.decoding import Decoded, embed_ids, group_starts, head_columns, pick, record_group_states, take
-from mmhub.errors import InputError
 from mmhub.generation import draw, stop_token_ids
 from mmhub.inputs import prepare
 from mmhub.serve import kv
+from mmhub.serve.serial import SerialServing
 from mmhub.serve.types import (  # noqa: F401  (Event, Stats: re-exported with the engine's other vocabulary)
     Delta,
     EngineError,
@@ -44,6 +44,9 @@ from mmhub.serve.types import (  # noqa: F401  (Event, Stats: re-exported with t
     Request,
     Sampling,
     Stats,
+    as_error,
+    cancelled_error,
+    timeout_error,
 )
 
 log = logging.getLogger(__name__)
@@ -91,7 +94,7 @@ def continuous_reason(model: Any) -> str | None:
         return "a prefix-LM prompt"
     return None
 
-class Engine:
+class Engine(SerialServing):
     """Serves `model` from one thread; `submit` from any thread."""
 
     def __init__(self, model: Any, max_batch: int = 8, max_queue: int = 64) -> None:
@@ -173,7 +176,7 @@ class Engine:
                     self._step()
             except Exception as exc:  # noqa: BLE001 - a failing batch fails its requests, never the server
                 log.exception("engine step failed")
-                error = _as_error(exc)
+                error = as_error(exc)
                 for request in {id(r.request): r.request for r in self._rows}.values():
                     self._fail(request, error)
                 self._reset()
@@ -187,7 +190,7 @@ class Engine:
             request = self._waiting[0]
             if request.cancelled.is_set() or request.expired(now):
                 self._waiting.popleft()
-                self._fail(request, _timeout(request) if request.expired(now) else _cancelled())
+                self._fail(request, timeout_error(request) if request.expired(now) else cancelled_error())
                 continue
             if rows + request.n > limit:
                 break
@@ -205,44 +208,10 @@ class Engine:
                 for request in requests:
                     self._admit_rows([request])
                 return
-            self._fail(requests[0], _as_error(exc))
+            self._fail(requests[0], as_error(exc))
 
-    def _serve_alone(self, request: Request) -> None:
-        """Serial mode: each choice through `mmhub.streaming` (the model's own decode path)."""
-        from mmhub.streaming import stream_reply
-
-        s = request.sampling
-        try:
-            self._check_budget(request, self._prompt_tokens(request))
-            for choice in range(request.n):
-                settings: dict[str, Any] = {"max_new_tokens": s.max_tokens}
-                if s.temperature > 0:
-                    settings.update(do_sample=True, temperature=s.temperature, top_p=s.top_p)
-                seed = (s.seed + choice) % 2**63 if s.seed is not None else None
-                row, media = _Row(request, choice, None), {}
-                for reply in stream_reply(self.model, request.messages, request.media, seed=seed, **settings):
-                    now = time.monotonic()
-                    if request.cancelled.is_set() or request.expired(now):
-                        self._fail(request, _timeout(request) if request.expired(now) else _cancelled())
-                        return
-                    row.tokens = list(reply.token_ids)
-                    if self._update_text(row, reply.text):
-                        break
-                    if reply.finish_reason is not None:
-                        row.finish_reason, media = reply.finish_reason, reply.media
-                self.stats.completion_tokens += len(row.tokens)
-                self._finish(row, media)
-        except Exception as exc:  # noqa: BLE001 - the request fails, the server goes on
-            self._fail(request, _as_error(exc))
-
-    def _prompt_tokens(self, request: Request) -> int:
-        """Serial mode's prompt length: the spliced prompt (media tokens included), computed once."""
-        model = self.model
-        b = model.batch([request.messages], [request.media], add_generation_prompt=True, padding_side="left")
-        sp = prepare(model, b["input_ids"], b["attention_mask"], None, b["media"], padding_side="left").spliced
-        request.prompt_tokens = int(sp.attention_mask[0].sum())
-        self.stats.prompt_tokens += request.prompt_tokens
-        return request.prompt_tokens
+    def _new_row(self, request: Request, choice: int) -> _Row:
+        return _Row(request, choice, None)
 
     def _check_budget(self, request: Request, prompt: int) -> None:
         ctx = self.context
@@ -386,7 +355,7 @@ class Engine:
         if not gone:
             return
         for request in {id(r.request): r.request for r in self._rows if id(r.request) in gone}.values():
-            self._fail(request, _timeout(request) if request.expired(now) else _cancelled())
+            self._fail(request, timeout_error(request) if request.expired(now) else cancelled_error())
         keep = [b for b, r in enumerate(self._rows) if id(r.request) not in gone]
         self._rows = [self._rows[b] for b in keep]
         if not keep:
@@ -419,22 +388,4 @@ def _generator(sampling: Sampling, choice: int, device: torch.device) -> torch.G
     seed = (sampling.seed + choice) % 2**63 if sampling.seed is not None else random.randrange(2**63)
     return torch.Generator(device=device).manual_seed(seed)
 
-
-def _as_error(exc: Exception) -> EngineError:
-    """An exception from a request's prefill or decode as the error its client gets."""
-    if isinstance(exc, EngineError):
-        return exc
-    if isinstance(exc, InputError):
-        return EngineError(str(exc), 400, "invalid_request_error")
-    log.error("request failed", exc_info=exc)
-    return EngineError(f"{type(exc).__name__}: {exc}")
-
-
-def _timeout(request: Request) -> EngineError:
-    return EngineError(f"the request took longer than the server's --timeout of {request.timeout:g} s", 504,
-                       "timeout")
-
-
-def _cancelled() -> EngineError:
-    return EngineError("the client went away", 499, "cancelled")
 

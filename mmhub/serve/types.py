@@ -3,11 +3,16 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
+from mmhub.errors import InputError
+
+log = logging.getLogger(__name__)
 
 
 class EngineError(Exception):
@@ -93,3 +98,22 @@ class Stats:
         now = time.monotonic()
         toks = sum(n for t, n in list(self.recent) if now - t <= window)
         return toks / window
+
+
+def as_error(exc: Exception) -> EngineError:
+    """An exception from a request's prefill or decode as the error its client gets."""
+    if isinstance(exc, EngineError):
+        return exc
+    if isinstance(exc, InputError):
+        return EngineError(str(exc), 400, "invalid_request_error")
+    log.error("request failed", exc_info=exc)
+    return EngineError(f"{type(exc).__name__}: {exc}")
+
+
+def timeout_error(request: Request) -> EngineError:
+    return EngineError(f"the request took longer than the server's --timeout of {request.timeout:g} s", 504,
+                       "timeout")
+
+
+def cancelled_error() -> EngineError:
+    return EngineError("the client went away", 499, "cancelled")
