@@ -191,6 +191,22 @@ class HFBackboneBase(Backbone):
         )
 
     @classmethod
+    def memory_estimate(cls, config: HFBackboneConfig, ctx: BuildContext) -> int | None:
+        """The model built from its config on PyTorch's meta device (no memory), its parameters counted, times the
+        bytes per parameter of `dtype` (about 0.56 for 4-bit quantized linears: 4 bits + block scales)."""
+        if cls.auto_class is None:
+            return None
+        cfg = cls.hf_config(config, ctx)
+        try:
+            with torch.device("meta"):
+                model = cls.auto_class.from_config(cfg)
+        except Exception:  # noqa: BLE001 - an estimate only; building reports the real error
+            return None
+        n = sum(p.numel() for p in model.parameters())
+        per = 0.5625 if config.quantize is not None else torch.finfo(DTYPES[config.dtype]).bits / 8
+        return int(n * per)
+
+    @classmethod
     def load_tokenizer(cls, config: HFBackboneConfig, ctx: BuildContext) -> Any:
         name = config.tokenizer or config.source or "byte"
         if name == "byte":

@@ -83,6 +83,13 @@ class Component(nn.Module, ABC):
         doc = (cls.__doc__ or "").strip()
         return doc.splitlines()[0] if doc else ""
 
+    @classmethod
+    def memory_estimate(cls, config: ComponentConfig, ctx: BuildContext) -> int | None:
+        """Bytes the built component's parameters will take, known before building (None: no estimate).
+
+        `mmhub.assembly` sums these and refuses a spec that cannot fit in the memory available, before allocating."""
+        return None
+
     def has_weight_source(self) -> bool:
         """True when this component's weights come from a weight source (so they need not be saved)."""
         return False
