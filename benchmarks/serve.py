@@ -7,7 +7,7 @@
 One model is built in mmhub (`benchmarks.llava_models`: CLIP tower, MLP projector, Llama; random weights, fp32) and
 saved twice: as an mmhub folder and, through `export_hf_llava`, as a transformers LLaVA folder. Each server runs in
 its own process on loopback, one after the other on the same cores: ``mmhub serve FOLDER --max-batch 16`` and
-``transformers serve FOLDER --device cpu`` (with ``--continuous-batching`` when it runs the model: `--transformers-
+``transformers serve FOLDER --device cpu`` (both on `--device`) (with ``--continuous-batching`` when it runs the model: `--transformers-
 mode auto` tries it first and says in the JSON which mode ran). The same load generator, built on the official
 `openai` client, drives both: at each level C, C client threads each send `--requests` / C requests one after
 another (at least one each), every request one random 224 px image (32 px for tiny) + 8..64 random words, greedy,
@@ -146,16 +146,18 @@ def run_level(base: str, model: str, reqs: list[dict], clients: int) -> dict[str
             "tokens_counted_from_chunks": bool(any(r["counted"] for r in results))}
 
 
-def serve_side(side: str, workdir: Path, levels: list[int], reqs: list[dict], mode: str) -> dict[str, Any]:
+def serve_side(side: str, workdir: Path, levels: list[int], reqs: list[dict], mode: str,
+               device: str = "cpu") -> dict[str, Any]:
     port = _port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     if side == "mmhub":
         cmd = [str(Path(sys.executable).parent / "mmhub"), "serve", str(workdir / "mmhub"), "--port", str(port),
-               "--max-batch", "16", "--max-queue", "256", "--allow-path", str(workdir), "--served-name", "bench"]
+               "--max-batch", "16", "--max-queue", "256", "--allow-path", str(workdir), "--served-name", "bench",
+               "--device", device]
         name = "bench"
     else:
         cmd = [str(Path(sys.executable).parent / "transformers"), "serve", str(workdir / "hf-llava"), "--port",
-               str(port), "--device", "cpu"] + (["--continuous-batching"] if mode == "cb" else [])
+               str(port), "--device", device] + (["--continuous-batching"] if mode == "cb" else [])
         name = str(workdir / "hf-llava")
     log = open(workdir / f"{side}-{mode}.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -224,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-new", type=int, default=64)
     p.add_argument("--max-new", type=int, default=256)
     p.add_argument("--transformers-mode", default="auto", choices=["auto", "cb", "plain"])
+    p.add_argument("--device", default="cpu", help="both servers' device (cpu, cuda)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve.json"))
     p.add_argument("--chart", default=str(ROOT / "benchmarks" / "results" / "serve.png"))
     args = p.parse_args(argv)
@@ -238,12 +241,12 @@ def main(argv: list[str] | None = None) -> int:
         del pair  # the servers load their own copies
         reqs = requests_mix(max(args.requests, max(levels)), SIZES[args.size]["clip"]["image_size"],
                             SIZES[args.size]["llama"]["vocab_size"] - N_SPECIALS, args.min_new, args.max_new)
-        ours = serve_side("mmhub", workdir, levels, reqs, "continuous")
+        ours = serve_side("mmhub", workdir, levels, reqs, "continuous", args.device)
         attempts = {"auto": ["cb", "plain"], "cb": ["cb"], "plain": ["plain"]}[args.transformers_mode]
         theirs, failures = None, {}
         for mode in attempts:
             try:
-                theirs = serve_side("transformers", workdir, levels, reqs, mode)
+                theirs = serve_side("transformers", workdir, levels, reqs, mode, args.device)
                 break
             except RuntimeError as exc:
                 log = (workdir / f"transformers-{mode}.log").read_text()[-3000:]
@@ -253,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"transformers serve ran in no mode: {json.dumps(failures)[:2000]}")
     report = {"benchmark": "benchmarks.serve", "command": " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
               "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "environment": environment(torch.float32), "size": args.size, "levels": levels,
+              "environment": environment(torch.float32), "size": args.size, "levels": levels, "device": args.device,
               "requests_per_level": len(reqs), "max_new_tokens": [args.min_new, args.max_new],
               "sides": [ours, theirs], "transformers_failed_modes": failures,
               "ratios_mmhub_over_transformers": ratios(ours, theirs)}

@@ -259,6 +259,8 @@ def test_the_command_checks_flags_and_serves_the_demo_page_on_the_same_engine(tm
     add_arguments(p)
     with pytest.raises(InputError, match="--max-batch 0: must be >= 1"):
         build_server(p.parse_args(["llava-1.5:tiny", "--max-batch", "0"]))
+    with pytest.raises(InputError, match="--device 'gpu9' is not a device"):
+        build_server(p.parse_args(["llava-1.5:tiny", "--device", "gpu9"]))
     with pytest.raises(InputError, match="--allow-files .*: not a folder"):
         build_server(p.parse_args(["llava-1.5:tiny", "--allow-files", str(tmp_path / "nope")]))
     app, engine = build_server(p.parse_args(["llava-1.5:tiny", "--ui", "--max-tokens", "4"]))

@@ -27,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="let image_url parts name local files inside this folder")
     p.add_argument("--allow-path", action="append", default=[], metavar="DIR",
                    help="a folder the loaded model folder may read from besides itself and the weight caches")
+    p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument("--ui", action="store_true",
                    help="also serve the Gradio demo at /ui: the same model in memory, the same queue")
     p.add_argument("--trust-remote-code", action="store_true",
@@ -46,6 +47,14 @@ def _check(args: argparse.Namespace) -> None:
             raise InputError(f"{flag} {value}: must be {want}")
     if args.allow_files is not None and not args.allow_files.is_dir():
         raise InputError(f"--allow-files {args.allow_files}: not a folder")
+    import torch
+
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise InputError(f"--device {args.device!r} is not a device; give cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {args.device}: torch sees no CUDA GPU here; serve on --device cpu")
 
 
 def build_server(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -57,6 +66,7 @@ def build_server(args: argparse.Namespace) -> tuple[Any, Any]:
 
     _check(args)
     model = load(args.model, trust_remote_code=args.trust_remote_code, allow_paths=args.allow_path or None)
+    model = model.to(args.device)
     engine = Engine(model, max_batch=args.max_batch, max_queue=args.max_queue).start()
     name = args.served_name or getattr(getattr(model, "default_info", None), "name", None) or Path(args.model).name
     settings = ServerSettings(model_name=name, api_key=args.api_key, timeout=args.timeout,
