@@ -6,12 +6,13 @@
 
 One model is built in mmhub (`benchmarks.llava_models`: CLIP tower, MLP projector, Llama; random weights, fp32) and
 saved twice: as an mmhub folder and, through `export_hf_llava`, as a transformers LLaVA folder. Each server runs in
-its own process on loopback, one after the other on the same cores: ``mmhub serve FOLDER --max-batch 16`` and
-``transformers serve FOLDER --device cpu`` (both on `--device`) (with ``--continuous-batching`` when it runs the model: `--transformers-
-mode auto` tries it first and says in the JSON which mode ran). The same load generator, built on the official
-`openai` client, drives both: at each level C, C client threads each send `--requests` / C requests one after
-another (at least one each), every request one random 224 px image (32 px for tiny) + 8..64 random words, greedy,
-`max_tokens` drawn from [--min-new, --max-new], streamed, so the time to the first content chunk is the TTFT.
+its own process on loopback, one after the other on the same cores (both on `--device`): ``mmhub serve FOLDER --max-
+batch 16`` and ``transformers serve FOLDER`` (with ``--continuous-batching`` when it runs the model:
+`--transformers-mode auto` tries it first and says in the JSON which mode ran). The same load generator, built on
+the official `openai` client, drives both: at each level C, C client threads each send `--requests` / C requests one
+after another (at least one each), every request one random 224 px image (32 px for tiny) + 8..64 random words,
+greedy, `max_tokens` drawn from [--min-new, --max-new], streamed, so the time to the first content chunk is the
+TTFT.
 
 Reported per level and side: output tokens/s over the level's wall time (tokens from each stream's usage chunk,
 or counted chunks where a server sends none), TTFT p50/p95, end-to-end latency p50/p95; per side, the server
