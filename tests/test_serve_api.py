@@ -327,3 +327,24 @@ def test_input_audio_parts_reach_a_model_that_reads_audio(tmp_path) -> None:
         body = {"messages": [{"role": "user", "content": [part]}]}
         r = httpx.post(base + "/v1/chat/completions", timeout=60, json=body)
         assert r.status_code == 400 and "does not read audio" in r.json()["error"]["message"]
+
+
+def test_local_files_are_read_only_inside_the_allowed_folder(model, pictures, tmp_path) -> None:
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    allowed.mkdir()
+    outside.mkdir()
+    pictures[0].save(allowed / "a.png")
+    pictures[1].save(outside / "b.png")
+    (allowed / "link.png").symlink_to(outside / "b.png")
+    settings = ServerSettings(model_name="tiny", limits=ContentLimits(allow_files=allowed))
+    with live_server(Engine(model), settings) as base:
+        def post(url: str) -> httpx.Response:
+            body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}],
+                    "max_tokens": 2, "temperature": 0}
+            return httpx.post(base + "/v1/chat/completions", json=body, timeout=60)
+
+        assert post(str(allowed / "a.png")).status_code == 200
+        assert post("file://" + str(allowed / "a.png")).status_code == 200
+        for url in (str(outside / "b.png"), str(allowed / "link.png"), str(allowed / ".." / "outside" / "b.png")):
+            r = post(url)
+            assert r.status_code == 400 and "not a file inside the allowed folder" in r.json()["error"]["message"]
