@@ -260,12 +260,13 @@ class Engine(SerialServing):
         logits = model.head(self._last).float()
         if self._suppress.numel():
             logits[:, self._suppress] = torch.finfo(logits.dtype).min
-        ids = []
+        cols = logits.argmax(-1)  # greedy rows in one call; sampling rows each with their own generator
         for b, row in enumerate(self._rows):
             s = row.request.sampling
-            col = pick(logits[b:b + 1], s.temperature > 0, s.temperature or 1.0, s.top_p, row.generator)
-            tid = (sig.token_ids(col) if sig is not None else col).tolist()
-            ids.append(self._take(row, tid))
+            if s.temperature > 0:
+                cols[b] = pick(logits[b:b + 1], True, s.temperature, s.top_p, row.generator)[0]
+        chosen = (sig.token_ids(cols) if sig is not None else cols).tolist()
+        ids = [self._take(row, [chosen[b]]) for b, row in enumerate(self._rows)]
         self.stats.steps += 1
         self.stats.recent.append((time.monotonic(), len(ids)))
         keep = [b for b, row in enumerate(self._rows) if not self._settle(row)]
