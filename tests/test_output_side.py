@@ -171,6 +171,27 @@ def test_trained_model_emits_signals_and_draws(out_spec, tmp_path) -> None:
     assert parts[-1] == replies[0] and isinstance(parts[-1], Reply) and len(parts[-1].images) == 1
     assert len(parts) > 2 and all(replies[0].text.startswith(p.text) for p in parts)
     assert all(p.finish_reason is None and p.media == {} for p in parts[:-1])
+    # served: both prompts share the engine's running batch and get generate's replies, drawings included
+    import queue
+
+    from mmhub.serve.engine import Engine, Finished, Request, Sampling
+
+    engine = Engine(model, max_batch=2).start()
+    try:
+        boxes = [queue.Queue(), queue.Queue()]
+        for prompt, box in zip(["draw a red circle", "draw a blue circle"], boxes, strict=True):
+            engine.submit(Request([{"role": "user", "content": prompt}], {}, Sampling(max_tokens=24, temperature=0),
+                                  box.put))
+        served = []
+        for box in boxes:
+            while not isinstance(ev := box.get(timeout=60), Finished):
+                pass
+            served.append(ev)
+    finally:
+        engine.stop()
+    for ev, want in zip(served, replies, strict=True):
+        assert (ev.text, ev.token_ids, ev.finish_reason) == (want.text, want.token_ids, want.finish_reason)
+        assert [im.tobytes() for im in ev.media["image"]] == [im.tobytes() for im in want.images]
     # the demo shows it: saved to files, rendered after the reply's text
     from mmhub.apps import chat
 
