@@ -196,8 +196,8 @@ def test_shipped_models_score_on_a_fixed_subset(name: str, floor: float) -> None
 @pytest.mark.slow
 def test_the_default_drawing_model_draws_the_asked_colour_and_shape() -> None:
     """The first shipped model that draws (the default), on the fixed prompt set (24 captions x 2 wordings);
-    measured at shipping: easyvqa-smollm2-draw drawn 100%, colour 100%, shape 70.8%; easyvqa-smollm2-varied in
-    mmhub/demo_model/README.md. One model only: each run takes minutes on a CPU."""
+    measured at shipping: easyvqa-smollm2-draw drawn 100%, colour 100%, shape 70.8%; easyvqa-smollm2-varied drawn
+    100%, colour 100%, shape 70.8% (mmhub/demo_model/README.md). One model only: each run takes minutes on a CPU."""
     import mmhub.demo_model as demo
     from mmhub.model import MMModel
 
@@ -208,11 +208,11 @@ def test_the_default_drawing_model_draws_the_asked_colour_and_shape() -> None:
     path = demo.HERE / drawing[0]
     result = evaluate(MMModel.from_pretrained(path), "easy_vqa_draw")
     assert result["n"] == 48 and result["drawn"] == 1.0, result
-    assert result["color_match"] >= 0.9 and result["shape_recognised"] >= 0.65, result
+    assert result["color_match"] >= 0.95 and result["shape_recognised"] >= 0.65, result
 
 
 # floors a little under the values measured at shipping (mmhub/demo_model/README.md, "easyvqa-smollm2-varied")
-VARIED_FLOORS = {"easy_vqa_reworded": 0.90, "easy_vqa_followup": 0.88, "photo_refusal": 0.90}
+VARIED_FLOORS = {"easy_vqa_reworded": 0.96, "easy_vqa_followup": 0.91, "photo_refusal": 0.95}
 
 
 @need_easy_vqa
