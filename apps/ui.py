@@ -142,9 +142,10 @@ def build_app(pool: ModelPool, limits: Limits = DEFAULT_LIMITS, folders: list[st
                 return
             yield history, chat.render(history), ""
 
+        # replies run concurrently: the model's engine batches them (mmhub.serve.engine) and queues the rest
         box.submit(submit, [box, key, turns], [box, turns, bot, status], concurrency_limit=None).then(
             respond, [key, turns, max_new, temperature, top_p], [turns, bot, status], concurrency_id="generate",
-            concurrency_limit=1)
+            concurrency_limit=16)
         undo_btn.click(lambda h: (chat.undo(h), chat.render(chat.undo(h)), ""), [turns], [turns, bot, status])
         clear_btn.click(lambda: ([], [], ""), None, [turns, bot, status])
         bot.clear(lambda: ([], ""), None, [turns, status])  # the chat's own trash button
