@@ -342,15 +342,15 @@ def apply_weights(model: Any, path: Path, manifest: SavedManifest, allow_nonfini
         with safe_open(str(file), "pt") as fh:
             aliases = _read_aliases(fh, file)
             stored = set(fh.keys())
+            for alias, canonical in aliases.items():  # the file's own consistency first, then the model's fit
+                if canonical not in stored:
+                    raise CheckpointError(f"{file}: alias {alias!r} names {canonical!r}, which the file lacks; "
+                                          "the file is damaged, save the model again.")
             names = sorted(stored | set(aliases))
             unexpected = [k for k in names if k not in own]
             if unexpected:
                 raise CheckpointError(f"{file} has {len(unexpected)} tensor(s) the spec's model does not, e.g. "
                                       f"{unexpected[:3]}; the spec and weights do not belong together.")
-            for alias, canonical in aliases.items():
-                if canonical not in stored:
-                    raise CheckpointError(f"{file}: alias {alias!r} names {canonical!r}, which the file lacks; "
-                                          "the file is damaged, save the model again.")
             for name in names:
                 tensor = fh.get_tensor(aliases.get(name, name))
                 check_tensor(name, tensor, own[name], file, allow_nonfinite)
