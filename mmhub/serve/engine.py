@@ -270,16 +270,9 @@ class Engine(SerialServing):
         self.stats.steps += 1
         self.stats.recent.append((time.monotonic(), len(ids)))
         keep = [b for b, row in enumerate(self._rows) if not self._settle(row)]
-        if keep != list(range(len(self._rows))):
-            self._rows = [self._rows[b] for b in keep]
-            ids = [ids[b] for b in keep]
-            if not keep:
-                self._reset()
-                return
-            self._mask = kv.select_rows(self._cache, self._mask, keep)
-            index = torch.tensor(keep, device=self._last.device)
-            self._last, self._next_pos = self._last.index_select(0, index), self._next_pos.index_select(0, index)
-            self._mask = kv.trim_left(self._cache, self._mask)
+        ids = [ids[b] for b in keep]
+        if not self._keep_rows(keep):
+            return
         emb = embed_ids(model, torch.tensor(ids, device=model.device)[:, None])
         alive = torch.tensor([0 if r.done and r.pending is None else 1 for r in self._rows], device=self._mask.device)
         self._mask = torch.cat([self._mask, alive[:, None].to(self._mask.dtype)], 1)
@@ -357,15 +350,22 @@ class Engine(SerialServing):
             return
         for request in {id(r.request): r.request for r in self._rows if id(r.request) in gone}.values():
             self._fail(request, timeout_error(request) if request.expired(now) else cancelled_error())
-        keep = [b for b, r in enumerate(self._rows) if id(r.request) not in gone]
+        self._keep_rows([b for b, r in enumerate(self._rows) if id(r.request) not in gone])
+
+    def _keep_rows(self, keep: list[int]) -> bool:
+        """Keep only the running rows `keep` (their KV rows, last states and positions; dead columns trimmed);
+        False when none is left (the batch is reset)."""
+        if keep == list(range(len(self._rows))):
+            return True
         self._rows = [self._rows[b] for b in keep]
         if not keep:
             self._reset()
-            return
+            return False
         self._mask = kv.select_rows(self._cache, self._mask, keep)
         index = torch.tensor(keep, device=self._last.device)
         self._last, self._next_pos = self._last.index_select(0, index), self._next_pos.index_select(0, index)
         self._mask = kv.trim_left(self._cache, self._mask)
+        return True
 
     def _reset(self) -> None:
         self._rows, self._cache = [], None
