@@ -10,6 +10,7 @@ differs.
 
 from __future__ import annotations
 
+import copy
 import sys
 import threading
 import time
@@ -25,14 +26,7 @@ from mmhub import build  # noqa: E402
 from mmhub.loading import load  # noqa: E402
 from mmhub.serve.engine import Engine, Failed, Finished, Request, Sampling  # noqa: E402
 
-from conftest import TINY_LLAMA  # noqa: E402
-
-SPEC = {"name": "cuda-check",
-        "encoders": {"image": {"type": "open_clip", "arch": None, "embed_dim": 32,
-                               "vision_cfg": {"image_size": 32, "patch_size": 8, "layers": 2, "width": 32,
-                                              "head_width": 16}}},
-        "projectors": {"image": {"type": "mlp", "depth": 2}},
-        "backbone": {"type": "hf_causal_lm", "config": TINY_LLAMA, "tokenizer": "byte"}, "template": "chatml"}
+from conftest import TINY_SPEC  # noqa: E402
 
 
 def serve_all(model: Any, prompts: list, limits: list[int], max_batch: int) -> tuple[list[Any], Engine]:
@@ -65,7 +59,7 @@ def main() -> int:
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)) for _ in range(4)]
     failed = 0
-    for model in (build(SPEC), load("flamingo:tiny")):
+    for model in (build(copy.deepcopy(TINY_SPEC)), load("flamingo:tiny")):
         model = model.to("cuda").eval()
         ph = model.processor.placeholders["image"]
         prompts = [([{"role": "user", "content": f"{ph}\nq{i} " + "x" * (3 * i)}], {"image": [images[i % 4]]})

@@ -22,19 +22,23 @@ TINY_LLAMA = {"model_type": "llama", "hidden_size": 48, "intermediate_size": 96,
               "initializer_range": 0.5}
 
 
+# A small LLaVA-1.5-shaped spec whose random model's outputs depend on its inputs (copy it before changing it).
+TINY_SPEC: dict[str, Any] = {
+    "name": "test-tiny",
+    "encoders": {"image": {"type": "open_clip", "arch": None, "embed_dim": 32,
+                           "vision_cfg": {"image_size": 32, "patch_size": 8, "layers": 2, "width": 32,
+                                          "head_width": 16}}},
+    "projectors": {"image": {"type": "mlp", "depth": 2}},
+    "backbone": {"type": "hf_causal_lm", "config": TINY_LLAMA, "tokenizer": "byte"},
+    "template": "chatml",
+    "stages": [{"name": "align", "train": {"projectors": "full"}}],
+}
+
+
 @pytest.fixture
 def tiny_spec() -> dict[str, Any]:
-    """A small LLaVA-1.5-shaped spec whose random model's outputs depend on its inputs."""
-    return copy.deepcopy({
-        "name": "test-tiny",
-        "encoders": {"image": {"type": "open_clip", "arch": None, "embed_dim": 32,
-                               "vision_cfg": {"image_size": 32, "patch_size": 8, "layers": 2, "width": 32,
-                                              "head_width": 16}}},
-        "projectors": {"image": {"type": "mlp", "depth": 2}},
-        "backbone": {"type": "hf_causal_lm", "config": TINY_LLAMA, "tokenizer": "byte"},
-        "template": "chatml",
-        "stages": [{"name": "align", "train": {"projectors": "full"}}],
-    })
+    """`TINY_SPEC`, a fresh copy per test."""
+    return copy.deepcopy(TINY_SPEC)
 
 
 @pytest.fixture

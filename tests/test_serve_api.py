@@ -27,19 +27,10 @@ from live_server import data_uri, live_server  # noqa: E402
 def model():
     import copy
 
-    from conftest import TINY_LLAMA
+    from conftest import TINY_SPEC
 
     torch.manual_seed(0)
-    spec = copy.deepcopy({
-        "name": "serve-tiny",
-        "encoders": {"image": {"type": "open_clip", "arch": None, "embed_dim": 32,
-                               "vision_cfg": {"image_size": 32, "patch_size": 8, "layers": 2, "width": 32,
-                                              "head_width": 16}}},
-        "projectors": {"image": {"type": "mlp", "depth": 2}},
-        "backbone": {"type": "hf_causal_lm", "config": TINY_LLAMA, "tokenizer": "byte"},
-        "template": "chatml",
-    })
-    return build(spec).eval()
+    return build(copy.deepcopy(TINY_SPEC)).eval()
 
 
 @pytest.fixture(scope="module")
