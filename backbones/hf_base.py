@@ -204,7 +204,8 @@ class HFBackboneBase(Backbone):
             return None
         n = sum(p.numel() for p in model.parameters())
         per = 0.5625 if config.quantize is not None else torch.finfo(DTYPES[config.dtype]).bits / 8
-        return int(n * per)
+        buffers = {id(b): b for b in model.buffers()}  # e.g. rotary frequencies, kept in float32
+        return int(n * per) + sum(b.numel() * b.element_size() for b in buffers.values())
 
     @classmethod
     def load_tokenizer(cls, config: HFBackboneConfig, ctx: BuildContext) -> Any:

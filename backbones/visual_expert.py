@@ -88,6 +88,11 @@ class VisualExperts(Injector):
                              f"(0..{backbone.num_layers - 1})")
         return InjectorFacts(context_modalities=())
 
+    @classmethod
+    def memory_estimate(cls, config: VisualExpertConfig, ctx: BuildContext) -> int | None:
+        """Unknown before building: the experts are copies of the backbone's linears, made by `attach`."""
+        return None
+
     def __init__(self, config: VisualExpertConfig, ctx: BuildContext):
         super().__init__(config, ctx)
         self.experts = nn.ModuleDict()  # filled by attach(): expert copies need the backbone's linears

@@ -5,19 +5,22 @@
                                          [--out benchmarks/results/serve.json] [--chart benchmarks/results/serve.png]
 
 One model is built in mmhub (`benchmarks.llava_models`: CLIP tower, MLP projector, Llama; random weights, fp32) and
-saved twice: as an mmhub folder and, through `export_hf_llava`, as a transformers LLaVA folder. Each server runs in
-its own process on loopback, one after the other on the same cores (both on `--device`): ``mmhub serve FOLDER --max-
-batch 16`` and ``transformers serve FOLDER`` (with ``--continuous-batching`` when it runs the model:
-`--transformers-mode auto` tries it first and says in the JSON which mode ran). The same load generator, built on
+saved twice: as an mmhub folder and, through `export_hf_llava`, as a transformers LLaVA folder. Both servers run at
+once, each in its own process group on loopback (both on `--device`): ``mmhub serve FOLDER --max-batch 16`` and
+``transformers serve FOLDER`` (with ``--continuous-batching`` when it runs the model: `--transformers-mode auto` tries
+it first and says in the JSON which mode ran). Levels are paired: at each level one side runs, then the other, while
+the idle one waits (it uses no CPU), and who goes first alternates from level to level, so a drift in the machine's
+speed does not fall on one side. The same load generator, built on
 the official `openai` client, drives both: at each level C, C client threads each send `--requests` / C requests one
 after another (at least one each), every request one random 224 px image (32 px for tiny) + 8..64 random words,
 greedy, `max_tokens` drawn from [--min-new, --max-new], streamed, so the time to the first content chunk is the
 TTFT.
 
 Reported per level and side: output tokens/s over the level's wall time (tokens from each stream's usage chunk,
-or counted chunks where a server sends none), TTFT p50/p95, end-to-end latency p50/p95; per side, the server
-process's peak RSS (VmHWM) after all levels. Ratios are mmhub / transformers (throughput: higher is better;
-latency and memory: lower is better).
+or counted chunks where a server sends none), TTFT p50/p95, end-to-end latency p50/p95; per side, memory over the
+server's whole process tree (`TreeMemory`: `transformers serve` loads its model in a spawned child process): the
+peak of the tree's summed PSS, sampled every 0.25 s, the sum of each process's VmHWM, and the launched process's
+own VmHWM. Ratios are mmhub / transformers (throughput: higher is better; latency and memory: lower is better).
 """
 
 from __future__ import annotations
@@ -69,6 +72,58 @@ def _vmhwm_mib(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+class TreeMemory:
+    """Samples a server's whole process tree: `transformers serve` runs its model in a spawned child process, so
+    the launched process's own peak misses the model. Every `interval` s it sums PSS (proportional set size: pages
+    shared between the processes, e.g. libtorch, counted once in all) over the process and its descendants and
+    keeps the peak; `stop()` also records each process's own VmHWM."""
+
+    def __init__(self, pid: int, interval: float = 0.25) -> None:
+        import psutil
+
+        self.root, self.interval = psutil.Process(pid), interval
+        self.peak_pss_mib = 0.0
+        self.hwm: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _tree(self) -> list:
+        import psutil
+
+        try:
+            return [self.root, *self.root.children(recursive=True)]
+        except psutil.Error:
+            return []
+
+    def sample(self) -> None:
+        import psutil
+
+        total = 0.0
+        for proc in self._tree():
+            try:
+                total += proc.memory_full_info().pss / 2**20
+                self.hwm[f"{proc.pid} {' '.join(proc.cmdline())[:120]}"] = _vmhwm_mib(proc.pid)
+            except (psutil.Error, OSError):
+                continue
+        self.peak_pss_mib = max(self.peak_pss_mib, total)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def stop(self) -> dict[str, Any]:
+        if not self._stop.is_set():
+            self._stop.set()
+            self._thread.join()
+            try:
+                self.sample()
+            except Exception:  # noqa: BLE001 - the server already exited: the samples taken stand
+                pass
+        return {"peak_tree_pss_mib": self.peak_pss_mib, "sum_vmhwm_mib": sum(self.hwm.values()),
+                "processes_vmhwm_mib": dict(self.hwm)}
 
 
 def requests_mix(n: int, image_size: int, vocab_words: int, lo: int, hi: int, seed: int = 0) -> list[dict]:
@@ -147,46 +202,65 @@ def run_level(base: str, model: str, reqs: list[dict], clients: int) -> dict[str
             "tokens_counted_from_chunks": bool(any(r["counted"] for r in results))}
 
 
-def serve_side(side: str, workdir: Path, levels: list[int], reqs: list[dict], mode: str,
-               device: str = "cpu") -> dict[str, Any]:
-    port = _port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    if side == "mmhub":
-        cmd = [str(Path(sys.executable).parent / "mmhub"), "serve", str(workdir / "mmhub"), "--port", str(port),
-               "--max-batch", "16", "--max-queue", "256", "--allow-path", str(workdir), "--served-name", "bench",
-               "--device", device]
-        name = "bench"
-    else:
-        cmd = [str(Path(sys.executable).parent / "transformers"), "serve", str(workdir / "hf-llava"), "--port",
-               str(port), "--device", device] + (["--continuous-batching"] if mode == "cb" else [])
-        name = str(workdir / "hf-llava")
-    log = open(workdir / f"{side}-{mode}.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        _wait_ready(port, proc)
-        base = f"http://127.0.0.1:{port}"
-        warm = one_request(base, name, {**reqs[0], "max_tokens": 8})  # first-call costs out of the levels
-        out = {"side": side, "mode": mode, "command": " ".join(cmd), "warmup_s": warm["latency"], "levels": []}
-        for c in levels:
-            res = run_level(base, name, reqs, c)
-            if res["errors"] and not res["requests"]:
-                raise RuntimeError(f"{side} ({mode}) failed every request at {c} clients: {res['errors'][0]}")
-            out["levels"].append(res)
-            print(f"[{side}/{mode}] {c:>2} clients: {res['throughput_tok_s']:.1f} tok/s, ttft p95 "
-                  f"{res['ttft_p95_s']:.3f} s, errors {len(res['errors'])}", flush=True)
-        out["peak_rss_mib"] = _vmhwm_mib(proc.pid)
-        return out
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+class Server:
+    """One server (`side` mmhub or transformers, `mode`) started in its own process group on loopback, ready and
+    warmed up; its process tree's memory sampled (`TreeMemory`) until `close`."""
+
+    def __init__(self, side: str, workdir: Path, mode: str, device: str, warm: dict) -> None:
+        port = _port()
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+        if side == "mmhub":
+            cmd = [str(Path(sys.executable).parent / "mmhub"), "serve", str(workdir / "mmhub"), "--port", str(port),
+                   "--max-batch", "16", "--max-queue", "256", "--allow-path", str(workdir), "--served-name", "bench",
+                   "--device", device]
+            self.name = "bench"
+        else:
+            cmd = [str(Path(sys.executable).parent / "transformers"), "serve", str(workdir / "hf-llava"), "--port",
+                   str(port), "--device", device] + (["--continuous-batching"] if mode == "cb" else [])
+            self.name = str(workdir / "hf-llava")
+        self.side, self.mode, self.base = side, mode, f"http://127.0.0.1:{port}"
+        self.log_path = workdir / f"{side}-{mode}.log"
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed by close()
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.memory = TreeMemory(self.proc.pid)
+        self.report: dict[str, Any] = {"side": side, "mode": mode, "command": " ".join(cmd), "levels": []}
         try:
-            proc.wait(timeout=20)
+            _wait_ready(port, self.proc)
+            self.report["warmup_s"] = one_request(self.base, self.name, {**warm, "max_tokens": 8})["latency"]
+        except BaseException:
+            self.close()
+            raise
+
+    def level(self, reqs: list[dict], clients: int) -> None:
+        res = run_level(self.base, self.name, reqs, clients)
+        if res["errors"] and not res["requests"]:
+            raise RuntimeError(f"{self.side} ({self.mode}) failed every request at {clients} clients: "
+                               f"{res['errors'][0]}")
+        self.report["levels"].append(res)
+        print(f"[{self.side}/{self.mode}] {clients:>2} clients: {res['throughput_tok_s']:.1f} tok/s, ttft p95 "
+              f"{res['ttft_p95_s']:.3f} s, errors {len(res['errors'])}", flush=True)
+
+    def finish(self) -> dict[str, Any]:
+        self.report["peak_rss_mib"] = _vmhwm_mib(self.proc.pid)  # the launched process alone
+        self.report["memory"] = self.memory.stop()
+        return self.report
+
+    def close(self) -> None:
+        self.memory.stop()
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=20)
+        except ProcessLookupError:
+            pass
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self._log.close()
 
 
 def ratios(ours: dict[str, Any], theirs: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {"peak_rss": ours["peak_rss_mib"] / theirs["peak_rss_mib"], "levels": []}
+    out: dict[str, Any] = {"peak_tree_pss": ours["memory"]["peak_tree_pss_mib"] / theirs["memory"]["peak_tree_pss_mib"],
+                           "sum_vmhwm": ours["memory"]["sum_vmhwm_mib"] / theirs["memory"]["sum_vmhwm_mib"],
+                           "peak_rss_launched_process": ours["peak_rss_mib"] / theirs["peak_rss_mib"], "levels": []}
     for a, b in zip(ours["levels"], theirs["levels"], strict=True):
         div = lambda x, y: (x / y) if x is not None and y else None  # noqa: E731
         out["levels"].append({"clients": a["clients"],
@@ -242,25 +316,38 @@ def main(argv: list[str] | None = None) -> int:
         del pair  # the servers load their own copies
         reqs = requests_mix(max(args.requests, max(levels)), SIZES[args.size]["clip"]["image_size"],
                             SIZES[args.size]["llama"]["vocab_size"] - N_SPECIALS, args.min_new, args.max_new)
-        ours = serve_side("mmhub", workdir, levels, reqs, "continuous", args.device)
         attempts = {"auto": ["cb", "plain"], "cb": ["cb"], "plain": ["plain"]}[args.transformers_mode]
         theirs, failures = None, {}
         for mode in attempts:
             try:
-                theirs = serve_side("transformers", workdir, levels, reqs, mode, args.device)
+                theirs = Server("transformers", workdir, mode, args.device, reqs[0])
                 break
             except RuntimeError as exc:
-                log = (workdir / f"transformers-{mode}.log").read_text()[-3000:]
-                failures[mode] = {"error": str(exc), "log_tail": log}
+                tail = (workdir / f"transformers-{mode}.log").read_text()[-3000:]
+                failures[mode] = {"error": str(exc), "log_tail": tail}
                 print(f"[transformers/{mode}] did not run: {exc}", flush=True)
         if theirs is None:
             raise SystemExit(f"transformers serve ran in no mode: {json.dumps(failures)[:2000]}")
+        try:
+            ours = Server("mmhub", workdir, "continuous", args.device, reqs[0])
+        except BaseException:
+            theirs.close()
+            raise
+        try:  # both servers stay up (idle while the other runs); who goes first alternates from level to level
+            for i, c in enumerate(levels):
+                for server in ((ours, theirs) if i % 2 == 0 else (theirs, ours)):
+                    server.level(reqs, c)
+            reports = ours.finish(), theirs.finish()
+        finally:
+            ours.close()
+            theirs.close()
+        ours_r, theirs_r = reports
     report = {"benchmark": "benchmarks.serve", "command": " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
               "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "environment": environment(torch.float32), "size": args.size, "levels": levels, "device": args.device,
               "requests_per_level": len(reqs), "max_new_tokens": [args.min_new, args.max_new],
-              "sides": [ours, theirs], "transformers_failed_modes": failures,
-              "ratios_mmhub_over_transformers": ratios(ours, theirs)}
+              "sides": [ours_r, theirs_r], "transformers_failed_modes": failures,
+              "ratios_mmhub_over_transformers": ratios(ours_r, theirs_r)}
     write_json(report, args.out)
     chart(report, Path(args.chart))
     print(json.dumps(report["ratios_mmhub_over_transformers"], indent=1))

@@ -48,42 +48,8 @@ def construct(slot: Slot, ctx: BuildContext) -> Any:
                                  f"check the settings (`mmhub plugins show {slot.info.name}`)")]) from exc
 
 
-def available_memory() -> int | None:
-    """Bytes of memory this machine can still give (``MemAvailable`` of /proc/meminfo), or None where unknown."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def check_memory(plan: Plan) -> None:
-    """Refuse, before anything is allocated, a plan whose components' parameters alone exceed the memory available
-    (each component's `memory_estimate`; ``MMHUB_SKIP_MEMORY_CHECK=1`` turns the check off)."""
-    import os
-
-    if os.environ.get("MMHUB_SKIP_MEMORY_CHECK") == "1":
-        return
-    slots = [plan.backbone, *plan.encoders.values(), *plan.projectors.values(), *plan.injectors.values(),
-             *plan.output_projectors.values(), *plan.generators.values()]
-    estimates = [(s, s.info.cls.memory_estimate(s.config, plan.ctx)) for s in slots]
-    total = sum(b for _, b in estimates if b)
-    free = available_memory()
-    if free is None or total <= free:
-        return
-    biggest, size = max(((s, b) for s, b in estimates if b), key=lambda x: x[1])
-    raise SpecError([Problem(biggest.path, f"building this spec needs about {total / 2**30:.1f} GiB for its "
-                                           f"parameters alone ({biggest.info.name}: {size / 2**30:.1f} GiB), but this "
-                                           f"machine has {free / 2**30:.1f} GiB of memory available",
-                             "choose a smaller config, dtype bfloat16/float16, or quantize: nf4; or free memory "
-                             "(MMHUB_SKIP_MEMORY_CHECK=1 builds anyway)")])
-
-
 def build_from_plan(plan: Plan) -> MMModel:
-    """Construct the components of an already validated plan (after `check_memory`)."""
-    check_memory(plan)
+    """Construct the components of an already validated plan (`plan_spec` checked it fits in memory)."""
     ctx = plan.ctx
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(plan.spec.seed)

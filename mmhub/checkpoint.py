@@ -41,6 +41,7 @@ from mmhub.manifest import (
     split_legacy,
 )
 from mmhub.weights import sha256_path
+from mmhub.weights.into import TensorFile
 from mmhub.weights.sandbox import no_climbing
 
 SPEC_FILE = "mmhub_spec.json"
@@ -307,24 +308,33 @@ def verify_sources(weight_files: dict[str, Path], manifest: SavedManifest) -> No
                                   f"file or pass verify=False to accept the difference.")
 
 
-def check_tensor(name: str, tensor: torch.Tensor, want: torch.Tensor, file: Path,
-                 allow_nonfinite: bool = False) -> None:
-    """A stored tensor must have the shape and dtype of the parameter it fills, and finite values (unless
-    `allow_nonfinite`): a changed file never loads as a silently different model."""
-    if tuple(tensor.shape) != tuple(want.shape):
-        raise CheckpointError(f"{file}: tensor {name!r} has shape {tuple(tensor.shape)} but the model's is "
+def check_layout(name: str, shape: tuple[int, ...], dtype: torch.dtype, want: torch.Tensor, file: Path) -> None:
+    """The stored shape and dtype (read from the file's header) must be the parameter's."""
+    if shape != tuple(want.shape):
+        raise CheckpointError(f"{file}: tensor {name!r} has shape {shape} but the model's is "
                               f"{tuple(want.shape)}; the file does not belong to this spec, save the model again.")
-    if tensor.dtype != want.dtype:
-        raise CheckpointError(f"{file}: tensor {name!r} is stored as {tensor.dtype} but the model holds "
+    if dtype != want.dtype:
+        raise CheckpointError(f"{file}: tensor {name!r} is stored as {dtype} but the model holds "
                               f"{want.dtype}; the file was changed or belongs to another build, save it again.")
-    if not allow_nonfinite and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+
+
+def check_finite(name: str, tensor: torch.Tensor, file: Path, allow_nonfinite: bool = False) -> None:
+    """NaN/inf values refuse to load unless `allow_nonfinite`."""
+    if allow_nonfinite or not tensor.is_floating_point():
+        return
+    flat = tensor.reshape(-1)
+    step = 1 << 20  # chunks, so the check needs 1 MiB of scratch, not a mask the size of the tensor
+    if not all(bool(torch.isfinite(flat[i:i + step]).all()) for i in range(0, flat.numel(), step)):
         bad = int((~torch.isfinite(tensor)).sum())
         raise CheckpointError(f"{file}: tensor {name!r} holds {bad} NaN/inf value(s); pass allow_nonfinite=True "
                               "to load it anyway (e.g. to inspect a diverged run).")
 
 
-def _read_aliases(fh: Any, file: Path) -> dict[str, str]:
-    aliases = json.loads((fh.metadata() or {}).get("aliases", "{}"))
+def _read_aliases(metadata: dict[str, str], file: Path) -> dict[str, str]:
+    try:
+        aliases = json.loads(metadata.get("aliases", "{}"))
+    except json.JSONDecodeError:
+        aliases = None
     if not isinstance(aliases, dict) or not all(isinstance(a, str) and isinstance(c, str) for a, c in aliases.items()):
         raise CheckpointError(f"{file}: its 'aliases' metadata is not a name -> name mapping; the file is damaged, "
                               "save the model again.")
@@ -334,13 +344,13 @@ def _read_aliases(fh: Any, file: Path) -> dict[str, str]:
 @torch.no_grad()
 def apply_weights(model: Any, path: Path, manifest: SavedManifest, allow_nonfinite: bool = False) -> None:
     """Load the folder's tensors into a freshly built `model`, checking that nothing is extra, lacking, reshaped,
-    retyped or non-finite. Tensors are read and copied one at a time, so loading holds the model plus one tensor
-    (not a second copy of every weight)."""
+    retyped or non-finite. Each tensor is read from the file straight into its parameter (`TensorFile`, no memory
+    map), so loading holds the model plus at most one tensor, never a second copy of the weights."""
     file = path / WEIGHTS_FILE
-    own = model.state_dict()  # views of the parameters and buffers: copy_ fills them in place
+    own = model.state_dict()  # views of the parameters and buffers: filled in place
     try:
-        with safe_open(str(file), "pt") as fh:
-            aliases = _read_aliases(fh, file)
+        with TensorFile(file) as fh:
+            aliases = _read_aliases(fh.metadata, file)
             stored = set(fh.keys())
             for alias, canonical in aliases.items():  # the file's own consistency first, then the model's fit
                 if canonical not in stored:
@@ -352,9 +362,11 @@ def apply_weights(model: Any, path: Path, manifest: SavedManifest, allow_nonfini
                 raise CheckpointError(f"{file} has {len(unexpected)} tensor(s) the spec's model does not, e.g. "
                                       f"{unexpected[:3]}; the spec and weights do not belong together.")
             for name in names:
-                tensor = fh.get_tensor(aliases.get(name, name))
-                check_tensor(name, tensor, own[name], file, allow_nonfinite)
-                own[name].copy_(tensor)
+                source = aliases.get(name, name)
+                check_layout(name, fh.shape(source), fh.dtype(source), own[name], file)
+            for name in names:
+                fh.read_into(aliases.get(name, name), own[name])
+                check_finite(name, own[name], file, allow_nonfinite)
     except CheckpointError:
         raise
     except Exception as exc:

@@ -6,16 +6,22 @@ them from there (which re-exports these names).
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 Kind = Literal["encoder", "projector", "backbone", "injector", "output_projector", "generator"]
 KINDS: tuple[Kind, ...] = ("encoder", "projector", "backbone", "injector", "output_projector", "generator")
+
+
+class _NeedsWeights(Exception):
+    """Raised by `Component.memory_estimate`'s probe context where a constructor asks for a weight file."""
 
 
 class ComponentConfig(BaseModel):
@@ -85,10 +91,24 @@ class Component(nn.Module, ABC):
 
     @classmethod
     def memory_estimate(cls, config: ComponentConfig, ctx: BuildContext) -> int | None:
-        """Bytes the built component's parameters will take, known before building (None: no estimate).
+        """Bytes the built component's parameters and buffers will take, known before building; None: unknown.
 
-        `mmhub.assembly` sums these and refuses a spec that cannot fit in the memory available, before allocating."""
-        return None
+        By default the component is built on PyTorch's ``meta`` device (nothing allocated, the global RNG untouched)
+        and its tensors' bytes counted. A constructor that reads a weight file is not run through (None: the file
+        is not read twice); one that cannot build on ``meta`` gives None. `mmhub.memory_check` sums the estimates
+        while validating and refuses a spec that cannot fit in the memory available. Override it where the
+        component knows better (e.g. quantized weights)."""
+        def refuse(uri: str) -> Path:
+            raise _NeedsWeights(uri)
+
+        probe = dataclasses.replace(ctx, resolve=refuse, weight_files={})
+        try:
+            with torch.random.fork_rng(devices=[]), torch.device("meta"):
+                module = cls(config, probe)
+        except Exception:  # noqa: BLE001 - an estimate only; building reports the real error
+            return None
+        tensors = {id(t): t for t in (*module.parameters(), *module.buffers())}
+        return sum(t.numel() * t.element_size() for t in tensors.values())
 
     def has_weight_source(self) -> bool:
         """True when this component's weights come from a weight source (so they need not be saved)."""

@@ -38,6 +38,7 @@ from mmhub.interfaces import (
     OutputProjectorFacts,
     ProjectorFacts,
 )
+from mmhub.memory_check import check_memory
 from mmhub.registry import ComponentInfo, Registry, get_registry
 from mmhub.spec import Spec, problems_from_validation
 from mmhub.xformers_probe import xformers_status
@@ -217,6 +218,8 @@ def plan_spec(
     check_budget(plan, problems)
     check_template(plan, problems)
     check_stages(plan, problems)
+    if not problems:  # sizes are only meaningful for a spec that is otherwise valid
+        check_memory(plan, problems)
     if problems:
         raise SpecError(problems, source or f"spec {spec.name!r}")
     return plan

@@ -86,6 +86,7 @@ def test_the_table_covers_every_full_preset() -> None:
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_full_preset_validates_against_the_published_configs(name: str, fake_hub: Path, monkeypatch) -> None:
     _use(monkeypatch, fake_hub)
+    monkeypatch.setenv("MMHUB_SKIP_MEMORY_CHECK", "1")  # published sizes: checked for structure, not for this machine
     try:
         plan = plan_spec(load_spec(f"{name}:full"), REG, source=f"{name}:full", trust_remote_code=name in REMOTE_CODE)
     except SpecError as exc:

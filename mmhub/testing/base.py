@@ -143,6 +143,11 @@ class ComponentTests:
         return copy.deepcopy(case.module)
 
     @classmethod
+    def estimated(cls, case: Case) -> torch.nn.Module:
+        """The module whose bytes `memory_estimate` predicts (the component itself, not a test rig around it)."""
+        return case.module
+
+    @classmethod
     def outputs(cls, case: Case) -> dict[str, torch.Tensor]:
         """Every output the case computed, by label (several for a multi-modality encoder)."""
         return {"output": case.out}
@@ -223,6 +228,20 @@ class ComponentTests:
         with torch.no_grad():
             a, b = self.call(case.module, case.inputs), self.call(fresh, case.inputs)
         assert torch.equal(a, b), f"{self.component.name}: outputs differ after a save/reload round trip"
+
+    def test_memory_estimate(self) -> None:
+        """`memory_estimate` (what validation sums to refuse a spec that cannot fit) is unknown or exact: the bytes
+        of the built instance's parameters and buffers."""
+        case = self.case()
+        estimate = self.component.memory_estimate(case.config, case.ctx)
+        if estimate is None:
+            pytest.skip(f"{self.component.name} gives no memory estimate (it reads weight files or cannot build "
+                        "on the meta device)")
+        module = self.estimated(case)
+        tensors = {id(t): t for t in (*module.parameters(), *module.buffers())}
+        built = sum(t.numel() * t.element_size() for t in tensors.values())
+        assert estimate == built, (f"{self.component.name}: memory_estimate says {estimate:,} bytes but the built "
+                                   f"instance holds {built:,}")
 
     def test_dtype_move(self) -> None:
         case = self.case()
