@@ -20,9 +20,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
-from mmhub.attention import hf_attn_implementation
 from mmhub.backbones.byte_tokenizer import byte_tokenizer
 from mmhub.backbones.moe import routing_of
+from mmhub.hf_attention import hf_attn_implementation
 from mmhub.interfaces import Backbone, BackboneFacts, BuildContext, ComponentConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -18,11 +18,11 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationConfig
 
-from mmhub.attention import HF_SDPA, HF_XFORMERS
 from mmhub.backbones import moe, mrope
 from mmhub.backbones.hf_base import HFBackboneBase, HFBackboneConfig
 from mmhub.backbones.visual_expert import cogvlm_position_ids
 from mmhub.errors import InputError
+from mmhub.hf_attention import HF_SDPA, HF_XFORMERS
 from mmhub.interfaces import BuildContext, ComponentConfig
 
 HFCausalLMConfig = HFBackboneConfig  # kept as the public name of this backbone's settings

@@ -124,7 +124,8 @@ def _compare(name: str, tensors: list[torch.Tensor], mask: torch.Tensor, kernels
 
 def run_checks(device: torch.device, dtype: torch.dtype, runs: int) -> dict[str, Any]:
     """Every case on `device` (see the module docstring); `runs` 0 skips the timing."""
-    from mmhub.attention import attention, hf_sdpa_attention, hf_xformers_attention, packed_sequences
+    from mmhub.attention import attention
+    from mmhub.hf_attention import hf_sdpa_attention, hf_xformers_attention, packed_sequences
 
     layer = _Layer()
     cases: dict[str, Any] = {}

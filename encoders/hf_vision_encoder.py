@@ -44,8 +44,8 @@ from pydantic import Field, model_validator
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModel, PretrainedConfig
 
-from mmhub.attention import hf_attn_implementation
 from mmhub.encoders.image_base import ImageEncoder
+from mmhub.hf_attention import hf_attn_implementation
 from mmhub.interfaces import BuildContext, ComponentConfig, EncoderFacts
 from mmhub.probe import output_shape
 from mmhub.weights import load_into

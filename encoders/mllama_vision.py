@@ -25,8 +25,8 @@ import torch
 from pydantic import Field, field_validator
 from transformers import MllamaVisionConfig, MllamaVisionModel
 
-from mmhub.attention import hf_attn_implementation
 from mmhub.encoders.image_base import ImageEncoder
+from mmhub.hf_attention import hf_attn_implementation
 from mmhub.interfaces import BuildContext, ComponentConfig, EncoderFacts
 from mmhub.media import load_image
 

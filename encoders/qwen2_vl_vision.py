@@ -191,7 +191,7 @@ class Qwen2VLVisionEncoder(ImageEncoder):
     def __init__(self, config: Qwen2VLVisionConfig, ctx: BuildContext):
         import importlib
 
-        from mmhub.attention import hf_attn_implementation
+        from mmhub.hf_attention import hf_attn_implementation
 
         super().__init__(config, ctx)
         self.hf_config = tower_config(config.config)

@@ -37,10 +37,10 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from transformers import WhisperConfig, WhisperFeatureExtractor
 
-from mmhub.attention import hf_attn_implementation
 from mmhub.encoders.audio_io import fit_to_window, load_audio
 from mmhub.encoders.frames import block_index, pool_time
 from mmhub.errors import InputError, WeightsNotFoundError
+from mmhub.hf_attention import hf_attn_implementation
 from mmhub.interfaces import BuildContext, ComponentConfig, Encoder, EncoderFacts
 from mmhub.weights import load_into, read_state_dict
 from mmhub.weights.ct2 import is_ct2_model

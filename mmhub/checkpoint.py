@@ -1,4 +1,4 @@
-"""A model folder's files: writing them atomically, reading and verifying them. Tensor and manifest I/O only.
+"""A model folder's files: writing them (atomically, `mmhub.atomic`), reading and verifying its spec and manifest.
 
 A model folder holds ``mmhub_spec.json`` (the spec as a user writes it, every default filled in),
 ``model.safetensors`` and ``mmhub_manifest.json`` (the `SavedManifest`: versions, hashes of the weight
@@ -8,26 +8,21 @@ config (random init) or changed by training, and the adapter and trainable param
 weights come from a source. A model grown from a shipped model folder (``init_from: mmhub:...``) stores only
 what it changed. Folders are written to a temporary sibling and renamed into place, so a crash mid-save never
 leaves a half checkpoint under the final name. No pickle is involved anywhere. Turning a folder back into a
-model is `mmhub.loading.load_folder`.
+model is `mmhub.loading.load_folder`; its weights are filled in by `mmhub.folder_weights.apply_weights`.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-import uuid
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from pydantic import ValidationError
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from mmhub.atomic import atomic_dir
 from mmhub.errors import CheckpointError, WeightsNotFoundError
 from mmhub.manifest import (
     LEGACY_KEYS,
@@ -41,47 +36,11 @@ from mmhub.manifest import (
     split_legacy,
 )
 from mmhub.weights import sha256_path
-from mmhub.weights.into import TensorFile
 from mmhub.weights.sandbox import no_climbing
 
 SPEC_FILE = "mmhub_spec.json"
 PACKAGE_ROOT = Path(__file__).resolve().parent  # where ``mmhub:`` model folders live
 WEIGHTS_FILE = "model.safetensors"
-
-
-@contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside `final`; on success it replaces `final` in one rename."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        yield tmp
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a file through a temporary sibling and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def tensors_to_save(model: Any, full: bool) -> dict[str, torch.Tensor]:
@@ -306,87 +265,6 @@ def verify_sources(weight_files: dict[str, Path], manifest: SavedManifest) -> No
             raise CheckpointError(f"weights {uri} ({p}) changed since this model was saved: sha256 "
                                   f"{sha256_path(p)[:12]}... != recorded {record.sha256[:12]}...; restore the original "
                                   f"file or pass verify=False to accept the difference.")
-
-
-def check_layout(name: str, shape: tuple[int, ...], dtype: torch.dtype, want: torch.Tensor, file: Path) -> None:
-    """The stored shape and dtype (read from the file's header) must be the parameter's."""
-    if shape != tuple(want.shape):
-        raise CheckpointError(f"{file}: tensor {name!r} has shape {shape} but the model's is "
-                              f"{tuple(want.shape)}; the file does not belong to this spec, save the model again.")
-    if dtype != want.dtype:
-        raise CheckpointError(f"{file}: tensor {name!r} is stored as {dtype} but the model holds "
-                              f"{want.dtype}; the file was changed or belongs to another build, save it again.")
-
-
-def check_finite(name: str, tensor: torch.Tensor, file: Path, allow_nonfinite: bool = False) -> None:
-    """NaN/inf values refuse to load unless `allow_nonfinite`."""
-    if allow_nonfinite or not tensor.is_floating_point():
-        return
-    flat = tensor.reshape(-1)
-    step = 1 << 20  # chunks, so the check needs 1 MiB of scratch, not a mask the size of the tensor
-    if not all(bool(torch.isfinite(flat[i:i + step]).all()) for i in range(0, flat.numel(), step)):
-        bad = int((~torch.isfinite(tensor)).sum())
-        raise CheckpointError(f"{file}: tensor {name!r} holds {bad} NaN/inf value(s); pass allow_nonfinite=True "
-                              "to load it anyway (e.g. to inspect a diverged run).")
-
-
-def _read_aliases(metadata: dict[str, str], file: Path) -> dict[str, str]:
-    try:
-        aliases = json.loads(metadata.get("aliases", "{}"))
-    except json.JSONDecodeError:
-        aliases = None
-    if not isinstance(aliases, dict) or not all(isinstance(a, str) and isinstance(c, str) for a, c in aliases.items()):
-        raise CheckpointError(f"{file}: its 'aliases' metadata is not a name -> name mapping; the file is damaged, "
-                              "save the model again.")
-    return aliases
-
-
-@torch.no_grad()
-def apply_weights(model: Any, path: Path, manifest: SavedManifest, allow_nonfinite: bool = False) -> None:
-    """Load the folder's tensors into a freshly built `model`, checking that nothing is extra, lacking, reshaped,
-    retyped or non-finite. Each tensor is read from the file straight into its parameter (`TensorFile`, no memory
-    map), so loading holds the model plus at most one tensor, never a second copy of the weights."""
-    file = path / WEIGHTS_FILE
-    own = model.state_dict()  # views of the parameters and buffers: filled in place
-    try:
-        with TensorFile(file) as fh:
-            aliases = _read_aliases(fh.metadata, file)
-            stored = set(fh.keys())
-            for alias, canonical in aliases.items():  # the file's own consistency first, then the model's fit
-                if canonical not in stored:
-                    raise CheckpointError(f"{file}: alias {alias!r} names {canonical!r}, which the file lacks; "
-                                          "the file is damaged, save the model again.")
-            names = sorted(stored | set(aliases))
-            unexpected = [k for k in names if k not in own]
-            if unexpected:
-                raise CheckpointError(f"{file} has {len(unexpected)} tensor(s) the spec's model does not, e.g. "
-                                      f"{unexpected[:3]}; the spec and weights do not belong together.")
-            for name in names:
-                source = aliases.get(name, name)
-                check_layout(name, fh.shape(source), fh.dtype(source), own[name], file)
-            for name in names:
-                fh.read_into(aliases.get(name, name), own[name])
-                check_finite(name, own[name], file, allow_nonfinite)
-    except CheckpointError:
-        raise
-    except Exception as exc:
-        raise CheckpointError(f"{file} cannot be read ({type(exc).__name__}: {exc}); "
-                              f"the file is damaged, save the model again.") from None
-    missing = [k for k in own if k not in names]
-    need = dict(tensors_to_save(model, full=False))
-    if manifest.init_from is not None:  # what the init_from folder provided is covered too
-        provided = set(load_file_keys(package_path(manifest.init_from.source)))
-        need = {k: v for k, v in need.items() if k not in provided}
-    lacking = [k for k in missing if k in need]
-    if lacking:
-        raise CheckpointError(f"{file} lacks {len(lacking)} tensor(s) that no weight source provides, "
-                              f"e.g. {lacking[:3]}; save the model again (with full=True if in doubt).")
-
-
-def load_file_keys(folder: Path) -> list[str]:
-    """The tensor names in a model folder's weights file (without reading the tensors)."""
-    with safe_open(str(folder / WEIGHTS_FILE), "pt") as fh:
-        return list(fh.keys())
 
 
 def package_path(path: str) -> Path:

@@ -20,9 +20,10 @@ import os
 from pathlib import Path
 
 from mmhub.assembly import build, build_from_plan
-from mmhub.checkpoint import SPEC_FILE, apply_weights, read_folder, verify_sources
+from mmhub.checkpoint import SPEC_FILE, read_folder, verify_sources
 from mmhub.demo_model import find_default
 from mmhub.errors import CheckpointError, MMHubError
+from mmhub.folder_weights import apply_weights
 from mmhub.manifest import KIND_OF_GROUP, SavedManifest
 from mmhub.model import MMModel
 from mmhub.registry import Registry, get_registry

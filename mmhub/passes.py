@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from mmhub.attention import packed_sequences
+from mmhub.hf_attention import packed_sequences
 from mmhub.inputs import Prepared, injected
 from mmhub.losses import only_labelled
 from mmhub.packing import block_causal_mask, segment_lengths

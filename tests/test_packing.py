@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import mmhub.attention as attn
+import mmhub.hf_attention as hf_attn
 from mmhub import build
 from mmhub.errors import InputError
 from mmhub.packing import block_causal_mask, collate_packed, length_grouped_order, pack, segment_lengths, spliced_length
@@ -218,7 +219,7 @@ def test_segment_sdpa_equals_sdpa_under_the_block_causal_mask() -> None:
     segs = torch.tensor([[0] * 5 + [1] * 7 + [2] + [-1] * 3, [0] * 9 + [1] * 7])
     q = torch.randn(2, 8, 16, 8, requires_grad=True)
     k, v = (torch.randn(2, 2, 16, 8, requires_grad=True) for _ in range(2))
-    got = attn.segment_sdpa(q, k, v, segment_lengths(segs), scaling=0.3)  # (B, L, h, d)
+    got = hf_attn.segment_sdpa(q, k, v, segment_lengths(segs), scaling=0.3)  # (B, L, h, d)
     want = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1),
                                                             attn_mask=block_causal_mask(segs),
                                                             scale=0.3).transpose(1, 2)
@@ -228,16 +229,16 @@ def test_segment_sdpa_equals_sdpa_under_the_block_causal_mask() -> None:
     for a, b in zip(grads, torch.autograd.grad(want, (q, k, v), g), strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="crosses the end of row 0"):
-        attn.segment_sdpa(q, k, v, [20, 12])
+        hf_attn.segment_sdpa(q, k, v, [20, 12])
 
 
 def test_one_packed_row_runs_segment_wise_and_equals_the_unpacked_batch(monkeypatch, family_model) -> None:
     """The whole batch packed into a single row (no padding at all): the backbone's attention runs each sample
     as its own causal SDPA call (one per layer), and loss and gradients equal the unpacked batch's."""
-    assert family_model.backbone.model.config._attn_implementation == attn.HF_SDPA
+    assert family_model.backbone.model.config._attn_implementation == hf_attn.HF_SDPA
     calls: list[int] = []
-    real = attn.segment_sdpa
-    monkeypatch.setattr(attn, "segment_sdpa", lambda *a, **k: calls.append(len(a[3])) or real(*a, **k))
+    real = hf_attn.segment_sdpa
+    monkeypatch.setattr(hf_attn, "segment_sdpa", lambda *a, **k: calls.append(len(a[3])) or real(*a, **k))
     enc = encode_all(family_model)
     packed = collate_packed(family_model.processor, enc, [list(range(len(enc)))])
     assert packed["input_ids"].shape[0] == 1 and bool(packed["attention_mask"].all())
@@ -343,16 +344,16 @@ def test_hf_attn_implementation_picks_mmhub_xformers_where_it_can_run(monkeypatc
 
     monkeypatch.setattr(attn, "xformers_importable", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert attn.hf_attn_implementation("auto") == attn.HF_XFORMERS
-    assert AttentionInterface._global_mapping[attn.HF_XFORMERS] is attn.hf_xformers_attention
-    assert attn.HF_XFORMERS in AttentionMaskInterface._global_mapping
-    assert attn.hf_attn_implementation("xformers") == attn.HF_XFORMERS
-    assert attn.hf_attn_implementation("sdpa") == "sdpa" and attn.hf_attn_implementation("eager") == "eager"
+    assert hf_attn.hf_attn_implementation("auto") == hf_attn.HF_XFORMERS
+    assert AttentionInterface._global_mapping[hf_attn.HF_XFORMERS] is hf_attn.hf_xformers_attention
+    assert hf_attn.HF_XFORMERS in AttentionMaskInterface._global_mapping
+    assert hf_attn.hf_attn_implementation("xformers") == hf_attn.HF_XFORMERS
+    assert hf_attn.hf_attn_implementation("sdpa") == "sdpa" and hf_attn.hf_attn_implementation("eager") == "eager"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert attn.hf_attn_implementation("auto") == "sdpa"
+    assert hf_attn.hf_attn_implementation("auto") == "sdpa"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(attn, "xformers_importable", lambda: False)
-    assert attn.hf_attn_implementation("auto") == "sdpa"
+    assert hf_attn.hf_attn_implementation("auto") == "sdpa"
 
 
 def xformers_spec_pair() -> tuple[Any, Any]:
@@ -361,7 +362,7 @@ def xformers_spec_pair() -> tuple[Any, Any]:
     x = build(spec(TINY_LLAMA, attention="xformers")).eval()
     s = build(spec(TINY_LLAMA, attention="sdpa")).eval()
     s.load_state_dict(x.state_dict())
-    assert x.backbone.model.config._attn_implementation == attn.HF_XFORMERS
+    assert x.backbone.model.config._attn_implementation == hf_attn.HF_XFORMERS
     return x, s
 
 

@@ -48,7 +48,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from mmhub.checkpoint import atomic_dir
+from mmhub.atomic import atomic_dir
 from mmhub.errors import ExportError
 from mmhub.export.chat_template import jinja_template
 from mmhub.export.hf_llava_import import import_hf_llava, llava_spec

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from mmhub.checkpoint import atomic_dir
+from mmhub.atomic import atomic_dir
 from mmhub.errors import ExportError
 from mmhub.export.image_processing import read_transform
 from mmhub.projectors.qformer_blip2 import hf_qformer_state

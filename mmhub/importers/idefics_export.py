@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from mmhub.checkpoint import atomic_dir
+from mmhub.atomic import atomic_dir
 from mmhub.errors import ExportError
 from mmhub.export.image_processing import read_transform
 from mmhub.importers.idefics import FAKE_TOKEN, GATED_NAMES, IMAGE_TOKEN, PERCEIVER_NAMES

@@ -207,7 +207,7 @@ def _processor(model: Any, family: str, config: Any) -> Any:
 
 def export_next(model: Any, out_dir: str | Path) -> Path:
     """Write `model` as a transformers ``llava_next`` (or, with ``max_tiles``, ``llava_onevision``) folder."""
-    from mmhub.checkpoint import atomic_dir
+    from mmhub.atomic import atomic_dir
 
     problems = next_problems(model)
     if problems:

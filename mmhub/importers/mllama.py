@@ -222,7 +222,7 @@ def export_mllama(model: Any, out_dir: str | Path) -> Path:
     from transformers.models.mllama.image_processing_mllama import MllamaImageProcessor
 
     from mmhub.adapters import merged_copy
-    from mmhub.checkpoint import atomic_dir
+    from mmhub.atomic import atomic_dir
     from mmhub.export.chat_template import jinja_template
 
     problems = shape_problems(model)

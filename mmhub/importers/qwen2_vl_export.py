@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from mmhub.checkpoint import atomic_dir
+from mmhub.atomic import atomic_dir
 from mmhub.errors import ExportError
 
 # Qwen2-VL's own chat template (images and string or list content); renders like mmhub's qwen2-vl template

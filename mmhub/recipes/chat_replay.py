@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from mmhub.checkpoint import write_text_atomic
+from mmhub.atomic import write_text_atomic
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "chat_replay.jsonl"

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from mmhub.checkpoint import atomic_dir
+from mmhub.atomic import atomic_dir
 
 
 def _optim_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmhub.checkpoint import write_text_atomic
+from mmhub.atomic import write_text_atomic
 from mmhub.recipes.draw_data import DrawingBatches, load_split
 from mmhub.recipes.draw_run import Saver, Schedule, StepLog, initial_weights, run_info
 from mmhub.train.loop import Loop, Progress, SingleProcess, run_loop

@@ -1,6 +1,6 @@
 """Leftovers of interrupted saves in a run folder: removed (or put back) when a run starts or resumes.
 
-An atomic save (`mmhub.checkpoint.atomic_dir`) writes ``.NAME.tmp-*`` beside ``NAME`` and
+An atomic save (`mmhub.atomic.atomic_dir`) writes ``.NAME.tmp-*`` beside ``NAME`` and
 renames it into place; replacing an existing ``NAME`` moves it to ``.NAME.old-*`` first.
 A kill mid-save leaves those behind. `clean_stale` looks in the run folder, its stage folders
 and their ``checkpoints/`` and, for each leftover last changed before this process started
@@ -11,7 +11,7 @@ and their ``checkpoints/`` and, for each leftover last changed before this proce
 * ``.NAME.old-*`` while ``NAME`` is missing: the kill came between the two renames, so it is
   the only complete copy: renamed back to ``NAME``;
 * ``.run_spec.json.*`` / ``.run_settings.json.*`` files in the run folder: unfinished writes of
-  `mmhub.checkpoint.write_text_atomic`, deleted.
+  `mmhub.atomic.write_text_atomic`, deleted.
 """
 
 from __future__ import annotations

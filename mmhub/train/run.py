@@ -21,7 +21,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from mmhub.checkpoint import write_text_atomic
+from mmhub.atomic import write_text_atomic
 from mmhub.errors import MMHubError
 
 RUN_SPEC = "run_spec.json"

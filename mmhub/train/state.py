@@ -31,7 +31,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from mmhub.checkpoint import _dedupe, atomic_dir, tensors_to_save
+from mmhub.atomic import atomic_dir
+from mmhub.checkpoint import _dedupe, tensors_to_save
 from mmhub.errors import CheckpointError
 
 STEP_PREFIX = "step-"
