@@ -1,10 +1,9 @@
-"""Checks across the components of a validated plan: injectors, projectors, the output side, the token budget,
-the chat template and the training stages. Each appends `Problem`s naming the spec path, both numbers and the
-fix; `mmhub.validation.plan_spec` runs them all and raises every problem together."""
+"""Checks across the components of a validated plan: injectors, projectors, the output side and the token budget
+(the chat template and the training stages: `mmhub.stage_checks`). Each appends `Problem`s naming the spec path,
+both numbers and the fix; `mmhub.validation.plan_spec` runs them all and raises every problem together."""
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from mmhub.errors import Problem, WeightsNotFoundError, close_matches
@@ -12,8 +11,6 @@ from mmhub.interfaces import (
     Encoder,
     ProjectorFacts,
 )
-from mmhub.spec import PART_KEYS, LoraRegime
-from mmhub.templates import resolve_template, template_problems
 
 if TYPE_CHECKING:  # the plan's type only; validation imports these checks
     from mmhub.interfaces import BuildContext
@@ -290,117 +287,3 @@ def check_budget(plan: Plan, problems: list[Problem]) -> None:
                 "lower max_items or the projector's token count, or extend the context (backbone rope_scaling)",
             )
         )
-
-
-def check_template(plan: Plan, problems: list[Problem]) -> None:
-    if plan.tokenizer is None:
-        return
-    try:
-        plan.template = resolve_template(plan.spec.template, plan.tokenizer)
-    except Exception as exc:
-        problems.append(Problem("template", str(exc), "use one of the named templates"))
-        return
-    problems.extend(template_problems(plan.template, plan.tokenizer))
-    vocab = plan.tokenizer.get_vocab()
-    # special: the named ones and every added token marked special (Llama-3.2-Vision's <|image|>)
-    special = set(getattr(plan.tokenizer, "all_special_tokens", [])) | {
-        t.content for t in getattr(plan.tokenizer, "added_tokens_decoder", {}).values() if getattr(t, "special", False)}
-    for m in plan.spec.encoders:
-        mark = plan.spec.placeholder(m)
-        if mark in vocab and mark not in special:
-            problems.append(
-                Problem(
-                    f"placeholders.{m}",
-                    f"placeholder {mark!r} is an ordinary token of this tokenizer, "
-                    "so plain text could be mistaken for media",
-                    "pick a marker the tokenizer does not know",
-                )
-            )
-    # placeholder ids may lie past the embedding table: they are replaced before the lookup
-    marks = {vocab.get(plan.spec.placeholder(m)) for m in plan.spec.encoders}
-    past = [i for i in range(plan.backbone_facts.vocab_size if plan.backbone_facts else 0, len(plan.tokenizer))
-            if i not in marks]
-    if plan.backbone_facts is not None and past:
-        problems.append(
-            Problem(
-                "backbone",
-                f"tokenizer has {len(plan.tokenizer)} tokens > the model's vocabulary "
-                f"size {plan.backbone_facts.vocab_size}",
-                "raise the backbone's vocab_size to at least the tokenizer size",
-            )
-        )
-
-
-def check_stages(plan: Plan, problems: list[Problem]) -> None:
-    spec = plan.spec
-    for dup, times in Counter(s.name for s in spec.stages).items():
-        if times > 1:
-            problems.append(
-                Problem("stages", f"stage name {dup!r} is used {times} times", "give each stage its own name")
-            )
-    slots = {
-        "encoders": spec.encoders,
-        "projectors": spec.projectors,
-        "backbone": {},
-        "injectors": spec.injectors,
-        "signal_tokens": {},
-        "output_projectors": spec.output_projectors,
-        "generators": spec.generators,
-    }
-    for i, st in enumerate(spec.stages):
-        for key, regime in st.train.items():
-            head, _, slot = key.partition(".")
-            if head == "signal_tokens" and not spec.generators:
-                problems.append(
-                    Problem(
-                        f"stages[{i}].train.{key}",
-                        "this model has no signal tokens (no generators)",
-                        "remove it, or add output_projectors and generators",
-                    )
-                )
-            if head == "signal_tokens" and isinstance(regime, LoraRegime):
-                problems.append(
-                    Problem(
-                        f"stages[{i}].train.{key}",
-                        "signal tokens are embedding rows, not layers",
-                        "use signal_tokens: full",
-                    )
-                )
-            if slot and slot not in slots[head]:
-                problems.append(
-                    Problem(
-                        f"stages[{i}].train.{key}",
-                        f"there is no {head} slot {slot!r}",
-                        f"slots: {', '.join(slots[head]) or '(none)'}",
-                    )
-                )
-            if isinstance(regime, LoraRegime) and head not in ("backbone", "encoders"):
-                problems.append(
-                    Problem(
-                        f"stages[{i}].train.{key}",
-                        "LoRA is for the backbone or encoders",
-                        "train projectors with `full`",
-                    )
-                )
-            if (
-                head == "backbone"
-                and regime == "full"
-                and getattr(plan.backbone.config if plan.backbone else None, "quantize", None)
-            ):
-                problems.append(
-                    Problem(
-                        f"stages[{i}].train.{key}",
-                        f"the backbone is quantized "
-                        f"({plan.backbone.config.quantize}); 4-bit weights cannot be trained in full",
-                        "use backbone: {lora: {r: 16}} (QLoRA), or remove backbone.quantize",
-                    )
-                )
-        if not any(r != "frozen" for r in st.train.values()):
-            problems.append(
-                Problem(
-                    f"stages[{i}].train",
-                    f"stage {st.name!r} trains nothing",
-                    "set e.g. train: {projectors: full} or backbone: {lora: {r: 8}}",
-                )
-            )
-    assert set(slots) == set(PART_KEYS)

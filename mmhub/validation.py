@@ -22,8 +22,6 @@ from mmhub.cross_checks import (
     check_injectors,
     check_output_side,
     check_projectors,
-    check_stages,
-    check_template,
     describe_slot,
     hint,
 )
@@ -41,6 +39,7 @@ from mmhub.interfaces import (
 from mmhub.memory_check import check_memory
 from mmhub.registry import ComponentInfo, Registry, get_registry
 from mmhub.spec import Spec, problems_from_validation
+from mmhub.stage_checks import check_stages, check_template
 from mmhub.xformers_probe import xformers_status
 
 
