@@ -47,11 +47,7 @@ def splice(input_ids: torch.Tensor, text_embeds: torch.Tensor, attention_mask: t
     restart at 0 for each segment.
     """
     if segment_ids is not None:
-        prev, nxt = segment_ids[:, :-1], segment_ids[:, 1:]
-        backwards = ((prev >= 0) & (nxt >= 0) & (nxt < prev)) | ((prev < 0) & (nxt >= 0))
-        if padding_side != "right" or bool(backwards.any()):
-            raise InputError("packed rows (segment_ids) must be right padded, each sample one run of its id in "
-                             "increasing order (0, 1, 2..) and -1 only on the padding at the end")
+        _check_packed(segment_ids, padding_side)
     B, _, H = text_embeds.shape  # (B, L, H)
     masks = masks or {}
     lens, is_media = _spans(input_ids, media, names, masks)
@@ -77,27 +73,43 @@ def splice(input_ids: torch.Tensor, text_embeds: torch.Tensor, attention_mask: t
         out_labels[b, pos] = labels[b, t]
 
     for ph_id, feats in media.items():
-        b, t = (input_ids == ph_id).nonzero(as_tuple=True)  # row-major = item order
-        if b.numel() == 0:
-            continue
-        T = feats.shape[1]
-        keep = masks[ph_id].to(feats.device) if ph_id in masks else None
-        offset = torch.arange(T, device=starts.device).expand(len(b), T) if keep is None else keep.long().cumsum(1) - 1
-        pos = starts[b, t][:, None] + offset  # (N, T)
-        rows, cols = b[:, None].expand(-1, T), t[:, None].expand(-1, T)
-        values = feats.to(out.dtype)
-        if keep is not None:  # padded items: only their real tokens
-            pos, rows, cols, values = pos[keep], rows[keep], cols[keep], values[keep]
-        out[rows, pos] = values
-        out_mask[rows, pos] = attention_mask[rows, cols]
-        origin[rows, pos] = cols
-        media_positions[rows, pos] = True
+        _place_media(input_ids, ph_id, feats, masks.get(ph_id), starts, attention_mask,
+                     out, out_mask, origin, media_positions)
 
     seg = None
     if segment_ids is not None:
         seg = segment_ids.to(origin.device).gather(1, origin.clamp(min=0)).masked_fill(origin < 0, -1)
     position_ids = (out_mask.long().cumsum(1) - 1).clamp(min=0) if seg is None else segment_positions(seg)
     return Spliced(out, out_mask, position_ids, out_labels, origin, media_positions, seg)
+
+
+def _check_packed(segment_ids: torch.Tensor, padding_side: str) -> None:
+    prev, nxt = segment_ids[:, :-1], segment_ids[:, 1:]
+    backwards = ((prev >= 0) & (nxt >= 0) & (nxt < prev)) | ((prev < 0) & (nxt >= 0))
+    if padding_side != "right" or bool(backwards.any()):
+        raise InputError("packed rows (segment_ids) must be right padded, each sample one run of its id in "
+                         "increasing order (0, 1, 2..) and -1 only on the padding at the end")
+
+
+def _place_media(input_ids: torch.Tensor, ph_id: int, feats: torch.Tensor, keep: torch.Tensor | None,
+                 starts: torch.Tensor, attention_mask: torch.Tensor, out: torch.Tensor, out_mask: torch.Tensor,
+                 origin: torch.Tensor, media_positions: torch.Tensor) -> None:
+    """Write one modality's items (N, T, H) at their placeholders' spans (`keep` (N, T): only the True tokens)."""
+    b, t = (input_ids == ph_id).nonzero(as_tuple=True)  # row-major = item order
+    if b.numel() == 0:
+        return
+    T = feats.shape[1]
+    keep = keep.to(feats.device) if keep is not None else None
+    offset = torch.arange(T, device=starts.device).expand(len(b), T) if keep is None else keep.long().cumsum(1) - 1
+    pos = starts[b, t][:, None] + offset  # (N, T)
+    rows, cols = b[:, None].expand(-1, T), t[:, None].expand(-1, T)
+    values = feats.to(out.dtype)
+    if keep is not None:  # padded items: only their real tokens
+        pos, rows, cols, values = pos[keep], rows[keep], cols[keep], values[keep]
+    out[rows, pos] = values
+    out_mask[rows, pos] = attention_mask[rows, cols]
+    origin[rows, pos] = cols
+    media_positions[rows, pos] = True
 
 
 def _spans(input_ids: torch.Tensor, media: dict[int, torch.Tensor], names: dict[int, str] | None,

@@ -53,22 +53,13 @@ def create_app(engine: Engine, settings: ServerSettings) -> Any:
     started = int(time.time())
     max_body = int((settings.limits.max_image_mb * settings.limits.max_images * 1.4 + 4) * 1e6)
 
-    def error(e: APIError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
-        return JSONResponse(e.body(), status_code=e.status, headers=headers)
-
     def check_key(request: HTTPRequest) -> None:
-        if settings.api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        token = given[7:] if given.lower().startswith("bearer ") else ""
-        if not token or not secrets.compare_digest(token.encode(), settings.api_key.encode()):
-            raise APIError("missing or wrong API key: send 'Authorization: Bearer KEY' with the server's --api-key",
-                           401, "authentication_error", code="invalid_api_key")
+        _check_key(request, settings.api_key)
 
     @app.exception_handler(APIError)
     async def _api_error(_: HTTPRequest, exc: APIError) -> JSONResponse:
-        return error(exc)
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -104,6 +95,17 @@ def create_app(engine: Engine, settings: ServerSettings) -> Any:
         return await _complete(job, queue, rid, created, settings.model_name, request)
 
     return app
+
+
+def _check_key(request: Any, api_key: str | None) -> None:
+    """With ``--api-key``: a 401 unless the request sends ``Authorization: Bearer KEY`` (compared in constant time)."""
+    if api_key is None:
+        return
+    given = request.headers.get("authorization", "")
+    token = given[7:] if given.lower().startswith("bearer ") else ""
+    if not token or not secrets.compare_digest(token.encode(), api_key.encode()):
+        raise APIError("missing or wrong API key: send 'Authorization: Bearer KEY' with the server's --api-key",
+                       401, "authentication_error", code="invalid_api_key")
 
 
 async def _body(request: Any, max_body: int) -> ChatRequest:
