@@ -353,6 +353,12 @@ def _add_model_commands(sub: Any) -> None:
     s.set_defaults(func=cmd_eval)
     from mmhub.cli_convert import add_parsers as add_convert_parsers
 
+    s = sub.add_parser("merge", help="merge models per component slot (linear, slerp, task_arithmetic, ties, dare_*)")
+    s.add_argument("config", help="a merge YAML: models, base, and per slot the method and weights (docs/merging.md)")
+    s.add_argument("--out", required=True, help="the merged model's folder (written atomically)")
+    s.add_argument("--allow-path", action="append", default=None, metavar="DIR",
+                   help="a folder the models' saved specs may read from (repeatable)")
+    s.set_defaults(func=cmd_merge)
     add_convert_parsers(sub, _trust_flag)
 
 
@@ -360,6 +366,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from mmhub.apps.demo import run
 
     return run(args)
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from mmhub.merge.config import read_config
+    from mmhub.merge.run import merge
+
+    out = merge(read_config(args.config), args.out, allow_paths=args.allow_path)
+    print(f"merged model written to {out}")
+    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

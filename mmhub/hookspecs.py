@@ -71,3 +71,9 @@ def register_eval_tasks(register):
 def register_importers(register):
     """Register checkpoint importers: ``register(ImporterClass)`` (an `mmhub.importers.Importer`; a transformers
     ``model_type`` family -> an mmhub spec plus its weight map)."""
+
+
+@hookspec
+def register_merge_methods(register):
+    """Register weight-merge methods: ``register(MergeMethodClass)`` (a `mmhub.merge.methods.MergeMethod`; the
+    tensors of several models -> one, used per slot by ``mmhub merge``)."""

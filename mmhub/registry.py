@@ -108,6 +108,8 @@ KIND_TABLE: tuple[EntryKind, ...] = (
               _plugin_class("eval task", "mmhub.evaluation.base:EvalTask")),
     EntryKind("importer", "register_importers", "importers",
               _plugin_class("importer", "mmhub.importers.base:Importer")),
+    EntryKind("merge_method", "register_merge_methods", "merge_methods",
+              _plugin_class("merge method", "mmhub.merge.methods:MergeMethod")),
 )
 ENTRY_KINDS: dict[str, EntryKind] = {k.key: k for k in KIND_TABLE}
 KINDS: tuple[str, ...] = tuple(k.key for k in KIND_TABLE if k.component)  # the component kinds
@@ -142,6 +144,10 @@ class Registry:
     @property
     def eval_tasks(self) -> dict[str, PluginClassInfo]:
         return self.entries["eval_task"]
+
+    @property
+    def merge_methods(self) -> dict[str, PluginClassInfo]:
+        return self.entries["merge_method"]
 
     # -- registration -------------------------------------------------------------
     def add_entry(self, kind: str, plugin: str, *args: Any, override: bool = False, **kwargs: Any) -> Any:
@@ -235,6 +241,10 @@ class Registry:
     def eval_task(self, name: str) -> PluginClassInfo:
         """The evaluation task registered as `name` (``easy-vqa`` finds ``easy_vqa``); close matches when unknown."""
         return self._named("eval_task", name)
+
+    def merge_method(self, name: str) -> PluginClassInfo:
+        """The merge method registered as `name` (``dare-ties`` finds ``dare_ties``); close matches when unknown."""
+        return self._named("merge_method", name)
 
     def _named(self, kind: str, name: str) -> PluginClassInfo:
         table = self.entries[kind]

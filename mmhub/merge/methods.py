@@ -1,0 +1,155 @@
+"""Merge methods: how one tensor of several models becomes one tensor, per component slot.
+
+Each method is a `MergeMethod` subclass registered through ``register_merge_methods`` (a third party adds one
+without a fork). ``merge(base, tensors, weights)`` gets the base model's tensor (None for methods that need no base),
+the models' tensors (same shape) and one weight per model. Task-vector methods work on the differences to the base
+and use peft's maintained implementations (`peft.utils.merge_utils`: TIES' trimming and sign election, DARE's random
+drop and rescale); linear and SLERP follow mergekit's definitions.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class MergeSettings(BaseModel):
+    """Settings every method accepts (unknown keys are errors)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class MergeMethod:
+    """One way to merge a tensor; subclasses set ``name``, ``Settings`` and ``needs_base`` and implement `merge`."""
+
+    name: ClassVar[str] = ""
+    Settings: ClassVar[type[MergeSettings]] = MergeSettings
+    needs_base: ClassVar[bool] = False
+    min_models: ClassVar[int] = 1
+    max_models: ClassVar[int | None] = None
+
+    def __init__(self, settings: MergeSettings) -> None:
+        self.settings = settings
+
+    def merge(self, base: torch.Tensor | None, tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Linear(MergeMethod):
+    """Weighted average of the models' tensors (divided by the weights' sum unless ``normalize: false``)."""
+
+    class Settings(MergeSettings):
+        normalize: bool = True
+
+    name = "linear"
+
+    def merge(self, base: torch.Tensor | None, tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+        out = sum(w * t.double() for w, t in zip(weights, tensors, strict=True))
+        total = sum(weights)
+        if self.settings.normalize and total != 0:
+            out = out / total
+        return out.to(tensors[0].dtype)
+
+
+class Slerp(MergeMethod):
+    """Spherical interpolation between two models' tensors at ``t`` (0: the first, 1: the second); nearly parallel
+    tensors fall back to linear interpolation, as mergekit does."""
+
+    class Settings(MergeSettings):
+        t: float = Field(0.5, ge=0.0, le=1.0)
+
+    name = "slerp"
+    min_models = max_models = 2
+
+    def merge(self, base: torch.Tensor | None, tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+        a, b = (x.double().flatten() for x in tensors)
+        t = self.settings.t
+        na, nb = a.norm(), b.norm()
+        if na == 0 or nb == 0:
+            return ((1 - t) * a + t * b).view_as(tensors[0]).to(tensors[0].dtype)
+        dot = torch.clamp((a / na) @ (b / nb), -1.0, 1.0)
+        if abs(float(dot)) > 0.9995:
+            out = (1 - t) * a + t * b
+        else:
+            omega = math.acos(float(dot))
+            s = math.sin(omega)
+            out = (math.sin((1 - t) * omega) / s) * a + (math.sin(t * omega) / s) * b
+        return out.view_as(tensors[0]).to(tensors[0].dtype)
+
+
+def _deltas(base: torch.Tensor | None, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    assert base is not None
+    return [t.double() - base.double() for t in tensors]
+
+
+class TaskArithmetic(MergeMethod):
+    """The base plus the weighted sum of the models' task vectors (model - base)."""
+
+    name = "task_arithmetic"
+    needs_base = True
+
+    def merge(self, base: torch.Tensor | None, tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+        from peft.utils.merge_utils import task_arithmetic
+
+        delta = task_arithmetic(_deltas(base, tensors), torch.tensor(weights, dtype=torch.float64))
+        return (base.double() + delta).to(base.dtype)  # type: ignore[union-attr]
+
+
+class Ties(MergeMethod):
+    """TIES-merging: each task vector keeps its top ``density`` fraction by magnitude, signs are elected per entry
+    (``majority_sign_method``), and only agreeing entries are combined; added to the base."""
+
+    class Settings(MergeSettings):
+        density: float = Field(0.5, gt=0.0, le=1.0)
+        majority_sign_method: Literal["total", "frequency"] = "total"
+
+    name = "ties"
+    needs_base = True
+
+    def merge(self, base: torch.Tensor | None, tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+        from peft.utils.merge_utils import ties
+
+        delta = ties(_deltas(base, tensors), torch.tensor(weights, dtype=torch.float64), self.settings.density,
+                     self.settings.majority_sign_method)
+        return (base.double() + delta).to(base.dtype)  # type: ignore[union-attr]
+
+
+class _Dare(MergeMethod):
+    class Settings(MergeSettings):
+        density: float = Field(0.5, gt=0.0, le=1.0)
+
+    needs_base = True
+    combine: ClassVar[str] = ""
+
+    def merge(self, base: torch.Tensor | None, tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+        from peft.utils import merge_utils
+
+        fn = getattr(merge_utils, self.combine)
+        delta = fn(_deltas(base, tensors), torch.tensor(weights, dtype=torch.float64), self.settings.density)
+        return (base.double() + delta).to(base.dtype)  # type: ignore[union-attr]
+
+
+class DareLinear(_Dare):
+    """DARE: each task vector's entries dropped at random with probability 1 - ``density`` and the rest rescaled by
+    1 / density, then summed with the weights; added to the base (the run's ``seed`` fixes the drops)."""
+
+    name = "dare_linear"
+    combine = "dare_linear"
+
+
+class DareTies(_Dare):
+    """DARE's random drop and rescale, then TIES' sign election; added to the base."""
+
+    name = "dare_ties"
+    combine = "dare_ties"
+
+
+BUILTIN: tuple[type[MergeMethod], ...] = (Linear, Slerp, TaskArithmetic, Ties, DareLinear, DareTies)
+
+
+def method_settings(cls: type[MergeMethod], params: dict[str, Any]) -> MergeSettings:
+    """Validate `params` against the method's settings (pydantic's error lists every bad key)."""
+    return cls.Settings.model_validate(params)

@@ -1,0 +1,140 @@
+"""`merge`: load the models, check that every merged slot lines up (pre-flight), merge tensor by tensor, save.
+
+Pre-flight lists every problem at once, each with the slot, both sides and the fix, before any tensor is merged
+or anything written: an unknown slot, model or method, bad method settings or model counts, a slot whose component
+type differs between models, a tensor missing or of another shape, tokenizers or signal tokens that
+differ. The merged model is the base with its merged slots' tensors replaced; it is saved self-contained
+(``full=True``: merged weights are no longer the weight sources'), atomically, so a failure writes nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+
+from mmhub.errors import MMHubError
+from mmhub.merge.config import MergeConfig, SlotMerge
+from mmhub.merge.methods import MergeMethod
+from mmhub.regimes import slots as model_slots
+from mmhub.registry import Registry, get_registry
+
+
+def _component_type(model: Any, slot: str) -> str:
+    """The registered component type of `slot` (its module's ``name``); shapes are compared tensor by tensor."""
+    module = dict(model_slots(model))[slot]
+    return str(getattr(module, "name", type(module).__name__))
+
+
+def _weights(cfg: MergeConfig, sm: SlotMerge, cls: type[MergeMethod]) -> dict[str, float]:
+    if sm.weights is not None:
+        return dict(sm.weights)
+    return {n: 1.0 for n in cfg.models if n != cfg.base or not cls.needs_base}
+
+
+def preflight(cfg: MergeConfig, models: dict[str, Any], registry: Registry) -> dict[str, tuple[MergeMethod, dict]]:
+    """Every problem of the merge, raised together; returns per slot (method instance, weights by model)."""
+    problems: list[str] = []
+    plan: dict[str, tuple[MergeMethod, dict]] = {}
+    base = models[cfg.base]
+    base_slots = dict(model_slots(base))
+    for name, m in models.items():
+        if m.tokenizer.get_vocab() != base.tokenizer.get_vocab():
+            problems.append(f"models.{name}: its tokenizer differs from the base's ({len(m.tokenizer)} vs "
+                            f"{len(base.tokenizer)} tokens); merge models that share one tokenizer")
+        sig, bsig = getattr(m, "signal_tokens", None), getattr(base, "signal_tokens", None)
+        if (sig is None) != (bsig is None) or (sig is not None and sig.ids.tolist() != bsig.ids.tolist()):
+            problems.append(f"models.{name}: its signal tokens differ from the base's; merge models with the same "
+                            "output side")
+    for slot, sm in cfg.slots.items():
+        where = f"slots.{slot}"
+        if slot not in base_slots:
+            problems.append(f"{where}: the base has no slot {slot!r} (slots: {', '.join(base_slots)})")
+            continue
+        try:
+            cls = registry.merge_method(sm.method).cls
+            method = cls(cls.Settings.model_validate(sm.params))
+        except ValidationError as exc:
+            bad = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            problems.append(f"{where}: {sm.method}'s settings: {bad}")
+            continue
+        except MMHubError as exc:  # an unknown method: the message lists the registered ones
+            problems.append(f"{where}: {exc}")
+            continue
+        weights = _weights(cfg, sm, cls)
+        unknown = [n for n in weights if n not in models]
+        if unknown:
+            problems.append(f"{where}: weights name {unknown}, which are not among models ({', '.join(models)})")
+            continue
+        n = len(weights)
+        if n < cls.min_models or (cls.max_models is not None and n > cls.max_models):
+            want = cls.min_models if cls.max_models == cls.min_models else f"at least {cls.min_models}"
+            problems.append(f"{where}: {sm.method} merges {want} model(s), the weights name {n}")
+            continue
+        problems.extend(_slot_problems(where, slot, base, {k: models[k] for k in weights}, cfg.base))
+        plan[slot] = (method, weights)
+    if problems:
+        listed = "\n".join(f"  - {p}" for p in problems)
+        raise MMHubError(f"the merge cannot run: {len(problems)} problem(s):\n{listed}")
+    return plan
+
+
+def _slot_problems(where: str, slot: str, base: Any, others: dict[str, Any], base_name: str) -> list[str]:
+    problems = []
+    want = dict(model_slots(base))[slot].state_dict()
+    for name, m in others.items():
+        mine = dict(model_slots(m)).get(slot)
+        if mine is None:
+            problems.append(f"{where}: model {name} has no slot {slot!r}")
+            continue
+        mine_type, base_type = _component_type(m, slot), _component_type(base, slot)
+        if mine_type != base_type:
+            problems.append(f"{where}: model {name}'s component is {mine_type!r} but {base_name}'s is {base_type!r}; "
+                            "merge slots of the same component type")
+            continue
+        have = mine.state_dict()
+        for key, t in want.items():
+            if key not in have:
+                problems.append(f"{where}: model {name} lacks tensor {key}")
+            elif tuple(have[key].shape) != tuple(t.shape):
+                problems.append(f"{where}: tensor {key} is {tuple(have[key].shape)} in {name} but "
+                                f"{tuple(t.shape)} in {base_name}")
+    return problems
+
+
+@torch.no_grad()
+def merge_models(cfg: MergeConfig, models: dict[str, Any], registry: Registry | None = None) -> Any:
+    """The base model with every configured slot merged (in place); pre-flight first."""
+    plan = preflight(cfg, models, registry or get_registry())
+    base = models[cfg.base]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        for slot, (method, weights) in plan.items():
+            target = dict(model_slots(base))[slot].state_dict()
+            sources = {n: dict(model_slots(models[n]))[slot].state_dict() for n in weights}
+            for key, t in target.items():
+                if not t.is_floating_point():
+                    continue  # integer buffers (positions, counters) stay the base's
+                merged = method.merge(t if method.needs_base else None, [sources[n][key] for n in weights],
+                                      list(weights.values()))
+                t.copy_(merged)
+    return base
+
+
+def merge(config: MergeConfig, out: str | Path, allow_paths: list[str | Path] | None = None,
+          registry: Registry | None = None) -> Path:
+    """Load the config's models, merge, and save the result to `out` (atomically); returns the folder."""
+    from mmhub.loading import load
+
+    models = {}
+    for name, ref in config.models.items():
+        try:
+            models[name] = load(ref, allow_paths=allow_paths)
+        except MMHubError as exc:
+            raise MMHubError(f"models.{name}: {ref} cannot be loaded: {exc}") from None
+    if config.base not in models:
+        raise MMHubError(f"base: {config.base!r} is not among models ({', '.join(models)})")
+    merged = merge_models(config, models, registry)
+    return merged.save_pretrained(out, full=True)

@@ -1,0 +1,144 @@
+"""`mmhub merge`: the methods against their definitions, per-slot merges of saved models, pre-flight, the hook."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import mmhub
+from mmhub import hookimpl
+from mmhub.errors import MMHubError
+from mmhub.merge import methods as M
+from mmhub.merge.config import MergeConfig, read_config
+from mmhub.merge.run import merge, merge_models
+from mmhub.registry import build_registry
+
+from conftest import TINY_SPEC
+
+
+def _m(cls: type[M.MergeMethod], **settings) -> M.MergeMethod:
+    return cls(cls.Settings(**settings))
+
+
+def test_linear_is_the_weighted_mean_and_slerp_follows_the_great_circle() -> None:
+    a, b = torch.tensor([1.0, 0.0, 2.0]), torch.tensor([3.0, 4.0, 0.0])
+    assert torch.allclose(_m(M.Linear).merge(None, [a, b], [1.0, 3.0]), (a + 3 * b) / 4)
+    assert torch.allclose(_m(M.Linear, normalize=False).merge(None, [a, b], [1.0, 3.0]), a + 3 * b)
+    x, y = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])  # 90 degrees apart
+    for t in (0.0, 0.3, 1.0):
+        want = (math.sin((1 - t) * math.pi / 2) * x + math.sin(t * math.pi / 2) * y) / math.sin(math.pi / 2)
+        assert torch.allclose(_m(M.Slerp, t=t).merge(None, [x, y], [1, 1]), want, atol=1e-6)
+    assert torch.allclose(_m(M.Slerp, t=0.25).merge(None, [x, 2 * x], [1, 1]), 1.25 * x)  # parallel: linear
+
+
+def test_task_vector_methods_add_to_the_base() -> None:
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(64, generator=g)
+    models = [base + torch.randn(64, generator=g) for _ in range(3)]
+    w = [0.5, 1.0, 0.25]
+    want = base + sum(wi * (m - base) for wi, m in zip(w, models, strict=True))
+    assert torch.allclose(_m(M.TaskArithmetic).merge(base, models, w), want, atol=1e-6)
+    torch.manual_seed(1)
+    assert torch.allclose(_m(M.DareLinear, density=1.0).merge(base, models, w), want, atol=1e-6)  # nothing dropped
+    ties = _m(M.Ties, density=0.25).merge(base, models, w)
+    delta = ties - base
+    kept = [(m - base).abs() >= (m - base).abs().kthvalue(48).values for m in models]  # top 25% per task vector
+    assert bool((delta[~torch.stack(kept).any(0)] == 0).all())  # entries no task vector kept stay the base's
+    torch.manual_seed(3)
+    one = _m(M.DareTies, density=0.5).merge(base, models, w)
+    torch.manual_seed(3)
+    assert torch.equal(one, _m(M.DareTies, density=0.5).merge(base, models, w))  # the seed fixes the drops
+
+
+def _saved(tmp_path: Path, name: str, seed: int, **changes) -> Path:
+    spec = copy.deepcopy(TINY_SPEC)
+    spec["seed"] = seed
+    for k, v in changes.items():
+        spec["projectors"]["image"][k] = v
+    out = tmp_path / name
+    mmhub.build(spec).save_pretrained(out)
+    return out
+
+
+def _config(tmp_path: Path, models: dict[str, Path], slots: dict, base: str = "a") -> Path:
+    path = tmp_path / "merge.yaml"
+    path.write_text(yaml.safe_dump({"models": {k: str(v) for k, v in models.items()}, "base": base, "slots": slots}))
+    return path
+
+
+def test_a_merged_slot_is_the_methods_result_and_other_slots_are_the_bases(tmp_path: Path) -> None:
+    a, b = _saved(tmp_path, "a", 0), _saved(tmp_path, "b", 1)
+    cfg = _config(tmp_path, {"a": a, "b": b}, {"projectors.image": {"method": "linear", "weights": {"a": 1, "b": 3}}})
+    out = merge(read_config(cfg), tmp_path / "merged")
+    ma, mb, got = mmhub.load(a), mmhub.load(b), mmhub.load(out)
+    for k, v in got.projectors["image"].state_dict().items():
+        want = (ma.projectors["image"].state_dict()[k] + 3 * mb.projectors["image"].state_dict()[k]) / 4
+        assert torch.allclose(v, want, atol=1e-6), k
+    for k, v in got.backbone.state_dict().items():
+        assert torch.equal(v, ma.backbone.state_dict()[k]), k
+    assert not torch.equal(got.projectors["image"].state_dict()["net.0.weight"],
+                           ma.projectors["image"].state_dict()["net.0.weight"])
+
+
+def test_preflight_lists_every_problem_and_writes_nothing(tmp_path: Path) -> None:
+    a, deep = _saved(tmp_path, "a", 0), _saved(tmp_path, "deep", 1, hidden_dim=24)
+    cfg = MergeConfig.model_validate({"models": {"a": str(a), "deep": str(deep)}, "base": "a", "slots": {
+        "projectors.image": {"method": "linear"},
+        "projectors.audio": {"method": "linear"},
+        "backbone": {"method": "slerp", "t": 2.0},
+        "encoders.image": {"method": "tiez"},
+    }})
+    with pytest.raises(MMHubError) as exc:
+        merge(cfg, tmp_path / "out")
+    text = str(exc.value)
+    assert "6 problem(s)" in text  # three tensors of the projector, and one each for the other slots
+    assert "slots.projectors.image: tensor net.0.weight is (24, 32) in deep but (48, 32) in a" in text
+    assert "slots.projectors.image: tensor net.2.weight is (48, 24) in deep but (48, 48) in a" in text
+    assert "slots.projectors.audio: the base has no slot 'projectors.audio'" in text
+    assert "slots.backbone: slerp's settings: t: Input should be less than or equal to 1" in text
+    assert "slots.encoders.image: no merge method named 'tiez'" in text and "Did you mean 'ties'" in text
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_config_file_names_every_problem(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models: {}\nslots: {backbone: {weights: {a: x}}}\n")
+    with pytest.raises(MMHubError) as exc:
+        read_config(bad)
+    text = str(exc.value)
+    assert "bad.yaml: 4 problem(s) in the merge config" in text
+    for where in ("models: Dictionary should have at least 1 item", "base: Field required",
+                  "slots.backbone.method: Field required", "slots.backbone.weights.a: Input should be a valid number"):
+        assert where in text, where
+
+
+def test_hook_register_merge_methods(tmp_path: Path) -> None:
+    """A plugin's merge method is used by name in a merge config."""
+
+    class TakeMax(M.MergeMethod):
+        """Entry-wise maximum of the models' tensors."""
+
+        name = "take_max"
+
+        def merge(self, base, tensors, weights):
+            return torch.stack(tensors).amax(0)
+
+    class Plugin:
+        @hookimpl
+        def register_merge_methods(self, register):
+            register(TakeMax)
+
+    reg = build_registry(extra=[("maxplugin", Plugin())])
+    assert reg.merge_method("take-max").cls is TakeMax
+    ma, mb = mmhub.load(_saved(tmp_path, "a", 0)), mmhub.load(_saved(tmp_path, "b", 1))
+    pa = {k: v.clone() for k, v in ma.projectors["image"].state_dict().items()}
+    slots = {"projectors.image": {"method": "take_max", "weights": {"a": 1, "b": 1}}}
+    cfg = MergeConfig.model_validate({"models": {"a": "a", "b": "b"}, "base": "a", "slots": slots})
+    got = merge_models(cfg, {"a": ma, "b": mb}, reg)
+    for k, v in got.projectors["image"].state_dict().items():
+        assert torch.equal(v, torch.maximum(pa[k], mb.projectors["image"].state_dict()[k])), k
