@@ -359,6 +359,15 @@ def _add_model_commands(sub: Any) -> None:
     s.add_argument("--allow-path", action="append", default=None, metavar="DIR",
                    help="a folder the models' saved specs may read from (repeatable)")
     s.set_defaults(func=cmd_merge)
+    s = sub.add_parser("transplant", help="put a model's encoders and projectors onto another backbone of its family")
+    s.add_argument("source", help="the model whose encoders, projectors and output side are kept")
+    s.add_argument("--backbone", required=True, help="the model whose backbone replaces the source's")
+    s.add_argument("--out", required=True, help="the result's folder (written atomically)")
+    s.add_argument("--min-cosine", type=float, default=0.5,
+                   help="refuse below this mean cosine of the shared tokens' input embeddings (default 0.5)")
+    s.add_argument("--force", action="store_true", help="transplant even below --min-cosine")
+    s.add_argument("--allow-path", action="append", default=None, metavar="DIR")
+    s.set_defaults(func=cmd_transplant)
     add_convert_parsers(sub, _trust_flag)
 
 
@@ -374,6 +383,16 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     out = merge(read_config(args.config), args.out, allow_paths=args.allow_path)
     print(f"merged model written to {out}")
+    return 0
+
+
+def cmd_transplant(args: argparse.Namespace) -> int:
+    from mmhub.merge.transplant import transplant_folders
+
+    out, agreement = transplant_folders(args.source, args.backbone, args.out, args.min_cosine, args.force,
+                                        args.allow_path)
+    print(f"input embeddings: mean cosine {agreement.mean_cosine:.3f} (worst {agreement.min_cosine:.3f}) over "
+          f"{agreement.shared_tokens} shared tokens; transplanted model written to {out}")
     return 0
 
 

@@ -142,3 +142,47 @@ def test_hook_register_merge_methods(tmp_path: Path) -> None:
     got = merge_models(cfg, {"a": ma, "b": mb}, reg)
     for k, v in got.projectors["image"].state_dict().items():
         assert torch.equal(v, torch.maximum(pa[k], mb.projectors["image"].state_dict()[k])), k
+
+
+def test_transplant_measures_the_embedding_spaces_and_refuses_an_unrelated_backbone(tmp_path: Path, capsys) -> None:
+    """A fine-tune of the same LLM (small changes) is accepted with its cosine printed; an unrelated LLM of the same
+    shape is refused with the number unless forced; the result keeps the source's projector and takes the
+    target's backbone."""
+    from mmhub.cli import main
+
+    src = _saved(tmp_path, "src", 0)
+    tuned = mmhub.load(src)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in tuned.backbone.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g))
+    tuned.save_pretrained(tmp_path / "tuned", full=True)
+    other = _saved(tmp_path, "other", 7)
+
+    assert main(["transplant", str(src), "--backbone", str(tmp_path / "tuned"), "--out", str(tmp_path / "t1")]) == 0
+    printed = capsys.readouterr().out
+    cosine = float(printed.split("mean cosine ")[1].split()[0])
+    rows = tuned.backbone.model.get_input_embeddings().weight.shape[0]
+    shared = sum(1 for i in tuned.tokenizer.get_vocab().values() if i < rows)  # placeholders lie past the table
+    assert cosine > 0.95 and f"{shared} shared tokens" in printed
+    got, want_proj = mmhub.load(tmp_path / "t1"), mmhub.load(src)
+    for k, v in got.backbone.state_dict().items():
+        assert torch.equal(v, tuned.backbone.state_dict()[k]), k
+    for k, v in got.projectors["image"].state_dict().items():
+        assert torch.equal(v, want_proj.projectors["image"].state_dict()[k]), k
+
+    assert main(["transplant", str(src), "--backbone", str(other), "--out", str(tmp_path / "t2")]) == 2
+    err = capsys.readouterr().err
+    assert "mean cosine" in err and "below 0.5" in err and "--force" in err
+    assert not (tmp_path / "t2").exists()
+    assert main(["transplant", str(src), "--backbone", str(other), "--out", str(tmp_path / "t2"), "--force"]) == 0
+
+
+def test_transplant_refuses_another_family_with_the_tensor_and_both_shapes(tmp_path: Path) -> None:
+    from mmhub.merge.transplant import transplant
+
+    spec = copy.deepcopy(TINY_SPEC)
+    spec["backbone"]["config"] = {**spec["backbone"]["config"], "intermediate_size": 64}
+    with pytest.raises(MMHubError, match=r"backbone tensor model\.model\.layers\.0\.mlp\.gate_proj\.weight is "
+                                         r"\(96, 48\) in the source but \(64, 48\) in the target: not the same family"):
+        transplant(mmhub.build(copy.deepcopy(TINY_SPEC)), mmhub.build(spec))
