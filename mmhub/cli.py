@@ -55,6 +55,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         print(f"{title} ({len(out[key])})")
         for e in out[key]:
             print(f"  {e['name']:<16} [{e['plugin']}] {e['doc']} (settings: {', '.join(e['settings'])})")
+    for key, title in (("importers", "importers"), ("merge_methods", "merge methods")):
+        print(f"{title} ({len(out[key])}): {', '.join(e['name'] for e in out[key])}")
     loaded = (f"{p['name']} ({p['dist']} {p['version']})".replace(" )", ")") for p in out["plugins"])
     print("plugins loaded: " + ", ".join(loaded))
     if out["disabled"]:

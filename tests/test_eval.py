@@ -249,6 +249,8 @@ def test_plugins_lists_datasets_and_eval_tasks(capsys) -> None:
     assert main(["plugins"]) == 0
     text = capsys.readouterr().out
     assert "datasets (" in text and "eval tasks (5)" in text and "easy_vqa" in text
+    assert "merge methods (6): dare_linear, dare_ties, linear, slerp, task_arithmetic, ties" in text
+    assert "importers (" in text and "llava_next" in text
 
 
 def test_the_reference_answer_never_reaches_the_model() -> None:

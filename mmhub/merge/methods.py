@@ -99,8 +99,10 @@ class TaskArithmetic(MergeMethod):
 
 
 class Ties(MergeMethod):
-    """TIES-merging: each task vector keeps its top ``density`` fraction by magnitude, signs are elected per entry
-    (``majority_sign_method``), and only agreeing entries are combined; added to the base."""
+    """TIES-merging of the task vectors (trim to the top ``density``, elect signs, merge agreeing entries) + base.
+
+    Each task vector keeps its top ``density`` fraction by magnitude, signs are elected per entry
+    (``majority_sign_method``), and only the entries agreeing with the elected sign are combined."""
 
     class Settings(MergeSettings):
         density: float = Field(0.5, gt=0.0, le=1.0)
@@ -133,8 +135,10 @@ class _Dare(MergeMethod):
 
 
 class DareLinear(_Dare):
-    """DARE: each task vector's entries dropped at random with probability 1 - ``density`` and the rest rescaled by
-    1 / density, then summed with the weights; added to the base (the run's ``seed`` fixes the drops)."""
+    """DARE: task vectors randomly thinned to ``density`` and rescaled, then summed with the weights, + base.
+
+    Each entry is dropped with probability 1 - ``density`` and the rest multiplied by 1 / ``density``; the run's
+    ``seed`` fixes the drops."""
 
     name = "dare_linear"
     combine = "dare_linear"
