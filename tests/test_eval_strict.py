@@ -4,6 +4,7 @@ image at all)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -20,17 +21,10 @@ from mmhub.data.easy_vqa import PALETTE, SOURCE, facts_from_pixels
 from mmhub.errors import WeightsNotFoundError
 from mmhub.evaluation import easy_vqa, exact_match, get_task, score
 
-from conftest import TINY_LLAMA
+from conftest import TINY_SPEC
 
-SPEC = {
-    "name": "eval-strict-tiny",
-    "encoders": {"image": {"type": "open_clip", "arch": None, "embed_dim": 32,
-                           "vision_cfg": {"image_size": 32, "patch_size": 8, "layers": 2, "width": 32,
-                                          "head_width": 16}}},
-    "projectors": {"image": {"type": "mlp", "depth": 2}},
-    "backbone": {"type": "hf_causal_lm", "config": TINY_LLAMA, "tokenizer": "byte"},
-    "template": "chatml",
-}
+# conftest's tiny LLaVA spec without its training stages
+SPEC = {**{k: v for k, v in copy.deepcopy(TINY_SPEC).items() if k != "stages"}, "name": "eval-strict-tiny"}
 
 
 def _easy_vqa_here() -> bool:
