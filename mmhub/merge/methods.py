@@ -85,6 +85,12 @@ def _deltas(base: torch.Tensor | None, tensors: list[torch.Tensor]) -> list[torc
     return [t.double() - base.double() for t in tensors]
 
 
+def _plus_base(base: torch.Tensor | None, delta: torch.Tensor) -> torch.Tensor:
+    """The merged task vector added back to the base, in the base's dtype."""
+    assert base is not None
+    return (base.double() + delta).to(base.dtype)
+
+
 class TaskArithmetic(MergeMethod):
     """The base plus the weighted sum of the models' task vectors (model - base)."""
 
@@ -95,7 +101,7 @@ class TaskArithmetic(MergeMethod):
         from peft.utils.merge_utils import task_arithmetic
 
         delta = task_arithmetic(_deltas(base, tensors), torch.tensor(weights, dtype=torch.float64))
-        return (base.double() + delta).to(base.dtype)  # type: ignore[union-attr]
+        return _plus_base(base, delta)
 
 
 class Ties(MergeMethod):
@@ -116,7 +122,7 @@ class Ties(MergeMethod):
 
         delta = ties(_deltas(base, tensors), torch.tensor(weights, dtype=torch.float64), self.settings.density,
                      self.settings.majority_sign_method)
-        return (base.double() + delta).to(base.dtype)  # type: ignore[union-attr]
+        return _plus_base(base, delta)
 
 
 class _Dare(MergeMethod):
@@ -131,7 +137,7 @@ class _Dare(MergeMethod):
 
         fn = getattr(merge_utils, self.combine)
         delta = fn(_deltas(base, tensors), torch.tensor(weights, dtype=torch.float64), self.settings.density)
-        return (base.double() + delta).to(base.dtype)  # type: ignore[union-attr]
+        return _plus_base(base, delta)
 
 
 class DareLinear(_Dare):

@@ -22,10 +22,14 @@ from mmhub.regimes import slots as model_slots
 from mmhub.registry import Registry, get_registry
 
 
-def _component_type(model: Any, slot: str) -> str:
-    """The registered component type of `slot` (its module's ``name``); shapes are compared tensor by tensor."""
-    module = dict(model_slots(model))[slot]
+def _component_type(module: Any) -> str:
+    """A slot module's registered component type (its ``name``); shapes are compared tensor by tensor."""
     return str(getattr(module, "name", type(module).__name__))
+
+
+def _slot_maps(models: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each model's slot path -> component module, listed once."""
+    return {name: dict(model_slots(m)) for name, m in models.items()}
 
 
 def _weights(cfg: MergeConfig, sm: SlotMerge, cls: type[MergeMethod]) -> dict[str, float]:
@@ -34,12 +38,14 @@ def _weights(cfg: MergeConfig, sm: SlotMerge, cls: type[MergeMethod]) -> dict[st
     return {n: 1.0 for n in cfg.models if n != cfg.base or not cls.needs_base}
 
 
-def preflight(cfg: MergeConfig, models: dict[str, Any], registry: Registry) -> dict[str, tuple[MergeMethod, dict]]:
+def preflight(cfg: MergeConfig, models: dict[str, Any], registry: Registry,
+              slot_maps: dict[str, dict[str, Any]] | None = None) -> dict[str, tuple[MergeMethod, dict]]:
     """Every problem of the merge, raised together; returns per slot (method instance, weights by model)."""
     problems: list[str] = []
     plan: dict[str, tuple[MergeMethod, dict]] = {}
     base = models[cfg.base]
-    base_slots = dict(model_slots(base))
+    slot_maps = slot_maps or _slot_maps(models)
+    base_slots = slot_maps[cfg.base]
     for name, m in models.items():
         if m.tokenizer.get_vocab() != base.tokenizer.get_vocab():
             problems.append(f"models.{name}: its tokenizer differs from the base's ({len(m.tokenizer)} vs "
@@ -73,7 +79,7 @@ def preflight(cfg: MergeConfig, models: dict[str, Any], registry: Registry) -> d
             want = cls.min_models if cls.max_models == cls.min_models else f"at least {cls.min_models}"
             problems.append(f"{where}: {sm.method} merges {want} model(s), the weights name {n}")
             continue
-        problems.extend(_slot_problems(where, slot, base, {k: models[k] for k in weights}, cfg.base))
+        problems.extend(_slot_problems(where, slot, slot_maps, list(weights), cfg.base))
         plan[slot] = (method, weights)
     if problems:
         listed = "\n".join(f"  - {p}" for p in problems)
@@ -81,15 +87,17 @@ def preflight(cfg: MergeConfig, models: dict[str, Any], registry: Registry) -> d
     return plan
 
 
-def _slot_problems(where: str, slot: str, base: Any, others: dict[str, Any], base_name: str) -> list[str]:
+def _slot_problems(where: str, slot: str, slot_maps: dict[str, dict[str, Any]], names: list[str],
+                   base_name: str) -> list[str]:
     problems = []
-    want = dict(model_slots(base))[slot].state_dict()
-    for name, m in others.items():
-        mine = dict(model_slots(m)).get(slot)
+    base_module = slot_maps[base_name][slot]
+    want = base_module.state_dict()
+    for name in names:
+        mine = slot_maps[name].get(slot)
         if mine is None:
             problems.append(f"{where}: model {name} has no slot {slot!r}")
             continue
-        mine_type, base_type = _component_type(m, slot), _component_type(base, slot)
+        mine_type, base_type = _component_type(mine), _component_type(base_module)
         if mine_type != base_type:
             problems.append(f"{where}: model {name}'s component is {mine_type!r} but {base_name}'s is {base_type!r}; "
                             "merge slots of the same component type")
@@ -107,20 +115,20 @@ def _slot_problems(where: str, slot: str, base: Any, others: dict[str, Any], bas
 @torch.no_grad()
 def merge_models(cfg: MergeConfig, models: dict[str, Any], registry: Registry | None = None) -> Any:
     """The base model with every configured slot merged (in place); pre-flight first."""
-    plan = preflight(cfg, models, registry or get_registry())
-    base = models[cfg.base]
+    slot_maps = _slot_maps(models)
+    plan = preflight(cfg, models, registry or get_registry(), slot_maps)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         for slot, (method, weights) in plan.items():
-            target = dict(model_slots(base))[slot].state_dict()
-            sources = {n: dict(model_slots(models[n]))[slot].state_dict() for n in weights}
+            target = slot_maps[cfg.base][slot].state_dict()
+            sources = {n: slot_maps[n][slot].state_dict() for n in weights}
             for key, t in target.items():
                 if not t.is_floating_point():
                     continue  # integer buffers (positions, counters) stay the base's
                 merged = method.merge(t if method.needs_base else None, [sources[n][key] for n in weights],
                                       list(weights.values()))
                 t.copy_(merged)
-    return base
+    return models[cfg.base]
 
 
 def merge(config: MergeConfig, out: str | Path, allow_paths: list[str | Path] | None = None,
