@@ -65,6 +65,19 @@ class PixelDiffusionConfig(GeneratorConfig):
     pretrained: str | None = None  # a .safetensors state dict
 
 
+def outline_band(pixels: torch.Tensor, threshold: float = 0.25) -> torch.Tensor:
+    """(N, 3, H, W) pixels in [-1, 1] -> (N, 1, H, W) 1.0 on the figure's outline (a 3-pixel band), else 0.
+
+    The figure is every pixel farther than `threshold` (max over channels) from the image's background colour,
+    taken as the median of its four corner pixels; the band is the figure dilated minus the figure eroded."""
+    corners = torch.stack([pixels[..., 0, 0], pixels[..., 0, -1], pixels[..., -1, 0], pixels[..., -1, -1]], -1)
+    background = corners.median(-1).values[..., None, None]
+    figure = ((pixels - background).abs().amax(1, keepdim=True) > threshold).float()
+    dilated = F.max_pool2d(figure, 3, stride=1, padding=1)
+    eroded = -F.max_pool2d(-figure, 3, stride=1, padding=1)
+    return dilated - eroded
+
+
 def _unet(c: PixelDiffusionConfig):
     from diffusers import UNet2DConditionModel
 
@@ -201,10 +214,14 @@ class PixelDiffusionGenerator(Generator):
             return self.encode_ids(self.token_ids(list(captions)))
 
     # ---- training ----------------------------------------------------------------------------------------
-    def loss(self, pixels: torch.Tensor, ids: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def loss(self, pixels: torch.Tensor, ids: torch.Tensor, generator: torch.Generator | None = None,
+             edge_weight: float = 0.0) -> torch.Tensor:
         """Denoising loss of a batch: pixels (N, 3, image_size, image_size) in [-1, 1], caption ids (N, cond_len).
 
-        Noise and timesteps are drawn from `generator` (a CPU generator), so a seeded step is reproducible."""
+        Noise and timesteps are drawn from `generator` (a CPU generator), so a seeded step is reproducible.
+        ``edge_weight`` > 0 makes the loss shape-aware: the squared error of each pixel on the outline of the
+        picture's figure (`outline_band`) counts ``1 + edge_weight`` times, so the few pixels that tell a circle
+        from a rectangle are not drowned by the flat background and interior."""
         n = pixels.shape[0]
         sched = self.noise_scheduler
         noise = torch.randn(pixels.shape, generator=generator).to(pixels)
@@ -212,7 +229,10 @@ class PixelDiffusionGenerator(Generator):
         noisy = sched.add_noise(pixels, noise, t)
         pred = self.unet(noisy, t, encoder_hidden_states=self.encode_ids(ids)).sample
         target = noise if self.config.prediction_type == "epsilon" else sched.get_velocity(pixels, noise, t)
-        return F.mse_loss(pred, target)
+        if edge_weight <= 0:
+            return F.mse_loss(pred, target)
+        w = 1.0 + edge_weight * outline_band(pixels)
+        return ((pred - target) ** 2 * w).sum() / (w.sum() * pred.shape[1])
 
     # ---- sampling ----------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -173,7 +173,7 @@ def test_conversations_follow_up_on_the_right_image() -> None:
     kinds = collections.Counter()
     telling = 0
     for _ in range(600):
-        images, turns = conversation(pool, rng)
+        images, turns = conversation(pool, rng, ellipsis=0.4, compare=0.6)
         assert 2 <= len(turns) <= 4 and len(images) in (1, 2)
         facts = [FACTS[i] for i in images]
         kinds[len(images)] += 1
@@ -276,3 +276,39 @@ def test_real_train_split_when_present() -> None:
                     assert t["answer"] == (shape if t["question_type"] == "shape" else color), (s.id, t)
                     checked += 1
     assert len(images) > 1000 and max(images) < 4000 and checked > 100  # train image ids are 0..3999
+
+
+def test_elliptical_follow_ups_ask_the_previous_question_of_what_they_point_at() -> None:
+    """"And this one?" asks the last question of the image just shown; "What about the first picture?" of the
+    first; "And a triangle?" swaps the asked value; "And its colour?" asks the other attribute of the same image;
+    "Is this one the same colour as the first?" compares the two."""
+    rng = np.random.default_rng(11)
+    pool = ImagePool(FACTS)
+    seen = collections.Counter()
+    for _ in range(1500):
+        images, turns = conversation(pool, rng, ellipsis=0.5, compare=0.6)
+        facts = [FACTS[i] for i in images]
+        for prev, t in zip(turns, turns[1:], strict=False):
+            kind = t.construction.split("/")[0]
+            seen[kind] += 1
+            assert t.answer == truth(t.form, facts), (images, t)
+            if kind in ("ellipsis-this", "ellipsis-ref"):
+                assert t.form.image == 1 - prev.form.image and t.form.kind == prev.form.kind, (prev, t)
+                assert (t.form.shape, t.form.color, t.form.negated) == (prev.form.shape, prev.form.color,
+                                                                      prev.form.negated)
+            if kind == "ellipsis-this":
+                assert t.user.count("<image>") == 1 and t.form.image == 1
+            if kind == "ellipsis-value":
+                assert t.form.kind == prev.form.kind and t.form.image == prev.form.image
+                assert (t.form.shape, t.form.color) != (prev.form.shape, prev.form.color)
+            if kind == "ellipsis-attribute":
+                assert t.form.image == prev.form.image and t.form.question_type != prev.form.question_type
+            if kind.endswith("-this") and kind.startswith("same_"):
+                assert t.user.count("<image>") == 1 and turns.index(t) == 1
+    for kind in ("ellipsis-this", "ellipsis-ref", "ellipsis-value", "ellipsis-attribute", "same_color-this",
+                 "same_shape-this", "same_color", "same_shape"):
+        assert seen[kind] > 30, (kind, seen)
+    answers = collections.Counter(t.answer for _ in range(400)
+                                  for t in conversation(pool, rng, ellipsis=0.5, compare=0.6)[1][1:]
+                                  if t.construction.startswith(("same_", "ellipsis-value")))
+    assert 0.35 < answers["yes"] / (answers["yes"] + answers["no"]) < 0.65, answers

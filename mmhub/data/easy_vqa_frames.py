@@ -233,4 +233,34 @@ INTROS = ("Here is another {imgw}.", "Now look at this one.", "And this {imgw}:"
           "Let's look at a second {imgw}.")
 FIRST_REFS = ("the first {imgw}", "the earlier {imgw}", "the first one")
 SECOND_REFS = ("the second {imgw}", "the new {imgw}", "the latest {imgw}")
+OTHER_REFS = ("the other one", "the other {imgw}")
+# Elliptical follow-ups: the previous question asked again, with only what changes said.
+# - about the image just shown (the second image's first turn):
+ELLIPSIS_THIS = ("and this one?", "what about this one?", "same question.", "how about this {imgw}?", "and here?",
+                 "same question for this {imgw}.", "and now?", "what about now?", "and this {imgw}?",
+                 "same question, this {imgw}.")
+# - about the other image ({ref} names it):
+ELLIPSIS_REF = ("and {ref}?", "what about {ref}?", "same question for {ref}.", "how about {ref}?",
+                "and in {ref}?", "same for {ref}?", "now {ref}: same question.")
+# - the same image, another value of the asked attribute ({value}: "a triangle", "blue"):
+ELLIPSIS_VALUE = ("and {value}?", "what about {value}?", "how about {value}?", "and {value}, then?",
+                  "{value}?", "what about {value} instead?")
+# - the same image, the other attribute (after a shape question, its colour; after a colour question, its shape):
+ELLIPSIS_ATTRIBUTE = {
+    "color": ("and its {cnoun}?", "and the {cnoun}?", "what {cnoun} is it, then?", "and what {cnoun}?",
+              "which {cnoun}, though?", "its {cnoun}?"),
+    "shape": ("and its shape?", "and the shape?", "what shape is it, then?", "and which shape?",
+              "what kind of shape, though?", "its shape?"),
+}
+# Comparisons asked when the second image is shown ("this one" is the new image, "the first" the earlier one).
+COMPARE_THIS = {
+    ("same_shape", False): ("is this one the same shape as the first?",
+                            "does this {noun} have the same shape as the one before?", "same shape as before?",
+                            "is it shaped like the first one?"),
+    ("same_shape", True): ("is this one a different shape from the first?", "is this {noun} shaped differently?"),
+    ("same_color", False): ("is this one the same {cnoun} as the first?",
+                            "does this {noun} have the same {cnoun} as the previous one?", "same {cnoun} as before?",
+                            "is it {coloured} like the first one?"),
+    ("same_color", True): ("is this one a different {cnoun} from the first?", "does this {noun} differ in {cnoun}?"),
+}
 EMBED_SHARE, PREFIX_SHARE, CAPITAL_SHARE, BARE_SHARE = 0.35, 0.15, 0.6, 0.1

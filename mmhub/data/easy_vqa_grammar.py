@@ -34,7 +34,7 @@ whatever the turns could confuse.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -45,7 +45,12 @@ from mmhub.data.easy_vqa_frames import (
     CAPITAL_SHARE,
     COLOR_NOUNS,
     COLOR_WORDS,
+    COMPARE_THIS,
     CONFIRM_FRAMES,
+    ELLIPSIS_ATTRIBUTE,
+    ELLIPSIS_REF,
+    ELLIPSIS_THIS,
+    ELLIPSIS_VALUE,
     EMBED_SHARE,
     EMBEDDING_WRAPPERS,
     FIRST_REFS,
@@ -54,6 +59,7 @@ from mmhub.data.easy_vqa_frames import (
     IMAGE_WORDS,
     INTROS,
     NOUNS,
+    OTHER_REFS,
     PREFIX_SHARE,
     PREFIXES,
     SECOND_REFS,
@@ -306,49 +312,149 @@ def _follow_up(text: str, rng: np.random.Generator) -> str:
     return prefix + _lower_first(text) if prefix else text
 
 
-def conversation(pool: ImagePool, rng: np.random.Generator, max_turns: int = 4,
-                 cross_image: float = 0.5) -> tuple[list[int], list[Turn]]:
-    """2..`max_turns` turns about one image, or (share `cross_image`) about two: ``(image ids, turns)``."""
+def _say(frames: Sequence[str], rng: np.random.Generator, **slots: str) -> tuple[int, str]:
+    """One of `frames` (its index and text), filled, capitalised at random."""
+    k = int(rng.integers(len(frames)))
+    slots = {"imgw": _pick(rng, IMAGE_WORDS), "cnoun": _pick(rng, COLOR_NOUNS), "noun": _pick(rng, NOUNS)[0],
+             "coloured": _pick(rng, ("coloured", "colored"))} | slots
+    return k, _sentence(frames[k].format(**slots), rng.random() < CAPITAL_SHARE)
+
+
+def _on_other_image(form: Form, facts: Sequence[Facts]) -> Form | None:
+    """`form` asked about the other image, or None when that would not be a fair question (a what-question naming
+    a value the other image lacks, a choice whose options miss its answer, a comparison)."""
+    other = 1 - form.image
+    shape, color = facts[other]
+    if form.kind.startswith("same_"):
+        return None
+    if form.kind in ("what_shape", "what_color"):
+        if (form.shape not in (None, shape)) or (form.color not in (None, color)):
+            return None
+    if form.kind in ("choose_shape", "choose_color"):
+        truth = shape if form.kind == "choose_shape" else color
+        if truth not in form.options or form.shape not in (None, shape):
+            return None
+    return replace(form, image=other)
+
+
+def _repeat_turn(prev: Turn, facts: Sequence[Facts], images: Sequence[int], rng: np.random.Generator,
+                 shown: bool) -> Turn | None:
+    """The previous question asked again about the other image, elliptically: "And this one?" when that image was
+    just shown (`shown`), else "What about the first picture?"."""
+    form = _on_other_image(prev.form, facts)
+    if form is None:
+        return None
+    if shown:
+        k, text = _say(ELLIPSIS_THIS, rng)
+        cid = f"ellipsis-this/{k}"
+    else:
+        refs = (FIRST_REFS if form.image == 0 else SECOND_REFS) + OTHER_REFS
+        k, text = _say(ELLIPSIS_REF, rng, ref=_pick(rng, refs).format(imgw=_pick(rng, IMAGE_WORDS)))
+        cid = f"ellipsis-ref/{k}"
+    return Turn(text, answer(form, facts), form, cid, images[form.image], text)
+
+
+def _same_image_ellipsis(prev: Turn, facts: Sequence[Facts], images: Sequence[int],
+                         rng: np.random.Generator) -> Turn | None:
+    """A follow-up about the same image that says only what changes: another value of a yes/no question's
+    attribute ("And a triangle?") or the other attribute after a shape or colour question ("And its colour?")."""
+    f = prev.form
+    options = []
+    if f.kind in ("has_shape", "has_color") and not f.negated:
+        options.append("value")
+    if f.kind in ("has_shape", "what_shape", "choose_shape", "has_color", "what_color", "choose_color"):
+        options.append("attribute")
+    if not options:
+        return None
+    if _pick(rng, options) == "value":
+        shape, color = facts[f.image]
+        if f.kind == "has_shape":  # the new value is the true one half the time (when the old one was not)
+            others = [v for v in SHAPES if v != f.shape]
+            new = shape if shape in others and rng.random() < 0.5 else str(_pick(rng, others))
+            form = Form("has_shape", shape=new, image=f.image)
+            value = _a(_pick(rng, SHAPE_WORDS[new])[0])
+        else:
+            others = [v for v in COLORS if v != f.color]
+            new = color if color in others and rng.random() < 0.5 else str(_pick(rng, others))
+            form = Form("has_color", color=new, image=f.image)
+            value = _pick(rng, COLOR_WORDS[new])
+        k, text = _say(ELLIPSIS_VALUE, rng, value=value)
+        cid = f"ellipsis-value/{k}"
+    else:
+        asked = "color" if f.kind.endswith("shape") else "shape"
+        form = Form("what_color" if asked == "color" else "what_shape", image=f.image)
+        k, text = _say(ELLIPSIS_ATTRIBUTE[asked], rng)
+        cid = f"ellipsis-attribute/{k}"
+    return Turn(text, answer(form, facts), form, cid, images[f.image], text)
+
+
+COMPARE_THIS_CONSTRUCTIONS = {kind: [Construction(f"{kind}{'-not' if neg else ''}-this/{k}", kind, frame, None, neg)
+                                     for (kk, neg), frames in COMPARE_THIS.items() if kk == kind
+                                     for k, frame in enumerate(frames)]
+                              for kind in ("same_shape", "same_color")}
+
+
+def conversation(pool: ImagePool, rng: np.random.Generator, max_turns: int = 4, cross_image: float = 0.5,
+                 ellipsis: float = 0.0, compare: float = 0.5) -> tuple[list[int], list[Turn]]:
+    """2..`max_turns` turns about one image, or (share `cross_image`) about two: ``(image ids, turns)``.
+
+    A follow-up is elliptical with probability `ellipsis` where one fits ("And a triangle?", "And its colour?",
+    "And this one?", "What about the first picture?"); a two-image conversation compares the images in one turn
+    with probability `compare` (when the second image is shown, "Is this one the same colour as the first?", or
+    later, "Do the two pictures show the same shape?"), its answer drawn first."""
     n = int(rng.integers(2, max(2, max_turns) + 1))
     first = pool.image_with(rng)
     if rng.random() >= cross_image:
-        turns = [_question(pool, rng, _qtype(rng), [first]) for _ in range(n)]
+        facts1 = [pool.facts[first]]
+        turns = [_question(pool, rng, _qtype(rng), [first])]
         turns[0].user = "<image>\n" + turns[0].question
-        for t in turns[1:]:
-            t.question = _follow_up(t.question, rng)
-            t.user = t.question
+        for _ in range(1, n):
+            t = _same_image_ellipsis(turns[-1], facts1, [first], rng) if rng.random() < ellipsis else None
+            if t is None:
+                t = _question(pool, rng, _qtype(rng), [first])
+                t.question = t.user = _follow_up(t.question, rng)
+            turns.append(t)
         return [first], turns
     a = pool.facts[first]
-    compare_at = int(rng.integers(2, n)) if n >= 3 and rng.random() < 0.5 else None
+    compare_at = None
+    if rng.random() < compare:
+        compare_at = 1 if n < 3 or rng.random() < 0.4 else int(rng.integers(2, n))
     keep = (False, False)
     if compare_at is not None:  # the comparison's answer is drawn first; the second image is chosen to give it
         kind = _pick(rng, ("same_shape", "same_color"))
-        construction = _pick(rng, CONSTRUCTIONS[kind])
+        construction = _pick(rng, COMPARE_THIS_CONSTRUCTIONS[kind] if compare_at == 1 else CONSTRUCTIONS[kind])
         same = (_pick(rng, ("yes", "no")) == "yes") != construction.negated
         keep = (same, False) if kind == "same_shape" else (False, same)
     second = pool.image_with(rng, same=a, keep=keep, avoid=first)
+    images = [first, second]
     facts = [a, pool.facts[second]]
-    turns = [_question(pool, rng, _qtype(rng), [first, second])]
+    turns = [_question(pool, rng, _qtype(rng), images)]
     turns[0].user = "<image>\n" + turns[0].question
-    t = _question(pool, rng, _qtype(rng), [first, second], image=1)
-    intro = _pick(rng, INTROS).format(imgw=_pick(rng, IMAGE_WORDS))
-    t.user = f"{intro}\n<image>\n{t.question}"
-    turns.append(t)
-    for k in range(2, n):
+    for k in range(1, n):
+        t = None
         if k == compare_at:
             form = Form(kind, negated=construction.negated)
-            text = _follow_up(realize(construction, form, rng), rng)
-            turns.append(Turn(text, answer(form, facts), form, construction.id, second, text))
-            continue
-        image = int(rng.integers(2))
-        qtype = _qtype(rng)
-        if qtype != "yes_no" and facts[0][qtype == "color"] == facts[1][qtype == "color"]:
-            qtype = "yes_no"  # the two images agree on this attribute: a what-question would not tell them apart
-        ref = _pick(rng, FIRST_REFS if image == 0 else SECOND_REFS).format(imgw=_pick(rng, IMAGE_WORDS))
-        t = _question(pool, rng, qtype, [first, second], image=image, img=ref)
-        t.question = t.user = _follow_up(t.question, rng)
+            text = realize(construction, form, rng)
+            if k > 1:
+                text = _follow_up(text, rng)
+            t = Turn(text, answer(form, facts), form, construction.id, second, text)
+        elif rng.random() < ellipsis:
+            t = _repeat_turn(turns[-1], facts, images, rng, shown=k == 1)
+        if t is None and k == 1:
+            t = _question(pool, rng, _qtype(rng), images, image=1)
+        if t is None:
+            image = int(rng.integers(2))
+            qtype = _qtype(rng)
+            if qtype != "yes_no" and facts[0][qtype == "color"] == facts[1][qtype == "color"]:
+                qtype = "yes_no"  # the two images agree on this attribute: a what-question would not tell them apart
+            ref = _pick(rng, FIRST_REFS if image == 0 else SECOND_REFS).format(imgw=_pick(rng, IMAGE_WORDS))
+            t = _question(pool, rng, qtype, images, image=image, img=ref)
+            t.question = t.user = _follow_up(t.question, rng)
+        if k == 1:
+            intro = _pick(rng, INTROS).format(imgw=_pick(rng, IMAGE_WORDS))
+            t.user = f"{intro}\n<image>\n{t.question}"
         turns.append(t)
-    return [first, second], turns
+    return images, turns
 
 
 def paraphrases(form: Form, rng: np.random.Generator, n: int = 20) -> list[str]:

@@ -13,6 +13,8 @@ Settings:
 * ``conversations`` (default 0.25): share of the image samples that are conversations of 2..``max_turns``
   turns (follow-ups about the same image, or, share ``cross_image`` of them, about two images; the second
   is shown in the second turn and later turns name "the first" / "the second" image or compare them).
+* ``ellipsis`` (default 0): share of follow-ups asked elliptically where one fits ("And a triangle?", "And its
+  colour?", "And this one?"); ``compare`` (default 0.5): share of two-image conversations with a comparison turn.
 * ``negatives`` (default 0): share of the image samples that show a picture which is not an easy-VQA scene
   (`mmhub.data.negatives`: crops of the bundled train photos in ``negative_photos``, noise, text, flat colours,
   patterns), asked a grammar question or an open one ("describe this photo") and answered with the refusal
@@ -58,6 +60,9 @@ class EasyVQAVariedConfig(DatasetConfig):
     conversations: float = Field(0.25, ge=0, le=1, description="share of image samples that are conversations")
     cross_image: float = Field(0.5, ge=0, le=1, description="share of conversations about two images")
     max_turns: int = Field(4, ge=2, le=8, description="most turns per conversation (at least 2)")
+    ellipsis: float = Field(0.0, ge=0, le=1, description="share of follow-ups asked elliptically where one fits "
+                            "('And a triangle?', 'And its colour?', 'And this one?', 'What about the first picture?')")
+    compare: float = Field(0.5, ge=0, le=1, description="share of two-image conversations with a comparison turn")
     negatives: float = Field(0.0, ge=0, lt=1, description="share of image samples showing a non-easy-VQA picture, "
                              "answered with the refusal")
     negative_photos: list[str] = Field(default_factory=lambda: list(TRAIN_PHOTOS),
@@ -137,7 +142,7 @@ class EasyVQAVariedDataset(Dataset):
         if c.negatives and rng.random() < c.negatives:
             return self._negative(sid, rng)
         if rng.random() < c.conversations:
-            image_ids, turns = conversation(self.pool, rng, c.max_turns, c.cross_image)
+            image_ids, turns = conversation(self.pool, rng, c.max_turns, c.cross_image, c.ellipsis, c.compare)
             kind = "conversation"
         else:
             turn = single_turn(self.pool, rng, str(rng.choice(self.types, p=self.type_p)))

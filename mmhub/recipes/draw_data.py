@@ -59,4 +59,4 @@ class DrawingBatches:
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         drop = torch.rand(len(idx), generator=g) < self.cfg["uncond_p"]
         ids[drop] = self.empty_ids
-        return [{"pixels": x, "ids": ids, "generator": g}], len(idx)
+        return [{"pixels": x, "ids": ids, "generator": g, "edge_weight": self.cfg.get("edge_weight", 0.0)}], len(idx)

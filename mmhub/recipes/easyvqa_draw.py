@@ -55,7 +55,7 @@ SETTINGS: dict[str, Any] = {
 }
 TRAIN: dict[str, Any] = {"steps": 3000, "batch": 32, "lr": 7e-4, "warmup": 100, "min_lr_ratio": 0.1,
                          "weight_decay": 0.01, "ema": 0.995, "uncond_p": 0.1, "flip": True, "seed": 0,
-                         "grad_clip": 1.0}
+                         "grad_clip": 1.0, "edge_weight": 0.0, "freeze_text": False}
 EVAL_SEEDS = (0, 1, 2, 3)
 
 
@@ -105,6 +105,8 @@ def train(out: Path, steps: int | None = None, resume: bool = False, settings: d
     info, settings, cfg = run_info(ckpt, steps, resume, settings or SETTINGS, {**TRAIN, **(overrides or {})}, init)
     torch.manual_seed(cfg["seed"])  # the initial weights (a resumed run overwrites them)
     model = build_generator(settings).train()
+    if cfg.get("freeze_text"):  # the caption features stay as they are: a model aligned to them keeps working
+        model.text.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg["weight_decay"]},
                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
@@ -125,17 +127,24 @@ def train(out: Path, steps: int | None = None, resume: bool = False, settings: d
     return info
 
 
+def checkpoint_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's weights with its EMA over the trained ones (frozen tensors, e.g. a frozen text encoder,
+    come from its ``model.safetensors``)."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(Path(ckpt) / "model.safetensors"))
+    state.update(load_file(str(Path(ckpt) / "ema.safetensors")))
+    return state
+
+
 # ---- export ----------------------------------------------------------------------------------------------
 def export(out: Path, dest: Path = DEMO, fp16: bool = True) -> Path:
     """Write the checkpoint's EMA weights (fp16) and settings to `dest` (its other files are kept)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     ckpt = Path(out) / "checkpoint"
     info = json.loads((ckpt / "state.json").read_text())
-    model = build_generator(info["settings"])
-    state = model.state_dict()
-    ema = load_file(str(ckpt / "ema.safetensors"))
-    state.update(ema)
+    state = checkpoint_state(ckpt)
     dtype = torch.float16 if fp16 else torch.float32
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
     dest = Path(dest)
@@ -231,8 +240,6 @@ def _grid(images_by_seed: list[list], path: Path) -> None:
 
 def _load_for_eval(path: Path):
     """An exported folder (generator.json) or a training run / checkpoint folder (its EMA weights)."""
-    from safetensors.torch import load_file
-
     from mmhub.weights import load_into
 
     path = Path(path)
@@ -241,9 +248,7 @@ def _load_for_eval(path: Path):
     ckpt = path / "checkpoint" if (path / "checkpoint").is_dir() else path
     info = json.loads((ckpt / "state.json").read_text())
     model = build_generator(info["settings"])
-    state = model.state_dict()
-    state.update(load_file(str(ckpt / "ema.safetensors")))
-    load_into(model, state, what=f"draw checkpoint {ckpt} (EMA)")
+    load_into(model, checkpoint_state(ckpt), what=f"draw checkpoint {ckpt} (EMA)")
     return model.eval()
 
 
@@ -264,6 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None)
     t.add_argument("--warmup", type=int, default=None)
     t.add_argument("--stop-after", type=int, default=None, help="stop (with a checkpoint) at this step")
+    t.add_argument("--edge-weight", type=float, default=None,
+                   help="shape-aware loss: the figure's outline pixels count 1 + this many times (0: plain MSE)")
+    t.add_argument("--min-lr-ratio", type=float, default=None)
+    t.add_argument("--freeze-text", action="store_true",
+                   help="keep the text encoder as initialised (models aligned to its caption features keep working)")
     e = sub.add_parser("export", help="write the trained generator (fp16 EMA weights + settings)")
     e.add_argument("--out", default="runs/easyvqa-draw")
     e.add_argument("--dest", default=str(DEMO))
@@ -278,7 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--threads", type=int, default=None)
     a = ap.parse_args(argv)
     if a.cmd == "train":
-        over = {k: v for k, v in (("batch", a.batch), ("lr", a.lr), ("warmup", a.warmup)) if v is not None}
+        over = {k: v for k, v in (("batch", a.batch), ("lr", a.lr), ("warmup", a.warmup),
+                                  ("edge_weight", a.edge_weight), ("min_lr_ratio", a.min_lr_ratio)) if v is not None}
+        if a.freeze_text:
+            over["freeze_text"] = True
         settings = dict(SETTINGS)
         if a.prediction_type:
             settings["prediction_type"] = a.prediction_type

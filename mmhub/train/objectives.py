@@ -139,7 +139,8 @@ class DiffusionLoss:
         pass
 
     def loss(self, model: Any, batch: dict[str, Any], stage: Any) -> tuple[torch.Tensor, int]:
-        return model.loss(batch["pixels"], batch["ids"], generator=batch["generator"]), 1
+        return model.loss(batch["pixels"], batch["ids"], generator=batch["generator"],
+                          edge_weight=float(batch.get("edge_weight", 0.0))), 1
 
     def stats(self) -> dict[str, float]:
         return {}
