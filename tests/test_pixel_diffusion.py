@@ -126,6 +126,39 @@ def test_recipe_resumes_exactly_and_exports(tmp_path):
         recipe.load_draw_model(tmp_path / "a")
 
 
+def test_outline_band_marks_the_figures_edge_and_the_loss_weights_it():
+    from mmhub.generators.pixel_diffusion import outline_band
+
+    x = torch.full((1, 3, 16, 16), 0.9)  # a pale background ...
+    x[:, :, 4:12, 4:12] = torch.tensor([-1.0, -1.0, 0.8])[:, None, None]  # ... with a blue square in it
+    band = outline_band(x)[0, 0]
+    assert band.shape == (16, 16) and set(band.unique().tolist()) == {0.0, 1.0}
+    assert band[3:13, 3:13].sum() == band.sum() == 10 * 10 - 6 * 6  # the 3-pixel ring around the square's edge
+    assert band[8, 8] == 0 and band[0, 0] == 0  # not the interior, not the background
+    g = make()
+    ids = g.token_ids(["a blue rectangle"])
+    plain = g.loss(x, ids, torch.Generator().manual_seed(0))
+    same = g.loss(x, ids, torch.Generator().manual_seed(0), edge_weight=0.0)
+    weighted = g.loss(x, ids, torch.Generator().manual_seed(0), edge_weight=4.0)
+    assert torch.equal(plain, same) and not torch.allclose(weighted, plain)
+
+
+def test_frozen_text_fine_tuning_keeps_the_caption_features(tmp_path):
+    """A fine-tune with freeze_text starts from another run and exports a generator whose text encoder (what the
+    drawing models' output projectors are aligned to) is the initial one, while the UNet moved."""
+    gen = torch.Generator().manual_seed(0)
+    data = (torch.rand(16, 3, 16, 16, generator=gen) * 2 - 1, ["a red circle", "a blue triangle"] * 8)
+    over = {"steps": 3, "batch": 4, "warmup": 1}
+    recipe.train(tmp_path / "a", settings=dict(TINY), overrides=over, data=data, log_every=2)
+    recipe.train(tmp_path / "b", settings=dict(TINY), overrides={**over, "freeze_text": True, "edge_weight": 2.0,
+                                                                  "seed": 1},
+                 data=data, log_every=2, init=str(tmp_path / "a"))
+    a = recipe.load_draw_model(recipe.export(tmp_path / "a", tmp_path / "ea", fp16=False))
+    b = recipe.load_draw_model(recipe.export(tmp_path / "b", tmp_path / "eb", fp16=False))
+    assert torch.equal(a.encode_text(["a red circle"]), b.encode_text(["a red circle"]))
+    assert not torch.equal(a.unet.conv_in.weight, b.unet.conv_in.weight)
+
+
 def test_dominant_color_reads_easy_vqa_images():
     from mmhub.data.easy_vqa import EasyVQAConfig, EasyVQADataset
 
