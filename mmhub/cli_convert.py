@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-EXPORT_FORMATS = ("hf", "hf-llava")
+EXPORT_FORMATS = ("hf", "hf-llava", "mmhub")
 IMPORT_FORMATS = ("auto", "hf-llava")
 DTYPE_CHOICES = ["float32", "bfloat16", "float16"]
 
@@ -58,6 +58,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     from mmhub.loading import load
 
     model = load(args.model, trust_remote_code=args.trust_remote_code, allow_paths=args.allow_path)
+    if args.format == "mmhub":  # the same model folder, its float32 tensors stored as --dtype (half the size)
+        storage = None if args.dtype in (None, "float32") else args.dtype
+        model.save_pretrained(args.out, storage_dtype=storage)
+        size = (Path(args.out) / "model.safetensors").stat().st_size
+        print(f"wrote {args.out}: mmhub model folder, tensors stored as {storage or 'saved'} ({size / 1e6:.1f} MB)")
+        return 0
     if args.format == "hf-llava":
         from mmhub.export import export_hf_llava
 
@@ -79,13 +85,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 def add_parsers(sub: Any, trust_flag: Any) -> None:
     """The ``export`` and ``import`` subcommands."""
     s = sub.add_parser("export", help="write a model as a transformers folder (hf: the imported family's own; "
-                                      "hf-llava: transformers' LLaVA)")
+                                      "hf-llava: transformers' LLaVA) or again as an mmhub folder (mmhub: with "
+                                      "--dtype float16/bfloat16, its float32 tensors stored at half the size)")
     s.add_argument("model", help="a saved model folder, a spec file, a preset, or `default` (the demo model)")
     trust_flag(s, folders=True)
     s.add_argument("out", help="the folder to write (replaced atomically)")
     s.add_argument("--format", default="hf", choices=EXPORT_FORMATS)
     s.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
-                   help="cast every tensor to this dtype (hf-llava; needed when components differ in dtype)")
+                   help="cast every tensor to this dtype (hf-llava; needed when components differ in dtype); "
+                        "mmhub: the storage dtype of the float32 tensors")
     s.set_defaults(func=cmd_export)
     s = sub.add_parser("import", help="turn a published transformers checkpoint into an mmhub model folder "
                                       "(the family is read from config.json; `mmhub plugins` lists the importers)")

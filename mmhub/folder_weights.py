@@ -14,18 +14,20 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from mmhub.checkpoint import WEIGHTS_FILE, package_path, tensors_to_save
+from mmhub.checkpoint import STORAGE_DTYPES, WEIGHTS_FILE, package_path, tensors_to_save
 from mmhub.errors import CheckpointError
 from mmhub.manifest import SavedManifest
 from mmhub.weights.into import TensorFile
 
 
-def check_layout(name: str, shape: tuple[int, ...], dtype: torch.dtype, want: torch.Tensor, file: Path) -> None:
-    """The stored shape and dtype (read from the file's header) must be the parameter's."""
+def check_layout(name: str, shape: tuple[int, ...], dtype: torch.dtype, want: torch.Tensor, file: Path,
+                 storage: torch.dtype | None = None) -> None:
+    """The stored shape and dtype (read from the file's header) must be the parameter's; a float32 parameter may
+    be stored as the folder's declared `storage` dtype (its manifest's ``storage_dtype``)."""
     if shape != tuple(want.shape):
         raise CheckpointError(f"{file}: tensor {name!r} has shape {shape} but the model's is "
                               f"{tuple(want.shape)}; the file does not belong to this spec, save the model again.")
-    if dtype != want.dtype:
+    if dtype != want.dtype and not (storage is not None and dtype == storage and want.dtype == torch.float32):
         raise CheckpointError(f"{file}: tensor {name!r} is stored as {dtype} but the model holds "
                               f"{want.dtype}; the file was changed or belongs to another build, save it again.")
 
@@ -73,11 +75,18 @@ def apply_weights(model: Any, path: Path, manifest: SavedManifest, allow_nonfini
             if unexpected:
                 raise CheckpointError(f"{file} has {len(unexpected)} tensor(s) the spec's model does not, e.g. "
                                       f"{unexpected[:3]}; the spec and weights do not belong together.")
+            storage = STORAGE_DTYPES.get(manifest.storage_dtype or "")
             for name in names:
                 source = aliases.get(name, name)
-                check_layout(name, fh.shape(source), fh.dtype(source), own[name], file)
+                check_layout(name, fh.shape(source), fh.dtype(source), own[name], file, storage)
             for name in names:
-                fh.read_into(aliases.get(name, name), own[name])
+                source = aliases.get(name, name)
+                if fh.dtype(source) == own[name].dtype:
+                    fh.read_into(source, own[name])
+                else:  # stored smaller (storage_dtype): one tensor-sized buffer, then cast into the parameter
+                    small = torch.empty(own[name].shape, dtype=fh.dtype(source))
+                    fh.read_into(source, small)
+                    own[name].copy_(small)
                 check_finite(name, own[name], file, allow_nonfinite)
     except CheckpointError:
         raise

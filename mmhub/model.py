@@ -241,11 +241,12 @@ class MMModel(nn.Module):
         return generation.stop_token_ids(self)
 
     # -- persistence ------------------------------------------------------------------
-    def save_pretrained(self, path: str | Path, full: bool = False) -> Path:
-        """Write the resolved spec and the weights not recoverable from weight sources (all with `full`)."""
+    def save_pretrained(self, path: str | Path, full: bool = False, storage_dtype: str | None = None) -> Path:
+        """Write the resolved spec and the weights not recoverable from weight sources (all with `full`);
+        `storage_dtype` ``float16``/``bfloat16`` stores the float32 tensors smaller (loading casts them back)."""
         from mmhub.checkpoint import save_model
 
-        return save_model(self, Path(path), full=full)
+        return save_model(self, Path(path), full=full, storage_dtype=storage_dtype)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, registry: Any = None, verify: bool = True, **options: Any) -> "MMModel":

@@ -37,6 +37,33 @@ def test_round_trip_is_bit_exact(tiny_spec, images, tmp_path) -> None:
     assert not list(tmp_path.glob(".m.*"))  # no temp folders left behind
 
 
+def test_half_precision_storage_halves_the_file_and_loads_back_close(tiny_spec, images, tmp_path) -> None:
+    from safetensors import safe_open
+
+    model = build(tiny_spec)
+    b = model.batch([conv("<image> what", "thing")], [{"image": [images[0]]}])
+    before = model(**b).logits
+    model.save_pretrained(tmp_path / "full32")
+    model.save_pretrained(tmp_path / "half", storage_dtype="float16")
+    size = {n: (tmp_path / n / "model.safetensors").stat().st_size for n in ("full32", "half")}
+    assert size["half"] < 0.6 * size["full32"], size
+    with safe_open(str(tmp_path / "half" / "model.safetensors"), "pt") as fh:
+        assert {fh.get_slice(k).get_dtype() for k in fh.keys()} == {"F16"}
+    assert json.loads((tmp_path / "half" / "mmhub_manifest.json").read_text())["storage_dtype"] == "float16"
+    again = MMModel.from_pretrained(tmp_path / "half")
+    assert all(p.dtype == torch.float32 for p in again.parameters())  # cast back on load
+    after = again(**b).logits
+    assert 0 < (after - before).abs().max() < 0.03 * before.abs().max()  # fp16 rounding, not another model
+    with pytest.raises(CheckpointError, match="storage_dtype 'int8'"):
+        model.save_pretrained(tmp_path / "bad", storage_dtype="int8")
+    # a file stored smaller without the manifest saying so is still refused (a retyped tensor)
+    manifest = json.loads((tmp_path / "half" / "mmhub_manifest.json").read_text())
+    manifest["storage_dtype"] = None
+    (tmp_path / "half" / "mmhub_manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="stored as torch.float16"):
+        MMModel.from_pretrained(tmp_path / "half", verify=False)
+
+
 def test_weight_sourced_frozen_parts_are_not_saved(tiny_spec, images, tmp_path) -> None:
     net = timm.create_model("resnet10t", pretrained=False, num_classes=0)
     weights = tmp_path / "resnet10t.safetensors"
