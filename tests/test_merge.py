@@ -85,6 +85,48 @@ def test_a_merged_slot_is_the_methods_result_and_other_slots_are_the_bases(tmp_p
                            ma.projectors["image"].state_dict()["net.0.weight"])
 
 
+def _with_lora(tmp_path: Path, name: str, seed: int, r: int) -> Path:
+    """A tiny model whose backbone carries a LoRA adapter of rank `r` with non-zero updates, saved."""
+    from mmhub.adapters import inject_adapter
+    from mmhub.spec import LoraSpec
+
+    spec = copy.deepcopy(TINY_SPEC)
+    spec["seed"] = 0  # one base LLM, two fine-tunes of it
+    model = mmhub.build(spec)
+    inject_adapter(model, "backbone", LoraSpec(r=r, alpha=2 * r, target_modules=["q_proj", "v_proj"]))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.backbone.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    out = tmp_path / name
+    model.save_pretrained(out)
+    return out
+
+
+def test_lora_adapters_are_folded_before_merging(tmp_path: Path) -> None:
+    """Adapters of ranks 2 and 4 merge as the weights they compute with: the merged q_proj is the mean of each model's
+    W + scale * B A (not of the A's and B's), and the result carries no adapter and gives what those weights give."""
+    from mmhub.adapters import merge_adapters
+
+    a, b = _with_lora(tmp_path, "a", 1, r=2), _with_lora(tmp_path, "b", 2, r=4)
+    cfg = _config(tmp_path, {"a": a, "b": b}, {"backbone": {"method": "linear"}})
+    out = merge(read_config(cfg), tmp_path / "merged")
+    got = mmhub.load(out)
+    assert not got.spec.adapters and not any("lora_" in n for n, _ in got.named_parameters())
+    fa, fb = mmhub.load(a), mmhub.load(b)
+    merge_adapters(fa), merge_adapters(fb)
+    sa, sb, sg = fa.backbone.state_dict(), fb.backbone.state_dict(), got.backbone.state_dict()
+    q = next(k for k in sg if k.endswith("q_proj.weight"))
+    assert not torch.allclose(sa[q], sb[q], atol=1e-3)  # the two adapters changed q_proj differently
+    for k, v in sg.items():
+        if v.is_floating_point():
+            assert torch.allclose(v, (sa[k] + sb[k]) / 2, atol=1e-6), k
+    raw_a, raw_b = mmhub.load(a).backbone.state_dict(), mmhub.load(b).backbone.state_dict()
+    lora_a = next(k for k in raw_a if "q_proj.lora_A" in k)
+    assert raw_a[lora_a].shape[0] == 2 and raw_b[lora_a].shape[0] == 4  # ranks differ: tensor-wise would not line up
+
+
 def test_preflight_lists_every_problem_and_writes_nothing(tmp_path: Path) -> None:
     a, deep = _saved(tmp_path, "a", 0), _saved(tmp_path, "deep", 1, hidden_dim=24)
     cfg = MergeConfig.model_validate({"models": {"a": str(a), "deep": str(deep)}, "base": "a", "slots": {

@@ -3,7 +3,8 @@
 Pre-flight lists every problem at once, each with the slot, both sides and the fix, before any tensor is merged
 or anything written: an unknown slot, model or method, bad method settings or model counts, a slot whose component
 type differs between models, a tensor missing or of another shape, tokenizers or signal tokens that
-differ. The merged model is the base with its merged slots' tensors replaced; it is saved self-contained
+differ. LoRA adapters are folded into their base weights first (peft's merge), so a slot is merged as the weights
+it computes with. The merged model is the base with its merged slots' tensors replaced; it is saved self-contained
 (``full=True``: merged weights are no longer the weight sources'), atomically, so a failure writes nothing.
 """
 
@@ -112,9 +113,21 @@ def _slot_problems(where: str, slot: str, slot_maps: dict[str, dict[str, Any]], 
     return problems
 
 
+def fold_adapters(models: dict[str, Any]) -> dict[str, list[str]]:
+    """Fold every model's LoRA adapters into its base weights (peft's own merge, `mmhub.adapters.merge_adapters`), so
+    a slot is merged as the weights it computes with: averaging ``lora_A`` and ``lora_B`` separately would not
+    average the adapters' updates (B1 A1 + B2 A2 != (B1 + B2)(A1 + A2)), and adapters of different ranks fold to the
+    same shapes. Returns, per model, the slots folded."""
+    from mmhub.adapters import merge_adapters
+
+    return {name: merge_adapters(m) for name, m in models.items() if m.spec.adapters}
+
+
 @torch.no_grad()
 def merge_models(cfg: MergeConfig, models: dict[str, Any], registry: Registry | None = None) -> Any:
-    """The base model with every configured slot merged (in place); pre-flight first."""
+    """The base model with every configured slot merged (in place); pre-flight first. LoRA adapters are folded into
+    their base weights first (`fold_adapters`), so the merged model carries none."""
+    fold_adapters(models)
     slot_maps = _slot_maps(models)
     plan = preflight(cfg, models, registry or get_registry(), slot_maps)
     with torch.random.fork_rng(devices=[]):

@@ -5,7 +5,8 @@
     python -m mmhub.recipes.easyvqa_draw eval [--model DIR]
 
     # the shipped easyvqa-draw-outline: the easyvqa-draw weights fine-tuned with the shape-aware loss
-    python -m mmhub.recipes.easyvqa_draw train --out runs/draw-outline --init mmhub/demo_model/easyvqa-draw/model.safetensors \
+    python -m mmhub.recipes.easyvqa_draw train --out runs/draw-outline \
+        --init mmhub/demo_model/easyvqa-draw/model.safetensors \
         --steps 1000 --lr 3e-4 --warmup 20 --edge-weight 4 --freeze-text --threads 1
 
 * data: the train split's 4,000 images (64x64, area-downsampled to the UNet's 32x32, random
