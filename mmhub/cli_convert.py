@@ -1,4 +1,4 @@
-"""``mmhub import`` and ``mmhub export``: published checkpoints in, other libraries' folders out.
+"""``mmhub import`` and ``mmhub export``: published checkpoints in, other libraries' folders (and GGUF files) out.
 
 ``mmhub import SOURCE OUT`` takes a local transformers folder or ``hf:ORG/NAME[@REV]`` from the local Hugging Face
 cache (never downloaded), picks the family importer from its ``config.json`` (``mmhub.importers``) and writes an
@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-EXPORT_FORMATS = ("hf", "hf-llava", "mmhub")
+EXPORT_FORMATS = ("hf", "hf-llava", "mmhub", "gguf")
 IMPORT_FORMATS = ("auto", "hf-llava")
 DTYPE_CHOICES = ["float32", "bfloat16", "float16"]
 
@@ -58,6 +58,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from mmhub.loading import load
 
     model = load(args.model, trust_remote_code=args.trust_remote_code, allow_paths=args.allow_path)
+    if args.format == "gguf":
+        from mmhub.export.gguf import cli_export_gguf
+
+        return cli_export_gguf(model, args.out, args.type, args.pre_tokenizer)
     if args.format == "mmhub":  # the same model folder, its float32 tensors stored as --dtype (half the size)
         storage = None if args.dtype in (None, "float32") else args.dtype
         model.save_pretrained(args.out, storage_dtype=storage)
@@ -85,8 +89,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 def add_parsers(sub: Any, trust_flag: Any) -> None:
     """The ``export`` and ``import`` subcommands."""
     s = sub.add_parser("export", help="write a model as a transformers folder (hf: the imported family's own; "
-                                      "hf-llava: transformers' LLaVA) or again as an mmhub folder (mmhub: with "
-                                      "--dtype float16/bfloat16, its float32 tensors stored at half the size)")
+                                      "hf-llava: transformers' LLaVA), as llama.cpp's GGUF + mmproj pair (gguf) "
+                                      "or again as an mmhub folder (mmhub: with --dtype float16/bfloat16, its "
+                                      "float32 tensors stored at half the size)")
     s.add_argument("model", help="a saved model folder, a spec file, a preset, or `default` (the demo model)")
     trust_flag(s, folders=True)
     s.add_argument("out", help="the folder to write (replaced atomically)")
@@ -94,6 +99,10 @@ def add_parsers(sub: Any, trust_flag: Any) -> None:
     s.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
                    help="cast every tensor to this dtype (hf-llava; needed when components differ in dtype); "
                         "mmhub: the storage dtype of the float32 tensors")
+    s.add_argument("--type", choices=["f32", "f16", "q8_0"], default=None,
+                   help="gguf: the language model's tensor type (default f16; the mmproj is f32 for f32, else f16)")
+    s.add_argument("--pre-tokenizer", default=None,
+                   help="gguf: llama.cpp's pre-tokenizer name (default: the backbone's GGUF source's, else default)")
     s.set_defaults(func=cmd_export)
     s = sub.add_parser("import", help="turn a published transformers checkpoint into an mmhub model folder "
                                       "(the family is read from config.json; `mmhub plugins` lists the importers)")
