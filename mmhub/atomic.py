@@ -17,15 +17,37 @@ from pathlib import Path
 from typing import Iterator
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (``os.umask`` would, briefly, for every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _usual_mode(path: Path, mask: int) -> None:
+    """Give a file or folder made through `tempfile` (owner-only) the mode a plain ``open``/``mkdir`` gives."""
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 @contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside `final`; on success it replaces `final` in one rename."""
+    """Yield a temporary folder beside `final`; on success it replaces `final` in one rename (with the permissions
+    a plain ``mkdir`` and ``open`` would give, not the owner-only ones of a temporary folder)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
+        mask = _umask()
+        _usual_mode(tmp, mask)
         for f in tmp.rglob("*"):
+            _usual_mode(f, mask)
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
@@ -49,4 +71,5 @@ def write_text_atomic(path: Path, text: str) -> None:
         fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())
+    _usual_mode(Path(tmp), _umask())
     os.replace(tmp, path)

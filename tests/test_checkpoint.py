@@ -64,6 +64,26 @@ def test_half_precision_storage_halves_the_file_and_loads_back_close(tiny_spec, 
         MMModel.from_pretrained(tmp_path / "half", verify=False)
 
 
+def test_saved_folders_get_the_usual_permissions(tiny_spec, tmp_path) -> None:
+    """A model folder is written through a temporary (owner-only) folder; once in place it has the modes a plain
+    mkdir/open gives under the umask, so a shared model folder is readable by the users the umask allows."""
+    import os
+    import stat
+
+    from mmhub.atomic import write_text_atomic
+
+    old = os.umask(0o022)
+    try:
+        build(tiny_spec).save_pretrained(tmp_path / "m")
+        write_text_atomic(tmp_path / "note.json", "{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "m").stat().st_mode) == 0o755
+    for f in (tmp_path / "m").iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
+    assert stat.S_IMODE((tmp_path / "note.json").stat().st_mode) == 0o644
+
+
 def test_weight_sourced_frozen_parts_are_not_saved(tiny_spec, images, tmp_path) -> None:
     net = timm.create_model("resnet10t", pretrained=False, num_classes=0)
     weights = tmp_path / "resnet10t.safetensors"
