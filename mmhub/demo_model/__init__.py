@@ -3,6 +3,10 @@
 The trained models that live here, each a folder written by `MMModel.save_pretrained`
 (the resolved spec plus only the tensors the weight sources cannot restore):
 
+* ``easyvqa-smollm2-followup``: ``easyvqa-smollm2-varied`` continued on elliptical follow-ups and comparisons of
+  two pictures, with the shape-aware ``easyvqa-draw-outline`` generator (recipe
+  ``mmhub/recipes/easyvqa-smollm2-followup.yaml``); it stores its changed tensors in float16 (13.6 MB) and loads
+  ``easyvqa-smollm2-varied`` under them;
 * ``easyvqa-smollm2-varied``: the drawing model below taught the questions rather than easy-VQA's templates
   (grammar-varied questions, follow-up conversations, non-easy-VQA pictures answered with a refusal; recipe
   ``mmhub/recipes/easyvqa-smollm2-varied.yaml``); it stores its projector, LoRA, signal rows and output projector
@@ -30,6 +34,9 @@ from mmhub.errors import MMHubError
 
 HERE = Path(__file__).parent
 CHOICES = (
+    ("easyvqa-smollm2-followup", "EfficientNet-Lite0 + MLP + SmolLM2-135M-Instruct (LoRA): answers questions about "
+                                 "easy-VQA shapes however they are worded, follows up (elliptically too, and across "
+                                 "two pictures), declines other pictures, draws the shape asked for"),
     ("easyvqa-smollm2-varied", "EfficientNet-Lite0 + MLP + SmolLM2-135M-Instruct (LoRA): answers questions about "
                                "easy-VQA shapes however they are worded, follows up, declines other pictures, draws"),
     ("easyvqa-smollm2-draw", "EfficientNet-Lite0 + MLP + SmolLM2-135M-Instruct (LoRA), trained on easy-VQA, and draws "

@@ -1,0 +1,96 @@
+"""Skill merging, measured: two specialists from one base, merged with every method, scored per question type.
+
+    mmhub train skills-base --out runs/skills-base                  # the projector on captions (no questions)
+    mmhub train skills-shape-color --out runs/skills-shape-color    # + LoRA on shape and colour questions only
+    mmhub train skills-yes-no --out runs/skills-yes-no              # + LoRA on yes/no questions only
+    python -m mmhub.recipes.merge_skills [--runs runs] [--limit 450] [--out runs/skills-merge]
+
+For each method (`linear`, `slerp`, `task_arithmetic`, `ties`, `dare_linear`, `dare_ties`) the script writes a merge
+config (``OUT/METHOD.yaml``: the backbone slot merged, every other slot the base's; the specialists' LoRA
+adapters folded into their weights first), runs ``mmhub merge`` on it and scores the merged model with the easy-VQA
+task (``mmhub eval MODEL --task easy-vqa --limit N``: strict, per question type) beside the base and both
+specialists. ``OUT/table.json`` holds every score; the table printed is the one in docs/merging.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mmhub.atomic import write_text_atomic
+
+# the task-vector methods add each specialist's whole update (weight 1); linear and slerp average the two models
+METHODS: dict[str, dict[str, Any]] = {
+    "linear": {"method": "linear", "weights": {"shape_color": 0.5, "yes_no": 0.5}},
+    "slerp": {"method": "slerp", "weights": {"shape_color": 1.0, "yes_no": 1.0}, "t": 0.5},
+    "task_arithmetic": {"method": "task_arithmetic", "weights": {"shape_color": 1.0, "yes_no": 1.0}},
+    "ties": {"method": "ties", "weights": {"shape_color": 1.0, "yes_no": 1.0}, "density": 0.5},
+    "dare_linear": {"method": "dare_linear", "weights": {"shape_color": 1.0, "yes_no": 1.0}, "density": 0.5},
+    "dare_ties": {"method": "dare_ties", "weights": {"shape_color": 1.0, "yes_no": 1.0}, "density": 0.5},
+}
+TYPES = ("shape", "color", "yes_no")
+
+
+def folders(runs: Path) -> dict[str, Path]:
+    """The three trained models (the recipes' run folders); a missing one says which recipe to run."""
+    out = {"base": runs / "skills-base" / "align" / "model",
+           "shape_color": runs / "skills-shape-color" / "skill" / "model",
+           "yes_no": runs / "skills-yes-no" / "skill" / "model"}
+    for name, path in out.items():
+        if not (path / "mmhub_spec.json").is_file():
+            recipe = {"base": "skills-base", "shape_color": "skills-shape-color", "yes_no": "skills-yes-no"}[name]
+            raise SystemExit(f"{path} is missing: run `mmhub train {recipe} --out {runs / recipe}` first")
+    return out
+
+
+def score(path: Path, limit: int) -> dict[str, Any]:
+    """Strict easy-VQA accuracy overall and per question type on the first `limit` test questions."""
+    from mmhub.evaluation import evaluate
+    from mmhub.model import MMModel
+
+    result = evaluate(MMModel.from_pretrained(path), "easy_vqa", limit=limit, batch_size=50)
+    return {"accuracy": result["accuracy"], "per_type": {t: result["per_type"][t]["accuracy"] for t in TYPES},
+            "n": result["n"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mmhub.recipes.merge_skills", description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", default="runs")
+    ap.add_argument("--limit", type=int, default=450)
+    ap.add_argument("--out", default="runs/skills-merge")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    a = ap.parse_args(argv)
+    from mmhub.merge.config import read_config
+    from mmhub.merge.run import merge
+
+    models = folders(Path(a.runs))
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table: dict[str, Any] = {"limit": a.limit, "rows": {}}
+    for name in ("base", "shape_color", "yes_no"):
+        table["rows"][name] = score(models[name], a.limit)
+        print(name, json.dumps(table["rows"][name]), flush=True)
+    for method in a.methods.split(","):
+        cfg = {"models": {k: str(v) for k, v in models.items()}, "base": "base", "seed": 0,
+               "slots": {"backbone": METHODS[method]}}
+        path = out / f"{method}.yaml"
+        write_text_atomic(path, yaml.safe_dump(cfg, sort_keys=False))
+        t0 = time.perf_counter()
+        merged = merge(read_config(path), out / method)
+        took = round(time.perf_counter() - t0, 1)
+        row = score(merged, a.limit) | {"merge_s": took}
+        table["rows"][method] = row
+        print(method, json.dumps(row), flush=True)
+        write_text_atomic(out / "table.json", json.dumps(table, indent=1) + "\n")
+    write_text_atomic(out / "table.json", json.dumps(table, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
