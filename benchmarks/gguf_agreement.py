@@ -12,7 +12,8 @@ system prompt + one 64 x 64 picture (exactly the tower's size, so neither side r
 ``temperature 0`` and ``repeat_penalty 1.0`` (greedy). llama-cpp-python's LLaVA-1.5 handler renders
 ``SYSTEM + "USER: " + <image> + QUESTION + "ASSISTANT: "`` (no newlines, no space after the system text) and
 tokenizes the text before and after the image separately; mmhub's reference is its own encoder, projector and
-language model on exactly those tokens and image embeddings (`reference_ids`), decoded greedily. Reported per tower and type: how many of the first ``--tokens``
+language model on exactly those tokens and image embeddings (`reference_ids`), decoded greedily. Reported per
+tower and type: how many of the first ``--tokens``
 generated tokens agree (and both texts), how far llama.cpp's projected image tokens are from mmhub's (largest
 difference over the largest value), the files' sizes and llama.cpp's load and answer times.
 """
