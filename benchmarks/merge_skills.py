@@ -3,7 +3,7 @@
     mmhub train skills-base --out runs/skills-base                  # the projector on captions (no questions)
     mmhub train skills-shape-color --out runs/skills-shape-color    # + LoRA on shape and colour questions only
     mmhub train skills-yes-no --out runs/skills-yes-no              # + LoRA on yes/no questions only
-    python -m mmhub.recipes.merge_skills [--runs runs] [--limit 450] [--out runs/skills-merge]
+    python -m benchmarks.merge_skills [--runs runs] [--limit 450] [--out runs/skills-merge]
 
 For each method (`linear`, `slerp`, `task_arithmetic`, `ties`, `dare_linear`, `dare_ties`) the script writes a merge
 config (``OUT/METHOD.yaml``: the backbone slot merged, every other slot the base's; the specialists' LoRA
@@ -60,7 +60,7 @@ def score(path: Path, limit: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mmhub.recipes.merge_skills", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.merge_skills", description=__doc__.splitlines()[0])
     ap.add_argument("--runs", default="runs")
     ap.add_argument("--limit", type=int, default=450)
     ap.add_argument("--out", default="runs/skills-merge")
