@@ -82,9 +82,8 @@ def reference_ids(model: Any, image: Image.Image, n: int) -> list[int]:
     tokenized separately (no BOS: the exported tokenizer adds none), the picture's projected tokens between."""
     tok = model.tokenizer
     lm = model.backbone.language_model()
-    pixels = model.encoders["image"].transform(image).unsqueeze(0)
+    feats = torch.from_numpy(mmhub_image_embeddings(model, image))
     with torch.no_grad():
-        feats = model.projectors["image"](model.encoders["image"](pixels, "image"))[0]
         before = tok(SYSTEM + "USER: ", add_special_tokens=False)["input_ids"]
         after = tok(QUESTION + "ASSISTANT: ", add_special_tokens=False)["input_ids"]
         emb = lm.get_input_embeddings()

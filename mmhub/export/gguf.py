@@ -38,11 +38,11 @@ def source_pre_tokenizer(model: Any) -> str | None:
         return None
     import gguf
 
-    path = model.plan.ctx.weight_files.get(source) if hasattr(model.plan.ctx, "weight_files") else None
+    path = model.plan.ctx.weight_files.get(source)
     if path is None:
         return None
     field = gguf.GGUFReader(str(path)).get_field("tokenizer.ggml.pre")
-    return None if field is None else bytes(field.parts[field.data[0]]).decode()
+    return None if field is None else field.contents()
 
 
 def export_gguf(model: Any, out_dir: str | Path, qtype: str = "f16", pre: str | None = None) -> tuple[Path, Path]:
