@@ -83,6 +83,17 @@ def inject_adapter(model: Any, slot: str, lora: LoraSpec) -> int:
     return sum(p.numel() for n, p in target.named_parameters() if "lora_" in n)
 
 
+def named_lora_layers(model: Any, slot: str) -> dict[str, nn.Module]:
+    """The peft LoRA layers injected into `slot`, by their module path inside the slot's target."""
+    kind = _lora_layer_type()
+    return {name: m for name, m in _target(model, slot).named_modules() if isinstance(m, kind)}
+
+
+def lora_layers(model: Any, slot: str) -> list[nn.Module]:
+    """The peft LoRA layers injected into `slot`."""
+    return list(named_lora_layers(model, slot).values())
+
+
 def adapter_parameters(model: Any, slot: str) -> list[nn.Parameter]:
     return [p for n, p in _target(model, slot).named_parameters() if "lora_" in n]
 

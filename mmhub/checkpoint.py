@@ -35,6 +35,7 @@ from mmhub.manifest import (
     package_versions,
     split_legacy,
 )
+from mmhub.storage import STORAGE_DTYPES, expand_state, shrink_state
 from mmhub.weights import sha256_path
 from mmhub.weights.sandbox import no_climbing
 
@@ -127,28 +128,24 @@ def layered_base(model: Any, full: bool) -> Path | None:
     return folder if (folder / WEIGHTS_FILE).is_file() else None
 
 
-STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
 def save_model(model: Any, path: Path, full: bool = False, storage_dtype: str | None = None) -> Path:
     """Write `model` to `path` atomically (only what neither the weight sources nor a shipped ``init_from``
     folder restores, unless `full`): the user's spec, the weights and the manifest with every file's hash.
-    `storage_dtype` (``float16`` / ``bfloat16``) stores the float32 tensors in that dtype: half the size, and
-    loading casts them back (outputs then match the saved model's to that dtype's precision, not bit for bit)."""
+    `storage_dtype` (``float16`` / ``bfloat16`` / ``int8``, `mmhub.storage`) stores the float32 tensors smaller: half
+    the size (a quarter for int8 matrices), and loading casts them back (outputs then match the saved model's to
+    that dtype's precision, not bit for bit)."""
     if storage_dtype is not None and storage_dtype not in STORAGE_DTYPES:
         raise CheckpointError(f"storage_dtype {storage_dtype!r} is not one of {sorted(STORAGE_DTYPES)}; "
                               "omit it to store every tensor as the model holds it")
     state = tensors_to_save(model, full)
     base = layered_base(model, full)
     if base is not None:
-        inherited = load_file(str(base / WEIGHTS_FILE))
+        inherited = expand_state(load_file(str(base / WEIGHTS_FILE)))
         state = {k: v for k, v in state.items()
                  if not (k in inherited and inherited[k].shape == v.shape
                          and torch.equal(inherited[k], v.detach().cpu().to(inherited[k].dtype)))}
     state, aliases = _dedupe(state)
-    if storage_dtype is not None:
-        small = STORAGE_DTYPES[storage_dtype]
-        state = {k: v.detach().to(small) if v.dtype == torch.float32 else v for k, v in state.items()}
+    state = shrink_state(state, storage_dtype)
     spec = user_spec(model)
     tokenizer = bundled_tokenizer(model, spec)
     manifest = build_manifest(model, "full" if full else "not-recoverable", len(state) + len(aliases))
@@ -314,7 +311,7 @@ def init_from_model(model: Any, source: str, sandbox: Any = None, _depth: int = 
         init_from_model(model, manifest.init_from.source, sandbox, _depth + 1)
     for slot, lora in manifest.adapters.items():
         inject_adapter(model, slot, lora)
-    state = load_file(str(folder / WEIGHTS_FILE))
+    state = expand_state(load_file(str(folder / WEIGHTS_FILE)))
     own = model.state_dict()
     unknown = [k for k in state if k not in own]
     if unknown:

@@ -383,7 +383,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from mmhub.merge.config import read_config
     from mmhub.merge.run import merge
 
-    out = merge(read_config(args.config), args.out, allow_paths=args.allow_path)
+    report: dict = {}
+    out = merge(read_config(args.config), args.out, allow_paths=args.allow_path, report=report)
+    for slot, r in report.items():
+        print(f"{slot}: adapters combined into one of rank {r['rank']}; update energy kept: mean "
+              f"{r['energy_mean']:.1%}, worst layer {r['energy_min']:.1%}")
     print(f"merged model written to {out}")
     return 0
 

@@ -57,17 +57,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     from mmhub.importers import importers
     from mmhub.loading import load
 
+    if args.format != "mmhub" and (args.dtype == "int8" or args.lora_rank is not None):
+        raise ExportError(f"--dtype int8 and --lora-rank apply to --format mmhub only, not {args.format!r}; "
+                          "other formats merge the adapters into the weights they write")
     model = load(args.model, trust_remote_code=args.trust_remote_code, allow_paths=args.allow_path)
     if args.format == "gguf":
         from mmhub.export.gguf import cli_export_gguf
 
         return cli_export_gguf(model, args.out, args.type, args.pre_tokenizer)
-    if args.format == "mmhub":  # the same model folder, its float32 tensors stored as --dtype (half the size)
-        storage = None if args.dtype in (None, "float32") else args.dtype
-        model.save_pretrained(args.out, storage_dtype=storage)
-        size = (Path(args.out) / "model.safetensors").stat().st_size
-        print(f"wrote {args.out}: mmhub model folder, tensors stored as {storage or 'saved'} ({size / 1e6:.1f} MB)")
-        return 0
+    if args.format == "mmhub":
+        return _export_mmhub(model, args)
     if args.format == "hf-llava":
         from mmhub.export import export_hf_llava
 
@@ -86,19 +85,40 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_mmhub(model: Any, args: argparse.Namespace) -> int:
+    """The same model as an mmhub folder, smaller: float32 tensors stored as --dtype, LoRA truncated to --lora-rank."""
+    storage = None if args.dtype in (None, "float32") else args.dtype
+    if args.lora_rank is not None:
+        from mmhub.adapter_rank import reduce_adapter_rank
+
+        for r in reduce_adapter_rank(model, args.lora_rank):
+            print(f"{r.slot}: LoRA rank {r.rank_before} -> {r.rank_after} on {r.layers} layers "
+                  f"({r.params_before:,} -> {r.params_after:,} parameters); update energy kept: mean "
+                  f"{r.energy_mean:.1%}, worst layer {r.energy_min:.1%}")
+        if model.spec.init_from:  # the base folder's adapters have the old rank: this folder must stand alone
+            print(f"saved self-contained (not on top of {model.spec.init_from}, whose adapters have the old rank)")
+            model.spec.init_from = None
+    model.save_pretrained(args.out, storage_dtype=storage)
+    size = (Path(args.out) / "model.safetensors").stat().st_size
+    print(f"wrote {args.out}: mmhub model folder, tensors stored as {storage or 'saved'} ({size / 1e6:.1f} MB)")
+    return 0
+
+
 def add_parsers(sub: Any, trust_flag: Any) -> None:
     """The ``export`` and ``import`` subcommands."""
     s = sub.add_parser("export", help="write a model as a transformers folder (hf: the imported family's own; "
                                       "hf-llava: transformers' LLaVA), as llama.cpp's GGUF + mmproj pair (gguf) "
-                                      "or again as an mmhub folder (mmhub: with --dtype float16/bfloat16, its "
-                                      "float32 tensors stored at half the size)")
+                                      "or again as an mmhub folder (mmhub: with --dtype float16/bfloat16/int8, its "
+                                      "float32 tensors stored at half or a quarter of the size, and --lora-rank)")
     s.add_argument("model", help="a saved model folder, a spec file, a preset, or `default` (the demo model)")
     trust_flag(s, folders=True)
     s.add_argument("out", help="the folder to write (replaced atomically)")
     s.add_argument("--format", default="hf", choices=EXPORT_FORMATS)
-    s.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
+    s.add_argument("--dtype", choices=DTYPE_CHOICES + ["int8"], default=None,
                    help="cast every tensor to this dtype (hf-llava; needed when components differ in dtype); "
-                        "mmhub: the storage dtype of the float32 tensors")
+                        "mmhub: the storage dtype of the float32 tensors (int8: one scale per row)")
+    s.add_argument("--lora-rank", type=int, default=None, metavar="R",
+                   help="mmhub: truncate the LoRA adapters to rank R (SVD of each update; prints the energy kept)")
     s.add_argument("--type", choices=["f32", "f16", "q8_0"], default=None,
                    help="gguf: the language model's tensor type (default f16; the mmproj is f32 for f32, else f16)")
     s.add_argument("--pre-tokenizer", default=None,

@@ -14,20 +14,21 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from mmhub.checkpoint import STORAGE_DTYPES, WEIGHTS_FILE, package_path, tensors_to_save
+from mmhub.checkpoint import WEIGHTS_FILE, package_path, tensors_to_save
 from mmhub.errors import CheckpointError
 from mmhub.manifest import SavedManifest
+from mmhub.storage import INT8_SCALE_SUFFIX, allowed_stored_dtypes, is_scale_entry, restore
 from mmhub.weights.into import TensorFile
 
 
 def check_layout(name: str, shape: tuple[int, ...], dtype: torch.dtype, want: torch.Tensor, file: Path,
-                 storage: torch.dtype | None = None) -> None:
+                 storage: tuple[torch.dtype, ...] = ()) -> None:
     """The stored shape and dtype (read from the file's header) must be the parameter's; a float32 parameter may
-    be stored as the folder's declared `storage` dtype (its manifest's ``storage_dtype``)."""
+    be stored in the dtypes the folder's declared storage allows (its manifest's ``storage_dtype``)."""
     if shape != tuple(want.shape):
         raise CheckpointError(f"{file}: tensor {name!r} has shape {shape} but the model's is "
                               f"{tuple(want.shape)}; the file does not belong to this spec, save the model again.")
-    if dtype != want.dtype and not (storage is not None and dtype == storage and want.dtype == torch.float32):
+    if dtype != want.dtype and not (dtype in storage and want.dtype == torch.float32):
         raise CheckpointError(f"{file}: tensor {name!r} is stored as {dtype} but the model holds "
                               f"{want.dtype}; the file was changed or belongs to another build, save it again.")
 
@@ -65,7 +66,8 @@ def apply_weights(model: Any, path: Path, manifest: SavedManifest, allow_nonfini
     try:
         with TensorFile(file) as fh:
             aliases = _read_aliases(fh.metadata, file)
-            stored = set(fh.keys())
+            stored = {k for k in fh.keys() if not is_scale_entry(k)}
+            scales = {k for k in fh.keys() if is_scale_entry(k)}
             for alias, canonical in aliases.items():  # the file's own consistency first, then the model's fit
                 if canonical not in stored:
                     raise CheckpointError(f"{file}: alias {alias!r} names {canonical!r}, which the file lacks; "
@@ -75,10 +77,19 @@ def apply_weights(model: Any, path: Path, manifest: SavedManifest, allow_nonfini
             if unexpected:
                 raise CheckpointError(f"{file} has {len(unexpected)} tensor(s) the spec's model does not, e.g. "
                                       f"{unexpected[:3]}; the spec and weights do not belong together.")
-            storage = STORAGE_DTYPES.get(manifest.storage_dtype or "")
+            storage = allowed_stored_dtypes(manifest.storage_dtype)
             for name in names:
                 source = aliases.get(name, name)
                 check_layout(name, fh.shape(source), fh.dtype(source), own[name], file, storage)
+                if fh.dtype(source) == torch.int8 and own[name].dtype == torch.float32:
+                    scale = source + INT8_SCALE_SUFFIX
+                    if scale not in scales or fh.shape(scale) != (own[name].shape[0],):
+                        raise CheckpointError(f"{file}: int8 tensor {source!r} lacks its row scales {scale!r} of "
+                                              f"shape ({own[name].shape[0]},); the file is damaged, save it again.")
+            orphans = sorted(scales - {aliases.get(n, n) + INT8_SCALE_SUFFIX for n in names})
+            if orphans:
+                raise CheckpointError(f"{file}: row scales {orphans[:3]} belong to no tensor in the file; "
+                                      "the file is damaged, save the model again.")
             for name in names:
                 source = aliases.get(name, name)
                 if fh.dtype(source) == own[name].dtype:
@@ -86,7 +97,11 @@ def apply_weights(model: Any, path: Path, manifest: SavedManifest, allow_nonfini
                 else:  # stored smaller (storage_dtype): one tensor-sized buffer, then cast into the parameter
                     small = torch.empty(own[name].shape, dtype=fh.dtype(source))
                     fh.read_into(source, small)
-                    own[name].copy_(small)
+                    scale = None
+                    if small.dtype == torch.int8:
+                        scale = torch.empty(own[name].shape[0], dtype=torch.float32)
+                        fh.read_into(source + INT8_SCALE_SUFFIX, scale)
+                    own[name].copy_(restore(small, scale))
                 check_finite(name, own[name], file, allow_nonfinite)
     except CheckpointError:
         raise
@@ -107,4 +122,4 @@ def apply_weights(model: Any, path: Path, manifest: SavedManifest, allow_nonfini
 def load_file_keys(folder: Path) -> list[str]:
     """The tensor names in a model folder's weights file (without reading the tensors)."""
     with safe_open(str(folder / WEIGHTS_FILE), "pt") as fh:
-        return list(fh.keys())
+        return [k for k in fh.keys() if not is_scale_entry(k)]

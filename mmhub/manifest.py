@@ -68,7 +68,7 @@ class SavedManifest(BaseModel):
     adapters: dict[str, LoraSpec] = Field(default_factory=dict, description="LoRA adapters the model carries, by slot")
     init_from: BaseFolder | None = None
     components: dict[str, ComponentOrigin] = Field(default_factory=dict, description="slot -> provenance")
-    storage_dtype: Literal["float16", "bfloat16"] | None = Field(
+    storage_dtype: Literal["float16", "bfloat16", "int8"] | None = Field(
         None, description="float32 tensors were stored in this dtype (smaller folder; loading casts them back)")
     imported_from: dict[str, str] | None = Field(None, description="the transformers folder, importer and model_type "
                                                  "an imported model came from (`mmhub export` picks the family by it)")

@@ -54,8 +54,8 @@ def test_half_precision_storage_halves_the_file_and_loads_back_close(tiny_spec, 
     assert all(p.dtype == torch.float32 for p in again.parameters())  # cast back on load
     after = again(**b).logits
     assert 0 < (after - before).abs().max() < 0.03 * before.abs().max()  # fp16 rounding, not another model
-    with pytest.raises(CheckpointError, match="storage_dtype 'int8'"):
-        model.save_pretrained(tmp_path / "bad", storage_dtype="int8")
+    with pytest.raises(CheckpointError, match="storage_dtype 'int4'"):
+        model.save_pretrained(tmp_path / "bad", storage_dtype="int4")
     # a file stored smaller without the manifest saying so is still refused (a retyped tensor)
     manifest = json.loads((tmp_path / "half" / "mmhub_manifest.json").read_text())
     manifest["storage_dtype"] = None

@@ -177,3 +177,26 @@ def test_cli_export_gguf(bpe: Path, tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit):  # argparse names the types it takes
         main(["export", str(tmp_path / "m"), str(tmp_path / "h"), "--format", "gguf", "--type", "q4"])
     assert "invalid choice: 'q4' (choose from 'f32', 'f16', 'q8_0')" in capsys.readouterr().err
+
+
+def test_every_blocking_problem_is_listed_before_the_adapters_are_merged(bpe: Path, tmp_path: Path,
+                                                                         monkeypatch) -> None:
+    """Two blocking parts at once (a Qwen2 LLM and a word tokenizer) in one error, found before the LoRA-merged copy
+    (twice the model's memory) or any tensor map is built."""
+    import mmhub.adapters
+    from mmhub.adapters import inject_adapter
+    from mmhub.spec import LoraSpec
+
+    model = mmhub.build(_variant(bpe, **{"backbone.config": {**LLAMA, "model_type": "qwen2"},
+                                         "backbone.tokenizer": "words:mmhub:recipes/easyvqa-words.txt"}))
+    inject_adapter(model, "backbone", LoraSpec(r=2, alpha=4, target_modules=["q_proj"]))
+
+    def no_copy(_model):
+        raise AssertionError("the merged copy was built before the problems were found")
+
+    monkeypatch.setattr(mmhub.adapters, "merged_copy", no_copy)
+    with pytest.raises(ExportError) as exc:
+        export_gguf(model, tmp_path / "both", "f16")
+    text = str(exc.value)
+    assert "2 problem(s)" in text and "backbone (model_type qwen2)" in text and "this one is WordLevel" in text, text
+    assert not (tmp_path / "both").exists()

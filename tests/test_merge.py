@@ -228,3 +228,106 @@ def test_transplant_refuses_another_family_with_the_tensor_and_both_shapes(tmp_p
     with pytest.raises(MMHubError, match=r"backbone tensor model\.model\.layers\.0\.mlp\.gate_proj\.weight is "
                                          r"\(96, 48\) in the source but \(64, 48\) in the target: not the same family"):
         transplant(mmhub.build(copy.deepcopy(TINY_SPEC)), mmhub.build(spec))
+
+
+def _combine_config(tmp_path: Path, models: dict[str, Path], method: dict, base: str, **top) -> Path:
+    path = tmp_path / "combine.yaml"
+    path.write_text(yaml.safe_dump({"models": {k: str(v) for k, v in models.items()}, "base": base,
+                                    "adapters": "combine", **top, "slots": {"backbone": method}}))
+    return path
+
+
+def _effective_backbone(folder: Path) -> dict[str, torch.Tensor]:
+    from mmhub.adapters import merge_adapters
+
+    model = mmhub.load(folder)
+    merge_adapters(model)
+    return model.backbone.state_dict()
+
+
+def test_adapters_combined_as_an_adapter_compute_what_folded_weights_compute(tmp_path: Path) -> None:
+    """``adapters: combine``: ranks 2 and 4 averaged into one rank-6 adapter give exactly the weights the folded merge
+    gives; a base without an adapter works as task arithmetic's base; a lower rank keeps the best approximation."""
+    a, b = _with_lora(tmp_path, "a", 1, r=2), _with_lora(tmp_path, "b", 2, r=4)
+    plain = _saved(tmp_path, "plain", 0)  # the same base LLM, no adapter
+    sa, sb = _effective_backbone(a), _effective_backbone(b)
+    out = merge(read_config(_combine_config(tmp_path, {"a": a, "b": b}, {"method": "linear"}, "a")), tmp_path / "lin")
+    got = mmhub.load(out)
+    assert got.spec.adapters["backbone"].r == 6 and any("lora_" in n for n, _ in got.named_parameters())
+    for k, v in _effective_backbone(out).items():
+        if v.is_floating_point():
+            assert torch.allclose(v, (sa[k] + sb[k]) / 2, atol=1e-5), k
+    report: dict = {}
+    cfg = _combine_config(tmp_path, {"base": plain, "a": a, "b": b},
+                          {"method": "task_arithmetic", "weights": {"a": 1.0, "b": 1.0}}, "base")
+    out = merge(read_config(cfg), tmp_path / "ta", report=report)
+    assert report["backbone"]["rank"] == 6 and report["backbone"]["energy_min"] > 1 - 1e-5
+    s0 = mmhub.load(plain).backbone.state_dict()
+    for k, v in _effective_backbone(out).items():
+        if v.is_floating_point():
+            assert torch.allclose(v, sa[k] + sb[k] - s0[k], atol=1e-5), k
+    report = {}
+    out = merge(read_config(_combine_config(tmp_path, {"a": a, "b": b}, {"method": "linear"}, "a", adapter_rank=1)),
+                tmp_path / "r1", report=report)
+    assert mmhub.load(out).spec.adapters["backbone"].r == 1 and report["backbone"]["energy_mean"] < 0.99
+    q = next(k for k in sa if k.endswith("q_proj.weight"))
+    want_delta = (sa[q] + sb[q]) / 2 - s0[q]
+    u, s, vh = torch.linalg.svd(want_delta)
+    got_delta = _effective_backbone(out)[q] - s0[q]
+    assert torch.allclose(got_delta, s[0] * torch.outer(u[:, 0], vh[0]), atol=1e-5)  # the best rank-1 update
+
+
+def test_adapters_combine_preflight_names_what_cannot_combine(tmp_path: Path) -> None:
+    a = _with_lora(tmp_path, "a", 1, r=2)
+    plain = _saved(tmp_path, "plain", 0)
+    other = tmp_path / "other"  # an adapter over another base LLM (seed 5)
+    spec = copy.deepcopy(TINY_SPEC)
+    spec["seed"] = 5
+    from mmhub.adapters import inject_adapter
+    from mmhub.spec import LoraSpec
+
+    model = mmhub.build(spec)
+    inject_adapter(model, "backbone", LoraSpec(r=2, alpha=4, target_modules=["q_proj", "v_proj"]))
+    model.save_pretrained(other)
+    cfg = _combine_config(tmp_path, {"a": a, "plain": plain, "other": other},
+                          {"method": "linear", "weights": {"a": 1.0, "plain": 1.0, "other": 1.0}}, "a")
+    with pytest.raises(MMHubError) as exc:
+        merge(read_config(cfg), tmp_path / "out")
+    text = str(exc.value)
+    assert "['plain'] carry no LoRA adapter on backbone" in text
+    cfg = _combine_config(tmp_path, {"a": a, "other": other}, {"method": "linear"}, "a")
+    with pytest.raises(MMHubError) as exc:
+        merge(read_config(cfg), tmp_path / "out")
+    assert "model other's base weights differ from a's in" in str(exc.value) and "use adapters: fold" in str(exc.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_header_preflight_stops_a_bad_merge_before_any_weight_is_read(tmp_path: Path, monkeypatch) -> None:
+    """Shapes, component types, slots and adapters are compared from the folders' specs, manifests and safetensors
+    headers: the merge fails with every problem listed without loading a single model."""
+    import mmhub.loading
+
+    a, deep = _saved(tmp_path, "a", 0), _saved(tmp_path, "deep", 1, hidden_dim=24)
+    lora = _with_lora(tmp_path, "lora", 1, r=2)
+    spec = copy.deepcopy(TINY_SPEC)
+    spec["projectors"]["image"] = {"type": "linear"}
+    linear = tmp_path / "linear"
+    mmhub.build(spec).save_pretrained(linear)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the header pre-flight finished")
+
+    monkeypatch.setattr(mmhub.loading, "load", no_loading)
+    cfg = MergeConfig.model_validate({"models": {"a": str(a), "deep": str(deep), "linear": str(linear)}, "base": "a",
+                                      "slots": {"projectors.image": {"method": "linear"}}})
+    with pytest.raises(MMHubError) as exc:
+        merge(cfg, tmp_path / "out")
+    text = str(exc.value)
+    assert "before loading any weights" in text and "4 problem(s)" in text, text  # 3 projector tensors, 1 type
+    assert "slots.projectors.image: tensor net.0.weight is (24, 32) in deep but (48, 32) in a" in text
+    assert "slots.projectors.image: model linear's component is 'linear' but a's is 'mlp'" in text
+    cfg = MergeConfig.model_validate({"models": {"lora": str(lora), "a": str(a)}, "base": "lora",
+                                      "adapters": "combine", "slots": {"backbone": {"method": "linear"}}})
+    with pytest.raises(MMHubError, match=r"slots.backbone: \['a'\] carry no LoRA adapter on backbone"):
+        merge(cfg, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -19,6 +19,8 @@ Settings: ``split`` (``train``: 38,575 questions over 4,000 images; ``test``: 9,
   The split's questions are lopsided (about 83 % of its yes/no answers follow from the question
   alone), so a model can score well on them without looking; on the balanced ones it cannot.
   Deterministic (seeded by ``seed``); ``meta.synthetic`` marks them.
+* ``question_types: [shape, color]`` (``task: qa`` only): keep only the questions of those types (after
+  ``balanced_yes_no``), e.g. to train a specialist for one skill (`benchmarks/merge_skills.py`).
 * ``task: draw`` (generation requests, for models with an image generator): one sample per
   image, by image id: ``user: "draw a red triangle"`` (one of `DRAW_PROMPTS`' wordings, chosen
   by ``seed`` and the image id), ``assistant: "Here is a red triangle. <img_out>"`` with the
@@ -197,6 +199,7 @@ class EasyVQAConfig(DatasetConfig):
     limit: int | None = None
     caption_prompt: str = ""
     balanced_yes_no: int = Field(0, ge=0)  # extra yes/no questions per image, half of them true (task qa)
+    question_types: list[Literal["shape", "color", "yes_no"]] | None = Field(None, min_length=1)  # task qa: only these
     # task draw: the assistant's reply; {caption} and {marker} (the <img_out> group marker) are filled in. A model
     # whose backbone stays frozen while it learns to draw cannot learn new text before the signal tokens: use
     # "{marker}" first for those
@@ -228,6 +231,8 @@ class EasyVQADataset(Dataset):
                 full = {i: self.full_facts(i) for i in self.facts}
                 self.questions = self.questions + balanced_yes_no(full, yes_no_templates(self.questions),
                                                                   c.balanced_yes_no, c.seed)
+            if c.question_types is not None:
+                self.questions = [q for q in self.questions if question_type(q[1]) in c.question_types]
             self.size = len(self.questions)
         else:
             self.image_ids = sorted(self.facts)

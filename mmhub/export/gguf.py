@@ -45,6 +45,26 @@ def source_pre_tokenizer(model: Any) -> str | None:
     return None if field is None else field.contents()
 
 
+def gguf_problems(model: Any, pre: str) -> list[str]:
+    """Everything that keeps `model` (a LLaVA shape, `check_llava` passed; adapters may still be on) from llama.cpp:
+    the vision tower and projector, the language model and the tokenizer, read from configs and the tokenizer alone."""
+    from mmhub.export.hf_llava import _vision
+    from mmhub.export.llava_parts import llava_parts
+
+    parts = llava_parts(model, allow_adapters=True)
+    vision_cfg, _ = _vision(parts)
+    lm = parts.backbone.language_model()
+    text_cfg = lm.config.get_text_config()
+    problems = (mmproj_problems(parts.family, vision_cfg, parts.feature_strategy, parts.activation,
+                                parts.linears[1] is not None) + llm_problems(text_cfg))
+    rows = max(lm.get_input_embeddings().weight.shape[0], parts.placeholder_id + 1)
+    try:
+        tokenizer_facts(model.tokenizer, rows, pre, [parts.placeholder])
+    except ExportError as exc:
+        problems.append(str(exc))
+    return problems
+
+
 def export_gguf(model: Any, out_dir: str | Path, qtype: str = "f16", pre: str | None = None) -> tuple[Path, Path]:
     """Write `model` as ``<name>.gguf`` + ``mmproj-<name>.gguf`` in `out_dir`; returns both paths.
 
@@ -61,16 +81,17 @@ def export_gguf(model: Any, out_dir: str | Path, qtype: str = "f16", pre: str | 
         check_llava(model)
     except ExportError as exc:
         raise ExportError(str(exc).replace("as a transformers LLaVA model", "as GGUF (llama.cpp's LLaVA)")) from None
+    pre = pre or source_pre_tokenizer(model) or "default"
+    problems = gguf_problems(model, pre)  # all of them, before a merged copy or a tensor is made
+    if problems:
+        raise ExportError(f"cannot export {model.spec.name!r} as GGUF (llama.cpp's LLaVA): {len(problems)} "
+                          "problem(s): " + "; ".join(problems))
     if model.spec.adapters:
         from mmhub.adapters import merged_copy
 
         model = merged_copy(model)
     parts = llava_parts(model)
     config, tensors = llava_config_and_tensors(model, parts, "float32")
-    problems = (mmproj_problems(parts.family, config.vision_config, parts.feature_strategy, parts.activation,
-                                parts.linears[1] is not None) + llm_problems(config.text_config))
-    if problems:
-        raise ExportError(f"cannot export {model.spec.name!r} as GGUF (llama.cpp's LLaVA): " + "; ".join(problems))
     if parts.family == "clip":
         warnings.warn(CLIP_NOTE, stacklevel=2)
     where = _prefixes(_meta_llava(config))
@@ -78,8 +99,7 @@ def export_gguf(model: Any, out_dir: str | Path, qtype: str = "f16", pre: str | 
     if f"{where['head']}.weight" in tensors:
         text["lm_head.weight"] = tensors[f"{where['head']}.weight"]
     rows = text["embed_tokens.weight"].shape[0]
-    tok = tokenizer_facts(model.tokenizer, rows, pre or source_pre_tokenizer(model) or "default",
-                          [parts.placeholder])
+    tok = tokenizer_facts(model.tokenizer, rows, pre, [parts.placeholder])
     prep = read_transform(parts.encoder.transform, f"encoders.image ({parts.encoder_type})")
     name = model.spec.name
     out = Path(out_dir).expanduser()

@@ -149,11 +149,12 @@ def check_llava(model: Any) -> None:
         raise ExportError(f"cannot export {spec.name!r} as a transformers LLaVA model: " + "; ".join(problems))
 
 
-def llava_parts(model: Any) -> LlavaParts:
-    """The LLaVA mapping of `model` (whose LoRA adapters, if any, are merged), or the ExportError of `check_llava`."""
+def llava_parts(model: Any, allow_adapters: bool = False) -> LlavaParts:
+    """The LLaVA mapping of `model` (whose LoRA adapters, if any, are merged: `allow_adapters` only to plan an
+    export, never to read tensors), or the ExportError of `check_llava`."""
     check_llava(model)
     spec = model.spec
-    if spec.adapters:
+    if spec.adapters and not allow_adapters:
         raise ExportError(f"{', '.join(spec.adapters)} still carry LoRA adapters; merge them first "
                           f"(mmhub.adapters.merge_adapters)")
     enc, proj = model.encoders["image"], model.projectors["image"]

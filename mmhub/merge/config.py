@@ -6,6 +6,8 @@ models:                       # name -> any reference mmhub.load takes (saved fo
   domain: runs/b/instruct/model
 base: instruct                # slots not named below are taken from it; the task-vector methods' base
 seed: 0                       # fixes DARE's random drops
+adapters: fold               # LoRA adapters: fold (into the weights, then merge) or combine (merge as an adapter)
+adapter_rank: 16             # combine: the merged adapter's rank (default: the sum of the merged adapters' ranks)
 slots:
   projectors.image: {method: linear, weights: {instruct: 0.5, domain: 0.5}}
   backbone: {method: ties, weights: {domain: 1.0}, density: 0.5}
@@ -19,7 +21,7 @@ the base (every model for methods that take no base). Other keys are the method'
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -48,6 +50,12 @@ class MergeConfig(BaseModel):
     models: dict[str, str] = Field(min_length=1)
     base: str
     seed: int = 0
+    adapters: Literal["fold", "combine"] = Field(
+        "fold", description="fold: LoRA folded into each model's weights, then the weights merged (the result carries "
+                            "no adapter); combine: the adapters' updates merged into one adapter over the shared base "
+                            "(`mmhub.merge.adapters`)")
+    adapter_rank: int | None = Field(None, ge=1, description="combine: the merged adapter's rank (default: the sum "
+                                                             "of the merged adapters' ranks, exact for linear merges)")
     slots: dict[str, SlotMerge] = Field(default_factory=dict)
 
 

@@ -4,8 +4,10 @@ Pre-flight lists every problem at once, each with the slot, both sides and the f
 or anything written: an unknown slot, model or method, bad method settings or model counts, a slot whose component
 type differs between models, a tensor missing or of another shape, tokenizers or signal tokens that
 differ. LoRA adapters are folded into their base weights first (peft's merge), so a slot is merged as the weights
-it computes with. The merged model is the base with its merged slots' tensors replaced; it is saved self-contained
-(``full=True``: merged weights are no longer the weight sources'), atomically, so a failure writes nothing.
+it computes with; or, with ``adapters: combine``, merged as one adapter over the shared base
+(`mmhub.merge.adapters`). The merged model is the base with its merged slots' tensors replaced; it is saved
+atomically, so a failure writes nothing: self-contained (``full=True``: merged weights are no longer the weight
+sources') when adapters were folded, as the merged slots and adapters alone when they were combined.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from pydantic import ValidationError
 
 from mmhub.errors import MMHubError
+from mmhub.merge.adapters import adapter_slots, combine_adapters, combine_problems
 from mmhub.merge.config import MergeConfig, SlotMerge
 from mmhub.merge.methods import MergeMethod
 from mmhub.regimes import slots as model_slots
@@ -39,6 +42,40 @@ def _weights(cfg: MergeConfig, sm: SlotMerge, cls: type[MergeMethod]) -> dict[st
     return {n: 1.0 for n in cfg.models if n != cfg.base or not cls.needs_base}
 
 
+def method_plan(cfg: MergeConfig, registry: Registry, skip: list[str] = ()) -> tuple[
+        dict[str, tuple[MergeMethod, dict]], dict[str, str]]:
+    """Per slot of `cfg` (but `skip`), the method instance and weights by model; and per slot the problem with its
+    method, settings, weights or model count. Needs no model, so it runs before any is loaded."""
+    plan: dict[str, tuple[MergeMethod, dict]] = {}
+    errors: dict[str, str] = {}
+    for slot, sm in cfg.slots.items():
+        if slot in skip:
+            continue
+        where = f"slots.{slot}"
+        try:
+            cls = registry.merge_method(sm.method).cls
+            method = cls(cls.Settings.model_validate(sm.params))
+        except ValidationError as exc:
+            bad = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            errors[slot] = f"{where}: {sm.method}'s settings: {bad}"
+            continue
+        except MMHubError as exc:  # an unknown method: the message lists the registered ones
+            errors[slot] = f"{where}: {exc}"
+            continue
+        weights = _weights(cfg, sm, cls)
+        unknown = [n for n in weights if n not in cfg.models]
+        if unknown:
+            errors[slot] = f"{where}: weights name {unknown}, which are not among models ({', '.join(cfg.models)})"
+            continue
+        n = len(weights)
+        if n < cls.min_models or (cls.max_models is not None and n > cls.max_models):
+            want = cls.min_models if cls.max_models == cls.min_models else f"at least {cls.min_models}"
+            errors[slot] = f"{where}: {sm.method} merges {want} model(s), the weights name {n}"
+            continue
+        plan[slot] = (method, weights)
+    return plan, errors
+
+
 def preflight(cfg: MergeConfig, models: dict[str, Any], registry: Registry,
               slot_maps: dict[str, dict[str, Any]] | None = None) -> dict[str, tuple[MergeMethod, dict]]:
     """Every problem of the merge, raised together; returns per slot (method instance, weights by model)."""
@@ -55,32 +92,20 @@ def preflight(cfg: MergeConfig, models: dict[str, Any], registry: Registry,
         if (sig is None) != (bsig is None) or (sig is not None and sig.ids.tolist() != bsig.ids.tolist()):
             problems.append(f"models.{name}: its signal tokens differ from the base's; merge models with the same "
                             "output side")
-    for slot, sm in cfg.slots.items():
+    methods, method_errors = method_plan(cfg, registry, skip=[s for s in cfg.slots if s not in base_slots])
+    for slot in cfg.slots:
         where = f"slots.{slot}"
         if slot not in base_slots:
             problems.append(f"{where}: the base has no slot {slot!r} (slots: {', '.join(base_slots)})")
             continue
-        try:
-            cls = registry.merge_method(sm.method).cls
-            method = cls(cls.Settings.model_validate(sm.params))
-        except ValidationError as exc:
-            bad = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-            problems.append(f"{where}: {sm.method}'s settings: {bad}")
+        if slot in method_errors:
+            problems.append(method_errors[slot])
             continue
-        except MMHubError as exc:  # an unknown method: the message lists the registered ones
-            problems.append(f"{where}: {exc}")
-            continue
-        weights = _weights(cfg, sm, cls)
-        unknown = [n for n in weights if n not in models]
-        if unknown:
-            problems.append(f"{where}: weights name {unknown}, which are not among models ({', '.join(models)})")
-            continue
-        n = len(weights)
-        if n < cls.min_models or (cls.max_models is not None and n > cls.max_models):
-            want = cls.min_models if cls.max_models == cls.min_models else f"at least {cls.min_models}"
-            problems.append(f"{where}: {sm.method} merges {want} model(s), the weights name {n}")
-            continue
-        problems.extend(_slot_problems(where, slot, slot_maps, list(weights), cfg.base))
+        method, weights = methods[slot]
+        if cfg.adapters == "combine" and adapter_slots(models, list(weights), slot):
+            problems.extend(combine_problems(where, slot, models, list(weights), cfg.base, slot_maps))
+        else:
+            problems.extend(_slot_problems(where, slot, slot_maps, list(weights), cfg.base))
         plan[slot] = (method, weights)
     if problems:
         listed = "\n".join(f"  - {p}" for p in problems)
@@ -126,13 +151,24 @@ def fold_adapters(models: dict[str, Any]) -> dict[str, list[str]]:
 @torch.no_grad()
 def merge_models(cfg: MergeConfig, models: dict[str, Any], registry: Registry | None = None) -> Any:
     """The base model with every configured slot merged (in place); pre-flight first. LoRA adapters are folded into
-    their base weights first (`fold_adapters`), so the merged model carries none."""
-    fold_adapters(models)
+    their base weights first (`fold_adapters`), so the merged model carries none; with ``adapters: combine`` the
+    slots whose models carry adapters are merged as adapters (`combine_adapters`) and the result keeps one. The
+    merged slots are recorded as trained, and the merge report (per combined slot: rank and energy kept) is left
+    on the model as ``merge_report``."""
+    if cfg.adapters == "fold":
+        fold_adapters(models)
     slot_maps = _slot_maps(models)
     plan = preflight(cfg, models, registry or get_registry(), slot_maps)
+    merged_model = models[cfg.base]
+    report: dict[str, Any] = {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         for slot, (method, weights) in plan.items():
+            if cfg.adapters == "combine" and adapter_slots(models, list(weights), slot):
+                report[slot] = combine_adapters(slot, method, weights, models, cfg.base, cfg.adapter_rank)
+                continue  # the base weights are the same in every model (pre-flight): only the adapters merge
+            if slot not in merged_model.spec.trained:
+                merged_model.spec.trained.append(slot)
             target = slot_maps[cfg.base][slot].state_dict()
             sources = {n: slot_maps[n][slot].state_dict() for n in weights}
             for key, t in target.items():
@@ -141,14 +177,19 @@ def merge_models(cfg: MergeConfig, models: dict[str, Any], registry: Registry | 
                 merged = method.merge(t if method.needs_base else None, [sources[n][key] for n in weights],
                                       list(weights.values()))
                 t.copy_(merged)
-    return models[cfg.base]
+    merged_model.merge_report = report
+    return merged_model
 
 
 def merge(config: MergeConfig, out: str | Path, allow_paths: list[str | Path] | None = None,
-          registry: Registry | None = None) -> Path:
-    """Load the config's models, merge, and save the result to `out` (atomically); returns the folder."""
+          registry: Registry | None = None, report: dict[str, Any] | None = None) -> Path:
+    """Load the config's models, merge, and save the result to `out` (atomically); returns the folder. `report`, if
+    given, receives per combined-adapter slot the rank and the update energy kept."""
     from mmhub.loading import load
+    from mmhub.merge.headers import check_headers
 
+    registry = registry or get_registry()
+    check_headers(config, registry)  # what the folders' files show, before any weight is read
     models = {}
     for name, ref in config.models.items():
         try:
@@ -158,4 +199,9 @@ def merge(config: MergeConfig, out: str | Path, allow_paths: list[str | Path] | 
     if config.base not in models:
         raise MMHubError(f"base: {config.base!r} is not among models ({', '.join(models)})")
     merged = merge_models(config, models, registry)
+    if report is not None:
+        report.update(merged.merge_report)
+    if config.adapters == "combine":  # merged slots are marked trained: saved whole; sourced weights stay sourced
+        merged.spec.init_from = None  # a base folder's adapters would have the old rank
+        return merged.save_pretrained(out)
     return merged.save_pretrained(out, full=True)
