@@ -7,7 +7,7 @@
 
 For each method (`linear`, `slerp`, `task_arithmetic`, `ties`, `dare_linear`, `dare_ties`) the script writes a merge
 config (``OUT/METHOD.yaml``: the backbone slot merged, every other slot the base's; the specialists' LoRA
-adapters folded into their weights first), runs ``mmhub merge`` on it and scores the merged model with the easy-VQA
+adapters folded into their weights first; the ``+combine`` rows merge them as one adapter instead), runs ``mmhub merge`` on it and scores the merged model with the easy-VQA
 task (``mmhub eval MODEL --task easy-vqa --limit N``: strict, per question type) beside the base and both
 specialists. ``OUT/table.json`` holds every score; the table printed is the one in docs/merging.md.
 """
@@ -34,6 +34,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "dare_linear": {"method": "dare_linear", "weights": {"shape_color": 1.0, "yes_no": 1.0}, "density": 0.5},
     "dare_ties": {"method": "dare_ties", "weights": {"shape_color": 1.0, "yes_no": 1.0}, "density": 0.5},
 }
+# the same methods with the adapters merged as one adapter (``adapters: combine``) instead of folded first
+COMBINED = {f"{m}+combine": m for m in ("task_arithmetic", "ties")}
 TYPES = ("shape", "color", "yes_no")
 
 
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", default="runs")
     ap.add_argument("--limit", type=int, default=450)
     ap.add_argument("--out", default="runs/skills-merge")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join([*METHODS, *COMBINED]))
     a = ap.parse_args(argv)
     from mmhub.merge.config import read_config
     from mmhub.merge.run import merge
@@ -78,13 +80,16 @@ def main(argv: list[str] | None = None) -> int:
         print(name, json.dumps(table["rows"][name]), flush=True)
     for method in a.methods.split(","):
         cfg = {"models": {k: str(v) for k, v in models.items()}, "base": "base", "seed": 0,
-               "slots": {"backbone": METHODS[method]}}
+               "slots": {"backbone": METHODS[COMBINED.get(method, method)]}}
+        if method in COMBINED:
+            cfg["adapters"] = "combine"
         path = out / f"{method}.yaml"
         write_text_atomic(path, yaml.safe_dump(cfg, sort_keys=False))
         t0 = time.perf_counter()
-        merged = merge(read_config(path), out / method)
+        report: dict[str, Any] = {}
+        merged = merge(read_config(path), out / method, report=report)
         took = round(time.perf_counter() - t0, 1)
-        row = score(merged, a.limit) | {"merge_s": took}
+        row = score(merged, a.limit) | {"merge_s": took} | ({"adapters": report["backbone"]} if report else {})
         table["rows"][method] = row
         print(method, json.dumps(row), flush=True)
         write_text_atomic(out / "table.json", json.dumps(table, indent=1) + "\n")

@@ -5,8 +5,8 @@ The trained models that live here, each a folder written by `MMModel.save_pretra
 
 * ``easyvqa-smollm2-followup``: ``easyvqa-smollm2-varied`` continued on elliptical follow-ups and comparisons of
   two pictures, with the shape-aware ``easyvqa-draw-outline`` generator (recipe
-  ``mmhub/recipes/easyvqa-smollm2-followup.yaml``); it stores its changed tensors in float16 (13.6 MB) and loads
-  ``easyvqa-smollm2-varied`` under them;
+  ``mmhub/recipes/easyvqa-smollm2-followup.yaml``); self-contained in 5.1 MB: its LoRA truncated from rank 16 to 8
+  (SVD of each update) and its trained tensors stored as int8 with a scale per row (`mmhub.storage`);
 * ``easyvqa-smollm2-varied``: the drawing model below taught the questions rather than easy-VQA's templates
   (grammar-varied questions, follow-up conversations, non-easy-VQA pictures answered with a refusal; recipe
   ``mmhub/recipes/easyvqa-smollm2-varied.yaml``); it stores its projector, LoRA, signal rows and output projector
