@@ -9,7 +9,8 @@ For each method (`linear`, `slerp`, `task_arithmetic`, `ties`, `dare_linear`, `d
 config (``OUT/METHOD.yaml``: the backbone slot merged, every other slot the base's; the specialists' LoRA
 adapters folded into their weights first; the ``+combine`` rows merge them as one adapter instead), runs
 ``mmhub merge`` on it and scores the merged model with the easy-VQA task (``mmhub eval MODEL --task easy-vqa
---limit N``: strict, per question type) beside the base and both specialists. ``OUT/table.json`` holds every score; the table printed is the one in docs/merging.md.
+--limit N``: strict, per question type) beside the base and both specialists. ``OUT/table.json`` holds every
+score; the table printed is the one in docs/merging.md.
 """
 
 from __future__ import annotations
