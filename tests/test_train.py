@@ -311,3 +311,52 @@ def test_a_step_the_loss_scaler_skipped_does_not_advance_the_lr_schedule(tmp_pat
     sched = json.loads((ckpt / "scheduler.json").read_text())
     assert calls["n"] == steps, (calls, steps)
     assert sched["last_epoch"] == steps - len(skipped_steps), sched
+
+
+def _two_nodes(out: Path, *extra: str) -> list[subprocess.Popen]:
+    """The training script as two torchrun "nodes" (one process each) meeting through the c10d rendezvous on
+    127.0.0.1: the launch line of a two-machine run, both ends on this one."""
+    from live_server import free_port
+
+    port = free_port()
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                              "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "mmhub",
+                              "--node-rank", str(rank), str(SCRIPT), str(out), "4", *extra],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+            for rank in (0, 1)]
+
+
+def _finish(procs: list[subprocess.Popen]) -> list[str]:
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    return [o for o, _ in outs]
+
+
+def test_two_nodes_train_like_one_process_and_resume_after_sigkill(reference: Path, tmp_path: Path) -> None:
+    """``torchrun --nnodes 2`` (c10d rendezvous): the two-node run matches the one-process run with the same global
+    batch, and a two-node run killed mid-stage (SIGKILL to both nodes) resumes to the uninterrupted run's weights."""
+    whole = tmp_path / "whole"
+    _finish(_two_nodes(whole))
+    for stage, tol in (("align", 1e-5), ("tune", 1e-4)):
+        a, b = _params(reference, stage), _params(whole, stage)
+        diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a if "projectors" in k or "lora_" in k)
+        assert diff < tol, f"{stage}: max |2 nodes - 1 process| = {diff}"
+    cut = tmp_path / "cut"
+    procs = _two_nodes(cut)
+    target = cut / "align" / "checkpoints" / "step-0000002" / "progress.json"  # 4 align steps and tune still to go
+    deadline = time.time() + 300
+    while not target.exists() and all(p.poll() is None for p in procs) and time.time() < deadline:
+        time.sleep(0.05)
+    assert target.exists(), "the two-node run never wrote the mid-stage checkpoint"
+    for p in procs:
+        os.killpg(p.pid, signal.SIGKILL)  # each node's agent and its worker
+        p.communicate()
+    assert not (cut / "align" / "model").exists(), "the kill came too late to test resuming mid-stage"
+    out = _finish(_two_nodes(cut, "--resume"))
+    assert any("resumed stage 'align'" in o for o in out)
+    for stage in ("align", "tune"):
+        a, b = _params(whole, stage), _params(cut, stage)
+        for k in a:
+            assert torch.allclose(a[k], b[k], atol=1e-6), f"{stage}: {k} differs after the two-node resume"
