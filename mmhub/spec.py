@@ -90,6 +90,12 @@ class StageSpec(BaseModel):
     cache_features: bool = Field(True, description="cache frozen encoders' outputs on disk")
     max_bad_fraction: float = Field(0.01, ge=0, le=1, description="share of bad samples skipped before the run stops")
     log_every: int = Field(10, gt=0)
+    placement: dict[str, Literal["shard", "replicate"]] = Field(
+        default_factory=dict, description="with several processes: slots to shard (torch FSDP2 `fully_shard`: each "
+                                          "process holds 1/N of the slot's parameters, gradients and optimizer state) "
+                                          "or replicate (every process holds all of it; trainable ones average their "
+                                          "gradients). Empty: DDP for the whole model. Only a slot that trains in "
+                                          "this stage may be sharded (mmhub.train.fsdp)")
 
     @field_validator("train", mode="before")
     @classmethod

@@ -90,14 +90,19 @@ def set_rng_state(tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> Non
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
 
 
-def save_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, progress: dict[str, Any]) -> Path:
-    """Write a resumable checkpoint to `path` atomically."""
-    state, aliases = _dedupe(tensors_to_save(model, full=False))
+def save_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, progress: dict[str, Any],
+                    model_state: dict[str, torch.Tensor] | None = None,
+                    optimizer_state: dict[str, Any] | None = None) -> Path:
+    """Write a resumable checkpoint to `path` atomically. A sharded stage passes its gathered `model_state` and its
+    `optimizer_state` keyed by parameter name (`mmhub.train.fsdp`); the record notes the keying."""
+    state, aliases = _dedupe(model_state if model_state is not None else tensors_to_save(model, full=False))
     opt_tensors: dict[str, torch.Tensor] = {}
-    opt_json = _tensors_and_json(optimizer.state_dict(), "opt", opt_tensors)
+    opt_json = _tensors_and_json(optimizer_state if optimizer_state is not None else optimizer.state_dict(), "opt",
+                                 opt_tensors)
     rng_tensors, rng_json = rng_state()
     progress = {**progress, "adapters": {k: v.model_dump() for k, v in model.spec.adapters.items()},
-                "trained": list(model.spec.trained)}
+                "trained": list(model.spec.trained),
+                "optimizer_keys": "names" if optimizer_state is not None else "indices"}
     with atomic_dir(path) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"aliases": json.dumps(aliases)})
         save_file(opt_tensors or {"_empty": torch.zeros(0)}, str(tmp / "optimizer.safetensors"))
@@ -146,7 +151,7 @@ def _tensors(path: Path, name: str) -> tuple[dict[str, torch.Tensor], dict[str, 
                               "resume from an earlier checkpoint (delete this folder)") from None
 
 
-def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> dict[str, Any]:
+def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, sharded: bool = False) -> dict[str, Any]:
     """Restore model tensors, optimizer, scheduler and RNG from `path`; returns its progress record.
 
     Every file is read and parsed before anything is restored, so a missing or damaged file raises
@@ -167,19 +172,37 @@ def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> d
         raise CheckpointError(f"{path}: model.safetensors aliases or optimizer.json do not fit their tensors "
                               f"({type(exc).__name__}: {exc}); resume from an earlier checkpoint (delete this "
                               "folder)") from None
-    _, unexpected = model.load_state_dict(state, strict=False)
+    by_name = progress.get("optimizer_keys") == "names"
+    if sharded and not by_name:
+        raise CheckpointError(f"{path} was written by an unsharded stage; resume it without the stage's placement "
+                              "(or on one process)")
+    unexpected = [k for k in state if k not in model.state_dict()]
     if unexpected:
         raise CheckpointError(f"{path}: {len(unexpected)} tensors do not belong to this model, e.g. {unexpected[:3]}; "
                               "resume with the spec the run was started with")
+    if sharded or by_name:  # parameter-name keyed full state: onto shards, or onto a plain model (another count)
+        from mmhub.train.fsdp import load_full_state
+
+        real = hasattr(optimizer, "param_groups")  # not the stand-in of a finished stage replayed for its weights
+        try:
+            load_full_state(model, optimizer if real else None, state, opt_state if real else None)
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise CheckpointError(f"{path}: its tensors do not fit this run ({type(exc).__name__}: {exc}); resume "
+                                  "from an earlier checkpoint (delete this folder)") from None
+        _restore(path, None, None, scheduler, sched, rng_tensors, rng_json)
+        return progress
+    model.load_state_dict(state, strict=False)
     _restore(path, optimizer, opt_state, scheduler, sched, rng_tensors, rng_json)
     return progress
+
 
 
 def _restore(path: Path, optimizer: Any, opt_state: Any, scheduler: Any, sched: Any, rng_tensors: dict[str, Any],
              rng_json: Any) -> None:
     step = "optimizer.json"
     try:
-        optimizer.load_state_dict(opt_state)
+        if optimizer is not None:
+            optimizer.load_state_dict(opt_state)
         step = "scheduler.json"
         if scheduler is not None:
             scheduler.load_state_dict(sched)
@@ -191,14 +214,14 @@ def _restore(path: Path, optimizer: Any, opt_state: Any, scheduler: Any, sched: 
 
 
 def load_newest(stage_dir: Path, model: Any, optimizer: Any, scheduler: Any,
-                log: Callable[[str], None]) -> tuple[Path, dict[str, Any]] | None:
+                log: Callable[[str], None], sharded: bool = False) -> tuple[Path, dict[str, Any]] | None:
     """Restore the newest checkpoint of a stage that reads whole, saying which damaged ones were passed over;
     None when the stage has none. Raises `CheckpointError` when every one is damaged."""
     found = step_folders(stage_dir)
     problems = []
     for path in reversed(found):
         try:
-            return path, load_checkpoint(path, model, optimizer, scheduler)
+            return path, load_checkpoint(path, model, optimizer, scheduler, sharded)
         except CheckpointError as exc:
             problems.append(str(exc))
             log(f"warning: checkpoint {path} cannot be used ({exc}); trying the one before it")

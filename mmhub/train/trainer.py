@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from mmhub.assembly import build_from_plan
+from mmhub.checkpoint import tensors_to_save
 from mmhub.data.preflight import preflight
 from mmhub.errors import CheckpointError, InputError, MMHubError
 from mmhub.packing import length_grouped_order
@@ -32,6 +33,7 @@ from mmhub.regimes import slots
 from mmhub.spec import StageSpec
 from mmhub.train.batches import BadSamples, BatchBuilder
 from mmhub.train.feature_cache import FeatureCache
+from mmhub.train.fsdp import ShardedAccelerator, ShardedStage, full_optimizer_state, full_tensors
 from mmhub.train.loop import Loop, Progress, StepResult, cosine_with_warmup, epoch_order, run_loop
 from mmhub.train.metrics import Metrics, StageLogger, progress_bar
 from mmhub.train.objectives import Objective, objective_for
@@ -41,6 +43,7 @@ from mmhub.train.state import (
     load_checkpoint,
     load_newest,
     prune,
+    read_progress,
     save_checkpoint,
     step_folders,
 )
@@ -66,6 +69,8 @@ class StageRun:
     caches: dict[str, FeatureCache]
     bad: BadSamples
     logger: StageLogger
+    loop_accelerator: Any = None  # what the loop drives: the accelerator, or a sharded stage's interface
+    sharded: Any = None  # mmhub.train.fsdp.ShardedStage when the stage shards slots
     orders: dict[int, list[int]] = field(default_factory=dict)  # the current epoch's sample order
     lengths: list[int] | None = None  # text lengths, measured once for group_by_length
 
@@ -144,10 +149,11 @@ class Trainer:
                   max_steps: int | None = None) -> dict[str, Any]:
         """Train one stage: set up, run the loop, save its model; returns its summary."""
         run = self._setup(index, st, resume, max_steps)
+        st = run.stage  # a resume on another process count may have changed its grad_accum
         builder = BatchBuilder(self.model, run.data, st, run.objective, run.caches, run.bad,
                                self.accelerator.num_processes, self.accelerator.process_index, self.log)
         loop = Loop(model=run.wrapped, objective=run.objective, optimizer=run.optimizer, scheduler=run.scheduler,
-                    accelerator=self.accelerator, stage=st, total=run.total, max_grad_norm=st.max_grad_norm,
+                    accelerator=run.loop_accelerator, stage=st, total=run.total, max_grad_norm=st.max_grad_norm,
                     progress=run.progress, next_batches=lambda p: builder.step(self._next_ids(run, p)),
                     after_step=lambda p, result, lr: self._after_step(run, result, lr),
                     save=lambda p: self._checkpoint(run), log=self.log,
@@ -172,25 +178,64 @@ class Trainer:
             report = preflight(model, data, n=min(256, n), max_bad_fraction=st.max_bad_fraction, seed=model.spec.seed)
             self.log(f"preflight {st.name!r}: {report.checked} samples checked, "
                      f"{sum(report.problems.values())} with problems")
+        if resume:
+            st = self._keep_global_batch(st, folder)
         per_step = st.batch_size * st.grad_accum * acc.num_processes
         total = max_steps or st.max_steps or max(1, int(max(1, n // per_step) * st.epochs))
         objective = objective_for(st, model, self._reference(st) if st.objective == "dpo" else None)
+        sharded = self._shard(st, plan)
         optimizer = torch.optim.AdamW(param_groups(model, st), lr=st.lr, weight_decay=st.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
                                                       cosine_with_warmup(total, int(st.warmup_ratio * total)))
         if acc.mixed_precision != _precision(st.precision) and st.precision != "fp32":
             self.log(f"note: stage precision {st.precision} needs an Accelerator(mixed_precision=...); "
                      f"using {acc.mixed_precision}")
-        wrapped, optimizer = acc.prepare(model, optimizer)
+        if sharded is not None:  # FSDP2 already syncs the gradients: no DDP wrapper around the model
+            wrapped, loop_acc = model, ShardedAccelerator(acc, sharded)
+        else:
+            (wrapped, optimizer), loop_acc = acc.prepare(model, optimizer), acc
         progress = Progress(stage=st.name, stage_index=index)
-        if resume and (loaded := load_newest(folder, model, optimizer, scheduler, self.log)):
+        if resume and (loaded := load_newest(folder, model, optimizer, scheduler, self.log, sharded is not None)):
             progress = Progress.from_dict(loaded[1])
             self.log(f"resumed stage {st.name!r} from {loaded[0]} (step {progress.global_step})")
         bar = progress_bar(total, progress.global_step, st.name) if self.progress_bar else None
         logger = StageLogger(Metrics(folder, acc.is_main_process), st.name, st.log_every, total, objective.count_key,
                              bar)
         return StageRun(index, st, folder, plan, data, total, per_step, objective, wrapped, optimizer, scheduler,
-                        progress, self._caches(plan, st, objective), BadSamples(st.max_bad_fraction), logger)
+                        progress, self._caches(plan, st, objective), BadSamples(st.max_bad_fraction), logger,
+                        loop_acc, sharded)
+
+    def _keep_global_batch(self, st: StageSpec, folder: Path) -> StageSpec:
+        """Resuming on another process count: accumulate so that a step takes the samples it took before (the
+        checkpoint's ``per_step``), keeping the sample order, the step count and the optimisation the same."""
+        done = checkpoints(folder)
+        if not done:
+            return st
+        try:
+            before = int(read_progress(done[-1]).get("per_step") or 0)
+        except CheckpointError:
+            return st  # load_newest names the damaged checkpoint and falls back
+        procs = self.accelerator.num_processes
+        now = st.batch_size * st.grad_accum * procs
+        if not before or before == now:
+            return st
+        accum, rest = divmod(before, st.batch_size * procs)
+        if rest or accum < 1:
+            raise MMHubError(f"stage {st.name!r} took {before} samples a step before the restart and would take {now} "
+                             f"on {procs} process(es) (batch_size {st.batch_size}); no grad_accum keeps {before}: "
+                             f"resume on a process count that divides {before // st.batch_size}")
+        self.log(f"stage {st.name!r}: {procs} process(es) now; grad_accum {st.grad_accum} -> {accum} keeps the "
+                 f"{before} samples per step of the run so far")
+        return st.model_copy(update={"grad_accum": accum})
+
+    def _shard(self, st: StageSpec, plan: StagePlan) -> Any:
+        """Shard the stage's ``placement: shard`` slots (FSDP2) when several processes run; None otherwise."""
+        if not any(how == "shard" for how in st.placement.values()) or self.accelerator.num_processes == 1:
+            return None
+        if st.objective == "dpo":
+            raise MMHubError(f"stage {st.name!r}: DPO with sharded slots is not supported yet (its frozen reference "
+                             "copy is unsharded); drop the stage's placement")
+        return ShardedStage(self.model, st, plan.regimes, self.accelerator.num_processes)
 
     def _reference(self, st: StageSpec) -> torch.nn.Module:
         """DPO's frozen reference: the same components and adapters, with the weights as the stage begins."""
@@ -213,6 +258,8 @@ class Trainer:
         self._roll_epoch(run, progress)
         progress.skipped = run.bad.total
         self._checkpoint(run)
+        if run.sharded is not None:  # later stages and the saved folder get the model unsharded
+            model = self.model = self._unsharded(run)
         model.eval()
         if acc.is_main_process:
             model.save_pretrained(run.folder / "model")
@@ -224,6 +271,21 @@ class Trainer:
                    "feature_cache": {m: {"hits": c.hits, "misses": c.misses} for m, c in run.caches.items()}}
         run.logger.metrics.log({"stage": st.name, "step": progress.global_step, "summary": summary})
         return summary
+
+    def _unsharded(self, run: StageRun) -> Any:
+        """A plain copy of the sharded model (rebuilt from its plan, its adapters re-injected, the gathered tensors
+        loaded) that replaces it: FSDP2 has no way back, and a saved folder or the next stage wants whole tensors."""
+        from mmhub.adapters import inject_adapter
+
+        sharded = self.model
+        state = full_tensors(sharded.state_dict())
+        run.sharded.close()
+        plain = build_from_plan(sharded.plan)
+        for slot, lora in sharded.spec.adapters.items():
+            inject_adapter(plain, slot, lora)
+        plain.spec.trained = list(sharded.spec.trained)
+        plain.load_state_dict(state)
+        return plain
 
     # -- the loop's callbacks ------------------------------------------------------
     def _next_ids(self, run: StageRun, progress: Progress) -> list[int]:
@@ -256,9 +318,15 @@ class Trainer:
 
     def _checkpoint(self, run: StageRun) -> None:
         acc = self.accelerator
+        model_state = optimizer_state = None
+        if run.sharded is not None:  # every process gathers the shards; the main one writes
+            model_state = full_tensors(tensors_to_save(self.model, full=False))
+            optimizer_state = full_optimizer_state(self.model, run.optimizer)
         if acc.is_main_process:
             save_checkpoint(run.folder / "checkpoints" / f"{STEP_PREFIX}{run.progress.global_step:07d}", self.model,
-                            run.optimizer, run.scheduler, run.progress.to_dict())
+                            run.optimizer, run.scheduler,
+                            {**run.progress.to_dict(), "per_step": run.per_step, "processes": acc.num_processes},
+                            model_state, optimizer_state)
             prune(run.folder, run.stage.keep_last)
         acc.wait_for_everyone()
 

@@ -1,6 +1,6 @@
 """A small training run used by the trainer tests as a subprocess (killed, resumed, or run under torchrun).
 
-usage: python train_script.py OUT_DIR BATCH_SIZE [--resume]
+usage: python train_script.py OUT_DIR BATCH_SIZE [GRAD_ACCUM] [--resume] [--shard]
 Builds a tiny spec with two stages (projector alignment, then projector + LoRA) over an in-memory
 colour dataset that is the same in every process, and trains it with mmhub's trainer.
 """
@@ -39,7 +39,7 @@ def dataset(n: int = 64) -> list[Sample]:
 BACKBONE = {**TINY_LLAMA, "initializer_range": 0.02}
 
 
-def spec(batch_size: int, grad_accum: int = 1) -> dict:
+def spec(batch_size: int, grad_accum: int = 1, shard: bool = False) -> dict:
     stage = {"batch_size": batch_size, "grad_accum": grad_accum, "lr": 5e-3, "save_every": 2, "log_every": 1,
              "warmup_ratio": 0.2, "keep_last": 10}
     return {"name": "trainer-test", "seed": 3,
@@ -48,9 +48,10 @@ def spec(batch_size: int, grad_accum: int = 1) -> dict:
                                                   "head_width": 16}}},
             "projectors": {"image": {"type": "mlp", "depth": 2}},
             "backbone": {"type": "hf_causal_lm", "config": BACKBONE, "tokenizer": "byte"}, "template": "chatml",
-            "stages": [{"name": "align", "train": {"projectors": "full"}, "max_steps": 6, **stage},
+            "stages": [{"name": "align", "train": {"projectors": "full"}, "max_steps": 6, **stage,
+                        **({"placement": {"projectors.image": "shard"}} if shard else {})},
                        {"name": "tune", "train": {"projectors": "full", "backbone": {"lora": {"r": 4}}}, "max_steps": 4,
-                        **stage}]}
+                        **stage, **({"placement": {"backbone": "shard"}} if shard else {})}]}
 
 
 if __name__ == "__main__":
@@ -61,4 +62,5 @@ if __name__ == "__main__":
     if "--resume" in sys.argv:
         train(resume=out, datasets={"align": data, "tune": data}, progress_bar=False)
     else:
-        train(spec(bs, accum), out=out, datasets={"align": data, "tune": data}, progress_bar=False)
+        train(spec(bs, accum, "--shard" in sys.argv), out=out, datasets={"align": data, "tune": data},
+              progress_bar=False)
