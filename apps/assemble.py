@@ -117,20 +117,38 @@ def _fix(p: Any) -> str:
 
 def build(text: str, registry: Any = None) -> tuple[list[list[Any]], str]:
     """Build the spec: (parameter table rows, markdown summary), or ([], the error)."""
+    rows, summary, _ = build_and_draw(text, registry, draw=False)
+    return rows, summary
+
+
+def build_and_draw(text: str, registry: Any = None, draw: bool = True,
+                   folder: str | None = None) -> tuple[list[list[Any]], str, str | None]:
+    """Build the spec: (parameter table rows, markdown summary, the model's diagram as a PNG path), or
+    ([], the error, None). The diagram (`mmhub.diagram`) has a panel per stage with what it trains coloured."""
     from mmhub.assembly import build as build_model
 
     ok, message = validate(text, registry)
     if not ok:
-        return [], message
+        return [], message, None
     try:
         model = build_model(_load(text), registry=registry)
     except MMHubError as exc:
-        return [], f"**Build failed**: {exc}"
+        return [], f"**Build failed**: {exc}", None
     except Exception as exc:  # a component's own error while building: shown, never raised into the server
-        return [], f"**Build failed** ({type(exc).__name__}): {exc}"
+        return [], f"**Build failed** ({type(exc).__name__}): {exc}", None
     rows = [[r["slot"], r["type"], r["params"], r["trainable"]] for r in model.parameter_table()]
     total = sum(r[2] for r in rows)
-    return rows, f"**Built** {model.spec.name}: {total:,} parameters in {len(rows)} components."
+    summary = f"**Built** {model.spec.name}: {total:,} parameters in {len(rows)} components."
+    if not draw:
+        return rows, summary, None
+    from mmhub.diagram import draw_diagram, model_facts
+
+    out = Path(folder or tempfile.mkdtemp(prefix="mmhub-diagram-")) / f"{model.spec.name}.png"
+    try:
+        draw_diagram(model_facts(model), out)
+    except Exception as exc:  # the picture is an extra: the build stands without it
+        return rows, summary + f" (no diagram: {type(exc).__name__}: {exc})", None
+    return rows, summary, str(out)
 
 
 def save(text: str, folder: str | None = None) -> str:

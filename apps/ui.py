@@ -192,6 +192,8 @@ def _assemble_tab() -> None:
         save_btn = gr.Button("Save spec for download")
     result = gr.Markdown(elem_id="assemble-result")
     table = gr.Dataframe(headers=["slot", "type", "parameters", "trainable"], interactive=False, label="parameters")
+    picture = gr.Image(label="the model (a panel per stage; what it trains coloured)", type="filepath",
+                       interactive=False, elem_id="model-diagram")
     spec_file = gr.File(label="spec file", interactive=False)
 
     def write(*form: Any) -> tuple[str, str]:
@@ -221,7 +223,8 @@ def _assemble_tab() -> None:
     to_yaml.click(write, form, [spec, result])
     preset_btn.click(load_preset, [preset], [spec, result])
     validate_btn.click(lambda text: assemble.validate(text)[1], [spec], [result])
-    build_btn.click(assemble.build, [spec], [table, result], concurrency_id="build", concurrency_limit=1)
+    build_btn.click(assemble.build_and_draw, [spec], [table, result, picture], concurrency_id="build",
+                    concurrency_limit=1)
     save_btn.click(save, [spec], [spec_file, result])
 
 

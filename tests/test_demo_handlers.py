@@ -257,6 +257,8 @@ def test_form_to_spec_validates_and_builds():
     rows, summary = assemble.build(text)
     assert [r[0] for r in rows] == ["encoders.image", "projectors.image", "backbone"]
     assert summary.startswith("**Built** vlm") and all(r[2] > 0 for r in rows)
+    rows_again, _, picture = assemble.build_and_draw(text)
+    assert rows_again == rows and Image.open(picture).format == "PNG" and picture.endswith("vlm.png")
 
 
 def test_invalid_specs_are_reported_not_raised():
