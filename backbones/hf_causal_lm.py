@@ -86,10 +86,11 @@ class HFCausalLM(HFBackboneBase):
             return cogvlm_position_ids(attention_mask, spans)
         return mrope.mrope_position_ids(attention_mask, spans)
 
-    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """`attention_mask`: (B, L) padding mask, or (B, 1, L, L) with True = attend (packed rows), which transformers
-        uses as is: SDPA (and mmhub_xformers) take it boolean, every other implementation additive.
+        uses as is: SDPA (and mmhub_xformers) take it boolean, every other implementation additive; or None for
+        packed rows under mmhub's SDPA attention (`mmhub.hf_attention`: segments run on their own).
         A mixture-of-experts model in training mode with gradients on sets ``router_loss``: the coefficient times
         the load-balancing loss of this forward's routing (`mmhub.backbones.moe`; padding left out of a (B, L)
         mask); None otherwise."""
@@ -105,10 +106,13 @@ class HFCausalLM(HFBackboneBase):
             self.router_loss = r.coef * balance
         return out.last_hidden_state  # (B, L, H)
 
-    def _mask(self, attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def _mask(self, attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
         """A (B, 1, Lq, Lk) boolean mask as this model's attention takes it (SDPA and mmhub_xformers: boolean, every
-        other implementation additive); a (B, L) padding mask as it is. A prefix-LM's mask longer than a
-        sliding-window model's window is refused: it would reach past the window in the sliding-window layers."""
+        other implementation additive); a (B, L) padding mask as it is; None (packed rows under mmhub's SDPA, whose
+        segments need none) as it is. A prefix-LM's mask longer than a sliding-window model's window is refused: it
+        would reach past the window in the sliding-window layers."""
+        if attention_mask is None:
+            return None
         if self.prefix_lm and attention_mask.ndim == 4:
             self._check_window(attention_mask.shape[-1])
         if attention_mask.ndim == 4 and attention_mask.dtype == torch.bool \

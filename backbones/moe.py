@@ -41,10 +41,10 @@ def routing_of(cfg: Any, coef: float | None = None) -> Routing | None:
     return Routing(int(experts), int(top_k), float(cfg.router_aux_loss_coef if coef is None else coef))
 
 
-def real_positions(attention_mask: torch.Tensor) -> torch.Tensor | None:
-    """The (B, L) padding mask as 0/1 weights, or None for a (B, 1, L, L) mask (packed or prefix-LM rows), whose
-    padding cannot be told apart: every position of those rows then counts."""
-    return attention_mask if attention_mask.ndim == 2 else None
+def real_positions(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The (B, L) padding mask as 0/1 weights, or None for a (B, 1, L, L) mask or none (packed or prefix-LM rows),
+    whose padding cannot be told apart: every position of those rows then counts."""
+    return attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None
 
 
 def load_balancing_loss(router_logits: Sequence[torch.Tensor], num_experts: int, top_k: int,

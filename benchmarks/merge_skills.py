@@ -40,14 +40,14 @@ COMBINED = {f"{m}+combine": m for m in ("task_arithmetic", "ties")}
 TYPES = ("shape", "color", "yes_no")
 
 
-def folders(runs: Path) -> dict[str, Path]:
+def folders(runs: Path, yes_no: str = "skills-yes-no") -> dict[str, Path]:
     """The three trained models (the recipes' run folders); a missing one says which recipe to run."""
     out = {"base": runs / "skills-base" / "align" / "model",
            "shape_color": runs / "skills-shape-color" / "skill" / "model",
-           "yes_no": runs / "skills-yes-no" / "skill" / "model"}
+           "yes_no": runs / yes_no / "skill" / "model"}
     for name, path in out.items():
         if not (path / "mmhub_spec.json").is_file():
-            recipe = {"base": "skills-base", "shape_color": "skills-shape-color", "yes_no": "skills-yes-no"}[name]
+            recipe = {"base": "skills-base", "shape_color": "skills-shape-color", "yes_no": yes_no}[name]
             raise SystemExit(f"{path} is missing: run `mmhub train {recipe} --out {runs / recipe}` first")
     return out
 
@@ -68,11 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=450)
     ap.add_argument("--out", default="runs/skills-merge")
     ap.add_argument("--methods", default=",".join([*METHODS, *COMBINED]))
+    ap.add_argument("--yes-no", default="skills-yes-no", help="the yes/no specialist's recipe (its run folder's name)")
     a = ap.parse_args(argv)
     from mmhub.merge.config import read_config
     from mmhub.merge.run import merge
 
-    models = folders(Path(a.runs))
+    models = folders(Path(a.runs), a.yes_no)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     table: dict[str, Any] = {"limit": a.limit, "rows": {}}

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from mmhub.hf_attention import packed_sequences
+from mmhub.hf_attention import HF_SDPA, packed_sequences
 from mmhub.inputs import Prepared, injected
 from mmhub.losses import only_labelled
 from mmhub.packing import block_causal_mask, segment_lengths
@@ -34,8 +34,12 @@ def decoder_only(model: Any, prep: Prepared, all_states: bool
         keep = target != IGNORE
     with only_labelled(model, keep, all_states):
         if sp.segment_ids is not None:  # packed rows: a block-diagonal causal mask, one block per sample
+            # mmhub's SDPA attention runs each sample's segment on its own and never reads the mask: building the
+            # (L, L) mask of a long packed row would cost O(L^2) for nothing (it rebuilds it if it must fall back)
+            impl = getattr(getattr(getattr(model.backbone, "model", None), "config", None), "_attn_implementation", "")
+            mask = None if impl == HF_SDPA else block_causal_mask(sp.segment_ids)
             with packed_sequences(segment_lengths(sp.segment_ids)):
-                hidden = model.backbone(sp.inputs_embeds, block_causal_mask(sp.segment_ids), sp.position_ids)
+                hidden = model.backbone(sp.inputs_embeds, mask, sp.position_ids)
         else:
             prefix_lm = getattr(model.backbone, "prefix_lm", False)
             mask = prefix_lm_mask(sp.attention_mask, sp.labels) if prefix_lm else sp.attention_mask

@@ -448,3 +448,15 @@ def test_xformers_in_the_backbone_matches_sdpa_on_cuda() -> None:
             torch.testing.assert_close(x(**batch).logits, s(**batch).logits, atol=1e-3, rtol=1e-3)
         torch.testing.assert_close(x(**packed).loss, s(**unpacked).loss, atol=1e-4, rtol=1e-4)
     assert not any(k[0] == "cuda" for k in attn._xformers_unsupported)  # the kernels ran, no fallback
+
+
+def test_the_fallback_block_mask_is_the_packed_rows_mask() -> None:
+    """Packed rows under mmhub's SDPA attention carry no (L, L) mask (their segments run one by one); where that
+    attention must fall back to the masked kernel it rebuilds the block-diagonal causal mask from the segment
+    lengths, which must be exactly the one packing builds."""
+    from mmhub.hf_attention import block_mask
+    from mmhub.packing import block_causal_mask, segment_lengths
+
+    segment_ids = torch.tensor([[0, 0, 0, 1, 1, 2, -1, -1], [3, 3, 3, 3, 4, 4, 4, -1]])
+    seqlens = segment_lengths(segment_ids)
+    assert torch.equal(block_mask(seqlens, 2, 8, "cpu"), block_causal_mask(segment_ids))
