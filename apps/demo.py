@@ -41,6 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a model folder to offer in the Model list (repeatable)")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload accepted (default 20)")
     p.add_argument("--max-prompt-chars", type=int, default=4000, help="longest message accepted (default 4000)")
+    p.add_argument("--runs", default="runs", metavar="DIR",
+                   help="where the Train tab writes its run folders and the Runs tab looks (default runs)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     loaded = pool.get(key)
     print(f"loaded {loaded.label} in {time.perf_counter() - t0:.1f} s", flush=True)
     limits = Limits(max_upload_mb=args.max_upload_mb, max_prompt_chars=args.max_prompt_chars)
-    app = build_app(pool, limits, folders=args.models, initial=key)
+    app = build_app(pool, limits, folders=args.models, initial=key, runs_dir=args.runs)
     # Gradio's own cap sits well above ours, so an oversized file still reaches our check and its clear message
     app.queue(max_size=64).launch(server_name=args.host, server_port=args.port, show_error=True,
                                   max_file_size=f"{int(max(4 * args.max_upload_mb, 100))}mb", quiet=False)

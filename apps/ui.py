@@ -40,8 +40,9 @@ def _input_box(loaded: LoadedModel | None) -> dict[str, Any]:
 
 
 def build_app(pool: ModelPool, limits: Limits = DEFAULT_LIMITS, folders: list[str] | None = None,
-              initial: str = DEFAULT) -> gr.Blocks:
-    """The demo's Blocks; `pool` serves the models, `initial` is each new session's model key."""
+              initial: str = DEFAULT, runs_dir: str = "runs") -> gr.Blocks:
+    """The demo's Blocks; `pool` serves the models, `initial` is each new session's model key; the Train and Runs
+    tabs work in `runs_dir`."""
     choices = model_choices(folders)
     keys = [k for _, k in choices]
     if initial not in keys:
@@ -50,12 +51,17 @@ def build_app(pool: ModelPool, limits: Limits = DEFAULT_LIMITS, folders: list[st
     def current(key: str) -> LoadedModel:
         return pool.get(key)
 
+    from pathlib import Path
+
+    from mmhub.apps.train_runs import TrainRunner
+
+    runner = TrainRunner(Path(runs_dir))
     with gr.Blocks(title="mmhub demo", analytics_enabled=False) as app:
         key = gr.State(initial)
         turns = gr.State([])
         gr.Markdown("# mmhub\nChat with a trained multimodal model, assemble a spec from the registered "
                     "components, and browse the plugins that provide them.")
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
             with gr.Tab("Chat", id="chat"):
                 with gr.Row():
                     model_dd = gr.Dropdown(choices=choices, value=initial, label="Model", scale=3,
@@ -76,6 +82,10 @@ def build_app(pool: ModelPool, limits: Limits = DEFAULT_LIMITS, folders: list[st
                     top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="top-p")
             with gr.Tab("Assemble", id="assemble"):
                 _assemble_tab()
+            with gr.Tab("Train", id="train"):
+                _train_tab(runner)
+            with gr.Tab("Runs", id="runs"):
+                chat_with, chat_with_path = _runs_tab(runner)
             with gr.Tab("Plugins", id="plugins"):
                 gr.Markdown(catalog.summary(), elem_id="plugins-summary")
                 # datasets and eval tasks get their own table: the browser renders only a long table's visible rows
@@ -111,6 +121,8 @@ def build_app(pool: ModelPool, limits: Limits = DEFAULT_LIMITS, folders: list[st
         app.load(show_model, [key], outs)
         model_dd.change(show_model, [model_dd], outs)
         folder_btn.click(load_folder, [folder], outs)
+        chat_with.click(lambda path: (path, gr.Tabs(selected="chat")), [chat_with_path], [folder, tabs]).then(
+            load_folder, [folder], outs)
 
         def submit(message: dict[str, Any], k: str, history: list[chat.Turn]) -> tuple[Any, ...]:
             message = message or {}
@@ -150,6 +162,131 @@ def build_app(pool: ModelPool, limits: Limits = DEFAULT_LIMITS, folders: list[st
         clear_btn.click(lambda: ([], [], ""), None, [turns, bot, status])
         bot.clear(lambda: ([], ""), None, [turns, status])  # the chat's own trash button
     return app
+
+
+def _train_tab(runner: Any) -> None:
+    from mmhub.apps import train_runs
+
+    with gr.Row():
+        source = gr.Dropdown(choices=_recipe_and_preset_keys(), label="start from a recipe or preset", scale=3)
+        load_btn = gr.Button("Load its spec", scale=1)
+    spec = gr.Code(language="yaml", label="spec with its stages (edit learning rate, steps, batch, LoRA rank, what "
+                                          "trains, data)", interactive=True, lines=14, elem_id="train-spec")
+    with gr.Row():
+        name = gr.Textbox(label="run name (a folder in the runs directory)", scale=3)
+        start_btn = gr.Button("Start", variant="primary", scale=1, elem_id="train-start")
+    with gr.Row():
+        run_dd = gr.Dropdown(choices=_run_names(runner), label="run", scale=3, elem_id="train-run")
+        stop_btn = gr.Button("Stop (checkpoint kept)", scale=1)
+        resume_btn = gr.Button("Resume", scale=1)
+    status = gr.Markdown(elem_id="train-status")
+    with gr.Row():
+        loss_plot = gr.LinePlot(x="step", y="loss", color="stage", title="loss", height=220)
+        lr_plot = gr.LinePlot(x="step", y="lr", color="stage", title="learning rate", height=220)
+        norm_plot = gr.LinePlot(x="step", y="grad_norm", color="stage", title="gradient norm", height=220)
+    log = gr.Textbox(label="log (last lines)", lines=8, max_lines=8, interactive=False)
+
+    def load(key: str) -> tuple[Any, str]:
+        try:
+            return _spec_yaml(key), ""
+        except MMHubError as exc:
+            return gr.update(), f"**Cannot load {key}**: {exc}"
+
+    def start(text: str, run_name: str) -> tuple[Any, str]:
+        try:
+            said = runner.start(text, run_name)
+        except MMHubError as exc:
+            return gr.update(), f"**Not started**: {exc}"
+        names = _run_names(runner)
+        return gr.update(choices=names, value=said.split()[0]), said
+
+    def act(fn: Any, run: str) -> str:
+        if not run:
+            return "pick a run first"
+        try:
+            return fn(runner.runs_dir / run)
+        except MMHubError as exc:
+            return f"**{exc}**"
+
+    def refresh(run: str) -> tuple[Any, ...]:
+        import pandas as pd
+
+        runner.poll()
+        if not run:
+            return "", None, None, None, ""
+        folder = runner.runs_dir / run
+        st = train_runs.run_status(folder)
+        state = "running" if str(folder) in runner.running else \
+            "queued" if any(j.run == folder for j in runner.queue) else "not running"
+        bar = "#" * int(20 * st["progress"]) + "-" * (20 - int(20 * st["progress"]))
+        eta = f", ETA {int(st['eta_s'] // 60)}m{int(st['eta_s'] % 60):02d}s" if st["eta_s"] else ""
+        loss = f", loss {st['loss']:.4f}" if st["loss"] is not None else ""
+        text = (f"**{run}** ({state}): stage {st['stage'] or 'all done'} `[{bar}]` step {st['step']}/{st['total']}"
+                f"{eta}{loss}; stages done: {', '.join(st['done']) or 'none'}; samples skipped: {st['skipped']}")
+        plots = [pd.DataFrame(train_runs.curves([folder], k)) for k in ("loss", "lr", "grad_norm")]
+        return (text, *[p if len(p) else None for p in plots], train_runs.log_tail(folder))
+
+    load_btn.click(load, [source], [spec, status])
+    start_btn.click(start, [spec, name], [run_dd, status])
+    stop_btn.click(lambda r: act(runner.stop, r), [run_dd], [status])
+    resume_btn.click(lambda r: act(runner.resume, r), [run_dd], [status])
+    timer = gr.Timer(2.0)
+    timer.tick(refresh, [run_dd], [status, loss_plot, lr_plot, norm_plot, log])
+
+
+def _runs_tab(runner: Any) -> tuple[Any, Any]:
+    from mmhub.apps import train_runs
+
+    columns = ["run", "spec", "stages done", "steps", "final loss", "eval", "changed"]
+    refresh_btn = gr.Button("Refresh")
+    table = gr.Dataframe(headers=columns, interactive=False, elem_id="runs-table")
+    picked = gr.Dropdown(choices=_run_names(runner), multiselect=True, label="runs to overlay")
+    overlay = gr.LinePlot(x="step", y="loss", color="run", title="loss, runs overlaid", height=260)
+    with gr.Row():
+        path = gr.Textbox(label="model folder of the first picked run", interactive=False, scale=3)
+        chat_with = gr.Button("Chat with this model", scale=1)
+
+    def show() -> tuple[Any, Any]:
+        return train_runs.runs_table(runner.runs_dir), gr.update(choices=_run_names(runner))
+
+    def plot(names: list[str]) -> tuple[Any, str]:
+        import pandas as pd
+
+        runs = [runner.runs_dir / n for n in names or []]
+        frame = pd.DataFrame(train_runs.curves(runs, "loss"))
+        model = ""
+        if runs:
+            done = train_runs.run_status(runs[0])["done"]
+            model = str(runs[0] / done[-1] / "model") if done else ""
+        return (frame if len(frame) else None), model
+
+    refresh_btn.click(show, [], [table, picked])
+    picked.change(plot, [picked], [overlay, path])
+    return chat_with, path
+
+
+def _run_names(runner: Any) -> list[str]:
+    from mmhub.apps.train_runs import runs_table
+
+    return [row[0] for row in runs_table(runner.runs_dir)]
+
+
+def _recipe_and_preset_keys() -> list[str]:
+    from mmhub.cli import recipes
+
+    return [r["name"] for r in recipes()] + _preset_keys()
+
+
+def _spec_yaml(key: str) -> str:
+    """A recipe's YAML as shipped (comments kept), or a preset's spec."""
+    from mmhub.cli import recipes
+
+    for r in recipes():
+        if r["name"] == key:
+            from pathlib import Path
+
+            return Path(r["file"]).read_text()
+    return assemble.preset_yaml(key)
 
 
 def _assemble_tab() -> None:

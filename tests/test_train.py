@@ -463,3 +463,32 @@ def test_placement_problems_are_named_before_anything_is_sharded() -> None:
     assert "placement.encoders.image: encoders.image is frozen in this stage" in text
     assert "placement.backbone: backbone's input and output embeddings are tied" in text
     assert "placement.projectors.audio: no such slot" in text
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resumes_exactly(reference: Path, tmp_path: Path) -> None:
+    """A graceful stop (SIGTERM: what the web UI's Stop and a scheduler's pre-emption send) finishes the running step,
+    writes its checkpoint and exits 0; resuming ends on the uninterrupted run's weights bit for bit."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(out), "8"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    target = out / "align" / "checkpoints" / "step-0000002" / "progress.json"
+    deadline = time.time() + 300
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert target.exists(), "the run never wrote the mid-stage checkpoint"
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "stopped in stage 'align' after step" in stdout and "mmhub train --resume" in stdout
+    step = int(stdout.split("stopped in stage 'align' after step ")[1].split(";")[0])
+    assert 2 <= step < 6 and (out / "align" / "checkpoints" / f"step-{step:07d}" / "progress.json").is_file()
+    assert not (out / "align" / "model").exists()
+    r = _run(str(SCRIPT), str(out), "8", "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    for stage in ("align", "tune"):
+        a, b = _params(reference, stage), _params(out, stage)
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{stage}: {k} differs after the graceful stop and resume"
+    lines = [json.loads(x) for x in (out / "tune" / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in lines if "loss" in x]
+    assert all("grad_norm" in x and x["grad_norm"] > 0 and x["total"] == 4 for x in steps)

@@ -53,6 +53,7 @@ class StepResult:
     count: int
     used: int
     stats: dict[str, float] = field(default_factory=dict)
+    grad_norm: float | None = None  # the gradients' global norm before clipping (None when the stage does not clip)
 
     @property
     def loss(self) -> float:
@@ -78,6 +79,7 @@ class Loop:
     save_due: Callable[[int], bool]
     log: Callable[[str], None] = print
     out_of_memory: Callable[[Progress, BaseException], None] | None = None  # raise a named error; None: re-raise
+    stop_requested: Callable[[], bool] | None = None  # asked after each step: save a checkpoint and stop
     clip_params: list[torch.nn.Parameter] | None = None  # what max_grad_norm clips (default: the optimizer's)
     nan_steps: int = 0
 
@@ -105,6 +107,14 @@ class SingleProcess:
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
+class TrainingStopped(Exception):
+    """A stop was asked for (SIGTERM, or the web UI's Stop): the step's checkpoint is written; `step` is where."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"stopped after step {step}")
+        self.step = step
+
+
 def run_loop(loop: Loop) -> None:
     """Optimizer steps until ``loop.total``; the progress record advances in place."""
     progress = loop.progress
@@ -128,6 +138,9 @@ def run_loop(loop: Loop) -> None:
         if not loop.accelerator.optimizer_step_was_skipped:  # fp16 loss scaling skips overflowing steps
             loop.scheduler.step()
         loop.after_step(progress, result, lr)
+        if loop.stop_requested is not None and progress.global_step < loop.total and loop.stop_requested():
+            loop.save(progress)
+            raise TrainingStopped(progress.global_step)
         if loop.save_due(progress.global_step):
             loop.save(progress)
 
@@ -156,12 +169,14 @@ def optimizer_step(loop: Loop, batches: list[dict[str, Any]], used: int) -> Step
         for p in group["params"]:
             if p.grad is not None:
                 p.grad.mul_(scale)
+    norm = None
     if loop.max_grad_norm:
         params = loop.clip_params or [p for g in optimizer.param_groups for p in g["params"]]
-        acc.clip_grad_norm_(params, loop.max_grad_norm)
+        total_norm = acc.clip_grad_norm_(params, loop.max_grad_norm)
+        norm = float(total_norm) if total_norm is not None else None
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss_global, n_global, used, stats)
+    return StepResult(loss_global, n_global, used, stats, norm)
 
 
 def _skip_nonfinite(loop: Loop) -> None:

@@ -55,8 +55,11 @@ class StageLogger:
     def step(self, progress: Progress, result: StepResult, lr: float, skipped: int) -> None:
         self.window_samples += result.used
         gstep = progress.global_step
-        self.last = {"stage": self.stage, "step": gstep, "epoch": progress.epoch, "loss": result.loss, "lr": lr,
-                     self.count_key: result.count, "skipped": skipped, **result.stats}
+        self.last = {"stage": self.stage, "step": gstep, "total": self.total, "time": round(time.time(), 3),
+                     "epoch": progress.epoch,
+                     "loss": result.loss, "lr": lr, self.count_key: result.count, "skipped": skipped, **result.stats}
+        if result.grad_norm is not None:
+            self.last["grad_norm"] = result.grad_norm
         if gstep % self.log_every == 0 or gstep == self.total:
             dt = time.perf_counter() - self.t0
             self.last["samples_per_s"] = self.window_samples / dt if dt > 0 else 0.0

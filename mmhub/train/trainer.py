@@ -17,7 +17,10 @@ installed), a progress bar shows loss, lr and samples/s (`mmhub.train.metrics`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +37,15 @@ from mmhub.spec import StageSpec
 from mmhub.train.batches import BadSamples, BatchBuilder
 from mmhub.train.feature_cache import FeatureCache
 from mmhub.train.fsdp import ShardedAccelerator, ShardedStage, full_optimizer_state, full_tensors
-from mmhub.train.loop import Loop, Progress, StepResult, cosine_with_warmup, epoch_order, run_loop
+from mmhub.train.loop import (
+    Loop,
+    Progress,
+    StepResult,
+    TrainingStopped,
+    cosine_with_warmup,
+    epoch_order,
+    run_loop,
+)
 from mmhub.train.metrics import Metrics, StageLogger, progress_bar
 from mmhub.train.objectives import Objective, objective_for
 from mmhub.train.state import (
@@ -90,6 +101,7 @@ class Trainer:
         self.progress_bar = progress_bar and self.accelerator.is_main_process
         self.preflight = preflight
         self.log = log if self.accelerator.is_main_process else (lambda *_: None)
+        self._stop = False  # set by SIGTERM/SIGINT (`_ask_stop`): the running step finishes, a checkpoint is written
 
     # -- public --------------------------------------------------------------------
     def run(self, stage: str | None = None, resume: bool = False, max_steps: int | None = None) -> dict[str, Any]:
@@ -105,7 +117,13 @@ class Trainer:
             hint = close_matches(stage, names, n=1)
             raise MMHubError(f"no stage named {stage!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
                              + f"; stages: {', '.join(names)}")
-        summaries = {}
+        summaries: dict[str, Any] = {}
+        with self._stop_signals():
+            self._run_stages(stages, names, stage, resume, max_steps, summaries)
+        return summaries
+
+    def _run_stages(self, stages: list[StageSpec], names: list[str], stage: str | None, resume: bool,
+                    max_steps: int | None, summaries: dict[str, Any]) -> None:
         for i, st in enumerate(stages):
             stage_dir = self.out / st.name
             if stage is not None and st.name != stage:
@@ -116,8 +134,42 @@ class Trainer:
                 self._replay(i, st, stage_dir, require=True)
                 self.log(f"stage {st.name!r} already complete in {stage_dir}; skipping")
                 continue
-            summaries[st.name] = self.run_stage(i, st, resume=resume, max_steps=max_steps)
-        return summaries
+            try:
+                summaries[st.name] = self.run_stage(i, st, resume=resume, max_steps=max_steps)
+            except TrainingStopped as stop:
+                self.log(f"stopped in stage {st.name!r} after step {stop.step}; its checkpoint is written: continue "
+                         f"with `mmhub train --resume {self.out}`")
+                summaries[st.name] = {"stopped": True, "steps": stop.step}
+                return
+
+    @contextmanager
+    def _stop_signals(self) -> Iterator[None]:
+        """SIGTERM and SIGINT ask for a graceful stop (a second one stops at once); main thread only."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+        for sig in before:
+            signal.signal(sig, self._ask_stop)
+        try:
+            yield
+        finally:
+            for sig, handler in before.items():
+                signal.signal(sig, handler)
+
+    def _ask_stop(self, signum: int, frame: Any) -> None:
+        if self._stop:
+            raise KeyboardInterrupt
+        self._stop = True
+        self.log(f"{signal.Signals(signum).name}: stopping after this step, with a checkpoint (again to stop now)")
+
+    def _stop_agreed(self) -> bool:
+        """Whether to stop now: any process asked (every process must stop at the same step, for the checkpoint)."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return self._stop
+        flag = torch.tensor([1.0 if self._stop else 0.0], device=acc.device)
+        return bool(acc.reduce(flag, reduction="sum").item() > 0)
 
     # -- internals -----------------------------------------------------------------
     def _replay(self, index: int, st: StageSpec, stage_dir: Path, require: bool) -> None:
@@ -158,7 +210,7 @@ class Trainer:
                     after_step=lambda p, result, lr: self._after_step(run, result, lr),
                     save=lambda p: self._checkpoint(run), log=self.log,
                     save_due=lambda step: bool(st.save_every) and step % st.save_every == 0 and step < run.total,
-                    out_of_memory=lambda p, exc: self._out_of_memory(run, exc))
+                    out_of_memory=lambda p, exc: self._out_of_memory(run, exc), stop_requested=self._stop_agreed)
         self._train_mode(run.plan)
         run_loop(loop)
         return self._finish(run)

@@ -1,0 +1,198 @@
+"""The Train and Runs tabs' logic: `mmhub train` as a child process, its progress read back from the run folder.
+
+`TrainRunner` starts the same `mmhub train SPEC --out RUN` a terminal would (a child process: the page stays
+responsive and a crash cannot take the server down), one at a time (others wait in a queue), with its output in
+``RUN/train.log``; Stop sends SIGTERM, on which the trainer finishes the running step, writes a checkpoint and exits
+(`mmhub.train.trainer`), and Resume runs ``mmhub train --resume RUN``. `run_status` reads a run folder's
+``metrics.jsonl`` files (per stage: loss, learning rate, gradient norm, skipped samples, step and total, throughput)
+into progress, ETA and curves; `runs_table` lists the run folders under a directory. Nothing here raises into the
+UI: problems come back as text.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mmhub.errors import MMHubError
+
+LOG_FILE = "train.log"
+SPEC_FILE = "run_spec.json"  # written by the trainer into every run folder
+
+
+def stage_metrics(run: Path) -> dict[str, list[dict[str, Any]]]:
+    """Per stage (in the run spec's order), its step records from ``metrics.jsonl`` (unreadable lines skipped)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for name in _stage_names(run):
+        file = run / name / "metrics.jsonl"
+        rows = []
+        if file.is_file():
+            for line in file.read_text(errors="replace").splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line being written
+                if isinstance(rec, dict) and "loss" in rec:
+                    rows.append(rec)
+        out[name] = rows
+    return out
+
+
+def _stage_names(run: Path) -> list[str]:
+    try:
+        spec = json.loads((run / SPEC_FILE).read_text())
+        return [s["name"] for s in spec.get("stages", [])]
+    except (OSError, ValueError, KeyError, TypeError):
+        return sorted(p.name for p in run.iterdir() if (p / "metrics.jsonl").is_file()) if run.is_dir() else []
+
+
+def run_status(run: Path) -> dict[str, Any]:
+    """Where a run stands: the stage running (or last), its step and total, progress, ETA, stages done, last loss."""
+    metrics = stage_metrics(run)
+    done = [s for s in metrics if (run / s / "model").is_dir()]
+    current = next((s for s in metrics if s not in done), None)
+    rows = metrics.get(current or (done[-1] if done else ""), [])
+    last = rows[-1] if rows else {}
+    step, total = int(last.get("step", 0)), int(last.get("total", 0) or 0)
+    rate = [r["samples_per_s"] for r in rows[-5:] if r.get("samples_per_s")]
+    timed = [r for r in rows if isinstance(r.get("time"), (int, float))]
+    per_step = eta = None
+    if len(timed) >= 2 and timed[-1]["step"] > timed[0]["step"]:
+        per_step = (timed[-1]["time"] - timed[0]["time"]) / (timed[-1]["step"] - timed[0]["step"])
+        eta = max(0.0, (total - step) * per_step) if total else None
+    return {"run": str(run), "stages": list(metrics), "done": done, "stage": current, "step": step, "total": total,
+            "progress": (step / total) if total else (1.0 if current is None and done else 0.0),
+            "loss": last.get("loss"), "lr": last.get("lr"), "grad_norm": last.get("grad_norm"),
+            "skipped": last.get("skipped", 0), "samples_per_s": rate[-1] if rate else None, "eta_s": eta,
+            "per_step_s": per_step}
+
+
+def curves(runs: list[Path], key: str = "loss") -> list[dict[str, Any]]:
+    """Rows for a line plot of `key` against the run's cumulative step (stages one after another), per run."""
+    rows = []
+    for run in runs:
+        offset = 0
+        for stage, recs in stage_metrics(run).items():
+            for r in recs:
+                if r.get(key) is not None:
+                    rows.append({"step": offset + int(r["step"]), key: float(r[key]), "run": run.name, "stage": stage})
+            offset += int(recs[-1]["step"]) if recs else 0
+    return rows
+
+
+def runs_table(folder: Path) -> list[list[Any]]:
+    """One row per run folder under `folder`: name, spec, stages done / all, steps, final loss, eval, last change."""
+    table = []
+    if not folder.is_dir():
+        return table
+    for run in sorted((p for p in folder.iterdir() if (p / SPEC_FILE).is_file()), key=lambda p: p.stat().st_mtime,
+                      reverse=True):
+        st = run_status(run)
+        try:
+            name = json.loads((run / SPEC_FILE).read_text()).get("name", "?")
+        except (OSError, ValueError):
+            name = "?"
+        steps = sum(int(r[-1]["step"]) for r in stage_metrics(run).values() if r)
+        scores = []
+        for stage in st["done"]:
+            ev = run / stage / "model" / "eval.json"
+            if ev.is_file():
+                try:
+                    scores.append(f"{stage}: {json.loads(ev.read_text()).get('accuracy'):.1%}")
+                except (OSError, ValueError, TypeError):
+                    pass
+        changed = time.strftime("%Y-%m-%d %H:%M", time.localtime(run.stat().st_mtime))
+        table.append([run.name, name, f"{len(st['done'])}/{len(st['stages'])}", steps,
+                      None if st["loss"] is None else round(float(st["loss"]), 4), "; ".join(scores), changed])
+    return table
+
+
+def log_tail(run: Path, lines: int = 20) -> str:
+    file = run / LOG_FILE
+    if not file.is_file():
+        return ""
+    return "\n".join(file.read_text(errors="replace").splitlines()[-lines:])
+
+
+@dataclass
+class _Job:
+    run: Path
+    args: list[str]
+
+
+@dataclass
+class TrainRunner:
+    """One `mmhub train` child at a time (`max_running`), the rest queued; stop and resume by run folder."""
+
+    runs_dir: Path
+    max_running: int = 1
+    running: dict[str, subprocess.Popen] = field(default_factory=dict)
+    queue: deque = field(default_factory=deque)
+
+    def start(self, spec_text: str, name: str) -> str:
+        """Write the spec into a new run folder and train it (or queue it); returns what happened."""
+        from mmhub.apps.assemble import validate
+        from mmhub.spec import parse_text, spec_from_dict
+
+        name = "".join(c for c in (name or "").strip() if c.isalnum() or c in "-_.") or time.strftime("run-%H%M%S")
+        run = self.runs_dir / name
+        if run.exists():
+            raise MMHubError(f"a run named {name!r} exists in {self.runs_dir}; pick another name or resume it")
+        data = parse_text(spec_text, "the spec box")
+        spec = spec_from_dict(data, "the spec box")
+        ok, message = validate(spec_text)  # every spec problem (unknown types, widths, weights) before anything starts
+        if not ok:
+            raise MMHubError(message.replace("**", ""))
+        if not spec.stages:
+            raise MMHubError("the spec has no stages; add stages: [{name: ..., train: ..., data: ...}]")
+        run.mkdir(parents=True)
+        (run / "spec.json").write_text(json.dumps(data, indent=2))
+        return self._submit(_Job(run, ["train", str(run / "spec.json"), "--out", str(run), "--no-progress"]))
+
+    def resume(self, run: Path) -> str:
+        if not (run / SPEC_FILE).is_file():
+            raise MMHubError(f"{run} is not a run folder (no {SPEC_FILE}); pick one from the runs table")
+        if str(run) in self.running:
+            raise MMHubError(f"{run.name} is running")
+        return self._submit(_Job(run, ["train", "--resume", str(run), "--no-progress"]))
+
+    def stop(self, run: Path) -> str:
+        """Ask the run to stop after its current step (SIGTERM; the trainer writes a checkpoint first)."""
+        proc = self.running.get(str(run))
+        if proc is None or proc.poll() is not None:
+            return f"{run.name} is not running"
+        proc.send_signal(signal.SIGTERM)
+        return f"stopping {run.name} after its current step (a checkpoint is written; Resume continues it)"
+
+    def poll(self) -> dict[str, int | None]:
+        """Reap finished children, start queued runs; returns each known run's exit code (None: running)."""
+        codes = {k: p.poll() for k, p in self.running.items()}
+        for k, code in codes.items():
+            if code is not None:
+                del self.running[k]
+        while self.queue and len(self.running) < self.max_running:
+            self._launch(self.queue.popleft())
+        return codes
+
+    def _submit(self, job: _Job) -> str:
+        self.poll()
+        if len(self.running) >= self.max_running:
+            self.queue.append(job)
+            return f"{job.run.name} queued ({len(self.queue)} waiting; {len(self.running)} running)"
+        self._launch(job)
+        return f"{job.run.name} started"
+
+    def _launch(self, job: _Job) -> None:
+        log = open(job.run / LOG_FILE, "a")  # noqa: SIM115 (the child keeps it; closed when the child ends)
+        env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"}
+        self.running[str(job.run)] = subprocess.Popen([sys.executable, "-m", "mmhub.cli", *job.args], stdout=log,
+                                                      stderr=subprocess.STDOUT, env=env, cwd=str(job.run.parent))
+        log.close()
