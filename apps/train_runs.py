@@ -54,15 +54,15 @@ def _stage_names(run: Path) -> list[str]:
         return sorted(p.name for p in run.iterdir() if (p / "metrics.jsonl").is_file()) if run.is_dir() else []
 
 
-def run_status(run: Path) -> dict[str, Any]:
-    """Where a run stands: the stage running (or last), its step and total, progress, ETA, stages done, last loss."""
-    metrics = stage_metrics(run)
+def run_status(run: Path, metrics: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
+    """Where a run stands: the stage running (or last), its step and total, progress, ETA, stages done, last loss.
+    `metrics`: the run's `stage_metrics`, when the caller has read them already."""
+    metrics = stage_metrics(run) if metrics is None else metrics
     done = [s for s in metrics if (run / s / "model").is_dir()]
     current = next((s for s in metrics if s not in done), None)
     rows = metrics.get(current or (done[-1] if done else ""), [])
     last = rows[-1] if rows else {}
     step, total = int(last.get("step", 0)), int(last.get("total", 0) or 0)
-    rate = [r["samples_per_s"] for r in rows[-5:] if r.get("samples_per_s")]
     timed = [r for r in rows if isinstance(r.get("time"), (int, float))]
     per_step = eta = None
     if len(timed) >= 2 and timed[-1]["step"] > timed[0]["step"]:
@@ -71,20 +71,23 @@ def run_status(run: Path) -> dict[str, Any]:
     return {"run": str(run), "stages": list(metrics), "done": done, "stage": current, "step": step, "total": total,
             "progress": (step / total) if total else (1.0 if current is None and done else 0.0),
             "loss": last.get("loss"), "lr": last.get("lr"), "grad_norm": last.get("grad_norm"),
-            "skipped": last.get("skipped", 0), "samples_per_s": rate[-1] if rate else None, "eta_s": eta,
+            "skipped": last.get("skipped", 0), "samples_per_s": last.get("samples_per_s"), "eta_s": eta,
             "per_step_s": per_step}
 
 
 def curves(runs: list[Path], key: str = "loss") -> list[dict[str, Any]]:
     """Rows for a line plot of `key` against the run's cumulative step (stages one after another), per run."""
-    rows = []
-    for run in runs:
-        offset = 0
-        for stage, recs in stage_metrics(run).items():
-            for r in recs:
-                if r.get(key) is not None:
-                    rows.append({"step": offset + int(r["step"]), key: float(r[key]), "run": run.name, "stage": stage})
-            offset += int(recs[-1]["step"]) if recs else 0
+    return [row for run in runs for row in curve(run.name, stage_metrics(run), key)]
+
+
+def curve(name: str, metrics: dict[str, list[dict[str, Any]]], key: str) -> list[dict[str, Any]]:
+    """One run's rows of `curves`, from its `stage_metrics`."""
+    rows, offset = [], 0
+    for stage, recs in metrics.items():
+        for r in recs:
+            if r.get(key) is not None:
+                rows.append({"step": offset + int(r["step"]), key: float(r[key]), "run": name, "stage": stage})
+        offset += int(recs[-1]["step"]) if recs else 0
     return rows
 
 
@@ -95,12 +98,13 @@ def runs_table(folder: Path) -> list[list[Any]]:
         return table
     for run in sorted((p for p in folder.iterdir() if (p / SPEC_FILE).is_file()), key=lambda p: p.stat().st_mtime,
                       reverse=True):
-        st = run_status(run)
+        metrics = stage_metrics(run)
+        st = run_status(run, metrics)
         try:
             name = json.loads((run / SPEC_FILE).read_text()).get("name", "?")
         except (OSError, ValueError):
             name = "?"
-        steps = sum(int(r[-1]["step"]) for r in stage_metrics(run).values() if r)
+        steps = sum(int(r[-1]["step"]) for r in metrics.values() if r)
         scores = []
         for stage in st["done"]:
             ev = run / stage / "model" / "eval.json"
@@ -140,18 +144,17 @@ class TrainRunner:
     def start(self, spec_text: str, name: str) -> str:
         """Write the spec into a new run folder and train it (or queue it); returns what happened."""
         from mmhub.apps.assemble import validate
-        from mmhub.spec import parse_text, spec_from_dict
+        from mmhub.spec import parse_text
 
         name = "".join(c for c in (name or "").strip() if c.isalnum() or c in "-_.") or time.strftime("run-%H%M%S")
         run = self.runs_dir / name
         if run.exists():
             raise MMHubError(f"a run named {name!r} exists in {self.runs_dir}; pick another name or resume it")
         data = parse_text(spec_text, "the spec box")
-        spec = spec_from_dict(data, "the spec box")
         ok, message = validate(spec_text)  # every spec problem (unknown types, widths, weights) before anything starts
         if not ok:
             raise MMHubError(message.replace("**", ""))
-        if not spec.stages:
+        if not data.get("stages"):
             raise MMHubError("the spec has no stages; add stages: [{name: ..., train: ..., data: ...}]")
         run.mkdir(parents=True)
         (run / "spec.json").write_text(json.dumps(data, indent=2))

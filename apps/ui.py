@@ -215,7 +215,8 @@ def _train_tab(runner: Any) -> None:
         if not run:
             return "", None, None, None, ""
         folder = runner.runs_dir / run
-        st = train_runs.run_status(folder)
+        metrics = train_runs.stage_metrics(folder)  # read once per tick: status and the three curves
+        st = train_runs.run_status(folder, metrics)
         state = "running" if str(folder) in runner.running else \
             "queued" if any(j.run == folder for j in runner.queue) else "not running"
         bar = "#" * int(20 * st["progress"]) + "-" * (20 - int(20 * st["progress"]))
@@ -223,7 +224,7 @@ def _train_tab(runner: Any) -> None:
         loss = f", loss {st['loss']:.4f}" if st["loss"] is not None else ""
         text = (f"**{run}** ({state}): stage {st['stage'] or 'all done'} `[{bar}]` step {st['step']}/{st['total']}"
                 f"{eta}{loss}; stages done: {', '.join(st['done']) or 'none'}; samples skipped: {st['skipped']}")
-        plots = [pd.DataFrame(train_runs.curves([folder], k)) for k in ("loss", "lr", "grad_norm")]
+        plots = [pd.DataFrame(train_runs.curve(run, metrics, k)) for k in ("loss", "lr", "grad_norm")]
         return (text, *[p if len(p) else None for p in plots], train_runs.log_tail(folder))
 
     load_btn.click(load, [source], [spec, status])

@@ -118,26 +118,31 @@ def samples(model: MMModel, n: int, lo: int, hi: int, image_size: int, text_voca
 
 
 def hf_batch(pair: Pair, batch: list[Encoded], padding_side: str = "right") -> dict[str, torch.Tensor]:
-    """The same samples as transformers' LLaVA takes them: each placeholder repeated once per image token (the
-    exported config's image_token_index), padded on `padding_side`, labels -100 on padding and image tokens."""
-    pid = pair.mmhub.processor.placeholder_ids["image"]
-    image_id = int(pair.hf.config.image_token_index)
-    n = pair.image_tokens
+    """The same samples as transformers' LLaVA takes them (`llava_inputs` with the pair's ids and token count)."""
+    return llava_inputs(pair.mmhub.processor, int(pair.hf.config.image_token_index), pair.image_tokens, batch,
+                        padding_side)
+
+
+def llava_inputs(processor: Any, image_token_index: int, image_tokens: int, batch: list[Encoded],
+                 padding_side: str = "right") -> dict[str, torch.Tensor]:
+    """mmhub samples as transformers' LLaVA takes them: each placeholder repeated once per image token
+    (`image_token_index`), padded on `padding_side`, labels -100 on padding and image tokens, every sample's
+    images stacked in order."""
+    pid = processor.placeholder_ids["image"]
     rows, lab = [], []
     for s in batch:
         ids, labels = [], []
         for t, y in zip(s.input_ids, s.labels, strict=True):
-            ids += [image_id] * n if t == pid else [t]
-            labels += [IGNORE] * n if t == pid else [y]
+            ids += [image_token_index] * image_tokens if t == pid else [t]
+            labels += [IGNORE] * image_tokens if t == pid else [y]
         rows.append(ids)
         lab.append(labels)
     width = max(map(len, rows))
-    pad = pair.mmhub.processor.pad_id
-    input_ids = torch.full((len(rows), width), pad)
+    input_ids = torch.full((len(rows), width), processor.pad_id)
     labels_t = torch.full((len(rows), width), IGNORE)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, (ids, labels) in enumerate(zip(rows, lab, strict=True)):
         sl = slice(0, len(ids)) if padding_side == "right" else slice(width - len(ids), width)
         input_ids[i, sl], labels_t[i, sl], mask[i, sl] = torch.tensor(ids), torch.tensor(labels), 1
-    pixels = torch.stack([s.media["image"][0] for s in batch])
+    pixels = torch.stack([p for s in batch for p in s.media["image"]])
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels_t, "pixel_values": pixels}

@@ -37,6 +37,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.llava_models import SIZES
+
 ROOT = Path(__file__).resolve().parents[1]
 SCALING_SIZES: dict[str, dict[str, Any]] = {
     # ~3M-parameter CLIP tower (49 patches), ~9M-parameter Llama with an 8,000-word vocabulary and room for 16k tokens
@@ -47,13 +49,8 @@ SCALING_SIZES: dict[str, dict[str, Any]] = {
                   "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 8000,
                   "max_position_embeddings": 16384},
     },
-    "tiny": {
-        "clip": {"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                 "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
-        "llama": {"model_type": "llama", "hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2,
-                  "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,
-                  "max_position_embeddings": 16384},
-    },
+    # benchmarks.llava's toy, with room for the longest text point
+    "tiny": {"clip": SIZES["tiny"]["clip"], "llama": {**SIZES["tiny"]["llama"], "max_position_embeddings": 16384}},
 }
 AXES: dict[str, list[int]] = {"text": [256, 1024, 4096, 8192], "images": [1, 2, 4, 8], "gen_batch": [1, 8, 32],
                               "prompt": [256, 1024, 4096]}
@@ -105,47 +102,25 @@ def _samples(model: Any, n: int, text: int, images: int, image_size: int, vocab:
     return out
 
 
-def _hf_batch(model: Any, hf_cfg: dict[str, Any], image_tokens: int, batch: list[Any],
-              padding_side: str) -> dict[str, torch.Tensor]:
-    """transformers' LLaVA inputs for `batch`: each placeholder repeated per image token, padded, pixels in order."""
-    from mmhub.splice import IGNORE
-
-    pid = model.processor.placeholder_ids["image"]
-    image_id = int(hf_cfg["image_token_index"])
-    rows, labs = [], []
-    for s in batch:
-        ids, labels = [], []
-        for t, y in zip(s.input_ids, s.labels, strict=True):
-            ids += [image_id] * image_tokens if t == pid else [t]
-            labels += [IGNORE] * image_tokens if t == pid else [y]
-        rows.append(ids)
-        labs.append(labels)
-    width = max(map(len, rows))
-    input_ids = torch.full((len(rows), width), model.processor.pad_id)
-    labels_t = torch.full((len(rows), width), IGNORE)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (ids, labels) in enumerate(zip(rows, labs, strict=True)):
-        sl = slice(0, len(ids)) if padding_side == "right" else slice(width - len(ids), width)
-        input_ids[i, sl], labels_t[i, sl], mask[i, sl] = torch.tensor(ids), torch.tensor(labels), 1
-    pixels = torch.stack([p for s in batch for p in s.media["image"]])
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels_t, "pixel_values": pixels}
-
-
 def point_inputs(built: dict[str, Any], axis: str, value: int, seed: int) -> dict[str, Any]:
     """Both sides' inputs for one point of an axis."""
+    from benchmarks.llava_models import llava_inputs
+
     model, rng = built["model"], np.random.default_rng(seed)
-    hf_cfg = json.loads((built["hf_dir"] / "config.json").read_text())
+    image_id = int(json.loads((built["hf_dir"] / "config.json").read_text())["image_token_index"])
     args = dict(image_size=built["image_size"], vocab=built["vocab"], rng=rng)
     if axis in ("text", "images"):
         text, images = (value, 1) if axis == "text" else (256, value)
         encs = _samples(model, TRAIN_BATCH, text, images, labelled=True, **args)
-        return {"kind": "train", "mmhub": encs, "hf": _hf_batch(model, hf_cfg, built["image_tokens"], encs, "right")}
+        return {"kind": "train", "mmhub": encs,
+                "hf": llava_inputs(model.processor, image_id, built["image_tokens"], encs, "right")}
     batch, prompt = (value, GEN_PROMPT) if axis == "gen_batch" else (1, value)
     encs = _samples(model, batch, prompt, 1, labelled=False, **args)
     mm = model.processor.collate(list(encs), padding_side="left")
     return {"kind": "generate", "new_tokens": NEW_TOKENS if axis == "gen_batch" else 1,
             "mmhub": {"input_ids": mm["input_ids"], "attention_mask": mm["attention_mask"], "media": mm["media"]},
-            "hf": _hf_batch(model, hf_cfg, built["image_tokens"], encs, "left"), "pad_id": model.processor.pad_id}
+            "hf": llava_inputs(model.processor, image_id, built["image_tokens"], encs, "left"),
+            "pad_id": model.processor.pad_id}
 
 
 def child(side: str, workdir: Path, point: str, rounds: int, threads: int) -> None:

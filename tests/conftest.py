@@ -50,3 +50,22 @@ def images() -> list[Image.Image]:
 @pytest.fixture(scope="session")
 def registry():
     return get_registry()
+
+
+def lora_model(r: int, seed: int) -> Any:
+    """A tiny model (TINY_SPEC, spec seed 0: the same base LLM for every `seed`) whose backbone carries a rank-`r`
+    LoRA on q/v with non-zero updates drawn from `seed` (peft starts B at zero), in eval mode (LoRA dropout off)."""
+    import mmhub
+    from mmhub.adapters import inject_adapter
+    from mmhub.spec import LoraSpec
+
+    spec = copy.deepcopy(TINY_SPEC)
+    spec["seed"] = 0
+    model = mmhub.build(spec)
+    inject_adapter(model, "backbone", LoraSpec(r=r, alpha=2 * r, target_modules=["q_proj", "v_proj"]))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.backbone.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model.eval()

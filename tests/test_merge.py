@@ -18,7 +18,7 @@ from mmhub.merge.config import MergeConfig, read_config
 from mmhub.merge.run import merge, merge_models
 from mmhub.registry import build_registry
 
-from conftest import TINY_SPEC
+from conftest import TINY_SPEC, lora_model
 
 
 def _m(cls: type[M.MergeMethod], **settings) -> M.MergeMethod:
@@ -86,21 +86,10 @@ def test_a_merged_slot_is_the_methods_result_and_other_slots_are_the_bases(tmp_p
 
 
 def _with_lora(tmp_path: Path, name: str, seed: int, r: int) -> Path:
-    """A tiny model whose backbone carries a LoRA adapter of rank `r` with non-zero updates, saved."""
-    from mmhub.adapters import inject_adapter
-    from mmhub.spec import LoraSpec
-
-    spec = copy.deepcopy(TINY_SPEC)
-    spec["seed"] = 0  # one base LLM, two fine-tunes of it
-    model = mmhub.build(spec)
-    inject_adapter(model, "backbone", LoraSpec(r=r, alpha=2 * r, target_modules=["q_proj", "v_proj"]))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.backbone.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    """A tiny model whose backbone carries a LoRA adapter of rank `r` with non-zero updates, saved (one base LLM,
+    fine-tunes differing by `seed`)."""
     out = tmp_path / name
-    model.save_pretrained(out)
+    lora_model(r, seed).save_pretrained(out)
     return out
 
 

@@ -17,28 +17,15 @@ from safetensors.torch import load_file, save_file
 import mmhub
 from mmhub import MMModel
 from mmhub.adapter_rank import reduce_adapter_rank
-from mmhub.adapters import inject_adapter, lora_layers
+from mmhub.adapters import lora_layers
 from mmhub.errors import CheckpointError, MMHubError
-from mmhub.spec import LoraSpec
 from mmhub.storage import INT8_SCALE_SUFFIX, expand_state, restore, stored_small
 
-from conftest import TINY_SPEC
+from conftest import lora_model
 
 
 def conv(q: str, a: str) -> list[dict]:
     return [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-
-
-def _lora_model(r: int = 4, seed: int = 1) -> MMModel:
-    """A tiny model with a rank-`r` LoRA on q/v whose updates are non-zero (B starts at zero in peft)."""
-    model = mmhub.build(copy.deepcopy(TINY_SPEC))
-    inject_adapter(model, "backbone", LoraSpec(r=r, alpha=2 * r, target_modules=["q_proj", "v_proj"]))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.backbone.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return model.eval()  # LoRA dropout off
 
 
 def test_int8_rows_round_trip_within_half_a_step() -> None:
@@ -94,7 +81,7 @@ def test_int8_folder_with_a_lost_scale_is_refused(tiny_spec, tmp_path) -> None:
 
 
 def test_rank_truncation_is_the_best_low_rank_update_and_reloads(images, tmp_path) -> None:
-    model = _lora_model(r=4)
+    model = lora_model(4, seed=1)
     b = model.batch([conv("<image> what", "thing")], [{"image": [images[0]]}])
     before = model(**b).logits
     deltas = [layer.get_delta_weight("default").clone() for layer in lora_layers(model, "backbone")]
@@ -124,7 +111,7 @@ def test_rank_truncation_is_the_best_low_rank_update_and_reloads(images, tmp_pat
 def test_rank_truncation_refuses_what_it_cannot_do(tiny_spec) -> None:
     with pytest.raises(MMHubError, match="carries no LoRA adapter"):
         reduce_adapter_rank(mmhub.build(tiny_spec), 2)
-    model = _lora_model(r=4)
+    model = lora_model(4, seed=1)
     with pytest.raises(MMHubError, match=r"rank 8 must be between 1 and the adapters' rank \(\{'backbone': 4\}\)"):
         reduce_adapter_rank(model, 8)
     with pytest.raises(MMHubError, match="no LoRA adapter on \\['projectors.image'\\]"):
@@ -136,7 +123,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_export_cli_writes_a_smaller_folder(tmp_path: Path) -> None:
-    model = _lora_model(r=4)
+    model = lora_model(4, seed=1)
     model.save_pretrained(tmp_path / "m")
     out = _cli("export", str(tmp_path / "m"), str(tmp_path / "small"), "--format", "mmhub", "--dtype", "int8",
                "--lora-rank", "2")
