@@ -126,6 +126,13 @@ def log_tail(run: Path, lines: int = 20) -> str:
     return "\n".join(file.read_text(errors="replace").splitlines()[-lines:])
 
 
+def run_name(name: str | None) -> str:
+    """A plain folder name inside the runs directory: letters, digits, - _ . only, no leading dot (".." would leave
+    it); a time-stamped name when nothing is left."""
+    return "".join(c for c in (name or "").strip() if c.isalnum() or c in "-_.").lstrip(".") \
+        or time.strftime("run-%H%M%S")
+
+
 @dataclass
 class _Job:
     run: Path
@@ -146,7 +153,7 @@ class TrainRunner:
         from mmhub.apps.assemble import validate
         from mmhub.spec import parse_text
 
-        name = "".join(c for c in (name or "").strip() if c.isalnum() or c in "-_.") or time.strftime("run-%H%M%S")
+        name = run_name(name)
         run = self.runs_dir / name
         if run.exists():
             raise MMHubError(f"a run named {name!r} exists in {self.runs_dir}; pick another name or resume it")

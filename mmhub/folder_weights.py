@@ -83,9 +83,11 @@ def apply_weights(model: Any, path: Path, manifest: SavedManifest, allow_nonfini
                 check_layout(name, fh.shape(source), fh.dtype(source), own[name], file, storage)
                 if fh.dtype(source) == torch.int8 and own[name].dtype == torch.float32:
                     scale = source + INT8_SCALE_SUFFIX
-                    if scale not in scales or fh.shape(scale) != (own[name].shape[0],):
+                    if (scale not in scales or fh.shape(scale) != (own[name].shape[0],)
+                            or fh.dtype(scale) != torch.float32):
                         raise CheckpointError(f"{file}: int8 tensor {source!r} lacks its row scales {scale!r} of "
-                                              f"shape ({own[name].shape[0]},); the file is damaged, save it again.")
+                                              f"shape ({own[name].shape[0]},) in float32; the file is damaged, "
+                                              "save it again.")
             orphans = sorted(scales - {aliases.get(n, n) + INT8_SCALE_SUFFIX for n in names})
             if orphans:
                 raise CheckpointError(f"{file}: row scales {orphans[:3]} belong to no tensor in the file; "

@@ -78,6 +78,10 @@ def test_int8_folder_with_a_lost_scale_is_refused(tiny_spec, tmp_path) -> None:
     save_file(state, str(file), metadata=meta)
     with pytest.raises(CheckpointError, match="lacks its row scales"):
         MMModel.from_pretrained(tmp_path / "q8", verify=False)
+    state[lost] = torch.ones(state[lost.removesuffix(INT8_SCALE_SUFFIX)].shape[0], dtype=torch.float16)
+    save_file(state, str(file), metadata=meta)  # a scale of the wrong dtype would be read as garbage bytes
+    with pytest.raises(CheckpointError, match="in float32"):
+        MMModel.from_pretrained(tmp_path / "q8", verify=False)
 
 
 def test_rank_truncation_is_the_best_low_rank_update_and_reloads(images, tmp_path) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mmhub.apps.train_runs import TrainRunner, curves, log_tail, run_status, runs_table
+from mmhub.apps.train_runs import TrainRunner, curves, log_tail, run_name, run_status, runs_table
 from mmhub.errors import MMHubError
 
 from conftest import TINY_SPEC
@@ -79,5 +79,7 @@ def test_bad_specs_and_names_are_refused_before_anything_starts(tmp_path: Path) 
     with pytest.raises(MMHubError, match="has no stages"):
         runner.start(yaml.safe_dump({k: v for k, v in TINY_SPEC.items() if k != "stages"}), "nostages")
     assert not (tmp_path / "bad").exists() and not (tmp_path / "nostages").exists()
+    assert run_name("../../escape") == "escape" and run_name("a/b c") == "abc"  # stays inside the runs directory
+    assert run_name("..").startswith("run-") and run_name(None).startswith("run-")
     with pytest.raises(MMHubError, match="not a run folder"):
         runner.resume(tmp_path / "nothing")
