@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from torch import nn
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
 from mmhub.backbones.byte_tokenizer import byte_tokenizer
@@ -259,6 +260,17 @@ class HFBackboneBase(Backbone):
     def language_model(self) -> Any:
         """The wrapped transformers model (``AutoModelForCausalLM`` / ``AutoModelForSeq2SeqLM``)."""
         return self.model
+
+    def checkpoint_blocks(self) -> list[nn.Module]:
+        """Every stack of transformer blocks in the model (an encoder-decoder's encoder and decoder): the lists of
+        modules whose length is a layer count of the config."""
+        cfg = self.model.config.get_text_config()
+        counts = {int(getattr(cfg, k)) for k in ("num_hidden_layers", "num_layers", "num_decoder_layers")
+                  if isinstance(getattr(cfg, k, None), int) and getattr(cfg, k) > 0}
+        stacks = [(name, mod) for name, mod in self.model.named_modules()
+                  if isinstance(mod, nn.ModuleList) and len(mod) in counts]
+        outer = [(n, m) for n, m in stacks if not any(n.startswith(o + ".") for o, _ in stacks)]
+        return [block for _, mod in outer for block in mod]
 
     @property
     def quantized(self) -> bool:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationConfig
 
+from mmhub.activation_checkpointing import is_checkpointed
 from mmhub.backbones import moe, mrope
 from mmhub.backbones.hf_base import HFBackboneBase, HFBackboneConfig
 from mmhub.backbones.visual_expert import cogvlm_position_ids
@@ -140,6 +141,7 @@ class HFCausalLM(HFBackboneBase):
         checkpointing = getattr(self.model, "is_activation_checkpointing", None)  # transformers < 5: the old name
         if checkpointing is None:
             checkpointing = getattr(self.model, "is_gradient_checkpointing", False)
+        checkpointing = checkpointing or any(is_checkpointed(m) for m in self.model.modules())
         if mlp is None or checkpointing or not bool((~needed).any()):
             yield False
             return

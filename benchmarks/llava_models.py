@@ -86,14 +86,19 @@ def build_pair(size: str, workdir: Path, seed: int = 0) -> Pair:
                 SIZES[size]["llama"]["vocab_size"])
 
 
-def load_side(side: str, workdir: Path) -> Any:
-    """One side alone, loaded from the folders `build_pair` wrote (for the peak-memory child processes)."""
-    if side == "mmhub":
-        return MMModel.from_pretrained(workdir / "mmhub", allow_paths=[workdir])  # its word list lies beside it
+def load_side(side: str, workdir: Path, checkpointing: bool = False) -> Any:
+    """One side alone, loaded from the folders `build_pair` wrote (for the peak-memory child processes); with
+    `checkpointing`, activation checkpointing per block (mmhub: the ``mmhub-ckpt`` folder, whose spec sets
+    ``runtime.activation_checkpointing``; transformers: ``gradient_checkpointing_enable``, non-reentrant)."""
+    if side == "mmhub":  # its word list lies beside it
+        return MMModel.from_pretrained(workdir / ("mmhub-ckpt" if checkpointing else "mmhub"), allow_paths=[workdir])
     if side == "transformers":
         from transformers import LlavaForConditionalGeneration
 
-        return LlavaForConditionalGeneration.from_pretrained(str(workdir / "hf-llava"), dtype=torch.float32)
+        hf = LlavaForConditionalGeneration.from_pretrained(str(workdir / "hf-llava"), dtype=torch.float32)
+        if checkpointing:
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return hf
     raise ValueError(f"unknown side {side!r}; choose mmhub or transformers")
 
 

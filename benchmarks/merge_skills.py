@@ -4,6 +4,7 @@
     mmhub train skills-shape-color --out runs/skills-shape-color    # + LoRA on shape and colour questions only
     mmhub train skills-yes-no --out runs/skills-yes-no              # + LoRA on yes/no questions only
     python -m benchmarks.merge_skills [--runs runs] [--limit 450] [--out runs/skills-merge]
+    python -m benchmarks.merge_skills --search 'shape_color=0.5,0.75,1;yes_no=1,1.5,2'   # weights chosen on train
 
 For each method (`linear`, `slerp`, `task_arithmetic`, `ties`, `dare_linear`, `dare_ties`) the script writes a merge
 config (``OUT/METHOD.yaml``: the backbone slot merged, every other slot the base's; the specialists' LoRA
@@ -52,6 +53,15 @@ def folders(runs: Path, yes_no: str = "skills-yes-no") -> dict[str, Path]:
     return out
 
 
+def parse_grid(text: str) -> dict[str, list[float]]:
+    """'shape_color=0.5,1;yes_no=1,2' -> {'shape_color': [0.5, 1.0], 'yes_no': [1.0, 2.0]}."""
+    grid = {}
+    for part in filter(None, text.split(";")):
+        name, _, values = part.partition("=")
+        grid[name.strip()] = [float(v) for v in values.split(",") if v.strip()]
+    return grid
+
+
 def score(path: Path, limit: int) -> dict[str, Any]:
     """Strict easy-VQA accuracy overall and per question type on the first `limit` test questions."""
     from mmhub.evaluation import evaluate
@@ -69,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="runs/skills-merge")
     ap.add_argument("--methods", default=",".join([*METHODS, *COMBINED]))
     ap.add_argument("--yes-no", default="skills-yes-no", help="the yes/no specialist's recipe (its run folder's name)")
+    ap.add_argument("--search", default=None, metavar="GRID",
+                    help="choose each method's weights on the train split first (`search:` in the merge config), "
+                         "e.g. 'shape_color=0.5,0.75,1;yes_no=0.6,0.8,1'; the chosen merge is scored on test")
+    ap.add_argument("--search-limit", type=int, default=200, help="train questions scored per candidate")
     a = ap.parse_args(argv)
     from mmhub.merge.config import read_config
     from mmhub.merge.run import merge
@@ -85,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
                "slots": {"backbone": METHODS[COMBINED.get(method, method)]}}
         if method in COMBINED:
             cfg["adapters"] = "combine"
+        elif a.search:
+            cfg["search"] = {"weights": parse_grid(a.search), "split": "train", "limit": a.search_limit,
+                             "batch_size": 50}
         path = out / f"{method}.yaml"
         write_text_atomic(path, yaml.safe_dump(cfg, sort_keys=False))
         t0 = time.perf_counter()
@@ -92,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         merged = merge(read_config(path), out / method, report=report)
         took = round(time.perf_counter() - t0, 1)
         row = score(merged, a.limit) | {"merge_s": took} | ({"adapters": report["backbone"]} if report else {})
+        searched = merged / "merge_search.json"
+        if searched.is_file():  # the weights chosen on train and every candidate's train scores
+            found = json.loads(searched.read_text(encoding="utf-8"))
+            row["search"] = {"chosen": found["chosen"]["backbone"]["weights"], "rows": found["rows"]}
         table["rows"][method] = row
         print(method, json.dumps(row), flush=True)
         write_text_atomic(out / "table.json", json.dumps(table, indent=1) + "\n")

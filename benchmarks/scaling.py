@@ -18,6 +18,11 @@ features, as its trainer does, and packs each batch into one row; transformers t
 * ``gen_batch``: generation batch 1 -> 8 -> 32 (one image + 32 prompt tokens, 16 new tokens): tokens/s;
 * ``prompt``: prompt length 256 -> 1k -> 4k at batch 1 (one image): time to first token.
 
+With ``--checkpointing`` the training axes also run each side with activation checkpointing per block
+(``mmhub_ckpt``: the spec's ``runtime.activation_checkpointing``; ``transformers_ckpt``: transformers'
+``gradient_checkpointing_enable``), and the text axis reports each side's peak-RSS growth per extra training token
+between its two longest points (``memory_per_token_kib``).
+
 The JSON holds per point both sides' seconds, throughput and peak RSS, the ratios (mmhub throughput over the
 peer's; peak RSS mmhub over the peer's) and per axis each side's growth: the slope of log(seconds) against
 log(axis value). The chart plots seconds and peak RSS per axis, both sides.
@@ -28,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -55,6 +61,12 @@ SCALING_SIZES: dict[str, dict[str, Any]] = {
 AXES: dict[str, list[int]] = {"text": [256, 1024, 4096, 8192], "images": [1, 2, 4, 8], "gen_batch": [1, 8, 32],
                               "prompt": [256, 1024, 4096]}
 TRAIN_BATCH, NEW_TOKENS, GEN_PROMPT = 2, 16, 32
+# sides: each library as it comes, and (--checkpointing, training axes) each with activation checkpointing per block:
+# mmhub's runtime option, transformers' gradient_checkpointing_enable (non-reentrant)
+SIDE_BASE = {"mmhub": "mmhub", "transformers": "transformers", "mmhub_ckpt": "mmhub",
+             "transformers_ckpt": "transformers"}
+CKPT_SIDES = ("mmhub_ckpt", "transformers_ckpt")
+TRAIN_AXES = ("text", "images")
 
 
 def build_models(size: str, workdir: Path) -> dict[str, Any]:
@@ -73,6 +85,11 @@ def build_models(size: str, workdir: Path) -> dict[str, Any]:
     spec["max_items"] = {"image": max(AXES["images"])}
     model = build(spec)
     model.save_pretrained(workdir / "mmhub")
+    # the same model with activation checkpointing per block (a runtime option: same weights, same folder otherwise)
+    shutil.copytree(workdir / "mmhub", workdir / "mmhub-ckpt", dirs_exist_ok=True)
+    saved = json.loads((workdir / "mmhub-ckpt" / "mmhub_spec.json").read_text())
+    saved.setdefault("runtime", {})["activation_checkpointing"] = True
+    (workdir / "mmhub-ckpt" / "mmhub_spec.json").write_text(json.dumps(saved))
     out = export_hf_llava(model, workdir / "hf-llava")
     return {"model": model, "hf_dir": out, "image_tokens": model.plan.tokens_per_item("image"),
             "image_size": cfg["clip"]["image_size"], "vocab": cfg["llama"]["vocab_size"]}
@@ -144,9 +161,9 @@ def child(side: str, workdir: Path, point: str, rounds: int, threads: int) -> No
     torch.set_num_threads(threads)
     with torch.serialization.safe_globals([Encoded]):
         inputs = torch.load(workdir / f"{point}.pt", weights_only=True)
-    model = load_side(side, workdir)
+    model = load_side(SIDE_BASE[side], workdir, checkpointing=side in CKPT_SIDES)
     if inputs["kind"] == "train":
-        if side == "mmhub":
+        if SIDE_BASE[side] == "mmhub":
             opt = optimizer(set_trainable_mmhub(model, 2))
             total = sum(len(e.input_ids) + (inputs["image_tokens"] - 1) * len(e.media["image"])
                         for e in inputs["mmhub"])
@@ -161,7 +178,7 @@ def child(side: str, workdir: Path, point: str, rounds: int, threads: int) -> No
                 hf_step(model, opt, inputs["hf"])
     else:
         model.eval()
-        if side == "mmhub":
+        if SIDE_BASE[side] == "mmhub":
             def work() -> None:
                 mmhub_generate(model, inputs["mmhub"], inputs["new_tokens"])
         else:
@@ -183,6 +200,24 @@ def _slope(xs: list[float], ys: list[float]) -> float | None:
     return round(float(np.polyfit([p[0] for p in pts], [p[1] for p in pts], 1)[0]), 3)
 
 
+def memory_per_token(points: list[dict[str, Any]], sides: list[str]) -> dict[str, Any]:
+    """Per side, the peak-RSS growth per extra training token between the two longest points both ran (KiB per
+    token of the batch: TRAIN_BATCH samples), and the peer's over each side's (how many times less mmhub grows)."""
+    out: dict[str, Any] = {}
+    for side in sides:
+        ran = [p for p in points if "peak_rss_mib" in p.get(side, {})]
+        if len(ran) >= 2:
+            a, b = ran[-2], ran[-1]
+            extra = (b["value"] - a["value"]) * TRAIN_BATCH
+            out[side] = {"from": a["value"], "to": b["value"],
+                         "kib": round((b[side]["peak_rss_mib"] - a[side]["peak_rss_mib"]) * 1024 / extra, 2)}
+    peer = out.get("transformers", {}).get("kib")
+    for side, row in out.items():
+        if peer and row["kib"] > 0 and side != "transformers":
+            row["peer_over_this"] = round(peer / row["kib"], 2)
+    return out
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from benchmarks.common import environment
     from mmhub.processor import Encoded  # noqa: F401  (the saved inputs hold Encoded records)
@@ -201,7 +236,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             inputs["image_tokens"] = built["image_tokens"]
             torch.save(inputs, workdir / f"{name}.pt")
             row: dict[str, Any] = {"value": value}
-            for side in (["transformers", "mmhub"] if flip else ["mmhub", "transformers"]):
+            sides = ["mmhub", "transformers"] + (list(CKPT_SIDES) if args.checkpointing and axis in TRAIN_AXES else [])
+            for side in (sides[::-1] if flip else sides):
                 cmd = [sys.executable, "-m", "benchmarks.scaling", "--child", side, "--workdir", str(workdir),
                        "--point", name, "--rounds", str(args.rounds), "--threads", str(args.threads)]
                 proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -214,17 +250,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             unit = {"text": "samples/s", "images": "samples/s", "gen_batch": "tokens/s", "prompt": "1/TTFT"}[axis]
             row["unit"] = unit
             both = all("seconds" in row.get(s, {}) for s in ("mmhub", "transformers"))
-            for side in ("mmhub", "transformers"):
+            for side in sides:
                 if "seconds" in row.get(side, {}):
                     row[side]["throughput"] = round(work / row[side]["seconds"], 3)
             if both:
                 row["throughput_ratio"] = round(row["mmhub"]["throughput"] / row["transformers"]["throughput"], 3)
                 row["memory_ratio"] = round(row["mmhub"]["peak_rss_mib"] / row["transformers"]["peak_rss_mib"], 3)
+            for side in CKPT_SIDES:  # each checkpointed side against the peer as it comes
+                mine, peer = row.get(side, {}), row.get("transformers", {})
+                if "seconds" in mine and "seconds" in peer:
+                    row[f"{side}_throughput_ratio"] = round(mine["throughput"] / peer["throughput"], 3)
+                    row[f"{side}_memory_ratio"] = round(mine["peak_rss_mib"] / peer["peak_rss_mib"], 3)
             points.append(row)
             print(axis, json.dumps(row), flush=True)
         growth = {side: _slope([p["value"] for p in points], [p.get(side, {}).get("seconds") for p in points])
-                  for side in ("mmhub", "transformers")}
+                  for side in sides}
         result["axes"][axis] = {"points": points, "growth_slope": growth}
+        if axis == "text":
+            result["axes"][axis]["memory_per_token_kib"] = memory_per_token(points, sides)
     return result
 
 
@@ -238,7 +281,10 @@ def chart(result: dict[str, Any], path: Path) -> None:
     fig, grid = plt.subplots(2, len(axes), figsize=(4 * len(axes), 6.5), squeeze=False)
     for j, axis in enumerate(axes):
         pts = result["axes"][axis]["points"]
-        for side, colour in (("mmhub", "#e69138"), ("transformers", "#3d85c6")):
+        for side, colour in (("mmhub", "#e69138"), ("transformers", "#3d85c6"), ("mmhub_ckpt", "#b45f06"),
+                             ("transformers_ckpt", "#0b5394")):
+            if not any("seconds" in p.get(side, {}) for p in pts):
+                continue
             xs = [p["value"] for p in pts if "seconds" in p.get(side, {})]
             grid[0][j].plot(xs, [p[side]["seconds"] for p in pts if "seconds" in p.get(side, {})], "o-",
                             color=colour, label=side)
@@ -265,7 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="benchmarks/results/scaling.json")
     ap.add_argument("--chart", default="benchmarks/results/scaling.png")
     ap.add_argument("--workdir", default=None)
-    ap.add_argument("--child", choices=["mmhub", "transformers"], default=None)
+    ap.add_argument("--checkpointing", action="store_true",
+                    help="also run both sides with activation checkpointing per block on the training axes")
+    ap.add_argument("--child", choices=list(SIDE_BASE), default=None)
     ap.add_argument("--point", default=None)
     a = ap.parse_args(argv)
     if a.child:

@@ -84,6 +84,13 @@ def build_from_plan(plan: Plan) -> MMModel:
         from mmhub.layout import set_decode_layout
 
         set_decode_layout(model.backbone)
+    if plan.spec.runtime.activation_checkpointing:
+        from mmhub.activation_checkpointing import checkpoint_blocks
+
+        if not checkpoint_blocks(backbone.checkpoint_blocks()):
+            raise SpecError([Problem("runtime.activation_checkpointing", f"the {backbone.name!r} backbone offers no "
+                                     "blocks to checkpoint (its checkpoint_blocks() is empty); set "
+                                     "activation_checkpointing: false")])
     model.requires_grad_(False)  # frozen until a training stage says which parts learn
     model.eval()
     return model

@@ -381,8 +381,15 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from mmhub.merge.config import read_config
     from mmhub.merge.run import merge
 
+    def show(row: dict) -> None:  # the weight search's rows as they are scored
+        what = f"model {row['model']}" if "model" in row else "weights " + ", ".join(
+            f"{k}={v:g}" for k, v in row["weights"].items())
+        types = " ".join(f"{t} {v:.1%}" for t, v in row["per_type"].items())
+        tail = f"  objective {row['objective']:+.3f}" if "objective" in row else ""
+        print(f"search: {what}: accuracy {row['accuracy']:.1%} ({types}){tail}", flush=True)
+
     report: dict = {}
-    out = merge(read_config(args.config), args.out, allow_paths=args.allow_path, report=report)
+    out = merge(read_config(args.config), args.out, allow_paths=args.allow_path, report=report, on_search_row=show)
     for slot, r in report.items():
         print(f"{slot}: adapters combined into one of rank {r['rank']}; update energy kept: mean "
               f"{r['energy_mean']:.1%}, worst layer {r['energy_min']:.1%}")

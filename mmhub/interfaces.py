@@ -200,6 +200,7 @@ class Backbone(Component):
     * ``supports_step``: `step` runs one KV-cached incremental forward (mmhub's own decode loop);
     * `only_at`: a context in which `forward` may skip work at positions whose final state nobody reads;
     * `language_model`: the wrapped transformers model (embedding tables, export), when there is one;
+    * `checkpoint_blocks`: the blocks activation checkpointing wraps (``runtime.activation_checkpointing``);
     * `decoder_start_token_id`: the decoder's first input token (encoder-decoder backbones);
     * `prefix_lm`: the prompt attends bidirectionally and only the answer causally (PaliGemma); `forward` and the
       first `step` then take a (B, 1, L, L) boolean mask (`mmhub.passes.prefix_lm_mask`);
@@ -292,6 +293,11 @@ class Backbone(Component):
     def language_model(self) -> torch.nn.Module | None:
         """The wrapped transformers model (with ``get_input_embeddings``/``get_output_embeddings``), or None."""
         return None
+
+    def checkpoint_blocks(self) -> list[torch.nn.Module]:
+        """The transformer blocks whose activations ``runtime.activation_checkpointing`` recomputes in the backward
+        pass instead of keeping (`mmhub.activation_checkpointing`); empty when the backbone offers none."""
+        return []
 
     @property
     def decoder_start_token_id(self) -> int | None:

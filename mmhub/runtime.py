@@ -8,6 +8,9 @@ Each option reaches a component only through a capability the component declares
   streams about twice as fast (`mmhub.layout`); ``row`` keeps every weight row-major, as built;
 * ``loss_chunk``: chunked cross-entropy, that many labelled positions per chunk (0 = all at once); each
   chunk's logits are recomputed in the backward pass, so at most one chunk's logits is ever held;
+* ``activation_checkpointing``: each backbone block keeps only its input and is recomputed in the backward pass
+  (`mmhub.activation_checkpointing`, on `Backbone.checkpoint_blocks`); the last block's ``labelled_only_mlp``
+  shortcut is off then (the recomputation would run it at every position);
 * ``labelled_only_mlp``: in a training forward that returns no logits, the backbone's last MLP runs only at
   the positions whose state the loss reads (`Backbone.only_at`).
 
@@ -37,6 +40,10 @@ class RuntimeOptions(BaseModel):
         description="chunked cross-entropy: labelled positions per chunk (0 = all at once). The LM head "
                     "and the loss run chunk by chunk and each chunk's logits are recomputed in the backward "
                     "pass, so at most one chunk's logits (chunk x vocabulary floats) is ever held")
+    activation_checkpointing: bool = Field(
+        False, description="keep only each backbone block's input in a training forward and recompute the block in "
+                           "the backward pass (mmhub.activation_checkpointing): activation memory per token drops "
+                           "to about one hidden vector per block, for about one more forward pass of compute")
     labelled_only_mlp: bool = Field(
         True, description="in a training forward that returns no logits, run the backbone's last MLP only at the "
                           "positions the loss reads (where the backbone's `only_at` supports it)")

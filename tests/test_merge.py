@@ -320,3 +320,69 @@ def test_header_preflight_stops_a_bad_merge_before_any_weight_is_read(tmp_path: 
     with pytest.raises(MMHubError, match=r"slots.backbone: \['a'\] carry no LoRA adapter on backbone"):
         merge(cfg, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def _search_config(tmp_path: Path, models: dict[str, Path], search: dict) -> Path:
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump({
+        "models": {k: str(v) for k, v in models.items()}, "base": "a",
+        "slots": {"projectors.image": {"method": "task_arithmetic"}}, "search": search}))
+    return path
+
+
+def test_weight_search_picks_the_best_validation_merge_and_saves_it(tmp_path: Path, monkeypatch, capsys) -> None:
+    """The search merges every grid point into the base (restored between candidates) and keeps the best-scoring one:
+    with a score that peaks at base + 0.5 (b - base) + 2 (c - base), that point is chosen among 3 x 3, saved, and its
+    rows written beside it; the models scored alone come first."""
+    from mmhub import cli
+    from mmhub.merge import search as S
+
+    a, b, c = _saved(tmp_path, "a", 0), _saved(tmp_path, "b", 1), _saved(tmp_path, "c", 2)
+    wa, wb, wc = (mmhub.load(p).projectors["image"].state_dict()["net.0.weight"] for p in (a, b, c))
+    target = wa + 0.5 * (wb - wa) + 2 * (wc - wa)
+    scored: list[float] = []
+
+    def score(model) -> dict:
+        w = model.projectors["image"].state_dict()["net.0.weight"]
+        scored.append(-float((w - target).norm()))
+        return {"accuracy": scored[-1], "per_type": {}, "n": 1}
+
+    monkeypatch.setattr(S, "task_scorer", lambda search, registry=None: score)
+    cfg = _search_config(tmp_path, {"a": a, "b": b, "c": c},
+                         {"weights": {"b": [0.5, 1.0, 2.0], "c": [0.5, 1.0, 2.0]}, "limit": 3})
+    assert cli.main(["merge", str(cfg), "--out", str(tmp_path / "merged")]) == 0
+    assert len(scored) == 2 + 9
+    got = mmhub.load(tmp_path / "merged").projectors["image"].state_dict()["net.0.weight"]
+    assert torch.allclose(got, target, atol=1e-6)
+    rows = __import__("json").loads((tmp_path / "merged" / "merge_search.json").read_text())
+    assert [r["model"] for r in rows["rows"][:2]] == ["b", "c"]
+    chosen = [r for r in rows["rows"] if r.get("chosen")]
+    assert [r["weights"] for r in chosen] == [{"b": 0.5, "c": 2.0}]
+    assert rows["chosen"]["projectors.image"]["weights"] == {"b": 0.5, "c": 2.0}
+    assert "search: weights b=0.5, c=2" in capsys.readouterr().out
+
+
+def test_keep_skills_scores_the_worst_skill_lost() -> None:
+    from mmhub.merge.search import objective
+
+    refs = {"shape": {"accuracy": 0.3, "per_type": {"shape": {"accuracy": 1.0}, "yes_no": {"accuracy": 0.0}}},
+            "yes_no": {"accuracy": 0.5, "per_type": {"shape": {"accuracy": 0.0}, "yes_no": {"accuracy": 0.8}}}}
+    merged = {"accuracy": 0.6, "per_type": {"shape": {"accuracy": 0.95}, "yes_no": {"accuracy": 0.5}}}
+    assert objective(merged, refs) == pytest.approx(-0.3)  # yes/no: 0.5 against the specialist's 0.8
+    assert objective(merged, refs, "accuracy") == pytest.approx(0.6)
+
+
+def test_weight_search_refusals(tmp_path: Path) -> None:
+    from mmhub.merge.search import candidates
+
+    a, b = _saved(tmp_path, "a", 0), _saved(tmp_path, "b", 1)
+    on_test = read_config(_search_config(tmp_path, {"a": a, "b": b}, {"weights": {"b": [1.0]}, "split": "test"}))
+    with pytest.raises(MMHubError, match="test split make its scores optimistic"):
+        candidates(on_test)
+    unknown = read_config(_search_config(tmp_path, {"a": a, "b": b}, {"weights": {"z": [1.0], "b": []}}))
+    with pytest.raises(MMHubError, match=r"(?s)search.weights.z: 'z' is not merged.*search.weights.b: no weight"):
+        candidates(unknown)
+    big = read_config(_search_config(tmp_path, {"a": a, "b": b},
+                                     {"weights": {"b": [0.1 * i for i in range(10)]}, "max_candidates": 4}))
+    with pytest.raises(MMHubError, match=r"10 = 10 combinations, more than max_candidates \(4\)"):
+        candidates(big)

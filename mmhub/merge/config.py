@@ -11,6 +11,11 @@ adapter_rank: 16             # combine: the merged adapter's rank (default: the 
 slots:
   projectors.image: {method: linear, weights: {instruct: 0.5, domain: 0.5}}
   backbone: {method: ties, weights: {domain: 1.0}, density: 0.5}
+search:                      # optional: weights chosen on a validation split (mmhub.merge.search)
+  weights: {domain: [0.5, 1.0, 1.5]}
+  task: easy_vqa
+  split: train
+  limit: 200
 ```
 
 A slot is a component path as `mmhub assemble` prints it (``encoders.image``, ``projectors.image``, ``backbone``,
@@ -42,6 +47,23 @@ class SlotMerge(BaseModel):
         return dict(self.model_extra or {})
 
 
+class WeightSearch(BaseModel):
+    """Merge weights chosen on held-out data (`mmhub.merge.search`): every combination of the candidate weights is
+    merged and scored with an evaluation task on a validation split; the best is saved."""
+
+    model_config = ConfigDict(extra="forbid")
+    weights: dict[str, list[float]] = Field(
+        min_length=1, description="model -> the weights to try for it (in every merged slot that merges it)")
+    task: str = Field("easy_vqa", description="a registered evaluation task (`mmhub plugins` lists them)")
+    split: str = Field("train", description="the split scored; never the split you report (test is refused)")
+    limit: int = Field(200, ge=1, description="the first N items of the split")
+    batch_size: int = Field(32, ge=1)
+    objective: Literal["keep_skills", "accuracy"] = Field(
+        "keep_skills", description="keep_skills: maximise the worst per-type margin to the best merged model on that "
+                                   "type (each specialist's skill kept); accuracy: the overall score")
+    max_candidates: int = Field(64, ge=1, description="refuse a grid with more combinations than this")
+
+
 class MergeConfig(BaseModel):
     """A whole merge: models by name, the base, per-slot methods."""
 
@@ -57,6 +79,7 @@ class MergeConfig(BaseModel):
     adapter_rank: int | None = Field(None, ge=1, description="combine: the merged adapter's rank (default: the sum "
                                                              "of the merged adapters' ranks, exact for linear merges)")
     slots: dict[str, SlotMerge] = Field(default_factory=dict)
+    search: WeightSearch | None = None
 
 
 def read_config(path: str | Path) -> MergeConfig:

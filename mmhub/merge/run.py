@@ -182,9 +182,12 @@ def merge_models(cfg: MergeConfig, models: dict[str, Any], registry: Registry | 
 
 
 def merge(config: MergeConfig, out: str | Path, allow_paths: list[str | Path] | None = None,
-          registry: Registry | None = None, report: dict[str, Any] | None = None) -> Path:
+          registry: Registry | None = None, report: dict[str, Any] | None = None,
+          on_search_row: Any = None) -> Path:
     """Load the config's models, merge, and save the result to `out` (atomically); returns the folder. `report`, if
-    given, receives per combined-adapter slot the rank and the update energy kept."""
+    given, receives per combined-adapter slot the rank and the update energy kept. With a ``search`` section the
+    weights are chosen first (`mmhub.merge.search`; each scored row goes to `on_search_row`), the chosen merge is
+    saved and the rows written beside it as ``merge_search.json``."""
     from mmhub.loading import load
     from mmhub.merge.headers import check_headers
 
@@ -198,10 +201,26 @@ def merge(config: MergeConfig, out: str | Path, allow_paths: list[str | Path] | 
             raise MMHubError(f"models.{name}: {ref} cannot be loaded: {exc}") from None
     if config.base not in models:
         raise MMHubError(f"base: {config.base!r} is not among models ({', '.join(models)})")
+    rows, search = None, config.search
+    if search is not None:
+        from mmhub.merge.search import search_weights, task_scorer, with_weights
+
+        chosen, rows = search_weights(config, models, task_scorer(search, registry), registry, on_search_row)
+        config = with_weights(config, chosen, registry)
     merged = merge_models(config, models, registry)
+    if rows is not None:
+        merged.merge_search = rows
     if report is not None:
         report.update(merged.merge_report)
     if config.adapters == "combine":  # merged slots are marked trained: saved whole; sourced weights stay sourced
         merged.spec.init_from = None  # a base folder's adapters would have the old rank
         return merged.save_pretrained(out)
-    return merged.save_pretrained(out, full=True)
+    folder = merged.save_pretrained(out, full=True)
+    if rows is not None:
+        import json
+
+        from mmhub.atomic import write_text_atomic
+
+        write_text_atomic(Path(folder) / "merge_search.json", json.dumps(
+            {"search": search.model_dump(), "chosen": config.model_dump()["slots"], "rows": rows}, indent=1) + "\n")
+    return folder
