@@ -359,7 +359,7 @@ def test_weight_search_picks_the_best_validation_merge_and_saves_it(tmp_path: Pa
     chosen = [r for r in rows["rows"] if r.get("chosen")]
     assert [r["weights"] for r in chosen] == [{"b": 0.5, "c": 2.0}]
     assert rows["chosen"]["projectors.image"]["weights"] == {"b": 0.5, "c": 2.0}
-    assert "search: weights b=0.5, c=2" in capsys.readouterr().out
+    assert "search: b=0.5, c=2: accuracy" in capsys.readouterr().out
 
 
 def test_keep_skills_scores_the_worst_skill_lost() -> None:
@@ -386,3 +386,33 @@ def test_weight_search_refusals(tmp_path: Path) -> None:
                                      {"weights": {"b": [0.1 * i for i in range(10)]}, "max_candidates": 4}))
     with pytest.raises(MMHubError, match=r"10 = 10 combinations, more than max_candidates \(4\)"):
         candidates(big)
+    bad_setting = read_config(_search_config(tmp_path, {"a": a, "b": b},
+                                             {"weights": {"b": [1.0]}, "settings": {"density": [0.5]}}))
+    with pytest.raises(MMHubError, match=r"search.settings.density: no merged slot's method takes 'density'"):
+        candidates(bad_setting)
+
+
+def test_weight_search_tries_method_settings_too(tmp_path: Path, monkeypatch) -> None:
+    """A settings grid (DARE's density) is crossed with the weights; with a score that peaks at the undropped task
+    vector, density 1.0 is chosen and the saved slot carries it."""
+    from mmhub.merge import search as S
+
+    a, b = _saved(tmp_path, "a", 0), _saved(tmp_path, "b", 1)
+    wa, wb = (mmhub.load(p).projectors["image"].state_dict()["net.0.weight"] for p in (a, b))
+
+    def score(model) -> dict:
+        w = model.projectors["image"].state_dict()["net.0.weight"]
+        return {"accuracy": -float((w - wb).norm()), "per_type": {}, "n": 1}
+
+    monkeypatch.setattr(S, "task_scorer", lambda search, registry=None: score)
+    path = tmp_path / "dare.yaml"
+    path.write_text(yaml.safe_dump({"models": {"a": str(a), "b": str(b)}, "base": "a",
+                                    "slots": {"projectors.image": {"method": "dare_linear", "density": 0.5}},
+                                    "search": {"weights": {"b": [0.5, 1.0]}, "settings": {"density": [0.3, 1.0]}}}))
+    out = merge(read_config(path), tmp_path / "merged")
+    found = __import__("json").loads((out / "merge_search.json").read_text())
+    assert [(r["weights"]["b"], r["settings"]["density"]) for r in found["rows"] if "weights" in r] == [
+        (0.5, 0.3), (0.5, 1.0), (1.0, 0.3), (1.0, 1.0)]
+    assert found["chosen"]["projectors.image"]["density"] == 1.0 and [r for r in found["rows"] if r.get("chosen")][
+        0]["settings"] == {"density": 1.0}
+    assert torch.allclose(mmhub.load(out).projectors["image"].state_dict()["net.0.weight"], wb, atol=1e-6)

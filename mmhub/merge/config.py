@@ -54,6 +54,9 @@ class WeightSearch(BaseModel):
     model_config = ConfigDict(extra="forbid")
     weights: dict[str, list[float]] = Field(
         min_length=1, description="model -> the weights to try for it (in every merged slot that merges it)")
+    settings: dict[str, list[Any]] = Field(
+        default_factory=dict, description="method setting -> the values to try (e.g. density: [0.3, 0.5]), in every "
+                                          "merged slot whose method takes the setting")
     task: str = Field("easy_vqa", description="a registered evaluation task (`mmhub plugins` lists them)")
     split: str = Field("train", description="the split scored; never the split you report (test is refused)")
     limit: int = Field(200, ge=1, description="the first N items of the split")

@@ -206,7 +206,7 @@ def merge(config: MergeConfig, out: str | Path, allow_paths: list[str | Path] | 
         from mmhub.merge.search import search_weights, task_scorer, with_weights
 
         chosen, rows = search_weights(config, models, task_scorer(search, registry), registry, on_search_row)
-        config = with_weights(config, chosen, registry)
+        config = with_weights(config, chosen["weights"], registry, chosen["settings"])
     merged = merge_models(config, models, registry)
     if rows is not None:
         merged.merge_search = rows

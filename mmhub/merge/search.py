@@ -32,23 +32,39 @@ from mmhub.registry import Registry, get_registry
 Scores = dict[str, Any]
 
 
-def candidates(cfg: MergeConfig) -> list[dict[str, float]]:
-    """Every combination of the search's candidate weights (model -> weight), in grid order."""
+def candidates(cfg: MergeConfig, registry: Registry | None = None) -> list[dict[str, dict[str, Any]]]:
+    """Every combination of the search's candidate weights and method settings, in grid order: each a dict with
+    ``weights`` (model -> weight) and ``settings`` (setting -> value)."""
     search = _search(cfg)
+    registry = registry or get_registry()
     merged_models = {n for sm in cfg.slots.values() for n in (sm.weights or cfg.models)}
     problems = [f"search.weights.{n}: {n!r} is not merged by any slot (models merged: {sorted(merged_models)})"
                 for n in search.weights if n not in merged_models or n not in cfg.models]
     problems += [f"search.weights.{n}: no weight to try" for n, ws in search.weights.items() if not ws]
+    problems += [f"search.settings.{k}: no value to try" for k, vs in search.settings.items() if not vs]
+    known = {k for sm in cfg.slots.values() for k in _method_cls(sm, registry).Settings.model_fields}
+    problems += [f"search.settings.{k}: no merged slot's method takes {k!r} (they take: {sorted(known) or 'none'})"
+                 for k in search.settings if k not in known]
     if problems:
         raise MMHubError("the weight search cannot run:\n" + "\n".join(f"  - {p}" for p in problems))
-    names = list(search.weights)
-    grid = [dict(zip(names, combo, strict=True)) for combo in itertools.product(*(search.weights[n] for n in names))]
+    axes = [("weights", n, search.weights[n]) for n in search.weights]
+    axes += [("settings", k, search.settings[k]) for k in search.settings]
+    grid = []
+    for combo in itertools.product(*(values for _, _, values in axes)):
+        cand: dict[str, dict[str, Any]] = {"weights": {}, "settings": {}}
+        for (part, name, _), value in zip(axes, combo, strict=True):
+            cand[part][name] = value
+        grid.append(cand)
     if len(grid) > search.max_candidates:
-        sizes = " x ".join(str(len(search.weights[n])) for n in names)
-        raise MMHubError(f"search.weights: {sizes} = {len(grid)} combinations, more than max_candidates "
-                         f"({search.max_candidates}); each is one merge and one evaluation: try fewer weights, or "
+        sizes = " x ".join(str(len(values)) for _, _, values in axes)
+        raise MMHubError(f"search: {sizes} = {len(grid)} combinations, more than max_candidates "
+                         f"({search.max_candidates}); each is one merge and one evaluation: try fewer values, or "
                          f"raise max_candidates")
     return grid
+
+
+def _method_cls(sm: SlotMerge, registry: Registry) -> Any:
+    return registry.merge_method(sm.method).cls
 
 
 def _search(cfg: MergeConfig) -> WeightSearch:
@@ -63,16 +79,20 @@ def _search(cfg: MergeConfig) -> WeightSearch:
     return cfg.search
 
 
-def with_weights(cfg: MergeConfig, weights: dict[str, float], registry: Registry | None = None) -> MergeConfig:
-    """`cfg` with `weights` put into every slot that merges those models (other models keep their weights)."""
+def with_weights(cfg: MergeConfig, weights: dict[str, float], registry: Registry | None = None,
+                 settings: dict[str, Any] | None = None) -> MergeConfig:
+    """`cfg` with `weights` put into every slot that merges those models (other models keep their weights), and
+    `settings` into every slot whose method takes them."""
     from mmhub.merge.run import _weights
 
     registry = registry or get_registry()
     slots = {}
     for slot, sm in cfg.slots.items():
-        current = _weights(cfg, sm, registry.merge_method(sm.method).cls)
+        cls = _method_cls(sm, registry)
+        current = _weights(cfg, sm, cls)
         current.update({n: w for n, w in weights.items() if n in current})
-        slots[slot] = SlotMerge.model_validate({**sm.model_dump(), "weights": current})
+        taken = {k: v for k, v in (settings or {}).items() if k in cls.Settings.model_fields}
+        slots[slot] = SlotMerge.model_validate({**sm.model_dump(), **taken, "weights": current})
     return cfg.model_copy(update={"slots": slots, "search": None})
 
 
@@ -105,16 +125,17 @@ def _slot_state(model: Any, slots: list[str]) -> dict[str, dict[str, torch.Tenso
 @torch.no_grad()
 def search_weights(cfg: MergeConfig, models: dict[str, Any], score: Callable[[Any], Scores],
                    registry: Registry | None = None,
-                   on_row: Callable[[dict[str, Any]], None] | None = None) -> tuple[dict[str, float], list[dict]]:
+                   on_row: Callable[[dict[str, Any]], None] | None = None) -> tuple[dict[str, dict], list[dict]]:
     """Try every candidate of ``cfg.search`` on the loaded `models` (merging into ``models[cfg.base]``, restored
-    after each); `score(model)` evaluates one model. Returns the best weights and one row per candidate (the
+    after each); `score(model)` evaluates one model. Returns the best candidate (``weights`` and ``settings``,
+    as `candidates` gives them) and one row per candidate (the
     models scored alone come first, as ``{"model": name, ...}`` rows). The base is left as it was loaded (adapters
     folded)."""
     from mmhub.merge.run import fold_adapters, merge_models
 
     registry = registry or get_registry()
     search = _search(cfg)
-    grid = candidates(cfg)
+    grid = candidates(cfg, registry)
     fold_adapters(models)
     merged_names = sorted({n for sm in cfg.slots.values() for n in (sm.weights or models)} - {cfg.base})
     rows: list[dict[str, Any]] = []
@@ -128,11 +149,11 @@ def search_weights(cfg: MergeConfig, models: dict[str, Any], score: Callable[[An
     saved = {s: {k: t.clone() for k, t in sd.items()} for s, sd in _slot_state(base, list(cfg.slots)).items()}
     best: tuple[float, float, int] | None = None
     try:
-        for i, weights in enumerate(grid):
-            merged = merge_models(with_weights(cfg, weights, registry), models, registry)
+        for i, cand in enumerate(grid):
+            merged = merge_models(with_weights(cfg, cand["weights"], registry, cand["settings"]), models, registry)
             scores = score(merged)
             value = objective(scores, references, search.objective)
-            rows.append({"weights": weights, "objective": round(value, 6), **_summary(scores)})
+            rows.append({**{k: v for k, v in cand.items() if v}, "objective": round(value, 6), **_summary(scores)})
             if on_row:
                 on_row(rows[-1])
             key = (value, float(scores["accuracy"]), -i)
@@ -142,10 +163,9 @@ def search_weights(cfg: MergeConfig, models: dict[str, Any], score: Callable[[An
     finally:
         _restore(base, saved)
     assert best is not None
-    chosen = grid[-best[2]]
-    for row in rows:
-        if row.get("weights") == chosen:
-            row["chosen"] = True
+    index = -best[2]  # the key holds -i, so that the earlier of equal candidates wins
+    rows[len(references) + index]["chosen"] = True
+    chosen = grid[index]
     return chosen, rows
 
 
