@@ -86,17 +86,17 @@ def build_pair(size: str, workdir: Path, seed: int = 0) -> Pair:
                 SIZES[size]["llama"]["vocab_size"])
 
 
-def load_side(side: str, workdir: Path, checkpointing: bool = False) -> Any:
-    """One side alone, loaded from the folders `build_pair` wrote (for the peak-memory child processes); with
-    `checkpointing`, activation checkpointing per block (mmhub: the ``mmhub-ckpt`` folder, whose spec sets
-    ``runtime.activation_checkpointing``; transformers: ``gradient_checkpointing_enable``, non-reentrant)."""
+def load_side(side: str, workdir: Path, variant: str | None = None) -> Any:
+    """One side alone, loaded from the folders `build_pair` wrote (for the peak-memory child processes). A `variant`
+    (benchmarks.scaling's memory variants) loads mmhub from that variant's folder (its spec's runtime options) and
+    turns on transformers' gradient checkpointing (non-reentrant) for ``transformers_ckpt``."""
     if side == "mmhub":  # its word list lies beside it
-        return MMModel.from_pretrained(workdir / ("mmhub-ckpt" if checkpointing else "mmhub"), allow_paths=[workdir])
+        return MMModel.from_pretrained(workdir / (variant or "mmhub"), allow_paths=[workdir])
     if side == "transformers":
         from transformers import LlavaForConditionalGeneration
 
         hf = LlavaForConditionalGeneration.from_pretrained(str(workdir / "hf-llava"), dtype=torch.float32)
-        if checkpointing:
+        if variant == "transformers_ckpt":
             hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return hf
     raise ValueError(f"unknown side {side!r}; choose mmhub or transformers")

@@ -18,10 +18,12 @@ features, as its trainer does, and packs each batch into one row; transformers t
 * ``gen_batch``: generation batch 1 -> 8 -> 32 (one image + 32 prompt tokens, 16 new tokens): tokens/s;
 * ``prompt``: prompt length 256 -> 1k -> 4k at batch 1 (one image): time to first token.
 
-With ``--checkpointing`` the training axes also run each side with activation checkpointing per block
-(``mmhub_ckpt``: the spec's ``runtime.activation_checkpointing``; ``transformers_ckpt``: transformers'
-``gradient_checkpointing_enable``), and the text axis reports each side's peak-RSS growth per extra training token
-between its two longest points (``memory_per_token_kib``).
+With ``--checkpointing`` the training axes also run the memory variants (`MMHUB_VARIANTS`: ``mmhub_ckpt`` with the
+spec's ``runtime.activation_checkpointing``, ``mmhub_chunk`` with ``runtime.loss_chunk`` 1024, ``mmhub_lean`` with
+both; ``transformers_ckpt``: transformers' ``gradient_checkpointing_enable``), and the text axis reports each side's
+peak-RSS growth per extra training token between its two longest points (``memory_per_token_kib``) and, per memory
+cap in `CAPS_MIB`, the longest text each side trained within it (peak RSS, VmHWM; ``longest_under_cap``).
+``--long`` adds a 16k-token point to the text axis.
 
 The JSON holds per point both sides' seconds, throughput and peak RSS, the ratios (mmhub throughput over the
 peer's; peak RSS mmhub over the peer's) and per axis each side's growth: the slope of log(seconds) against
@@ -33,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -53,7 +54,7 @@ SCALING_SIZES: dict[str, dict[str, Any]] = {
                  "num_hidden_layers": 4, "num_attention_heads": 4, "image_size": 224, "patch_size": 32},
         "llama": {"model_type": "llama", "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
                   "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 8000,
-                  "max_position_embeddings": 16384},
+                  "max_position_embeddings": 32768},
     },
     # benchmarks.llava's toy, with room for the longest text point
     "tiny": {"clip": SIZES["tiny"]["clip"], "llama": {**SIZES["tiny"]["llama"], "max_position_embeddings": 16384}},
@@ -61,11 +62,18 @@ SCALING_SIZES: dict[str, dict[str, Any]] = {
 AXES: dict[str, list[int]] = {"text": [256, 1024, 4096, 8192], "images": [1, 2, 4, 8], "gen_batch": [1, 8, 32],
                               "prompt": [256, 1024, 4096]}
 TRAIN_BATCH, NEW_TOKENS, GEN_PROMPT = 2, 16, 32
-# sides: each library as it comes, and (--checkpointing, training axes) each with activation checkpointing per block:
-# mmhub's runtime option, transformers' gradient_checkpointing_enable (non-reentrant)
-SIDE_BASE = {"mmhub": "mmhub", "transformers": "transformers", "mmhub_ckpt": "mmhub",
-             "transformers_ckpt": "transformers"}
-CKPT_SIDES = ("mmhub_ckpt", "transformers_ckpt")
+LONG_TEXT = 16384  # --long: one more text point
+CAPS_MIB = (2048, 3072, 4096)
+# sides: each library as it comes, and (--checkpointing, training axes) the memory variants: mmhub's runtime options
+# (activation checkpointing per block, chunked loss, both) and transformers' gradient_checkpointing_enable
+MMHUB_VARIANTS: dict[str, dict[str, Any]] = {
+    "mmhub_ckpt": {"activation_checkpointing": True},
+    "mmhub_chunk": {"loss_chunk": 1024},
+    "mmhub_lean": {"activation_checkpointing": True, "loss_chunk": 1024},
+}
+SIDE_BASE = {"mmhub": "mmhub", "transformers": "transformers", "transformers_ckpt": "transformers",
+             **{v: "mmhub" for v in MMHUB_VARIANTS}}
+CKPT_SIDES = (*MMHUB_VARIANTS, "transformers_ckpt")
 TRAIN_AXES = ("text", "images")
 
 
@@ -85,11 +93,14 @@ def build_models(size: str, workdir: Path) -> dict[str, Any]:
     spec["max_items"] = {"image": max(AXES["images"])}
     model = build(spec)
     model.save_pretrained(workdir / "mmhub")
-    # the same model with activation checkpointing per block (a runtime option: same weights, same folder otherwise)
-    shutil.copytree(workdir / "mmhub", workdir / "mmhub-ckpt", dirs_exist_ok=True)
-    saved = json.loads((workdir / "mmhub-ckpt" / "mmhub_spec.json").read_text())
-    saved.setdefault("runtime", {})["activation_checkpointing"] = True
-    (workdir / "mmhub-ckpt" / "mmhub_spec.json").write_text(json.dumps(saved))
+    # the same model with each variant's runtime options (same weights; runtime options change no output)
+    plain = model.spec.runtime.model_dump()
+    for variant, options in MMHUB_VARIANTS.items():
+        for key, value in options.items():
+            setattr(model.spec.runtime, key, value)
+        model.save_pretrained(workdir / variant)
+        for key in options:
+            setattr(model.spec.runtime, key, plain[key])
     out = export_hf_llava(model, workdir / "hf-llava")
     return {"model": model, "hf_dir": out, "image_tokens": model.plan.tokens_per_item("image"),
             "image_size": cfg["clip"]["image_size"], "vocab": cfg["llama"]["vocab_size"]}
@@ -161,7 +172,7 @@ def child(side: str, workdir: Path, point: str, rounds: int, threads: int) -> No
     torch.set_num_threads(threads)
     with torch.serialization.safe_globals([Encoded]):
         inputs = torch.load(workdir / f"{point}.pt", weights_only=True)
-    model = load_side(SIDE_BASE[side], workdir, checkpointing=side in CKPT_SIDES)
+    model = load_side(SIDE_BASE[side], workdir, variant=side if side in CKPT_SIDES else None)
     if inputs["kind"] == "train":
         if SIDE_BASE[side] == "mmhub":
             opt = optimizer(set_trainable_mmhub(model, 2))
@@ -218,11 +229,23 @@ def memory_per_token(points: list[dict[str, Any]], sides: list[str]) -> dict[str
     return out
 
 
+def longest_under_cap(points: list[dict[str, Any]], sides: list[str]) -> dict[str, dict[str, int | None]]:
+    """Per memory cap (MiB of peak RSS), per side: the longest text point it trained within the cap (None: none)."""
+    out: dict[str, dict[str, int | None]] = {}
+    for cap in CAPS_MIB:
+        out[str(cap)] = {}
+        for side in sides:
+            fits = [p["value"] for p in points if p.get(side, {}).get("peak_rss_mib", float("inf")) <= cap]
+            out[str(cap)][side] = max(fits) if fits else None
+    return out
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from benchmarks.common import environment
     from mmhub.processor import Encoded  # noqa: F401  (the saved inputs hold Encoded records)
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="mmhub-scaling-"))
+    workdir.mkdir(parents=True, exist_ok=True)
     built = build_models(args.size, workdir)
     result: dict[str, Any] = {"environment": environment(torch.float32), "size": args.size, "rounds": args.rounds,
                               "threads": args.threads, "model": {"image_tokens": built["image_tokens"],
@@ -230,7 +253,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     flip = False
     for axis in args.axes.split(","):
         points = []
-        for value in AXES[axis]:
+        for value in AXES[axis] + ([LONG_TEXT] if axis == "text" and args.long else []):
             name = f"{axis}-{value}"
             inputs = point_inputs(built, axis, value, seed=value)
             inputs["image_tokens"] = built["image_tokens"]
@@ -268,6 +291,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["axes"][axis] = {"points": points, "growth_slope": growth}
         if axis == "text":
             result["axes"][axis]["memory_per_token_kib"] = memory_per_token(points, sides)
+            result["axes"][axis]["longest_under_cap"] = longest_under_cap(points, sides)
     return result
 
 
@@ -282,7 +306,7 @@ def chart(result: dict[str, Any], path: Path) -> None:
     for j, axis in enumerate(axes):
         pts = result["axes"][axis]["points"]
         for side, colour in (("mmhub", "#e69138"), ("transformers", "#3d85c6"), ("mmhub_ckpt", "#b45f06"),
-                             ("transformers_ckpt", "#0b5394")):
+                             ("mmhub_chunk", "#f6b26b"), ("mmhub_lean", "#783f04"), ("transformers_ckpt", "#0b5394")):
             if not any("seconds" in p.get(side, {}) for p in pts):
                 continue
             xs = [p["value"] for p in pts if "seconds" in p.get(side, {})]
@@ -312,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chart", default="benchmarks/results/scaling.png")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--checkpointing", action="store_true",
-                    help="also run both sides with activation checkpointing per block on the training axes")
+                    help="also run the memory variants (activation checkpointing, chunked loss) on the training axes")
+    ap.add_argument("--long", action="store_true", help=f"add a {LONG_TEXT}-token point to the text axis")
     ap.add_argument("--child", choices=list(SIDE_BASE), default=None)
     ap.add_argument("--point", default=None)
     a = ap.parse_args(argv)
