@@ -205,7 +205,7 @@ def dataset_names(registry: Any = None) -> list[str]:
     """The registered dataset plugins' names."""
     from mmhub.registry import get_registry
 
-    return sorted((registry or get_registry()).datasets())
+    return sorted((registry or get_registry()).datasets)
 
 
 def dataset_block(name: str, registry: Any = None) -> dict[str, Any]:

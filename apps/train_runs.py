@@ -26,6 +26,7 @@ from mmhub.errors import MMHubError
 
 LOG_FILE = "train.log"
 SPEC_FILE = "run_spec.json"  # written by the trainer into every run folder
+EVAL_FILE = "eval.json"  # RUN/STAGE/eval.json: the Runs tab's evaluations, task -> scores
 
 
 def stage_metrics(run: Path) -> dict[str, list[dict[str, Any]]]:
@@ -105,18 +106,48 @@ def runs_table(folder: Path) -> list[list[Any]]:
         except (OSError, ValueError):
             name = "?"
         steps = sum(int(r[-1]["step"]) for r in metrics.values() if r)
-        scores = []
-        for stage in st["done"]:
-            ev = run / stage / "model" / "eval.json"
-            if ev.is_file():
-                try:
-                    scores.append(f"{stage}: {json.loads(ev.read_text()).get('accuracy'):.1%}")
-                except (OSError, ValueError, TypeError):
-                    pass
+        scores = [f"{stage} {task}: {r['accuracy']:.1%}" for stage in st["done"]
+                  for task, r in eval_scores(run, stage).items() if isinstance(r.get("accuracy"), (int, float))]
         changed = time.strftime("%Y-%m-%d %H:%M", time.localtime(run.stat().st_mtime))
         table.append([run.name, name, f"{len(st['done'])}/{len(st['stages'])}", steps,
                       None if st["loss"] is None else round(float(st["loss"]), 4), "; ".join(scores), changed])
     return table
+
+
+def eval_scores(run: Path, stage: str) -> dict[str, dict[str, Any]]:
+    """The evaluations recorded for a run's stage (``RUN/STAGE/eval.json``: task -> scores); {} when none."""
+    file = run / stage / EVAL_FILE
+    try:
+        found = json.loads(file.read_text()) if file.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def evaluate_run(model: Any, run: Path, stage: str, task: str, limit: int | None = None,
+                 blind: bool = False) -> tuple[str, dict[str, Any]]:
+    """Evaluate a run's stage model with an eval task plugin (strict and lenient scores; with `blind`, the same
+    questions again without the picture: how much the model uses it), record the scores in ``RUN/STAGE/eval.json``
+    (the Runs table shows them) and return a Markdown summary and the record."""
+    from mmhub.atomic import write_text_atomic
+    from mmhub.evaluation import evaluate
+
+    result = evaluate(model, task, limit=limit)
+    record: dict[str, Any] = {"accuracy": result["accuracy"], "accuracy_lenient": result.get("accuracy_lenient"),
+                              "n": result["n"], "limit": limit,
+                              "per_type": {t: v.get("accuracy") if isinstance(v, dict) else v
+                                           for t, v in (result.get("per_type") or {}).items()}}
+    if blind:
+        record["blind_accuracy"] = evaluate(model, task, limit=limit, blind=True)["accuracy"]
+    recorded = {**eval_scores(run, stage), task: record}
+    write_text_atomic(run / stage / EVAL_FILE, json.dumps(recorded, indent=1) + "\n")
+    lenient = record["accuracy_lenient"]
+    lines = [f"**{run.name} / {stage}, {task}** on {record['n']} items: strict **{record['accuracy']:.1%}**"
+             + (f", lenient {lenient:.1%}" if isinstance(lenient, (int, float)) else "")
+             + (f", blind {record['blind_accuracy']:.1%} (gap {record['accuracy'] - record['blind_accuracy']:+.1%})"
+                if blind else "")]
+    lines += [f"- {t}: {v:.1%}" for t, v in record["per_type"].items() if isinstance(v, (int, float))]
+    return "\n".join(lines), record
 
 
 def log_tail(run: Path, lines: int = 20) -> str:

@@ -85,7 +85,7 @@ def build_app(pool: ModelPool, limits: Limits = DEFAULT_LIMITS, folders: list[st
             with gr.Tab("Train", id="train"):
                 _train_tab(runner)
             with gr.Tab("Runs", id="runs"):
-                chat_with, chat_with_path = _runs_tab(runner)
+                chat_with, chat_with_path = _runs_tab(runner, pool)
             with gr.Tab("Plugins", id="plugins"):
                 gr.Markdown(catalog.summary(), elem_id="plugins-summary")
                 # datasets and eval tasks get their own table: the browser renders only a long table's visible rows
@@ -164,14 +164,40 @@ def build_app(pool: ModelPool, limits: Limits = DEFAULT_LIMITS, folders: list[st
     return app
 
 
+def _path(upload: Any) -> str:
+    """A gr.File value's path on the server (a path string, or an object with ``.name`` / ``.path``)."""
+    return str(getattr(upload, "path", None) or getattr(upload, "name", None) or upload)
+
+
 def _train_tab(runner: Any) -> None:
-    from mmhub.apps import train_runs
+    from pathlib import Path
+
+    from mmhub.apps import train_data, train_runs
 
     with gr.Row():
         source = gr.Dropdown(choices=_recipe_and_preset_keys(), label="start from a recipe or preset", scale=3)
         load_btn = gr.Button("Load its spec", scale=1)
     spec = gr.Code(language="yaml", label="spec with its stages (edit learning rate, steps, batch, LoRA rank, what "
                                           "trains, data)", interactive=True, lines=14, elem_id="train-spec")
+    with gr.Accordion("Data and stage settings (written into the spec above)", open=True):
+        with gr.Row():
+            stage_box = gr.Textbox(label="stage (empty: every stage)", scale=1, elem_id="train-stage")
+            dataset_dd = gr.Dropdown(choices=train_data.dataset_names(), label="a registered dataset", scale=2,
+                                     elem_id="train-dataset")
+            use_dataset = gr.Button("Use this dataset", scale=1)
+        with gr.Row():
+            data_file = gr.File(label="…or upload LLaVA-JSON / ShareGPT (.json, .jsonl)",
+                                file_types=[".json", ".jsonl"], scale=2, elem_id="train-data-file")
+            media_zip = gr.File(label="its images as a .zip", file_types=[".zip"], scale=2, elem_id="train-media-zip")
+            upload_name = gr.Textbox(label="upload name", scale=1, elem_id="train-upload-name")
+            upload_btn = gr.Button("Upload and use", scale=1, elem_id="train-upload")
+        with gr.Row():
+            lr = gr.Number(label="learning rate", value=None, scale=1)
+            steps = gr.Number(label="max steps", value=None, precision=0, scale=1, elem_id="train-steps")
+            batch = gr.Number(label="batch size", value=None, precision=0, scale=1)
+            rank = gr.Number(label="LoRA rank", value=None, precision=0, scale=1)
+            apply_btn = gr.Button("Apply settings", scale=1, elem_id="train-apply")
+            check_btn = gr.Button("Check data (pre-flight)", scale=1, elem_id="train-check")
     with gr.Row():
         name = gr.Textbox(label="run name (a folder in the runs directory)", scale=3)
         start_btn = gr.Button("Start", variant="primary", scale=1, elem_id="train-start")
@@ -227,6 +253,46 @@ def _train_tab(runner: Any) -> None:
         plots = [pd.DataFrame(train_runs.curve(run, metrics, k)) for k in ("loss", "lr", "grad_norm")]
         return (text, *[p if len(p) else None for p in plots], train_runs.log_tail(folder))
 
+    def use(text: str, stage: str, dataset: str) -> tuple[Any, str]:
+        try:
+            if not dataset:
+                return gr.update(), "pick a dataset first"
+            out = train_data.set_stage_data(text, train_data.dataset_block(dataset), stage.strip() or None)
+            return out, f"data: `{dataset}` set on {('stage ' + stage.strip()) if stage.strip() else 'every stage'}"
+        except MMHubError as exc:
+            return gr.update(), f"**{exc}**"
+
+    def upload(text: str, stage: str, data: Any, media: Any, label: str) -> tuple[Any, str]:
+        try:
+            if data is None:
+                return gr.update(), "choose a .json or .jsonl data file first"
+            block, said = train_data.stage_upload(_path(data), _path(media) if media is not None else None,
+                                                  runner.runs_dir, label or Path(_path(data)).stem)
+            out = train_data.set_stage_data(text, block, stage.strip() or None)
+            report = train_data.preflight_data(out, stage.strip() or None)
+            return out, f"{said}\n\n```\n{report}\n```"
+        except MMHubError as exc:
+            return gr.update(), f"**Upload not used**: {exc}"
+
+    def apply(text: str, stage: str, *values: Any) -> tuple[Any, str]:
+        keys = ("lr", "max_steps", "batch_size", "lora_r")
+        settings = {k: (float(v) if k == "lr" else int(v)) for k, v in zip(keys, values, strict=True) if v}
+        try:
+            out = train_data.set_stage_data(text, None, stage.strip() or None, settings)
+        except MMHubError as exc:
+            return gr.update(), f"**{exc}**"
+        return out, "set " + (", ".join(f"{k} {v:g}" for k, v in settings.items()) or "nothing (all fields empty)")
+
+    def check(text: str, stage: str) -> str:
+        try:
+            return f"```\n{train_data.preflight_data(text, stage.strip() or None)}\n```"
+        except MMHubError as exc:
+            return f"**Pre-flight refused the data**:\n```\n{exc}\n```"
+
+    use_dataset.click(use, [spec, stage_box, dataset_dd], [spec, status])
+    upload_btn.click(upload, [spec, stage_box, data_file, media_zip, upload_name], [spec, status])
+    apply_btn.click(apply, [spec, stage_box, lr, steps, batch, rank], [spec, status])
+    check_btn.click(check, [spec, stage_box], [status])
     load_btn.click(load, [source], [spec, status])
     start_btn.click(start, [spec, name], [run_dd, status])
     stop_btn.click(lambda r: act(runner.stop, r), [run_dd], [status])
@@ -235,8 +301,9 @@ def _train_tab(runner: Any) -> None:
     timer.tick(refresh, [run_dd], [status, loss_plot, lr_plot, norm_plot, log])
 
 
-def _runs_tab(runner: Any) -> tuple[Any, Any]:
+def _runs_tab(runner: Any, pool: ModelPool) -> tuple[Any, Any]:
     from mmhub.apps import train_runs
+    from mmhub.registry import get_registry
 
     columns = ["run", "spec", "stages done", "steps", "final loss", "eval", "changed"]
     refresh_btn = gr.Button("Refresh")
@@ -244,8 +311,16 @@ def _runs_tab(runner: Any) -> tuple[Any, Any]:
     picked = gr.Dropdown(choices=_run_names(runner), multiselect=True, label="runs to overlay")
     overlay = gr.LinePlot(x="step", y="loss", color="run", title="loss, runs overlaid", height=260)
     with gr.Row():
-        path = gr.Textbox(label="model folder of the first picked run", interactive=False, scale=3)
-        chat_with = gr.Button("Chat with this model", scale=1)
+        path = gr.Textbox(label="model folder of the first picked run", interactive=False, scale=3,
+                          elem_id="runs-model-path")
+        chat_with = gr.Button("Chat with this model", scale=1, elem_id="runs-chat")
+    with gr.Row():
+        task = gr.Dropdown(choices=sorted(get_registry().eval_tasks), value="easy_vqa", label="evaluation task",
+                           scale=2, elem_id="runs-task")
+        limit = gr.Number(label="items (first N)", value=50, precision=0, scale=1)
+        blind = gr.Checkbox(label="blind ablation too", value=False, scale=1)
+        eval_btn = gr.Button("Evaluate", scale=1, elem_id="runs-evaluate")
+    scores = gr.Markdown(elem_id="runs-eval")
 
     def show() -> tuple[Any, Any]:
         return train_runs.runs_table(runner.runs_dir), gr.update(choices=_run_names(runner))
@@ -261,7 +336,22 @@ def _runs_tab(runner: Any) -> tuple[Any, Any]:
             model = str(runs[0] / done[-1] / "model") if done else ""
         return (frame if len(frame) else None), model
 
+    def run_eval(model_path: str, task_name: str, n: Any, with_blind: bool) -> tuple[str, Any]:
+        if not model_path:
+            return "pick a run with a finished stage first", gr.update()
+        from pathlib import Path
+
+        folder = Path(model_path)  # RUN/STAGE/model
+        try:
+            loaded = pool.get(f"folder:{model_path}")
+            text, _ = train_runs.evaluate_run(loaded.model, folder.parent.parent, folder.parent.name, task_name,
+                                              int(n) if n else None, bool(with_blind))
+        except MMHubError as exc:
+            return f"**Not evaluated**: {exc}", gr.update()
+        return text, train_runs.runs_table(runner.runs_dir)
+
     refresh_btn.click(show, [], [table, picked])
+    eval_btn.click(run_eval, [path, task, limit, blind], [scores, table])
     picked.change(plot, [picked], [overlay, path])
     return chat_with, path
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mmhub.apps.train_runs import TrainRunner, curves, log_tail, run_name, run_status, runs_table
+from mmhub.apps.train_runs import TrainRunner, curves, evaluate_run, log_tail, run_name, run_status, runs_table
 from mmhub.errors import MMHubError
 
 from conftest import TINY_SPEC
@@ -63,6 +63,15 @@ def test_a_run_is_started_watched_stopped_resumed_and_listed(tmp_path: Path) -> 
     _wait(runner, second, lambda: (second / "align" / "model").is_dir() and str(second) not in runner.running)
     rows = {r[0]: r for r in runs_table(tmp_path)}
     assert rows["second"][2] == "1/1" and rows["second"][3] == 4 and rows["first"][2] == "0/1"
+    import mmhub
+
+    text, record = evaluate_run(mmhub.load(second / "align" / "model"), second, "align", "easy_vqa", limit=4,
+                                blind=True)
+    assert record["n"] == 4 and 0 <= record["blind_accuracy"] <= 1 and set(record["per_type"]) <= {
+        "shape", "color", "yes_no"}
+    assert text.startswith("**second / align, easy_vqa** on 4 items: strict") and "blind" in text
+    assert json.loads((second / "align" / "eval.json").read_text())["easy_vqa"] == record
+    assert {r[0]: r for r in runs_table(tmp_path)}["second"][5] == f"align easy_vqa: {record['accuracy']:.1%}"
     points = curves([run, second])
     assert {p["run"] for p in points} == {"first", "second"} and all("loss" in p for p in points)
     assert "first started" in runner.resume(run) or "queued" in runner.resume(run)
