@@ -141,14 +141,15 @@ def build_and_draw(text: str, registry: Any = None, draw: bool = True,
     summary = f"**Built** {model.spec.name}: {total:,} parameters in {len(rows)} components."
     if not draw:
         return rows, summary, None
-    from mmhub.diagram import draw_diagram, model_facts
+    from mmhub.diagram import diagram_caption, draw_diagram, model_facts
 
     out = Path(folder or tempfile.mkdtemp(prefix="mmhub-diagram-")) / f"{model.spec.name}.png"
     try:
-        draw_diagram(model_facts(model), out)
+        facts = model_facts(model)
+        draw_diagram(facts, out)
     except Exception as exc:  # the picture is an extra: the build stands without it
         return rows, summary + f" (no diagram: {type(exc).__name__}: {exc})", None
-    return rows, summary, str(out)
+    return rows, summary + f"\n\nDiagram: {diagram_caption(facts)}", str(out)
 
 
 def save(text: str, folder: str | None = None) -> str:

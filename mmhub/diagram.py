@@ -75,6 +75,19 @@ def model_facts(model: Any) -> dict[str, Any]:
             "outputs": outputs}
 
 
+def diagram_caption(facts: dict[str, Any]) -> str:
+    """The diagram in words (its caption and alt text): every slot with its component type and parameters, the
+    token counts of each input path, the stages and what each trains."""
+    rows = {r["slot"]: r for r in facts["components"]}
+    named = ", ".join(f"{slot} {r['type']} ({_human(r['params'])})" for slot, r in rows.items())
+    paths = "; ".join(f"{i['item']} -> {i['encoder_tokens']} -> {i['tokens']} tokens"
+                      + (f" -> {i['llm_dim']}-d" if i.get("llm_dim") else "") for i in facts["inputs"])
+    stages = "; ".join(f"{st['stage']} trains " + (", ".join(k for k, v in st["parts"].items() if v["trainable"])
+                                                   or "nothing") for st in facts["stages"])
+    return f"{facts['name']}: {named}." + (f" Inputs: {paths}." if paths else "") + \
+        (f" Stages: {stages}." if stages else "")
+
+
 def _regime(stage: dict[str, Any] | None, slot: str) -> str:
     if stage is None:
         return "frozen"

@@ -62,3 +62,15 @@ def test_assemble_cli_writes_the_diagram(tmp_path: Path) -> None:
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert f"diagram written to {out}" in r.stdout and Image.open(out).format == "PNG"
+
+
+def test_the_caption_names_every_slot_its_tokens_and_what_each_stage_trains(next_gpt: dict) -> None:
+    from mmhub.diagram import diagram_caption
+
+    text = diagram_caption(next_gpt)
+    for row in next_gpt["components"]:
+        assert f"{row['slot']} {row['type']} (" in text, row["slot"]
+    img = next(i for i in next_gpt["inputs"] if i["modality"] == "image")
+    assert f"{img['item']} -> {img['encoder_tokens']} -> {img['tokens']} tokens -> 64-d" in text
+    stages = text.split("Stages: ")[1]
+    assert "backbone" not in stages.split(";")[0] and "backbone" in stages.split(";")[1]  # LoRA only in instruct
