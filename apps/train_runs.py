@@ -26,6 +26,7 @@ from mmhub.errors import MMHubError
 
 LOG_FILE = "train.log"
 SPEC_FILE = "run_spec.json"  # written by the trainer into every run folder
+START_SPEC = "spec.json"  # written by the Train tab when it starts (or queues) a run
 EVAL_FILE = "eval.json"  # RUN/STAGE/eval.json: the Runs tab's evaluations, task -> scores
 
 
@@ -47,9 +48,18 @@ def stage_metrics(run: Path) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
+def _spec_file(run: Path) -> Path | None:
+    """The run's spec: the trainer's ``run_spec.json``, or, before the trainer has written it (a run just started
+    or queued), the Train tab's ``spec.json``; None for a folder that is no run."""
+    for name in (SPEC_FILE, START_SPEC):
+        if (run / name).is_file():
+            return run / name
+    return None
+
+
 def _stage_names(run: Path) -> list[str]:
     try:
-        spec = json.loads((run / SPEC_FILE).read_text())
+        spec = json.loads(_spec_file(run).read_text())  # type: ignore[union-attr]
         return [s["name"] for s in spec.get("stages", [])]
     except (OSError, ValueError, KeyError, TypeError):
         return sorted(p.name for p in run.iterdir() if (p / "metrics.jsonl").is_file()) if run.is_dir() else []
@@ -97,13 +107,13 @@ def runs_table(folder: Path) -> list[list[Any]]:
     table = []
     if not folder.is_dir():
         return table
-    for run in sorted((p for p in folder.iterdir() if (p / SPEC_FILE).is_file()), key=lambda p: p.stat().st_mtime,
+    for run in sorted((p for p in folder.iterdir() if _spec_file(p) is not None), key=lambda p: p.stat().st_mtime,
                       reverse=True):
         metrics = stage_metrics(run)
         st = run_status(run, metrics)
         try:
-            name = json.loads((run / SPEC_FILE).read_text()).get("name", "?")
-        except (OSError, ValueError):
+            name = json.loads(_spec_file(run).read_text()).get("name", "?")  # type: ignore[union-attr]
+        except (OSError, ValueError, AttributeError):
             name = "?"
         steps = sum(int(r[-1]["step"]) for r in metrics.values() if r)
         scores = [f"{stage} {task}: {r['accuracy']:.1%}" for stage in st["done"]
@@ -195,8 +205,8 @@ class TrainRunner:
         if not data.get("stages"):
             raise MMHubError("the spec has no stages; add stages: [{name: ..., train: ..., data: ...}]")
         run.mkdir(parents=True)
-        (run / "spec.json").write_text(json.dumps(data, indent=2))
-        return self._submit(_Job(run, ["train", str(run / "spec.json"), "--out", str(run), "--no-progress"]))
+        (run / START_SPEC).write_text(json.dumps(data, indent=2))
+        return self._submit(_Job(run, ["train", str(run / START_SPEC), "--out", str(run), "--no-progress"]))
 
     def resume(self, run: Path) -> str:
         if not (run / SPEC_FILE).is_file():

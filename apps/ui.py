@@ -175,8 +175,9 @@ def _train_tab(runner: Any) -> None:
     from mmhub.apps import train_data, train_runs
 
     with gr.Row():
-        source = gr.Dropdown(choices=_recipe_and_preset_keys(), label="start from a recipe or preset", scale=3)
-        load_btn = gr.Button("Load its spec", scale=1)
+        source = gr.Dropdown(choices=_recipe_and_preset_keys(), label="start from a recipe or preset", scale=3,
+                             elem_id="train-source")
+        load_btn = gr.Button("Load its spec", scale=1, elem_id="train-load")
     spec = gr.Code(language="yaml", label="spec with its stages (edit learning rate, steps, batch, LoRA rank, what "
                                           "trains, data)", interactive=True, lines=14, elem_id="train-spec")
     with gr.Accordion("Data and stage settings (written into the spec above)", open=True):
@@ -199,18 +200,18 @@ def _train_tab(runner: Any) -> None:
             apply_btn = gr.Button("Apply settings", scale=1, elem_id="train-apply")
             check_btn = gr.Button("Check data (pre-flight)", scale=1, elem_id="train-check")
     with gr.Row():
-        name = gr.Textbox(label="run name (a folder in the runs directory)", scale=3)
+        name = gr.Textbox(label="run name (a folder in the runs directory)", scale=3, elem_id="train-name")
         start_btn = gr.Button("Start", variant="primary", scale=1, elem_id="train-start")
     with gr.Row():
         run_dd = gr.Dropdown(choices=_run_names(runner), label="run", scale=3, elem_id="train-run")
-        stop_btn = gr.Button("Stop (checkpoint kept)", scale=1)
-        resume_btn = gr.Button("Resume", scale=1)
+        stop_btn = gr.Button("Stop (checkpoint kept)", scale=1, elem_id="train-stop")
+        resume_btn = gr.Button("Resume", scale=1, elem_id="train-resume")
     status = gr.Markdown(elem_id="train-status")
     with gr.Row():
-        loss_plot = gr.LinePlot(x="step", y="loss", color="stage", title="loss", height=220)
+        loss_plot = gr.LinePlot(x="step", y="loss", color="stage", title="loss", height=220, elem_id="train-loss")
         lr_plot = gr.LinePlot(x="step", y="lr", color="stage", title="learning rate", height=220)
         norm_plot = gr.LinePlot(x="step", y="grad_norm", color="stage", title="gradient norm", height=220)
-    log = gr.Textbox(label="log (last lines)", lines=8, max_lines=8, interactive=False)
+    log = gr.Textbox(label="log (last lines)", lines=8, max_lines=8, interactive=False, elem_id="train-log")
 
     def load(key: str) -> tuple[Any, str]:
         try:
@@ -269,10 +270,14 @@ def _train_tab(runner: Any) -> None:
             block, said = train_data.stage_upload(_path(data), _path(media) if media is not None else None,
                                                   runner.runs_dir, label or Path(_path(data)).stem)
             out = train_data.set_stage_data(text, block, stage.strip() or None)
-            report = train_data.preflight_data(out, stage.strip() or None)
-            return out, f"{said}\n\n```\n{report}\n```"
         except MMHubError as exc:
             return gr.update(), f"**Upload not used**: {exc}"
+        try:  # the data is used either way; the pre-flight says what a run would skip, or that it would refuse
+            report = train_data.preflight_data(out, stage.strip() or None)
+        except MMHubError as exc:
+            return out, (f"{said}\n\n**Pre-flight: Start would be refused** (fix the rows, or raise the stage's "
+                         f"max_bad_fraction):\n```\n{exc}\n```")
+        return out, f"{said}\n\n```\n{report}\n```"
 
     def apply(text: str, stage: str, *values: Any) -> tuple[Any, str]:
         keys = ("lr", "max_steps", "batch_size", "lora_r")
@@ -306,9 +311,9 @@ def _runs_tab(runner: Any, pool: ModelPool) -> tuple[Any, Any]:
     from mmhub.registry import get_registry
 
     columns = ["run", "spec", "stages done", "steps", "final loss", "eval", "changed"]
-    refresh_btn = gr.Button("Refresh")
+    refresh_btn = gr.Button("Refresh", elem_id="runs-refresh")
     table = gr.Dataframe(headers=columns, interactive=False, elem_id="runs-table")
-    picked = gr.Dropdown(choices=_run_names(runner), multiselect=True, label="runs to overlay")
+    picked = gr.Dropdown(choices=_run_names(runner), multiselect=True, label="runs to overlay", elem_id="runs-pick")
     overlay = gr.LinePlot(x="step", y="loss", color="run", title="loss, runs overlaid", height=260)
     with gr.Row():
         path = gr.Textbox(label="model folder of the first picked run", interactive=False, scale=3,

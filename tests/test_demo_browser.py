@@ -24,6 +24,7 @@ CHROMIUM = "/usr/bin/chromium"
 REQUIRE = os.environ.get("MMHUB_REQUIRE_REAL_WEIGHTS") == "1"
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(os.environ.get("MMHUB_ARTIFACTS", ROOT / "artifacts")) / "browser"
+RUNS = ARTIFACTS / "runs"
 
 pytestmark = pytest.mark.slow
 
@@ -62,7 +63,11 @@ def server():
     port = _free_port()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     log = open(ARTIFACTS / "demo-server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "mmhub.cli", "demo", "--port", str(port)], stdout=log,
+    import shutil
+
+    shutil.rmtree(RUNS, ignore_errors=True)  # the Train tab's run folders of this server only
+    proc = subprocess.Popen([sys.executable, "-m", "mmhub.cli", "demo", "--port", str(port), "--runs", str(RUNS)],
+                            stdout=log,
                             stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}/"
     t0 = time.perf_counter()
@@ -337,3 +342,137 @@ def test_reworded_question_follow_ups_and_a_refused_photo(server, browser, tmp_p
     shown = _wait_answer(page, 1)
     page.screenshot(path=str(ARTIFACTS / "10-refused-photo.png"), full_page=True)
     assert is_refusal(shown), f"{held['name']}: {shown!r}"
+
+
+# -- the Train and Runs tabs ------------------------------------------------------------------------------------------
+def _pick(page, field: str, option: str) -> None:
+    """Choose `option` in the Gradio dropdown `#field`."""
+    page.locator(f"#{field} input").click()
+    page.get_by_role("option", name=option, exact=True).first.click()
+
+
+def _type(page, field: str, text: str) -> None:
+    page.locator(f"#{field} textarea, #{field} input").first.fill(text)
+
+
+def _until(page, selector: str, test, what: str, timeout_s: float = 120) -> str:
+    deadline = time.time() + timeout_s
+    text = ""
+    while time.time() < deadline:
+        text = page.locator(selector).inner_text()
+        if test(text):
+            return text
+        time.sleep(0.25)
+    raise AssertionError(f"{selector} never showed {what}; it shows {text!r}")
+
+
+def _step(status: str) -> int:
+    import re
+
+    found = re.search(r"step (\d+)/(\d+)", status)
+    return int(found.group(1)) if found else -1
+
+
+def _load_tiny_spec(page, steps: int) -> None:
+    page.get_by_role("tab", name="Train").click()
+    _pick(page, "train-source", "llava-1.5:tiny")
+    page.locator("#train-load").click()
+    page.wait_for_function("document.querySelector('#train-spec').innerText.includes('pretrain')", timeout=30_000)
+    _pick(page, "train-dataset", "easy_vqa")
+    page.locator("#train-dataset + button, button:has-text('Use this dataset')").first.click()
+    _until(page, "#train-status", lambda t: "data: easy_vqa set on every stage" in t, "the dataset set")
+    page.locator("#train-steps input").fill(str(steps))
+    page.get_by_label("batch size").fill("4")
+    page.locator("#train-apply").click()
+    _until(page, "#train-status", lambda t: f"max_steps {steps}" in t, "the settings applied")
+
+
+def test_train_tab_starts_watches_stops_resumes_evaluates_and_chats(server, browser):
+    """A tiny preset trained from the Train tab on a built-in dataset: the curve and the progress bar appear and move,
+    Stop keeps a checkpoint, Resume runs to the end; the Runs tab evaluates it and opens it in Chat, which answers.
+    The time from Start to the first curve point is written to train-timing.json beside the screenshots."""
+    page = _open(browser, server)
+    _load_tiny_spec(page, steps=150)
+    _type(page, "train-name", "browser-tiny")
+    t0 = time.perf_counter()
+    page.locator("#train-start").click()
+    _until(page, "#train-status", lambda t: "browser-tiny" in t, "the run's status")  # Start selects the new run
+    first = _until(page, "#train-status", lambda t: _step(t) > 0, "a step", timeout_s=240)
+    page.wait_for_selector("#train-loss canvas, #train-loss svg", timeout=60_000)
+    first_point_s = round(time.perf_counter() - t0, 1)
+    (ARTIFACTS / "train-timing.json").write_text(json.dumps({"start_to_first_curve_point_s": first_point_s}))
+    page.screenshot(path=str(ARTIFACTS / "10-train-running.png"), full_page=True)
+    later = _until(page, "#train-status", lambda t: _step(t) > _step(first) + 2, "the progress moving")
+    assert "ETA" in later and "[#" in later, later
+    page.locator("#train-stop").click()
+    stopped = _until(page, "#train-status", lambda t: "(not running)" in t, "the run stopped", timeout_s=120)
+    assert "all done" not in stopped, "stopped after the end: give the run more steps"
+    assert "stopped in stage" in page.locator("#train-log textarea").input_value()
+    page.locator("#train-resume").click()
+    done = _until(page, "#train-status", lambda t: "all done" in t and "(not running)" in t, "the run finished",
+                  timeout_s=600)
+    assert "stages done: pretrain, instruct" in done, done
+    page.screenshot(path=str(ARTIFACTS / "11-train-done.png"), full_page=True)
+
+    page.get_by_role("tab", name="Runs").click()
+    page.locator("#runs-refresh").click()
+    _until(page, "#runs-table", lambda t: "browser-tiny" in t, "the run in the table")
+    _pick(page, "runs-pick", "browser-tiny")
+    page.wait_for_function("document.querySelector('#runs-model-path textarea, #runs-model-path input').value"
+                           ".endsWith('instruct/model')", timeout=30_000)
+    page.get_by_label("items (first N)").fill("8")
+    page.locator("#runs-evaluate").click()
+    scores = _until(page, "#runs-eval", lambda t: "strict" in t, "the evaluation", timeout_s=300)
+    assert "browser-tiny / instruct, easy_vqa on 8 items" in scores, scores
+    page.screenshot(path=str(ARTIFACTS / "12-runs-evaluated.png"), full_page=True)
+    page.locator("#runs-chat").click()
+    page.wait_for_function("document.querySelector('#model-note').innerText.includes('browser-tiny')",
+                           timeout=120_000)
+    image, question, _ = _question("color")
+    _send(page, question, [image])
+    assert _wait_answer(page, 1) is not None  # a 300-step tiny model answers, right or not
+    page.screenshot(path=str(ARTIFACTS / "13-chat-with-run.png"), full_page=True)
+
+
+def test_an_upload_with_a_broken_row_shows_the_preflight(server, browser, tmp_path):
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    rows, pics = [], {}
+    for i in range(6):
+        buf = io.BytesIO()
+        Image.new("RGB", (32, 32), (40 * i, 90, 200)).save(buf, "PNG")
+        pics[f"pics/{i}.png"] = buf.getvalue()
+        rows.append({"id": f"s{i}", "image": "pics/gone.png" if i == 3 else f"pics/{i}.png",
+                     "conversations": [{"from": "human", "value": "<image>\nWhat colour?"},
+                                       {"from": "gpt", "value": "blue"}]})
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    with zipfile.ZipFile(tmp_path / "pics.zip", "w") as z:
+        for name, data in pics.items():
+            z.writestr(name, data)
+    page = _open(browser, server)
+    _load_tiny_spec(page, steps=5)
+    page.locator("#train-data-file input[type=file]").set_input_files(str(tmp_path / "rows.json"))
+    page.locator("#train-media-zip input[type=file]").set_input_files(str(tmp_path / "pics.zip"))
+    _type(page, "train-upload-name", "broken-row")
+    page.locator("#train-upload").click()
+    said = _until(page, "#train-status", lambda t: "Pre-flight" in t or "would be skipped" in t, "the pre-flight",
+                  timeout_s=120)
+    page.screenshot(path=str(ARTIFACTS / "14-upload-preflight.png"), full_page=True)
+    assert "stored 6 llava_json records and 6 media files" in said, said
+    assert "Start would be refused" in said and "1 of 6 checked samples" in said and "missing_file: 1" in said, said
+
+
+def test_the_assemble_diagram_names_every_slot(server, browser):
+    page = _open(browser, server)
+    page.get_by_role("tab", name="Assemble").click()
+    page.locator("#form-to-yaml").click()
+    page.wait_for_function("document.querySelector('#spec-yaml').innerText.includes('hf_causal_lm')", timeout=30_000)
+    page.locator("#build").click()
+    text = _until(page, "#assemble-result", lambda t: "Diagram:" in t, "the diagram's caption", timeout_s=180)
+    page.wait_for_selector("#model-diagram img", timeout=60_000)
+    for slot in ("encoders.image", "projectors.image", "backbone"):
+        assert f"{slot} " in text.split("Diagram:")[1], (slot, text)
+    page.screenshot(path=str(ARTIFACTS / "15-assemble-diagram.png"), full_page=True)

@@ -49,6 +49,7 @@ def test_a_run_is_started_watched_stopped_resumed_and_listed(tmp_path: Path) -> 
     runner = TrainRunner(tmp_path)
     assert runner.start(_spec(400), "first") == "first started"
     assert "queued" in runner.start(_spec(4), "second")  # one at a time
+    assert {"first", "second"} <= {r[0] for r in runs_table(tmp_path)}  # listed before the trainer writes anything
     run = tmp_path / "first"
     _wait(runner, run, lambda: run_status(run)["step"] >= 3)
     st = run_status(run)
