@@ -23,7 +23,8 @@ spec's ``runtime.activation_checkpointing``, ``mmhub_chunk`` with ``runtime.loss
 both; ``transformers_ckpt``: transformers' ``gradient_checkpointing_enable``), and the text axis reports each side's
 peak-RSS growth per extra training token between its two longest points (``memory_per_token_kib``) and, per memory
 cap in `CAPS_MIB`, the longest text each side trained within it (peak RSS, VmHWM; ``longest_under_cap``).
-``--long`` adds a 16k-token point to the text axis.
+``--long`` adds a 16k-token point to the text axis. ``--compile`` adds ``mmhub_compile`` (``runtime.compile``: each
+block compiled with torch.compile; the warm-up repetition holds the compile) on every axis.
 
 The JSON holds per point both sides' seconds, throughput and peak RSS, the ratios (mmhub throughput over the
 peer's; peak RSS mmhub over the peer's) and per axis each side's growth: the slope of log(seconds) against
@@ -71,9 +72,11 @@ MMHUB_VARIANTS: dict[str, dict[str, Any]] = {
     "mmhub_chunk": {"loss_chunk": 1024},
     "mmhub_lean": {"activation_checkpointing": True, "loss_chunk": 1024},
 }
+COMPILED = {"mmhub_compile": {"compile": True}}  # --compile: every axis, beside mmhub as it comes
 SIDE_BASE = {"mmhub": "mmhub", "transformers": "transformers", "transformers_ckpt": "transformers",
-             **{v: "mmhub" for v in MMHUB_VARIANTS}}
+             **{v: "mmhub" for v in (*MMHUB_VARIANTS, *COMPILED)}}
 CKPT_SIDES = (*MMHUB_VARIANTS, "transformers_ckpt")
+VARIANT_SIDES = (*CKPT_SIDES, *COMPILED)
 TRAIN_AXES = ("text", "images")
 
 
@@ -95,7 +98,7 @@ def build_models(size: str, workdir: Path) -> dict[str, Any]:
     model.save_pretrained(workdir / "mmhub")
     # the same model with each variant's runtime options (same weights; runtime options change no output)
     plain = model.spec.runtime.model_dump()
-    for variant, options in MMHUB_VARIANTS.items():
+    for variant, options in {**MMHUB_VARIANTS, **COMPILED}.items():
         for key, value in options.items():
             setattr(model.spec.runtime, key, value)
         model.save_pretrained(workdir / variant)
@@ -172,7 +175,7 @@ def child(side: str, workdir: Path, point: str, rounds: int, threads: int) -> No
     torch.set_num_threads(threads)
     with torch.serialization.safe_globals([Encoded]):
         inputs = torch.load(workdir / f"{point}.pt", weights_only=True)
-    model = load_side(SIDE_BASE[side], workdir, variant=side if side in CKPT_SIDES else None)
+    model = load_side(SIDE_BASE[side], workdir, variant=side if side in VARIANT_SIDES else None)
     if inputs["kind"] == "train":
         if SIDE_BASE[side] == "mmhub":
             opt = optimizer(set_trainable_mmhub(model, 2))
@@ -260,6 +263,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             torch.save(inputs, workdir / f"{name}.pt")
             row: dict[str, Any] = {"value": value}
             sides = ["mmhub", "transformers"] + (list(CKPT_SIDES) if args.checkpointing and axis in TRAIN_AXES else [])
+            sides += list(COMPILED) if args.compile else []
             for side in (sides[::-1] if flip else sides):
                 cmd = [sys.executable, "-m", "benchmarks.scaling", "--child", side, "--workdir", str(workdir),
                        "--point", name, "--rounds", str(args.rounds), "--threads", str(args.threads)]
@@ -279,7 +283,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if both:
                 row["throughput_ratio"] = round(row["mmhub"]["throughput"] / row["transformers"]["throughput"], 3)
                 row["memory_ratio"] = round(row["mmhub"]["peak_rss_mib"] / row["transformers"]["peak_rss_mib"], 3)
-            for side in CKPT_SIDES:  # each checkpointed side against the peer as it comes
+            for side in VARIANT_SIDES:  # each variant against the peer as it comes
                 mine, peer = row.get(side, {}), row.get("transformers", {})
                 if "seconds" in mine and "seconds" in peer:
                     row[f"{side}_throughput_ratio"] = round(mine["throughput"] / peer["throughput"], 3)
@@ -306,7 +310,8 @@ def chart(result: dict[str, Any], path: Path) -> None:
     for j, axis in enumerate(axes):
         pts = result["axes"][axis]["points"]
         for side, colour in (("mmhub", "#e69138"), ("transformers", "#3d85c6"), ("mmhub_ckpt", "#b45f06"),
-                             ("mmhub_chunk", "#f6b26b"), ("mmhub_lean", "#783f04"), ("transformers_ckpt", "#0b5394")):
+                             ("mmhub_chunk", "#f6b26b"), ("mmhub_lean", "#783f04"), ("transformers_ckpt", "#0b5394"),
+                             ("mmhub_compile", "#6aa84f")):
             if not any("seconds" in p.get(side, {}) for p in pts):
                 continue
             xs = [p["value"] for p in pts if "seconds" in p.get(side, {})]
@@ -338,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpointing", action="store_true",
                     help="also run the memory variants (activation checkpointing, chunked loss) on the training axes")
     ap.add_argument("--long", action="store_true", help=f"add a {LONG_TEXT}-token point to the text axis")
+    ap.add_argument("--compile", action="store_true",
+                    help="also run mmhub with runtime.compile (torch.compile per block) on every axis")
     ap.add_argument("--child", choices=list(SIDE_BASE), default=None)
     ap.add_argument("--point", default=None)
     a = ap.parse_args(argv)

@@ -16,7 +16,8 @@ projector's gradient through every block, and those activations are the largest.
 a block; each checkpoint captures the segments at forward time and re-enters them for the recomputation.
 
 Enabled by the spec's ``runtime.activation_checkpointing`` (`mmhub.runtime`) on the backbone's blocks
-(`Backbone.checkpoint_blocks`).
+(`Backbone.checkpoint_blocks`). The same blocks are what ``runtime.compile`` compiles (`compile_blocks`: regional
+compilation with torch.compile, one block at a time).
 """
 
 from __future__ import annotations
@@ -79,9 +80,19 @@ def uncheckpoint_blocks(blocks: Iterable[nn.Module]) -> None:
             block.__class__ = type(block).__mro__[1]
 
 
+def compile_blocks(blocks: Iterable[nn.Module]) -> int:
+    """Compile each block's call with ``torch.compile`` (inductor, dynamic shapes; compiled on first use, in place:
+    names and state dicts unchanged); returns how many. The runtime option ``compile`` uses it."""
+    n = 0
+    for block in blocks:
+        block.compile(dynamic=True)
+        n += 1
+    return n
+
+
 def is_checkpointed(block: nn.Module) -> bool:
     """Whether `block` runs under activation checkpointing."""
     return bool(getattr(type(block), MARK, False))
 
 
-__all__ = ["checkpoint_blocks", "uncheckpoint_blocks", "is_checkpointed"]
+__all__ = ["checkpoint_blocks", "uncheckpoint_blocks", "is_checkpointed", "compile_blocks"]

@@ -84,6 +84,17 @@ def build_from_plan(plan: Plan) -> MMModel:
         from mmhub.layout import set_decode_layout
 
         set_decode_layout(model.backbone)
+    from mmhub.runtime import runtime_problems
+
+    problems = runtime_problems(plan.spec.runtime)
+    if problems:
+        raise SpecError([Problem("runtime", p) for p in problems])
+    if plan.spec.runtime.compile:
+        from mmhub.activation_checkpointing import compile_blocks
+
+        if not compile_blocks(backbone.checkpoint_blocks()):
+            raise SpecError([Problem("runtime.compile", f"the {backbone.name!r} backbone offers no blocks to "
+                                     "compile (its checkpoint_blocks() is empty); set compile: false")])
     if plan.spec.runtime.activation_checkpointing:
         from mmhub.activation_checkpointing import checkpoint_blocks
 

@@ -11,6 +11,8 @@ Each option reaches a component only through a capability the component declares
 * ``activation_checkpointing``: each backbone block keeps only its input and is recomputed in the backward pass
   (`mmhub.activation_checkpointing`, on `Backbone.checkpoint_blocks`); the last block's ``labelled_only_mlp``
   shortcut is off then (the recomputation would run it at every position);
+* ``compile``: each backbone block compiled with ``torch.compile`` (regional compilation: one block's graph,
+  reused by every block of the same shape; `mmhub.activation_checkpointing.compile_blocks`);
 * ``labelled_only_mlp``: in a training forward that returns no logits, the backbone's last MLP runs only at
   the positions whose state the loss reads (`Backbone.only_at`).
 
@@ -44,9 +46,21 @@ class RuntimeOptions(BaseModel):
         False, description="keep only each backbone block's input in a training forward and recompute the block in "
                            "the backward pass (mmhub.activation_checkpointing): activation memory per token drops "
                            "to about one hidden vector per block, for about one more forward pass of compute")
+    compile: bool = Field(
+        False, description="compile each backbone block with torch.compile (inductor; dynamic shapes) the first time "
+                           "it runs: fused elementwise kernels for training and prefill, at a one-off compile cost "
+                           "(seconds to minutes); not together with activation_checkpointing")
     labelled_only_mlp: bool = Field(
         True, description="in a training forward that returns no logits, run the backbone's last MLP only at the "
                           "positions the loss reads (where the backbone's `only_at` supports it)")
+
+
+def runtime_problems(options: RuntimeOptions) -> list[str]:
+    """Combinations of runtime options that do not work together, each with the fix."""
+    if options.compile and options.activation_checkpointing:
+        return ["compile and activation_checkpointing are not supported together yet (a compiled block would "
+                "recompute outside the compiled graph); keep one of them"]
+    return []
 
 
 def lift_legacy_options(data: Any) -> Any:
