@@ -86,6 +86,16 @@ def run_status(run: Path, metrics: dict[str, list[dict[str, Any]]] | None = None
             "per_step_s": per_step}
 
 
+def train_seconds(metrics: dict[str, list[dict[str, Any]]], gap_s: float = 300.0) -> float:
+    """Seconds spent training: the sum of the gaps between consecutive metric records of each stage, leaving out
+    gaps longer than `gap_s` (a run stopped and resumed later)."""
+    total = 0.0
+    for rows in metrics.values():
+        times = [r["time"] for r in rows if isinstance(r.get("time"), (int, float))]
+        total += sum(b - a for a, b in zip(times[:-1], times[1:], strict=True) if 0 < b - a <= gap_s)
+    return total
+
+
 def curves(runs: list[Path], key: str = "loss") -> list[dict[str, Any]]:
     """Rows for a line plot of `key` against the run's cumulative step (stages one after another), per run."""
     return [row for run in runs for row in curve(run.name, stage_metrics(run), key)]
@@ -103,7 +113,8 @@ def curve(name: str, metrics: dict[str, list[dict[str, Any]]], key: str) -> list
 
 
 def runs_table(folder: Path) -> list[list[Any]]:
-    """One row per run folder under `folder`: name, spec, stages done / all, steps, final loss, eval, last change."""
+    """One row per run folder under `folder`: name, spec, stages done / all, steps, final loss, eval, last change,
+    time spent training (`train_seconds`)."""
     table = []
     if not folder.is_dir():
         return table
@@ -119,8 +130,10 @@ def runs_table(folder: Path) -> list[list[Any]]:
         scores = [f"{stage} {task}: {r['accuracy']:.1%}" for stage in st["done"]
                   for task, r in eval_scores(run, stage).items() if isinstance(r.get("accuracy"), (int, float))]
         changed = time.strftime("%Y-%m-%d %H:%M", time.localtime(run.stat().st_mtime))
+        took = train_seconds(metrics)
         table.append([run.name, name, f"{len(st['done'])}/{len(st['stages'])}", steps,
-                      None if st["loss"] is None else round(float(st["loss"]), 4), "; ".join(scores), changed])
+                      None if st["loss"] is None else round(float(st["loss"]), 4), "; ".join(scores), changed,
+                      f"{int(took // 60)}m{int(took % 60):02d}s"])
     return table
 
 

@@ -81,9 +81,9 @@ def build_app(pool: ModelPool, limits: Limits = DEFAULT_LIMITS, folders: list[st
                     temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="temperature (0 = greedy)")
                     top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="top-p")
             with gr.Tab("Assemble", id="assemble"):
-                _assemble_tab()
+                assembled = _assemble_tab()
             with gr.Tab("Train", id="train"):
-                _train_tab(runner)
+                _train_tab(runner, assembled)
             with gr.Tab("Runs", id="runs"):
                 chat_with, chat_with_path = _runs_tab(runner, pool)
             with gr.Tab("Plugins", id="plugins"):
@@ -169,7 +169,7 @@ def _path(upload: Any) -> str:
     return str(getattr(upload, "path", None) or getattr(upload, "name", None) or upload)
 
 
-def _train_tab(runner: Any) -> None:
+def _train_tab(runner: Any, assembled: Any) -> None:
     from pathlib import Path
 
     from mmhub.apps import train_data, train_runs
@@ -178,6 +178,9 @@ def _train_tab(runner: Any) -> None:
         source = gr.Dropdown(choices=_recipe_and_preset_keys(), label="start from a recipe or preset", scale=3,
                              elem_id="train-source")
         load_btn = gr.Button("Load its spec", scale=1, elem_id="train-load")
+        from_assemble = gr.Button("Use the Assemble tab's spec", scale=1, elem_id="train-from-assemble")
+        spec_upload = gr.File(label="…or a spec file (.yaml, .json)", file_types=[".yaml", ".yml", ".json"], scale=1,
+                              elem_id="train-spec-file")
     spec = gr.Code(language="yaml", label="spec with its stages (edit learning rate, steps, batch, LoRA rank, what "
                                           "trains, data)", interactive=True, lines=14, elem_id="train-spec")
     with gr.Accordion("Data and stage settings (written into the spec above)", open=True):
@@ -298,7 +301,27 @@ def _train_tab(runner: Any) -> None:
     upload_btn.click(upload, [spec, stage_box, data_file, media_zip, upload_name], [spec, status])
     apply_btn.click(apply, [spec, stage_box, lr, steps, batch, rank], [spec, status])
     check_btn.click(check, [spec, stage_box], [status])
+    def read_spec(upload: Any) -> tuple[Any, str]:
+        if upload is None:
+            return gr.update(), ""
+        file = Path(_path(upload))
+        if file.stat().st_size > 1 << 20:
+            return gr.update(), f"**{file.name} is {file.stat().st_size / 2**20:.1f} MB**: a spec file is at most 1 MB"
+        try:
+            text = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            return gr.update(), f"**{file.name} is not UTF-8 text**: upload the spec as YAML or JSON"
+        ok, message = assemble.validate(text)
+        return text, (f"loaded {file.name}" if ok else f"loaded {file.name}; {message}")
+
+    def take_assembled(text: str) -> tuple[Any, str]:
+        if not (text or "").strip():
+            return gr.update(), "the Assemble tab's spec box is empty: write or load a spec there first"
+        return text, "the Assemble tab's spec; add stages with data below if it has none"
+
     load_btn.click(load, [source], [spec, status])
+    spec_upload.upload(read_spec, [spec_upload], [spec, status])
+    from_assemble.click(take_assembled, [assembled], [spec, status])
     start_btn.click(start, [spec, name], [run_dd, status])
     stop_btn.click(lambda r: act(runner.stop, r), [run_dd], [status])
     resume_btn.click(lambda r: act(runner.resume, r), [run_dd], [status])
@@ -310,7 +333,7 @@ def _runs_tab(runner: Any, pool: ModelPool) -> tuple[Any, Any]:
     from mmhub.apps import train_runs
     from mmhub.registry import get_registry
 
-    columns = ["run", "spec", "stages done", "steps", "final loss", "eval", "changed"]
+    columns = ["run", "spec", "stages done", "steps", "final loss", "eval", "changed", "training time"]
     refresh_btn = gr.Button("Refresh", elem_id="runs-refresh")
     table = gr.Dataframe(headers=columns, interactive=False, elem_id="runs-table")
     picked = gr.Dropdown(choices=_run_names(runner), multiselect=True, label="runs to overlay", elem_id="runs-pick")
@@ -385,7 +408,8 @@ def _spec_yaml(key: str) -> str:
     return assemble.preset_yaml(key)
 
 
-def _assemble_tab() -> None:
+def _assemble_tab() -> Any:
+    """The Assemble tab; returns its spec box (the Train tab can start from it)."""
     enc_names = assemble.names("encoder", "image")
     proj_names = assemble.names("projector")
     bb_names = assemble.names("backbone")
@@ -459,6 +483,7 @@ def _assemble_tab() -> None:
     build_btn.click(assemble.build_and_draw, [spec], [table, result, picture], concurrency_id="build",
                     concurrency_limit=1)
     save_btn.click(save, [spec], [spec_file, result])
+    return spec
 
 
 def _preset_keys() -> list[str]:

@@ -468,7 +468,7 @@ def test_an_upload_with_a_broken_row_shows_the_preflight(server, browser, tmp_pa
     assert "Start would be refused" in said and "1 of 6 checked samples" in said and "missing_file: 1" in said, said
 
 
-def test_the_assemble_diagram_names_every_slot(server, browser):
+def test_the_assemble_diagram_names_every_slot(server, browser, tmp_path):
     page = _open(browser, server)
     page.get_by_role("tab", name="Assemble").click()
     page.locator("#form-to-yaml").click()
@@ -479,3 +479,12 @@ def test_the_assemble_diagram_names_every_slot(server, browser):
     for slot in ("encoders.image", "projectors.image", "backbone"):
         assert f"{slot} " in text.split("Diagram:")[1], (slot, text)
     page.screenshot(path=str(ARTIFACTS / "15-assemble-diagram.png"), full_page=True)
+    # the Train tab starts from the Assemble tab's spec, or from a spec file
+    page.get_by_role("tab", name="Train").click()
+    page.locator("#train-from-assemble").click()
+    page.wait_for_function("document.querySelector('#train-spec').innerText.includes('my-model')", timeout=30_000)
+    spec_file = tmp_path / "uploaded.yaml"
+    spec_file.write_text("name: from-a-file\nencoders: {}\n")
+    page.locator("#train-spec-file input[type=file]").set_input_files(str(spec_file))
+    page.wait_for_function("document.querySelector('#train-spec').innerText.includes('from-a-file')",
+                           timeout=30_000)

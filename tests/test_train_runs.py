@@ -11,7 +11,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mmhub.apps.train_runs import TrainRunner, curves, evaluate_run, log_tail, run_name, run_status, runs_table
+from mmhub.apps.train_runs import (
+    TrainRunner,
+    curves,
+    evaluate_run,
+    log_tail,
+    run_name,
+    run_status,
+    runs_table,
+    stage_metrics,
+    train_seconds,
+)
 from mmhub.errors import MMHubError
 
 from conftest import TINY_SPEC
@@ -64,6 +74,7 @@ def test_a_run_is_started_watched_stopped_resumed_and_listed(tmp_path: Path) -> 
     _wait(runner, second, lambda: (second / "align" / "model").is_dir() and str(second) not in runner.running)
     rows = {r[0]: r for r in runs_table(tmp_path)}
     assert rows["second"][2] == "1/1" and rows["second"][3] == 4 and rows["first"][2] == "0/1"
+    assert rows["first"][7].endswith("s") and train_seconds(stage_metrics(run)) > 0
     import mmhub
 
     text, record = evaluate_run(mmhub.load(second / "align" / "model"), second, "align", "easy_vqa", limit=4,
