@@ -180,6 +180,16 @@ def log_tail(run: Path, lines: int = 20) -> str:
     return "\n".join(file.read_text(errors="replace").splitlines()[-lines:])
 
 
+def skip_reasons(run: Path, n: int = 3) -> list[str]:
+    """The last `n` samples the run skipped, as its log words them (index, id and what was wrong with each)."""
+    file = run / LOG_FILE
+    if not file.is_file():
+        return []
+    found = [line.split("warning: skipped ", 1)[1].strip() for line in file.read_text(errors="replace").splitlines()
+             if "warning: skipped " in line]
+    return found[-n:]
+
+
 def run_name(name: str | None) -> str:
     """A plain folder name inside the runs directory: letters, digits, - _ . only, no leading dot (".." would leave
     it); a time-stamped name when nothing is left."""

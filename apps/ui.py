@@ -254,6 +254,9 @@ def _train_tab(runner: Any, assembled: Any) -> None:
         loss = f", loss {st['loss']:.4f}" if st["loss"] is not None else ""
         text = (f"**{run}** ({state}): stage {st['stage'] or 'all done'} `[{bar}]` step {st['step']}/{st['total']}"
                 f"{eta}{loss}; stages done: {', '.join(st['done']) or 'none'}; samples skipped: {st['skipped']}")
+        reasons = train_runs.skip_reasons(folder) if st["skipped"] else []
+        if reasons:
+            text += "\n\nlast skipped: " + "; ".join(f"`{r[:160]}`" for r in reasons)
         plots = [pd.DataFrame(train_runs.curve(run, metrics, k)) for k in ("loss", "lr", "grad_norm")]
         return (text, *[p if len(p) else None for p in plots], train_runs.log_tail(folder))
 

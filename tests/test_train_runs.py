@@ -104,3 +104,16 @@ def test_bad_specs_and_names_are_refused_before_anything_starts(tmp_path: Path) 
     assert run_name("..").startswith("run-") and run_name(None).startswith("run-")
     with pytest.raises(MMHubError, match="not a run folder"):
         runner.resume(tmp_path / "nothing")
+
+
+def test_skipped_samples_are_shown_with_their_reasons(tmp_path: Path) -> None:
+    from mmhub.apps.train_runs import skip_reasons
+
+    (tmp_path / "train.log").write_text("stage 'align': trains 8 parameters\n"
+                                        "warning: skipped sample 3 (s3): missing_file: pics/gone.png\n"
+                                        "step 5: loss 1.2\n"
+                                        "warning: skipped sample 9 (s9): placeholder_mismatch: 2 <image> for 1\n")
+    assert skip_reasons(tmp_path) == ["sample 3 (s3): missing_file: pics/gone.png",
+                                      "sample 9 (s9): placeholder_mismatch: 2 <image> for 1"]
+    assert skip_reasons(tmp_path, n=1) == ["sample 9 (s9): placeholder_mismatch: 2 <image> for 1"]
+    assert skip_reasons(tmp_path / "none") == []
