@@ -405,7 +405,9 @@ def test_train_tab_starts_watches_stops_resumes_evaluates_and_chats(server, brow
     (ARTIFACTS / "train-timing.json").write_text(json.dumps({"start_to_first_curve_point_s": first_point_s}))
     page.screenshot(path=str(ARTIFACTS / "10-train-running.png"), full_page=True)
     later = _until(page, "#train-status", lambda t: _step(t) > _step(first) + 2, "the progress moving")
-    assert "ETA" in later and "[#" in later, later
+    import re
+
+    assert "ETA" in later and re.search(r"\[[#-]{20}\]", later), later  # the progress bar and the time left
     page.locator("#train-stop").click()
     stopped = _until(page, "#train-status", lambda t: "(not running)" in t, "the run stopped", timeout_s=120)
     assert "all done" not in stopped, "stopped after the end: give the run more steps"
