@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import subprocess
 import sys
 import tempfile
@@ -158,15 +157,9 @@ def child(side: str, folder: Path, tiles: int, kind: str, rounds: int, threads: 
                       "image_tokens": tokens}))
 
 
-def _slope(xs: list[float], ys: list[float | None]) -> float | None:
-    pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys, strict=True) if y]
-    if len(pts) < 2:
-        return None
-    return round(float(np.polyfit([p[0] for p in pts], [p[1] for p in pts], 1)[0]), 3)
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from benchmarks.common import environment
+    from benchmarks.scaling import _slope
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="mmhub-tiles-"))
     workdir.mkdir(parents=True, exist_ok=True)
