@@ -209,7 +209,8 @@ def _train_tab(runner: Any, assembled: Any) -> None:
         run_dd = gr.Dropdown(choices=_run_names(runner), label="run", scale=3, elem_id="train-run")
         stop_btn = gr.Button("Stop (checkpoint kept)", scale=1, elem_id="train-stop")
         resume_btn = gr.Button("Resume", scale=1, elem_id="train-resume")
-    status = gr.Markdown(elem_id="train-status")
+    said_box = gr.Markdown(elem_id="train-said")  # what the last button did; the timer never writes here
+    status = gr.Markdown(elem_id="train-status")  # the chosen run, refreshed every 2 s
     with gr.Row():
         loss_plot = gr.LinePlot(x="step", y="loss", color="stage", title="loss", height=220, elem_id="train-loss")
         lr_plot = gr.LinePlot(x="step", y="lr", color="stage", title="learning rate", height=220)
@@ -300,10 +301,11 @@ def _train_tab(runner: Any, assembled: Any) -> None:
         except MMHubError as exc:
             return f"**Pre-flight refused the data**:\n```\n{exc}\n```"
 
-    use_dataset.click(use, [spec, stage_box, dataset_dd], [spec, status])
-    upload_btn.click(upload, [spec, stage_box, data_file, media_zip, upload_name], [spec, status])
-    apply_btn.click(apply, [spec, stage_box, lr, steps, batch, rank], [spec, status])
-    check_btn.click(check, [spec, stage_box], [status])
+    use_dataset.click(use, [spec, stage_box, dataset_dd], [spec, said_box])
+    upload_btn.click(upload, [spec, stage_box, data_file, media_zip, upload_name], [spec, said_box])
+    apply_btn.click(apply, [spec, stage_box, lr, steps, batch, rank], [spec, said_box])
+    check_btn.click(check, [spec, stage_box], [said_box])
+
     def read_spec(upload: Any) -> tuple[Any, str]:
         if upload is None:
             return gr.update(), ""
@@ -322,12 +324,12 @@ def _train_tab(runner: Any, assembled: Any) -> None:
             return gr.update(), "the Assemble tab's spec box is empty: write or load a spec there first"
         return text, "the Assemble tab's spec; add stages with data below if it has none"
 
-    load_btn.click(load, [source], [spec, status])
-    spec_upload.upload(read_spec, [spec_upload], [spec, status])
-    from_assemble.click(take_assembled, [assembled], [spec, status])
-    start_btn.click(start, [spec, name], [run_dd, status])
-    stop_btn.click(lambda r: act(runner.stop, r), [run_dd], [status])
-    resume_btn.click(lambda r: act(runner.resume, r), [run_dd], [status])
+    load_btn.click(load, [source], [spec, said_box])
+    spec_upload.upload(read_spec, [spec_upload], [spec, said_box])
+    from_assemble.click(take_assembled, [assembled], [spec, said_box])
+    start_btn.click(start, [spec, name], [run_dd, said_box])
+    stop_btn.click(lambda r: act(runner.stop, r), [run_dd], [said_box])
+    resume_btn.click(lambda r: act(runner.resume, r), [run_dd], [said_box])
     timer = gr.Timer(2.0)
     timer.tick(refresh, [run_dd], [status, loss_plot, lr_plot, norm_plot, log])
 

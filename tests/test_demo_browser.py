@@ -382,11 +382,13 @@ def _load_tiny_spec(page, steps: int) -> None:
     page.wait_for_function("document.querySelector('#train-spec').innerText.includes('pretrain')", timeout=30_000)
     _pick(page, "train-dataset", "easy_vqa")
     page.locator("#train-dataset + button, button:has-text('Use this dataset')").first.click()
-    _until(page, "#train-status", lambda t: "data: easy_vqa set on every stage" in t, "the dataset set")
+    _until(page, "#train-said", lambda t: "data: easy_vqa set on every stage" in t, "the dataset set")
     page.locator("#train-steps input").fill(str(steps))
     page.get_by_label("batch size").fill("4")
     page.locator("#train-apply").click()
-    _until(page, "#train-status", lambda t: f"max_steps {steps}" in t, "the settings applied")
+    _until(page, "#train-said", lambda t: f"max_steps {steps}" in t, "the settings applied")
+    time.sleep(2.5)  # past a tick of the run-status timer, which must not wipe what the button said
+    assert f"max_steps {steps}" in page.locator("#train-said").inner_text()
 
 
 def test_train_tab_starts_watches_stops_resumes_evaluates_and_chats(server, browser):
@@ -463,7 +465,7 @@ def test_an_upload_with_a_broken_row_shows_the_preflight(server, browser, tmp_pa
     page.locator("#train-media-zip input[type=file]").set_input_files(str(tmp_path / "pics.zip"))
     _type(page, "train-upload-name", "broken-row")
     page.locator("#train-upload").click()
-    said = _until(page, "#train-status", lambda t: "Pre-flight" in t or "would be skipped" in t, "the pre-flight",
+    said = _until(page, "#train-said", lambda t: "Pre-flight" in t or "would be skipped" in t, "the pre-flight",
                   timeout_s=120)
     page.screenshot(path=str(ARTIFACTS / "14-upload-preflight.png"), full_page=True)
     assert "stored 6 llava_json records and 6 media files" in said, said
