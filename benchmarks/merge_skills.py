@@ -5,6 +5,7 @@
     mmhub train skills-yes-no --out runs/skills-yes-no              # + LoRA on yes/no questions only
     python -m benchmarks.merge_skills [--runs runs] [--limit 450] [--out runs/skills-merge]
     python -m benchmarks.merge_skills --search 'shape_color=0.5,0.75,1;yes_no=1,1.5,2'   # weights chosen on train
+    python -m benchmarks.merge_skills --methods ties --search 'yes_no=1.5,2' --search-settings 'density=0.5,0.7'
 
 For each method (`linear`, `slerp`, `task_arithmetic`, `ties`, `dare_linear`, `dare_ties`) the script writes a merge
 config (``OUT/METHOD.yaml``: the backbone slot merged, every other slot the base's; the specialists' LoRA
@@ -82,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--search", default=None, metavar="GRID",
                     help="choose each method's weights on the train split first (`search:` in the merge config), "
                          "e.g. 'shape_color=0.5,0.75,1;yes_no=0.6,0.8,1'; the chosen merge is scored on test")
+    ap.add_argument("--search-settings", default=None, metavar="GRID",
+                    help="method settings searched with the weights, e.g. 'density=0.5,0.7' (TIES and DARE)")
     ap.add_argument("--search-limit", type=int, default=200, help="train questions scored per candidate")
     a = ap.parse_args(argv)
     from mmhub.merge.config import read_config
@@ -102,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         elif a.search:
             cfg["search"] = {"weights": parse_grid(a.search), "split": "train", "limit": a.search_limit,
                              "batch_size": 50}
+            if a.search_settings:
+                cfg["search"]["settings"] = parse_grid(a.search_settings)
         path = out / f"{method}.yaml"
         write_text_atomic(path, yaml.safe_dump(cfg, sort_keys=False))
         t0 = time.perf_counter()

@@ -147,6 +147,8 @@ def run_loop(loop: Loop) -> None:
 
 def optimizer_step(loop: Loop, batches: list[dict[str, Any]], used: int) -> StepResult:
     """Backpropagate every micro-batch's summed loss, scale the gradients by world / global count, clip, step."""
+    if getattr(loop.accelerator, "counts_first", False):
+        return counted_step(loop, batches, used)
     acc, wrapped, optimizer = loop.accelerator, loop.model, loop.optimizer
     world = acc.num_processes
     loss_total, count_local = 0.0, 0
@@ -177,6 +179,45 @@ def optimizer_step(loop: Loop, batches: list[dict[str, Any]], used: int) -> Step
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return StepResult(loss_global, n_global, used, stats, norm)
+
+
+def counted_step(loop: Loop, batches: list[dict[str, Any]], used: int) -> StepResult:
+    """The same update when an engine reduces, clips and steps inside its backward (DeepSpeed,
+    `mmhub.train.deepspeed`): the global count is summed before the first backward (the objective counts each
+    micro-batch from its labels) and every summed loss is backpropagated times world / global count. A micro-batch
+    whose loss is not finite contributes no gradient (its backward is a zero loss, so every process still takes
+    part in each reduction); the step goes ahead with the others and the log says how many were left out."""
+    acc, wrapped, objective = loop.accelerator, loop.model, loop.objective
+    module = getattr(wrapped, "module", wrapped)
+    counts = [objective.count(module, batch) for batch in batches]
+    n_global = int(acc.reduce(torch.tensor([float(sum(counts))], dtype=torch.float64, device=acc.device),
+                              reduction="sum")[0]) if acc.num_processes > 1 else sum(counts)
+    if n_global == 0:
+        return StepResult(0.0, 0, used, objective.stats())
+    scale = acc.num_processes / n_global
+    loss_total, left_out = 0.0, 0
+    for k, batch in enumerate(batches):
+        with acc.autocast():
+            loss_sum, count = objective.loss(wrapped, batch, loop.stage)
+        if count != counts[k]:
+            raise MMHubError(f"the objective counted {counts[k]} targets in a micro-batch before its forward and "
+                             f"{count} after it; the DeepSpeed loop needs them equal (train this stage without "
+                             "DeepSpeed, and report the batch that differs)")
+        if not math.isfinite(float(loss_sum.detach())):
+            left_out += count
+            loss_sum = sum((p * 0.0).sum() for p in module.parameters() if p.requires_grad)
+        else:
+            loss_total += float(loss_sum.detach())
+        acc.backward(loss_sum * scale, last=k == len(batches) - 1)
+    totals = torch.tensor([loss_total, float(left_out)], dtype=torch.float64, device=acc.device)
+    totals = acc.reduce(totals, reduction="sum") if acc.num_processes > 1 else totals
+    loss_global, left_global = float(totals[0]), int(totals[1])
+    if left_global:
+        loop.log(f"step {loop.progress.global_step + 1}: {left_global} of {n_global} targets had a non-finite loss "
+                 "and were left out of the step")
+    if left_global == n_global:
+        return StepResult(float("nan"), n_global, used, objective.stats())
+    return StepResult(loss_global, n_global - left_global, used, objective.stats(), acc.grad_norm())
 
 
 def _skip_nonfinite(loop: Loop) -> None:

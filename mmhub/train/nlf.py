@@ -32,5 +32,8 @@ class FeedbackRefinementLoss:
     def loss(self, model: Any, batch: dict[str, Any], stage: Any) -> tuple[torch.Tensor, int]:
         return self.inner.loss(model, batch, stage)
 
+    def count(self, model: Any, batch: dict[str, Any]) -> int:
+        return self.inner.count(model, batch)
+
     def stats(self) -> dict[str, float]:
         return self.inner.stats()

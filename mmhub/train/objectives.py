@@ -3,7 +3,8 @@
 An objective turns a collated batch into ``(summed loss, count)``: the loss summed over what
 it counts (target tokens, preference pairs, images), so the loop can divide the optimizer
 step's gradient by the global count. ``stats()`` gives extra numbers for the step's metrics
-record, ``count_key`` names the count there.
+record, ``count_key`` names the count there. An objective that can tell the count from the collated batch alone,
+before the forward, defines ``count(model, batch)``: the DeepSpeed loop needs it (`mmhub.train.deepspeed`).
 
 * `NextTokenLoss` (``objective: sft``): cross-entropy on the assistant tokens;
 * `PreferenceLoss` (``objective: dpo``): sigmoid DPO against a frozen reference copy of the model;
@@ -43,6 +44,15 @@ class Objective(Protocol):
         """Extra numbers for the metrics record of the last step."""
 
 
+def count_targets(model: Any, labels: torch.Tensor) -> int:
+    """The target tokens `MMModel.forward` will count in a collated batch: labelled positions after the first of each
+    row for decoder-only models (position t predicts t + 1; media placeholders expand to unlabelled positions), every
+    labelled position for encoder-decoder ones."""
+    from mmhub.splice import IGNORE
+
+    return int((labels != IGNORE).sum()) if model.is_encoder_decoder else int((labels[:, 1:] != IGNORE).sum())
+
+
 def forward(model: Any, batch: dict[str, Any]) -> Any:
     """The training forward over a collated batch (loss only, no logits)."""
     return model(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["media"], return_logits=False,
@@ -68,6 +78,9 @@ class NextTokenLoss:
             self._router[0] += float(out.router_loss.detach()) * out.num_target_tokens
             self._router[1] += out.num_target_tokens
         return out.loss.float() * out.num_target_tokens, out.num_target_tokens
+
+    def count(self, model: Any, batch: dict[str, Any]) -> int:
+        return count_targets(model, batch["labels"])
 
     def stats(self) -> dict[str, float]:
         (total, n), self._router = self._router, [0.0, 0]
@@ -101,6 +114,9 @@ class PreferenceLoss:
                        "reward_accuracy": float((margin > 0).float().mean())}
         return -torch.nn.functional.logsigmoid(margin).sum(), int(margin.numel())
 
+    def count(self, model: Any, batch: dict[str, Any]) -> int:
+        return int(batch["input_ids"].shape[0]) // 2  # rows alternate chosen, rejected
+
     def stats(self) -> dict[str, float]:
         return dict(self._stats)
 
@@ -124,6 +140,9 @@ class OutputAlignment:
     def loss(self, model: Any, batch: dict[str, Any], stage: Any) -> tuple[torch.Tensor, int]:
         return self.inner.loss(model, batch, stage)
 
+    def count(self, model: Any, batch: dict[str, Any]) -> int:
+        return self.inner.count(model, batch)
+
     def stats(self) -> dict[str, float]:
         return self.inner.stats()
 
@@ -141,6 +160,9 @@ class DiffusionLoss:
     def loss(self, model: Any, batch: dict[str, Any], stage: Any) -> tuple[torch.Tensor, int]:
         return model.loss(batch["pixels"], batch["ids"], generator=batch["generator"],
                           edge_weight=float(batch.get("edge_weight", 0.0))), 1
+
+    def count(self, model: Any, batch: dict[str, Any]) -> int:
+        return 1
 
     def stats(self) -> dict[str, float]:
         return {}

@@ -32,17 +32,16 @@ def train(spec: Any = None, out: str | Path | None = None, stage: str | None = N
           resume: str | Path | None = None, max_steps: int | None = None, progress_bar: bool = True,
           datasets: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train `spec` (a file, preset, dict or Spec) into `out`, or continue the run in `resume`."""
-    import torch
-    from accelerate import Accelerator
 
     from mmhub.assembly import build
     from mmhub.spec import load_spec
+    from mmhub.train.deepspeed import make_accelerator
     from mmhub.train.trainer import Trainer
 
     if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
         raise MMHubError(f"--max-steps must be a whole number >= 1, got {max_steps!r}; omit it to train each stage's "
                          "own step count")
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_precision(spec, resume))
+    accelerator = make_accelerator(mixed_precision=_precision(spec, resume))
     main = accelerator.is_main_process
 
     if resume is not None:

@@ -31,10 +31,13 @@ from mmhub.assembly import build_from_plan
 from mmhub.checkpoint import tensors_to_save
 from mmhub.data.preflight import preflight
 from mmhub.errors import CheckpointError, InputError, MMHubError
+from mmhub.layout import set_row_layout
 from mmhub.packing import length_grouped_order
 from mmhub.regimes import slots
 from mmhub.spec import StageSpec
 from mmhub.train.batches import BadSamples, BatchBuilder
+from mmhub.train.deepspeed import DeepSpeedAccelerator, is_deepspeed, make_accelerator
+from mmhub.train.deepspeed import configure as configure_deepspeed
 from mmhub.train.feature_cache import FeatureCache
 from mmhub.train.fsdp import ShardedAccelerator, ShardedStage, full_optimizer_state, full_tensors
 from mmhub.train.loop import (
@@ -92,12 +95,10 @@ class Trainer:
     def __init__(self, model: Any, out_dir: str | Path, datasets: dict[str, Any] | None = None,
                  accelerator: Any = None, progress_bar: bool = True, log: Callable[[str], None] = print,
                  preflight: bool = True):
-        from accelerate import Accelerator
-
         self.model = model
         self.out = Path(out_dir)
         self.datasets = datasets or {}
-        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        self.accelerator = accelerator or make_accelerator()
         self.progress_bar = progress_bar and self.accelerator.is_main_process
         self.preflight = preflight
         self.log = log if self.accelerator.is_main_process else (lambda *_: None)
@@ -235,6 +236,12 @@ class Trainer:
         per_step = st.batch_size * st.grad_accum * acc.num_processes
         total = max_steps or st.max_steps or max(1, int(max(1, n // per_step) * st.epochs))
         objective = objective_for(st, model, self._reference(st) if st.objective == "dpo" else None)
+        deepspeed = is_deepspeed(acc)
+        if deepspeed:  # before anything is sharded: refuses what DeepSpeed cannot run yet, with the fix
+            configure_deepspeed(acc, st, objective)
+            if st.save_every:
+                self.log(f"stage {st.name!r}: save_every {st.save_every} passed over under DeepSpeed (partial: no "
+                         "mid-stage checkpoints yet); the stage's model is saved at its end")
         sharded = self._shard(st, plan)
         optimizer = torch.optim.AdamW(param_groups(model, st), lr=st.lr, weight_decay=st.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
@@ -244,6 +251,10 @@ class Trainer:
                      f"using {acc.mixed_precision}")
         if sharded is not None:  # FSDP2 already syncs the gradients: no DDP wrapper around the model
             wrapped, loop_acc = model, ShardedAccelerator(acc, sharded)
+        elif deepspeed:  # the engine reduces, clips and steps inside its backward
+            set_row_layout(model)  # it flattens the parameters into its own buffers: row-major (contiguous) ones
+            wrapped, optimizer = acc.prepare(model, optimizer)
+            loop_acc = DeepSpeedAccelerator(acc, wrapped)
         else:
             (wrapped, optimizer), loop_acc = acc.prepare(model, optimizer), acc
         progress = Progress(stage=st.name, stage_index=index)
@@ -310,6 +321,8 @@ class Trainer:
         self._roll_epoch(run, progress)
         progress.skipped = run.bad.total
         self._checkpoint(run)
+        if isinstance(run.loop_accelerator, DeepSpeedAccelerator):  # its hooks off the model before the next stage
+            acc.free_memory()
         if run.sharded is not None:  # later stages and the saved folder get the model unsharded
             model = self.model = self._unsharded(run)
         model.eval()
@@ -370,6 +383,9 @@ class Trainer:
 
     def _checkpoint(self, run: StageRun) -> None:
         acc = self.accelerator
+        if isinstance(run.loop_accelerator, DeepSpeedAccelerator):  # partial: ZeRO's optimizer state is per process
+            self.log(f"stage {run.stage.name!r}: no checkpoint under DeepSpeed (partial); a resume restarts the stage")
+            return
         model_state = optimizer_state = None
         if run.sharded is not None:  # every process gathers the shards; the main one writes
             model_state = full_tensors(tensors_to_save(self.model, full=False))
