@@ -67,6 +67,14 @@ def matmul_peak_flops(n: int = 4096, repeats: int = 5, dtype: torch.dtype = torc
             "dtype": str(dtype).replace("torch.", ""), "op": "torch.nn.functional.linear"}
 
 
+def rss_mib() -> float:
+    """This process's resident set size now (VmRSS) in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return peak_rss_mib()
+
+
 def peak_rss_mib() -> float:
     """This process's peak resident set size (VmHWM) in MiB."""
     for line in Path("/proc/self/status").read_text().splitlines():

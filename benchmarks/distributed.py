@@ -1,4 +1,4 @@
-"""Training throughput on one process against two (DDP, and FSDP2 with the language model sharded), same global batch.
+"""Training throughput on one process against two (DDP, FSDP2 with the language model sharded, DeepSpeed ZeRO-2).
 
     python -m benchmarks.distributed [--steps 12] [--warmup 3] [--global-batch 16] \
         [--out benchmarks/results/distributed.json]
@@ -23,8 +23,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-MODES: dict[str, tuple[int, bool]] = {"1 process": (1, False), "2 processes, DDP": (2, False),
-                                      "2 processes, FSDP2 (language model sharded)": (2, True)}
+# mode -> (processes, placement: shard the language model, DeepSpeed ZeRO stage or None); same global batch in each
+MODES: dict[str, tuple[int, bool, int | None]] = {
+    "1 process": (1, False, None), "2 processes, DDP": (2, False, None),
+    "2 processes, FSDP2 (language model sharded)": (2, True, None),
+    "2 processes, DeepSpeed ZeRO-2": (2, False, 2),
+}
 
 
 def spec(batch: int, steps: int, shard: bool) -> dict[str, Any]:
@@ -71,19 +75,23 @@ def worker(out: str, batch: int, steps: int, shard: bool) -> None:
     train(spec(batch, steps, shard), out=out, datasets={"tune": data}, progress_bar=False)
 
 
-def measure(mode: str, procs: int, shard: bool, global_batch: int, steps: int, warmup: int) -> dict[str, Any]:
+def measure(mode: str, procs: int, shard: bool, zero: int | None, global_batch: int, steps: int,
+            warmup: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
         args = [__file__, "--worker", str(run), str(global_batch // procs), str(steps + warmup), str(int(shard))]
         cmd = [sys.executable, *args] if procs == 1 else [sys.executable, "-m", "torch.distributed.run",
                                                           "--nproc_per_node", str(procs), *args]
-        r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        if zero is not None:  # accelerate's DeepSpeed plugin, as `accelerate launch` with a DeepSpeed config sets it
+            env |= {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": str(zero)}
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if r.returncode != 0:
             raise SystemExit(f"{mode} failed:\n{r.stderr[-3000:]}")
         lines = [json.loads(x) for x in (run / "tune" / "metrics.jsonl").read_text().splitlines()]
         rates = [x["samples_per_s"] * procs for x in lines if "samples_per_s" in x and x["step"] > warmup]
-    return {"processes": procs, "sharded": shard, "samples_per_s": round(statistics.median(rates), 2),
-            "steps_measured": len(rates)}
+    return {"processes": procs, "sharded": shard, "zero_stage": zero,
+            "samples_per_s": round(statistics.median(rates), 2), "steps_measured": len(rates)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from benchmarks.common import environment
 
-    rows = {mode: measure(mode, procs, shard, a.global_batch, a.steps, a.warmup)
-            for mode, (procs, shard) in MODES.items()}
+    rows = {mode: measure(mode, procs, shard, zero, a.global_batch, a.steps, a.warmup)
+            for mode, (procs, shard, zero) in MODES.items()}
     base = rows["1 process"]["samples_per_s"]
     for row in rows.values():
         row["ratio_to_1_process"] = round(row["samples_per_s"] / base, 3)

@@ -154,11 +154,12 @@ def point_inputs(built: dict[str, Any], axis: str, value: int, seed: int) -> dic
             "pad_id": model.processor.pad_id}
 
 
-def child(side: str, workdir: Path, point: str, rounds: int, threads: int) -> None:
-    """One side alone on one point: a warm-up, then `rounds` timed repetitions; prints JSON."""
+def child(side: str, workdir: Path, point: str, rounds: int, threads: int, profile: bool = False) -> None:
+    """One side alone on one point: a warm-up, then `rounds` timed repetitions; prints JSON. With `profile`, one
+    repetition under torch's profiler instead: its time per operator category (`benchmarks.profile_ops`)."""
     import time
 
-    from benchmarks.common import peak_rss_mib
+    from benchmarks.common import peak_rss_mib, rss_mib
     from benchmarks.llava_models import load_side
     from benchmarks.llava_steps import (
         hf_generate,
@@ -175,7 +176,9 @@ def child(side: str, workdir: Path, point: str, rounds: int, threads: int) -> No
     torch.set_num_threads(threads)
     with torch.serialization.safe_globals([Encoded]):
         inputs = torch.load(workdir / f"{point}.pt", weights_only=True)
+    started_mib = rss_mib()
     model = load_side(SIDE_BASE[side], workdir, variant=side if side in VARIANT_SIDES else None)
+    loaded_mib = rss_mib()
     if inputs["kind"] == "train":
         if SIDE_BASE[side] == "mmhub":
             opt = optimizer(set_trainable_mmhub(model, 2))
@@ -199,6 +202,12 @@ def child(side: str, workdir: Path, point: str, rounds: int, threads: int) -> No
             def work() -> None:
                 hf_generate(model, inputs["hf"], inputs["new_tokens"], inputs["pad_id"])
     work()
+    if profile:
+        from benchmarks.profile_ops import profile_call
+
+        memory = {"rss_before_load_mib": round(started_mib, 1), "rss_loaded_mib": round(loaded_mib, 1)}
+        print(json.dumps(profile_call(work) | memory | {"peak_rss_mib": round(peak_rss_mib(), 1)}))
+        return
     times = []
     for _ in range(rounds):
         t = time.perf_counter()
@@ -347,9 +356,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="also run mmhub with runtime.compile (torch.compile per block) on every axis")
     ap.add_argument("--child", choices=list(SIDE_BASE), default=None)
     ap.add_argument("--point", default=None)
+    ap.add_argument("--profile", action="store_true", help="(with --child) profile one repetition by operator")
     a = ap.parse_args(argv)
     if a.child:
-        child(a.child, Path(a.workdir), a.point, a.rounds, a.threads)
+        child(a.child, Path(a.workdir), a.point, a.rounds, a.threads, a.profile)
         return 0
     from mmhub.atomic import write_text_atomic
 

@@ -37,7 +37,9 @@ def check_finite(name: str, tensor: torch.Tensor, file: Path, allow_nonfinite: b
     """NaN/inf values refuse to load unless `allow_nonfinite`."""
     if allow_nonfinite or not tensor.is_floating_point():
         return
-    flat = tensor.reshape(-1)
+    # a flat view (a column-major weight is its transpose's), never a copy: reshape(-1) would copy a strided tensor
+    transposed = tensor.dim() == 2 and not tensor.is_contiguous() and tensor.t().is_contiguous()
+    flat = tensor.t().reshape(-1) if transposed else tensor.reshape(-1)
     step = 1 << 20  # chunks, so the check needs 1 MiB of scratch, not a mask the size of the tensor
     if not all(bool(torch.isfinite(flat[i:i + step]).all()) for i in range(0, flat.numel(), step)):
         bad = int((~torch.isfinite(tensor)).sum())

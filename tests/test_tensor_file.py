@@ -45,6 +45,31 @@ def test_every_dtype_reads_back_exactly_into_contiguous_and_strided_tensors(stor
         assert torch.equal(strided, TENSORS["f32"])
 
 
+def test_strided_destinations_fill_a_few_rows_at_a_time(stored: Path, monkeypatch) -> None:
+    """A column-major weight (or any strided tensor) is filled through a small buffer, rows at a time: with a buffer
+    of two rows the (3, 5) tensor takes two reads, a strided vector one; every value lands where it belongs."""
+    import mmhub.weights.into as into
+
+    monkeypatch.setattr(into, "CHUNK_BYTES", 2 * 5 * 4)
+    with TensorFile(stored) as fh:
+        column_major = torch.zeros(5, 3).t()
+        fh.read_into("f32", column_major)
+        assert torch.equal(column_major, TENSORS["f32"]) and not column_major.is_contiguous()
+        every_other = torch.zeros(14, dtype=torch.bfloat16)[::2]
+        fh.read_into("bf16", every_other)
+        assert torch.equal(every_other, TENSORS["bf16"])
+
+
+def test_a_column_major_weight_is_checked_for_nan_without_a_copy() -> None:
+    from mmhub.folder_weights import check_finite
+
+    w = torch.ones(64, 16).t()  # column-major (16, 64)
+    check_finite("w", w, Path("m.safetensors"))
+    w[3, 7] = float("nan")
+    with pytest.raises(CheckpointError, match="'w' holds 1 NaN/inf"):
+        check_finite("w", w, Path("m.safetensors"))
+
+
 def test_reading_does_not_map_the_file(stored: Path) -> None:
     """The file is read with readinto, never memory-mapped (a mapped file's touched pages stay resident)."""
     maps = Path("/proc/self/maps")

@@ -2,8 +2,9 @@
 
 `safetensors.safe_open` memory-maps the file; every page a `get_tensor` touches stays resident until the file is
 closed, so loading a model that way peaks at the model plus the whole file. `TensorFile` instead reads each tensor
-with `readinto` into the destination's own memory (CPU, contiguous, same dtype), or through one tensor-sized buffer
-otherwise, so a load peaks at the model plus at most one tensor. The header is checked before anything is read:
+with `readinto` into the destination's own memory (CPU, contiguous, same dtype), or a few rows at a time through one
+buffer of about `CHUNK_BYTES` otherwise (a column-major weight, a device tensor), so a load peaks at the model plus
+about one MiB. The header is checked before anything is read:
 every entry's dtype, shape and byte range must agree and lie inside the file (a damaged header is a
 `CheckpointError` naming the tensor, not a read past the end). The safetensors format is little-endian; on a
 big-endian machine `TensorFile.read_into` falls back to safetensors' own reader.
@@ -28,6 +29,7 @@ _DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 _MAX_HEADER = 100 * 2**20  # safetensors' own limit
+CHUNK_BYTES = 1 << 20  # the buffer a strided destination is filled through
 
 
 class TensorFile:
@@ -112,12 +114,25 @@ class TensorFile:
                 dest.copy_(fh.get_tensor(name))
             return
         direct = dest.device.type == "cpu" and dest.is_contiguous() and not dest.requires_grad
-        target = dest if direct else torch.empty(dest.shape, dtype=dest.dtype)
-        if end > begin:
-            view = memoryview(target.view(-1).view(torch.uint8).numpy())
-            self._fh.seek(self._start + begin)
-            got = self._fh.readinto(view)
-            if got != end - begin:
-                raise self._damaged(f"tensor {name!r}: read {got} of {end - begin} bytes (the file ends early)")
-        if not direct:
-            dest.copy_(target)
+        if end <= begin:
+            return
+        self._fh.seek(self._start + begin)
+        if direct:
+            self._read_bytes(name, dest, end - begin)
+            return
+        # a strided destination (a column-major weight, a device tensor): whole rows at a time through one small
+        # buffer, so a load never holds a second tensor-sized copy (which the allocator would keep afterwards)
+        rows = dest.shape[0] if dest.dim() >= 2 else 1
+        per_row = (end - begin) // rows
+        step = max(1, CHUNK_BYTES // max(per_row, 1))
+        buffer = torch.empty((min(step, rows), *dest.shape[1:]) if dest.dim() >= 2 else dest.shape, dtype=dest.dtype)
+        for r0 in range(0, rows, step):
+            part = buffer[:min(step, rows - r0)] if dest.dim() >= 2 else buffer
+            self._read_bytes(name, part, part.numel() * part.element_size())
+            (dest[r0:r0 + part.shape[0]] if dest.dim() >= 2 else dest).copy_(part)
+
+    def _read_bytes(self, name: str, target: torch.Tensor, size: int) -> None:
+        """Read the next `size` bytes of tensor `name` into the contiguous CPU tensor `target`."""
+        got = self._fh.readinto(memoryview(target.view(-1).view(torch.uint8).numpy()))
+        if got != size:
+            raise self._damaged(f"tensor {name!r}: read {got} of {size} bytes (the file ends early)")
