@@ -68,7 +68,7 @@ CAPS_MIB = (2048, 3072, 4096)
 # sides: each library as it comes, and (--checkpointing, training axes) the memory variants: mmhub's runtime options
 # (activation checkpointing per block, chunked loss, both) and transformers' gradient_checkpointing_enable
 MMHUB_VARIANTS: dict[str, dict[str, Any]] = {
-    "mmhub_ckpt": {"activation_checkpointing": True},
+    "mmhub_ckpt": {"activation_checkpointing": True, "loss_chunk": 0},  # checkpointing alone (no auto loss chunks)
     "mmhub_chunk": {"loss_chunk": 1024},
     "mmhub_lean": {"activation_checkpointing": True, "loss_chunk": 1024},
 }

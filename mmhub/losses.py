@@ -19,17 +19,19 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from mmhub.errors import InputError
+from mmhub.runtime import loss_chunk_for
 from mmhub.splice import Spliced
 
 
 def label_cross_entropy(model: Any, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-position cross-entropy of the head's logits at `hidden` (N, H) against `target` (N,) columns.
 
-    With ``runtime.loss_chunk`` set and gradients on, the head and the loss run over chunks of that many
-    positions under activation checkpointing: no chunk's logits outlive its own forward or backward, so peak
-    memory holds one chunk's (chunk x vocabulary) logits instead of all N; the head's matmul runs once more
-    in the backward pass. The loss and gradients equal the unchunked ones (up to float summation order)."""
-    chunk = model.spec.runtime.loss_chunk
+    With ``runtime.loss_chunk`` set (or ``auto`` with large logits: `mmhub.runtime.loss_chunk_for`) and gradients
+    on, the head and the loss run over chunks of that many positions under activation checkpointing: no chunk's
+    logits outlive its own forward or backward, so peak memory holds one chunk's (chunk x vocabulary) logits instead
+    of all N; the head's matmul runs once more in the backward pass. The loss and gradients equal the unchunked ones
+    (up to float summation order)."""
+    chunk = loss_chunk_for(model.spec.runtime.loss_chunk, hidden.shape[0], model.backbone_vocab_size)
 
     def ce(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(model.head(h).float(), t, reduction="none")

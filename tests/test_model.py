@@ -131,7 +131,7 @@ def test_own_decode_loop_equals_transformers_generate(tiny_spec, images) -> None
 
 def test_chunked_cross_entropy_equals_the_whole_loss_and_gradients(tiny_spec, images) -> None:
     tiny_spec["stages"] = []
-    whole = build(tiny_spec)
+    whole = build({**tiny_spec, "loss_chunk": 0})
     chunked = build({**tiny_spec, "loss_chunk": 7})
     chunked.load_state_dict(whole.state_dict())
     batch = whole.batch([conv("<image>\nDescribe the picture in a few words.", "A random pattern of colours."),
@@ -149,6 +149,35 @@ def test_chunked_cross_entropy_equals_the_whole_loss_and_gradients(tiny_spec, im
     assert torch.allclose(l0, l1, atol=1e-6) and g0.keys() == g1.keys() and len(g0) > 0
     for n in g0:
         assert torch.allclose(g0[n], g1[n], atol=1e-6, rtol=1e-4), n
+
+
+def test_auto_loss_chunk_chunks_only_large_logits(tiny_spec, images, monkeypatch) -> None:
+    """``loss_chunk: auto`` (the default): the loss runs whole while labelled positions x vocabulary stay under
+    ``AUTO_CHUNK_FROM``, in ``AUTO_LOSS_CHUNK``-position chunks from there on, with the same loss."""
+    import math
+
+    import mmhub.losses as losses
+    import mmhub.runtime as runtime
+
+    chunks: list[int] = []
+    real = losses.checkpoint
+    monkeypatch.setattr(losses, "checkpoint", lambda fn, h, *a, **k: chunks.append(h.shape[0]) or real(fn, h, *a, **k))
+    tiny_spec["stages"] = []
+    model = build(tiny_spec).train()
+    assert model.spec.runtime.loss_chunk == "auto"
+    batch = model.batch([conv("<image>\nDescribe the picture in a few words.", "A random pattern of colours."),
+                         conv("hello there", "hi, how can I help you today?")], [{"image": [images[0]]}, {}])
+    whole = model(**batch)
+    assert chunks == []
+    monkeypatch.setattr(runtime, "AUTO_CHUNK_FROM", whole.num_target_tokens * model.backbone_vocab_size)  # reached
+    monkeypatch.setattr(runtime, "AUTO_LOSS_CHUNK", 7)
+    chunked = model(**batch)
+    assert len(chunks) == math.ceil(whole.num_target_tokens / 7) and set(chunks[:-1]) == {7}
+    assert torch.allclose(whole.loss, chunked.loss, atol=1e-6)
+    monkeypatch.setattr(runtime, "AUTO_CHUNK_FROM", whole.num_target_tokens * model.backbone_vocab_size + 1)
+    chunks.clear()
+    model(**batch)
+    assert chunks == []  # one float under the threshold: whole
 
 
 def test_sampling_is_seeded_and_differs_from_greedy(tiny_spec, images) -> None:
