@@ -1,6 +1,6 @@
 """Where a training step or a generation spends its time, by operator category, for both sides of a scaling point.
 
-    python -m benchmarks.profile_ops [--points text-1024,text-8192,images-8,gen_batch-1,prompt-4096] [--size small]
+    python -m benchmarks.profile_ops [--points text-1024,text-8192,images-8,gen_batch-8,prompt-4096] [--size small]
                                      [--out benchmarks/results/scaling_profile.json]
 
 Each point is built as `benchmarks.scaling` builds it (same model, same inputs) and each side runs alone in a child
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     ap = argparse.ArgumentParser(prog="python -m benchmarks.profile_ops", description=__doc__.splitlines()[0])
-    ap.add_argument("--points", default="text-1024,text-8192,images-8,gen_batch-1,prompt-4096")
+    ap.add_argument("--points", default="text-1024,text-8192,images-8,gen_batch-8,prompt-4096")
     ap.add_argument("--size", default="small")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", default="benchmarks/results/scaling_profile.json")
