@@ -16,7 +16,8 @@ features, as its trainer does, and packs each batch into one row; transformers t
 * ``text``: text tokens per sample 256 -> 1k -> 4k -> 8k, batch 2, one image each: training step;
 * ``images``: images per sample 1 -> 2 -> 4 -> 8, 256 text tokens, batch 2: training step;
 * ``gen_batch``: generation batch 1 -> 8 -> 32 (one image + 32 prompt tokens, 16 new tokens): tokens/s;
-* ``prompt``: prompt length 256 -> 1k -> 4k at batch 1 (one image): time to first token.
+* ``prompt``: prompt length 256 -> 1k -> 4k at batch 1 (one image): time to first token;
+* ``image_prefill``: images per sample 1 -> 2 -> 4 -> 8 at batch 1 (256 text tokens): time to first token.
 
 With ``--checkpointing`` the training axes also run the memory variants (`MMHUB_VARIANTS`: ``mmhub_ckpt`` with the
 spec's ``runtime.activation_checkpointing``, ``mmhub_chunk`` with ``runtime.loss_chunk`` 1024, ``mmhub_lean`` with
@@ -61,7 +62,7 @@ SCALING_SIZES: dict[str, dict[str, Any]] = {
     "tiny": {"clip": SIZES["tiny"]["clip"], "llama": {**SIZES["tiny"]["llama"], "max_position_embeddings": 16384}},
 }
 AXES: dict[str, list[int]] = {"text": [256, 1024, 4096, 8192], "images": [1, 2, 4, 8], "gen_batch": [1, 8, 32],
-                              "prompt": [256, 1024, 4096]}
+                              "prompt": [256, 1024, 4096], "image_prefill": [1, 2, 4, 8]}
 TRAIN_BATCH, NEW_TOKENS, GEN_PROMPT = 2, 16, 32
 LONG_TEXT = 16384  # --long: one more text point
 CAPS_MIB = (2048, 3072, 4096)
@@ -145,8 +146,9 @@ def point_inputs(built: dict[str, Any], axis: str, value: int, seed: int) -> dic
         encs = _samples(model, TRAIN_BATCH, text, images, labelled=True, **args)
         return {"kind": "train", "mmhub": encs,
                 "hf": llava_inputs(model.processor, image_id, built["image_tokens"], encs, "right")}
-    batch, prompt = (value, GEN_PROMPT) if axis == "gen_batch" else (1, value)
-    encs = _samples(model, batch, prompt, 1, labelled=False, **args)
+    batch, prompt, images = {"gen_batch": (value, GEN_PROMPT, 1), "prompt": (1, value, 1),
+                             "image_prefill": (1, 256, value)}[axis]
+    encs = _samples(model, batch, prompt, images, labelled=False, **args)
     mm = model.processor.collate(list(encs), padding_side="left")
     return {"kind": "generate", "new_tokens": NEW_TOKENS if axis == "gen_batch" else 1,
             "mmhub": {"input_ids": mm["input_ids"], "attention_mask": mm["attention_mask"], "media": mm["media"]},
@@ -283,7 +285,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 row[side] = json.loads(proc.stdout.strip().splitlines()[-1])
             flip = not flip
             work = (TRAIN_BATCH if axis in ("text", "images") else value * NEW_TOKENS if axis == "gen_batch" else 1)
-            unit = {"text": "samples/s", "images": "samples/s", "gen_batch": "tokens/s", "prompt": "1/TTFT"}[axis]
+            unit = {"text": "samples/s", "images": "samples/s", "gen_batch": "tokens/s", "prompt": "1/TTFT",
+                    "image_prefill": "1/TTFT"}[axis]
             row["unit"] = unit
             both = all("seconds" in row.get(s, {}) for s in ("mmhub", "transformers"))
             for side in sides:
