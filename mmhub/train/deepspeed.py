@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO (stages 0-2) driving mmhub's training loop, through accelerate's DeepSpeed plugin.
+"""DeepSpeed ZeRO (stages 0-3) driving mmhub's training loop, through accelerate's DeepSpeed plugin.
 
 A run launched with accelerate's DeepSpeed config (``accelerate launch --config_file ds.yaml``, or ``torchrun`` with
 ``ACCELERATE_USE_DEEPSPEED=true ACCELERATE_DEEPSPEED_ZERO_STAGE=2``) gets an `Accelerator` whose ``prepare`` wraps
@@ -11,11 +11,15 @@ summed loss is backpropagated times ``processes / global count`` (the engine ave
 not to divide by its accumulation steps). The stage's ``batch_size``, ``grad_accum`` and ``max_grad_norm`` are
 written into the DeepSpeed config before the engine is built, so the launch config needs no batch fields.
 
-`deepspeed_problems` refuses, with the fix, what does not work yet: ZeRO-3 (parameters partitioned across
-processes: mmhub's feature caches, generation and saved folders read whole parameters), ``placement: shard`` in the
-same stage (two sharding schemes) and objectives that cannot count before the forward. partial: no mid-stage
-checkpoints (ZeRO keeps each process's part of the optimizer state): ``save_every`` is passed over with a note, the
-stage's model is saved at its end, and a stopped stage restarts on resume.
+ZeRO-3 partitions the parameters themselves: the engine gathers each module's while it runs, so the feature cache
+(which calls frozen encoders outside the engine) is off in such a stage, and the stage ends by gathering every
+parameter (`gathered_state`) into a plain model rebuilt from the plan, which is saved and goes on to the next stage.
+mmhub builds whole models and lets the engine partition them (transformers' own ZeRO-3 construction is switched off).
+
+`deepspeed_problems` refuses, with the fix, what does not work yet: ``placement: shard`` in the same stage (two
+sharding schemes) and objectives that cannot count before the forward. partial: no mid-stage checkpoints (ZeRO keeps
+each process's part of the optimizer state): ``save_every`` is passed over with a note, the stage's model is saved at
+its end, and a stopped stage restarts on resume.
 
 On a machine without an accelerator, accelerate picks no communication backend for DeepSpeed; `start_state` sets
 gloo before the `Accelerator` is made.
@@ -53,8 +57,21 @@ def make_accelerator(**options: Any) -> Any:
 
     if deepspeed_requested():
         start_state()
-        return Accelerator(**options)
+        accelerator = Accelerator(**options)
+        _whole_models_from_transformers()
+        return accelerator
     return Accelerator(cpu=not torch.cuda.is_available(), **options)
+
+
+def _whole_models_from_transformers() -> None:
+    """accelerate's ZeRO-3 plugin tells transformers (`is_deepspeed_zero3_enabled`) to build every model straight into
+    ZeRO-3 partitions; mmhub builds whole models (its loading, layout and validation read whole parameters) and the
+    engine partitions them when a stage prepares them, so that switch is turned off here."""
+    try:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return
+    unset_hf_deepspeed_config()
 
 
 def is_deepspeed(accelerator: Any) -> bool:
@@ -71,10 +88,6 @@ def zero_stage(accelerator: Any) -> int:
 def deepspeed_problems(accelerator: Any, stage: Any, objective: Any) -> list[str]:
     """What in this stage DeepSpeed cannot run yet, each with the fix (empty: it can)."""
     problems = []
-    if (z := zero_stage(accelerator)) > 2:
-        problems.append(f"ZeRO stage {z} partitions the parameters themselves, which mmhub's feature caches, "
-                        "generation and saved folders read whole; use zero_stage 2 (optimizer state and gradients "
-                        "partitioned) or the stage's `placement: {SLOT: shard}` (FSDP2)")
     if any(how == "shard" for how in getattr(stage, "placement", {}).values()):
         problems.append("`placement: shard` shards slots with FSDP2, and DeepSpeed shards the whole model: drop the "
                         "stage's placement or launch without the DeepSpeed config")
@@ -95,6 +108,22 @@ def configure(accelerator: Any, stage: Any, objective: Any) -> None:
     config["gradient_accumulation_steps"] = stage.grad_accum
     config["train_batch_size"] = stage.batch_size * stage.grad_accum * accelerator.num_processes
     config["gradient_clipping"] = float(stage.max_grad_norm or 0.0)
+
+
+def partitions_parameters(accelerator: Any) -> bool:
+    """ZeRO-3: each process holds a slice of every parameter, gathered by the engine's hooks only while a module runs;
+    the feature cache (which calls frozen encoders outside the engine) is off then, and the stage ends by gathering
+    the whole model (`gathered_state`)."""
+    return zero_stage(accelerator) >= 3
+
+
+def gathered_state(engine: Any) -> dict[str, torch.Tensor]:
+    """The whole model's tensors on every process (ZeRO-3's partitions gathered), copied out of the engine."""
+    import deepspeed
+
+    module = engine.module
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 class DeepSpeedAccelerator:

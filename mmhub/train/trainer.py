@@ -36,7 +36,13 @@ from mmhub.packing import length_grouped_order
 from mmhub.regimes import slots
 from mmhub.spec import StageSpec
 from mmhub.train.batches import BadSamples, BatchBuilder
-from mmhub.train.deepspeed import DeepSpeedAccelerator, is_deepspeed, make_accelerator
+from mmhub.train.deepspeed import (
+    DeepSpeedAccelerator,
+    gathered_state,
+    is_deepspeed,
+    make_accelerator,
+    partitions_parameters,
+)
 from mmhub.train.deepspeed import configure as configure_deepspeed
 from mmhub.train.feature_cache import FeatureCache
 from mmhub.train.fsdp import ShardedAccelerator, ShardedStage, full_optimizer_state, full_tensors
@@ -322,7 +328,10 @@ class Trainer:
         progress.skipped = run.bad.total
         self._checkpoint(run)
         if isinstance(run.loop_accelerator, DeepSpeedAccelerator):  # its hooks off the model before the next stage
+            state = gathered_state(run.wrapped) if partitions_parameters(acc) else None
             acc.free_memory()
+            if state is not None:  # ZeRO-3 left the parameters partitioned: a plain model from the gathered tensors
+                model = self.model = self._rebuilt(state)
         if run.sharded is not None:  # later stages and the saved folder get the model unsharded
             model = self.model = self._unsharded(run)
         model.eval()
@@ -340,15 +349,19 @@ class Trainer:
     def _unsharded(self, run: StageRun) -> Any:
         """A plain copy of the sharded model (rebuilt from its plan, its adapters re-injected, the gathered tensors
         loaded) that replaces it: FSDP2 has no way back, and a saved folder or the next stage wants whole tensors."""
+        state = full_tensors(self.model.state_dict())
+        run.sharded.close()
+        return self._rebuilt(state)
+
+    def _rebuilt(self, state: dict[str, torch.Tensor]) -> Any:
+        """The model rebuilt from its plan with its adapters and trained slots, holding the whole tensors `state`."""
         from mmhub.adapters import inject_adapter
 
-        sharded = self.model
-        state = full_tensors(sharded.state_dict())
-        run.sharded.close()
-        plain = build_from_plan(sharded.plan)
-        for slot, lora in sharded.spec.adapters.items():
+        old = self.model
+        plain = build_from_plan(old.plan)
+        for slot, lora in old.spec.adapters.items():
             inject_adapter(plain, slot, lora)
-        plain.spec.trained = list(sharded.spec.trained)
+        plain.spec.trained = list(old.spec.trained)
         plain.load_state_dict(state)
         return plain
 
@@ -402,6 +415,8 @@ class Trainer:
         # a text-only objective (DLP's language phase) loads no media: hashing the frozen encoders would be wasted
         if not st.cache_features or not getattr(objective, "reads_media", True):
             return {}
+        if is_deepspeed(self.accelerator) and partitions_parameters(self.accelerator):
+            return {}  # ZeRO-3: the frozen encoders' parameters are partitioned outside the engine's forward
         caches = {}
         for m in plan.frozen_encoders():
             owner = self.model.spec.encoder_owner(m)

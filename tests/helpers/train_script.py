@@ -1,6 +1,6 @@
 """A small training run used by the trainer tests as a subprocess (killed, resumed, or run under torchrun).
 
-usage: python train_script.py OUT_DIR BATCH_SIZE [GRAD_ACCUM] [--resume] [--shard]
+usage: python train_script.py OUT_DIR BATCH_SIZE [GRAD_ACCUM] [--resume] [--shard] [--no-cache]
 Builds a tiny spec with two stages (projector alignment, then projector + LoRA) over an in-memory
 colour dataset that is the same in every process, and trains it with mmhub's trainer.
 """
@@ -39,9 +39,9 @@ def dataset(n: int = 64) -> list[Sample]:
 BACKBONE = {**TINY_LLAMA, "initializer_range": 0.02}
 
 
-def spec(batch_size: int, grad_accum: int = 1, shard: bool = False) -> dict:
+def spec(batch_size: int, grad_accum: int = 1, shard: bool = False, cache: bool = True) -> dict:
     stage = {"batch_size": batch_size, "grad_accum": grad_accum, "lr": 5e-3, "save_every": 2, "log_every": 1,
-             "warmup_ratio": 0.2, "keep_last": 10}
+             "warmup_ratio": 0.2, "keep_last": 10, "cache_features": cache}
     return {"name": "trainer-test", "seed": 3,
             "encoders": {"image": {"type": "open_clip", "arch": None, "embed_dim": 32,
                                    "vision_cfg": {"image_size": 32, "patch_size": 8, "layers": 2, "width": 32,
@@ -62,5 +62,5 @@ if __name__ == "__main__":
     if "--resume" in sys.argv:
         train(resume=out, datasets={"align": data, "tune": data}, progress_bar=False)
     else:
-        train(spec(bs, accum, "--shard" in sys.argv), out=out, datasets={"align": data, "tune": data},
-              progress_bar=False)
+        train(spec(bs, accum, "--shard" in sys.argv, "--no-cache" not in sys.argv), out=out,
+              datasets={"align": data, "tune": data}, progress_bar=False)
