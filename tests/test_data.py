@@ -494,3 +494,33 @@ def test_easy_vqa_balanced_yes_no_questions() -> None:
     assert 0.45 < present / len(extra) < 0.55  # the asked value is true half of the time
     again = EasyVQADataset(EasyVQAConfig(split="test", task="qa", balanced_yes_no=4))
     assert [again[i].messages for i in range(ds.original, ds.original + 20)] == [s.messages for s in extra[:20]]
+
+
+def _wording_prior(questions: list[list]) -> float:
+    """The accuracy of answering each yes/no question with its wording's most frequent answer (no picture)."""
+    from collections import Counter, defaultdict
+
+    by_text: dict[str, Counter] = defaultdict(Counter)
+    for q, a, _ in questions:
+        by_text[q][a] += 1
+    return sum(max(c.values()) for c in by_text.values()) / len(questions)
+
+
+@need_easy_vqa
+def test_easy_vqa_yes_no_balanced_replaces_the_splits_own_in_place() -> None:
+    """``yes_no: balanced``: the same images and question types in the same order; each yes/no answer follows from
+    the image; and the wording alone no longer tells it (82.5% of the split's own, near chance here)."""
+    plain = EasyVQADataset(EasyVQAConfig(split="test", task="qa"))
+    ds = EasyVQADataset(EasyVQAConfig(split="test", task="qa", yes_no="balanced"))
+    assert len(ds) == len(plain) and [q[2] for q in ds.questions] == [q[2] for q in plain.questions]
+    assert [question_type(q[1]) for q in ds.questions] == [question_type(q[1]) for q in plain.questions]
+    assert all(a == b for a, b in zip(ds.questions, plain.questions, strict=True) if b[1] not in ("yes", "no"))
+    yes_no = [q for q in ds.questions if q[1] in ("yes", "no")]
+    for q, answer, image_id in yes_no:
+        shape, color = ds.full_facts(image_id)
+        asked_true = f" {color} " in f" {q} " or f" {shape}" in f" {q}"
+        negated = " not " in f" {q} " or " no " in f" {q} "
+        assert answer == ("yes" if asked_true != negated else "no"), q
+    own = [q for q in plain.questions if q[1] in ("yes", "no")]
+    assert _wording_prior(own) > 0.8 and _wording_prior(yes_no) < 0.6
+    assert ds.questions == EasyVQADataset(EasyVQAConfig(split="test", task="qa", yes_no="balanced")).questions

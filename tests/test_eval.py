@@ -106,6 +106,17 @@ def test_easy_vqa_task_on_a_tiny_model(model) -> None:
 
 
 @need_easy_vqa
+def test_the_balanced_task_asks_the_balanced_yes_no_questions(model) -> None:
+    rows: list[dict] = []
+    out = evaluate(model, "easy_vqa_balanced", limit=12, batch_size=6, max_new_tokens=1, on_result=rows.append)
+    assert out["task"] == "easy_vqa_balanced" and out["n"] == 12
+    balanced = load_dataset({"type": "easy_vqa", "split": "test", "yes_no": "balanced"}).questions[:12]
+    own = load_dataset({"type": "easy_vqa", "split": "test"}).questions[:12]
+    assert [(r["question"], r["answer"]) for r in rows] == [(q, a) for q, a, _ in balanced]
+    assert [r["question"] for r in rows] != [q for q, _, _ in own]  # its yes/no questions are not the split's
+
+
+@need_easy_vqa
 def test_blind_feeds_blank_images_to_the_encoder(model) -> None:
     seen: list[torch.Tensor] = []
     handle = model.encoders["image"].register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()))
@@ -238,13 +249,13 @@ def test_plugins_lists_datasets_and_eval_tasks(capsys) -> None:
     names = {d["name"]: d for d in out["datasets"]}
     assert {"llava_json", "sharegpt", "captions", "preference", "webdataset", "easy_vqa"} <= set(names)
     assert names["easy_vqa"]["settings"] == ["balanced_yes_no", "caption_prompt", "data_dir", "draw_reply", "limit",
-                                             "question_types", "seed", "split", "task"]
+                                             "question_types", "seed", "split", "task", "yes_no"]
     assert names["webdataset"]["streaming"] is True and names["easy_vqa"]["plugin"] == "mmhub.datasets"
-    assert [t["name"] for t in out["eval_tasks"]] == ["easy_vqa", "easy_vqa_draw", "easy_vqa_followup",
-                                                       "easy_vqa_reworded", "photo_refusal"]
+    assert [t["name"] for t in out["eval_tasks"]] == ["easy_vqa", "easy_vqa_balanced", "easy_vqa_draw",
+                                                       "easy_vqa_followup", "easy_vqa_reworded", "photo_refusal"]
     assert main(["plugins"]) == 0
     text = capsys.readouterr().out
-    assert "datasets (" in text and "eval tasks (5)" in text and "easy_vqa" in text
+    assert "datasets (" in text and "eval tasks (6)" in text and "easy_vqa" in text
     assert "merge methods (6): dare_linear, dare_ties, linear, slerp, task_arithmetic, ties" in text
     assert "importers (" in text and "llava_next" in text
 

@@ -19,6 +19,9 @@ Settings: ``split`` (``train``: 38,575 questions over 4,000 images; ``test``: 9,
   The split's questions are lopsided (about 83 % of its yes/no answers follow from the question
   alone), so a model can score well on them without looking; on the balanced ones it cannot.
   Deterministic (seeded by ``seed``); ``meta.synthetic`` marks them.
+* ``yes_no: balanced`` (``task: qa`` only): each of the split's own yes/no questions is replaced, in place, by one
+  about the same image drawn as ``balanced_yes_no`` draws them (seeded by ``seed``): the same images and question
+  types in the same order, with answers that only looking gives (the ``easy_vqa_balanced`` eval task).
 * ``question_types: [shape, color]`` (``task: qa`` only): keep only the questions of those types (after
   ``balanced_yes_no``), e.g. to train a specialist for one skill (`benchmarks/merge_skills.py`).
 * ``task: draw`` (generation requests, for models with an image generator): one sample per
@@ -44,6 +47,7 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -161,16 +165,30 @@ def balanced_yes_no(facts: dict[int, tuple[str, str]], templates: list[tuple[str
     if not templates:
         raise InputError("the split has no yes/no questions to take wordings from; set balanced_yes_no: 0")
     rng = np.random.default_rng(seed)
-    out = []
-    for image_id in sorted(facts):
-        shape, color = facts[image_id]
-        for _ in range(per_image):
-            template, slot, negated = templates[rng.integers(len(templates))]
-            truth, universe = (color, COLORS) if slot == "color" else (shape, SHAPES)
-            value = truth if rng.random() < 0.5 else rng.choice([v for v in universe if v != truth])
-            present = value == truth
-            out.append([template.format(**{slot: value}), "yes" if present != negated else "no", image_id])
-    return out
+    return [balanced_question(facts[image_id], templates, rng) + [image_id]
+            for image_id in sorted(facts) for _ in range(per_image)]
+
+
+def balanced_question(fact: tuple[str, str], templates: list[tuple[str, str, bool]],
+                      rng: np.random.Generator) -> list[str]:
+    """``[question, answer]`` about an image whose (shape, colour) is `fact`: one of `templates`, the asked value true
+    half the time, so neither the wording nor the value tells the answer."""
+    shape, color = fact
+    template, slot, negated = templates[rng.integers(len(templates))]
+    truth, universe = (color, COLORS) if slot == "color" else (shape, SHAPES)
+    value = truth if rng.random() < 0.5 else rng.choice([v for v in universe if v != truth])
+    return [template.format(**{slot: value}), "yes" if (value == truth) != negated else "no"]
+
+
+def with_balanced_yes_no(questions: list[list], facts: Callable[[int], tuple[str, str]], seed: int = 0) -> list[list]:
+    """`questions` with each yes/no question replaced by a balanced one (`balanced_question`) about the same image, in
+    the same place: the same images and question types in the same order, but yes/no answers that only looking
+    gives (about 83% of the split's own follow from the wording)."""
+    templates = yes_no_templates(questions)
+    if not templates:
+        raise InputError("the split has no yes/no questions to take wordings from; set yes_no: split")
+    rng = np.random.default_rng(seed)
+    return [balanced_question(facts(q[2]), templates, rng) + [q[2]] if q[1] in YES_NO else q for q in questions]
 
 
 def read_questions(path: Path) -> list[list]:
@@ -200,6 +218,8 @@ class EasyVQAConfig(DatasetConfig):
     caption_prompt: str = ""
     balanced_yes_no: int = Field(0, ge=0)  # extra yes/no questions per image, half of them true (task qa)
     question_types: list[Literal["shape", "color", "yes_no"]] | None = Field(None, min_length=1)  # task qa: only these
+    # task qa: "balanced" replaces each of the split's yes/no questions by a balanced one about the same image
+    yes_no: Literal["split", "balanced"] = "split"
     # task draw: the assistant's reply; {caption} and {marker} (the <img_out> group marker) are filled in. A model
     # whose backbone stays frozen while it learns to draw cannot learn new text before the signal tokens: use
     # "{marker}" first for those
@@ -227,6 +247,8 @@ class EasyVQADataset(Dataset):
         self.facts = facts_from_questions(self.questions)
         self.original = len(self.questions)
         if c.task == "qa":
+            if c.yes_no == "balanced":
+                self.questions = with_balanced_yes_no(self.questions, self.full_facts, c.seed)
             if c.balanced_yes_no:
                 full = {i: self.full_facts(i) for i in self.facts}
                 self.questions = self.questions + balanced_yes_no(full, yes_no_templates(self.questions),

@@ -20,7 +20,7 @@ at all (no placeholder, no media), for models that answer text alone. The result
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from PIL import Image
 
@@ -61,6 +61,8 @@ def blind_input(blind: bool | str) -> str | None:
 
 class EasyVQATaskConfig(EvalConfig):
     data_dir: str = SOURCE  # a weight-source URI or a folder holding train/ and test/
+    # "balanced": the split's yes/no questions replaced by balanced ones about the same images (`easy_vqa_balanced`)
+    yes_no: Literal["split", "balanced"] = "split"
 
 
 class EasyVQATask(EvalTask):
@@ -82,7 +84,8 @@ class EasyVQATask(EvalTask):
                              f"{', '.join(model.modalities) or 'text only'}")
         mode = blind_input(blind)
         t0 = time.perf_counter()
-        data = EasyVQADataset(EasyVQAConfig(split=split, task="qa", limit=limit, data_dir=self.config.data_dir))
+        data = EasyVQADataset(EasyVQAConfig(split=split, task="qa", limit=limit, data_dir=self.config.data_dir,
+                                            yes_no=self.config.yes_no))
         triples: list[tuple[str, str, str]] = []
         for start in range(0, len(data), batch_size):
             batch = [data[i] for i in range(start, min(start + batch_size, len(data)))]
@@ -121,3 +124,15 @@ def _prompt(messages: list[dict[str, str]], without_images: bool = False) -> lis
         for m in out:
             m["content"] = m["content"].replace(mark + "\n", "").replace(mark, "")
     return out
+
+
+class EasyVQABalancedConfig(EasyVQATaskConfig):
+    yes_no: Literal["split", "balanced"] = "balanced"
+
+
+class EasyVQABalancedTask(EasyVQATask):
+    """easy-VQA with each yes/no question replaced by one about the same image whose answer is yes half the time:
+    about 83% of the split's own yes/no answers follow from the wording, these only from the picture."""
+
+    name = "easy_vqa_balanced"
+    Config = EasyVQABalancedConfig

@@ -9,6 +9,7 @@ from mmhub.hookspecs import hookimpl
 
 EVAL_TASKS = (
     ("easy_vqa", "mmhub.evaluation.easy_vqa:EasyVQATask"),
+    ("easy_vqa_balanced", "mmhub.evaluation.easy_vqa:EasyVQABalancedTask"),
     ("easy_vqa_draw", "mmhub.evaluation.easy_vqa_draw:EasyVQADrawTask"),
     ("easy_vqa_reworded", "mmhub.evaluation.reworded:EasyVQARewordedTask"),
     ("easy_vqa_followup", "mmhub.evaluation.followup:EasyVQAFollowupTask"),
