@@ -209,6 +209,7 @@ class Trainer:
         """Train one stage: set up, run the loop, save its model; returns its summary."""
         run = self._setup(index, st, resume, max_steps)
         st = run.stage  # a resume on another process count may have changed its grad_accum
+        saves = bool(st.save_every) and not isinstance(run.loop_accelerator, DeepSpeedAccelerator)  # none mid-stage
         builder = BatchBuilder(self.model, run.data, st, run.objective, run.caches, run.bad,
                                self.accelerator.num_processes, self.accelerator.process_index, self.log)
         loop = Loop(model=run.wrapped, objective=run.objective, optimizer=run.optimizer, scheduler=run.scheduler,
@@ -216,7 +217,7 @@ class Trainer:
                     progress=run.progress, next_batches=lambda p: builder.step(self._next_ids(run, p)),
                     after_step=lambda p, result, lr: self._after_step(run, result, lr),
                     save=lambda p: self._checkpoint(run), log=self.log,
-                    save_due=lambda step: bool(st.save_every) and step % st.save_every == 0 and step < run.total,
+                    save_due=lambda step: saves and step % st.save_every == 0 and step < run.total,
                     out_of_memory=lambda p, exc: self._out_of_memory(run, exc), stop_requested=self._stop_agreed)
         self._train_mode(run.plan)
         run_loop(loop)

@@ -122,14 +122,14 @@ class TensorFile:
             return
         # a strided destination (a column-major weight, a device tensor): whole rows at a time through one small
         # buffer, so a load never holds a second tensor-sized copy (which the allocator would keep afterwards)
-        rows = dest.shape[0] if dest.dim() >= 2 else 1
-        per_row = (end - begin) // rows
-        step = max(1, CHUNK_BYTES // max(per_row, 1))
-        buffer = torch.empty((min(step, rows), *dest.shape[1:]) if dest.dim() >= 2 else dest.shape, dtype=dest.dtype)
+        grid = dest if dest.dim() >= 2 else dest.unsqueeze(0)  # a vector or scalar: one row (a view, filled in place)
+        rows = grid.shape[0]
+        step = max(1, CHUNK_BYTES // max((end - begin) // rows, 1))
+        buffer = torch.empty((min(step, rows), *grid.shape[1:]), dtype=dest.dtype)
         for r0 in range(0, rows, step):
-            part = buffer[:min(step, rows - r0)] if dest.dim() >= 2 else buffer
+            part = buffer[:min(step, rows - r0)]
             self._read_bytes(name, part, part.numel() * part.element_size())
-            (dest[r0:r0 + part.shape[0]] if dest.dim() >= 2 else dest).copy_(part)
+            grid[r0:r0 + part.shape[0]].copy_(part)
 
     def _read_bytes(self, name: str, target: torch.Tensor, size: int) -> None:
         """Read the next `size` bytes of tensor `name` into the contiguous CPU tensor `target`."""
