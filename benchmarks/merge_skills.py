@@ -42,15 +42,17 @@ COMBINED = {f"{m}+combine": m for m in ("task_arithmetic", "ties")}
 TYPES = ("shape", "color", "yes_no")
 
 
-def folders(runs: Path, yes_no: str = "skills-yes-no") -> dict[str, Path]:
-    """The three trained models (the recipes' run folders); a missing one says which recipe to run."""
-    out = {"base": runs / "skills-base" / "align" / "model",
-           "shape_color": runs / "skills-shape-color" / "skill" / "model",
+def folders(runs: Path, yes_no: str = "skills-yes-no", base: str = "skills-base/align",
+            shape_color: str = "skills-shape-color") -> dict[str, Path]:
+    """The three trained models (the recipes' run folders: ``base`` is RUN/STAGE, the specialists' stage is
+    ``skill``); a missing one says which recipe to run."""
+    out = {"base": runs / base / "model",
+           "shape_color": runs / shape_color / "skill" / "model",
            "yes_no": runs / yes_no / "skill" / "model"}
+    recipes = {"base": base.split("/")[0], "shape_color": shape_color, "yes_no": yes_no}
     for name, path in out.items():
         if not (path / "mmhub_spec.json").is_file():
-            recipe = {"base": "skills-base", "shape_color": "skills-shape-color", "yes_no": yes_no}[name]
-            raise SystemExit(f"{path} is missing: run `mmhub train {recipe} --out {runs / recipe}` first")
+            raise SystemExit(f"{path} is missing: run `mmhub train {recipes[name]} --out {runs / recipes[name]}` first")
     return out
 
 
@@ -63,12 +65,13 @@ def parse_grid(text: str) -> dict[str, list[float]]:
     return grid
 
 
-def score(path: Path, limit: int) -> dict[str, Any]:
-    """Strict easy-VQA accuracy overall and per question type on the first `limit` test questions."""
+def score(path: Path, limit: int, task: str = "easy_vqa") -> dict[str, Any]:
+    """Strict accuracy overall and per question type on the first `limit` test questions of `task` (``easy_vqa``, or
+    ``easy_vqa_balanced``: the yes/no questions replaced by ones whose answer the wording does not give)."""
     from mmhub.evaluation import evaluate
     from mmhub.model import MMModel
 
-    result = evaluate(MMModel.from_pretrained(path), "easy_vqa", limit=limit, batch_size=50)
+    result = evaluate(MMModel.from_pretrained(path), task, limit=limit, batch_size=50)
     return {"accuracy": result["accuracy"], "per_type": {t: result["per_type"][t]["accuracy"] for t in TYPES},
             "n": result["n"]}
 
@@ -80,31 +83,41 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="runs/skills-merge")
     ap.add_argument("--methods", default=",".join([*METHODS, *COMBINED]))
     ap.add_argument("--yes-no", default="skills-yes-no", help="the yes/no specialist's recipe (its run folder's name)")
+    ap.add_argument("--shape-color", default="skills-shape-color", help="the shape + colour specialist's recipe")
+    ap.add_argument("--base", default="skills-base/align", help="the common base: its recipe's run folder/stage")
     ap.add_argument("--search", default=None, metavar="GRID",
                     help="choose each method's weights on the train split first (`search:` in the merge config), "
                          "e.g. 'shape_color=0.5,0.75,1;yes_no=0.6,0.8,1'; the chosen merge is scored on test")
     ap.add_argument("--search-settings", default=None, metavar="GRID",
                     help="method settings searched with the weights, e.g. 'density=0.5,0.7' (TIES and DARE)")
     ap.add_argument("--search-limit", type=int, default=200, help="train questions scored per candidate")
+    ap.add_argument("--task", default="easy_vqa", choices=("easy_vqa", "easy_vqa_balanced"),
+                    help="the eval task scored (and searched on): easy_vqa_balanced asks yes/no questions whose answer "
+                         "only looking gives")
+    ap.add_argument("--slots", default="backbone",
+                    help="the slots merged, comma-separated (e.g. 'backbone,projectors.image' when a specialist "
+                         "trained its projector too); every other slot is the base's")
     a = ap.parse_args(argv)
     from mmhub.merge.config import read_config
     from mmhub.merge.run import merge
 
-    models = folders(Path(a.runs), a.yes_no)
+    models = folders(Path(a.runs), a.yes_no, a.base, a.shape_color)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    table: dict[str, Any] = {"limit": a.limit, "rows": {}}
+    slots = [s.strip() for s in a.slots.split(",") if s.strip()]
+    table: dict[str, Any] = {"limit": a.limit, "task": a.task, "slots": slots,
+                             "models": {k: str(v) for k, v in models.items()}, "rows": {}}
     for name in ("base", "shape_color", "yes_no"):
-        table["rows"][name] = score(models[name], a.limit)
+        table["rows"][name] = score(models[name], a.limit, a.task)
         print(name, json.dumps(table["rows"][name]), flush=True)
     for method in a.methods.split(","):
         cfg = {"models": {k: str(v) for k, v in models.items()}, "base": "base", "seed": 0,
-               "slots": {"backbone": METHODS[COMBINED.get(method, method)]}}
+               "slots": {slot: METHODS[COMBINED.get(method, method)] for slot in slots}}
         if method in COMBINED:
             cfg["adapters"] = "combine"
         elif a.search:
             cfg["search"] = {"weights": parse_grid(a.search), "split": "train", "limit": a.search_limit,
-                             "batch_size": 50}
+                             "batch_size": 50, "task": a.task}
             if a.search_settings:
                 cfg["search"]["settings"] = parse_grid(a.search_settings)
         path = out / f"{method}.yaml"
@@ -113,11 +126,11 @@ def main(argv: list[str] | None = None) -> int:
         report: dict[str, Any] = {}
         merged = merge(read_config(path), out / method, report=report)
         took = round(time.perf_counter() - t0, 1)
-        row = score(merged, a.limit) | {"merge_s": took} | ({"adapters": report["backbone"]} if report else {})
+        row = score(merged, a.limit, a.task) | {"merge_s": took} | ({"adapters": report} if report else {})
         searched = merged / "merge_search.json"
         if searched.is_file():  # the weights chosen on train and every candidate's train scores
             found = json.loads(searched.read_text(encoding="utf-8"))
-            row["search"] = {"chosen": found["chosen"]["backbone"]["weights"], "rows": found["rows"]}
+            row["search"] = {"chosen": found["chosen"][slots[0]]["weights"], "rows": found["rows"]}
         table["rows"][method] = row
         print(method, json.dumps(row), flush=True)
         write_text_atomic(out / "table.json", json.dumps(table, indent=1) + "\n")

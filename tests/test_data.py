@@ -6,7 +6,6 @@ import collections
 import csv
 import io
 import json
-import os
 import struct
 import tarfile
 from pathlib import Path
@@ -16,7 +15,7 @@ import pytest
 from PIL import Image
 
 import mmhub
-from mmhub import hookimpl, weights
+from mmhub import hookimpl
 from mmhub.data import (
     Dataset,
     DatasetConfig,
@@ -28,11 +27,13 @@ from mmhub.data import (
     preflight,
     robust,
 )
-from mmhub.data.easy_vqa import COLORS, SHAPES, SOURCE, EasyVQAConfig, EasyVQADataset, facts_from_pixels, question_type
+from mmhub.data.easy_vqa import COLORS, SHAPES, EasyVQAConfig, EasyVQADataset, facts_from_pixels, question_type
 from mmhub.data.webdataset import expand_braces
-from mmhub.errors import InputError, SpecError, UnknownComponentError, WeightsNotFoundError
+from mmhub.errors import InputError, SpecError, UnknownComponentError
 from mmhub.media import load_image
 from mmhub.registry import build_registry
+
+from conftest import need_easy_vqa
 
 # -- small files ------------------------------------------------------------------------------
 
@@ -406,19 +407,6 @@ def test_preflight_reports_unreadable_media(tiny_spec, tmp_path: Path) -> None:
 
 
 # -- easy-VQA ---------------------------------------------------------------------------------
-def _easy_vqa_here() -> bool:
-    try:
-        weights.resolve(SOURCE)
-        return True
-    except WeightsNotFoundError:
-        return False
-
-
-need_easy_vqa = pytest.mark.skipif(
-    not _easy_vqa_here() and not os.environ.get("MMHUB_REQUIRE_REAL_WEIGHTS"),
-    reason=f"easy-VQA is not here; `mmhub weights fetch {SOURCE}` gets it")
-
-
 @need_easy_vqa
 def test_easy_vqa_sizes_and_question_types() -> None:
     counts = {}

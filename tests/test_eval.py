@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,28 +13,16 @@ import torch
 from PIL import Image
 
 import mmhub
-from mmhub import weights
 from mmhub.cli import main
 from mmhub.data import load_dataset
-from mmhub.data.easy_vqa import SOURCE
-from mmhub.errors import WeightsNotFoundError
 from mmhub.evaluation import evaluate, exact_match, get_task, normalize_answer, score
 from mmhub.evaluation.easy_vqa import BLANK_RGB
 
-from conftest import TINY_SPEC
+from conftest import TINY_SPEC, need_easy_vqa
 
 ROOT = Path(__file__).resolve().parents[1]
 # conftest's tiny LLaVA spec without its training stages
 SPEC = {**{k: v for k, v in copy.deepcopy(TINY_SPEC).items() if k != "stages"}, "name": "eval-tiny"}
-def _easy_vqa_here() -> bool:
-    try:
-        return weights.resolve(SOURCE).is_dir()
-    except WeightsNotFoundError:
-        return False
-
-
-need_easy_vqa = pytest.mark.skipif(not _easy_vqa_here() and not os.environ.get("MMHUB_REQUIRE_REAL_WEIGHTS"),
-                                   reason=f"easy-VQA is not here; `mmhub weights fetch {SOURCE}` gets it")
 KEYS = {"task", "split", "n", "correct", "accuracy", "per_type", "blind", "seconds"}
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -14,28 +13,17 @@ import pytest
 import torch
 
 import mmhub
-from mmhub import weights
 from mmhub.cli import main
 from mmhub.data.base import SampleError
-from mmhub.data.easy_vqa import PALETTE, SOURCE, facts_from_pixels
-from mmhub.errors import WeightsNotFoundError
+from mmhub.data.easy_vqa import PALETTE, facts_from_pixels
 from mmhub.evaluation import easy_vqa, exact_match, get_task, score
 
-from conftest import TINY_SPEC
+from conftest import TINY_SPEC, need_easy_vqa
 
 # conftest's tiny LLaVA spec without its training stages
 SPEC = {**{k: v for k, v in copy.deepcopy(TINY_SPEC).items() if k != "stages"}, "name": "eval-strict-tiny"}
 
 
-def _easy_vqa_here() -> bool:
-    try:
-        return weights.resolve(SOURCE).is_dir()
-    except WeightsNotFoundError:
-        return False
-
-
-need_easy_vqa = pytest.mark.skipif(not _easy_vqa_here() and not os.environ.get("MMHUB_REQUIRE_REAL_WEIGHTS"),
-                                   reason=f"easy-VQA is not here; `mmhub weights fetch {SOURCE}` gets it")
 
 
 @pytest.mark.parametrize("reply, answer, strict, lenient", [
