@@ -512,3 +512,22 @@ def test_easy_vqa_yes_no_balanced_replaces_the_splits_own_in_place() -> None:
     own = [q for q in plain.questions if q[1] in ("yes", "no")]
     assert _wording_prior(own) > 0.8 and _wording_prior(yes_no) < 0.6
     assert ds.questions == EasyVQADataset(EasyVQAConfig(split="test", task="qa", yes_no="balanced")).questions
+
+
+@need_easy_vqa
+def test_easy_vqa_negated_false_drops_the_questions_about_absence() -> None:
+    """``negated: false`` drops exactly the yes/no questions that ask about absence (half of the balanced ones):
+    everything else stays, in order, and what is left is still balanced."""
+    from mmhub.data.easy_vqa import is_negated
+
+    cfg = {"split": "test", "task": "qa", "yes_no": "balanced", "balanced_yes_no": 2}
+    every = EasyVQADataset(EasyVQAConfig(**cfg)).questions
+    kept = EasyVQADataset(EasyVQAConfig(**cfg, negated=False)).questions
+    assert kept == [q for q in every if q[1] not in ("yes", "no") or not is_negated(q[0])]
+    dropped = [q for q in every if q not in kept]
+    assert dropped and all(" not " in f" {q[0]} " or " no " in f" {q[0]} " for q in dropped)
+    assert 0.35 < len(dropped) / sum(q[1] in ("yes", "no") for q in every) < 0.65
+    yes_no = [q[1] for q in kept if q[1] in ("yes", "no")]
+    assert 0.4 < yes_no.count("yes") / len(yes_no) < 0.6
+    assert [is_negated(q) for q in ("is there not a red shape?", "does the image contain no circle?",
+                                    "is there a red shape?", "Is there NOT a circle?")] == [True, True, False, True]

@@ -24,6 +24,9 @@ Settings: ``split`` (``train``: 38,575 questions over 4,000 images; ``test``: 9,
   types in the same order, with answers that only looking gives (the ``easy_vqa_balanced`` eval task).
 * ``question_types: [shape, color]`` (``task: qa`` only): keep only the questions of those types (after
   ``balanced_yes_no``), e.g. to train a specialist for one skill (`benchmarks/merge_skills.py`).
+* ``negated: false`` (``task: qa`` only): drop the yes/no questions about absence ("is there not a circle?"), whose
+  answer inverts what looking finds: on balanced questions a model that looks but reads no negation gains little,
+  so a first stage without them lets looking pay before negation is learnt.
 * ``task: draw`` (generation requests, for models with an image generator): one sample per
   image, by image id: ``user: "draw a red triangle"`` (one of `DRAW_PROMPTS`' wordings, chosen
   by ``seed`` and the image id), ``assistant: "Here is a red triangle. <img_out>"`` with the
@@ -142,6 +145,13 @@ def facts_from_pixels(path: str | Path) -> tuple[str, str]:
     return shape, list(PALETTE)[k]
 
 
+def is_negated(question: str) -> bool:
+    """Whether a yes/no question asks about absence ("is there not a circle?", "does the image not contain ..."):
+    its answer is the opposite of what looking for the named value finds."""
+    words = _WORD.findall(question.lower())
+    return "not" in words or "no" in words
+
+
 def yes_no_templates(questions: list[list]) -> list[tuple[str, str, bool]]:
     """The split's yes/no wordings as ``(template, slot, negated)``; the template holds ``{color}`` or ``{shape}``."""
     found = set()
@@ -155,7 +165,7 @@ def yes_no_templates(questions: list[list]) -> list[tuple[str, str, bool]]:
             continue
         slot, word = ("color", colors[0]) if colors else ("shape", shapes[0])
         template = re.sub(rf"\b{word}\b", "{" + slot + "}", q, count=1)
-        found.add((template, slot, "not" in words or "no" in words))
+        found.add((template, slot, is_negated(q)))
     return sorted(found)
 
 
@@ -220,6 +230,9 @@ class EasyVQAConfig(DatasetConfig):
     question_types: list[Literal["shape", "color", "yes_no"]] | None = Field(None, min_length=1)  # task qa: only these
     # task qa: "balanced" replaces each of the split's yes/no questions by a balanced one about the same image
     yes_no: Literal["split", "balanced"] = "split"
+    # task qa: False drops the yes/no questions that ask about absence ("is there not a ..."), e.g. for a first
+    # stage that learns to look before it learns negation
+    negated: bool = True
     # task draw: the assistant's reply; {caption} and {marker} (the <img_out> group marker) are filled in. A model
     # whose backbone stays frozen while it learns to draw cannot learn new text before the signal tokens: use
     # "{marker}" first for those
@@ -255,6 +268,8 @@ class EasyVQADataset(Dataset):
                                                                   c.balanced_yes_no, c.seed)
             if c.question_types is not None:
                 self.questions = [q for q in self.questions if question_type(q[1]) in c.question_types]
+            if not c.negated:
+                self.questions = [q for q in self.questions if q[1] not in YES_NO or not is_negated(q[0])]
             self.size = len(self.questions)
         else:
             self.image_ids = sorted(self.facts)
