@@ -236,7 +236,7 @@ def test_plugins_lists_datasets_and_eval_tasks(capsys) -> None:
     names = {d["name"]: d for d in out["datasets"]}
     assert {"llava_json", "sharegpt", "captions", "preference", "webdataset", "easy_vqa"} <= set(names)
     assert names["easy_vqa"]["settings"] == ["balanced_yes_no", "caption_prompt", "data_dir", "draw_reply", "limit",
-                                             "question_types", "seed", "split", "task", "yes_no"]
+                                             "negated", "question_types", "seed", "split", "task", "yes_no"]
     assert names["webdataset"]["streaming"] is True and names["easy_vqa"]["plugin"] == "mmhub.datasets"
     assert [t["name"] for t in out["eval_tasks"]] == ["easy_vqa", "easy_vqa_balanced", "easy_vqa_draw",
                                                        "easy_vqa_followup", "easy_vqa_reworded", "photo_refusal"]
