@@ -72,7 +72,7 @@ def lora_model(r: int, seed: int) -> Any:
     return model.eval()
 
 
-def _easy_vqa_here() -> bool:
+def easy_vqa_here() -> bool:
     """Whether the easy-VQA dataset is on this machine (`make weights` puts it there)."""
     from mmhub import weights
     from mmhub.data.easy_vqa import SOURCE
@@ -85,5 +85,5 @@ def _easy_vqa_here() -> bool:
 
 
 # tests that read easy-VQA skip without it, unless real weights are required (`make test` sets the variable)
-need_easy_vqa = pytest.mark.skipif(not _easy_vqa_here() and not os.environ.get("MMHUB_REQUIRE_REAL_WEIGHTS"),
+need_easy_vqa = pytest.mark.skipif(not easy_vqa_here() and not os.environ.get("MMHUB_REQUIRE_REAL_WEIGHTS"),
                                    reason="easy-VQA is not here; `make weights` (mmhub weights fetch) gets it")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import collections
 import copy
 import json
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,9 +13,8 @@ import pytest
 from PIL import Image
 
 import mmhub
-from mmhub import weights
-from mmhub.data.easy_vqa import COLORS, SHAPES, SOURCE, EasyVQAConfig, EasyVQADataset, read_questions
-from mmhub.errors import InputError, WeightsNotFoundError
+from mmhub.data.easy_vqa import COLORS, SHAPES, EasyVQAConfig, EasyVQADataset, read_questions
+from mmhub.errors import InputError
 from mmhub.evaluation import evaluate, get_task
 from mmhub.evaluation.heldout import (
     REWORDED_TYPES,
@@ -26,21 +24,11 @@ from mmhub.evaluation.heldout import (
 )
 from mmhub.evaluation.refusal import is_refusal
 
-from conftest import TINY_SPEC
+from conftest import TINY_SPEC, need_easy_vqa
 
 # conftest's tiny LLaVA spec without its training stages
 SPEC = {**{k: v for k, v in copy.deepcopy(TINY_SPEC).items() if k != "stages"}, "name": "heldout-tiny"}
 
-
-def _easy_vqa_here() -> bool:
-    try:
-        return weights.resolve(SOURCE).is_dir()
-    except WeightsNotFoundError:
-        return False
-
-
-need_easy_vqa = pytest.mark.skipif(not _easy_vqa_here() and not os.environ.get("MMHUB_REQUIRE_REAL_WEIGHTS"),
-                                   reason=f"easy-VQA is not here; `mmhub weights fetch {SOURCE}` gets it")
 
 
 @pytest.fixture(scope="module")

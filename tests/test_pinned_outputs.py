@@ -15,23 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from mmhub import weights
 from mmhub.data.easy_vqa import SOURCE
 from mmhub.demo_model import find_default
-from mmhub.errors import WeightsNotFoundError
 
 PINNED = Path(__file__).parent / "fixtures" / "pinned"
 sys.path.insert(0, str(PINNED))
 from record import drawings, easy_vqa_answers  # noqa: E402  (the recorder's own procedure, defined once)
 
+from conftest import easy_vqa_here  # noqa: E402
+
 pytestmark = pytest.mark.slow
-
-
-def _easy_vqa_here() -> bool:
-    try:
-        return weights.resolve(SOURCE).is_dir()
-    except WeightsNotFoundError:
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +34,7 @@ def record() -> dict:
 
 @pytest.fixture(scope="module")
 def model(record: dict):
-    if not _easy_vqa_here() and not os.environ.get("MMHUB_REQUIRE_REAL_WEIGHTS"):
+    if not easy_vqa_here() and not os.environ.get("MMHUB_REQUIRE_REAL_WEIGHTS"):
         pytest.skip(f"easy-VQA is not here; `mmhub weights fetch {SOURCE}` gets it")
     if find_default().name != record["model"]:
         pytest.skip(f"the default model here is {find_default().name}, the record is for {record['model']}")
