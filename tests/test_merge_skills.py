@@ -32,8 +32,8 @@ def _models() -> dict[str, str]:
     return models
 
 
-def _score(path: Path, task: str = "easy_vqa") -> dict[str, float]:
-    result = evaluate(MMModel.from_pretrained(path), task, limit=LIMIT, batch_size=50)
+def _score(path: Path) -> dict[str, float]:
+    result = evaluate(MMModel.from_pretrained(path), "easy_vqa", limit=LIMIT, batch_size=50)
     assert result["n"] == LIMIT
     return {t: result["per_type"][t]["accuracy"] for t in ("shape", "color", "yes_no")}
 
