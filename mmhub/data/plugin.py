@@ -16,6 +16,8 @@ DATASETS = (
     ("easy_vqa", "mmhub.data.easy_vqa:EasyVQADataset"),
     ("nlf", "mmhub.data.nlf:NLFDataset"),
     ("easy_vqa_varied", "mmhub.data.easy_vqa_varied:EasyVQAVariedDataset"),
+    # a model's own replies to a dataset's prompts (it loads a model, so it lives with training)
+    ("replay", "mmhub.train.replay:ReplayDataset"),
 )
 
 
