@@ -3,9 +3,10 @@
 The three models ship in tests/assets/skills-merge (int8 with row scales, `mmhub export RUN OUT --format mmhub
 --dtype int8`; the encoder and the LLM come from their registry packages): the base (recipe `skills-base`: only the
 projector trained, on captions), specialist A (`skills-shape-color`: + a rank-8 LoRA on shape and colour questions)
-and specialist B (`skills-yes-no-easyvqa`: + a rank-8 LoRA on yes/no questions). The best method of the measured
-table merges their backbones; the merged model is scored per question type on the test split's first 450
-questions (strict), and must keep both skills.
+and specialist B (`skills-yes-no-lora-looks-replay`: + a rank-16 LoRA on balanced yes/no questions that keeps the
+base's replies to shape and colour questions). The best merge of the measured table merges their backbones; the
+merged model is scored per question type on the first 450 `easy_vqa_balanced` test questions (strict: each yes/no
+question one whose answer the wording does not give), and must keep both skills.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from mmhub.model import MMModel
 from conftest import need_easy_vqa
 
 ASSETS = Path(__file__).resolve().parent / "assets" / "skills-merge"
-LIMIT = 450  # 70 shape, 63 colour, 317 yes/no questions
+LIMIT = 450  # 70 shape, 63 colour, 317 balanced yes/no questions
 
 
 def _models() -> dict[str, str]:
@@ -33,17 +34,16 @@ def _models() -> dict[str, str]:
 
 
 def _score(path: Path) -> dict[str, float]:
-    result = evaluate(MMModel.from_pretrained(path), "easy_vqa", limit=LIMIT, batch_size=50)
+    result = evaluate(MMModel.from_pretrained(path), "easy_vqa_balanced", limit=LIMIT, batch_size=50)
     assert result["n"] == LIMIT
     return {t: result["per_type"][t]["accuracy"] for t in ("shape", "color", "yes_no")}
 
 
-# the best method of docs/merging.md's table, weights chosen on the train split (`search:`, keep_skills)
-BEST = {"method": "ties", "weights": {"shape_color": 1.0, "yes_no": 1.5}, "density": 0.7}
-# a few points under what the merged shipped folders score (docs/merging.md: shape 97.1%, colour 82.5%, yes/no 65.6%
-# from the run folders; the int8 folders score the same, merged in 110 s); specialist A scores 0% on yes/no and B 0% on
-# shape and colour, so the floors also hold the 20-point margins
-FLOORS = {"shape": 0.93, "color": 0.77, "yes_no": 0.60}
+# the best merge of docs/merging.md's table, weights chosen on the train split (`search:`, keep_skills)
+BEST = {"method": "task_arithmetic", "weights": {"shape_color": 1.5, "yes_no": 1.0}}
+# a few points under what the merged int8 folders score (docs/merging.md); specialist A scores 0% on yes/no and B
+# 28.6% on shape and 0% on colour, so the floors also hold the 20-point margins
+FLOORS = {"shape": 0.95, "color": 0.74, "yes_no": 0.84}
 
 
 @need_easy_vqa
