@@ -90,7 +90,8 @@ class TestDataset_nlf(DatasetTests):
 
 # formats whose records are not a single file of records: tested in tests/test_data.py
 COVERED_ELSEWHERE = {"webdataset": "tar shards", "easy_vqa": "its own data folder",
-                     "easy_vqa_varied": "easy-VQA's data folder (tests/test_easy_vqa_grammar.py)"}
+                     "easy_vqa_varied": "easy-VQA's data folder (tests/test_easy_vqa_grammar.py)",
+                     "replay": "a saved model and another dataset (tests/test_replay.py)"}
 
 
 def test_every_dataset_format_has_a_tester_class() -> None:
