@@ -22,6 +22,14 @@ from typing import Any
 ROLES = ("system", "user", "assistant")
 
 
+def prompt_messages(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Copies of `messages` up to (not including) the trailing assistant turns: what a model is asked to answer."""
+    end = len(messages)
+    while end and messages[end - 1]["role"] == "assistant":
+        end -= 1
+    return [dict(m) for m in messages[:end]]
+
+
 def placeholder(modality: str) -> str:
     """The default text marker of one `modality` item (``<image>`` for ``image``)."""
     return f"<{modality}>"

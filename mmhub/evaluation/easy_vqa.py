@@ -25,7 +25,7 @@ from typing import Any, Callable, Literal
 from PIL import Image
 
 from mmhub.data.easy_vqa import SOURCE, EasyVQAConfig, EasyVQADataset
-from mmhub.data.sample import placeholder
+from mmhub.data.sample import placeholder, prompt_messages
 from mmhub.errors import InputError
 from mmhub.evaluation.base import EvalConfig, EvalTask, exact_match, score
 from mmhub.media import load_image
@@ -115,10 +115,7 @@ class EasyVQATask(EvalTask):
 def _prompt(messages: list[dict[str, str]], without_images: bool = False) -> list[dict[str, str]]:
     """The conversation up to (not including) the final assistant turn, which holds the reference answer; with
     `without_images` the image placeholders (``<image>`` and the newline after it) are taken out."""
-    end = len(messages)
-    while end and messages[end - 1]["role"] == "assistant":
-        end -= 1
-    out = [dict(m) for m in messages[:end]]
+    out = prompt_messages(messages)
     if without_images:
         mark = placeholder("image")
         for m in out:

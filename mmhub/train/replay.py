@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import Field
 
 from mmhub.data.base import Dataset, DatasetConfig, SampleError, load_dataset
-from mmhub.data.sample import Sample
+from mmhub.data.sample import Sample, prompt_messages
 from mmhub.errors import InputError
 
 
@@ -38,12 +38,10 @@ class ReplayConfig(DatasetConfig):
 
 def prompt_of(sample: Sample) -> list[dict[str, str]]:
     """The conversation up to its last user turn (the reference reply after it left out)."""
-    end = len(sample.messages)
-    while end and sample.messages[end - 1]["role"] == "assistant":
-        end -= 1
-    if not end or sample.messages[end - 1]["role"] != "user":
+    prompt = prompt_messages(sample.messages)
+    if not prompt or prompt[-1]["role"] != "user":
         raise SampleError(f"sample {sample.id!r} has no user turn to answer", reason="no_prompt")
-    return [dict(m) for m in sample.messages[:end]]
+    return prompt
 
 
 class ReplayDataset(Dataset):
