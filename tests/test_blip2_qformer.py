@@ -236,16 +236,18 @@ def test_first_stage_learns_retrieval_on_held_out_captions(tmp_path) -> None:
     first.update(lr=2e-3, batch_size=24, warmup_ratio=0.05, save_every=None)
     spec["seed"] = 0
     model = build(spec)
-    before = _recall_at_1(model)
+    before = _recall_at_1(model, per_class=20)
     Trainer(model, tmp_path, datasets={first["name"]: _captioned(STEPS * 24, 1)}, progress_bar=False,
             log=lambda *_: None).run(stage=first["name"], max_steps=STEPS)
-    after = _recall_at_1(model)
-    print(f"\nrecall@1 image->caption (12 classes, held-out template, chance 0.083): before {before:.3f}, "
+    after = _recall_at_1(model, per_class=20)
+    print(f"\nrecall@1 image->caption (12 classes x 20 held-out pictures, chance 0.083): before {before:.3f}, "
           f"after {STEPS} steps {after:.3f}")
     assert after >= MIN_RECALL, (before, after)
-    assert after - before >= 0.15, (before, after)
+    assert after - before >= 0.1, (before, after)
 
 
-# measured (300 steps, seed 0): recall@1 0.083 (chance) before; after 0.528, 0.417 and 0.333 on three runs of the same
-# code (the CPU's thread count changes the float sums, and the run drifts): the bar, 3x chance, holds for all three
-STEPS, MIN_RECALL = 300, 0.25
+# measured (300 steps, 240 held-out pictures): 0.083 (chance) before; after, with the spec's seed 0 / 1 / 2 / 3 (and the
+# training pictures' seed moved with it), 0.329 / 0.338 / 0.350 / 0.504; the float sums differ across CPUs and thread
+# counts and a run drifts with them, so the floor is one no measured run came near and chance cannot reach: 0.2 is 2.4x
+# chance, above chance's 99.9% quantile at 240 pictures (0.14)
+STEPS, MIN_RECALL = 300, 0.2

@@ -14,14 +14,21 @@ Three text and picture generators keep the measurement honest:
 - the held-out pairs: method B (forms `FORMS_B`, pictures drawn at 112 px on a darker grey, then downscaled). The
   LLM knows these forms as text (as a pre-trained LLM knows the language); no P-Former or alignment step saw them.
 
-The arms of the alignment stage start from the same weights, see the same batches in the same order and run the
-same steps: DLP's (``align_weight`` 1.0, the P-Former after its language-only phase), no P-Former loss
-(``align_weight`` 0.0), and the same loss towards the P-Former as it was before its phase (a random target).
+The two arms of the alignment stage start from the same weights, see the same batches in the same order and run
+the same steps: DLP's (``align_weight`` 1.0, the P-Former after its language-only phase) and no P-Former loss
+(``align_weight`` 0.0).
 
-What this does not show: that the gain comes from the prompt carrying *its* caption. Aligning each image to another
-caption's trained prompt (rolled by one in the batch) gained as much (held-out 0.492 vs 0.507 with its own), so at
-this size the trained P-Former helps by where its prompts lie (prompts the frozen LLM reads well), not by what each
-one says.
+What the test holds: the alignment term does its job on pictures and captions it never saw: the Q-Former's prompt
+for a held-out pair lies much nearer the trained P-Former's prompt of its caption than without the term (under 0.6 of
+the distance; measured 0.22-0.42 over six seed sets).
+
+What it does not claim: DLP's result, that the frozen LLM then reads the aligned prompt better. At this size that is
+not measurable. Over six seed sets (torch's seed and the seeds of the LLM's text, the P-Former's captions and the
+alignment pairs all moved by k = 0..5), the held-out caption loss after the stage, with the P-Former loss / without /
+towards the untrained P-Former's prompt, was 0.533 / 0.553 / 0.523, 0.781 / 0.749 / 0.925, 0.451 / 0.444 / 0.362,
+0.720 / 0.689 / 0.574, 0.317 / 0.398 / 0.516 and 0.380 / 0.424 / 0.485 (means 0.530 / 0.543 / 0.564): DLP's loss was
+the lowest of the three in 2 of 6, lower than without it in 3 of 6. The test prints both arms' losses, so a larger
+run can check the claim.
 """
 
 from __future__ import annotations
@@ -150,8 +157,26 @@ def caption_loss(model: Any, pairs: list[tuple[Image.Image, str]]) -> float:
     return float(out.loss - aux)
 
 
+def alignment_distance(model: Any, pairs: list[tuple[Image.Image, str]]) -> float:
+    """Mean squared distance between the Q-Former's prompt for each pair and the P-Former's prompt of its caption
+    (the alignment term with weight 1, whatever the arm's own weight)."""
+    projector = model.projectors["image"]
+    own = projector.config
+    projector.config = own.model_copy(update={"align_weight": 1.0})
+    try:
+        model.eval()
+        b = model.batch([[{"role": "user", "content": "<image>"}, {"role": "assistant", "content": cap}]
+                         for _, cap in pairs], [{"image": [img]} for img, _ in pairs])
+        with torch.no_grad():
+            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"], media=b["media"],
+                  return_logits=False)
+        return float(projector.aux_loss)
+    finally:
+        projector.config = own
+
+
 @pytest.mark.slow
-def test_alignment_to_the_trained_pformer_lowers_the_held_out_caption_loss(tmp_path: Path) -> None:
+def test_alignment_pulls_the_qformer_prompt_to_the_trained_pformer_on_held_out_pairs(tmp_path: Path) -> None:
     torch.manual_seed(0)
     language = {"name": "language", "objective": "pformer", "train": {"projectors": "full"}, "lr": 1e-3,
                 "batch_size": 16, "max_steps": PHASE_STEPS, "warmup_ratio": 0.0, "cache_features": False}
@@ -159,7 +184,6 @@ def test_alignment_to_the_trained_pformer_lowers_the_held_out_caption_loss(tmp_p
     pretrain_llm(model, LM_STEPS)
     phase = InMemoryDataset([sample(i, cap, f"/nonexistent/{i}.png")  # text alone: pictures are never read
                              for i, (_, _, cap) in enumerate(captions_a(PHASE_STEPS * 16, seed=2))])
-    untrained = copy.deepcopy(model.state_dict())
     Trainer(model, tmp_path / "language", datasets={"language": phase}, progress_bar=False,
             log=lambda *_: None).run()
     state = copy.deepcopy(model.state_dict())
@@ -170,21 +194,18 @@ def test_alignment_to_the_trained_pformer_lowers_the_held_out_caption_loss(tmp_p
     align = {"name": "pretrain", "train": {"projectors": "full"}, "lr": 1e-3, "batch_size": 16,
              "max_steps": ALIGN_STEPS, "warmup_ratio": 0.0, "cache_features": False}
     held = held_out_pairs()
-    losses = {}
-    for arm_name, weight, weights in (("dlp", 1.0, state), ("none", 0.0, state), ("random target", 1.0, untrained)):
+    losses, distances = {}, {}
+    for weight in (1.0, 0.0):
         arm = build(dlp_spec([align], align_weight=weight))
-        arm.load_state_dict(weights)  # same LLM and starting Q-Former in every arm
+        arm.load_state_dict(state)  # same LLM, P-Former and starting Q-Former in both arms
         start = caption_loss(arm, held)
         Trainer(arm, tmp_path / f"align{weight}", datasets={"pretrain": pairs}, progress_bar=False,
                 log=lambda *_: None).run()
-        losses[arm_name] = caption_loss(arm, held)
-    print(f"\nheld-out caption loss (method B pairs): start {start:.3f}; after {ALIGN_STEPS} steps with the P-Former "
-          f"loss {losses['dlp']:.3f}, without {losses['none']:.3f}, towards the untrained P-Former "
-          f"{losses['random target']:.3f}")
-    # measured: start 0.852; DLP 0.506-0.507, no P-Former loss 0.552, untrained P-Former's target 0.551 (with every seed
-    # shifted: DLP 0.340, no P-Former loss 0.414, untrained P-Former's target 0.361)
-    assert losses["dlp"] < losses["none"] - 0.02, losses
-    assert losses["dlp"] < losses["random target"] - 0.02, losses
+        losses[weight], distances[weight] = caption_loss(arm, held), alignment_distance(arm, held)
+    print(f"\nheld-out (method B pairs) after {ALIGN_STEPS} steps, with the P-Former loss / without: distance to the "
+          f"P-Former's prompt {distances[1.0]:.3f} / {distances[0.0]:.3f}; caption loss (start {start:.3f}) "
+          f"{losses[1.0]:.3f} / {losses[0.0]:.3f}")
+    assert distances[1.0] < 0.6 * distances[0.0], distances
 
 
 def test_a_pformer_stage_with_cache_features_fingerprints_no_encoder(tmp_path: Path,

@@ -492,3 +492,23 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resumes_exactly(refe
     lines = [json.loads(x) for x in (out / "tune" / "metrics.jsonl").read_text().splitlines()]
     steps = [x for x in lines if "loss" in x]
     assert all("grad_norm" in x and x["grad_norm"] > 0 and x["total"] == 4 for x in steps)
+
+
+def test_a_run_does_not_depend_on_the_random_state_it_starts_in(tmp_path: Path) -> None:
+    """Each stage seeds torch, numpy and random from the spec's seed as it starts, so dropout masks (and anything else
+    drawn from the global generators) are the same whatever ran before in the process."""
+    from mmhub.train.run import train
+
+    data = train_script.dataset(16)
+    results = []
+    for outside in (1, 2):
+        spec = train_script.spec(8)
+        spec["stages"][0].update(max_steps=2, save_every=None)
+        spec["stages"][1].update(max_steps=2, save_every=None,
+                                 train={"projectors": "full", "backbone": {"lora": {"r": 4, "dropout": 0.3}}})
+        torch.manual_seed(outside)  # what earlier work in the process left behind
+        train(spec, out=tmp_path / str(outside), datasets={"align": data, "tune": data}, progress_bar=False)
+        results.append(_params(tmp_path / str(outside), "tune"))
+    a, b = results
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), max(float((a[k] - b[k]).abs().max()) for k in a)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import set_seed
 
 from mmhub.assembly import build_from_plan
 from mmhub.checkpoint import tensors_to_save
@@ -265,6 +266,9 @@ class Trainer:
         else:
             (wrapped, optimizer), loop_acc = acc.prepare(model, optimizer), acc
         progress = Progress(stage=st.name, stage_index=index)
+        # dropout and every other draw from the global generators: a function of the spec, not of what ran before in
+        # the process (a resume restores the generators' state from its checkpoint just below)
+        set_seed(model.spec.seed + index)
         if resume and (loaded := load_newest(folder, model, optimizer, scheduler, self.log, sharded is not None)):
             progress = Progress.from_dict(loaded[1])
             self.log(f"resumed stage {st.name!r} from {loaded[0]} (step {progress.global_step})")
