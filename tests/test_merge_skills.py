@@ -2,11 +2,11 @@
 
 The three models ship in tests/assets/skills-merge (int8 with row scales, `mmhub export RUN OUT --format mmhub
 --dtype int8`; the encoder and the LLM come from their registry packages): the base (recipe `skills-base`: only the
-projector trained, on captions), specialist A (`skills-shape-color`: + a rank-8 LoRA on shape and colour questions)
-and specialist B (`skills-yes-no-lora-looks-replay`: + a rank-16 LoRA on balanced yes/no questions that keeps the
-base's replies to shape and colour questions). The best merge of the measured table merges their backbones; the
-merged model is scored per question type on the first 450 `easy_vqa_balanced` test questions (strict: each yes/no
-question one whose answer the wording does not give), and must keep both skills.
+projector trained, on captions), specialist A (`skills-shape-color-long`: + a rank-8 LoRA trained 240 steps on shape
+and colour questions) and specialist B (`skills-yes-no-lora-looks-replay`: + a rank-16 LoRA on balanced yes/no
+questions that keeps the base's replies to shape and colour questions). The best merge of the measured table merges
+their backbones; the merged model is scored per question type on the first 450 `easy_vqa_balanced` test questions
+(strict: each yes/no question one whose answer the wording does not give), and must keep both skills.
 """
 
 from __future__ import annotations
@@ -40,10 +40,10 @@ def _score(path: Path) -> dict[str, float]:
 
 
 # the best merge of docs/merging.md's table, weights chosen on the train split (`search:`, keep_skills)
-BEST = {"method": "task_arithmetic", "weights": {"shape_color": 1.5, "yes_no": 1.0}}
+BEST = {"method": "task_arithmetic", "weights": {"shape_color": 1.1, "yes_no": 0.85}}
 # a few points under what the merged int8 folders score (docs/merging.md); specialist A scores 0% on yes/no and B
 # 28.6% on shape and 0% on colour, so the floors also hold the 20-point margins
-FLOORS = {"shape": 0.95, "color": 0.74, "yes_no": 0.84}
+FLOORS = {"shape": 0.95, "color": 0.80, "yes_no": 0.83}
 
 
 @need_easy_vqa
