@@ -145,6 +145,31 @@ def test_a_cancelled_request_leaves_and_the_others_finish(model, images) -> None
         engine.stop()
 
 
+def test_a_request_cancelled_during_a_step_still_gets_its_error(model, images) -> None:
+    """The cancel lands after the step's cancel check and before its rows are settled: the request must still be
+    failed with 499, not leave the batch silently (its client would wait forever)."""
+    prompts = _prompts(model, images)
+    engine = Engine(model, max_batch=4)
+    gone, kept = Collect(), Collect()
+    doomed = Request(*prompts[0], Sampling(max_tokens=200, temperature=0), gone)
+    settle = engine._settle
+
+    def cancel_mid_step(row: Any) -> bool:
+        if row.request is doomed:
+            doomed.cancelled.set()
+        return settle(row)
+
+    engine._settle = cancel_mid_step  # type: ignore[method-assign]
+    engine.submit(doomed)
+    engine.submit(Request(*prompts[1], Sampling(max_tokens=8, temperature=0), kept))
+    engine.start()
+    try:
+        assert gone.wait(30).failed is not None and gone.failed.error.status == 499
+        assert kept.wait(30).finished
+    finally:
+        engine.stop()
+
+
 def test_limits_queue_full_too_many_choices_and_context_budget(model, images) -> None:
     engine = Engine(model, max_batch=2, max_queue=1)  # not started: requests stay queued
     engine.submit(Request(*_prompts(model, images)[0], Sampling(), Collect()))

@@ -301,7 +301,7 @@ class Engine(SerialServing):
         """Emit the row's new text; True when the row is finished and leaves the batch."""
         request = row.request
         if request.cancelled.is_set() or request.expired(time.monotonic()):
-            return True
+            return False  # no more text; `_drop_cancelled` fails the request (499 / timeout) before the next step
         text = self.model.tokenizer.decode(row.tokens, skip_special_tokens=True)
         stopped = self._update_text(row, text)
         at_limit = row.steps >= request.sampling.max_tokens
