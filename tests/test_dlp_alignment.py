@@ -145,21 +145,10 @@ def pretrain_llm(model: Any, steps: int, seed: int = 1) -> None:
     lm.eval()
 
 
-def caption_loss(model: Any, pairs: list[tuple[Image.Image, str]]) -> float:
-    """The LLM's next-token loss per caption token after the image's prompt (the alignment term taken out)."""
-    model.eval()
-    b = model.batch([[{"role": "user", "content": "<image>"}, {"role": "assistant", "content": cap}]
-                     for _, cap in pairs], [{"image": [img]} for img, _ in pairs])
-    with torch.no_grad():
-        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"],
-                    media=b["media"], return_logits=False)
-    aux = out.aux_loss if out.aux_loss is not None else 0.0
-    return float(out.loss - aux)
-
-
-def alignment_distance(model: Any, pairs: list[tuple[Image.Image, str]]) -> float:
-    """Mean squared distance between the Q-Former's prompt for each pair and the P-Former's prompt of its caption
-    (the alignment term with weight 1, whatever the arm's own weight)."""
+def held_out_scores(model: Any, pairs: list[tuple[Image.Image, str]]) -> tuple[float, float]:
+    """One forward over `pairs`: the LLM's next-token loss per caption token after the image's prompt (the alignment
+    term taken out), and the mean squared distance between the Q-Former's prompt for each pair and the P-Former's
+    prompt of its caption (the alignment term at weight 1, whatever the arm's own weight)."""
     projector = model.projectors["image"]
     own = projector.config
     projector.config = own.model_copy(update={"align_weight": 1.0})
@@ -168,9 +157,9 @@ def alignment_distance(model: Any, pairs: list[tuple[Image.Image, str]]) -> floa
         b = model.batch([[{"role": "user", "content": "<image>"}, {"role": "assistant", "content": cap}]
                          for _, cap in pairs], [{"image": [img]} for img, _ in pairs])
         with torch.no_grad():
-            model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"], media=b["media"],
-                  return_logits=False)
-        return float(projector.aux_loss)
+            out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"],
+                        media=b["media"], return_logits=False)
+        return float(out.loss - out.aux_loss), float(projector.aux_loss)
     finally:
         projector.config = own
 
@@ -198,10 +187,10 @@ def test_alignment_pulls_the_qformer_prompt_to_the_trained_pformer_on_held_out_p
     for weight in (1.0, 0.0):
         arm = build(dlp_spec([align], align_weight=weight))
         arm.load_state_dict(state)  # same LLM, P-Former and starting Q-Former in both arms
-        start = caption_loss(arm, held)
+        start, _ = held_out_scores(arm, held)
         Trainer(arm, tmp_path / f"align{weight}", datasets={"pretrain": pairs}, progress_bar=False,
                 log=lambda *_: None).run()
-        losses[weight], distances[weight] = caption_loss(arm, held), alignment_distance(arm, held)
+        losses[weight], distances[weight] = held_out_scores(arm, held)
     print(f"\nheld-out (method B pairs) after {ALIGN_STEPS} steps, with the P-Former loss / without: distance to the "
           f"P-Former's prompt {distances[1.0]:.3f} / {distances[0.0]:.3f}; caption loss (start {start:.3f}) "
           f"{losses[1.0]:.3f} / {losses[0.0]:.3f}")
