@@ -44,12 +44,30 @@ def lora_config(lora: LoraSpec, module: nn.Module, slot: str) -> Any:
     from mmhub.regimes import lora_targets
 
     targets: Any = lora.target_modules
-    if slot != "backbone" or not hasattr(module, "get_output_embeddings"):
+    if lora.layers is not None or slot != "backbone" or not hasattr(module, "get_output_embeddings"):
         names = [n for n, _ in lora_targets(module, lora)]
         if not names:
-            raise MMHubError(f"LoRA on {slot}: no linear layer matches target_modules {lora.target_modules!r}")
+            raise MMHubError(f"LoRA on {slot}: no linear layer matches target_modules {lora.target_modules!r}"
+                             + (f" in layers {lora.layers}" if lora.layers is not None else ""))
+        if lora.layers is not None:
+            _check_layers(module, lora, slot, names)
         targets = names
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets)
+
+
+def _check_layers(module: nn.Module, lora: LoraSpec, slot: str, names: list[str]) -> None:
+    """Every layer `lora.layers` names must hold a target; the error gives the layers there are."""
+    from mmhub.regimes import layer_index, lora_targets
+
+    assert lora.layers is not None
+    hit = {layer_index(n) for n in names}
+    missing = [i for i in lora.layers if i not in hit]
+    if missing:
+        every = lora_targets(module, lora.model_copy(update={"layers": None}))
+        there = sorted({i for n, _ in every if (i := layer_index(n)) is not None})
+        span = f"layers {there[0]}..{there[-1]}" if there else "no numbered layers"
+        raise MMHubError(f"LoRA on {slot}: layers {missing} hold no linear layer matching target_modules "
+                         f"{lora.target_modules!r} (the slot has {span}); list layers that exist")
 
 
 def has_adapter(model: Any, slot: str) -> bool:

@@ -11,6 +11,7 @@ is injected.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -48,27 +49,61 @@ def regime_of(stage: StageSpec, slot: str) -> Regime:
     return stage.train.get(slot.split(".")[0], "frozen")
 
 
+_LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+
+
+def layer_index(name: str) -> int | None:
+    """A module's layer: the first number in its path (``model.layers.3.mlp.up_proj`` -> 3); None when unnumbered."""
+    found = _LAYER_INDEX.search(name)
+    return int(found.group(1)) if found else None
+
+
+def _output_heads(module: nn.Module) -> list[nn.Module]:
+    """The output head(s) peft's ``all-linear`` leaves out: of the module itself or of the model it wraps."""
+    heads = []
+    for owner in (module, getattr(module, "model", None)):
+        get_out = getattr(owner, "get_output_embeddings", None)
+        head = get_out() if callable(get_out) else None
+        if head is not None:
+            heads.append(head)
+    return heads
+
+
 def lora_targets(module: nn.Module, lora: LoraSpec) -> list[tuple[str, nn.Linear]]:
-    """The linear layers of `module` that peft would give adapters for these LoRA settings."""
-    out_head = None
-    get_out = getattr(getattr(module, "model", None), "get_output_embeddings", None)
-    if callable(get_out):
-        out_head = get_out()
+    """The linear layers of `module` that get adapters for these LoRA settings (peft's matching rules, then the
+    ``layers`` filter)."""
+    heads = _output_heads(module)
     found = []
     for name, sub in module.named_modules():
         if not isinstance(sub, nn.Linear):
             continue
+        if lora.layers is not None and layer_index(name) not in lora.layers:
+            continue
         if lora.target_modules == "all-linear":
-            if sub is not out_head:
+            if not any(sub is h for h in heads):
                 found.append((name, sub))
         elif isinstance(lora.target_modules, str):
-            import re
-
             if re.fullmatch(lora.target_modules, name):
                 found.append((name, sub))
         elif any(name == t or name.endswith(f".{t}") for t in lora.target_modules):
             found.append((name, sub))
     return found
+
+
+def lora_label(lora: LoraSpec) -> str:
+    """How a LoRA regime is shown in plans and logs: ``lora(r=8)``, ``lora(r=16, layers=0-14)``."""
+    if lora.layers is None:
+        return f"lora(r={lora.r})"
+    runs: list[str] = []
+    start = prev = lora.layers[0]
+    for i in [*lora.layers[1:], None]:
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        runs.append(f"{start}-{prev}" if prev > start else f"{start}")
+        if i is not None:
+            start = prev = i
+    return f"lora(r={lora.r}, layers={','.join(runs)})"
 
 
 def trainable_count(module: nn.Module, regime: Regime) -> int:
@@ -87,7 +122,7 @@ def stage_table(model: Any) -> list[dict[str, Any]]:
         parts = {}
         for path, mod in slots(model):
             regime = regime_of(st, path)
-            label = regime if isinstance(regime, str) else f"lora(r={regime.lora.r})"
+            label = regime if isinstance(regime, str) else lora_label(regime.lora)
             parts[path] = {"regime": label, "trainable": trainable_count(mod, regime)}
         rows.append({"stage": st.name, "parts": parts, "trainable": sum(p["trainable"] for p in parts.values())})
     return rows

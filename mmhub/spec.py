@@ -43,6 +43,21 @@ class LoraSpec(BaseModel):
     alpha: float = 16.0
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: Union[list[str], str] = "all-linear"
+    layers: list[int] | None = Field(
+        None, description="only these layers get adapters: a layer's index is the first number in its module path "
+                          "(the decoder layer of an LLM, ``model.layers.3.self_attn.q_proj`` -> 3); unset: every layer")
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_ok(cls, v: list[int] | None) -> list[int] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("layers is empty: list the layer indices to adapt (e.g. [0, 1, 2]), or leave it out")
+        bad = [i for i in v if i < 0]
+        if bad:
+            raise ValueError(f"layers {bad} are negative: layer indices count from 0")
+        return sorted(set(v))
 
 
 class LoraRegime(BaseModel):

@@ -17,7 +17,7 @@ from torch import nn
 
 from mmhub.adapters import adapter_parameters, inject_adapter
 from mmhub.errors import MMHubError
-from mmhub.regimes import regime_of, slots
+from mmhub.regimes import lora_label, regime_of, slots
 from mmhub.spec import LoraRegime, StageSpec
 
 
@@ -57,7 +57,7 @@ def apply_stage(model: Any, stage: StageSpec) -> StagePlan:
             inject_adapter(model, path, regime.lora)
             for p in adapter_parameters(model, path):
                 p.requires_grad_(True)
-            plan.regimes[path] = f"lora(r={regime.lora.r})"
+            plan.regimes[path] = lora_label(regime.lora)
         else:
             plan.regimes[path] = "frozen"
         plan.trainable[path] = sum(p.numel() for p in module.parameters() if p.requires_grad)
