@@ -380,10 +380,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from mmhub.merge.config import read_config
     from mmhub.merge.run import merge
+    from mmhub.merge.tensor_weights import describe
 
     def show(row: dict) -> None:  # the weight search's rows as they are scored
         what = f"model {row['model']}" if "model" in row else ", ".join(
-            f"{k}={v:g}" for k, v in {**row.get("weights", {}), **row.get("settings", {})}.items())
+            f"{k}={v if isinstance(v, str) else describe(v)}"
+            for k, v in {**row.get("weights", {}), **row.get("settings", {})}.items())
         types = " ".join(f"{t} {v:.1%}" for t, v in row["per_type"].items())
         tail = f"  objective {row['objective']:+.3f}" if "objective" in row else ""
         print(f"search: {what}: accuracy {row['accuracy']:.1%} ({types}){tail}", flush=True)

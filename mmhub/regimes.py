@@ -90,20 +90,26 @@ def lora_targets(module: nn.Module, lora: LoraSpec) -> list[tuple[str, nn.Linear
     return found
 
 
-def lora_label(lora: LoraSpec) -> str:
-    """How a LoRA regime is shown in plans and logs: ``lora(r=8)``, ``lora(r=16, layers=0-14)``."""
-    if lora.layers is None:
-        return f"lora(r={lora.r})"
+def layer_ranges(layers: list[int]) -> str:
+    """Layer indices as runs: ``[0, 1, 2, 5]`` -> ``0-2,5``."""
+    nums = sorted(set(layers))
     runs: list[str] = []
-    start = prev = lora.layers[0]
-    for i in [*lora.layers[1:], None]:
+    start = prev = nums[0]
+    for i in [*nums[1:], None]:
         if i is not None and i == prev + 1:
             prev = i
             continue
         runs.append(f"{start}-{prev}" if prev > start else f"{start}")
         if i is not None:
             start = prev = i
-    return f"lora(r={lora.r}, layers={','.join(runs)})"
+    return ",".join(runs)
+
+
+def lora_label(lora: LoraSpec) -> str:
+    """How a LoRA regime is shown in plans and logs: ``lora(r=8)``, ``lora(r=16, layers=0-14)``."""
+    if lora.layers is None:
+        return f"lora(r={lora.r})"
+    return f"lora(r={lora.r}, layers={layer_ranges(lora.layers)})"
 
 
 def trainable_count(module: nn.Module, regime: Regime) -> int:

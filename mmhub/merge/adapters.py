@@ -18,8 +18,9 @@ from typing import Any
 import torch
 
 from mmhub.adapter_rank import ADAPTER, set_low_rank_update
-from mmhub.adapters import named_lora_layers
+from mmhub.adapters import _target, named_lora_layers, slot_module
 from mmhub.merge.methods import MergeMethod
+from mmhub.merge.tensor_weights import WeightValue, positions, weight_for
 
 
 def adapter_slots(models: dict[str, Any], names: list[str], slot: str) -> bool:
@@ -27,7 +28,7 @@ def adapter_slots(models: dict[str, Any], names: list[str], slot: str) -> bool:
     return any(slot in models[n].spec.adapters for n in names)
 
 
-def _base_weights(module: Any) -> dict[str, torch.Tensor]:
+def base_weights(module: Any) -> dict[str, torch.Tensor]:
     """A slot's own weights without its adapters, named as without them (peft moves ``x.weight`` to
     ``x.base_layer.weight``), so a model with an adapter compares with one without."""
     return {k.replace(".base_layer.", "."): v for k, v in module.state_dict().items() if "lora_" not in k}
@@ -50,9 +51,9 @@ def combine_problems(where: str, slot: str, models: dict[str, Any], names: list[
             odd = sorted(found ^ layer_names[first])[:3]
             problems.append(f"{where}: model {n}'s adapter targets other layers than {first}'s (e.g. {odd}); "
                             "combine adapters trained with the same target_modules, or use adapters: fold")
-    want = _base_weights(slot_maps[base][slot])
+    want = base_weights(slot_maps[base][slot])
     for n in names:
-        have = _base_weights(slot_maps[n][slot])
+        have = base_weights(slot_maps[n][slot])
         differ = [k for k, t in want.items()
                   if k not in have or have[k].shape != t.shape or not torch.equal(have[k], t)]
         if differ:
@@ -62,10 +63,11 @@ def combine_problems(where: str, slot: str, models: dict[str, Any], names: list[
 
 
 @torch.no_grad()
-def combine_adapters(slot: str, method: MergeMethod, weights: dict[str, float], models: dict[str, Any], base: str,
+def combine_adapters(slot: str, method: MergeMethod, weights: dict[str, WeightValue], models: dict[str, Any], base: str,
                      rank: int | None) -> dict[str, float]:
     """Merge the `weights` models' adapters on `slot` into `base`'s adapter (in place); returns the rank used and
-    the update energy the truncation kept (worst layer, mean)."""
+    the update energy the truncation kept (worst layer, mean). A weight that varies over the slot's tensors is read
+    at each adapted layer's weight (``NAME.weight``), as when the adapters are folded."""
     names = list(weights)
     rank = rank or sum(models[n].spec.adapters[slot].r for n in names)
     layers = {n: named_lora_layers(models[n], slot) for n in names}
@@ -76,10 +78,16 @@ def combine_adapters(slot: str, method: MergeMethod, weights: dict[str, float], 
         inject_adapter(base_model, slot, models[names[0]].spec.adapters[slot])
     base_layers = named_lora_layers(base_model, slot)
     energies = []
+    slot_mod = slot_module(base_model, slot)
+    inner = next(n for n, m in slot_mod.named_modules() if m is _target(base_model, slot))  # "" or "model"
+    where = positions(base_weights(slot_mod))  # the slot's tensor names, as a folded merge sees them
     for name, layer in base_layers.items():
         deltas = [layers[n][name].get_delta_weight(ADAPTER).to(torch.float64) for n in names]
         own = layer.get_delta_weight(ADAPTER).to(torch.float64)  # zero for an adapter injected just now
-        merged = method.merge(own if method.needs_base else None, deltas, list(weights.values()))
+        key = f"{inner}.{name}.weight" if inner else f"{name}.weight"
+        layer_no, pos = where.get(key, (None, 0.0))
+        merged = method.merge(own if method.needs_base else None, deltas,
+                              [weight_for(w, key, layer_no, pos) for w in weights.values()])
         energies.append(set_low_rank_update(layer, merged.to(torch.float32), rank))
     spec = base_model.spec.adapters[slot]
     base_model.spec.adapters[slot] = spec.model_copy(update={"r": rank, "alpha": float(rank)})

@@ -11,6 +11,10 @@ adapter_rank: 16             # combine: the merged adapter's rank (default: the 
 slots:
   projectors.image: {method: linear, weights: {instruct: 0.5, domain: 0.5}}
   backbone: {method: ties, weights: {domain: 1.0}, density: 0.5}
+  # a weight may also vary over the slot's tensors (mmhub.merge.tensor_weights): a gradient over the layers,
+  #   weights: {domain: [1.0, 0.5]}
+  # or rules by name part and layers, the first that covers a tensor wins:
+  #   weights: {domain: [{layers: [0, 1, 2], value: 1.0}, {filter: mlp, value: 0.5}, {value: 0.8}]}
 search:                      # optional: weights chosen on a validation split (mmhub.merge.search)
   weights: {domain: [0.5, 1.0, 1.5]}
   task: easy_vqa
@@ -32,6 +36,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mmhub.errors import MMHubError
+from mmhub.merge.tensor_weights import WeightValue
 
 
 class SlotMerge(BaseModel):
@@ -40,7 +45,9 @@ class SlotMerge(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     method: str
-    weights: dict[str, float] | None = None
+    weights: dict[str, WeightValue] | None = Field(
+        None, description="model -> its weight: a number, a gradient over the slot's layers, or rules by name part "
+                          "and layers (`mmhub.merge.tensor_weights`)")
 
     @property
     def params(self) -> dict[str, Any]:
@@ -52,8 +59,9 @@ class WeightSearch(BaseModel):
     merged and scored with an evaluation task on a validation split; the best is saved."""
 
     model_config = ConfigDict(extra="forbid")
-    weights: dict[str, list[float]] = Field(
-        min_length=1, description="model -> the weights to try for it (in every merged slot that merges it)")
+    weights: dict[str, list[WeightValue]] = Field(
+        min_length=1, description="model -> the weights to try for it (in every merged slot that merges it); each a "
+                                  "number, a gradient or rules, as a slot's weights")
     settings: dict[str, list[Any]] = Field(
         default_factory=dict, description="method setting -> the values to try (e.g. density: [0.3, 0.5]), in every "
                                           "merged slot whose method takes the setting")

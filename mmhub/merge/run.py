@@ -19,9 +19,10 @@ import torch
 from pydantic import ValidationError
 
 from mmhub.errors import MMHubError
-from mmhub.merge.adapters import adapter_slots, combine_adapters, combine_problems
+from mmhub.merge.adapters import adapter_slots, base_weights, combine_adapters, combine_problems
 from mmhub.merge.config import MergeConfig, SlotMerge
 from mmhub.merge.methods import MergeMethod
+from mmhub.merge.tensor_weights import WeightValue, positions, uncovered, weight_for
 from mmhub.regimes import slots as model_slots
 from mmhub.registry import Registry, get_registry
 
@@ -36,7 +37,7 @@ def _slot_maps(models: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {name: dict(model_slots(m)) for name, m in models.items()}
 
 
-def _weights(cfg: MergeConfig, sm: SlotMerge, cls: type[MergeMethod]) -> dict[str, float]:
+def _weights(cfg: MergeConfig, sm: SlotMerge, cls: type[MergeMethod]) -> dict[str, WeightValue]:
     if sm.weights is not None:
         return dict(sm.weights)
     return {n: 1.0 for n in cfg.models if n != cfg.base or not cls.needs_base}
@@ -106,6 +107,7 @@ def preflight(cfg: MergeConfig, models: dict[str, Any], registry: Registry,
             problems.extend(combine_problems(where, slot, models, list(weights), cfg.base, slot_maps))
         else:
             problems.extend(_slot_problems(where, slot, slot_maps, list(weights), cfg.base))
+        problems.extend(_rule_problems(where, slot_maps[cfg.base][slot], weights))
         plan[slot] = (method, weights)
     if problems:
         listed = "\n".join(f"  - {p}" for p in problems)
@@ -135,6 +137,19 @@ def _slot_problems(where: str, slot: str, slot_maps: dict[str, dict[str, Any]], 
             elif tuple(have[key].shape) != tuple(t.shape):
                 problems.append(f"{where}: tensor {key} is {tuple(have[key].shape)} in {name} but "
                                 f"{tuple(t.shape)} in {base_name}")
+    return problems
+
+
+def _rule_problems(where: str, module: Any, weights: dict[str, WeightValue]) -> list[str]:
+    """Per model whose weight is rules: the slot's tensors no rule covers (named as without adapters)."""
+    problems = []
+    keys = [k for k, t in base_weights(module).items() if t.is_floating_point()]
+    for name, value in weights.items():
+        missed = uncovered(value, keys)
+        if missed:
+            more = f" and {len(missed) - 1} more" if len(missed) > 1 else ""
+            problems.append(f"{where}.weights.{name}: no rule covers tensor {missed[0]}{more}; end the rules with a "
+                            "default that has neither filter nor layers, e.g. {value: 1.0}")
     return problems
 
 
@@ -171,11 +186,13 @@ def merge_models(cfg: MergeConfig, models: dict[str, Any], registry: Registry | 
                 merged_model.spec.trained.append(slot)
             target = slot_maps[cfg.base][slot].state_dict()
             sources = {n: slot_maps[n][slot].state_dict() for n in weights}
+            where = positions(k for k, t in target.items() if t.is_floating_point())
             for key, t in target.items():
                 if not t.is_floating_point():
                     continue  # integer buffers (positions, counters) stay the base's
+                layer, pos = where[key]
                 merged = method.merge(t if method.needs_base else None, [sources[n][key] for n in weights],
-                                      list(weights.values()))
+                                      [weight_for(w, key, layer, pos) for w in weights.values()])
                 t.copy_(merged)
     merged_model.merge_report = report
     return merged_model

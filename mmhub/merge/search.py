@@ -27,6 +27,7 @@ import torch
 
 from mmhub.errors import MMHubError
 from mmhub.merge.config import MergeConfig, SlotMerge, WeightSearch
+from mmhub.merge.tensor_weights import WeightValue, plain
 from mmhub.registry import Registry, get_registry
 
 Scores = dict[str, Any]
@@ -79,7 +80,7 @@ def _search(cfg: MergeConfig) -> WeightSearch:
     return cfg.search
 
 
-def with_weights(cfg: MergeConfig, weights: dict[str, float], registry: Registry | None = None,
+def with_weights(cfg: MergeConfig, weights: dict[str, WeightValue], registry: Registry | None = None,
                  settings: dict[str, Any] | None = None) -> MergeConfig:
     """`cfg` with `weights` put into every slot that merges those models (other models keep their weights), and
     `settings` into every slot whose method takes them."""
@@ -153,7 +154,8 @@ def search_weights(cfg: MergeConfig, models: dict[str, Any], score: Callable[[An
             merged = merge_models(with_weights(cfg, cand["weights"], registry, cand["settings"]), models, registry)
             scores = score(merged)
             value = objective(scores, references, search.objective)
-            rows.append({**{k: v for k, v in cand.items() if v}, "objective": round(value, 6), **_summary(scores)})
+            row = {k: plain(v) for k, v in cand.items() if v}
+            rows.append({**row, "objective": round(value, 6), **_summary(scores)})
             if on_row:
                 on_row(rows[-1])
             key = (value, float(scores["accuracy"]), -i)
