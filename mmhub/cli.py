@@ -353,7 +353,8 @@ def _add_model_commands(sub: Any) -> None:
     s.set_defaults(func=cmd_eval)
     from mmhub.cli_convert import add_parsers as add_convert_parsers
 
-    s = sub.add_parser("merge", help="merge models per component slot (linear, slerp, task_arithmetic, ties, dare_*)")
+    s = sub.add_parser("merge", help="merge models per component slot (linear, slerp, task_arithmetic, ties, "
+                                     "dare_*, regmean)")
     s.add_argument("config", help="a merge YAML: models, base, and per slot the method and weights (docs/merging.md)")
     s.add_argument("--out", required=True, help="the merged model's folder (written atomically)")
     s.add_argument("--allow-path", action="append", default=None, metavar="DIR",

@@ -144,7 +144,8 @@ def test_a_bad_config_file_names_every_problem(tmp_path: Path) -> None:
     text = str(exc.value)
     assert "bad.yaml: 4 problem(s) in the merge config" in text
     for where in ("models: Dictionary should have at least 1 item", "base: Field required",
-                  "slots.backbone.method: Field required", "slots.backbone.weights.a: Value error, a weight is a number, a list of numbers"):
+                  "slots.backbone.method: Field required",
+                  "slots.backbone.weights.a: Value error, a weight is a number, a list of numbers"):
         assert where in text, where
 
 

@@ -15,6 +15,8 @@ slots:
   #   weights: {domain: [1.0, 0.5]}
   # or rules by name part and layers, the first that covers a tensor wins:
   #   weights: {domain: [{layers: [0, 1, 2], value: 1.0}, {filter: mlp, value: 0.5}, {value: 0.8}]}
+inputs:                      # for data-aware methods (regmean): per merged model, data of its own skill
+  domain: {data: {type: llava_json, path: data/domain.json}, limit: 64}
 search:                      # optional: weights chosen on a validation split (mmhub.merge.search)
   weights: {domain: [0.5, 1.0, 1.5]}
   task: easy_vqa
@@ -36,6 +38,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mmhub.errors import MMHubError
+from mmhub.merge.inputs import ModelInputs
 from mmhub.merge.tensor_weights import WeightValue
 
 
@@ -90,6 +93,9 @@ class MergeConfig(BaseModel):
     adapter_rank: int | None = Field(None, ge=1, description="combine: the merged adapter's rank (default: the sum "
                                                              "of the merged adapters' ranks, exact for linear merges)")
     slots: dict[str, SlotMerge] = Field(default_factory=dict)
+    inputs: dict[str, ModelInputs] = Field(
+        default_factory=dict, description="model -> the data its linear layers' inputs are recorded on, for the "
+                                          "methods that use them (regmean)")
     search: WeightSearch | None = None
 
 

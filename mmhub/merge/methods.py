@@ -28,6 +28,7 @@ class MergeMethod:
     name: ClassVar[str] = ""
     Settings: ClassVar[type[MergeSettings]] = MergeSettings
     needs_base: ClassVar[bool] = False
+    needs_inputs: ClassVar[bool] = False  # True: linear layers' weights go to `merge_inputs` with Gram matrices
     min_models: ClassVar[int] = 1
     max_models: ClassVar[int | None] = None
 
@@ -35,6 +36,12 @@ class MergeMethod:
         self.settings = settings
 
     def merge(self, base: torch.Tensor | None, tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def merge_inputs(self, base: torch.Tensor | None, tensors: list[torch.Tensor], weights: list[float],
+                     grams: list[torch.Tensor]) -> torch.Tensor:
+        """A linear layer's weight (out x in) merged knowing each model's input Gram matrix (in x in) on its own
+        data (`mmhub.merge.inputs`); only called when ``needs_inputs``."""
         raise NotImplementedError
 
 
@@ -157,7 +164,39 @@ class DareTies(_Dare):
     combine = "dare_ties"
 
 
-BUILTIN: tuple[type[MergeMethod], ...] = (Linear, Slerp, TaskArithmetic, Ties, DareLinear, DareTies)
+class RegMean(MergeMethod):
+    """RegMean (Jin et al., ICLR 2023, "Dataless Knowledge Fusion by Merging Weights of Language Models"): each
+    linear layer's merged weight minimises the distance between its outputs and each model's outputs on that model's
+    own inputs, sum_i ||X_i W - X_i W_i||², solved in closed form, W = (sum_i G_i)^-1 sum_i G_i W_i with the input
+    Gram matrices G_i = X_iᵀ X_i (here averaged over tokens, scaled by the model's weight). ``alpha`` scales the
+    matrices' off-diagonal entries (the paper's regularisation: 1 is the plain least squares, 0 a per-input-feature
+    weighted mean). Tensors that are no linear layer's weight (biases, norms, embeddings, tied heads) are the
+    weighted mean, as in the paper. Needs each merged model's data (``inputs:`` in the merge config); no base."""
+
+    class Settings(MergeSettings):
+        alpha: float = Field(0.9, ge=0.0, le=1.0)
+
+    name = "regmean"
+    needs_inputs = True
+
+    def merge(self, base: torch.Tensor | None, tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+        return Linear(Linear.Settings()).merge(None, tensors, weights)
+
+    def merge_inputs(self, base: torch.Tensor | None, tensors: list[torch.Tensor], weights: list[float],
+                     grams: list[torch.Tensor]) -> torch.Tensor:
+        a = self.settings.alpha
+        scaled = [w * (a * g.double() + (1 - a) * torch.diag(torch.diagonal(g.double())))
+                  for w, g in zip(weights, grams, strict=True)]
+        lhs = sum(scaled)
+        rhs = sum(g @ t.double().T for g, t in zip(scaled, tensors, strict=True))  # (in, out)
+        try:
+            solved = torch.linalg.solve(lhs, rhs)
+        except RuntimeError:  # singular: an input feature no model's data ever moved; least squares picks the smallest
+            solved = torch.linalg.lstsq(lhs, rhs, driver="gelsd").solution
+        return solved.T.contiguous().to(tensors[0].dtype)
+
+
+BUILTIN: tuple[type[MergeMethod], ...] = (Linear, Slerp, TaskArithmetic, Ties, DareLinear, DareTies, RegMean)
 
 
 def method_settings(cls: type[MergeMethod], params: dict[str, Any]) -> MergeSettings:

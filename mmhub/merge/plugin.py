@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from mmhub.hookspecs import hookimpl
 
-BUILTIN = ("Linear", "Slerp", "TaskArithmetic", "Ties", "DareLinear", "DareTies")
-NAMES = ("linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties")
+BUILTIN = ("Linear", "Slerp", "TaskArithmetic", "Ties", "DareLinear", "DareTies", "RegMean")
+NAMES = ("linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties", "regmean")
 
 
 @hookimpl

@@ -68,6 +68,12 @@ def method_plan(cfg: MergeConfig, registry: Registry, skip: list[str] = ()) -> t
         if unknown:
             errors[slot] = f"{where}: weights name {unknown}, which are not among models ({', '.join(cfg.models)})"
             continue
+        missing = [n for n in weights if n not in cfg.inputs] if cls.needs_inputs else []
+        if missing:
+            errors[slot] = (f"{where}: {sm.method} needs each merged model's own data; add inputs.{missing[0]}: "
+                            "{data: DATASET, limit: N} (a dataset spec as in a training stage)"
+                            + (f" and the same for {missing[1:]}" if len(missing) > 1 else ""))
+            continue
         n = len(weights)
         if n < cls.min_models or (cls.max_models is not None and n > cls.max_models):
             want = cls.min_models if cls.max_models == cls.min_models else f"at least {cls.min_models}"
@@ -176,6 +182,7 @@ def merge_models(cfg: MergeConfig, models: dict[str, Any], registry: Registry | 
     plan = preflight(cfg, models, registry or get_registry(), slot_maps)
     merged_model = models[cfg.base]
     report: dict[str, Any] = {}
+    grams = _input_grams(cfg, models, plan, slot_maps)  # before any slot of the base is merged into
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         for slot, (method, weights) in plan.items():
@@ -191,11 +198,35 @@ def merge_models(cfg: MergeConfig, models: dict[str, Any], registry: Registry | 
                 if not t.is_floating_point():
                     continue  # integer buffers (positions, counters) stay the base's
                 layer, pos = where[key]
-                merged = method.merge(t if method.needs_base else None, [sources[n][key] for n in weights],
-                                      [weight_for(w, key, layer, pos) for w in weights.values()])
-                t.copy_(merged)
+                args = (t if method.needs_base else None, [sources[n][key] for n in weights],
+                        [weight_for(w, key, layer, pos) for w in weights.values()])
+                seen = [grams.get((n, slot), {}).get(key) for n in weights]
+                if method.needs_inputs and all(g is not None for g in seen):
+                    t.copy_(method.merge_inputs(*args, grams=seen))
+                else:
+                    t.copy_(method.merge(*args))
     merged_model.merge_report = report
     return merged_model
+
+
+def _input_grams(cfg: MergeConfig, models: dict[str, Any], plan: dict[str, tuple[MergeMethod, dict]],
+                 slot_maps: dict[str, dict[str, Any]]) -> dict[tuple[str, str], dict[str, torch.Tensor]]:
+    """Per (model, slot) merged by a data-aware method: its linear layers' input Gram matrices on its own data
+    (`mmhub.merge.inputs`), kept on the model so a weight search records them once."""
+    from mmhub.merge.inputs import gram_matrices
+
+    out = {}
+    for slot, (method, weights) in plan.items():
+        if not method.needs_inputs:
+            continue
+        for name in weights:
+            spec = cfg.inputs[name]
+            cache = models[name].__dict__.setdefault("_merge_grams", {})
+            key = (slot, spec.model_dump_json())
+            if key not in cache:
+                cache[key] = gram_matrices(models[name], slot_maps[name][slot], spec, f"inputs.{name}")
+            out[(name, slot)] = cache[key]
+    return out
 
 
 def merge(config: MergeConfig, out: str | Path, allow_paths: list[str | Path] | None = None,
