@@ -155,8 +155,9 @@ def test_a_bad_weight_is_a_config_error_naming_the_model(tmp_path: Path, weight,
 
 
 def test_the_weight_search_tries_gradients_and_records_them(tmp_path: Path, monkeypatch, capsys) -> None:
-    """A gradient is a search candidate like a number: with a score that peaks where the projector's first layer
-    keeps the base and its last takes b's whole update, the gradient [0, 1] beats 0, 0.5 and 1, and is saved."""
+    """A gradient or rules are search candidates like a number: with a score that peaks where the projector's first
+    layer keeps the base and its last takes b's whole update, the gradient [0, 1] beats 0, 0.5, 1 and the rules
+    (layer 2 at 0.9, the rest 0), is saved, and every candidate is written to merge_search.json as given."""
     from mmhub import cli
     from mmhub.merge import search as S
 
@@ -173,11 +174,15 @@ def test_the_weight_search_tries_gradients_and_records_them(tmp_path: Path, monk
     monkeypatch.setattr(S, "task_scorer", lambda search, registry=None: score)
     cfg = _write(tmp_path, {"models": {"a": str(a), "b": str(b)}, "base": "a",
                             "slots": {"projectors.image": {"method": "task_arithmetic"}},
-                            "search": {"weights": {"b": [0.0, 0.5, 1.0, [0.0, 1.0]]}, "objective": "accuracy"}})
+                            "search": {"weights": {"b": [0.0, 0.5, 1.0, [0.0, 1.0], [{"layers": [2], "value": 0.9},
+                                                                                   {"value": 0.0}]]},
+                                       "objective": "accuracy"}})
     assert cli.main(["merge", str(cfg), "--out", str(tmp_path / "merged")]) == 0
     got = mmhub.load(tmp_path / "merged").projectors["image"].state_dict()
     assert torch.allclose(got[first], pa[first]) and torch.allclose(got[last], pb[last], atol=1e-6)
     rows = json.loads((tmp_path / "merged" / "merge_search.json").read_text())
     assert [r["weights"] for r in rows["rows"] if r.get("chosen")] == [{"b": [0.0, 1.0]}]
     assert rows["chosen"]["projectors.image"]["weights"] == {"b": [0.0, 1.0]}
-    assert "search: b=[0, 1]: accuracy" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "search: b=[0, 1]: accuracy" in said and "search: b={layers 2: 0.9; 0}: accuracy" in said
+    assert rows["search"]["weights"]["b"][-1] == [{"layers": [2], "value": 0.9}, {"value": 0.0}]

@@ -263,12 +263,15 @@ def merge(config: MergeConfig, out: str | Path, allow_paths: list[str | Path] | 
     if config.adapters == "combine":  # merged slots are marked trained: saved whole; sourced weights stay sourced
         merged.spec.init_from = None  # a base folder's adapters would have the old rank
         return merged.save_pretrained(out)
-    folder = merged.save_pretrained(out, full=True)
-    if rows is not None:
+    search_text = None
+    if rows is not None:  # serialised before anything is written, so a failure leaves no folder behind
         import json
 
+        search_text = json.dumps({"search": search.model_dump(), "chosen": config.model_dump()["slots"],
+                                  "rows": rows}, indent=1) + "\n"
+    folder = merged.save_pretrained(out, full=True)
+    if search_text is not None:
         from mmhub.atomic import write_text_atomic
 
-        write_text_atomic(Path(folder) / "merge_search.json", json.dumps(
-            {"search": search.model_dump(), "chosen": config.model_dump()["slots"], "rows": rows}, indent=1) + "\n")
+        write_text_atomic(Path(folder) / "merge_search.json", search_text)
     return folder

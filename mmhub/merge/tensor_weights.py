@@ -141,6 +141,8 @@ def plain(value: Any) -> Any:
         return value.model_dump(exclude_none=True)
     if isinstance(value, list):
         return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
     return value
 
 
