@@ -22,6 +22,13 @@ from mmhub.merge.tensor_weights import gradient_at, positions
 from conftest import TINY_SPEC, lora_model
 
 
+def test_layer_runs_read_as_the_layers_they_name() -> None:
+    from mmhub.merge.tensor_weights import WeightRule
+
+    assert WeightRule(value=1.0, layers="0-3,7, 9-10").layers == [0, 1, 2, 3, 7, 9, 10]
+    assert WeightRule(value=1.0, layers="5").layers == [5]
+
+
 def test_a_gradient_interpolates_its_anchors_spread_over_the_layers() -> None:
     for anchors in ([1.0, 0.0], [0.0, 1.0, 0.25], [2.0, -1.0, 0.5, 3.0], [0.7]):
         xs = np.linspace(0, 1, len(anchors)) if len(anchors) > 1 else np.array([0.0])
@@ -58,7 +65,7 @@ def test_each_backbone_tensor_gets_its_gradient_or_rule_weight(tmp_path: Path) -
     """Task arithmetic over a 2-layer backbone: b's gradient [0.25, 1] gives layer 0 (and the embeddings before it)
     0.25 and layer 1 (and the norm and head after) 1; c's rules give layer 1's MLP 2, all of layer 0 0.5, the rest 0."""
     base, b, c = _saved(tmp_path, "base", 0), _saved(tmp_path, "b", 1), _saved(tmp_path, "c", 2)
-    rules = [{"filter": "mlp", "layers": [1], "value": 2.0}, {"layers": [0], "value": 0.5}, {"value": 0.0}]
+    rules = [{"filter": "mlp", "layers": "1", "value": 2.0}, {"layers": [0], "value": 0.5}, {"value": 0.0}]
     cfg = _write(tmp_path, {"models": {"base": str(base), "b": str(b), "c": str(c)}, "base": "base", "slots": {
         "backbone": {"method": "task_arithmetic", "weights": {"b": [0.25, 1.0], "c": rules}}}})
     got = mmhub.load(merge(read_config(cfg), tmp_path / "merged")).backbone.state_dict()
@@ -145,6 +152,8 @@ def test_rules_that_leave_a_tensor_uncovered_stop_the_merge_before_anything_is_w
     ([{"layers": [-1], "value": 1.0}], "rule 0: layers: Value error, layers [-1] are negative"),
     ([{"value": 1.0}, {"value": 1.0, "layer": [2]}], "rule 1: layer: Extra inputs are not permitted"),
     ([{"value": []}], "rule 0: value: Value error, value is an empty gradient"),
+    ([{"layers": "3-1", "value": 1.0}], "rule 0: layers: Value error, layers '3-1': write layer numbers and runs"),
+    ([{"layers": "top", "value": 1.0}], "rule 0: layers: Value error, layers 'top': write layer numbers and runs"),
 ])
 def test_a_bad_weight_is_a_config_error_naming_the_model(tmp_path: Path, weight, message: str) -> None:
     cfg = _write(tmp_path, {"models": {"a": "x", "b": "y"}, "base": "a",

@@ -31,7 +31,8 @@ class WeightRule(BaseModel):
 
     value: float | list[float] = Field(description="the weight: a number, or a gradient over the slot's layers")
     filter: str | None = Field(None, min_length=1, description="covers tensors whose name contains this text")
-    layers: list[int] | None = Field(None, description="covers tensors of these layers (first number in the name)")
+    layers: list[int] | None = Field(None, description="covers tensors of these layers (first number in the name): "
+                                                      "a list, or runs such as '0-14' or '0-9,20'")
 
     @field_validator("value")
     @classmethod
@@ -39,6 +40,20 @@ class WeightRule(BaseModel):
         if isinstance(v, list) and not v:
             raise ValueError("value is an empty gradient: give a number or at least one anchor")
         return v
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _layer_runs(cls, v: Any) -> Any:
+        """``"0-14"`` or ``"0-9,20"`` as the list of those layers."""
+        if not isinstance(v, str):
+            return v
+        out: list[int] = []
+        for part in v.replace(" ", "").split(","):
+            lo, sep, hi = part.partition("-")
+            if not lo.isdigit() or (sep and not hi.isdigit()) or (sep and int(hi) < int(lo)):
+                raise ValueError(f"layers {v!r}: write layer numbers and runs such as '0-14' or '0-9,20'")
+            out.extend(range(int(lo), int(hi) + 1) if sep else [int(lo)])
+        return out
 
     @field_validator("layers")
     @classmethod
