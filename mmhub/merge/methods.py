@@ -13,7 +13,7 @@ import math
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class MergeSettings(BaseModel):
@@ -34,6 +34,13 @@ class MergeMethod:
 
     def __init__(self, settings: MergeSettings) -> None:
         self.settings = settings
+        self.models: list[str] = []
+
+    def bind(self, models: list[str]) -> list[str]:
+        """Learn the merged models' names, in the order `merge` gets their tensors; returns the problems of settings
+        given per model (an empty list when there are none)."""
+        self.models = list(models)
+        return []
 
     def merge(self, base: torch.Tensor | None, tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
         raise NotImplementedError
@@ -111,40 +118,89 @@ class TaskArithmetic(MergeMethod):
         return _plus_base(base, delta)
 
 
-class Ties(MergeMethod):
-    """TIES-merging of the task vectors (trim to the top ``density``, elect signs, merge agreeing entries) + base.
+def _density_ok(v: float | dict[str, float]) -> float | dict[str, float]:
+    values = v.values() if isinstance(v, dict) else [v]
+    bad = [x for x in values if not 0.0 < x <= 1.0]
+    if bad or (isinstance(v, dict) and not v):
+        raise ValueError(f"density must be in (0, 1], one number or one per merged model (got {v!r})")
+    return v
 
-    Each task vector keeps its top ``density`` fraction by magnitude, signs are elected per entry
-    (``majority_sign_method``), and only the entries agreeing with the elected sign are combined."""
+
+class _Sparsifying(MergeMethod):
+    """Task-vector methods that thin each task vector to a ``density`` first (TIES by magnitude, DARE at random),
+    then combine: one density for every model, or one per model (``density: {a: 0.9, b: 0.3}``, as mergekit's
+    per-model ``density``). One density calls peft's own function; per-model densities thin each task vector with
+    peft's ``prune`` and combine with its sign election and disjoint merge, the same steps."""
 
     class Settings(MergeSettings):
-        density: float = Field(0.5, gt=0.0, le=1.0)
+        density: float | dict[str, float] = 0.5
+
+        @field_validator("density")
+        @classmethod
+        def _density(cls, v: float | dict[str, float]) -> float | dict[str, float]:
+            return _density_ok(v)
+
+    needs_base = True
+    prune_method: ClassVar[str] = "magnitude"
+    elect_signs: ClassVar[bool] = True
+    combine: ClassVar[str] = ""
+
+    def bind(self, models: list[str]) -> list[str]:
+        super().bind(models)
+        d = self.settings.density
+        if not isinstance(d, dict):
+            return []
+        missing, unknown = [m for m in models if m not in d], [m for m in d if m not in models]
+        if missing or unknown:
+            return [f"density is given per model but names {sorted(d)} while the merged models are {list(models)}"
+                    f" (missing: {missing or 'none'}, not merged: {unknown or 'none'}); give every merged model one, "
+                    "or one number for all"]
+        return []
+
+    def _densities(self, n: int) -> list[float]:
+        d = self.settings.density
+        return [float(d[m]) for m in self.models] if isinstance(d, dict) else [float(d)] * n
+
+    def _sign_method(self) -> str:
+        return "total"
+
+    def merge(self, base: torch.Tensor | None, tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+        from peft.utils import merge_utils as mu
+
+        deltas, w = _deltas(base, tensors), torch.tensor(weights, dtype=torch.float64)
+        densities = self._densities(len(tensors))
+        if len(set(densities)) == 1:  # peft's function as it is
+            args = (deltas, w, densities[0]) + ((self._sign_method(),) if self.elect_signs else ())
+            return _plus_base(base, getattr(mu, self.combine)(*args))
+        rescale = self.prune_method == "random"
+        thinned = torch.stack([mu.prune(t, d, method=self.prune_method, rescale=rescale)
+                               for t, d in zip(deltas, densities, strict=True)])
+        weighted = thinned * mu.reshape_weight_task_tensors(thinned, w)
+        if not self.elect_signs:
+            return _plus_base(base, weighted.sum(dim=0))
+        mask = mu.calculate_majority_sign_mask(thinned, method=self._sign_method())
+        return _plus_base(base, mu.disjoint_merge(weighted, mask))
+
+
+class Ties(_Sparsifying):
+    """TIES-merging of the task vectors (trim to the top ``density``, elect signs, merge agreeing entries) + base.
+
+    Each task vector keeps its top ``density`` fraction by magnitude (one density, or one per model), signs are
+    elected per entry (``majority_sign_method``), and only the entries agreeing with the elected sign are combined."""
+
+    class Settings(_Sparsifying.Settings):
         majority_sign_method: Literal["total", "frequency"] = "total"
 
     name = "ties"
-    needs_base = True
+    combine = "ties"
 
-    def merge(self, base: torch.Tensor | None, tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
-        from peft.utils.merge_utils import ties
-
-        delta = ties(_deltas(base, tensors), torch.tensor(weights, dtype=torch.float64), self.settings.density,
-                     self.settings.majority_sign_method)
-        return _plus_base(base, delta)
+    def _sign_method(self) -> str:
+        return self.settings.majority_sign_method
 
 
-class _Dare(MergeMethod):
-    class Settings(MergeSettings):
-        density: float = Field(0.5, gt=0.0, le=1.0)
-
-    needs_base = True
-    combine: ClassVar[str] = ""
-
-    def merge(self, base: torch.Tensor | None, tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
-        from peft.utils import merge_utils
-
-        fn = getattr(merge_utils, self.combine)
-        delta = fn(_deltas(base, tensors), torch.tensor(weights, dtype=torch.float64), self.settings.density)
-        return _plus_base(base, delta)
+class _Dare(_Sparsifying):
+    prune_method = "random"
+    elect_signs = False
 
 
 class DareLinear(_Dare):
@@ -162,6 +218,7 @@ class DareTies(_Dare):
 
     name = "dare_ties"
     combine = "dare_ties"
+    elect_signs = True
 
 
 class RegMean(MergeMethod):

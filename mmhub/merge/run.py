@@ -74,6 +74,10 @@ def method_plan(cfg: MergeConfig, registry: Registry, skip: list[str] = ()) -> t
                             "{data: DATASET, limit: N} (a dataset spec as in a training stage)"
                             + (f" and the same for {missing[1:]}" if len(missing) > 1 else ""))
             continue
+        bound = method.bind(list(weights))
+        if bound:
+            errors[slot] = f"{where}: {sm.method}: " + "; ".join(bound)
+            continue
         n = len(weights)
         if n < cls.min_models or (cls.max_models is not None and n > cls.max_models):
             want = cls.min_models if cls.max_models == cls.min_models else f"at least {cls.min_models}"
