@@ -71,6 +71,23 @@ def test_dare_linear_with_per_model_densities_drops_and_rescales_each_vector_alo
     assert 0.45 < float(kept.double().mean()) < 0.55
 
 
+def test_the_weight_search_tries_per_model_densities_and_prints_them(tmp_path: Path, monkeypatch, capsys) -> None:
+    from mmhub import cli
+    from mmhub.merge import search as S
+
+    base, a, b = _saved(tmp_path, "base", 0), _saved(tmp_path, "a", 1), _saved(tmp_path, "b", 2)
+    monkeypatch.setattr(S, "task_scorer", lambda search, registry=None: lambda model: {
+        "accuracy": float(model.projectors["image"].state_dict()["net.0.weight"].abs().sum()), "per_type": {}, "n": 1})
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(yaml.safe_dump({"models": {"base": str(base), "a": str(a), "b": str(b)}, "base": "base",
+                                   "slots": {"projectors.image": {"method": "ties"}},
+                                   "search": {"weights": {"a": [1.0]}, "objective": "accuracy", "settings": {
+                                       "density": [0.5, {"a": 1.0, "b": 0.2}]}}}))
+    assert cli.main(["merge", str(cfg), "--out", str(tmp_path / "out")]) == 0
+    said = capsys.readouterr().out
+    assert "search: a=1, density=0.5: accuracy" in said and "search: a=1, density={a: 1, b: 0.2}: accuracy" in said
+
+
 def _saved(tmp_path: Path, name: str, seed: int) -> Path:
     spec = copy.deepcopy(TINY_SPEC)
     spec["seed"] = seed

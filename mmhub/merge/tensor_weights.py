@@ -165,6 +165,8 @@ def describe(value: Any) -> str:
     """A short form for logs: ``1``, ``[1, 0.5]``, ``{layers 15-29: 0.5; 1}``."""
     if is_uniform(value):
         return f"{value:g}"
+    if isinstance(value, dict):  # a setting given per model, e.g. density: {a: 0.9, b: 0.3}
+        return "{" + ", ".join(f"{k}: {describe(v)}" for k, v in value.items()) + "}"
     if all(isinstance(v, (int, float)) for v in value):
         return "[" + ", ".join(f"{v:g}" for v in value) + "]"
     parts = []
