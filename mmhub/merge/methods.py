@@ -173,8 +173,8 @@ class _Sparsifying(MergeMethod):
             args = (deltas, w, densities[0]) + ((self._sign_method(),) if self.elect_signs else ())
             return _plus_base(base, getattr(mu, self.combine)(*args))
         rescale = self.prune_method == "random"
-        thinned = torch.stack([mu.prune(t, d, method=self.prune_method, rescale=rescale)
-                               for t, d in zip(deltas, densities, strict=True)])
+        thinned = torch.stack([t if d >= 1 else mu.prune(t, d, method=self.prune_method, rescale=rescale)
+                               for t, d in zip(deltas, densities, strict=True)])  # 1: kept whole, as peft does
         weighted = thinned * mu.reshape_weight_task_tensors(thinned, w)
         if not self.elect_signs:
             return _plus_base(base, weighted.sum(dim=0))
