@@ -243,7 +243,7 @@ def test_plugins_lists_datasets_and_eval_tasks(capsys) -> None:
     assert main(["plugins"]) == 0
     text = capsys.readouterr().out
     assert "datasets (" in text and "eval tasks (6)" in text and "easy_vqa" in text
-    assert "merge methods (6): dare_linear, dare_ties, linear, slerp, task_arithmetic, ties" in text
+    assert "merge methods (7): dare_linear, dare_ties, linear, regmean, slerp, task_arithmetic, ties" in text
     assert "importers (" in text and "llava_next" in text
 
 
