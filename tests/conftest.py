@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -51,6 +52,20 @@ def images() -> list[Image.Image]:
 @pytest.fixture(scope="session")
 def registry():
     return get_registry()
+
+
+def saved_tiny(folder: Path, seed: int, projector: dict[str, Any] | None = None,
+               llm: dict[str, Any] | None = None) -> Path:
+    """A tiny model (TINY_SPEC with spec `seed`; `projector` settings and `llm` config keys changed) saved to
+    `folder`, as a published folder for merges and loads."""
+    import mmhub
+
+    spec = copy.deepcopy(TINY_SPEC)
+    spec["seed"] = seed
+    spec["projectors"]["image"].update(projector or {})
+    spec["backbone"]["config"].update(llm or {})
+    mmhub.build(spec).save_pretrained(folder)
+    return folder
 
 
 def lora_model(r: int, seed: int) -> Any:

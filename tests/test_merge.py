@@ -18,7 +18,7 @@ from mmhub.merge.config import MergeConfig, read_config
 from mmhub.merge.run import merge, merge_models
 from mmhub.registry import build_registry
 
-from conftest import TINY_SPEC, lora_model
+from conftest import TINY_SPEC, lora_model, saved_tiny
 
 
 def _m(cls: type[M.MergeMethod], **settings) -> M.MergeMethod:
@@ -55,15 +55,6 @@ def test_task_vector_methods_add_to_the_base() -> None:
     assert torch.equal(one, _m(M.DareTies, density=0.5).merge(base, models, w))  # the seed fixes the drops
 
 
-def _saved(tmp_path: Path, name: str, seed: int, **changes) -> Path:
-    spec = copy.deepcopy(TINY_SPEC)
-    spec["seed"] = seed
-    for k, v in changes.items():
-        spec["projectors"]["image"][k] = v
-    out = tmp_path / name
-    mmhub.build(spec).save_pretrained(out)
-    return out
-
 
 def _config(tmp_path: Path, models: dict[str, Path], slots: dict, base: str = "a") -> Path:
     path = tmp_path / "merge.yaml"
@@ -72,7 +63,7 @@ def _config(tmp_path: Path, models: dict[str, Path], slots: dict, base: str = "a
 
 
 def test_a_merged_slot_is_the_methods_result_and_other_slots_are_the_bases(tmp_path: Path) -> None:
-    a, b = _saved(tmp_path, "a", 0), _saved(tmp_path, "b", 1)
+    a, b = saved_tiny(tmp_path / "a", 0), saved_tiny(tmp_path / "b", 1)
     cfg = _config(tmp_path, {"a": a, "b": b}, {"projectors.image": {"method": "linear", "weights": {"a": 1, "b": 3}}})
     out = merge(read_config(cfg), tmp_path / "merged")
     ma, mb, got = mmhub.load(a), mmhub.load(b), mmhub.load(out)
@@ -117,7 +108,7 @@ def test_lora_adapters_are_folded_before_merging(tmp_path: Path) -> None:
 
 
 def test_preflight_lists_every_problem_and_writes_nothing(tmp_path: Path) -> None:
-    a, deep = _saved(tmp_path, "a", 0), _saved(tmp_path, "deep", 1, hidden_dim=24)
+    a, deep = saved_tiny(tmp_path / "a", 0), saved_tiny(tmp_path / "deep", 1, projector={"hidden_dim": 24})
     cfg = MergeConfig.model_validate({"models": {"a": str(a), "deep": str(deep)}, "base": "a", "slots": {
         "projectors.image": {"method": "linear"},
         "projectors.audio": {"method": "linear"},
@@ -167,7 +158,7 @@ def test_hook_register_merge_methods(tmp_path: Path) -> None:
 
     reg = build_registry(extra=[("maxplugin", Plugin())])
     assert reg.merge_method("take-max").cls is TakeMax
-    ma, mb = mmhub.load(_saved(tmp_path, "a", 0)), mmhub.load(_saved(tmp_path, "b", 1))
+    ma, mb = mmhub.load(saved_tiny(tmp_path / "a", 0)), mmhub.load(saved_tiny(tmp_path / "b", 1))
     pa = {k: v.clone() for k, v in ma.projectors["image"].state_dict().items()}
     slots = {"projectors.image": {"method": "take_max", "weights": {"a": 1, "b": 1}}}
     cfg = MergeConfig.model_validate({"models": {"a": "a", "b": "b"}, "base": "a", "slots": slots})
@@ -182,14 +173,14 @@ def test_transplant_measures_the_embedding_spaces_and_refuses_an_unrelated_backb
     target's backbone."""
     from mmhub.cli import main
 
-    src = _saved(tmp_path, "src", 0)
+    src = saved_tiny(tmp_path / "src", 0)
     tuned = mmhub.load(src)
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for p in tuned.backbone.parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=g))
     tuned.save_pretrained(tmp_path / "tuned", full=True)
-    other = _saved(tmp_path, "other", 7)
+    other = saved_tiny(tmp_path / "other", 7)
 
     assert main(["transplant", str(src), "--backbone", str(tmp_path / "tuned"), "--out", str(tmp_path / "t1")]) == 0
     printed = capsys.readouterr().out
@@ -239,7 +230,7 @@ def test_adapters_combined_as_an_adapter_compute_what_folded_weights_compute(tmp
     """``adapters: combine``: ranks 2 and 4 averaged into one rank-6 adapter give exactly the weights the folded merge
     gives; a base without an adapter works as task arithmetic's base; a lower rank keeps the best approximation."""
     a, b = _with_lora(tmp_path, "a", 1, r=2), _with_lora(tmp_path, "b", 2, r=4)
-    plain = _saved(tmp_path, "plain", 0)  # the same base LLM, no adapter
+    plain = saved_tiny(tmp_path / "plain", 0)  # the same base LLM, no adapter
     sa, sb = _effective_backbone(a), _effective_backbone(b)
     out = merge(read_config(_combine_config(tmp_path, {"a": a, "b": b}, {"method": "linear"}, "a")), tmp_path / "lin")
     got = mmhub.load(out)
@@ -269,7 +260,7 @@ def test_adapters_combined_as_an_adapter_compute_what_folded_weights_compute(tmp
 
 def test_adapters_combine_preflight_names_what_cannot_combine(tmp_path: Path) -> None:
     a = _with_lora(tmp_path, "a", 1, r=2)
-    plain = _saved(tmp_path, "plain", 0)
+    plain = saved_tiny(tmp_path / "plain", 0)
     other = tmp_path / "other"  # an adapter over another base LLM (seed 5)
     spec = copy.deepcopy(TINY_SPEC)
     spec["seed"] = 5
@@ -297,7 +288,7 @@ def test_header_preflight_stops_a_bad_merge_before_any_weight_is_read(tmp_path: 
     headers: the merge fails with every problem listed without loading a single model."""
     import mmhub.loading
 
-    a, deep = _saved(tmp_path, "a", 0), _saved(tmp_path, "deep", 1, hidden_dim=24)
+    a, deep = saved_tiny(tmp_path / "a", 0), saved_tiny(tmp_path / "deep", 1, projector={"hidden_dim": 24})
     lora = _with_lora(tmp_path, "lora", 1, r=2)
     spec = copy.deepcopy(TINY_SPEC)
     spec["projectors"]["image"] = {"type": "linear"}
@@ -338,7 +329,7 @@ def test_weight_search_picks_the_best_validation_merge_and_saves_it(tmp_path: Pa
     from mmhub import cli
     from mmhub.merge import search as S
 
-    a, b, c = _saved(tmp_path, "a", 0), _saved(tmp_path, "b", 1), _saved(tmp_path, "c", 2)
+    a, b, c = saved_tiny(tmp_path / "a", 0), saved_tiny(tmp_path / "b", 1), saved_tiny(tmp_path / "c", 2)
     wa, wb, wc = (mmhub.load(p).projectors["image"].state_dict()["net.0.weight"] for p in (a, b, c))
     target = wa + 0.5 * (wb - wa) + 2 * (wc - wa)
     scored: list[float] = []
@@ -376,7 +367,7 @@ def test_keep_skills_scores_the_worst_skill_lost() -> None:
 def test_weight_search_refusals(tmp_path: Path) -> None:
     from mmhub.merge.search import candidates
 
-    a, b = _saved(tmp_path, "a", 0), _saved(tmp_path, "b", 1)
+    a, b = saved_tiny(tmp_path / "a", 0), saved_tiny(tmp_path / "b", 1)
     on_test = read_config(_search_config(tmp_path, {"a": a, "b": b}, {"weights": {"b": [1.0]}, "split": "test"}))
     with pytest.raises(MMHubError, match="test split make its scores optimistic"):
         candidates(on_test)
@@ -398,7 +389,7 @@ def test_weight_search_tries_method_settings_too(tmp_path: Path, monkeypatch) ->
     vector, density 1.0 is chosen and the saved slot carries it."""
     from mmhub.merge import search as S
 
-    a, b = _saved(tmp_path, "a", 0), _saved(tmp_path, "b", 1)
+    a, b = saved_tiny(tmp_path / "a", 0), saved_tiny(tmp_path / "b", 1)
     wa, wb = (mmhub.load(p).projectors["image"].state_dict()["net.0.weight"] for p in (a, b))
 
     def score(model) -> dict:

@@ -3,7 +3,6 @@ vector thinned to its own density; one density for all stays peft's function exa
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from mmhub.merge import methods as M
 from mmhub.merge.config import read_config
 from mmhub.merge.run import merge
 
-from conftest import TINY_SPEC
+from conftest import saved_tiny
 
 
 def _bound(cls: type[M.MergeMethod], models: list[str], **settings) -> M.MergeMethod:
@@ -75,7 +74,7 @@ def test_the_weight_search_tries_per_model_densities_and_prints_them(tmp_path: P
     from mmhub import cli
     from mmhub.merge import search as S
 
-    base, a, b = _saved(tmp_path, "base", 0), _saved(tmp_path, "a", 1), _saved(tmp_path, "b", 2)
+    base, a, b = saved_tiny(tmp_path / "base", 0), saved_tiny(tmp_path / "a", 1), saved_tiny(tmp_path / "b", 2)
     monkeypatch.setattr(S, "task_scorer", lambda search, registry=None: lambda model: {
         "accuracy": float(model.projectors["image"].state_dict()["net.0.weight"].abs().sum()), "per_type": {}, "n": 1})
     cfg = tmp_path / "s.yaml"
@@ -88,16 +87,9 @@ def test_the_weight_search_tries_per_model_densities_and_prints_them(tmp_path: P
     assert "search: a=1, density=0.5: accuracy" in said and "search: a=1, density={a: 1, b: 0.2}: accuracy" in said
 
 
-def _saved(tmp_path: Path, name: str, seed: int) -> Path:
-    spec = copy.deepcopy(TINY_SPEC)
-    spec["seed"] = seed
-    out = tmp_path / name
-    mmhub.build(spec).save_pretrained(out)
-    return out
-
 
 def test_densities_that_do_not_name_the_merged_models_or_leave_0_1_are_errors(tmp_path: Path) -> None:
-    base, a, b = _saved(tmp_path, "base", 0), _saved(tmp_path, "a", 1), _saved(tmp_path, "b", 2)
+    base, a, b = saved_tiny(tmp_path / "base", 0), saved_tiny(tmp_path / "a", 1), saved_tiny(tmp_path / "b", 2)
     models = {"base": str(base), "a": str(a), "b": str(b)}
     cfg = tmp_path / "m.yaml"
     cfg.write_text(yaml.safe_dump({"models": models, "base": "base", "slots": {

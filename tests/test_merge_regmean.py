@@ -3,7 +3,6 @@ objective, the input Gram matrices a model's own data gives, and `mmhub merge` w
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from mmhub.merge.config import read_config
 from mmhub.merge.inputs import ModelInputs, gram_matrices
 from mmhub.merge.run import merge
 
-from conftest import TINY_SPEC
+from conftest import saved_tiny
 
 
 def _regmean(alpha: float) -> M.RegMean:
@@ -65,20 +64,11 @@ def _data(tmp_path: Path, name: str, colours: list[tuple[int, int, int]], answer
     return {"type": "llava_json", "path": str(folder / "data.json")}
 
 
-def _tiny(tmp_path: Path, name: str, seed: int, tied: bool = False) -> Path:
-    spec = copy.deepcopy(TINY_SPEC)
-    spec["seed"] = seed
-    if tied:
-        spec["backbone"]["config"] = {**spec["backbone"]["config"], "tie_word_embeddings": True}
-    out = tmp_path / name
-    mmhub.build(spec).save_pretrained(out)
-    return out
-
 
 def test_gram_matrices_are_the_mean_input_outer_product_of_each_linear_layer(tmp_path: Path) -> None:
     """Every untied linear layer of the slot gets the mean x xᵀ of its inputs over the tokens of the samples (checked
     on q_proj against inputs captured separately); a head tied to the embeddings gets none."""
-    model = mmhub.load(_tiny(tmp_path, "m", 0, tied=True)).eval()
+    model = mmhub.load(saved_tiny(tmp_path / "m", 0, llm={"tie_word_embeddings": True})).eval()
     data = _data(tmp_path, "d", [(255, 0, 0), (0, 200, 30), (10, 10, 250)], "thing")
     grams = gram_matrices(model, model.backbone, ModelInputs(data=data, limit=2), "inputs.m")
     q = next(k for k in grams if k.endswith("layers.0.self_attn.q_proj.weight"))
@@ -109,7 +99,7 @@ def test_a_regmean_merge_zeroes_the_objectives_gradient_on_each_models_data(tmp_
     """`mmhub merge` with regmean and each model's data: every merged linear weight W satisfies
     sum_i w_i (W - W_i) G_i = 0 (the least squares' normal equations, alpha 1) for the Gram matrices of each model's
     own data, and differs from the plain mean; norms are the weighted mean."""
-    a, b = _tiny(tmp_path, "a", 0), _tiny(tmp_path, "b", 1)
+    a, b = saved_tiny(tmp_path / "a", 0), saved_tiny(tmp_path / "b", 1)
     da = _data(tmp_path, "da", [(255, 0, 0), (250, 40, 40), (200, 0, 10)], "red")
     db = _data(tmp_path, "db", [(0, 0, 255), (30, 30, 240), (0, 80, 200), (10, 10, 10)], "blue")
     cfg = _write(tmp_path, {"models": {"a": str(a), "b": str(b)}, "base": "a",
@@ -131,7 +121,7 @@ def test_a_regmean_merge_zeroes_the_objectives_gradient_on_each_models_data(tmp_
 
 
 def test_regmean_without_a_models_data_stops_before_any_weight_is_read(tmp_path: Path) -> None:
-    a, b = _tiny(tmp_path, "a", 0), _tiny(tmp_path, "b", 1)
+    a, b = saved_tiny(tmp_path / "a", 0), saved_tiny(tmp_path / "b", 1)
     cfg = _write(tmp_path, {"models": {"a": str(a), "b": str(b)}, "base": "a",
                             "slots": {"backbone": {"method": "regmean"}},
                             "inputs": {"a": {"data": {"type": "llava_json", "path": "x.json"}}}})

@@ -3,7 +3,6 @@ by name part and layers, folded and combined alike, validated, searched."""
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 from pathlib import Path
@@ -19,7 +18,7 @@ from mmhub.merge.config import read_config
 from mmhub.merge.run import merge
 from mmhub.merge.tensor_weights import gradient_at, positions
 
-from conftest import TINY_SPEC, lora_model
+from conftest import lora_model, saved_tiny
 
 
 def test_layer_runs_read_as_the_layers_they_name() -> None:
@@ -42,13 +41,6 @@ def test_a_gradient_interpolates_its_anchors_spread_over_the_layers() -> None:
     assert got["layers.12.q.weight"] == (12, 1.0)
 
 
-def _saved(tmp_path: Path, name: str, seed: int) -> Path:
-    spec = copy.deepcopy(TINY_SPEC)
-    spec["seed"] = seed
-    out = tmp_path / name
-    mmhub.build(spec).save_pretrained(out)
-    return out
-
 
 def _write(tmp_path: Path, data: dict, name: str = "merge.yaml") -> Path:
     path = tmp_path / name
@@ -64,7 +56,7 @@ def _layer(key: str) -> int | None:
 def test_each_backbone_tensor_gets_its_gradient_or_rule_weight(tmp_path: Path) -> None:
     """Task arithmetic over a 2-layer backbone: b's gradient [0.25, 1] gives layer 0 (and the embeddings before it)
     0.25 and layer 1 (and the norm and head after) 1; c's rules give layer 1's MLP 2, all of layer 0 0.5, the rest 0."""
-    base, b, c = _saved(tmp_path, "base", 0), _saved(tmp_path, "b", 1), _saved(tmp_path, "c", 2)
+    base, b, c = saved_tiny(tmp_path / "base", 0), saved_tiny(tmp_path / "b", 1), saved_tiny(tmp_path / "c", 2)
     rules = [{"filter": "mlp", "layers": "1", "value": 2.0}, {"layers": [0], "value": 0.5}, {"value": 0.0}]
     cfg = _write(tmp_path, {"models": {"base": str(base), "b": str(b), "c": str(c)}, "base": "base", "slots": {
         "backbone": {"method": "task_arithmetic", "weights": {"b": [0.25, 1.0], "c": rules}}}})
@@ -91,7 +83,7 @@ def test_each_backbone_tensor_gets_its_gradient_or_rule_weight(tmp_path: Path) -
 
 
 def test_a_single_default_rule_merges_exactly_as_the_number(tmp_path: Path) -> None:
-    base, b = _saved(tmp_path, "base", 0), _saved(tmp_path, "b", 1)
+    base, b = saved_tiny(tmp_path / "base", 0), saved_tiny(tmp_path / "b", 1)
     outs = []
     for name, w in (("num", 0.7), ("rule", [{"value": 0.7}]), ("flat", [0.7, 0.7])):
         cfg = _write(tmp_path, {"models": {"base": str(base), "b": str(b)}, "base": "base",
@@ -106,7 +98,7 @@ def test_combined_adapters_take_per_tensor_weights_as_folded_ones_do(tmp_path: P
     what the folded merge with the same gradient and rules computes (and layer 1 is not layer 0's weighting)."""
     from mmhub.adapters import merge_adapters
 
-    plain = _saved(tmp_path, "plain", 0)
+    plain = saved_tiny(tmp_path / "plain", 0)
     a, b = tmp_path / "a", tmp_path / "b"
     lora_model(2, 1).save_pretrained(a)
     lora_model(4, 2).save_pretrained(b)
@@ -134,7 +126,7 @@ def test_combined_adapters_take_per_tensor_weights_as_folded_ones_do(tmp_path: P
 
 
 def test_rules_that_leave_a_tensor_uncovered_stop_the_merge_before_anything_is_written(tmp_path: Path) -> None:
-    base, b = _saved(tmp_path, "base", 0), _saved(tmp_path, "b", 1)
+    base, b = saved_tiny(tmp_path / "base", 0), saved_tiny(tmp_path / "b", 1)
     cfg = _write(tmp_path, {"models": {"base": str(base), "b": str(b)}, "base": "base", "slots": {
         "backbone": {"method": "task_arithmetic", "weights": {"b": [{"layers": [0, 1], "value": 1.0}]}}}})
     with pytest.raises(MMHubError) as exc:
@@ -170,7 +162,7 @@ def test_the_weight_search_tries_gradients_and_records_them(tmp_path: Path, monk
     from mmhub import cli
     from mmhub.merge import search as S
 
-    a, b = _saved(tmp_path, "a", 0), _saved(tmp_path, "b", 1)
+    a, b = saved_tiny(tmp_path / "a", 0), saved_tiny(tmp_path / "b", 1)
     pa, pb = (mmhub.load(p).projectors["image"].state_dict() for p in (a, b))
     first, last = "net.0.weight", "net.2.weight"  # the MLP projector's two layers (0 and 2 in its Sequential)
     assert {first, last} <= set(pa) and not torch.allclose(pa[last], pb[last])
