@@ -66,6 +66,20 @@ class LoraRegime(BaseModel):
 
 
 Regime = Union[Literal["frozen", "full"], LoraRegime]
+
+
+class KeepStatesSpec(BaseModel):
+    """Feature distillation against a frozen reference: the stage's loss adds ``weight`` times the mean relative
+    squared distance between the model's hidden states and the reference's, after every transformer block but the
+    last, at the chosen positions (`mmhub.train.keep_states`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    reference: str = Field(description="the model whose hidden states are kept: a saved mmhub folder or a preset name "
+                                       "(usually the base the fine-tune starts from)")
+    weight: float = Field(1.0, gt=0, description="the term's weight against the next-token loss per target token")
+    positions: Literal["media", "prompt"] = Field(
+        "media", description="media: the positions a media item's tokens fill (the update leaves how the model reads "
+                             "its inputs alone); prompt: every unlabelled real position")
 PART_KEYS = ("encoders", "projectors", "backbone", "injectors", "signal_tokens", "output_projectors", "generators")
 
 
@@ -94,6 +108,9 @@ class StageSpec(BaseModel):
                            "after feedback (the earlier reply and the critique are context; samples without a "
                            "feedback round are skipped)")
     beta: float = Field(0.1, gt=0, description="DPO temperature")
+    keep_states: KeepStatesSpec | None = Field(
+        None, description="keep a reference model's hidden states (objective sft, decoder-only backbones): "
+                          "{reference: runs/base/model, weight: 1.0, positions: media}")
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     max_grad_norm: float | None = Field(1.0, gt=0)
     save_every: int | None = Field(None, gt=0, description="checkpoint every N optimizer steps (and at the stage end)")
@@ -111,6 +128,13 @@ class StageSpec(BaseModel):
                                           "or replicate (every process holds all of it; trainable ones average their "
                                           "gradients). Empty: DDP for the whole model. Only a slot that trains in "
                                           "this stage may be sharded (mmhub.train.fsdp)")
+
+    @model_validator(mode="after")
+    def _keep_states_with_sft(self) -> StageSpec:
+        if self.keep_states is not None and self.objective != "sft":
+            raise ValueError(f"keep_states works with objective sft, and this stage's objective is "
+                             f"{self.objective!r}; drop keep_states or set objective: sft")
+        return self
 
     @field_validator("train", mode="before")
     @classmethod

@@ -47,6 +47,7 @@ from mmhub.train.deepspeed import (
 from mmhub.train.deepspeed import configure as configure_deepspeed
 from mmhub.train.feature_cache import FeatureCache
 from mmhub.train.fsdp import ShardedAccelerator, ShardedStage, full_optimizer_state, full_tensors
+from mmhub.train.keep_states import KeepStates, load_reference
 from mmhub.train.loop import (
     Loop,
     Progress,
@@ -244,6 +245,10 @@ class Trainer:
         per_step = st.batch_size * st.grad_accum * acc.num_processes
         total = max_steps or st.max_steps or max(1, int(max(1, n // per_step) * st.epochs))
         objective = objective_for(st, model, self._reference(st) if st.objective == "dpo" else None)
+        if st.keep_states is not None:
+            objective = KeepStates(objective, load_reference(st.keep_states, st, model), st.keep_states)
+            self.log(f"stage {st.name!r}: keeps {st.keep_states.reference}'s hidden states at its "
+                     f"{st.keep_states.positions} positions (weight {st.keep_states.weight})")
         deepspeed = is_deepspeed(acc)
         if deepspeed:  # before anything is sharded: refuses what DeepSpeed cannot run yet, with the fix
             configure_deepspeed(acc, st, objective)
@@ -306,6 +311,9 @@ class Trainer:
         """Shard the stage's ``placement: shard`` slots (FSDP2) when several processes run; None otherwise."""
         if not any(how == "shard" for how in st.placement.values()) or self.accelerator.num_processes == 1:
             return None
+        if st.keep_states is not None:
+            raise MMHubError(f"stage {st.name!r}: keep_states with sharded slots is not supported yet (its reference "
+                             "model is unsharded); drop the stage's placement")
         if st.objective == "dpo":
             raise MMHubError(f"stage {st.name!r}: DPO with sharded slots is not supported yet (its frozen reference "
                              "copy is unsharded); drop the stage's placement")
