@@ -77,9 +77,13 @@ class KeepStatesSpec(BaseModel):
     reference: str = Field(description="the model whose hidden states are kept: a saved mmhub folder or a preset name "
                                        "(usually the base the fine-tune starts from)")
     weight: float = Field(1.0, gt=0, description="the term's weight against the next-token loss per target token")
-    positions: Literal["media", "prompt"] = Field(
+    positions: Literal["media", "prompt", "all"] = Field(
         "media", description="media: the positions a media item's tokens fill (the update leaves how the model reads "
-                             "its inputs alone); prompt: every unlabelled real position")
+                             "its inputs alone); prompt: every unlabelled real position; all: every real position")
+    data: Any = Field(None, description="anchor samples (any dataset spec, e.g. the other skill's questions): when "
+                                        "set, the states are kept on these, one micro-batch of them per training "
+                                        "micro-batch, instead of on the training batch")
+    batch_size: int | None = Field(None, gt=0, description="anchor samples per micro-batch (default: the stage's)")
 PART_KEYS = ("encoders", "projectors", "backbone", "injectors", "signal_tokens", "output_projectors", "generators")
 
 

@@ -20,7 +20,7 @@ import mmhub
 from mmhub.errors import InputError, SpecError
 from mmhub.model import MMModel
 from mmhub.spec import KeepStatesSpec, StageSpec, load_spec
-from mmhub.train.keep_states import KeepStates, load_reference
+from mmhub.train.keep_states import Anchors, KeepStates, load_reference
 from mmhub.train.objectives import NextTokenLoss
 
 from conftest import TINY_SPEC, saved_tiny
@@ -49,7 +49,7 @@ def _expected_term(model: Any, reference: Any, batch: dict[str, Any], positions:
         mine, sp = states(model)
         theirs, _ = states(reference)
     real = sp.attention_mask.bool()
-    at = (sp.media_positions & real) if positions == "media" else (real & (sp.labels == -100))
+    at = {"media": sp.media_positions & real, "prompt": real & (sp.labels == -100), "all": real}[positions]
     n_blocks = len(mine) - 1
     per_block = [((mine[i][at] - theirs[i][at]).pow(2).sum(-1) / theirs[i][at].pow(2).sum(-1)).mean()
                  for i in range(1, n_blocks)]  # hidden_states[i]: block i-1's output; the last entry is normed
@@ -122,6 +122,69 @@ def test_a_lora_run_with_the_term_stays_nearer_the_reference(tmp_path: Path) -> 
     assert logged and not any("keep_states" in r for r in records["free"])
 
 
+def test_with_anchors_the_term_is_computed_on_the_anchor_batch_alone(tmp_path: Path) -> None:
+    spec = copy.deepcopy(TINY_SPEC)
+    spec["backbone"]["config"] = {**spec["backbone"]["config"], **THREE_BLOCKS}
+    model, reference = mmhub.build(spec).eval(), mmhub.build(spec).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.backbone.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    _data(tmp_path)
+    anchors = tmp_path / "anchors.json"
+    anchors.write_text(json.dumps([{"id": f"a{k}", "image": "green.png", "conversations": [
+        {"from": "human", "value": f"<image>\nShape {k}?"}, {"from": "gpt", "value": "round" * (k + 1)}]}
+        for k in range(5)]))
+    keep = KeepStatesSpec(reference="unused", weight=3.0, positions="all", data=str(anchors), batch_size=2)
+    stage = StageSpec(name="s", keep_states=keep)
+    objective = KeepStates(NextTokenLoss(), reference, keep, Anchors(keep, stage, seed=7))
+    twin = Anchors(keep, stage, seed=7)  # the same seeded order: the anchor batches the objective draws
+    batch = _batch(model)
+    inner, count = NextTokenLoss().loss(model, batch, None)
+    for _ in range(3):  # cycling through 5 anchors two at a time
+        total, n = objective.loss(model, batch, None)
+        expected = _expected_term(model, reference, twin.batch(model), "all")
+        assert n == count
+        torch.testing.assert_close(total, inner + 3.0 * expected * count, rtol=1e-4, atol=1e-5)
+
+
+def test_anchor_samples_are_kept_and_the_training_batch_is_not(tmp_path: Path) -> None:
+    """With ``data`` the term is computed on anchor samples at every position: a run with it ends nearer the reference
+    on those samples than the same run without it."""
+    from mmhub.train.run import train
+
+    base = saved_tiny(tmp_path / "base", seed=0, llm=THREE_BLOCKS)
+    data = _data(tmp_path)
+    anchors = tmp_path / "anchors.json"
+    anchors.write_text(json.dumps([{"id": f"a{k}", "image": "red.png", "conversations": [
+        {"from": "human", "value": f"<image>\nWhat is the shape number {k}?"}, {"from": "gpt", "value": "round"}]}
+        for k in range(6)] + [{"id": "bad", "image": "nowhere.png", "conversations": [
+            {"from": "human", "value": "<image>\nAnd?"}, {"from": "gpt", "value": "x"}]}]))
+    distances, logged = {}, {}
+    for name, keep in [("free", None), ("kept", {"reference": str(base), "weight": 20.0, "positions": "all",
+                                                 "data": str(anchors), "batch_size": 3})]:
+        spec = copy.deepcopy(TINY_SPEC)
+        spec["backbone"]["config"] = {**spec["backbone"]["config"], **THREE_BLOCKS}
+        spec["init_from"] = str(base)
+        stage = {"name": "s", "data": str(data), "lr": 5e-3, "backbone_lr": 5e-3, "batch_size": 4, "max_steps": 12,
+                 "log_every": 1, "train": {"backbone": {"lora": {"r": 8, "alpha": 16, "target_modules": "all-linear"}}}}
+        if keep:
+            stage["keep_states"] = keep
+        spec["stages"] = [stage]
+        train(spec, out=tmp_path / name, progress_bar=False)
+        model = MMModel.from_pretrained(tmp_path / name / "s" / "model").eval()
+        reference = MMModel.from_pretrained(base).eval()
+        convs = [[{"role": "user", "content": f"<image>\nWhat is the shape number {k}?"},
+                  {"role": "assistant", "content": "round"}] for k in range(2)]
+        batch = model.batch(convs, [{"image": [Image.open(tmp_path / "red.png")]}] * 2)
+        distances[name] = float(_expected_term(model, reference, batch, "prompt"))
+        lines = (tmp_path / name / "s" / "metrics.jsonl").read_text().splitlines()
+        logged[name] = [json.loads(line) for line in lines]
+    assert distances["free"] > 1e-3 and distances["kept"] < 0.5 * distances["free"], distances
+    steps = [r for r in logged["kept"] if "keep_states" in r]
+    assert steps and max(r.get("keep_states_skipped", 0) for r in steps) >= 1  # the unreadable anchor, counted
+
+
 def test_bad_keep_states_settings_are_errors_naming_them(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match="keep_states works with objective sft.*'dpo'"):
         load_spec({**copy.deepcopy(TINY_SPEC), "stages": [
@@ -140,5 +203,8 @@ def test_bad_keep_states_settings_are_errors_naming_them(tmp_path: Path) -> None
     other = saved_tiny(tmp_path / "other", seed=1)  # another draw of the image encoder
     with pytest.raises(InputError, match="encodes 'image' differently .* cache_features: false"):
         load_reference(KeepStatesSpec(reference=str(other)), stage, model)
+    with pytest.raises(SpecError, match="positions"):
+        load_spec({**copy.deepcopy(TINY_SPEC), "stages": [
+            {"name": "s", "keep_states": {"reference": "x", "positions": "everywhere"}}]})
     uncached = StageSpec(name="s", cache_features=False, keep_states={"reference": str(other)})
     assert load_reference(uncached.keep_states, uncached, model) is not None

@@ -14,6 +14,13 @@ with another one needs (its update is silent on the activations the other skill'
 docs/merging.md, "Specialists that keep the base's hidden states"). ``positions: prompt`` keeps every unlabelled
 real position.
 
+With ``data`` (anchor samples: the other skill's questions, say) the states are kept on those instead: each training
+micro-batch is paired with one anchor micro-batch (``batch_size``, default the stage's, drawn in an order seeded by
+the spec's seed, cycling; a resumed stage starts that order again), the model and the reference run on it at
+``positions`` (``all``: every real position), and the training batch gets the next-token loss alone. A specialist
+trained so is silent on the other skill's questions: merged with that skill's specialist, it leaves those answers to
+it.
+
 The reference runs in inference mode, on the batch's media or on the model's cached encoder features when the
 reference's encoder for that modality is the model's (checked once; otherwise the stage must not cache features).
 Both models must splice a batch into the same positions: a different token count per item is an error naming both
@@ -85,6 +92,8 @@ def _same_weights(a: nn.Module, b: nn.Module | None) -> bool:
 def _selected(spliced: Any, positions: str) -> torch.Tensor:
     """(B, L') True at the positions whose states are kept."""
     real = spliced.attention_mask.bool()
+    if positions == "all":
+        return real
     if positions == "media":
         if spliced.media_positions is None:
             return torch.zeros_like(real)
@@ -119,13 +128,50 @@ def _recorded(blocks: nn.ModuleList, at: torch.Tensor, out: dict[int, torch.Tens
             h.remove()
 
 
+class Anchors:
+    """The anchor samples of ``keep_states.data``: micro-batches drawn in a seeded order, cycling; a sample that
+    cannot be read or encoded is skipped and counted (``skipped``)."""
+
+    def __init__(self, spec: KeepStatesSpec, stage: StageSpec, seed: int):
+        from mmhub.data import load_dataset
+
+        try:
+            self.data = load_dataset(spec.data)
+        except MMHubError as exc:
+            raise InputError(f"stage {stage.name!r}: keep_states.data: {exc}") from None
+        if self.data.streaming or len(self.data) == 0:
+            raise InputError(f"stage {stage.name!r}: keep_states.data must be a map-style dataset with samples "
+                             f"({self.data.source}); list them in a JSON/JSONL file or set samples: N")
+        self.size = spec.batch_size or stage.batch_size
+        self.order = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(seed)).tolist()
+        self.at, self.skipped, self.stage = 0, 0, stage.name
+
+    def batch(self, model: Any) -> dict[str, Any]:
+        """The next micro-batch, collated by the model's processor (media encoded by the models themselves)."""
+        encs, tries = [], 0
+        while len(encs) < self.size and tries < 4 * self.size:
+            index = self.order[self.at % len(self.order)]
+            self.at, tries = self.at + 1, tries + 1
+            try:
+                sample = self.data[index]
+                encs.append(model.processor.encode(sample.messages, sample.media))
+            except (InputError, OSError, ValueError, KeyError, IndexError):
+                self.skipped += 1
+        if not encs:
+            raise InputError(f"stage {self.stage!r}: keep_states.data: none of {tries} anchor samples in a row could "
+                             f"be read ({self.skipped} skipped in all); check the dataset's media files")
+        batch = model.processor.collate(encs)
+        batch["features"] = {}
+        return batch
+
+
 class KeepStates:
     """Wraps an objective: its loss plus ``weight`` x the mean relative squared distance of the model's block outputs
     to the reference's at the kept positions, per counted target (see the module docstring). ``stats`` reports the
     distance as ``keep_states``."""
 
-    def __init__(self, inner: Any, reference: Any, spec: KeepStatesSpec):
-        self.inner, self.reference, self.spec = inner, reference, spec
+    def __init__(self, inner: Any, reference: Any, spec: KeepStatesSpec, anchors: Anchors | None = None):
+        self.inner, self.reference, self.spec, self.anchors = inner, reference, spec, anchors
         self.count_key, self.pairs = inner.count_key, inner.pairs
         self._sum, self._n = 0.0, 0
 
@@ -147,10 +193,18 @@ class KeepStates:
         return at, states
 
     def loss(self, model: Any, batch: dict[str, Any], stage: Any) -> tuple[torch.Tensor, int]:
-        at, kept = self.reference_states(batch)
         mine: dict[int, torch.Tensor] = {}
-        with _recorded(blocks_of(model), at, mine):
+        blocks = blocks_of(getattr(model, "module", model))
+        if self.anchors is None:
+            at, kept = self.reference_states(batch)
+            with _recorded(blocks, at, mine):
+                total, count = self.inner.loss(model, batch, stage)
+        else:  # the training batch as it is, and the states kept on an anchor micro-batch
             total, count = self.inner.loss(model, batch, stage)
+            anchor = self.anchors.batch(getattr(model, "module", model))
+            at, kept = self.reference_states(anchor)
+            with _recorded(blocks, at, mine):
+                model(anchor["input_ids"], anchor["attention_mask"], None, anchor["media"], return_logits=False)
         if not kept or int(at.sum()) == 0:
             return total, count
         dist = torch.stack([((mine[i].float() - r.float()).pow(2).sum(-1) / r.float().pow(2).sum(-1).clamp_min(1e-12))
@@ -166,8 +220,10 @@ class KeepStates:
         out = dict(self.inner.stats())
         if self._n:
             out["keep_states"] = self._sum / self._n
+        if self.anchors is not None and self.anchors.skipped:
+            out["keep_states_skipped"] = float(self.anchors.skipped)
         self._sum, self._n = 0.0, 0
         return out
 
 
-__all__ = ["KeepStates", "blocks_of", "load_reference"]
+__all__ = ["Anchors", "KeepStates", "blocks_of", "load_reference"]

@@ -47,7 +47,7 @@ from mmhub.train.deepspeed import (
 from mmhub.train.deepspeed import configure as configure_deepspeed
 from mmhub.train.feature_cache import FeatureCache
 from mmhub.train.fsdp import ShardedAccelerator, ShardedStage, full_optimizer_state, full_tensors
-from mmhub.train.keep_states import KeepStates, load_reference
+from mmhub.train.keep_states import Anchors, KeepStates, load_reference
 from mmhub.train.loop import (
     Loop,
     Progress,
@@ -246,8 +246,10 @@ class Trainer:
         total = max_steps or st.max_steps or max(1, int(max(1, n // per_step) * st.epochs))
         objective = objective_for(st, model, self._reference(st) if st.objective == "dpo" else None)
         if st.keep_states is not None:
-            objective = KeepStates(objective, load_reference(st.keep_states, st, model), st.keep_states)
-            self.log(f"stage {st.name!r}: keeps {st.keep_states.reference}'s hidden states at its "
+            anchors = None if st.keep_states.data is None else Anchors(st.keep_states, st, model.spec.seed)
+            objective = KeepStates(objective, load_reference(st.keep_states, st, model), st.keep_states, anchors)
+            on = "its training samples'" if anchors is None else f"{len(anchors.data)} anchor samples'"
+            self.log(f"stage {st.name!r}: keeps {st.keep_states.reference}'s hidden states at {on} "
                      f"{st.keep_states.positions} positions (weight {st.keep_states.weight})")
         deepspeed = is_deepspeed(acc)
         if deepspeed:  # before anything is sharded: refuses what DeepSpeed cannot run yet, with the fix
