@@ -2,12 +2,12 @@
 
 The three models ship in tests/assets/skills-merge (int8 with row scales, `mmhub export MODEL_FOLDER OUT --format
 mmhub --dtype int8`; the encoder and the LLM come from their registry packages): the base (recipe `skills-base`: only
-the projector trained, on captions), specialist A (`skills-shape-color-longer`: + a rank-8 LoRA trained 480 steps on
-shape and colour questions, `skills-shape-color-long` then 240 more) and specialist B
-(`skills-yes-no-lora-looks-replay`: + a rank-16 LoRA on balanced yes/no questions that keeps the base's replies to
-shape and colour questions). The closest merge of the measured table merges their backbones; the merged model is
-scored per question type on the first 450 `easy_vqa_balanced` test questions (strict: each yes/no question one
-whose answer the wording does not give), and must keep both skills."""
+the projector trained, on captions), specialist A (`skills-shape-color-anchors`: a rank-8 LoRA on shape and colour
+questions that keeps the base's hidden states on yes/no questions) and specialist B (`skills-yes-no-anchors`: a
+rank-16 LoRA on balanced yes/no questions that keeps them on shape and colour questions). The best merge of the
+measured table merges their backbones; the merged model is scored per question type on the first 450
+`easy_vqa_balanced` test questions (strict: each yes/no question one whose answer the wording does not give), and
+must keep both skills."""
 
 from __future__ import annotations
 
@@ -39,13 +39,12 @@ def _score(path: Path) -> dict[str, float]:
     return {t: result["per_type"][t]["accuracy"] for t in ("shape", "color", "yes_no")}
 
 
-# the closest merge of docs/merging.md ("Not there yet"): TIES with a density per model, weights and densities chosen
-# on the train split; the int8 folders merged score 98.6 / 90.5 / 96.2% (shape / colour / yes/no), as the float runs
-BEST = {"method": "ties", "weights": {"shape_color": 1.5, "yes_no": 1.0},
-        "density": {"shape_color": 1.0, "yes_no": 0.65}}
-# a few points under those; specialist A scores 0% on yes/no and B 28.6% on shape and 0% on colour, so the floors also
-# hold the 20-point margins
-FLOORS = {"shape": 0.95, "color": 0.85, "yes_no": 0.92}
+# the best merge of docs/merging.md ("Specialists that keep the base's hidden states"): task arithmetic, weights chosen
+# on the train split; the int8 folders merged score 100 / 95.2 / 98.4% (shape / colour / yes/no), as the float runs
+BEST = {"method": "task_arithmetic", "weights": {"shape_color": 1.0, "yes_no": 1.0}}
+# a few points under those; specialist A scores 3.2% on yes/no and B 34.3% on shape and 0% on colour, so the floors
+# also hold the 20-point margins
+FLOORS = {"shape": 0.95, "color": 0.90, "yes_no": 0.94}
 
 
 @need_easy_vqa
