@@ -97,22 +97,28 @@ def _media_distance(folder: Path, base: Path) -> float:
     return float(_expected_term(model, reference, _batch(model), "media"))
 
 
-def test_a_lora_run_with_the_term_stays_nearer_the_reference(tmp_path: Path) -> None:
+def _lora_run(out: Path, base: Path, data: Path, keep: dict[str, Any] | None) -> None:
+    """12 LoRA steps at 5e-3 on `data` from the saved three-block tiny `base`, with `keep` as keep_states (or none),
+    into `out` (stage ``s``)."""
     from mmhub.train.run import train
 
+    spec = copy.deepcopy(TINY_SPEC)
+    spec["backbone"]["config"] = {**spec["backbone"]["config"], **THREE_BLOCKS}
+    spec["init_from"] = str(base)
+    stage = {"name": "s", "data": str(data), "lr": 5e-3, "backbone_lr": 5e-3, "batch_size": 4, "max_steps": 12,
+             "log_every": 1, "train": {"backbone": {"lora": {"r": 8, "alpha": 16, "target_modules": "all-linear"}}}}
+    if keep:
+        stage["keep_states"] = keep
+    spec["stages"] = [stage]
+    train(spec, out=out, progress_bar=False)
+
+
+def test_a_lora_run_with_the_term_stays_nearer_the_reference(tmp_path: Path) -> None:
     base = saved_tiny(tmp_path / "base", seed=0, llm=THREE_BLOCKS)
     data = _data(tmp_path)
     distances, records = {}, {}
     for name, keep in [("free", None), ("kept", {"reference": str(base), "weight": 20.0})]:
-        spec = copy.deepcopy(TINY_SPEC)
-        spec["backbone"]["config"] = {**spec["backbone"]["config"], **THREE_BLOCKS}
-        spec["init_from"] = str(base)
-        stage = {"name": "s", "data": str(data), "lr": 5e-3, "backbone_lr": 5e-3, "batch_size": 4, "max_steps": 12,
-                 "log_every": 1, "train": {"backbone": {"lora": {"r": 8, "alpha": 16, "target_modules": "all-linear"}}}}
-        if keep:
-            stage["keep_states"] = keep
-        spec["stages"] = [stage]
-        train(spec, out=tmp_path / name, progress_bar=False)
+        _lora_run(tmp_path / name, base, data, keep)
         distances[name] = _media_distance(tmp_path / name / "s" / "model", base)
         lines = (tmp_path / name / "s" / "metrics.jsonl").read_text().splitlines()
         records[name] = [json.loads(line) for line in lines]
@@ -151,8 +157,6 @@ def test_with_anchors_the_term_is_computed_on_the_anchor_batch_alone(tmp_path: P
 def test_anchor_samples_are_kept_and_the_training_batch_is_not(tmp_path: Path) -> None:
     """With ``data`` the term is computed on anchor samples at every position: a run with it ends nearer the reference
     on those samples than the same run without it."""
-    from mmhub.train.run import train
-
     base = saved_tiny(tmp_path / "base", seed=0, llm=THREE_BLOCKS)
     data = _data(tmp_path)
     anchors = tmp_path / "anchors.json"
@@ -163,15 +167,7 @@ def test_anchor_samples_are_kept_and_the_training_batch_is_not(tmp_path: Path) -
     distances, logged = {}, {}
     for name, keep in [("free", None), ("kept", {"reference": str(base), "weight": 20.0, "positions": "all",
                                                  "data": str(anchors), "batch_size": 3})]:
-        spec = copy.deepcopy(TINY_SPEC)
-        spec["backbone"]["config"] = {**spec["backbone"]["config"], **THREE_BLOCKS}
-        spec["init_from"] = str(base)
-        stage = {"name": "s", "data": str(data), "lr": 5e-3, "backbone_lr": 5e-3, "batch_size": 4, "max_steps": 12,
-                 "log_every": 1, "train": {"backbone": {"lora": {"r": 8, "alpha": 16, "target_modules": "all-linear"}}}}
-        if keep:
-            stage["keep_states"] = keep
-        spec["stages"] = [stage]
-        train(spec, out=tmp_path / name, progress_bar=False)
+        _lora_run(tmp_path / name, base, data, keep)
         model = MMModel.from_pretrained(tmp_path / name / "s" / "model").eval()
         reference = MMModel.from_pretrained(base).eval()
         convs = [[{"role": "user", "content": f"<image>\nWhat is the shape number {k}?"},
